@@ -1,0 +1,35 @@
+//! # drizzle-exec: the micro-batch runtime
+//!
+//! Where it sits: `planner` produces a [`StreamingPlan`](drizzle_planner::StreamingPlan);
+//! the server opens its sources and calls [`Runtime::start_query`]; results
+//! come back through a [`QueryHandle`], one [`EmittedBatch`] per micro-batch,
+//! in batch order.
+//!
+//! ```text
+//!  Log / datagen ─▶ MapTask (WindowAssignExec, FilterExec, ProjectionExec,
+//!                   LookupJoinExec, partial aggregate) ─▶ Arrow IPC blocks
+//!                   ─MapOutputReady─▶ ReduceTask (AggregateFinalExec, HAVING,
+//!                   projection) ─▶ collector ─▶ session / materialized view
+//! ```
+//!
+//! Execution follows the Drizzle design (see `runtime` for the invariants):
+//! the coordinator plans a group of micro-batches at once and sends each
+//! worker one launch message per group; shuffles are pre-scheduled, and a
+//! worker-local scheduler starts a reduce task when notices from all its map
+//! tasks have arrived, with no coordinator barrier inside a group.
+//!
+//! Modules: [`log`] (durable partitioned log behind built-in streams and
+//! tables), [`source`] (log and datagen sources), [`ops`] (operators and
+//! keyed state), [`runtime`] (coordinator, workers, collector).
+//! Types to read first: [`Runtime`], [`QuerySpec`], [`QueryHandle`],
+//! [`ops::AggregateFinalExec`], [`log::PartitionLog`].
+
+pub mod error;
+pub mod log;
+pub mod ops;
+pub mod runtime;
+pub mod source;
+
+pub use error::{ExecError, Result};
+pub use ops::TableEvaluator;
+pub use runtime::{EmittedBatch, GroupId, QueryHandle, QuerySpec, QueryStatus, Runtime, WorkerId};

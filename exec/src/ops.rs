@@ -1,0 +1,562 @@
+//! The operators a task runs over one micro-batch.
+//!
+//! * [`apply_ops`]: the stateless kernels (`FilterExec`, `ProjectionExec`,
+//!   `LookupJoinExec`) of a stage.
+//! * [`WindowAssignExec`]: assigns `TUMBLE`/`HOP` windows and drops late rows,
+//!   judging lateness row by row against the watermark *before* that row
+//!   (the largest event time seen earlier in the partition minus the delay),
+//!   exactly as a record-at-a-time engine would; its only state is that
+//!   maximum, so results do not depend on how rows fall into micro-batches.
+//! * [`partial_aggregate`]: the map-side half of an aggregation, producing one
+//!   row of partial states per group of the batch.
+//! * [`AggregateFinalExec`]: the reduce-side half, keyed state kept as
+//!   DataFusion `GroupsAccumulator`s (Arrow arrays of partial states). A
+//!   windowed aggregation keeps one group table per open window and drops it
+//!   when the window closes, so memory is bounded by the open windows.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatchOptions, TimestampMicrosecondArray, UInt32Array};
+use arrow::compute::{filter_record_batch, take, take_record_batch};
+use arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, SortField};
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator, JoinType, LogicalPlan};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
+use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+use drizzle_planner::{AggregatePlan, BatchOp, LookupJoinSpec, WindowKind, WindowSpec};
+
+use crate::error::{ExecError, Result};
+
+/// Evaluates the finite side of a lookup join (a table, a view, or a query
+/// over them) and says when any table changed.
+pub trait TableEvaluator: Send + Sync {
+    /// A number that changes whenever any table or view changes.
+    fn version(&self) -> u64;
+    /// Runs the finite plan to completion.
+    fn evaluate(&self, plan: &LogicalPlan) -> Result<Vec<RecordBatch>>;
+}
+
+/// Per-task cache of the hash tables of lookup joins.
+#[derive(Default)]
+pub struct JoinCache {
+    tables: HashMap<usize, BuiltTable>,
+}
+
+struct BuiltTable {
+    version: u64,
+    batch: RecordBatch,
+    converter: RowConverter,
+    index: HashMap<Box<[u8]>, Vec<u32>>,
+}
+
+fn eval(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<ArrayRef> {
+    Ok(expr.evaluate(batch)?.into_array(batch.num_rows())?)
+}
+
+fn as_mask(array: &ArrayRef) -> Result<BooleanArray> {
+    match array.data_type() {
+        DataType::Boolean => Ok(array.as_boolean().clone()),
+        DataType::Null => Ok(BooleanArray::from(vec![false; array.len()])),
+        other => Err(ExecError::invalid(format!("predicate evaluated to {other}, not boolean"))),
+    }
+}
+
+/// Applies stateless kernels in order.
+pub fn apply_ops(
+    ops: &[BatchOp],
+    mut batch: RecordBatch,
+    joins: &mut JoinCache,
+    tables: &dyn TableEvaluator,
+) -> Result<RecordBatch> {
+    for (i, op) in ops.iter().enumerate() {
+        if batch.num_rows() == 0 {
+            // Still give the batch the right schema.
+            batch = match op {
+                BatchOp::Filter { .. } => batch,
+                BatchOp::Project { schema, .. } => RecordBatch::new_empty(Arc::clone(schema)),
+                BatchOp::LookupJoin(spec) => RecordBatch::new_empty(Arc::clone(&spec.schema)),
+            };
+            continue;
+        }
+        batch = match op {
+            BatchOp::Filter { predicate } => {
+                let mask = as_mask(&eval(predicate, &batch)?)?;
+                filter_record_batch(&batch, &mask)?
+            }
+            BatchOp::Project { exprs, schema } => {
+                let columns = exprs.iter().map(|e| eval(e, &batch)).collect::<Result<Vec<_>>>()?;
+                RecordBatch::try_new_with_options(
+                    Arc::clone(schema),
+                    columns,
+                    &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+                )?
+            }
+            BatchOp::LookupJoin(spec) => lookup_join(i, spec, &batch, joins, tables)?,
+        };
+    }
+    Ok(batch)
+}
+
+fn lookup_join(
+    op_index: usize,
+    spec: &LookupJoinSpec,
+    batch: &RecordBatch,
+    joins: &mut JoinCache,
+    tables: &dyn TableEvaluator,
+) -> Result<RecordBatch> {
+    let version = tables.version();
+    let stale = joins.tables.get(&op_index).is_none_or(|t| t.version != version);
+    if stale {
+        let batches = tables.evaluate(&spec.table_plan)?;
+        let table = arrow::compute::concat_batches(&spec.table_schema, &batches)?;
+        let keys = spec.table_keys.iter().map(|e| eval(e, &table)).collect::<Result<Vec<_>>>()?;
+        let converter = RowConverter::new(keys.iter().map(|k| SortField::new(k.data_type().clone())).collect())?;
+        let rows = converter.convert_columns(&keys)?;
+        let mut index: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
+        for row in 0..table.num_rows() {
+            if keys.iter().any(|k| k.is_null(row)) {
+                continue;
+            }
+            index.entry(rows.row(row).as_ref().into()).or_default().push(row as u32);
+        }
+        joins.tables.insert(
+            op_index,
+            BuiltTable {
+                version,
+                batch: table,
+                converter,
+                index,
+            },
+        );
+    }
+    let built = joins
+        .tables
+        .get(&op_index)
+        .ok_or_else(|| ExecError::invalid("lookup join table missing"))?;
+    let keys = spec.stream_keys.iter().map(|e| eval(e, batch)).collect::<Result<Vec<_>>>()?;
+    // The table side's key types are the same after DataFusion's coercion.
+    let rows = built.converter.convert_columns(&keys)?;
+    let mut stream_idx: Vec<u32> = Vec::with_capacity(batch.num_rows());
+    let mut table_idx: Vec<Option<u32>> = Vec::with_capacity(batch.num_rows());
+    for row in 0..batch.num_rows() {
+        let matches = if keys.iter().any(|k| k.is_null(row)) {
+            None
+        } else {
+            built.index.get(rows.row(row).as_ref())
+        };
+        match matches {
+            Some(m) => {
+                for &t in m {
+                    stream_idx.push(row as u32);
+                    table_idx.push(Some(t));
+                }
+            }
+            None if spec.join_type == JoinType::Left => {
+                stream_idx.push(row as u32);
+                table_idx.push(None);
+            }
+            None => {}
+        }
+    }
+    let stream_part = take_record_batch(batch, &UInt32Array::from(stream_idx))?;
+    let table_indices = UInt32Array::from(table_idx);
+    let table_cols = built
+        .batch
+        .columns()
+        .iter()
+        .map(|c| take(c.as_ref(), &table_indices, None))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut columns = Vec::with_capacity(spec.schema.fields().len());
+    if spec.stream_on_left {
+        columns.extend(stream_part.columns().iter().cloned());
+        columns.extend(table_cols);
+    } else {
+        columns.extend(table_cols);
+        columns.extend(stream_part.columns().iter().cloned());
+    }
+    let joined = RecordBatch::try_new_with_options(
+        Arc::clone(&spec.schema),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(stream_part.num_rows())),
+    )?;
+    match &spec.filter {
+        Some(f) => {
+            let mask = as_mask(&eval(f, &joined)?)?;
+            Ok(filter_record_batch(&joined, &mask)?)
+        }
+        None => Ok(joined),
+    }
+}
+
+/// Window assignment with per-row watermarks; the state of one source partition.
+#[derive(Debug, Clone, Default)]
+pub struct WindowAssignExec {
+    /// Largest event time seen so far in the partition (µs).
+    pub max_event_us: Option<i64>,
+}
+
+/// What [`WindowAssignExec::assign`] produced.
+pub struct Assigned {
+    /// Input rows (repeated per window for HOP) plus `window_start`, `window_end`.
+    pub batch: RecordBatch,
+    /// Rows dropped because their window had already closed.
+    pub late: u64,
+}
+
+impl WindowAssignExec {
+    /// The partition's watermark after the rows seen so far (µs).
+    pub fn watermark_us(&self, spec: &WindowSpec) -> Option<i64> {
+        self.max_event_us.map(|m| m.saturating_sub(spec.watermark_delay_ms * 1000))
+    }
+
+    /// Assigns windows to `batch` (the stream's rows) and drops late rows.
+    pub fn assign(&mut self, spec: &WindowSpec, schema: &SchemaRef, batch: &RecordBatch) -> Result<Assigned> {
+        let ts = batch.column(spec.time_column);
+        let ts = ts
+            .as_primitive_opt::<TimestampMicrosecondType>()
+            .ok_or_else(|| ExecError::invalid("window time column is not a microsecond timestamp"))?;
+        let size = spec.size_ms * 1000;
+        let slide = spec.slide_ms * 1000;
+        let delay = spec.watermark_delay_ms * 1000;
+        let mut take_idx: Vec<u32> = Vec::with_capacity(batch.num_rows());
+        let mut starts: Vec<i64> = Vec::with_capacity(batch.num_rows());
+        let mut late = 0u64;
+        let mut max = self.max_event_us;
+        for row in 0..batch.num_rows() {
+            if ts.is_null(row) {
+                continue;
+            }
+            let t = ts.value(row);
+            let wm = max.map(|m| m.saturating_sub(delay));
+            let last_start = t.div_euclid(slide) * slide;
+            let mut s = last_start;
+            let mut kept = false;
+            while s > t - size {
+                let end = s + size;
+                if wm.is_none_or(|w| end > w) {
+                    take_idx.push(row as u32);
+                    starts.push(s);
+                    kept = true;
+                }
+                if spec.kind == WindowKind::Tumble {
+                    break;
+                }
+                s -= slide;
+            }
+            if !kept {
+                late += 1;
+            }
+            max = Some(max.map_or(t, |m| m.max(t)));
+        }
+        self.max_event_us = max;
+        // HOP emits windows latest-start first per row; order is irrelevant to the aggregate.
+        let base = take_record_batch(batch, &UInt32Array::from(take_idx))?;
+        let tz = match ts.data_type() {
+            DataType::Timestamp(_, tz) => tz.clone(),
+            _ => None,
+        };
+        let ends: Vec<i64> = starts.iter().map(|s| s + size).collect();
+        let mut columns = base.columns().to_vec();
+        columns.push(Arc::new(TimestampMicrosecondArray::from(starts).with_timezone_opt(tz.clone())));
+        columns.push(Arc::new(TimestampMicrosecondArray::from(ends).with_timezone_opt(tz)));
+        let out = RecordBatch::try_new_with_options(
+            Arc::clone(schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(base.num_rows())),
+        )?;
+        Ok(Assigned { batch: out, late })
+    }
+}
+
+fn new_accumulator(agg: &Arc<AggregateFunctionExpr>) -> Result<Box<dyn GroupsAccumulator>> {
+    if agg.groups_accumulator_supported() {
+        Ok(agg.create_groups_accumulator()?)
+    } else {
+        let agg = Arc::clone(agg);
+        Ok(Box::new(GroupsAccumulatorAdapter::new(move || agg.create_accumulator())))
+    }
+}
+
+/// The map-side half of an aggregation: one row per group of `batch`, the
+/// group columns followed by every aggregate's partial state.
+pub fn partial_aggregate(plan: &AggregatePlan, batch: &RecordBatch) -> Result<RecordBatch> {
+    if batch.num_rows() == 0 {
+        return Ok(RecordBatch::new_empty(Arc::clone(&plan.partial_schema)));
+    }
+    let group_cols = plan
+        .group_exprs
+        .iter()
+        .map(|(e, _)| eval(e, batch))
+        .collect::<Result<Vec<_>>>()?;
+    let mut values = new_group_values(Arc::clone(&plan.group_schema), &GroupOrdering::None)?;
+    let mut groups = Vec::with_capacity(batch.num_rows());
+    if group_cols.is_empty() {
+        groups.resize(batch.num_rows(), 0);
+    } else {
+        values.intern(&group_cols, &mut groups)?;
+    }
+    let n = if group_cols.is_empty() { 1 } else { values.len() };
+    let mut columns = if group_cols.is_empty() { Vec::new() } else { values.emit(EmitTo::All)? };
+    for (agg, filter) in plan.aggregates.iter().zip(&plan.filters) {
+        let mut acc = new_accumulator(agg)?;
+        let args = agg.expressions().iter().map(|e| eval(e, batch)).collect::<Result<Vec<_>>>()?;
+        let mask = match filter {
+            Some(f) => Some(as_mask(&eval(f, batch)?)?),
+            None => None,
+        };
+        acc.update_batch(&args, &groups, mask.as_ref(), n)?;
+        columns.extend(acc.state(EmitTo::All)?);
+    }
+    Ok(RecordBatch::try_new_with_options(
+        Arc::clone(&plan.partial_schema),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(n)),
+    )?)
+}
+
+struct GroupTable {
+    values: Box<dyn GroupValues>,
+    accs: Vec<Box<dyn GroupsAccumulator>>,
+    /// For a global aggregate (no GROUP BY): whether any row arrived.
+    seen: bool,
+}
+
+impl GroupTable {
+    fn new(plan: &AggregatePlan) -> Result<Self> {
+        Ok(Self {
+            values: new_group_values(Arc::clone(&plan.group_schema), &GroupOrdering::None)?,
+            accs: plan.aggregates.iter().map(new_accumulator).collect::<Result<Vec<_>>>()?,
+            seen: false,
+        })
+    }
+
+    fn len(&self, plan: &AggregatePlan) -> usize {
+        if plan.group_exprs.is_empty() {
+            usize::from(self.seen)
+        } else {
+            self.values.len()
+        }
+    }
+
+    /// Merges partial rows; returns the group index of each row.
+    fn merge(&mut self, plan: &AggregatePlan, partial: &RecordBatch) -> Result<Vec<usize>> {
+        let k = plan.group_exprs.len();
+        let mut groups = Vec::with_capacity(partial.num_rows());
+        if k == 0 {
+            groups.resize(partial.num_rows(), 0);
+            self.seen |= partial.num_rows() > 0;
+        } else {
+            self.values.intern(&partial.columns()[..k], &mut groups)?;
+        }
+        let total = self.len(plan).max(1);
+        let mut col = k;
+        for (acc, agg) in self.accs.iter_mut().zip(&plan.aggregates) {
+            let width = agg.state_fields()?.len();
+            acc.merge_batch(&partial.columns()[col..col + width], &groups, total)?;
+            col += width;
+        }
+        Ok(groups)
+    }
+
+    /// Emits every group's final row and empties the table.
+    fn emit_all(&mut self, plan: &AggregatePlan) -> Result<RecordBatch> {
+        let n = self.len(plan);
+        if n == 0 {
+            return Ok(RecordBatch::new_empty(Arc::clone(&plan.output_schema)));
+        }
+        let mut columns = if plan.group_exprs.is_empty() { Vec::new() } else { self.values.emit(EmitTo::All)? };
+        for acc in &mut self.accs {
+            columns.push(acc.evaluate(EmitTo::All)?);
+        }
+        Ok(RecordBatch::try_new_with_options(
+            Arc::clone(&plan.output_schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(n)),
+        )?)
+    }
+
+    /// The current rows of `changed` groups, leaving the state in place.
+    /// `keys` holds the group columns of rows whose group index is `key_groups`.
+    fn emit_changed(
+        &mut self,
+        plan: &AggregatePlan,
+        changed: &[usize],
+        keys: &[ArrayRef],
+    ) -> Result<RecordBatch> {
+        let total = self.len(plan);
+        let mut columns: Vec<ArrayRef> = keys.to_vec();
+        let local: Vec<usize> = (0..changed.len()).collect();
+        let idx = UInt32Array::from(changed.iter().map(|&g| g as u32).collect::<Vec<_>>());
+        for (acc, agg) in self.accs.iter_mut().zip(&plan.aggregates) {
+            // GroupsAccumulator emits destructively: take the states, put them
+            // back, and evaluate a scratch accumulator over the changed groups.
+            let states = acc.state(EmitTo::All)?;
+            let identity: Vec<usize> = (0..total).collect();
+            acc.merge_batch(&states, &identity, total)?;
+            let picked = states
+                .iter()
+                .map(|s| take(s.as_ref(), &idx, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let mut scratch = new_accumulator(agg)?;
+            scratch.merge_batch(&picked, &local, changed.len())?;
+            columns.push(scratch.evaluate(EmitTo::All)?);
+        }
+        Ok(RecordBatch::try_new_with_options(
+            Arc::clone(&plan.output_schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(changed.len())),
+        )?)
+    }
+}
+
+/// Output of one reduce task for one micro-batch.
+pub struct AggregateOutput {
+    /// Closed windows (by window end, µs) or, for upserts, one chunk keyed `None`.
+    pub chunks: Vec<(Option<i64>, RecordBatch)>,
+    /// Rows that arrived for a window that had already closed.
+    pub late: u64,
+}
+
+/// The reduce-side half of an aggregation; the keyed state of one reduce partition.
+pub struct AggregateFinalExec {
+    plan: AggregatePlan,
+    /// Upsert (no window) state.
+    table: Option<GroupTable>,
+    /// Windowed state: window end (µs) → groups of that window.
+    windows: BTreeMap<i64, GroupTable>,
+    /// Windows with end ≤ this are closed (µs).
+    closed_through: Option<i64>,
+}
+
+impl AggregateFinalExec {
+    /// Empty state for `plan`.
+    pub fn new(plan: AggregatePlan) -> Self {
+        Self {
+            plan,
+            table: None,
+            windows: BTreeMap::new(),
+            closed_through: None,
+        }
+    }
+
+    /// Number of open windows (windowed) or groups (upsert).
+    pub fn open_state(&self) -> usize {
+        match &self.table {
+            Some(t) => t.len(&self.plan),
+            None => self.windows.len(),
+        }
+    }
+
+    /// Merges the partial blocks of one micro-batch, then emits: closed windows
+    /// (when `watermark_us` passed their end) or the changed groups.
+    pub fn process(&mut self, partials: &[RecordBatch], watermark_us: Option<i64>) -> Result<AggregateOutput> {
+        match self.plan.window {
+            None => self.process_upsert(partials),
+            Some(w) => self.process_windowed(partials, w, watermark_us),
+        }
+    }
+
+    fn process_upsert(&mut self, partials: &[RecordBatch]) -> Result<AggregateOutput> {
+        if self.table.is_none() {
+            self.table = Some(GroupTable::new(&self.plan)?);
+        }
+        let plan = &self.plan;
+        let Some(table) = self.table.as_mut() else {
+            return Err(ExecError::invalid("aggregate state missing"));
+        };
+        let k = plan.group_exprs.len();
+        let mut first_row: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+        let mut order: Vec<usize> = Vec::new();
+        for (b, partial) in partials.iter().enumerate() {
+            if partial.num_rows() == 0 {
+                continue;
+            }
+            let groups = table.merge(plan, partial)?;
+            for (row, g) in groups.into_iter().enumerate() {
+                if let std::collections::btree_map::Entry::Vacant(e) = first_row.entry(g) {
+                    e.insert((b, row));
+                    order.push(g);
+                }
+            }
+        }
+        if order.is_empty() {
+            return Ok(AggregateOutput { chunks: vec![], late: 0 });
+        }
+        // Key values of the changed groups, taken from the rows that changed them.
+        let keys: Vec<ArrayRef> = (0..k)
+            .map(|c| {
+                let parts: Vec<ArrayRef> = order
+                    .iter()
+                    .map(|g| {
+                        let (b, row) = first_row[g];
+                        partials[b].column(c).slice(row, 1)
+                    })
+                    .collect();
+                let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+                arrow::compute::concat(&refs)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let out = table.emit_changed(plan, &order, &keys)?;
+        Ok(AggregateOutput {
+            chunks: vec![(None, out)],
+            late: 0,
+        })
+    }
+
+    fn process_windowed(
+        &mut self,
+        partials: &[RecordBatch],
+        w: drizzle_planner::WindowGroup,
+        watermark_us: Option<i64>,
+    ) -> Result<AggregateOutput> {
+        let mut late = 0u64;
+        for partial in partials {
+            if partial.num_rows() == 0 {
+                continue;
+            }
+            let col = partial.column(w.group_index);
+            let ts = col
+                .as_primitive_opt::<TimestampMicrosecondType>()
+                .ok_or_else(|| ExecError::invalid("window column is not a timestamp"))?;
+            let mut by_window: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+            for row in 0..ts.len() {
+                let v = ts.value(row);
+                let end = if w.is_end { v } else { v + w.size_us };
+                by_window.entry(end).or_default().push(row as u32);
+            }
+            for (end, rows) in by_window {
+                if self.closed_through.is_some_and(|c| end <= c) {
+                    late += rows.len() as u64;
+                    continue;
+                }
+                let part = if rows.len() == partial.num_rows() {
+                    partial.clone()
+                } else {
+                    take_record_batch(partial, &UInt32Array::from(rows))?
+                };
+                let table = match self.windows.entry(end) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => e.insert(GroupTable::new(&self.plan)?),
+                };
+                table.merge(&self.plan, &part)?;
+            }
+        }
+        let mut chunks = Vec::new();
+        if let Some(wm) = watermark_us {
+            while let Some(entry) = self.windows.first_entry() {
+                if *entry.key() > wm {
+                    break;
+                }
+                let end = *entry.key();
+                let mut table = entry.remove();
+                chunks.push((Some(end), table.emit_all(&self.plan)?));
+            }
+            self.closed_through = Some(self.closed_through.map_or(wm, |c| c.max(wm)));
+        }
+        Ok(AggregateOutput { chunks, late })
+    }
+}

@@ -1,0 +1,101 @@
+//! Definitions of the objects in the catalog: streams, tables and
+//! materialized views. The server persists them; the planner and the runtime
+//! read them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use serde::{Deserialize, Serialize};
+
+/// One column of a stream or table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnDef {
+    /// Column name (lower-cased unless quoted).
+    pub name: String,
+    /// The Arrow type the column is stored as.
+    pub data_type: DataType,
+    /// The SQL type as the user wrote it (for `SHOW CREATE STREAM`).
+    pub sql_type: String,
+    /// False when declared `NOT NULL`.
+    pub nullable: bool,
+}
+
+/// `WATERMARK FOR column AS column - INTERVAL ...`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatermarkSpec {
+    /// The event-time column.
+    pub column: String,
+    /// How far the watermark trails the largest event time seen, in milliseconds.
+    pub delay_ms: i64,
+}
+
+/// A declared stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamDef {
+    /// Stream name.
+    pub name: String,
+    /// Columns in declaration order.
+    pub columns: Vec<ColumnDef>,
+    /// Optional event-time watermark.
+    pub watermark: Option<WatermarkSpec>,
+    /// `WITH (...)` options, keys lower-cased. `connector` picks the source.
+    pub options: BTreeMap<String, String>,
+    /// Number of partitions of the source.
+    pub partitions: u32,
+    /// Creation time (Unix ms); datagen streams count generated rows from here.
+    pub created_at_ms: i64,
+}
+
+impl StreamDef {
+    /// The Arrow schema of the stream's rows.
+    pub fn schema(&self) -> SchemaRef {
+        columns_schema(&self.columns)
+    }
+
+    /// The connector name, `None` for a built-in (INSERT-fed) stream.
+    pub fn connector(&self) -> Option<&str> {
+        self.options.get("connector").map(String::as_str)
+    }
+}
+
+/// A reference-data table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableDef {
+    /// Table name.
+    pub name: String,
+    /// Columns in declaration order.
+    pub columns: Vec<ColumnDef>,
+}
+
+impl TableDef {
+    /// The Arrow schema of the table's rows.
+    pub fn schema(&self) -> SchemaRef {
+        columns_schema(&self.columns)
+    }
+}
+
+/// A materialized view: a continuous query whose results are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViewDef {
+    /// View name.
+    pub name: String,
+    /// The defining `SELECT`, as SQL text.
+    pub query: String,
+    /// The batch interval it runs with, in microseconds.
+    pub batch_interval_us: u64,
+    /// Number of reduce partitions.
+    pub parallelism: u32,
+    /// Where the view starts reading its streams.
+    pub start_latest: bool,
+}
+
+/// Builds the Arrow schema for a column list.
+pub fn columns_schema(columns: &[ColumnDef]) -> SchemaRef {
+    Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.data_type.clone(), c.nullable))
+            .collect::<Vec<_>>(),
+    ))
+}

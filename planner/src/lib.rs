@@ -1,0 +1,51 @@
+//! # drizzle-planner: from SQL to streaming stages
+//!
+//! Where it sits: `server` hands every statement's text to
+//! [`parse_statements`]; for queries, [`plan_query`] returns either a finite
+//! DataFusion [`LogicalPlan`](datafusion::logical_expr::LogicalPlan) (no
+//! stream involved) or a [`StreamingPlan`], which `exec` runs as micro-batches.
+//!
+//! ```text
+//!  SQL ──parse_statements──▶ DrizzleStatement
+//!      ──plan_query────────▶ DataFusion LogicalPlan (name resolution via
+//!                            DrizzleContextProvider, DataFusion optimiser)
+//!      ──lower─────────────▶ StreamingPlan: source ▶ map ops ▶ [partial agg
+//!                            ▶ shuffle ▶ final agg] ▶ post ops ▶ sink
+//!      ──stages────────────▶ Stage 0 (map) / Stage 1 (reduce), see EXPLAIN
+//! ```
+//!
+//! DataFusion stays a library of *stateless per-batch kernels* here: the
+//! planner keeps its physical expressions and aggregate functions, and puts
+//! windows, watermarks and keyed state in Drizzle's own operators (the split
+//! Arroyo uses). An aggregation is split into a partial half (map side, before
+//! the shuffle) and a final half holding partial states as Arrow arrays.
+//!
+//! Types to read first: [`DrizzleStatement`], [`StreamingPlan`],
+//! [`BatchOp`], [`AggregatePlan`], [`WindowSpec`], [`PlanError`].
+
+pub mod catalog;
+pub mod error;
+pub mod lower;
+pub mod plan;
+pub mod providers;
+pub mod statement;
+pub mod types;
+
+pub use catalog::{ColumnDef, StreamDef, TableDef, ViewDef, WatermarkSpec};
+pub use error::{PlanError, Result};
+pub use lower::{plan_query, sql_to_logical, PlannedQuery, Relation, RelationResolver};
+pub use plan::{AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup};
+pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
+pub use statement::{parse_statements, CopyOptions, DrizzleStatement, ObjectKind};
+
+/// Builds the DataFusion session state Drizzle plans with: default functions,
+/// and the optimiser without the rules that would change the shape of a
+/// streaming aggregation (a single `count(DISTINCT)` must stay one aggregate).
+pub fn new_session_context() -> datafusion::prelude::SessionContext {
+    let config = datafusion::prelude::SessionConfig::new()
+        .with_target_partitions(1)
+        .with_information_schema(false);
+    let ctx = datafusion::prelude::SessionContext::new_with_config(config);
+    ctx.remove_optimizer_rule("single_distinct_aggregation_to_group_by");
+    ctx
+}

@@ -1,0 +1,565 @@
+//! From SQL to a [`StreamingPlan`] (continuous) or a DataFusion
+//! [`LogicalPlan`] (finite).
+//!
+//! DataFusion resolves names through [`DrizzleContextProvider`], plans and
+//! optimises the query; [`lower`] then walks the optimised logical plan and
+//! turns it into Drizzle's streaming pipeline, refusing with a clear
+//! `0A000` what cannot run on an unbounded stream.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::{DFSchema, TableReference};
+use datafusion::config::ConfigOptions;
+use datafusion::datasource::{provider_as_source, source_as_provider, TableProvider};
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::planner::{ContextProvider, ExprPlanner};
+use datafusion::logical_expr::{
+    AggregateUDF, Expr, HigherOrderUDF, JoinType, LogicalPlan, ScalarUDF, TableSource, WindowUDF,
+};
+use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
+use datafusion::physical_expr::{create_physical_expr, PhysicalExpr};
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+use datafusion::common::tree_node::TreeNode;
+use datafusion::sql::planner::SqlToRel;
+use datafusion::sql::sqlparser::ast::Query;
+
+use crate::catalog::StreamDef;
+use crate::error::{PlanError, Result};
+use crate::plan::{AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup};
+use crate::providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
+
+/// A relation a name resolves to.
+#[derive(Debug, Clone)]
+pub enum Relation {
+    /// A stream.
+    Stream(StreamDef),
+    /// A finite relation (table or materialized view) DataFusion can scan.
+    Finite(Arc<dyn TableProvider>),
+}
+
+/// Looks up relations by name; implemented by the server's catalog.
+pub trait RelationResolver: Send + Sync {
+    /// The relation called `name` (already normalised), if any.
+    fn resolve(&self, name: &str) -> Option<Relation>;
+}
+
+/// A planned query.
+#[derive(Debug)]
+pub enum PlannedQuery {
+    /// Reads no stream: DataFusion runs it to completion.
+    Finite(LogicalPlan),
+    /// Reads a stream: runs as micro-batches until cancelled or `LIMIT`.
+    Continuous(Box<StreamingPlan>),
+}
+
+/// Name resolution for DataFusion's SQL planner.
+pub struct DrizzleContextProvider<'a> {
+    state: &'a SessionState,
+    resolver: &'a dyn RelationResolver,
+}
+
+impl<'a> DrizzleContextProvider<'a> {
+    /// Resolution against `resolver`, functions from `state`.
+    pub fn new(state: &'a SessionState, resolver: &'a dyn RelationResolver) -> Self {
+        Self { state, resolver }
+    }
+}
+
+fn df_plan_err(msg: String) -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::Plan(msg)
+}
+
+impl ContextProvider for DrizzleContextProvider<'_> {
+    fn get_table_source(
+        &self,
+        name: TableReference,
+    ) -> datafusion::error::Result<Arc<dyn TableSource>> {
+        if name.schema().is_some_and(|s| s != "public") {
+            return Err(df_plan_err(format!("table '{name}' not found")));
+        }
+        match self.resolver.resolve(name.table()) {
+            Some(Relation::Stream(def)) => Ok(provider_as_source(Arc::new(StreamProvider::new(def)))),
+            Some(Relation::Finite(p)) => Ok(provider_as_source(p)),
+            None => Err(df_plan_err(format!("table '{}' not found", name.table()))),
+        }
+    }
+
+    fn get_table_function_source(
+        &self,
+        name: &str,
+        args: Vec<Expr>,
+    ) -> datafusion::error::Result<Arc<dyn TableSource>> {
+        let kind = match name.to_lowercase().trim_matches('"') {
+            "tumble" => WindowKind::Tumble,
+            "hop" => WindowKind::Hop,
+            other => {
+                return Err(datafusion::error::DataFusionError::NotImplemented(format!(
+                    "table function {other}; Drizzle has TUMBLE(stream, ts, size) and HOP(stream, ts, slide, size)"
+                )))
+            }
+        };
+        let usage = match kind {
+            WindowKind::Tumble => "TUMBLE(stream, time_column, INTERVAL 'n' SECOND)",
+            WindowKind::Hop => "HOP(stream, time_column, INTERVAL slide, INTERVAL size)",
+        };
+        let want = if kind == WindowKind::Tumble { 3 } else { 4 };
+        if args.len() != want {
+            return Err(df_plan_err(format!("wrong number of arguments: write {usage}")));
+        }
+        let ident = |e: &Expr| match e {
+            Expr::Column(c) => Ok(c.name.clone()),
+            other => Err(df_plan_err(format!("expected a name in {usage}, found {other}"))),
+        };
+        let stream_name = ident(&args[0])?;
+        let ts = ident(&args[1])?;
+        let stream = match self.resolver.resolve(&stream_name) {
+            Some(Relation::Stream(def)) => def,
+            Some(Relation::Finite(_)) => {
+                return Err(df_plan_err(format!(
+                    "{usage}: {stream_name} is a table, windows apply to streams"
+                )))
+            }
+            None => return Err(df_plan_err(format!("table '{stream_name}' not found"))),
+        };
+        let time_column = stream
+            .columns
+            .iter()
+            .position(|c| c.name == ts)
+            .ok_or_else(|| {
+                datafusion::error::DataFusionError::SchemaError(
+                    Box::new(datafusion::common::SchemaError::FieldNotFound {
+                        field: Box::new(datafusion::common::Column::new_unqualified(ts.clone())),
+                        valid_fields: vec![],
+                    }),
+                    Box::new(None),
+                )
+            })?;
+        if !matches!(stream.columns[time_column].data_type, DataType::Timestamp(_, _)) {
+            return Err(df_plan_err(format!(
+                "type mismatch: window time column {ts} must be a TIMESTAMP, not {}",
+                stream.columns[time_column].sql_type
+            )));
+        }
+        let interval = |e: &Expr| -> datafusion::error::Result<i64> {
+            let ms = match e {
+                Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(v)), _) if v.months == 0 => {
+                    v.days as i64 * 86_400_000 + v.nanoseconds / 1_000_000
+                }
+                Expr::Literal(ScalarValue::IntervalDayTime(Some(v)), _) => {
+                    v.days as i64 * 86_400_000 + v.milliseconds as i64
+                }
+                other => {
+                    return Err(df_plan_err(format!(
+                        "expected a fixed INTERVAL (no months) in {usage}, found {other}"
+                    )))
+                }
+            };
+            if ms <= 0 {
+                return Err(df_plan_err(format!("window intervals must be positive in {usage}")));
+            }
+            Ok(ms)
+        };
+        let (slide_ms, size_ms) = match kind {
+            WindowKind::Tumble => {
+                let s = interval(&args[2])?;
+                (s, s)
+            }
+            WindowKind::Hop => (interval(&args[2])?, interval(&args[3])?),
+        };
+        if kind == WindowKind::Hop && (size_ms % slide_ms != 0 || slide_ms > size_ms) {
+            return Err(df_plan_err(format!(
+                "HOP size ({size_ms} ms) must be a multiple of its slide ({slide_ms} ms)"
+            )));
+        }
+        let Some(wm) = &stream.watermark else {
+            return Err(df_plan_err(format!(
+                "windows need event time: stream {} has no watermark; declare WATERMARK FOR {ts} AS {ts} - INTERVAL '1' SECOND",
+                stream.name
+            )));
+        };
+        if wm.column != ts {
+            return Err(df_plan_err(format!(
+                "the window column {ts} must be the watermark column {} of stream {}",
+                wm.column, stream.name
+            )));
+        }
+        let spec = WindowSpec {
+            kind,
+            time_column,
+            time_column_name: ts,
+            size_ms,
+            slide_ms,
+            watermark_delay_ms: wm.delay_ms,
+        };
+        Ok(provider_as_source(Arc::new(WindowProvider::new(stream, spec))))
+    }
+
+    fn get_expr_planners(&self) -> &[Arc<dyn ExprPlanner>] {
+        self.state.expr_planners()
+    }
+
+    fn get_function_meta(&self, name: &str) -> Option<Arc<ScalarUDF>> {
+        self.state.scalar_functions().get(name).cloned()
+    }
+
+    fn get_higher_order_meta(&self, name: &str) -> Option<Arc<HigherOrderUDF>> {
+        self.state.higher_order_functions().get(name).cloned()
+    }
+
+    fn get_aggregate_meta(&self, name: &str) -> Option<Arc<AggregateUDF>> {
+        self.state.aggregate_functions().get(name).cloned()
+    }
+
+    fn get_window_meta(&self, name: &str) -> Option<Arc<WindowUDF>> {
+        self.state.window_functions().get(name).cloned()
+    }
+
+    fn get_variable_type(&self, _variable_names: &[String]) -> Option<DataType> {
+        None
+    }
+
+    fn options(&self) -> &ConfigOptions {
+        self.state.config_options()
+    }
+
+    fn udf_names(&self) -> Vec<String> {
+        self.state.scalar_functions().keys().cloned().collect()
+    }
+
+    fn udaf_names(&self) -> Vec<String> {
+        self.state.aggregate_functions().keys().cloned().collect()
+    }
+
+    fn higher_order_function_names(&self) -> Vec<String> {
+        self.state.higher_order_functions().keys().cloned().collect()
+    }
+
+    fn udwf_names(&self) -> Vec<String> {
+        self.state.window_functions().keys().cloned().collect()
+    }
+}
+
+/// Plans a query: DataFusion SQL planning and optimisation, then lowering
+/// when the query reads a stream.
+pub fn plan_query(
+    state: &SessionState,
+    resolver: &dyn RelationResolver,
+    query: &Query,
+) -> Result<PlannedQuery> {
+    let logical = sql_to_logical(state, resolver, query)?;
+    if !reads_stream(&logical) {
+        return Ok(PlannedQuery::Finite(logical));
+    }
+    Ok(PlannedQuery::Continuous(Box::new(lower(&logical)?)))
+}
+
+/// SQL to an optimised DataFusion logical plan.
+pub fn sql_to_logical(
+    state: &SessionState,
+    resolver: &dyn RelationResolver,
+    query: &Query,
+) -> Result<LogicalPlan> {
+    let provider = DrizzleContextProvider::new(state, resolver);
+    let sql_to_rel = SqlToRel::new(&provider);
+    let plan = sql_to_rel.sql_statement_to_plan(datafusion::sql::sqlparser::ast::Statement::Query(Box::new(query.clone())))?;
+    Ok(state.optimize(&plan)?)
+}
+
+/// True when any scan in the plan reads a stream (or a window over one).
+pub fn reads_stream(plan: &LogicalPlan) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            if let Ok(p) = source_as_provider(&scan.source) {
+                if p.downcast_ref::<StreamProvider>().is_some() || p.downcast_ref::<WindowProvider>().is_some() {
+                    found = true;
+                }
+            }
+        }
+        Ok(if found {
+            datafusion::common::tree_node::TreeNodeRecursion::Stop
+        } else {
+            datafusion::common::tree_node::TreeNodeRecursion::Continue
+        })
+    });
+    // Subqueries in expressions are planned as separate plans; look there too.
+    found
+}
+
+struct Lowered {
+    stream: StreamDef,
+    window: Option<WindowSpec>,
+    map_ops: Vec<BatchOp>,
+    aggregate: Option<AggregatePlan>,
+    post_ops: Vec<BatchOp>,
+}
+
+impl Lowered {
+    fn push(&mut self, op: BatchOp) {
+        if self.aggregate.is_some() {
+            self.post_ops.push(op);
+        } else {
+            self.map_ops.push(op);
+        }
+    }
+}
+
+fn physical(expr: &Expr, schema: &DFSchema, state_props: &datafusion::execution::context::ExecutionProps) -> Result<Arc<dyn PhysicalExpr>> {
+    Ok(create_physical_expr(expr, schema, state_props, &PhysicalPlanningContext::default())?)
+}
+
+/// Lowers an optimised logical plan that reads a stream.
+pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
+    let (body, limit) = match plan {
+        LogicalPlan::Limit(l) => {
+            let skip = match l.get_skip_type()? {
+                datafusion::logical_expr::SkipType::Literal(n) => n,
+                _ => return Err(PlanError::unsupported("a non-literal OFFSET")),
+            };
+            if skip != 0 {
+                return Err(PlanError::unsupported("OFFSET on a continuous query"));
+            }
+            let fetch = match l.get_fetch_type()? {
+                datafusion::logical_expr::FetchType::Literal(n) => n,
+                _ => return Err(PlanError::unsupported("a non-literal LIMIT")),
+            };
+            (l.input.as_ref(), fetch)
+        }
+        other => (other, None),
+    };
+    let lowered = lower_node(body)?;
+    let output_schema: SchemaRef = Arc::new(body.schema().as_arrow().clone());
+    let emit = match &lowered.aggregate {
+        None => EmitMode::Append,
+        Some(a) if a.window.is_some() => EmitMode::OnWindowClose,
+        Some(_) => EmitMode::Upsert,
+    };
+    Ok(StreamingPlan {
+        stream: lowered.stream,
+        window: lowered.window,
+        map_ops: lowered.map_ops,
+        aggregate: lowered.aggregate,
+        post_ops: lowered.post_ops,
+        limit,
+        output_schema,
+        emit,
+    })
+}
+
+fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
+    let props = datafusion::execution::context::ExecutionProps::new();
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            let provider = source_as_provider(&scan.source)?;
+            if !scan.filters.is_empty() {
+                return Err(PlanError::unsupported("filters pushed into a stream scan"));
+            }
+            let (stream, window, full_schema) = if let Some(s) = provider.downcast_ref::<StreamProvider>() {
+                (s.def.clone(), None, s.schema())
+            } else if let Some(w) = provider.downcast_ref::<WindowProvider>() {
+                (w.stream.clone(), Some(w.spec.clone()), w.schema())
+            } else {
+                return Err(PlanError::unsupported(format!(
+                    "reading {} here: only one stream feeds a continuous query; tables join to it",
+                    scan.table_name
+                )));
+            };
+            let mut lowered = Lowered {
+                stream,
+                window,
+                map_ops: Vec::new(),
+                aggregate: None,
+                post_ops: Vec::new(),
+            };
+            if let Some(projection) = &scan.projection {
+                let identity = projection.len() == full_schema.fields().len()
+                    && projection.iter().enumerate().all(|(i, p)| i == *p);
+                if !identity {
+                    let exprs = projection
+                        .iter()
+                        .map(|&i| {
+                            Arc::new(datafusion::physical_expr::expressions::Column::new(
+                                full_schema.field(i).name(),
+                                i,
+                            )) as Arc<dyn PhysicalExpr>
+                        })
+                        .collect();
+                    lowered.push(BatchOp::Project {
+                        exprs,
+                        schema: Arc::new(scan.projected_schema.as_arrow().clone()),
+                    });
+                }
+            }
+            Ok(lowered)
+        }
+        LogicalPlan::Projection(p) => {
+            let mut lowered = lower_node(&p.input)?;
+            let exprs = p
+                .expr
+                .iter()
+                .map(|e| physical(e, p.input.schema(), &props))
+                .collect::<Result<Vec<_>>>()?;
+            lowered.push(BatchOp::Project {
+                exprs,
+                schema: Arc::new(p.schema.as_arrow().clone()),
+            });
+            Ok(lowered)
+        }
+        LogicalPlan::Filter(f) => {
+            let mut lowered = lower_node(&f.input)?;
+            let predicate = physical(&f.predicate, f.input.schema(), &props)?;
+            lowered.push(BatchOp::Filter { predicate });
+            Ok(lowered)
+        }
+        LogicalPlan::SubqueryAlias(a) => lower_node(&a.input),
+        LogicalPlan::Join(j) => {
+            let left_stream = reads_stream(&j.left);
+            let right_stream = reads_stream(&j.right);
+            if left_stream && right_stream {
+                return Err(PlanError::unsupported_hint(
+                    "a join of two streams",
+                    "join a stream with tables or materialized views",
+                ));
+            }
+            if j.on.is_empty() {
+                return Err(PlanError::unsupported_hint(
+                    "a join without an equality condition",
+                    "join on key = key",
+                ));
+            }
+            let (stream_side, table_side, stream_on_left) = if left_stream {
+                (&j.left, &j.right, true)
+            } else {
+                (&j.right, &j.left, false)
+            };
+            let join_type = match (j.join_type, stream_on_left) {
+                (JoinType::Inner, _) => JoinType::Inner,
+                (JoinType::Left, true) | (JoinType::Right, false) => JoinType::Left,
+                (other, _) => {
+                    return Err(PlanError::unsupported_hint(
+                        format!("{other} join with the stream on that side"),
+                        "use an inner join, or a LEFT JOIN with the stream on the left",
+                    ))
+                }
+            };
+            let mut lowered = lower_node(stream_side)?;
+            if lowered.aggregate.is_some() {
+                return Err(PlanError::unsupported("joining the result of an aggregation"));
+            }
+            let mut stream_keys = Vec::new();
+            let mut table_keys = Vec::new();
+            let mut display = Vec::new();
+            for (l, r) in &j.on {
+                let (s, t) = if stream_on_left { (l, r) } else { (r, l) };
+                stream_keys.push(physical(s, stream_side.schema(), &props)?);
+                table_keys.push(physical(t, table_side.schema(), &props)?);
+                display.push(format!("{l} = {r}"));
+            }
+            let filter = match &j.filter {
+                Some(f) => {
+                    if join_type == JoinType::Left {
+                        return Err(PlanError::unsupported(
+                            "a LEFT JOIN with a non-equality condition in ON",
+                        ));
+                    }
+                    Some(physical(f, &j.schema, &props)?)
+                }
+                None => None,
+            };
+            lowered.push(BatchOp::LookupJoin(Arc::new(LookupJoinSpec {
+                table_plan: table_side.as_ref().clone(),
+                table_schema: Arc::new(table_side.schema().as_arrow().clone()),
+                stream_keys,
+                table_keys,
+                join_type,
+                stream_on_left,
+                filter,
+                schema: Arc::new(j.schema.as_arrow().clone()),
+                display: display.join(", "),
+            })));
+            Ok(lowered)
+        }
+        LogicalPlan::Aggregate(a) => {
+            let mut lowered = lower_node(&a.input)?;
+            if lowered.aggregate.is_some() {
+                return Err(PlanError::unsupported("an aggregation over an aggregation"));
+            }
+            let input_schema = a.input.schema();
+            let physical_input = input_schema.as_arrow();
+            let mut group_exprs = Vec::new();
+            for (i, e) in a.group_expr.iter().enumerate() {
+                if matches!(e, Expr::GroupingSet(_)) {
+                    return Err(PlanError::unsupported("GROUPING SETS, CUBE and ROLLUP"));
+                }
+                let name = a.schema.field(i).name().clone();
+                group_exprs.push((physical(e, input_schema, &props)?, name));
+            }
+            let mut aggregates = Vec::new();
+            let mut filters = Vec::new();
+            for e in &a.aggr_expr {
+                let inner = match e {
+                    Expr::Alias(al) => al.expr.as_ref(),
+                    other => other,
+                };
+                if let Expr::AggregateFunction(AggregateFunction { params, .. }) = inner {
+                    if !params.order_by.is_empty() {
+                        return Err(PlanError::unsupported("ORDER BY inside an aggregate"));
+                    }
+                }
+                let ctx = PhysicalPlanningContext::default();
+                let lowered_agg =
+                    LoweredAggregateBuilder::new(e, input_schema, physical_input, &props, &ctx).build()?;
+                aggregates.push(lowered_agg.aggregate);
+                filters.push(lowered_agg.filter);
+            }
+            let group_fields: Vec<Field> = (0..group_exprs.len())
+                .map(|i| a.schema.field(i).as_ref().clone())
+                .collect();
+            let mut partial_fields = group_fields.clone();
+            for agg in &aggregates {
+                for f in agg.state_fields()? {
+                    partial_fields.push(f.as_ref().clone());
+                }
+            }
+            // Which group column is the window?
+            let window = lowered.window.as_ref().and_then(|w| {
+                group_exprs.iter().enumerate().find_map(|(i, (_, name))| {
+                    let is_end = name == "window_end";
+                    (is_end || name == "window_start").then_some(WindowGroup {
+                        group_index: i,
+                        is_end,
+                        size_us: w.size_ms * 1000,
+                    })
+                })
+            });
+            lowered.aggregate = Some(AggregatePlan {
+                group_exprs,
+                aggregates,
+                filters,
+                group_schema: Arc::new(Schema::new(group_fields)),
+                partial_schema: Arc::new(Schema::new(partial_fields)),
+                output_schema: Arc::new(a.schema.as_arrow().clone()),
+                window,
+            });
+            Ok(lowered)
+        }
+        LogicalPlan::Sort(_) => Err(PlanError::unsupported_hint(
+            "ORDER BY on a continuous query",
+            "an unbounded stream has no final order; create a MATERIALIZED VIEW and ORDER BY when you SELECT from it",
+        )),
+        LogicalPlan::Limit(_) => Err(PlanError::unsupported("LIMIT inside a continuous query (only at the top)")),
+        LogicalPlan::Window(_) => Err(PlanError::unsupported_hint(
+            "window functions (OVER) on a stream",
+            "use TUMBLE or HOP with GROUP BY window_start",
+        )),
+        LogicalPlan::Union(_) => Err(PlanError::unsupported("UNION of streams")),
+        LogicalPlan::Distinct(_) => Err(PlanError::unsupported("DISTINCT ON a stream")),
+        other => Err(PlanError::unsupported(format!(
+            "{} in a continuous query",
+            other.display().to_string().split(':').next().unwrap_or("this operator")
+        ))),
+    }
+}

@@ -1,0 +1,270 @@
+//! The streaming plan: what a continuous query computes, as a pipeline of
+//! per-batch kernels around one optional stateful aggregation.
+//!
+//! ```text
+//!  source ─▶ [WindowAssignExec] ─▶ map ops (FilterExec, ProjectionExec, LookupJoinExec)
+//!         ─▶ [AggregatePartialExec ─▶ shuffle by group key ─▶ AggregateFinalExec]
+//!         ─▶ post ops (HAVING, projection) ─▶ sink
+//! ```
+//!
+//! Everything before the shuffle runs in the map stage (one `MapTask` per
+//! source partition and micro-batch); the final aggregation and the post ops
+//! run in the reduce stage (one `ReduceTask` per reduce partition and
+//! micro-batch). Expressions are DataFusion `PhysicalExpr`s, evaluated over
+//! Arrow batches; state and event time are Drizzle's own.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::logical_expr::{JoinType, LogicalPlan};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_expr::PhysicalExpr;
+
+use crate::catalog::StreamDef;
+use crate::providers::{WindowKind, WindowSpec};
+
+/// A stateless kernel applied to every batch.
+#[derive(Debug, Clone)]
+pub enum BatchOp {
+    /// Keep rows where the predicate is true.
+    Filter {
+        /// The predicate over the input schema.
+        predicate: Arc<dyn PhysicalExpr>,
+    },
+    /// Compute new columns.
+    Project {
+        /// One expression per output column, over the input schema.
+        exprs: Vec<Arc<dyn PhysicalExpr>>,
+        /// The output schema.
+        schema: SchemaRef,
+    },
+    /// Equi-join every stream row against a finite relation (a table, a view
+    /// or a query over them).
+    LookupJoin(Arc<LookupJoinSpec>),
+}
+
+/// How to join a stream against a finite relation.
+#[derive(Debug)]
+pub struct LookupJoinSpec {
+    /// The finite side, re-evaluated when a table it reads changes.
+    pub table_plan: LogicalPlan,
+    /// The finite side's schema.
+    pub table_schema: SchemaRef,
+    /// Key expressions over the stream side.
+    pub stream_keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// Key expressions over the table side.
+    pub table_keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// Inner, or left outer with the stream preserved.
+    pub join_type: JoinType,
+    /// True when the stream is the left input (output = stream cols, table cols).
+    pub stream_on_left: bool,
+    /// Extra (non-equi) condition over the joined schema.
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+    /// The joined schema.
+    pub schema: SchemaRef,
+    /// The join keys as SQL, for EXPLAIN.
+    pub display: String,
+}
+
+/// Which group column carries the window, so the reduce side can close it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowGroup {
+    /// Index among the group columns.
+    pub group_index: usize,
+    /// True when the group column is `window_end` (else `window_start`).
+    pub is_end: bool,
+    /// Window size in microseconds (to get the end from the start).
+    pub size_us: i64,
+}
+
+/// A grouped aggregation split into partial (map) and final (reduce) halves.
+#[derive(Debug, Clone)]
+pub struct AggregatePlan {
+    /// Group expressions over the aggregate input, with output names.
+    pub group_exprs: Vec<(Arc<dyn PhysicalExpr>, String)>,
+    /// The aggregate functions.
+    pub aggregates: Vec<Arc<AggregateFunctionExpr>>,
+    /// Optional `FILTER (WHERE ...)` per aggregate.
+    pub filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
+    /// Schema of the group columns alone.
+    pub group_schema: SchemaRef,
+    /// Schema of a partial-aggregate block: group columns then every state field.
+    pub partial_schema: SchemaRef,
+    /// Output: group columns then aggregate values.
+    pub output_schema: SchemaRef,
+    /// Set when the aggregation groups by a window column.
+    pub window: Option<WindowGroup>,
+}
+
+/// How results leave the query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmitMode {
+    /// One output row per qualifying input row.
+    Append,
+    /// Each window's final rows, once, when the watermark passes its end.
+    OnWindowClose,
+    /// After each micro-batch, the current row of every group that changed.
+    Upsert,
+}
+
+impl fmt::Display for EmitMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EmitMode::Append => "append",
+            EmitMode::OnWindowClose => "on window close",
+            EmitMode::Upsert => "upsert",
+        })
+    }
+}
+
+/// A planned continuous query.
+#[derive(Debug, Clone)]
+pub struct StreamingPlan {
+    /// The stream read.
+    pub stream: StreamDef,
+    /// Window assignment applied to the source rows.
+    pub window: Option<WindowSpec>,
+    /// Stateless kernels of the map stage.
+    pub map_ops: Vec<BatchOp>,
+    /// The stateful aggregation, if any.
+    pub aggregate: Option<AggregatePlan>,
+    /// Kernels after the aggregation (HAVING, projection).
+    pub post_ops: Vec<BatchOp>,
+    /// `LIMIT n`: the query ends after n rows.
+    pub limit: Option<usize>,
+    /// Schema of the rows delivered.
+    pub output_schema: SchemaRef,
+    /// Output semantics.
+    pub emit: EmitMode,
+}
+
+impl StreamingPlan {
+    /// True when the plan has a shuffle (an aggregation), i.e. two stages.
+    pub fn has_shuffle(&self) -> bool {
+        self.aggregate.is_some()
+    }
+
+    /// The stages of the plan, for EXPLAIN and the scheduler.
+    pub fn stages(&self, reduce_partitions: usize) -> Vec<StageDesc> {
+        let mut map_ops = vec![format!(
+            "StreamScanExec: stream={}, partitions={}, source={}",
+            self.stream.name,
+            self.stream.partitions,
+            self.stream.connector().unwrap_or("log")
+        )];
+        if let Some(w) = &self.window {
+            let kind = match w.kind {
+                WindowKind::Tumble => format!("TUMBLE(size={}ms)", w.size_ms),
+                WindowKind::Hop => format!("HOP(slide={}ms, size={}ms)", w.slide_ms, w.size_ms),
+            };
+            map_ops.push(format!(
+                "WindowAssignExec: {kind} on {}, watermark={} - {}ms, late rows dropped",
+                w.time_column_name, w.time_column_name, w.watermark_delay_ms
+            ));
+        }
+        map_ops.extend(self.map_ops.iter().map(describe_op));
+        let mut stages = Vec::new();
+        match &self.aggregate {
+            None => {
+                map_ops.extend(self.post_ops.iter().map(describe_op));
+                map_ops.push(format!("SinkExec: emit={}", self.emit));
+                stages.push(StageDesc {
+                    id: 0,
+                    name: "map".into(),
+                    tasks: format!("{} per micro-batch", self.stream.partitions),
+                    operators: map_ops,
+                });
+            }
+            Some(agg) => {
+                let keys: Vec<&str> = agg.group_exprs.iter().map(|(_, n)| n.as_str()).collect();
+                let aggs: Vec<&str> = agg.aggregates.iter().map(|a| a.name()).collect();
+                map_ops.push(format!(
+                    "AggregatePartialExec: group=[{}], aggr=[{}]",
+                    keys.join(", "),
+                    aggs.join(", ")
+                ));
+                map_ops.push(format!(
+                    "ShuffleWriteExec: hash([{}]) into {} partitions",
+                    keys.join(", "),
+                    reduce_partitions
+                ));
+                stages.push(StageDesc {
+                    id: 0,
+                    name: "map".into(),
+                    tasks: format!("{} per micro-batch", self.stream.partitions),
+                    operators: map_ops,
+                });
+                let mut reduce_ops = vec![
+                    format!("ShuffleReadExec: from stage 0, pre-scheduled"),
+                    format!(
+                        "AggregateFinalExec: group=[{}], aggr=[{}], state=keyed{}",
+                        keys.join(", "),
+                        aggs.join(", "),
+                        if agg.window.is_some() { " per window" } else { "" }
+                    ),
+                ];
+                reduce_ops.extend(self.post_ops.iter().map(describe_op));
+                reduce_ops.push(format!("SinkExec: emit={}", self.emit));
+                stages.push(StageDesc {
+                    id: 1,
+                    name: "reduce".into(),
+                    tasks: format!("{reduce_partitions} per micro-batch"),
+                    operators: reduce_ops,
+                });
+            }
+        }
+        stages
+    }
+
+    /// EXPLAIN text, one line per row.
+    pub fn explain(&self, reduce_partitions: usize) -> Vec<String> {
+        let mut lines = vec![format!(
+            "StreamingQuery: emit={}, output=[{}]{}",
+            self.emit,
+            self.output_schema
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.limit.map(|l| format!(", limit={l}")).unwrap_or_default()
+        )];
+        for stage in self.stages(reduce_partitions).iter().rev() {
+            lines.push(format!("  Stage {} ({}, {} tasks):", stage.id, stage.name, stage.tasks));
+            for (i, op) in stage.operators.iter().rev().enumerate() {
+                lines.push(format!("    {}{}", "  ".repeat(i), op));
+            }
+        }
+        lines
+    }
+}
+
+/// A stage as shown by EXPLAIN.
+#[derive(Debug, Clone)]
+pub struct StageDesc {
+    /// Stage id.
+    pub id: u32,
+    /// "map" or "reduce".
+    pub name: String,
+    /// How many tasks run per micro-batch.
+    pub tasks: String,
+    /// Operators, source first.
+    pub operators: Vec<String>,
+}
+
+fn describe_op(op: &BatchOp) -> String {
+    match op {
+        BatchOp::Filter { predicate } => format!("FilterExec: {predicate}"),
+        BatchOp::Project { exprs, schema } => format!(
+            "ProjectionExec: [{}]",
+            exprs
+                .iter()
+                .zip(schema.fields())
+                .map(|(e, f)| format!("{e} AS {}", f.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        BatchOp::LookupJoin(j) => format!("LookupJoinExec: {:?}, on=[{}], table side re-read when tables change", j.join_type, j.display),
+    }
+}

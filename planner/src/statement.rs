@@ -1,0 +1,979 @@
+//! Drizzle's SQL statements and their parser.
+//!
+//! Standard SQL (queries, `CREATE TABLE` column lists, data types,
+//! expressions) is parsed by DataFusion's re-exported `sqlparser`; Drizzle's
+//! own statements (`CREATE STREAM ... WATERMARK FOR`, `SHOW QUERIES`,
+//! `CANCEL QUERY`, ...) are parsed here by driving the same parser token by
+//! token, so errors carry sqlparser's positions and wording.
+
+use std::collections::BTreeMap;
+
+use datafusion::sql::sqlparser::ast::{
+    BinaryOperator, DateTimeField, Expr as SqlExpr, Ident, Interval, Query, Value,
+};
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::Token;
+
+use crate::catalog::{ColumnDef, WatermarkSpec};
+use crate::error::{PlanError, Result};
+use crate::types::sql_to_arrow;
+
+/// Kinds of catalog objects, for `DROP` and `SHOW`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A stream.
+    Stream,
+    /// A reference table.
+    Table,
+    /// A materialized view.
+    MaterializedView,
+}
+
+impl ObjectKind {
+    /// The SQL words for this kind.
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            ObjectKind::Stream => "STREAM",
+            ObjectKind::Table => "TABLE",
+            ObjectKind::MaterializedView => "MATERIALIZED VIEW",
+        }
+    }
+}
+
+/// `COPY ... FROM STDIN` / `TO STDOUT` format options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyOptions {
+    /// CSV (true) or Postgres text format (false).
+    pub csv: bool,
+    /// Skip (FROM) or write (TO) a header line.
+    pub header: bool,
+    /// Field delimiter.
+    pub delimiter: char,
+    /// The string that stands for NULL.
+    pub null: String,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        Self {
+            csv: false,
+            header: false,
+            delimiter: '\t',
+            null: "\\N".into(),
+        }
+    }
+}
+
+/// A parsed statement.
+#[derive(Debug, Clone)]
+pub enum DrizzleStatement {
+    /// `CREATE STREAM`.
+    CreateStream {
+        /// Stream name.
+        name: String,
+        /// `IF NOT EXISTS` was given.
+        if_not_exists: bool,
+        /// Columns.
+        columns: Vec<ColumnDef>,
+        /// `WATERMARK FOR ...`.
+        watermark: Option<WatermarkSpec>,
+        /// `WITH (...)` options, keys lower-cased.
+        options: BTreeMap<String, String>,
+    },
+    /// `CREATE TABLE`.
+    CreateTable {
+        /// Table name.
+        name: String,
+        /// `IF NOT EXISTS` was given.
+        if_not_exists: bool,
+        /// Columns.
+        columns: Vec<ColumnDef>,
+    },
+    /// `CREATE MATERIALIZED VIEW name AS query`.
+    CreateView {
+        /// View name.
+        name: String,
+        /// `IF NOT EXISTS` was given.
+        if_not_exists: bool,
+        /// The defining query.
+        query: Box<Query>,
+    },
+    /// `DROP STREAM|TABLE|MATERIALIZED VIEW [IF EXISTS] name`.
+    Drop {
+        /// What to drop.
+        kind: ObjectKind,
+        /// Name.
+        name: String,
+        /// `IF EXISTS` was given.
+        if_exists: bool,
+    },
+    /// `INSERT INTO name [(cols)] query`.
+    Insert {
+        /// Target stream or table.
+        target: String,
+        /// Explicit column list (may be empty).
+        columns: Vec<String>,
+        /// `VALUES ...` or a finite `SELECT`.
+        source: Box<Query>,
+    },
+    /// `COPY name [(cols)] FROM STDIN [options]`.
+    CopyFrom {
+        /// Target stream or table.
+        target: String,
+        /// Explicit column list (may be empty).
+        columns: Vec<String>,
+        /// Format options.
+        options: CopyOptions,
+    },
+    /// `COPY (query) TO STDOUT [options]`.
+    CopyTo {
+        /// The query whose rows are written.
+        query: Box<Query>,
+        /// Format options.
+        options: CopyOptions,
+    },
+    /// A query: continuous when it reads a stream, finite otherwise.
+    Query(Box<Query>),
+    /// `EXPLAIN query`.
+    Explain(Box<Query>),
+    /// `SHOW STREAMS|TABLES|MATERIALIZED VIEWS`.
+    ShowObjects(ObjectKind),
+    /// `SHOW QUERIES`.
+    ShowQueries,
+    /// `SHOW CREATE STREAM|TABLE|MATERIALIZED VIEW name`.
+    ShowCreate {
+        /// What kind of object.
+        kind: ObjectKind,
+        /// Its name.
+        name: String,
+    },
+    /// `SHOW name` (a session setting).
+    ShowVariable(String),
+    /// `SET [SESSION|LOCAL] name {=|TO} value`.
+    Set {
+        /// Setting name, lower-cased.
+        name: String,
+        /// Value as text.
+        value: String,
+    },
+    /// `RESET name`.
+    Reset(String),
+    /// `CANCEL QUERY id`.
+    CancelQuery(u64),
+    /// `BEGIN` / `START TRANSACTION`.
+    Begin,
+    /// `COMMIT` / `END`.
+    Commit,
+    /// `ROLLBACK` / `ABORT`.
+    Rollback,
+    /// `DECLARE name CURSOR FOR query`.
+    DeclareCursor {
+        /// Cursor name.
+        name: String,
+        /// The query.
+        query: Box<Query>,
+    },
+    /// `FETCH [n|ALL|NEXT] [FROM|IN] name`.
+    Fetch {
+        /// Cursor name.
+        name: String,
+        /// How many rows at most (`None` = ALL).
+        count: Option<u64>,
+    },
+    /// `CLOSE name` / `CLOSE ALL`.
+    CloseCursor(Option<String>),
+    /// `DISCARD ALL` and other no-op statements drivers send.
+    NoOp(&'static str),
+}
+
+impl DrizzleStatement {
+    /// The command tag used in CommandComplete for statements without rows.
+    pub fn tag(&self) -> &'static str {
+        match self {
+            DrizzleStatement::CreateStream { .. } => "CREATE STREAM",
+            DrizzleStatement::CreateTable { .. } => "CREATE TABLE",
+            DrizzleStatement::CreateView { .. } => "CREATE MATERIALIZED VIEW",
+            DrizzleStatement::Drop { kind, .. } => match kind {
+                ObjectKind::Stream => "DROP STREAM",
+                ObjectKind::Table => "DROP TABLE",
+                ObjectKind::MaterializedView => "DROP MATERIALIZED VIEW",
+            },
+            DrizzleStatement::Set { .. } => "SET",
+            DrizzleStatement::Reset(_) => "RESET",
+            DrizzleStatement::CancelQuery(_) => "CANCEL QUERY",
+            DrizzleStatement::Begin => "BEGIN",
+            DrizzleStatement::Commit => "COMMIT",
+            DrizzleStatement::Rollback => "ROLLBACK",
+            DrizzleStatement::DeclareCursor { .. } => "DECLARE CURSOR",
+            DrizzleStatement::CloseCursor(_) => "CLOSE CURSOR",
+            DrizzleStatement::NoOp(tag) => tag,
+            _ => "SELECT",
+        }
+    }
+}
+
+/// Parses a string holding zero or more `;`-separated statements.
+pub fn parse_statements(sql: &str) -> Result<Vec<DrizzleStatement>> {
+    let dialect = PostgreSqlDialect {};
+    let mut parser = Parser::new(&dialect).try_with_sql(sql)?;
+    let mut out = Vec::new();
+    loop {
+        while parser.consume_token(&Token::SemiColon) {}
+        if parser.peek_token().token == Token::EOF {
+            break;
+        }
+        out.push(parse_one(&mut parser)?);
+        if !parser.consume_token(&Token::SemiColon) && parser.peek_token().token != Token::EOF {
+            let found = parser.peek_token();
+            return Err(PlanError::syntax(format!(
+                "expected end of statement, found: {found}"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// True when the next word is `word` (case-insensitive); consumes it.
+fn eat_word(p: &mut Parser<'_>, word: &str) -> bool {
+    if let Token::Word(w) = &p.peek_token().token {
+        if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word) {
+            p.next_token();
+            return true;
+        }
+    }
+    false
+}
+
+fn expect_word(p: &mut Parser<'_>, word: &str) -> Result<()> {
+    if eat_word(p, word) {
+        Ok(())
+    } else {
+        Err(PlanError::syntax(format!(
+            "expected {word}, found: {}",
+            p.peek_token()
+        )))
+    }
+}
+
+/// Normalises an identifier the Postgres way: unquoted names fold to lower case.
+pub fn normalize_ident(id: &Ident) -> String {
+    if id.quote_style.is_some() {
+        id.value.clone()
+    } else {
+        id.value.to_lowercase()
+    }
+}
+
+fn parse_name(p: &mut Parser<'_>) -> Result<String> {
+    let name = p.parse_object_name(false)?;
+    if name.0.len() != 1 {
+        return Err(PlanError::unsupported(format!("qualified name {name}")));
+    }
+    let ident = name.0[0]
+        .as_ident()
+        .ok_or_else(|| PlanError::syntax(format!("expected a name, found {name}")))?;
+    Ok(normalize_ident(ident))
+}
+
+fn parse_if_not_exists(p: &mut Parser<'_>) -> bool {
+    p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS])
+}
+
+fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
+    if p.parse_keyword(Keyword::CREATE) {
+        if eat_word(p, "STREAM") {
+            return parse_create_stream(p);
+        }
+        if p.parse_keyword(Keyword::TABLE) {
+            let if_not_exists = parse_if_not_exists(p);
+            let name = parse_name(p)?;
+            let (columns, watermark) = parse_columns(p, false)?;
+            debug_assert!(watermark.is_none());
+            if p.parse_keyword(Keyword::WITH) {
+                return Err(PlanError::unsupported("WITH options on CREATE TABLE"));
+            }
+            return Ok(DrizzleStatement::CreateTable {
+                name,
+                if_not_exists,
+                columns,
+            });
+        }
+        if p.parse_keywords(&[Keyword::MATERIALIZED, Keyword::VIEW]) {
+            let if_not_exists = parse_if_not_exists(p);
+            let name = parse_name(p)?;
+            p.expect_keyword(Keyword::AS)?;
+            let query = p.parse_query()?;
+            return Ok(DrizzleStatement::CreateView {
+                name,
+                if_not_exists,
+                query,
+            });
+        }
+        if p.parse_keyword(Keyword::VIEW) {
+            return Err(PlanError::unsupported_hint(
+                "CREATE VIEW",
+                "use CREATE MATERIALIZED VIEW",
+            ));
+        }
+        return Err(PlanError::syntax(format!(
+            "expected STREAM, TABLE or MATERIALIZED VIEW after CREATE, found: {}",
+            p.peek_token()
+        )));
+    }
+    if p.parse_keyword(Keyword::DROP) {
+        let kind = parse_object_kind(p)?;
+        let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+        let name = parse_name(p)?;
+        return Ok(DrizzleStatement::Drop {
+            kind,
+            name,
+            if_exists,
+        });
+    }
+    if p.parse_keyword(Keyword::SHOW) {
+        return parse_show(p);
+    }
+    if eat_word(p, "CANCEL") {
+        expect_word(p, "QUERY")?;
+        let id = p.parse_literal_uint()?;
+        return Ok(DrizzleStatement::CancelQuery(id));
+    }
+    if p.parse_keyword(Keyword::INSERT) {
+        p.expect_keyword(Keyword::INTO)?;
+        let target = parse_name(p)?;
+        let columns = parse_optional_column_list(p)?;
+        let source = p.parse_query()?;
+        return Ok(DrizzleStatement::Insert {
+            target,
+            columns,
+            source,
+        });
+    }
+    if p.parse_keyword(Keyword::COPY) {
+        return parse_copy(p);
+    }
+    if p.parse_keyword(Keyword::EXPLAIN) {
+        if p.parse_keyword(Keyword::ANALYZE) {
+            return Err(PlanError::unsupported("EXPLAIN ANALYZE on a continuous query"));
+        }
+        let _ = p.parse_keyword(Keyword::VERBOSE);
+        return Ok(DrizzleStatement::Explain(p.parse_query()?));
+    }
+    if p.parse_keyword(Keyword::SET) {
+        let _ = p.parse_one_of_keywords(&[Keyword::SESSION, Keyword::LOCAL]);
+        let name = parse_setting_name(p)?;
+        if !p.consume_token(&Token::Eq) && !p.parse_keyword(Keyword::TO) {
+            return Err(PlanError::syntax(format!(
+                "expected = or TO after SET {name}, found: {}",
+                p.peek_token()
+            )));
+        }
+        let value = parse_setting_value(p)?;
+        return Ok(DrizzleStatement::Set { name, value });
+    }
+    if eat_word(p, "RESET") {
+        let name = parse_setting_name(p)?;
+        return Ok(DrizzleStatement::Reset(name));
+    }
+    if p.parse_keyword(Keyword::BEGIN) || p.parse_keywords(&[Keyword::START, Keyword::TRANSACTION]) {
+        let _ = p.parse_one_of_keywords(&[Keyword::WORK, Keyword::TRANSACTION]);
+        skip_to_end(p);
+        return Ok(DrizzleStatement::Begin);
+    }
+    if p.parse_keyword(Keyword::COMMIT) || p.parse_keyword(Keyword::END) {
+        let _ = p.parse_one_of_keywords(&[Keyword::WORK, Keyword::TRANSACTION]);
+        return Ok(DrizzleStatement::Commit);
+    }
+    if p.parse_keyword(Keyword::ROLLBACK) || eat_word(p, "ABORT") {
+        let _ = p.parse_one_of_keywords(&[Keyword::WORK, Keyword::TRANSACTION]);
+        return Ok(DrizzleStatement::Rollback);
+    }
+    if p.parse_keyword(Keyword::DECLARE) {
+        let name = normalize_ident(&p.parse_identifier()?);
+        // DECLARE name [BINARY] [ASENSITIVE|INSENSITIVE] [[NO] SCROLL] CURSOR [{WITH|WITHOUT} HOLD] FOR query
+        loop {
+            if p.parse_keyword(Keyword::CURSOR) {
+                break;
+            }
+            if p.parse_one_of_keywords(&[
+                Keyword::BINARY,
+                Keyword::ASENSITIVE,
+                Keyword::INSENSITIVE,
+                Keyword::NO,
+                Keyword::SCROLL,
+            ])
+            .is_none()
+            {
+                return Err(PlanError::syntax(format!(
+                    "expected CURSOR, found: {}",
+                    p.peek_token()
+                )));
+            }
+        }
+        if p.parse_one_of_keywords(&[Keyword::WITH, Keyword::WITHOUT]).is_some() {
+            p.expect_keyword(Keyword::HOLD)?;
+        }
+        p.expect_keyword(Keyword::FOR)?;
+        let query = p.parse_query()?;
+        return Ok(DrizzleStatement::DeclareCursor { name, query });
+    }
+    if p.parse_keyword(Keyword::FETCH) {
+        let _ = p.parse_keyword(Keyword::FORWARD);
+        let count = if p.parse_keyword(Keyword::ALL) {
+            None
+        } else if p.parse_keyword(Keyword::NEXT) {
+            Some(1)
+        } else if let Token::Number(_, _) = p.peek_token().token {
+            Some(p.parse_literal_uint()?)
+        } else {
+            Some(1)
+        };
+        let _ = p.parse_one_of_keywords(&[Keyword::FROM, Keyword::IN]);
+        let name = normalize_ident(&p.parse_identifier()?);
+        return Ok(DrizzleStatement::Fetch { name, count });
+    }
+    if p.parse_keyword(Keyword::CLOSE) {
+        if p.parse_keyword(Keyword::ALL) {
+            return Ok(DrizzleStatement::CloseCursor(None));
+        }
+        let name = normalize_ident(&p.parse_identifier()?);
+        return Ok(DrizzleStatement::CloseCursor(Some(name)));
+    }
+    if p.parse_keyword(Keyword::DISCARD) {
+        skip_to_end(p);
+        return Ok(DrizzleStatement::NoOp("DISCARD ALL"));
+    }
+    match p.peek_token().token {
+        Token::Word(ref w)
+            if matches!(w.keyword, Keyword::SELECT | Keyword::WITH | Keyword::VALUES) =>
+        {
+            Ok(DrizzleStatement::Query(p.parse_query()?))
+        }
+        Token::LParen => Ok(DrizzleStatement::Query(p.parse_query()?)),
+        _ => match p.parse_statement() {
+            Ok(stmt) => Err(PlanError::unsupported(format!(
+                "statement {}",
+                stmt.to_string().split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+            ))),
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+fn skip_to_end(p: &mut Parser<'_>) {
+    while !matches!(p.peek_token().token, Token::SemiColon | Token::EOF) {
+        p.next_token();
+    }
+}
+
+fn parse_object_kind(p: &mut Parser<'_>) -> Result<ObjectKind> {
+    if eat_word(p, "STREAM") {
+        Ok(ObjectKind::Stream)
+    } else if p.parse_keyword(Keyword::TABLE) {
+        Ok(ObjectKind::Table)
+    } else if p.parse_keywords(&[Keyword::MATERIALIZED, Keyword::VIEW]) {
+        Ok(ObjectKind::MaterializedView)
+    } else {
+        Err(PlanError::syntax(format!(
+            "expected STREAM, TABLE or MATERIALIZED VIEW, found: {}",
+            p.peek_token()
+        )))
+    }
+}
+
+fn parse_show(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
+    if eat_word(p, "STREAMS") {
+        return Ok(DrizzleStatement::ShowObjects(ObjectKind::Stream));
+    }
+    if p.parse_keyword(Keyword::TABLES) {
+        return Ok(DrizzleStatement::ShowObjects(ObjectKind::Table));
+    }
+    if p.parse_keywords(&[Keyword::MATERIALIZED, Keyword::VIEWS]) {
+        return Ok(DrizzleStatement::ShowObjects(ObjectKind::MaterializedView));
+    }
+    if eat_word(p, "QUERIES") {
+        return Ok(DrizzleStatement::ShowQueries);
+    }
+    if p.parse_keyword(Keyword::CREATE) {
+        let kind = parse_object_kind(p)?;
+        let name = parse_name(p)?;
+        return Ok(DrizzleStatement::ShowCreate { kind, name });
+    }
+    let name = parse_setting_name(p)?;
+    Ok(DrizzleStatement::ShowVariable(name))
+}
+
+fn parse_setting_name(p: &mut Parser<'_>) -> Result<String> {
+    let mut name = normalize_ident(&p.parse_identifier()?);
+    while p.consume_token(&Token::Period) {
+        name.push('.');
+        name.push_str(&normalize_ident(&p.parse_identifier()?));
+    }
+    Ok(name)
+}
+
+fn parse_setting_value(p: &mut Parser<'_>) -> Result<String> {
+    let mut parts = Vec::new();
+    loop {
+        let tok = p.next_token();
+        let s = match &tok.token {
+            Token::SingleQuotedString(s) => s.clone(),
+            Token::Number(n, _) => n.clone(),
+            Token::Word(w) => w.value.clone(),
+            Token::Minus => "-".into(),
+            other => return Err(PlanError::syntax(format!("unexpected {other} in SET value"))),
+        };
+        parts.push(s);
+        if !p.consume_token(&Token::Comma) {
+            break;
+        }
+    }
+    Ok(parts.join(","))
+}
+
+fn parse_optional_column_list(p: &mut Parser<'_>) -> Result<Vec<String>> {
+    if let Token::LParen = p.peek_token().token {
+        // `INSERT INTO t (SELECT ...)` is a parenthesised query, not a column list.
+        if let Token::Word(w) = &p.peek_nth_token(1).token {
+            if matches!(w.keyword, Keyword::SELECT | Keyword::VALUES | Keyword::WITH) {
+                return Ok(Vec::new());
+            }
+        }
+        p.expect_token(&Token::LParen)?;
+        let cols = p.parse_comma_separated(|p| p.parse_identifier())?;
+        p.expect_token(&Token::RParen)?;
+        return Ok(cols.iter().map(normalize_ident).collect());
+    }
+    Ok(Vec::new())
+}
+
+fn parse_create_stream(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
+    let if_not_exists = parse_if_not_exists(p);
+    let name = parse_name(p)?;
+    let (columns, watermark) = parse_columns(p, true)?;
+    let mut options = BTreeMap::new();
+    if p.parse_keyword(Keyword::WITH) {
+        p.expect_token(&Token::LParen)?;
+        loop {
+            let key = match p.next_token().token {
+                Token::SingleQuotedString(s) => s.to_lowercase(),
+                Token::Word(w) => {
+                    let mut k = w.value.to_lowercase();
+                    while p.consume_token(&Token::Period) {
+                        k.push('.');
+                        k.push_str(&normalize_ident(&p.parse_identifier()?));
+                    }
+                    k
+                }
+                other => return Err(PlanError::syntax(format!("expected option name, found: {other}"))),
+            };
+            p.expect_token(&Token::Eq)?;
+            let value = match p.next_token().token {
+                Token::SingleQuotedString(s) => s,
+                Token::Number(n, _) => n,
+                Token::Word(w) => w.value,
+                other => return Err(PlanError::syntax(format!("expected option value, found: {other}"))),
+            };
+            if options.insert(key.clone(), value).is_some() {
+                return Err(PlanError::invalid(format!("option {key} given twice")));
+            }
+            if !p.consume_token(&Token::Comma) {
+                break;
+            }
+        }
+        p.expect_token(&Token::RParen)?;
+    }
+    Ok(DrizzleStatement::CreateStream {
+        name,
+        if_not_exists,
+        columns,
+        watermark,
+        options,
+    })
+}
+
+/// Parses `(col type [NOT NULL|NULL], ... [, WATERMARK FOR col AS expr])`.
+fn parse_columns(
+    p: &mut Parser<'_>,
+    allow_watermark: bool,
+) -> Result<(Vec<ColumnDef>, Option<WatermarkSpec>)> {
+    p.expect_token(&Token::LParen)?;
+    let mut columns: Vec<ColumnDef> = Vec::new();
+    let mut watermark = None;
+    loop {
+        if eat_word(p, "WATERMARK") {
+            if !allow_watermark {
+                return Err(PlanError::unsupported_hint(
+                    "WATERMARK on a table",
+                    "watermarks belong to streams",
+                ));
+            }
+            p.expect_keyword(Keyword::FOR)?;
+            let column = normalize_ident(&p.parse_identifier()?);
+            p.expect_keyword(Keyword::AS)?;
+            let expr = p.parse_expr()?;
+            watermark = Some(parse_watermark_expr(&column, &expr)?);
+        } else {
+            let ident = p.parse_identifier()?;
+            let name = normalize_ident(&ident);
+            let sql_type = p.parse_data_type()?;
+            let data_type = sql_to_arrow(&sql_type)?;
+            let mut nullable = true;
+            loop {
+                if p.parse_keywords(&[Keyword::NOT, Keyword::NULL]) {
+                    nullable = false;
+                } else if p.parse_keyword(Keyword::NULL) {
+                    nullable = true;
+                } else {
+                    break;
+                }
+            }
+            if columns.iter().any(|c| c.name == name) {
+                return Err(PlanError::invalid(format!("column \"{name}\" specified more than once")));
+            }
+            columns.push(ColumnDef {
+                name,
+                data_type,
+                sql_type: sql_type.to_string(),
+                nullable,
+            });
+        }
+        if !p.consume_token(&Token::Comma) {
+            break;
+        }
+    }
+    p.expect_token(&Token::RParen)?;
+    if columns.is_empty() {
+        return Err(PlanError::syntax("a stream or table needs at least one column"));
+    }
+    if let Some(wm) = &watermark {
+        let col = columns.iter().find(|c| c.name == wm.column).ok_or_else(|| {
+            PlanError::UnknownColumn {
+                name: wm.column.clone(),
+                hint: " (named in WATERMARK FOR)".into(),
+            }
+        })?;
+        if !matches!(col.data_type, arrow::datatypes::DataType::Timestamp(_, _)) {
+            return Err(PlanError::TypeMismatch {
+                message: format!(
+                    "WATERMARK FOR {} needs a TIMESTAMP or TIMESTAMPTZ column, not {}",
+                    wm.column, col.sql_type
+                ),
+            });
+        }
+    }
+    Ok((columns, watermark))
+}
+
+fn parse_watermark_expr(column: &str, expr: &SqlExpr) -> Result<WatermarkSpec> {
+    let bad = || {
+        PlanError::unsupported_hint(
+            format!("watermark expression {expr}"),
+            format!("write WATERMARK FOR {column} AS {column} - INTERVAL '2' SECOND"),
+        )
+    };
+    let col_matches = |e: &SqlExpr| matches!(e, SqlExpr::Identifier(id) if normalize_ident(id) == column);
+    match expr {
+        e if col_matches(e) => Ok(WatermarkSpec {
+            column: column.into(),
+            delay_ms: 0,
+        }),
+        SqlExpr::BinaryOp {
+            left,
+            op: BinaryOperator::Minus,
+            right,
+        } if col_matches(left) => {
+            let delay_ms = interval_ms(right)?;
+            if delay_ms < 0 {
+                return Err(PlanError::invalid("watermark delay must not be negative"));
+            }
+            Ok(WatermarkSpec {
+                column: column.into(),
+                delay_ms,
+            })
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Evaluates an `INTERVAL '...' [unit]` literal to milliseconds.
+pub fn interval_ms(expr: &SqlExpr) -> Result<i64> {
+    let (text, unit) = match expr {
+        SqlExpr::Interval(Interval {
+            value,
+            leading_field,
+            ..
+        }) => {
+            let text = match value.as_ref() {
+                SqlExpr::Value(v) => match &v.value {
+                    Value::SingleQuotedString(s) => s.clone(),
+                    Value::Number(n, _) => n.clone(),
+                    other => return Err(PlanError::invalid(format!("bad interval value {other}"))),
+                },
+                other => return Err(PlanError::invalid(format!("bad interval value {other}"))),
+            };
+            (text, leading_field.clone())
+        }
+        SqlExpr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) => (s.clone(), None),
+            other => return Err(PlanError::invalid(format!("expected an INTERVAL, found {other}"))),
+        },
+        SqlExpr::Nested(inner) => return interval_ms(inner),
+        other => return Err(PlanError::invalid(format!("expected an INTERVAL literal, found {other}"))),
+    };
+    let unit_ms = |u: &str| -> Option<f64> {
+        Some(match u.to_lowercase().trim_end_matches('s') {
+            "microsecond" | "u" => 0.001,
+            "millisecond" | "m" => 1.0,
+            "second" | "sec" => 1000.0,
+            "minute" | "min" => 60_000.0,
+            "hour" | "h" => 3_600_000.0,
+            "day" | "d" => 86_400_000.0,
+            "week" => 604_800_000.0,
+            _ => return None,
+        })
+    };
+    if let Some(field) = unit {
+        let n: f64 = text
+            .trim()
+            .parse()
+            .map_err(|_| PlanError::invalid(format!("bad interval value '{text}'")))?;
+        let u = match field {
+            DateTimeField::Microsecond | DateTimeField::Microseconds => 0.001,
+            DateTimeField::Millisecond | DateTimeField::Milliseconds => 1.0,
+            DateTimeField::Second | DateTimeField::Seconds => 1000.0,
+            DateTimeField::Minute | DateTimeField::Minutes => 60_000.0,
+            DateTimeField::Hour | DateTimeField::Hours => 3_600_000.0,
+            DateTimeField::Day | DateTimeField::Days => 86_400_000.0,
+            other => return Err(PlanError::unsupported(format!("interval unit {other}"))),
+        };
+        return Ok((n * u).round() as i64);
+    }
+    parse_duration_ms(&text, unit_ms)
+}
+
+fn parse_duration_ms(text: &str, unit_ms: impl Fn(&str) -> Option<f64>) -> Result<i64> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if words.is_empty() || words.len() % 2 != 0 {
+        return Err(PlanError::invalid(format!(
+            "bad interval '{text}': write e.g. INTERVAL '10' SECOND or '500 milliseconds'"
+        )));
+    }
+    let mut total = 0.0;
+    for pair in words.chunks(2) {
+        let n: f64 = pair[0]
+            .parse()
+            .map_err(|_| PlanError::invalid(format!("bad interval '{text}'")))?;
+        let u = unit_ms(pair[1]).ok_or_else(|| PlanError::invalid(format!("bad interval unit in '{text}'")))?;
+        total += n * u;
+    }
+    Ok(total.round() as i64)
+}
+
+/// Parses a duration setting such as `'100ms'`, `'1s'`, `'500 milliseconds'` to microseconds.
+pub fn parse_duration_setting_us(text: &str) -> Result<u64> {
+    let t = text.trim().to_lowercase();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| PlanError::invalid(format!("bad duration '{text}': write e.g. '100ms' or '1s'")))?;
+    let us = match unit.trim() {
+        "us" | "microsecond" | "microseconds" => n,
+        "" | "ms" | "millisecond" | "milliseconds" => n * 1e3,
+        "s" | "sec" | "second" | "seconds" => n * 1e6,
+        "min" | "minute" | "minutes" => n * 60e6,
+        other => {
+            return Err(PlanError::invalid(format!(
+                "bad duration unit '{other}' in '{text}': use us, ms, s or min"
+            )))
+        }
+    };
+    if !(us >= 1.0) {
+        return Err(PlanError::invalid(format!("duration '{text}' must be positive")));
+    }
+    Ok(us as u64)
+}
+
+fn parse_copy_options(p: &mut Parser<'_>) -> Result<CopyOptions> {
+    let mut o = CopyOptions::default();
+    let mut delimiter_set = false;
+    let mut null_set = false;
+    let _ = p.parse_keyword(Keyword::WITH);
+    let parenthesised = p.consume_token(&Token::LParen);
+    loop {
+        if matches!(p.peek_token().token, Token::SemiColon | Token::EOF | Token::RParen) {
+            break;
+        }
+        if p.parse_keyword(Keyword::FORMAT) {
+            if eat_word(p, "csv") {
+                o.csv = true;
+            } else if eat_word(p, "text") {
+                o.csv = false;
+            } else {
+                return Err(PlanError::unsupported_hint(
+                    format!("COPY format {}", p.peek_token()),
+                    "use text or csv",
+                ));
+            }
+        } else if eat_word(p, "csv") {
+            o.csv = true;
+        } else if p.parse_keyword(Keyword::HEADER) {
+            o.header = !(p.parse_keyword(Keyword::FALSE) || eat_word(p, "off"));
+            let _ = p.parse_keyword(Keyword::TRUE) || eat_word(p, "on");
+        } else if p.parse_keyword(Keyword::DELIMITER) {
+            let _ = p.parse_keyword(Keyword::AS);
+            let s = p.parse_literal_string()?;
+            let mut chars = s.chars();
+            match (chars.next(), chars.next()) {
+                (Some(c), None) => o.delimiter = c,
+                _ => return Err(PlanError::invalid("COPY delimiter must be a single character")),
+            }
+            delimiter_set = true;
+        } else if p.parse_keyword(Keyword::NULL) {
+            let _ = p.parse_keyword(Keyword::AS);
+            o.null = p.parse_literal_string()?;
+            null_set = true;
+        } else if p.parse_keyword(Keyword::ENCODING) {
+            let enc = p.parse_literal_string()?;
+            if !enc.eq_ignore_ascii_case("utf8") && !enc.eq_ignore_ascii_case("utf-8") {
+                return Err(PlanError::unsupported("COPY encodings other than UTF8"));
+            }
+        } else {
+            return Err(PlanError::unsupported_hint(
+                format!("COPY option {}", p.peek_token()),
+                "supported: FORMAT text|csv, HEADER, DELIMITER, NULL",
+            ));
+        }
+        if parenthesised && !p.consume_token(&Token::Comma) {
+            break;
+        }
+    }
+    if parenthesised {
+        p.expect_token(&Token::RParen)?;
+    }
+    if o.csv {
+        if !delimiter_set {
+            o.delimiter = ',';
+        }
+        if !null_set {
+            o.null = String::new();
+        }
+    }
+    Ok(o)
+}
+
+fn parse_copy(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
+    if p.consume_token(&Token::LParen) {
+        let query = p.parse_query()?;
+        p.expect_token(&Token::RParen)?;
+        p.expect_keyword(Keyword::TO)?;
+        if !p.parse_keyword(Keyword::STDOUT) {
+            return Err(PlanError::unsupported_hint(
+                "COPY TO a file",
+                "use COPY (...) TO STDOUT (psql: \\copy)",
+            ));
+        }
+        let options = parse_copy_options(p)?;
+        return Ok(DrizzleStatement::CopyTo { query, options });
+    }
+    let target = parse_name(p)?;
+    let columns = parse_optional_column_list(p)?;
+    if p.parse_keyword(Keyword::TO) {
+        return Err(PlanError::unsupported_hint(
+            "COPY name TO",
+            "use COPY (SELECT ... FROM name) TO STDOUT",
+        ));
+    }
+    p.expect_keyword(Keyword::FROM)?;
+    if !p.parse_keyword(Keyword::STDIN) {
+        return Err(PlanError::unsupported_hint(
+            "COPY FROM a server file",
+            "use COPY ... FROM STDIN (psql: \\copy ... FROM 'file')",
+        ));
+    }
+    let options = parse_copy_options(p)?;
+    Ok(DrizzleStatement::CopyFrom {
+        target,
+        columns,
+        options,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> DrizzleStatement {
+        let mut v = parse_statements(sql).unwrap();
+        assert_eq!(v.len(), 1, "{sql}");
+        v.remove(0)
+    }
+
+    #[test]
+    fn create_stream_with_watermark_and_options() {
+        let s = one(
+            "CREATE STREAM IF NOT EXISTS Clicks (id BIGINT NOT NULL, url TEXT, ts TIMESTAMP, \
+             WATERMARK FOR ts AS ts - INTERVAL '2' SECOND) WITH (connector = 'datagen', rows_per_second = 10, fields.id.kind = 'sequence')",
+        );
+        let DrizzleStatement::CreateStream {
+            name,
+            if_not_exists,
+            columns,
+            watermark,
+            options,
+        } = s
+        else {
+            panic!("wrong statement")
+        };
+        assert_eq!(name, "clicks");
+        assert!(if_not_exists);
+        assert_eq!(columns.len(), 3);
+        assert!(!columns[0].nullable);
+        assert_eq!(watermark.unwrap().delay_ms, 2000);
+        assert_eq!(options["connector"], "datagen");
+        assert_eq!(options["rows_per_second"], "10");
+        assert_eq!(options["fields.id.kind"], "sequence");
+    }
+
+    #[test]
+    fn watermark_on_non_timestamp_is_a_type_error() {
+        let e = parse_statements("CREATE STREAM s (a INT, WATERMARK FOR a AS a)").unwrap_err();
+        assert!(matches!(e, PlanError::TypeMismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn custom_statements_parse() {
+        assert!(matches!(one("SHOW STREAMS"), DrizzleStatement::ShowObjects(ObjectKind::Stream)));
+        assert!(matches!(one("show materialized views"), DrizzleStatement::ShowObjects(ObjectKind::MaterializedView)));
+        assert!(matches!(one("SHOW QUERIES"), DrizzleStatement::ShowQueries));
+        assert!(matches!(one("CANCEL QUERY 7"), DrizzleStatement::CancelQuery(7)));
+        assert!(matches!(one("DROP MATERIALIZED VIEW IF EXISTS v"), DrizzleStatement::Drop { kind: ObjectKind::MaterializedView, if_exists: true, .. }));
+        assert!(matches!(one("SET batch_interval = '100ms'"), DrizzleStatement::Set { ref name, ref value } if name == "batch_interval" && value == "100ms"));
+        assert!(matches!(one("FETCH 10 FROM c"), DrizzleStatement::Fetch { count: Some(10), .. }));
+        assert!(matches!(one("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT 1"), DrizzleStatement::DeclareCursor { .. }));
+        assert!(matches!(one("COPY s FROM STDIN WITH (FORMAT csv, HEADER true)"), DrizzleStatement::CopyFrom { options: CopyOptions { csv: true, header: true, delimiter: ',', .. }, .. }));
+        assert!(matches!(one("COPY s (a, b) FROM STDIN csv"), DrizzleStatement::CopyFrom { ref columns, .. } if columns.len() == 2));
+        assert!(matches!(one("COPY (SELECT * FROM s) TO STDOUT"), DrizzleStatement::CopyTo { .. }));
+        assert!(matches!(one("INSERT INTO s VALUES (1), (2)"), DrizzleStatement::Insert { .. }));
+        assert_eq!(parse_statements("BEGIN; SELECT 1; COMMIT;").unwrap().len(), 3);
+    }
+
+    #[test]
+    fn syntax_errors_are_syntax_errors() {
+        assert!(matches!(parse_statements("SELEC 1").unwrap_err(), PlanError::Syntax { .. } | PlanError::Unsupported { .. }));
+        assert!(matches!(parse_statements("CREATE STREAM (").unwrap_err(), PlanError::Syntax { .. }));
+        assert!(matches!(parse_statements("SELECT 1 2 3").unwrap_err(), PlanError::Syntax { .. }));
+    }
+
+    #[test]
+    fn intervals_and_durations() {
+        assert_eq!(parse_duration_setting_us("100ms").unwrap(), 100_000);
+        assert_eq!(parse_duration_setting_us("1s").unwrap(), 1_000_000);
+        assert_eq!(parse_duration_setting_us("1 ms").unwrap(), 1_000);
+        assert!(parse_duration_setting_us("fast").is_err());
+        assert!(parse_duration_setting_us("0ms").is_err());
+    }
+}
