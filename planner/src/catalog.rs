@@ -86,8 +86,16 @@ pub struct ViewDef {
     pub batch_interval_us: u64,
     /// Number of reduce partitions.
     pub parallelism: u32,
-    /// Where the view starts reading its streams.
-    pub start_latest: bool,
+    /// Source offsets the view starts from, per partition (replayable).
+    #[serde(default)]
+    pub start_offsets: Vec<u64>,
+    /// Group size it runs with.
+    #[serde(default = "default_group_size")]
+    pub group_size: u32,
+}
+
+fn default_group_size() -> u32 {
+    10
 }
 
 /// Builds the Arrow schema for a column list.

@@ -33,7 +33,7 @@ pub mod types;
 
 pub use catalog::{ColumnDef, StreamDef, TableDef, ViewDef, WatermarkSpec};
 pub use error::{PlanError, Result};
-pub use lower::{plan_query, sql_to_logical, PlannedQuery, Relation, RelationResolver};
+pub use lower::{plan_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation, RelationResolver};
 pub use plan::{AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup};
 pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
 pub use statement::{parse_statements, CopyOptions, DrizzleStatement, ObjectKind};

@@ -248,8 +248,9 @@ pub fn plan_query(
     state: &SessionState,
     resolver: &dyn RelationResolver,
     query: &Query,
+    params: &[ScalarValue],
 ) -> Result<PlannedQuery> {
-    let logical = sql_to_logical(state, resolver, query)?;
+    let logical = sql_to_logical(state, resolver, query, params)?;
     if !reads_stream(&logical) {
         return Ok(PlannedQuery::Finite(logical));
     }
@@ -261,11 +262,25 @@ pub fn sql_to_logical(
     state: &SessionState,
     resolver: &dyn RelationResolver,
     query: &Query,
+    params: &[ScalarValue],
+) -> Result<LogicalPlan> {
+    let mut plan = sql_to_unoptimized(state, resolver, query)?;
+    if !params.is_empty() {
+        plan = plan.with_param_values(params.to_vec())?;
+    }
+    Ok(state.optimize(&plan)?)
+}
+
+/// SQL to DataFusion's logical plan before optimisation (for DESCRIBE and
+/// parameter types: placeholders are still in it).
+pub fn sql_to_unoptimized(
+    state: &SessionState,
+    resolver: &dyn RelationResolver,
+    query: &Query,
 ) -> Result<LogicalPlan> {
     let provider = DrizzleContextProvider::new(state, resolver);
     let sql_to_rel = SqlToRel::new(&provider);
-    let plan = sql_to_rel.sql_statement_to_plan(datafusion::sql::sqlparser::ast::Statement::Query(Box::new(query.clone())))?;
-    Ok(state.optimize(&plan)?)
+    Ok(sql_to_rel.sql_statement_to_plan(datafusion::sql::sqlparser::ast::Statement::Query(Box::new(query.clone())))?)
 }
 
 /// True when any scan in the plan reads a stream (or a window over one).
@@ -313,7 +328,36 @@ fn physical(expr: &Expr, schema: &DFSchema, state_props: &datafusion::execution:
 
 /// Lowers an optimised logical plan that reads a stream.
 pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
-    let (body, limit) = match plan {
+    let (stripped, limit) = strip_top_limit(plan)?;
+    let body = &stripped;
+    let lowered = lower_node(body)?;
+    let output_schema: SchemaRef = Arc::new(body.schema().as_arrow().clone());
+    let emit = match &lowered.aggregate {
+        None => EmitMode::Append,
+        Some(a) if a.window.is_some() => EmitMode::OnWindowClose,
+        Some(_) => EmitMode::Upsert,
+    };
+    let upsert_keys = match &lowered.aggregate {
+        Some(agg) if emit == EmitMode::Upsert => key_columns(agg.group_exprs.len(), &lowered.post_ops, output_schema.fields().len()),
+        _ => None,
+    };
+    Ok(StreamingPlan {
+        upsert_keys,
+        stream: lowered.stream,
+        window: lowered.window,
+        map_ops: lowered.map_ops,
+        aggregate: lowered.aggregate,
+        post_ops: lowered.post_ops,
+        limit,
+        output_schema,
+        emit,
+    })
+}
+
+/// Removes a `LIMIT` that has only projections and aliases above it (the
+/// optimiser pushes limits below projections); returns the plan and the limit.
+fn strip_top_limit(plan: &LogicalPlan) -> Result<(LogicalPlan, Option<usize>)> {
+    match plan {
         LogicalPlan::Limit(l) => {
             let skip = match l.get_skip_type()? {
                 datafusion::logical_expr::SkipType::Literal(n) => n,
@@ -326,27 +370,48 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
                 datafusion::logical_expr::FetchType::Literal(n) => n,
                 _ => return Err(PlanError::unsupported("a non-literal LIMIT")),
             };
-            (l.input.as_ref(), fetch)
+            let (inner, inner_limit) = strip_top_limit(&l.input)?;
+            let limit = match (fetch, inner_limit) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            Ok((inner, limit))
         }
-        other => (other, None),
-    };
-    let lowered = lower_node(body)?;
-    let output_schema: SchemaRef = Arc::new(body.schema().as_arrow().clone());
-    let emit = match &lowered.aggregate {
-        None => EmitMode::Append,
-        Some(a) if a.window.is_some() => EmitMode::OnWindowClose,
-        Some(_) => EmitMode::Upsert,
-    };
-    Ok(StreamingPlan {
-        stream: lowered.stream,
-        window: lowered.window,
-        map_ops: lowered.map_ops,
-        aggregate: lowered.aggregate,
-        post_ops: lowered.post_ops,
-        limit,
-        output_schema,
-        emit,
-    })
+        LogicalPlan::Projection(_) | LogicalPlan::SubqueryAlias(_) => {
+            let input = plan.inputs()[0];
+            let (inner, limit) = strip_top_limit(input)?;
+            if limit.is_none() {
+                return Ok((plan.clone(), None));
+            }
+            let rebuilt = plan.with_new_exprs(plan.expressions(), vec![inner])?;
+            Ok((rebuilt, limit))
+        }
+        other => Ok((other.clone(), None)),
+    }
+}
+
+/// Follows plain column references through the post-aggregate projections to
+/// find where each of the `k` group columns lands in the output.
+fn key_columns(k: usize, post_ops: &[BatchOp], output_width: usize) -> Option<Vec<usize>> {
+    use datafusion::physical_expr::expressions::Column;
+    // position[i] = where aggregate output column i is now, if still present.
+    let mut position: Vec<Option<usize>> = (0..k).map(Some).collect();
+    for op in post_ops {
+        if let BatchOp::Project { exprs, .. } = op {
+            position = position
+                .iter()
+                .map(|p| {
+                    p.and_then(|src| {
+                        exprs.iter().position(|e| {
+                            e.downcast_ref::<Column>().is_some_and(|c| c.index() == src)
+                        })
+                    })
+                })
+                .collect();
+        }
+    }
+    let keys: Option<Vec<usize>> = position.into_iter().collect();
+    keys.filter(|k| k.iter().all(|&i| i < output_width))
 }
 
 fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {

@@ -137,6 +137,9 @@ pub struct StreamingPlan {
     pub output_schema: SchemaRef,
     /// Output semantics.
     pub emit: EmitMode,
+    /// For upserts: the output columns that hold the group key, when every
+    /// group column is selected as is.
+    pub upsert_keys: Option<Vec<usize>>,
 }
 
 impl StreamingPlan {
@@ -172,7 +175,7 @@ impl StreamingPlan {
                 stages.push(StageDesc {
                     id: 0,
                     name: "map".into(),
-                    tasks: format!("{} per micro-batch", self.stream.partitions),
+                    tasks: self.stream.partitions.to_string(),
                     operators: map_ops,
                 });
             }
@@ -192,7 +195,7 @@ impl StreamingPlan {
                 stages.push(StageDesc {
                     id: 0,
                     name: "map".into(),
-                    tasks: format!("{} per micro-batch", self.stream.partitions),
+                    tasks: self.stream.partitions.to_string(),
                     operators: map_ops,
                 });
                 let mut reduce_ops = vec![
@@ -209,7 +212,7 @@ impl StreamingPlan {
                 stages.push(StageDesc {
                     id: 1,
                     name: "reduce".into(),
-                    tasks: format!("{reduce_partitions} per micro-batch"),
+                    tasks: reduce_partitions.to_string(),
                     operators: reduce_ops,
                 });
             }
@@ -231,7 +234,7 @@ impl StreamingPlan {
             self.limit.map(|l| format!(", limit={l}")).unwrap_or_default()
         )];
         for stage in self.stages(reduce_partitions).iter().rev() {
-            lines.push(format!("  Stage {} ({}, {} tasks):", stage.id, stage.name, stage.tasks));
+            lines.push(format!("  Stage {} ({}, {} tasks per micro-batch):", stage.id, stage.name, stage.tasks));
             for (i, op) in stage.operators.iter().rev().enumerate() {
                 lines.push(format!("    {}{}", "  ".repeat(i), op));
             }

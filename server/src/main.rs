@@ -1,1 +1,110 @@
-fn main() {}
+//! The `drizzle` binary: `drizzle server` starts a complete single-machine
+//! Drizzle (pgwire front end, coordinator and local workers).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use drizzle_server::engine::{Engine, EngineConfig};
+use drizzle_server::session::{serve, SessionRegistry};
+
+#[derive(Parser)]
+#[command(name = "drizzle", version, about = "Drizzle: a streaming SQL server (micro-batches, group scheduling, Postgres wire protocol)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a server: pgwire front end, coordinator and in-process workers.
+    Server(ServerArgs),
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Address the Postgres wire protocol listens on.
+    #[arg(long, env = "DRIZZLE_LISTEN", default_value = "127.0.0.1:5433")]
+    listen: SocketAddr,
+    /// Directory for the catalog, stream logs and table data.
+    #[arg(long, env = "DRIZZLE_DATA_DIR", default_value = "./drizzle-data")]
+    data_dir: PathBuf,
+    /// Number of in-process workers (default: number of cores).
+    #[arg(long, env = "DRIZZLE_WORKERS")]
+    workers: Option<usize>,
+    /// Default micro-batch interval for new queries (e.g. 100ms).
+    #[arg(long, env = "DRIZZLE_BATCH_INTERVAL", default_value = "100ms")]
+    batch_interval: String,
+    /// Default number of micro-batches per scheduling group.
+    #[arg(long, env = "DRIZZLE_GROUP_SIZE", default_value_t = 10)]
+    group_size: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Server(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("drizzle-io")
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(run_server(args))
+        }
+    }
+}
+
+async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+        .max(1);
+    let interval_us = drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
+        .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?;
+    let config = EngineConfig {
+        batch_interval: Duration::from_micros(interval_us),
+        group_size: args.group_size.max(1),
+        parallelism: 0,
+    };
+    let engine = Engine::open(&args.data_dir, workers, config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open data directory {}: {e}", args.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let registry = Arc::new(SessionRegistry::default());
+    tracing::info!(
+        listen = %listener.local_addr().unwrap_or(args.listen),
+        data_dir = %args.data_dir.display(),
+        workers,
+        "drizzle server ready"
+    );
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => {
+                    tracing::debug!(%peer, "connection");
+                    tokio::spawn(serve(Arc::clone(&engine), Arc::clone(&registry), socket));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("shutting down");
+                engine.runtime.shutdown();
+                return Ok(());
+            }
+        }
+    }
+}

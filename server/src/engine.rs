@@ -1,0 +1,844 @@
+//! The engine: executes statements against the catalog and the runtime.
+//!
+//! Sessions ([`crate::session`]) own the wire protocol and per-connection
+//! state (settings, cursors, portals); everything that changes shared state
+//! or starts queries goes through [`Engine`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arrow::array::{ArrayRef, RecordBatchOptions, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::sqlparser::ast::Query;
+use drizzle_exec::runtime::QuerySpec;
+use drizzle_exec::source::open_source;
+use drizzle_exec::{QueryHandle, Runtime, TableEvaluator};
+use drizzle_planner::{
+    plan_query, sql_to_unoptimized, CopyOptions, DrizzleStatement, EmitMode, ObjectKind, PlannedQuery, StreamDef,
+    StreamingPlan, TableDef, ViewDef,
+};
+use parking_lot::Mutex;
+
+use crate::catalog::Catalog;
+use crate::errors::{from_datafusion, PgError};
+use crate::providers::ViewStore;
+
+/// Server-wide defaults.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Default micro-batch interval.
+    pub batch_interval: Duration,
+    /// Default group size.
+    pub group_size: u32,
+    /// Default reduce partitions (0 = number of workers).
+    pub parallelism: u32,
+}
+
+/// Per-session settings (`SET`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `batch_interval`.
+    pub batch_interval: Duration,
+    /// `group_size`.
+    pub group_size: u32,
+    /// `parallelism`.
+    pub parallelism: u32,
+    /// `stream_start = 'latest'`.
+    pub start_latest: bool,
+    /// `cursor_fetch_timeout`.
+    pub fetch_timeout: Duration,
+    /// Other Postgres settings drivers set; stored and echoed by SHOW.
+    pub other: BTreeMap<String, String>,
+}
+
+/// What a statement produced.
+pub enum Outcome {
+    /// A command without rows.
+    Command(String),
+    /// A finite result.
+    Rows {
+        /// Schema.
+        schema: SchemaRef,
+        /// Rows.
+        batches: Vec<RecordBatch>,
+        /// Command tag word ("SELECT", "SHOW", "EXPLAIN").
+        tag: &'static str,
+    },
+    /// A continuous query.
+    Stream(QueryHandle),
+    /// `COPY ... FROM STDIN`: the session collects the data then calls [`Engine::copy_in`].
+    CopyIn(CopyInTarget),
+}
+
+/// Where a `COPY FROM STDIN` goes.
+pub struct CopyInTarget {
+    /// Stream or table name.
+    pub name: String,
+    /// Number of columns the client sends.
+    pub columns: Vec<usize>,
+    /// Format.
+    pub options: CopyOptions,
+}
+
+/// The shared server state.
+pub struct Engine {
+    /// The catalog.
+    pub catalog: Arc<Catalog>,
+    /// The micro-batch runtime.
+    pub runtime: Arc<Runtime>,
+    /// DataFusion context for finite queries and planning.
+    pub ctx: SessionContext,
+    /// Defaults.
+    pub config: EngineConfig,
+    views: Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+/// Lets lookup joins evaluate their finite side from worker threads.
+struct EngineTables {
+    catalog: Arc<Catalog>,
+    ctx: SessionContext,
+    handle: tokio::runtime::Handle,
+}
+
+impl TableEvaluator for EngineTables {
+    fn version(&self) -> u64 {
+        self.catalog.data_version.load(Ordering::Acquire)
+    }
+
+    fn evaluate(&self, plan: &LogicalPlan) -> drizzle_exec::Result<Vec<RecordBatch>> {
+        let ctx = self.ctx.clone();
+        let plan = plan.clone();
+        Ok(self.handle.block_on(async move { ctx.execute_logical_plan(plan).await?.collect().await })?)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn text_batch(names: &[&str], rows: Vec<Vec<Option<String>>>) -> (SchemaRef, Vec<RecordBatch>) {
+    let schema = Arc::new(Schema::new(
+        names.iter().map(|n| Field::new(*n, DataType::Utf8, true)).collect::<Vec<_>>(),
+    ));
+    let columns: Vec<ArrayRef> = (0..names.len())
+        .map(|c| Arc::new(StringArray::from(rows.iter().map(|r| r[c].clone()).collect::<Vec<_>>())) as ArrayRef)
+        .collect();
+    let batch = RecordBatch::try_new_with_options(
+        Arc::clone(&schema),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(rows.len())),
+    );
+    match batch {
+        Ok(b) => (schema, vec![b]),
+        Err(_) => (Arc::clone(&schema), vec![]),
+    }
+}
+
+impl Engine {
+    /// Opens the data directory, starts the workers and resumes every view.
+    pub async fn open(data_dir: &std::path::Path, workers: usize, config: EngineConfig) -> Result<Arc<Self>, PgError> {
+        let catalog = Arc::new(Catalog::open(data_dir)?);
+        let ctx = drizzle_planner::new_session_context();
+        let tables = Arc::new(EngineTables {
+            catalog: Arc::clone(&catalog),
+            ctx: ctx.clone(),
+            handle: tokio::runtime::Handle::current(),
+        });
+        let runtime = Runtime::start(workers, tables);
+        let engine = Arc::new(Self {
+            catalog,
+            runtime,
+            ctx,
+            config,
+            views: Mutex::new(BTreeMap::new()),
+        });
+        for view in engine.catalog.views() {
+            if let Err(e) = engine.resume_view(&view) {
+                tracing::error!(view = %view.name, "cannot resume materialized view: {e}");
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Default session settings.
+    pub fn default_settings(&self) -> Settings {
+        Settings {
+            batch_interval: self.config.batch_interval,
+            group_size: self.config.group_size,
+            parallelism: self.config.parallelism,
+            start_latest: false,
+            fetch_timeout: Duration::from_secs(5),
+            other: BTreeMap::new(),
+        }
+    }
+
+    fn reduce_partitions(&self, settings: &Settings) -> u32 {
+        if settings.parallelism == 0 {
+            self.runtime.worker_count() as u32
+        } else {
+            settings.parallelism
+        }
+    }
+
+    /// Plans a query (continuous or finite) with parameter values.
+    pub fn plan(&self, query: &Query, params: &[ScalarValue]) -> Result<PlannedQuery, PgError> {
+        Ok(plan_query(&self.ctx.state(), self.catalog.as_ref(), query, params)?)
+    }
+
+    /// The result schema and parameter types of a query, without running it.
+    pub fn describe_query(&self, query: &Query) -> Result<(SchemaRef, Vec<Option<DataType>>), PgError> {
+        let plan = sql_to_unoptimized(&self.ctx.state(), self.catalog.as_ref(), query)?;
+        let types = plan.get_parameter_types().map_err(from_datafusion)?;
+        let mut ordered: Vec<(usize, Option<DataType>)> = types
+            .into_iter()
+            .filter_map(|(k, v)| k.trim_start_matches('$').parse::<usize>().ok().map(|i| (i, v)))
+            .collect();
+        ordered.sort_by_key(|(i, _)| *i);
+        let n = ordered.last().map(|(i, _)| *i).unwrap_or(0);
+        let mut params = vec![None; n];
+        for (i, t) in ordered {
+            if i >= 1 {
+                params[i - 1] = t;
+            }
+        }
+        Ok((Arc::new(plan.schema().as_arrow().clone()), params))
+    }
+
+    /// Runs a finite DataFusion plan.
+    pub async fn run_finite(&self, plan: LogicalPlan) -> Result<(SchemaRef, Vec<RecordBatch>), PgError> {
+        let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
+        let df = self.ctx.execute_logical_plan(plan).await.map_err(from_datafusion)?;
+        let batches = df.collect().await.map_err(from_datafusion)?;
+        Ok((schema, batches))
+    }
+
+    /// Starts a continuous query.
+    pub fn start_continuous(&self, plan: StreamingPlan, settings: &Settings, label: String) -> Result<QueryHandle, PgError> {
+        let (sources, offsets) = self.open_sources(&plan.stream, settings.start_latest)?;
+        let spec = QuerySpec {
+            plan,
+            sources,
+            start_offsets: offsets,
+            batch_interval: settings.batch_interval,
+            group_size: settings.group_size,
+            reduce_partitions: self.reduce_partitions(settings),
+            label,
+        };
+        Ok(self.runtime.start_query(spec)?)
+    }
+
+    fn open_sources(
+        &self,
+        stream: &StreamDef,
+        latest: bool,
+    ) -> Result<(Vec<drizzle_exec::source::SourcePartition>, Vec<u64>), PgError> {
+        let log = self.catalog.stream_log(&stream.name);
+        let sources = open_source(stream, log.as_ref())?;
+        let now_us = now_ms() * 1000;
+        let offsets = sources
+            .iter()
+            .map(|s| match s {
+                // Generated rows exist from the moment a query looks at them.
+                drizzle_exec::source::SourcePartition::Datagen(..) => s.available(now_us),
+                _ if latest => s.available(now_us),
+                _ => 0,
+            })
+            .collect();
+        Ok((sources, offsets))
+    }
+
+    /// Executes a statement that needs no session-held state.
+    pub async fn execute(&self, stmt: DrizzleStatement, settings: &mut Settings, params: &[ScalarValue], sql: &str) -> Result<Outcome, PgError> {
+        match stmt {
+            DrizzleStatement::CreateStream {
+                name,
+                if_not_exists,
+                columns,
+                watermark,
+                mut options,
+            } => {
+                let partitions = match options.remove("partitions") {
+                    Some(p) => p.trim().parse::<u32>().ok().filter(|p| (1..=1024).contains(p)).ok_or_else(|| {
+                        PgError::new("22023", format!("invalid option partitions: '{p}' is not a number from 1 to 1024"))
+                    })?,
+                    None => 1,
+                };
+                let def = StreamDef {
+                    name,
+                    columns,
+                    watermark,
+                    options,
+                    partitions,
+                    created_at_ms: now_ms(),
+                };
+                if def.connector().is_some() {
+                    // Validate connector options now, not at the first query.
+                    open_source(&def, None)?;
+                }
+                let created = self.catalog.create_stream(def, if_not_exists)?;
+                Ok(Outcome::Command(if created { "CREATE STREAM".into() } else { "CREATE STREAM".into() }))
+            }
+            DrizzleStatement::CreateTable {
+                name,
+                if_not_exists,
+                columns,
+            } => {
+                self.catalog.create_table(TableDef { name, columns }, if_not_exists)?;
+                Ok(Outcome::Command("CREATE TABLE".into()))
+            }
+            DrizzleStatement::CreateView {
+                name,
+                if_not_exists,
+                query,
+            } => {
+                if self.catalog.exists(&name) {
+                    if if_not_exists && self.catalog.view(&name).is_some() {
+                        return Ok(Outcome::Command("CREATE MATERIALIZED VIEW".into()));
+                    }
+                    return Err(PgError::duplicate(&name));
+                }
+                let plan = match self.plan(&query, params)? {
+                    PlannedQuery::Continuous(p) => *p,
+                    PlannedQuery::Finite(_) => {
+                        return Err(PgError::unsupported(
+                            "a materialized view over tables only is not supported",
+                        )
+                        .with_hint("a materialized view maintains a query over a stream"))
+                    }
+                };
+                if plan.limit.is_some() {
+                    return Err(PgError::unsupported("LIMIT in a materialized view is not supported"));
+                }
+                let (_, offsets) = self.open_sources(&plan.stream, settings.start_latest)?;
+                let def = ViewDef {
+                    name: name.clone(),
+                    query: query.to_string(),
+                    batch_interval_us: settings.batch_interval.as_micros() as u64,
+                    parallelism: self.reduce_partitions(settings),
+                    start_offsets: offsets,
+                    group_size: settings.group_size,
+                };
+                let store = Arc::new(new_view_store(&plan)?);
+                self.catalog.create_view(def.clone(), Arc::clone(&store))?;
+                if let Err(e) = self.launch_view(&def, plan, store) {
+                    let _ = self.catalog.drop_view(&name);
+                    return Err(e);
+                }
+                Ok(Outcome::Command("CREATE MATERIALIZED VIEW".into()))
+            }
+            DrizzleStatement::Drop { kind, name, if_exists } => {
+                let dropped = match kind {
+                    ObjectKind::Stream => self.catalog.drop_stream(&name)?,
+                    ObjectKind::Table => self.catalog.drop_table(&name)?,
+                    ObjectKind::MaterializedView => {
+                        let store = self.catalog.drop_view(&name)?;
+                        if let Some(task) = self.views.lock().remove(&name) {
+                            task.abort();
+                        }
+                        store.is_some()
+                    }
+                };
+                if !dropped {
+                    if if_exists {
+                        return Ok(Outcome::Command(format!("DROP {}", kind.sql_name())));
+                    }
+                    let what = kind.sql_name().to_lowercase();
+                    return Err(PgError::new("42P01", format!("{what} \"{name}\" does not exist")));
+                }
+                Ok(Outcome::Command(format!("DROP {}", kind.sql_name())))
+            }
+            DrizzleStatement::Insert { target, columns, source } => {
+                let n = self.insert(&target, &columns, &source, params).await?;
+                Ok(Outcome::Command(format!("INSERT 0 {n}")))
+            }
+            DrizzleStatement::CopyFrom { target, columns, options } => {
+                let schema = self.insert_target(&target)?.0;
+                let idx = self.column_indices(&schema, &columns)?;
+                Ok(Outcome::CopyIn(CopyInTarget {
+                    name: target,
+                    columns: idx,
+                    options,
+                }))
+            }
+            DrizzleStatement::Query(query) => match self.plan(&query, params)? {
+                PlannedQuery::Finite(plan) => {
+                    let (schema, batches) = self.run_finite(plan).await?;
+                    Ok(Outcome::Rows { schema, batches, tag: "SELECT" })
+                }
+                PlannedQuery::Continuous(plan) => Ok(Outcome::Stream(self.start_continuous(*plan, settings, sql.trim().to_string())?)),
+            },
+            DrizzleStatement::Explain(query) => {
+                let lines = match self.plan(&query, params)? {
+                    PlannedQuery::Continuous(plan) => plan.explain(self.reduce_partitions(settings) as usize),
+                    PlannedQuery::Finite(plan) => {
+                        let mut v = vec!["FiniteQuery: runs once with DataFusion".to_string()];
+                        v.extend(plan.display_indent().to_string().lines().map(|l| format!("  {l}")));
+                        v
+                    }
+                };
+                let (schema, batches) = text_batch(&["QUERY PLAN"], lines.into_iter().map(|l| vec![Some(l)]).collect());
+                Ok(Outcome::Rows { schema, batches, tag: "EXPLAIN" })
+            }
+            DrizzleStatement::ShowObjects(kind) => Ok(self.show_objects(kind)),
+            DrizzleStatement::ShowQueries => Ok(self.show_queries()),
+            DrizzleStatement::ShowCreate { kind, name } => self.show_create(kind, &name),
+            DrizzleStatement::ShowVariable(name) => {
+                let value = show_setting(settings, &name)?;
+                let (schema, batches) = text_batch(&[name.as_str()], vec![vec![Some(value)]]);
+                Ok(Outcome::Rows { schema, batches, tag: "SHOW" })
+            }
+            DrizzleStatement::Set { name, value } => {
+                apply_setting(settings, &name, &value)?;
+                Ok(Outcome::Command("SET".into()))
+            }
+            DrizzleStatement::Reset(name) => {
+                let defaults = self.default_settings();
+                match name.as_str() {
+                    "all" => *settings = defaults,
+                    "batch_interval" => settings.batch_interval = defaults.batch_interval,
+                    "group_size" => settings.group_size = defaults.group_size,
+                    "parallelism" => settings.parallelism = defaults.parallelism,
+                    "stream_start" => settings.start_latest = false,
+                    "cursor_fetch_timeout" => settings.fetch_timeout = defaults.fetch_timeout,
+                    other => {
+                        settings.other.remove(other);
+                    }
+                }
+                Ok(Outcome::Command("RESET".into()))
+            }
+            DrizzleStatement::CancelQuery(id) => {
+                if self.runtime.cancel(drizzle_shuffle::QueryId(id)) {
+                    Ok(Outcome::Command("CANCEL QUERY".into()))
+                } else {
+                    Err(PgError::new("42704", format!("query {id} is not running")).with_hint("SHOW QUERIES lists running queries"))
+                }
+            }
+            DrizzleStatement::NoOp(tag) => Ok(Outcome::Command(tag.into())),
+            other => Err(PgError::internal(format!("statement {} reached the engine", other.tag()))),
+        }
+    }
+
+    /// The schema and log a built-in stream or table is written to.
+    fn insert_target(&self, name: &str) -> Result<(SchemaRef, Arc<drizzle_exec::log::Log>, bool), PgError> {
+        if let Some(def) = self.catalog.stream(name) {
+            if let Some(c) = def.connector() {
+                return Err(PgError::new("42809", format!("stream {name} is fed by connector '{c}'; it takes no INSERT or COPY")));
+            }
+            let log = self.catalog.stream_log(name).ok_or_else(|| PgError::undefined_table(name))?;
+            return Ok((def.schema(), log, false));
+        }
+        if let Some(def) = self.catalog.table(name) {
+            let log = self.catalog.table_log(name).ok_or_else(|| PgError::undefined_table(name))?;
+            return Ok((def.schema(), log, true));
+        }
+        if self.catalog.view(name).is_some() {
+            return Err(PgError::new("42809", format!("cannot insert into materialized view {name}")));
+        }
+        Err(PgError::undefined_table(name))
+    }
+
+    fn column_indices(&self, schema: &SchemaRef, columns: &[String]) -> Result<Vec<usize>, PgError> {
+        if columns.is_empty() {
+            return Ok((0..schema.fields().len()).collect());
+        }
+        let mut out = Vec::new();
+        for c in columns {
+            let i = schema
+                .index_of(c)
+                .map_err(|_| PgError::new("42703", format!("column \"{c}\" does not exist")))?;
+            if out.contains(&i) {
+                return Err(PgError::new("42701", format!("column \"{c}\" specified more than once")));
+            }
+            out.push(i);
+        }
+        Ok(out)
+    }
+
+    /// Casts `columns` (the values of target columns `idx`) into one batch of
+    /// the target schema, checking NOT NULL; all or nothing.
+    fn conform(&self, schema: &SchemaRef, idx: &[usize], columns: Vec<ArrayRef>, rows: usize) -> Result<RecordBatch, PgError> {
+        let mut out: Vec<Option<ArrayRef>> = vec![None; schema.fields().len()];
+        for (value, &target) in columns.into_iter().zip(idx) {
+            let field = schema.field(target);
+            let cast = if value.data_type() == field.data_type() {
+                value
+            } else {
+                if !arrow::compute::can_cast_types(value.data_type(), field.data_type()) {
+                    return Err(PgError::new(
+                        "42804",
+                        format!(
+                            "column \"{}\" is of type {} but expression is of type {}",
+                            field.name(),
+                            crate::encode::sql_type_name(field.data_type()),
+                            value.data_type()
+                        ),
+                    ));
+                }
+                let options = arrow::compute::CastOptions { safe: false, ..Default::default() };
+                arrow::compute::cast_with_options(&value, field.data_type(), &options).map_err(|e| {
+                    PgError::new("22P02", format!("invalid value for column \"{}\": {e}", field.name()))
+                })?
+            };
+            out[target] = Some(cast);
+        }
+        let mut arrays = Vec::with_capacity(out.len());
+        for (i, a) in out.into_iter().enumerate() {
+            let field = schema.field(i);
+            let a = a.unwrap_or_else(|| arrow::array::new_null_array(field.data_type(), rows));
+            if !field.is_nullable() && a.null_count() > 0 {
+                return Err(PgError::new(
+                    "23502",
+                    format!("null value in column \"{}\" violates not-null constraint", field.name()),
+                ));
+            }
+            arrays.push(a);
+        }
+        RecordBatch::try_new_with_options(Arc::clone(schema), arrays, &RecordBatchOptions::new().with_row_count(Some(rows)))
+            .map_err(|e| PgError::internal(e.to_string()))
+    }
+
+    async fn insert(&self, target: &str, columns: &[String], source: &Query, params: &[ScalarValue]) -> Result<usize, PgError> {
+        let (schema, log, is_table) = self.insert_target(target)?;
+        let idx = self.column_indices(&schema, columns)?;
+        let plan = match self.plan(source, params)? {
+            PlannedQuery::Finite(p) => p,
+            PlannedQuery::Continuous(_) => {
+                return Err(PgError::unsupported("INSERT ... SELECT from a stream is not supported")
+                    .with_hint("it would never finish; use a MATERIALIZED VIEW"))
+            }
+        };
+        let (src_schema, batches) = self.run_finite(plan).await?;
+        if src_schema.fields().len() > idx.len() {
+            return Err(PgError::new("42601", "INSERT has more expressions than target columns"));
+        }
+        if src_schema.fields().len() < idx.len() && !columns.is_empty() {
+            return Err(PgError::new("42601", "INSERT has more target columns than expressions"));
+        }
+        let idx = &idx[..src_schema.fields().len()];
+        let all = arrow::compute::concat_batches(&src_schema, &batches).map_err(|e| PgError::internal(e.to_string()))?;
+        let rows = all.num_rows();
+        let batch = self.conform(&schema, idx, all.columns().to_vec(), rows)?;
+        log.append(&batch)?;
+        if is_table {
+            self.catalog.bump_data_version();
+        }
+        Ok(rows)
+    }
+
+    /// Parses and appends `COPY ... FROM STDIN` data; all or nothing.
+    pub fn copy_in(&self, target: &CopyInTarget, data: &[u8]) -> Result<usize, PgError> {
+        let (schema, log, is_table) = self.insert_target(&target.name)?;
+        let text = std::str::from_utf8(data).map_err(|e| PgError::new("22021", format!("COPY data is not valid UTF-8: {e}")))?;
+        let records = crate::copy::parse_records(text, &target.options, target.columns.len())?;
+        let rows = records.len();
+        let mut columns = Vec::with_capacity(target.columns.len());
+        for (c, &col) in target.columns.iter().enumerate() {
+            let field = schema.field(col);
+            let values: Vec<Option<&str>> = records.iter().map(|r| r.fields[c].as_deref()).collect();
+            let array = crate::encode::parse_column(&values, field.data_type(), field.name()).map_err(|(i, mut e)| {
+                e.message = format!("{}, line {}", e.message, records[i].line);
+                e
+            })?;
+            columns.push(array);
+        }
+        let batch = self.conform(&schema, &target.columns, columns, rows)?;
+        log.append(&batch)?;
+        if is_table {
+            self.catalog.bump_data_version();
+        }
+        Ok(rows)
+    }
+
+    fn show_objects(&self, kind: ObjectKind) -> Outcome {
+        let (schema, batches) = match kind {
+            ObjectKind::Stream => text_batch(
+                &["name", "columns", "watermark", "source", "partitions", "rows"],
+                self.catalog
+                    .streams()
+                    .into_iter()
+                    .map(|s| {
+                        let rows = self.catalog.stream_log(&s.name).map(|l| l.row_count().to_string());
+                        vec![
+                            Some(s.name.clone()),
+                            Some(s.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")),
+                            s.watermark.as_ref().map(|w| format!("{} - {}ms", w.column, w.delay_ms)),
+                            Some(s.connector().unwrap_or("log").to_string()),
+                            Some(s.partitions.to_string()),
+                            rows,
+                        ]
+                    })
+                    .collect(),
+            ),
+            ObjectKind::Table => text_batch(
+                &["name", "columns", "rows"],
+                self.catalog
+                    .tables()
+                    .into_iter()
+                    .map(|t| {
+                        let rows = self.catalog.table_log(&t.name).map(|l| l.row_count().to_string());
+                        vec![
+                            Some(t.name.clone()),
+                            Some(t.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")),
+                            rows,
+                        ]
+                    })
+                    .collect(),
+            ),
+            ObjectKind::MaterializedView => text_batch(
+                &["name", "query", "last_batch", "status"],
+                self.catalog
+                    .views()
+                    .into_iter()
+                    .map(|v| {
+                        let store = self.catalog.view_store(&v.name);
+                        let last = store.as_ref().and_then(|s| *s.last_batch.lock()).map(|b| b.to_string());
+                        let status = match store.as_ref().and_then(|s| s.error.lock().clone()) {
+                            Some(e) => format!("failed: {e}"),
+                            None => "running".into(),
+                        };
+                        vec![Some(v.name.clone()), Some(v.query.clone()), last, Some(status)]
+                    })
+                    .collect(),
+            ),
+        };
+        Outcome::Rows { schema, batches, tag: "SHOW" }
+    }
+
+    fn show_queries(&self) -> Outcome {
+        let rows = self
+            .runtime
+            .queries()
+            .into_iter()
+            .map(|q| {
+                let batches = q.batches.load(Ordering::Relaxed);
+                let coord = q.coordination_us.load(Ordering::Relaxed);
+                vec![
+                    Some(q.id.0.to_string()),
+                    Some(q.label.clone()),
+                    Some(batches.to_string()),
+                    Some(q.rows_in.load(Ordering::Relaxed).to_string()),
+                    Some(q.rows_out.load(Ordering::Relaxed).to_string()),
+                    Some(q.late_rows.load(Ordering::Relaxed).to_string()),
+                    Some(format!("{:.3}", q.last_latency_us.load(Ordering::Relaxed) as f64 / 1000.0)),
+                    Some(format!("{}", q.batch_interval.as_micros() as f64 / 1000.0)),
+                    Some(q.group_size.load(Ordering::Relaxed).to_string()),
+                    Some(format!("{:.1}", batches as f64 / q.started.elapsed().as_secs_f64().max(1e-3))),
+                    Some(format!("{:.1}", coord as f64 / batches.max(1) as f64)),
+                ]
+            })
+            .collect();
+        let (schema, batches) = text_batch(
+            &[
+                "id",
+                "query",
+                "batches",
+                "rows_in",
+                "rows_out",
+                "late_rows",
+                "last_batch_latency_ms",
+                "batch_interval_ms",
+                "group_size",
+                "batches_per_second",
+                "coordination_us_per_batch",
+            ],
+            rows,
+        );
+        Outcome::Rows { schema, batches, tag: "SHOW" }
+    }
+
+    fn show_create(&self, kind: ObjectKind, name: &str) -> Result<Outcome, PgError> {
+        let text = match kind {
+            ObjectKind::Stream => {
+                let s = self.catalog.stream(name).ok_or_else(|| PgError::undefined_table(name))?;
+                let mut parts: Vec<String> = s.columns.iter().map(|c| {
+                    format!("{} {}{}", c.name, c.sql_type, if c.nullable { "" } else { " NOT NULL" })
+                }).collect();
+                if let Some(w) = &s.watermark {
+                    parts.push(format!("WATERMARK FOR {} AS {} - INTERVAL '{}' MILLISECOND", w.column, w.column, w.delay_ms));
+                }
+                let mut opts: Vec<String> = s.options.iter().map(|(k, v)| format!("{k} = '{}'", v.replace('\'', "''"))).collect();
+                if s.partitions != 1 {
+                    opts.push(format!("partitions = '{}'", s.partitions));
+                }
+                let with = if opts.is_empty() { String::new() } else { format!(" WITH ({})", opts.join(", ")) };
+                format!("CREATE STREAM {} ({}){}", s.name, parts.join(", "), with)
+            }
+            ObjectKind::Table => {
+                let t = self.catalog.table(name).ok_or_else(|| PgError::undefined_table(name))?;
+                let parts: Vec<String> = t.columns.iter().map(|c| {
+                    format!("{} {}{}", c.name, c.sql_type, if c.nullable { "" } else { " NOT NULL" })
+                }).collect();
+                format!("CREATE TABLE {} ({})", t.name, parts.join(", "))
+            }
+            ObjectKind::MaterializedView => {
+                let v = self.catalog.view(name).ok_or_else(|| PgError::undefined_table(name))?;
+                format!("CREATE MATERIALIZED VIEW {} AS {}", v.name, v.query)
+            }
+        };
+        let (schema, batches) = text_batch(&["name", "create_sql"], vec![vec![Some(name.to_string()), Some(text)]]);
+        Ok(Outcome::Rows { schema, batches, tag: "SHOW" })
+    }
+
+    fn resume_view(self: &Arc<Self>, def: &ViewDef) -> Result<(), PgError> {
+        let stmts = drizzle_planner::parse_statements(&def.query)?;
+        let Some(DrizzleStatement::Query(query)) = stmts.into_iter().next() else {
+            return Err(PgError::internal(format!("view {} has no query", def.name)));
+        };
+        let plan = match self.plan(&query, &[])? {
+            PlannedQuery::Continuous(p) => *p,
+            PlannedQuery::Finite(_) => return Err(PgError::internal("view query is not continuous")),
+        };
+        let store = Arc::new(new_view_store(&plan)?);
+        self.catalog.attach_view(&def.name, Arc::clone(&store));
+        self.launch_view(def, plan, store)
+    }
+
+    fn launch_view(&self, def: &ViewDef, plan: StreamingPlan, store: Arc<ViewStore>) -> Result<(), PgError> {
+        let log = self.catalog.stream_log(&plan.stream.name);
+        let sources = open_source(&plan.stream, log.as_ref())?;
+        let mut offsets = def.start_offsets.clone();
+        offsets.resize(sources.len(), 0);
+        let now_us = now_ms() * 1000;
+        for (o, s) in offsets.iter_mut().zip(&sources) {
+            if matches!(s, drizzle_exec::source::SourcePartition::Datagen(..)) {
+                *o = s.available(now_us);
+            }
+        }
+        let spec = QuerySpec {
+            plan,
+            sources,
+            start_offsets: offsets,
+            batch_interval: Duration::from_micros(def.batch_interval_us.max(1)),
+            group_size: def.group_size.max(1),
+            reduce_partitions: def.parallelism.max(1),
+            label: format!("MATERIALIZED VIEW {}", def.name),
+        };
+        let mut handle = self.runtime.start_query(spec)?;
+        let catalog = Arc::clone(&self.catalog);
+        let name = def.name.clone();
+        let task = tokio::spawn(async move {
+            while let Some(next) = handle.next().await {
+                match next {
+                    Ok(batch) => {
+                        if let Err(e) = store.apply(batch.batch.0, batch.rows) {
+                            *store.error.lock() = Some(e.to_string());
+                            break;
+                        }
+                        catalog.bump_data_version();
+                    }
+                    Err(e) => {
+                        tracing::error!(view = %name, "materialized view failed: {e}");
+                        *store.error.lock() = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+        });
+        self.views.lock().insert(def.name.clone(), task);
+        Ok(())
+    }
+}
+
+fn new_view_store(plan: &StreamingPlan) -> Result<ViewStore, PgError> {
+    let schema = Arc::clone(&plan.output_schema);
+    match plan.emit {
+        EmitMode::Upsert => {
+            let keys = plan.upsert_keys.clone().ok_or_else(|| {
+                PgError::unsupported("a materialized view over GROUP BY that does not select every group column is not supported")
+                    .with_hint("add the GROUP BY columns to the SELECT list")
+            })?;
+            ViewStore::upsert(schema, keys).map_err(|e| PgError::internal(e.to_string()))
+        }
+        _ => Ok(ViewStore::append(schema)),
+    }
+}
+
+fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> {
+    Ok(match name {
+        "batch_interval" => format!("{}ms", settings.batch_interval.as_micros() as f64 / 1000.0),
+        "group_size" => settings.group_size.to_string(),
+        "parallelism" => settings.parallelism.to_string(),
+        "stream_start" => if settings.start_latest { "latest" } else { "earliest" }.into(),
+        "cursor_fetch_timeout" => format!("{}ms", settings.fetch_timeout.as_millis()),
+        "server_version" => crate::SERVER_VERSION.into(),
+        "transaction_isolation" | "transaction isolation level" => "read committed".into(),
+        other => match settings.other.get(other) {
+            Some(v) => v.clone(),
+            None if PASSTHROUGH.contains(&other) => default_passthrough(other).into(),
+            None => return Err(PgError::new("42704", format!("unrecognized configuration parameter \"{other}\""))),
+        },
+    })
+}
+
+/// Postgres settings drivers set; accepted and echoed, no effect.
+const PASSTHROUGH: &[&str] = &[
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "application_name",
+    "extra_float_digits",
+    "search_path",
+    "statement_timeout",
+    "client_min_messages",
+    "intervalstyle",
+    "standard_conforming_strings",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "bytea_output",
+    "default_transaction_isolation",
+    "session_characteristics.isolation",
+];
+
+fn default_passthrough(name: &str) -> &'static str {
+    match name {
+        "client_encoding" => "UTF8",
+        "datestyle" => "ISO, MDY",
+        "timezone" => "UTC",
+        "standard_conforming_strings" => "on",
+        "search_path" => "public",
+        "intervalstyle" => "postgres",
+        _ => "",
+    }
+}
+
+fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(), PgError> {
+    let invalid = |what: &str| PgError::new("22023", format!("invalid value for {name}: \"{value}\" ({what})"));
+    match name {
+        "batch_interval" => {
+            let us = drizzle_planner::statement::parse_duration_setting_us(value)?;
+            if !(100..=3_600_000_000).contains(&us) {
+                return Err(invalid("from 0.1ms to 1h"));
+            }
+            settings.batch_interval = Duration::from_micros(us);
+        }
+        "group_size" => {
+            settings.group_size = value.parse().ok().filter(|g| (1..=10_000).contains(g)).ok_or_else(|| invalid("a number from 1 to 10000"))?;
+        }
+        "parallelism" => {
+            settings.parallelism = value.parse().ok().filter(|g| (1..=1024).contains(g)).ok_or_else(|| invalid("a number from 1 to 1024"))?;
+        }
+        "stream_start" => {
+            settings.start_latest = match value.to_lowercase().as_str() {
+                "latest" => true,
+                "earliest" => false,
+                _ => return Err(invalid("'earliest' or 'latest'")),
+            }
+        }
+        "cursor_fetch_timeout" => {
+            let us = drizzle_planner::statement::parse_duration_setting_us(value)?;
+            settings.fetch_timeout = Duration::from_micros(us);
+        }
+        other if PASSTHROUGH.contains(&other) => {
+            settings.other.insert(other.to_string(), value.to_string());
+        }
+        other => return Err(PgError::new("42704", format!("unrecognized configuration parameter \"{other}\""))),
+    }
+    Ok(())
+}
+

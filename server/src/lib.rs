@@ -1,0 +1,27 @@
+//! # drizzle-server: the front end
+//!
+//! Where it sits: the edge of the system. Clients speak the Postgres wire
+//! protocol to [`session`]; statements are parsed and planned by
+//! `drizzle-planner` and run by [`engine::Engine`], which owns the
+//! [`catalog::Catalog`] (streams, tables, views and their logs) and the
+//! `drizzle-exec` runtime (coordinator and workers).
+//!
+//! ```text
+//!  psql / drivers ──pgwire──▶ session ──▶ engine ──▶ planner ──▶ exec runtime
+//!                  ◀── rows flushed per micro-batch ──────────────┘
+//! ```
+//!
+//! Errors from every crate are classified into SQLSTATE codes in [`errors`].
+//! Types to read first: [`engine::Engine`], [`session::serve`],
+//! [`catalog::Catalog`], [`providers::ViewStore`].
+
+pub mod catalog;
+pub mod copy;
+pub mod encode;
+pub mod engine;
+pub mod errors;
+pub mod providers;
+pub mod session;
+
+/// The version reported to clients as `server_version`.
+pub const SERVER_VERSION: &str = "16.0 (Drizzle 0.1.0)";

@@ -1,0 +1,223 @@
+//! DataFusion table providers over Drizzle's finite relations: tables (their
+//! durable log) and materialized views (their current contents).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::compute::interleave_record_batch;
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use arrow::row::{OwnedRow, RowConverter, SortField};
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
+use drizzle_exec::log::Log;
+use parking_lot::Mutex;
+
+/// A table: every row appended to its log.
+#[derive(Debug)]
+pub struct TableLogProvider {
+    schema: SchemaRef,
+    log: Arc<Log>,
+}
+
+impl TableLogProvider {
+    /// A provider over `log`.
+    pub fn new(schema: SchemaRef, log: Arc<Log>) -> Self {
+        Self { schema, log }
+    }
+}
+
+#[async_trait]
+impl TableProvider for TableLogProvider {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let batches = self
+            .log
+            .read_all()
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        Ok(MemorySourceConfig::try_new_exec(&[batches], Arc::clone(&self.schema), projection.cloned())?)
+    }
+}
+
+/// How a view keeps its rows.
+enum ViewRows {
+    /// Every emitted row, in emit order.
+    Append(Vec<RecordBatch>),
+    /// The latest row per key.
+    Upsert(UpsertRows),
+}
+
+struct UpsertRows {
+    keys: Vec<usize>,
+    converter: RowConverter,
+    batches: Vec<RecordBatch>,
+    /// Key → (batch, row) of its latest version.
+    latest: HashMap<OwnedRow, (usize, usize)>,
+    /// Insertion order of keys, for a stable scan order.
+    order: Vec<OwnedRow>,
+}
+
+/// The contents of a materialized view, fed by its continuous query.
+pub struct ViewStore {
+    schema: SchemaRef,
+    rows: Mutex<ViewRows>,
+    /// The last micro-batch applied (for SHOW and tests).
+    pub last_batch: Mutex<Option<u64>>,
+    /// Set when the view's query failed.
+    pub error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for ViewStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewStore").field("schema", &self.schema).finish()
+    }
+}
+
+impl ViewStore {
+    /// An append view (append and windowed queries).
+    pub fn append(schema: SchemaRef) -> Self {
+        Self {
+            schema,
+            rows: Mutex::new(ViewRows::Append(Vec::new())),
+            last_batch: Mutex::new(None),
+            error: Mutex::new(None),
+        }
+    }
+
+    /// An upsert view keyed by the output columns `keys`.
+    pub fn upsert(schema: SchemaRef, keys: Vec<usize>) -> Result<Self, arrow::error::ArrowError> {
+        let converter = RowConverter::new(
+            keys.iter()
+                .map(|&k| SortField::new(schema.field(k).data_type().clone()))
+                .collect(),
+        )?;
+        Ok(Self {
+            schema,
+            rows: Mutex::new(ViewRows::Upsert(UpsertRows {
+                keys,
+                converter,
+                batches: Vec::new(),
+                latest: HashMap::new(),
+                order: Vec::new(),
+            })),
+            last_batch: Mutex::new(None),
+            error: Mutex::new(None),
+        })
+    }
+
+    /// The view's schema.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// Applies one micro-batch's output.
+    pub fn apply(&self, batch_id: u64, batch: RecordBatch) -> Result<(), arrow::error::ArrowError> {
+        let mut rows = self.rows.lock();
+        match &mut *rows {
+            ViewRows::Append(v) => {
+                if batch.num_rows() > 0 {
+                    v.push(batch);
+                }
+            }
+            ViewRows::Upsert(u) => {
+                if batch.num_rows() > 0 {
+                    let cols: Vec<_> = u.keys.iter().map(|&k| Arc::clone(batch.column(k))).collect();
+                    let keys = u.converter.convert_columns(&cols)?;
+                    let b = u.batches.len();
+                    for row in 0..batch.num_rows() {
+                        let key = keys.row(row).owned();
+                        if u.latest.insert(key.clone(), (b, row)).is_none() {
+                            u.order.push(key);
+                        }
+                    }
+                    u.batches.push(batch);
+                    // Compact when most stored rows are stale.
+                    let stored: usize = u.batches.iter().map(|b| b.num_rows()).sum();
+                    if stored > 1024 && stored > 4 * u.latest.len() {
+                        let snapshot = snapshot_upsert(u, &self.schema)?;
+                        u.batches = vec![snapshot];
+                        for (i, key) in u.order.iter().enumerate() {
+                            u.latest.insert(key.clone(), (0, i));
+                        }
+                    }
+                }
+            }
+        }
+        *self.last_batch.lock() = Some(batch_id);
+        Ok(())
+    }
+
+    /// The current contents.
+    pub fn snapshot(&self) -> Result<Vec<RecordBatch>, arrow::error::ArrowError> {
+        let rows = self.rows.lock();
+        match &*rows {
+            ViewRows::Append(v) => Ok(v.clone()),
+            ViewRows::Upsert(u) => Ok(vec![snapshot_upsert(u, &self.schema)?]),
+        }
+    }
+}
+
+fn snapshot_upsert(u: &UpsertRows, schema: &SchemaRef) -> Result<RecordBatch, arrow::error::ArrowError> {
+    if u.order.is_empty() {
+        return Ok(RecordBatch::new_empty(Arc::clone(schema)));
+    }
+    let indices: Vec<(usize, usize)> = u.order.iter().filter_map(|k| u.latest.get(k).copied()).collect();
+    let refs: Vec<&RecordBatch> = u.batches.iter().collect();
+    interleave_record_batch(&refs, &indices)
+}
+
+/// A materialized view as a finite relation.
+#[derive(Debug)]
+pub struct ViewProvider {
+    store: Arc<ViewStore>,
+}
+
+impl ViewProvider {
+    /// A provider over `store`.
+    pub fn new(store: Arc<ViewStore>) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait]
+impl TableProvider for ViewProvider {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(self.store.schema())
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if let Some(e) = self.store.error.lock().clone() {
+            return Err(DataFusionError::Execution(format!("materialized view failed: {e}")));
+        }
+        let batches = self.store.snapshot()?;
+        Ok(MemorySourceConfig::try_new_exec(&[batches], self.schema(), projection.cloned())?)
+    }
+}

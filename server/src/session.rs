@@ -1,0 +1,1082 @@
+//! One client connection: the Postgres wire protocol, driven by hand so that
+//! continuous results are flushed to the socket as each micro-batch
+//! completes (a stock pgwire handler only flushes at the end of a result).
+//!
+//! A reader task decodes frontend messages (pgwire's codec) into a bounded
+//! channel; the session loop answers them. While a continuous query streams,
+//! the loop also watches that channel (a closed socket stops the query) and
+//! the session's cancel signal (a CancelRequest on another connection).
+//!
+//! Supported: simple query protocol (many statements per message), extended
+//! protocol (Parse/Bind/Describe/Execute/Close/Sync/Flush, text and binary
+//! parameters and results, PortalSuspended for `max_rows`), `COPY FROM
+//! STDIN`, `COPY (...) TO STDOUT`, cursors (`DECLARE`/`FETCH`/`CLOSE`) and
+//! transaction blocks for them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use bytes::{BufMut, Bytes, BytesMut};
+use datafusion::common::ScalarValue;
+use drizzle_exec::QueryHandle;
+use drizzle_planner::{parse_statements, CopyOptions, DrizzleStatement, PlannedQuery};
+use parking_lot::Mutex;
+use pgwire::messages::copy::{CopyData, CopyDone, CopyInResponse, CopyOutResponse};
+use pgwire::messages::data::{FieldDescription, NoData, ParameterDescription, RowDescription};
+use pgwire::messages::extendedquery::{BindComplete, CloseComplete, ParseComplete, PortalSuspended};
+use pgwire::messages::response::{CommandComplete, EmptyQueryResponse, ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
+use pgwire::messages::{DecodeContext, PgWireBackendMessage, PgWireFrontendMessage, SslNegotiationMetaMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::engine::{Engine, Outcome, Settings};
+use crate::errors::PgError;
+
+/// Largest frontend message accepted; a larger one closes the connection.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Largest COPY FROM STDIN payload held for one statement.
+pub const MAX_COPY_BYTES: usize = 1 << 30;
+
+/// Sessions by backend pid, for CancelRequest.
+#[derive(Default)]
+pub struct SessionRegistry {
+    sessions: Mutex<HashMap<i32, (i32, watch::Sender<u64>)>>,
+    next_pid: AtomicI32,
+}
+
+impl SessionRegistry {
+    fn register(&self) -> (i32, i32, watch::Receiver<u64>) {
+        let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) + 1000;
+        let secret = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(7) as i32)
+            ^ pid.wrapping_mul(0x5bd1_e995);
+        let (tx, rx) = watch::channel(0);
+        self.sessions.lock().insert(pid, (secret, tx));
+        (pid, secret, rx)
+    }
+
+    fn unregister(&self, pid: i32) {
+        self.sessions.lock().remove(&pid);
+    }
+
+    fn cancel(&self, pid: i32, secret: &SecretKey) {
+        let sessions = self.sessions.lock();
+        if let Some((s, tx)) = sessions.get(&pid) {
+            if secret.eq_value(&SecretKey::I32(*s)) {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
+    }
+}
+
+enum Inbound {
+    Msg(PgWireFrontendMessage),
+    Closed,
+    Bad(String),
+}
+
+/// Serves one connection until it closes. Never panics on client input.
+pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: TcpStream) {
+    let _ = socket.set_nodelay(true);
+    let (mut rd, mut wr) = socket.into_split();
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut ctx = DecodeContext::default();
+    // Start-up: SSL/GSS refusal, then StartupMessage or CancelRequest.
+    let startup = loop {
+        match PgWireFrontendMessage::decode(&mut buf, &ctx) {
+            Ok(Some(PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::None))) => {
+                ctx.awaiting_frontend_ssl = false;
+                continue;
+            }
+            Ok(Some(PgWireFrontendMessage::SslNegotiation(_))) => {
+                if wr.write_all(b"N").await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(PgWireFrontendMessage::CancelRequest(c))) => {
+                registry.cancel(c.pid, &c.secret_key);
+                return;
+            }
+            Ok(Some(PgWireFrontendMessage::Startup(s))) => break s,
+            Ok(Some(_)) => return,
+            Ok(None) => {}
+            Err(e) => {
+                let _ = send_fatal(&mut wr, PgError::new("08P01", format!("invalid startup packet: {e}"))).await;
+                return;
+            }
+        }
+        if buf.len() > 1 << 16 {
+            return;
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    };
+    ctx.awaiting_frontend_startup = false;
+    if startup.protocol_number_major != 3 {
+        let _ = send_fatal(&mut wr, PgError::new("0A000", "unsupported frontend protocol")).await;
+        return;
+    }
+    let (pid, secret, cancel) = registry.register();
+    let (tx, rx) = mpsc::channel(64);
+    let reader = tokio::spawn(read_loop(rd, buf, ctx, tx));
+    let mut session = Session {
+        settings: engine.default_settings(),
+        engine,
+        out: BytesMut::with_capacity(64 * 1024),
+        wr,
+        rx,
+        pending: VecDeque::new(),
+        cancel,
+        in_txn: false,
+        txn_failed: false,
+        cursors: HashMap::new(),
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        skip_until_sync: false,
+    };
+    if let Some(app) = startup.parameters.get("application_name") {
+        session.settings.other.insert("application_name".into(), app.clone());
+    }
+    session.push(PgWireBackendMessage::Authentication(Authentication::Ok));
+    for (k, v) in [
+        ("server_version", crate::SERVER_VERSION),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("TimeZone", "UTC"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("IntervalStyle", "postgres"),
+        ("is_superuser", "on"),
+    ] {
+        session.push(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(k.into(), v.into())));
+    }
+    session.push(PgWireBackendMessage::BackendKeyData(BackendKeyData::new(pid, SecretKey::I32(secret))));
+    session.ready();
+    if session.flush().await.is_ok() {
+        session.run().await;
+    }
+    registry.unregister(pid);
+    reader.abort();
+}
+
+async fn send_fatal(wr: &mut OwnedWriteHalf, e: PgError) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    let _ = PgWireBackendMessage::ErrorResponse(error_response(&e.fatal())).encode(&mut out);
+    wr.write_all(&out).await
+}
+
+async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: DecodeContext, tx: mpsc::Sender<Inbound>) {
+    loop {
+        loop {
+            if buf.len() >= 5 {
+                let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+                if len < 4 || len as usize > MAX_MESSAGE_BYTES {
+                    let _ = tx
+                        .send(Inbound::Bad(format!(
+                            "message of {len} bytes refused (the limit is {MAX_MESSAGE_BYTES})"
+                        )))
+                        .await;
+                    return;
+                }
+            }
+            match PgWireFrontendMessage::decode(&mut buf, &ctx) {
+                Ok(Some(m)) => {
+                    if tx.send(Inbound::Msg(m)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Inbound::Bad(format!("invalid message: {e}"))).await;
+                    return;
+                }
+            }
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = tx.send(Inbound::Closed).await;
+                return;
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+fn error_response(e: &PgError) -> ErrorResponse {
+    let severity = if e.fatal { "FATAL" } else { "ERROR" };
+    let mut fields = vec![
+        (b'S', severity.to_string()),
+        (b'V', severity.to_string()),
+        (b'C', e.code.to_string()),
+        (b'M', e.message.clone()),
+    ];
+    if let Some(h) = &e.hint {
+        fields.push((b'H', h.clone()));
+    }
+    ErrorResponse::new(fields)
+}
+
+/// Rows for a cursor or a suspended portal.
+enum RowSource {
+    Finite { schema: SchemaRef, batches: VecDeque<RecordBatch> },
+    Live { handle: QueryHandle, buffered: VecDeque<RecordBatch>, done: bool },
+}
+
+impl RowSource {
+    fn schema(&self) -> SchemaRef {
+        match self {
+            RowSource::Finite { schema, .. } => Arc::clone(schema),
+            RowSource::Live { handle, .. } => Arc::clone(&handle.schema),
+        }
+    }
+}
+
+struct Prepared {
+    stmt: Option<DrizzleStatement>,
+    sql: String,
+    param_types: Vec<u32>,
+}
+
+struct Portal {
+    stmt: Option<DrizzleStatement>,
+    sql: String,
+    params: Vec<ScalarValue>,
+    formats: Vec<i16>,
+    /// Set once an Execute with max_rows suspended it.
+    rows: Option<RowSource>,
+    /// Rows sent so far (for the command tag).
+    sent: u64,
+}
+
+/// How results are written.
+#[derive(Clone)]
+enum Mode {
+    /// Simple protocol: RowDescription first, text values.
+    Simple,
+    /// Extended protocol Execute: no RowDescription, the portal's formats.
+    Extended { formats: Vec<i16> },
+}
+
+enum Sink<'a> {
+    Rows(&'a [bool]),
+    Copy(&'a CopyOptions),
+}
+
+struct Session {
+    engine: Arc<Engine>,
+    settings: Settings,
+    out: BytesMut,
+    wr: OwnedWriteHalf,
+    rx: mpsc::Receiver<Inbound>,
+    pending: VecDeque<PgWireFrontendMessage>,
+    cancel: watch::Receiver<u64>,
+    in_txn: bool,
+    txn_failed: bool,
+    cursors: HashMap<String, RowSource>,
+    statements: HashMap<String, Prepared>,
+    portals: HashMap<String, Portal>,
+    skip_until_sync: bool,
+}
+
+/// The session ends (client gone or protocol violation).
+struct Disconnect;
+
+fn binary_flags(formats: &[i16], n: usize) -> Vec<bool> {
+    match formats.len() {
+        0 => vec![false; n],
+        1 => vec![formats[0] == 1; n],
+        _ => (0..n).map(|i| formats.get(i).copied().unwrap_or(0) == 1).collect(),
+    }
+}
+
+impl Session {
+    fn push(&mut self, m: PgWireBackendMessage) {
+        if let Err(e) = m.encode(&mut self.out) {
+            tracing::warn!("cannot encode a backend message: {e}");
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Disconnect> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.wr.write_all(&self.out).await;
+        self.out.clear();
+        r.map_err(|_| Disconnect)
+    }
+
+    fn ready(&mut self) {
+        let status = match (self.in_txn, self.txn_failed) {
+            (false, _) => TransactionStatus::Idle,
+            (true, false) => TransactionStatus::Transaction,
+            (true, true) => TransactionStatus::Error,
+        };
+        self.push(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(status)));
+    }
+
+    fn error(&mut self, e: PgError) {
+        self.push(PgWireBackendMessage::ErrorResponse(error_response(&e)));
+    }
+
+    fn complete(&mut self, tag: String) {
+        self.push(PgWireBackendMessage::CommandComplete(CommandComplete::new(tag)));
+    }
+
+    fn row_description(&mut self, schema: &SchemaRef, formats: &[i16]) {
+        let binary = binary_flags(formats, schema.fields().len());
+        let fields = crate::encode::describe(schema)
+            .into_iter()
+            .zip(binary)
+            .map(|((name, oid, size), bin)| FieldDescription::new(name, 0, 0, oid, size, -1, i16::from(bin)))
+            .collect();
+        self.push(PgWireBackendMessage::RowDescription(RowDescription::new(fields)));
+    }
+
+    async fn next_inbound(&mut self) -> Option<Inbound> {
+        if let Some(m) = self.pending.pop_front() {
+            return Some(Inbound::Msg(m));
+        }
+        self.rx.recv().await
+    }
+
+    async fn run(&mut self) {
+        loop {
+            let msg = match self.next_inbound().await {
+                Some(Inbound::Msg(m)) => m,
+                Some(Inbound::Bad(reason)) => {
+                    self.error(PgError::new("08P01", reason).fatal());
+                    let _ = self.flush().await;
+                    return;
+                }
+                Some(Inbound::Closed) | None => return,
+            };
+            let r = match msg {
+                PgWireFrontendMessage::Query(q) => {
+                    self.skip_until_sync = false;
+                    let r = self.simple_query(&q.query).await;
+                    if r.is_ok() {
+                        self.ready();
+                    }
+                    r
+                }
+                PgWireFrontendMessage::Terminate(_) => return,
+                PgWireFrontendMessage::Sync(_) => {
+                    self.skip_until_sync = false;
+                    if let Some(p) = self.portals.remove("") {
+                        drop(p);
+                    }
+                    self.ready();
+                    Ok(())
+                }
+                PgWireFrontendMessage::Flush(_) => Ok(()),
+                m if self.skip_until_sync && m.is_extended_query() => continue,
+                PgWireFrontendMessage::Parse(p) => {
+                    self.on_parse(p.name.unwrap_or_default(), p.query, p.type_oids);
+                    Ok(())
+                }
+                PgWireFrontendMessage::Bind(b) => {
+                    self.on_bind(b);
+                    Ok(())
+                }
+                PgWireFrontendMessage::Describe(d) => {
+                    self.on_describe(d.target_type, d.name.unwrap_or_default()).await;
+                    Ok(())
+                }
+                PgWireFrontendMessage::Execute(e) => self.on_execute(e.name.unwrap_or_default(), e.max_rows).await,
+                PgWireFrontendMessage::Close(c) => {
+                    let name = c.name.unwrap_or_default();
+                    if c.target_type == b'S' {
+                        self.statements.remove(&name);
+                    } else {
+                        self.portals.remove(&name);
+                    }
+                    self.push(PgWireBackendMessage::CloseComplete(CloseComplete::new()));
+                    Ok(())
+                }
+                // COPY messages outside COPY, password messages: ignored as Postgres does.
+                _ => Ok(()),
+            };
+            if r.is_err() || self.flush().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn simple_query(&mut self, sql: &str) -> Result<(), Disconnect> {
+        let stmts = match parse_statements(sql) {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(e.into());
+                return Ok(());
+            }
+        };
+        if stmts.is_empty() {
+            self.push(PgWireBackendMessage::EmptyQueryResponse(EmptyQueryResponse::new()));
+            return Ok(());
+        }
+        let implicit = !self.in_txn && stmts.len() > 1;
+        for stmt in stmts {
+            if self.txn_failed && !matches!(stmt, DrizzleStatement::Commit | DrizzleStatement::Rollback) {
+                self.error(PgError::new(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                ));
+                break;
+            }
+            match self.statement(stmt, &[], Mode::Simple, sql).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.fail(e);
+                    break;
+                }
+                Err(d) => return Err(d),
+            }
+            self.flush().await?;
+        }
+        let _ = implicit;
+        Ok(())
+    }
+
+    fn fail(&mut self, e: PgError) {
+        if self.in_txn {
+            self.txn_failed = true;
+        }
+        self.error(e);
+    }
+
+    /// Runs one statement. The outer error ends the session; the inner one is sent to the client.
+    async fn statement(
+        &mut self,
+        stmt: DrizzleStatement,
+        params: &[ScalarValue],
+        mode: Mode,
+        sql: &str,
+    ) -> Result<Result<(), PgError>, Disconnect> {
+        match stmt {
+            DrizzleStatement::Begin => {
+                self.in_txn = true;
+                self.complete("BEGIN".into());
+                Ok(Ok(()))
+            }
+            DrizzleStatement::Commit | DrizzleStatement::Rollback => {
+                let tag = if matches!(stmt, DrizzleStatement::Commit) && !self.txn_failed { "COMMIT" } else { "ROLLBACK" };
+                self.in_txn = false;
+                self.txn_failed = false;
+                self.cursors.clear();
+                self.complete(tag.into());
+                Ok(Ok(()))
+            }
+            DrizzleStatement::DeclareCursor { name, query } => {
+                if !self.in_txn {
+                    return Ok(Err(PgError::new("25P01", "DECLARE CURSOR can only be used in transaction blocks")));
+                }
+                if self.cursors.contains_key(&name) {
+                    return Ok(Err(PgError::new("42P03", format!("cursor \"{name}\" already exists"))));
+                }
+                let source = match self.open_rows(&query, params, sql).await {
+                    Ok(s) => s,
+                    Err(e) => return Ok(Err(e)),
+                };
+                self.cursors.insert(name, source);
+                self.complete("DECLARE CURSOR".into());
+                Ok(Ok(()))
+            }
+            DrizzleStatement::Fetch { name, count } => {
+                let timeout = self.settings.fetch_timeout;
+                let Some(mut source) = self.cursors.remove(&name) else {
+                    return Ok(Err(PgError::new("34000", format!("cursor \"{name}\" does not exist"))));
+                };
+                let fetched = self.fetch(&mut source, count.map(|c| c as usize), timeout).await;
+                let schema = source.schema();
+                self.cursors.insert(name, source);
+                let batches = match fetched? {
+                    Ok(b) => b,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let formats = match &mode {
+                    Mode::Simple => {
+                        self.row_description(&schema, &[]);
+                        vec![]
+                    }
+                    Mode::Extended { formats, .. } => formats.clone(),
+                };
+                let binary = binary_flags(&formats, schema.fields().len());
+                let mut n = 0;
+                for b in &batches {
+                    crate::encode::write_data_rows(&mut self.out, b, &binary);
+                    n += b.num_rows();
+                }
+                self.complete(format!("FETCH {n}"));
+                Ok(Ok(()))
+            }
+            DrizzleStatement::CloseCursor(name) => {
+                match name {
+                    None => self.cursors.clear(),
+                    Some(n) => {
+                        if self.cursors.remove(&n).is_none() {
+                            return Ok(Err(PgError::new("34000", format!("cursor \"{n}\" does not exist"))));
+                        }
+                    }
+                }
+                self.complete("CLOSE CURSOR".into());
+                Ok(Ok(()))
+            }
+            DrizzleStatement::CopyTo { query, options } => self.copy_to(&query, &options, params, sql).await,
+            other => {
+                let outcome = self.engine.execute(other, &mut self.settings, params, sql).await;
+                let outcome = match outcome {
+                    Ok(o) => o,
+                    Err(e) => return Ok(Err(e)),
+                };
+                self.outcome(outcome, mode).await
+            }
+        }
+    }
+
+    async fn outcome(&mut self, outcome: Outcome, mode: Mode) -> Result<Result<(), PgError>, Disconnect> {
+        match outcome {
+            Outcome::Command(tag) => {
+                self.complete(tag);
+                Ok(Ok(()))
+            }
+            Outcome::Rows { schema, batches, tag } => {
+                let formats = match &mode {
+                    Mode::Simple => {
+                        self.row_description(&schema, &[]);
+                        vec![]
+                    }
+                    Mode::Extended { formats, .. } => formats.clone(),
+                };
+                let binary = binary_flags(&formats, schema.fields().len());
+                let mut n = 0;
+                for b in &batches {
+                    crate::encode::write_data_rows(&mut self.out, b, &binary);
+                    n += b.num_rows();
+                }
+                self.complete(if tag == "SELECT" { format!("SELECT {n}") } else { tag.to_string() });
+                Ok(Ok(()))
+            }
+            Outcome::Stream(mut handle) => {
+                let formats = match &mode {
+                    Mode::Simple => {
+                        self.row_description(&Arc::clone(&handle.schema), &[]);
+                        vec![]
+                    }
+                    Mode::Extended { formats, .. } => formats.clone(),
+                };
+                let binary = binary_flags(&formats, handle.schema.fields().len());
+                self.flush().await?;
+                match self.stream(&mut handle, Sink::Rows(&binary)).await? {
+                    Ok(n) => {
+                        self.complete(format!("SELECT {n}"));
+                        Ok(Ok(()))
+                    }
+                    Err(e) => Ok(Err(e)),
+                }
+            }
+            Outcome::CopyIn(target) => {
+                let n = target.columns.len() as i16;
+                self.push(PgWireBackendMessage::CopyInResponse(CopyInResponse::new(0, n, vec![0; n as usize])));
+                self.flush().await?;
+                let mut data = BytesMut::new();
+                loop {
+                    match self.next_inbound().await {
+                        Some(Inbound::Msg(PgWireFrontendMessage::CopyData(d))) => {
+                            if data.len() + d.data.len() > MAX_COPY_BYTES {
+                                // Drain the rest of the copy, then fail it.
+                                return Ok(Err(self.abort_copy(PgError::new("54000", "COPY data exceeds 1 GiB; split it")).await?));
+                            }
+                            data.extend_from_slice(&d.data);
+                        }
+                        Some(Inbound::Msg(PgWireFrontendMessage::CopyDone(_))) => break,
+                        Some(Inbound::Msg(PgWireFrontendMessage::CopyFail(f))) => {
+                            return Ok(Err(PgError::new("57014", format!("COPY from stdin failed: {}", f.message))));
+                        }
+                        Some(Inbound::Msg(PgWireFrontendMessage::Sync(_) | PgWireFrontendMessage::Flush(_))) => {}
+                        Some(Inbound::Msg(_)) => {
+                            return Ok(Err(PgError::new("08P01", "unexpected message during COPY FROM STDIN")));
+                        }
+                        Some(Inbound::Bad(_)) | Some(Inbound::Closed) | None => return Err(Disconnect),
+                    }
+                }
+                let engine = Arc::clone(&self.engine);
+                let data = data.freeze();
+                let result = tokio::task::spawn_blocking(move || engine.copy_in(&target, &data)).await;
+                match result {
+                    Ok(Ok(rows)) => {
+                        self.complete(format!("COPY {rows}"));
+                        Ok(Ok(()))
+                    }
+                    Ok(Err(e)) => Ok(Err(e)),
+                    Err(e) => Ok(Err(PgError::internal(format!("COPY failed: {e}")))),
+                }
+            }
+        }
+    }
+
+    async fn abort_copy(&mut self, e: PgError) -> Result<PgError, Disconnect> {
+        loop {
+            match self.next_inbound().await {
+                Some(Inbound::Msg(PgWireFrontendMessage::CopyDone(_) | PgWireFrontendMessage::CopyFail(_))) => return Ok(e),
+                Some(Inbound::Msg(_)) => {}
+                _ => return Err(Disconnect),
+            }
+        }
+    }
+
+    /// Streams a continuous query's batches to the client as they complete.
+    /// Returns the number of rows sent, or the error that stopped it.
+    async fn stream(&mut self, handle: &mut QueryHandle, sink: Sink<'_>) -> Result<Result<u64, PgError>, Disconnect> {
+        let mut sent = 0u64;
+        let start = *self.cancel.borrow_and_update();
+        let _ = start;
+        loop {
+            tokio::select! {
+                biased;
+                changed = self.cancel.changed() => {
+                    if changed.is_ok() {
+                        handle.cancel();
+                        return Ok(Err(PgError::cancelled()));
+                    }
+                }
+                inbound = self.rx.recv() => match inbound {
+                    Some(Inbound::Msg(m)) => {
+                        if matches!(m, PgWireFrontendMessage::Terminate(_)) {
+                            handle.cancel();
+                            return Err(Disconnect);
+                        }
+                        if self.pending.len() > 1024 {
+                            return Err(Disconnect);
+                        }
+                        self.pending.push_back(m);
+                    }
+                    Some(Inbound::Bad(_)) | Some(Inbound::Closed) | None => {
+                        handle.cancel();
+                        return Err(Disconnect);
+                    }
+                },
+                next = handle.next() => match next {
+                    None => return Ok(Ok(sent)),
+                    Some(Err(e)) => return Ok(Err(e.into())),
+                    Some(Ok(batch)) => {
+                        match sink {
+                            Sink::Rows(binary) => crate::encode::write_data_rows(&mut self.out, &batch.rows, binary),
+                            Sink::Copy(options) => {
+                                let mut lines = BytesMut::new();
+                                crate::copy::format_rows(&mut lines, &batch.rows, options);
+                                self.push(PgWireBackendMessage::CopyData(CopyData::new(lines.freeze())));
+                            }
+                        }
+                        sent += batch.rows.num_rows() as u64;
+                        self.flush().await?;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn copy_to(
+        &mut self,
+        query: &datafusion::sql::sqlparser::ast::Query,
+        options: &CopyOptions,
+        params: &[ScalarValue],
+        sql: &str,
+    ) -> Result<Result<(), PgError>, Disconnect> {
+        let planned = match self.engine.plan(query, params) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        match planned {
+            PlannedQuery::Finite(plan) => {
+                let (schema, batches) = match self.engine.run_finite(plan).await {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let n = schema.fields().len() as i16;
+                self.push(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(0, n, vec![0; n as usize])));
+                let mut lines = BytesMut::new();
+                if options.header {
+                    lines.put_slice(crate::copy::header_line(&schema, options).as_bytes());
+                }
+                let mut rows = 0;
+                for b in &batches {
+                    crate::copy::format_rows(&mut lines, b, options);
+                    rows += b.num_rows();
+                }
+                if !lines.is_empty() {
+                    self.push(PgWireBackendMessage::CopyData(CopyData::new(lines.freeze())));
+                }
+                self.push(PgWireBackendMessage::CopyDone(CopyDone::new()));
+                self.complete(format!("COPY {rows}"));
+                Ok(Ok(()))
+            }
+            PlannedQuery::Continuous(plan) => {
+                let mut handle = match self.engine.start_continuous(*plan, &self.settings, sql.trim().to_string()) {
+                    Ok(h) => h,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let n = handle.schema.fields().len() as i16;
+                self.push(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(0, n, vec![0; n as usize])));
+                if options.header {
+                    let header = crate::copy::header_line(&handle.schema, options);
+                    self.push(PgWireBackendMessage::CopyData(CopyData::new(Bytes::from(header))));
+                }
+                self.flush().await?;
+                match self.stream(&mut handle, Sink::Copy(options)).await? {
+                    Ok(rows) => {
+                        self.push(PgWireBackendMessage::CopyDone(CopyDone::new()));
+                        self.complete(format!("COPY {rows}"));
+                        Ok(Ok(()))
+                    }
+                    Err(e) => Ok(Err(e)),
+                }
+            }
+        }
+    }
+
+    async fn open_rows(
+        &mut self,
+        query: &datafusion::sql::sqlparser::ast::Query,
+        params: &[ScalarValue],
+        sql: &str,
+    ) -> Result<RowSource, PgError> {
+        match self.engine.plan(query, params)? {
+            PlannedQuery::Finite(plan) => {
+                let (schema, batches) = self.engine.run_finite(plan).await?;
+                Ok(RowSource::Finite {
+                    schema,
+                    batches: batches.into(),
+                })
+            }
+            PlannedQuery::Continuous(plan) => {
+                let handle = self.engine.start_continuous(*plan, &self.settings, sql.trim().to_string())?;
+                Ok(RowSource::Live {
+                    handle,
+                    buffered: VecDeque::new(),
+                    done: false,
+                })
+            }
+        }
+    }
+
+    /// Up to `count` rows (None = all). A live source waits until `count`
+    /// rows arrived, the query ended, or `timeout` passed.
+    async fn fetch(
+        &mut self,
+        source: &mut RowSource,
+        count: Option<usize>,
+        timeout: Duration,
+    ) -> Result<Result<Vec<RecordBatch>, PgError>, Disconnect> {
+        let want = count.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        let mut have = 0usize;
+        let take_from = |queue: &mut VecDeque<RecordBatch>, out: &mut Vec<RecordBatch>, have: &mut usize| {
+            while *have < want {
+                let Some(b) = queue.pop_front() else { break };
+                let room = want - *have;
+                if b.num_rows() > room {
+                    out.push(b.slice(0, room));
+                    queue.push_front(b.slice(room, b.num_rows() - room));
+                    *have += room;
+                } else {
+                    *have += b.num_rows();
+                    out.push(b);
+                }
+            }
+        };
+        match source {
+            RowSource::Finite { batches, .. } => take_from(batches, &mut out, &mut have),
+            RowSource::Live { handle, buffered, done } => {
+                take_from(buffered, &mut out, &mut have);
+                let deadline = tokio::time::Instant::now() + timeout;
+                while have < want && !*done {
+                    tokio::select! {
+                        biased;
+                        changed = self.cancel.changed() => {
+                            if changed.is_ok() {
+                                handle.cancel();
+                                return Ok(Err(PgError::cancelled()));
+                            }
+                        }
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        next = handle.next() => match next {
+                            None => *done = true,
+                            Some(Err(e)) => return Ok(Err(e.into())),
+                            Some(Ok(b)) => {
+                                buffered.push_back(b.rows);
+                                take_from(buffered, &mut out, &mut have);
+                            }
+                        },
+                    }
+                }
+            }
+        }
+        Ok(Ok(out))
+    }
+
+    // ----- extended protocol -----
+
+    fn on_parse(&mut self, name: String, sql: String, declared: Vec<u32>) {
+        let stmts = match parse_statements(&sql) {
+            Ok(s) => s,
+            Err(e) => return self.extended_error(e.into()),
+        };
+        if stmts.len() > 1 {
+            return self.extended_error(PgError::new("42601", "cannot insert multiple commands into a prepared statement"));
+        }
+        let stmt = stmts.into_iter().next();
+        let mut param_types = declared;
+        if let Some(query) = stmt.as_ref().and_then(statement_query) {
+            match self.engine.describe_query(query) {
+                Ok((_, types)) => {
+                    if param_types.len() < types.len() {
+                        param_types.resize(types.len(), 0);
+                    }
+                    for (i, t) in types.iter().enumerate() {
+                        if param_types[i] == 0 {
+                            param_types[i] = t.as_ref().map(crate::encode::pg_type).unwrap_or(crate::encode::oid::TEXT);
+                        }
+                    }
+                }
+                Err(e) => return self.extended_error(e),
+            }
+        }
+        self.statements.insert(name, Prepared { stmt, sql, param_types });
+        self.push(PgWireBackendMessage::ParseComplete(ParseComplete::new()));
+    }
+
+    fn extended_error(&mut self, e: PgError) {
+        self.fail(e);
+        self.skip_until_sync = true;
+    }
+
+    fn on_bind(&mut self, b: pgwire::messages::extendedquery::Bind) {
+        let name = b.statement_name.clone().unwrap_or_default();
+        let Some(prepared) = self.statements.get(&name) else {
+            return self.extended_error(PgError::new("26000", format!("prepared statement \"{name}\" does not exist")));
+        };
+        let mut params = Vec::with_capacity(b.parameters.len());
+        for (i, value) in b.parameters.iter().enumerate() {
+            let format = match b.parameter_format_codes.len() {
+                0 => 0,
+                1 => b.parameter_format_codes[0],
+                _ => b.parameter_format_codes.get(i).copied().unwrap_or(0),
+            };
+            let oid = prepared.param_types.get(i).copied().unwrap_or(crate::encode::oid::TEXT);
+            match decode_param(value.as_deref(), format, oid) {
+                Ok(v) => params.push(v),
+                Err(e) => return self.extended_error(e),
+            }
+        }
+        let portal = Portal {
+            stmt: prepared.stmt.clone(),
+            sql: prepared.sql.clone(),
+            params,
+            formats: b.result_column_format_codes.clone(),
+            rows: None,
+            sent: 0,
+        };
+        self.portals.insert(b.portal_name.unwrap_or_default(), portal);
+        self.push(PgWireBackendMessage::BindComplete(BindComplete::new()));
+    }
+
+    async fn on_describe(&mut self, target: u8, name: String) {
+        let (stmt, formats, param_types) = if target == b'S' {
+            match self.statements.get(&name) {
+                Some(p) => (p.stmt.clone(), vec![], Some(p.param_types.clone())),
+                None => return self.extended_error(PgError::new("26000", format!("prepared statement \"{name}\" does not exist"))),
+            }
+        } else {
+            match self.portals.get(&name) {
+                Some(p) => {
+                    if let Some(rows) = &p.rows {
+                        let schema = rows.schema();
+                        let formats = p.formats.clone();
+                        self.row_description(&schema, &formats);
+                        return;
+                    }
+                    (p.stmt.clone(), p.formats.clone(), None)
+                }
+                None => return self.extended_error(PgError::new("34000", format!("portal \"{name}\" does not exist"))),
+            }
+        };
+        if let Some(types) = param_types {
+            self.push(PgWireBackendMessage::ParameterDescription(ParameterDescription::new(types)));
+        }
+        match self.result_schema(stmt.as_ref()).await {
+            Ok(Some(schema)) => self.row_description(&schema, &formats),
+            Ok(None) => self.push(PgWireBackendMessage::NoData(NoData::new())),
+            Err(e) => self.extended_error(e),
+        }
+    }
+
+    async fn result_schema(&mut self, stmt: Option<&DrizzleStatement>) -> Result<Option<SchemaRef>, PgError> {
+        let Some(stmt) = stmt else { return Ok(None) };
+        match stmt {
+            DrizzleStatement::Query(q) => Ok(Some(self.engine.describe_query(q)?.0)),
+            DrizzleStatement::Fetch { name, .. } => Ok(self.cursors.get(name).map(|c| c.schema())),
+            DrizzleStatement::Explain(_)
+            | DrizzleStatement::ShowObjects(_)
+            | DrizzleStatement::ShowQueries
+            | DrizzleStatement::ShowCreate { .. }
+            | DrizzleStatement::ShowVariable(_) => {
+                let mut settings = self.settings.clone();
+                match self.engine.execute(stmt.clone(), &mut settings, &[], "").await? {
+                    Outcome::Rows { schema, .. } => Ok(Some(schema)),
+                    _ => Ok(None),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn on_execute(&mut self, name: String, max_rows: i32) -> Result<(), Disconnect> {
+        let Some(mut portal) = self.portals.remove(&name) else {
+            self.extended_error(PgError::new("34000", format!("portal \"{name}\" does not exist")));
+            return Ok(());
+        };
+        if self.txn_failed {
+            self.extended_error(PgError::new("25P02", "current transaction is aborted, commands ignored until end of transaction block"));
+            return Ok(());
+        }
+        let max_rows = if max_rows > 0 { max_rows as usize } else { 0 };
+        // A query executed with a row limit becomes a suspended portal.
+        if max_rows > 0 && portal.rows.is_none() {
+            if let Some(query) = portal.stmt.as_ref().and_then(|s| match s {
+                DrizzleStatement::Query(q) => Some(q.clone()),
+                _ => None,
+            }) {
+                match self.open_rows(&query, &portal.params.clone(), &portal.sql.clone()).await {
+                    Ok(rows) => portal.rows = Some(rows),
+                    Err(e) => {
+                        self.extended_error(e);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if let Some(mut rows) = portal.rows.take() {
+            let timeout = self.settings.fetch_timeout;
+            let want = if max_rows > 0 { Some(max_rows) } else { None };
+            let fetched = match self.fetch(&mut rows, want, timeout).await? {
+                Ok(b) => b,
+                Err(e) => {
+                    self.extended_error(e);
+                    return Ok(());
+                }
+            };
+            let binary = binary_flags(&portal.formats, rows.schema().fields().len());
+            let mut n = 0;
+            for b in &fetched {
+                crate::encode::write_data_rows(&mut self.out, b, &binary);
+                n += b.num_rows();
+            }
+            portal.sent += n as u64;
+            let exhausted = match &rows {
+                RowSource::Finite { batches, .. } => batches.is_empty(),
+                RowSource::Live { done, buffered, .. } => *done && buffered.is_empty(),
+            };
+            if max_rows > 0 && n == max_rows && !exhausted {
+                self.push(PgWireBackendMessage::PortalSuspended(PortalSuspended::new()));
+                portal.rows = Some(rows);
+            } else {
+                self.complete(format!("SELECT {}", portal.sent));
+            }
+            self.portals.insert(name, portal);
+            return Ok(());
+        }
+        let Some(stmt) = portal.stmt.clone() else {
+            self.push(PgWireBackendMessage::EmptyQueryResponse(EmptyQueryResponse::new()));
+            return Ok(());
+        };
+        let mode = Mode::Extended {
+            formats: portal.formats.clone(),
+        };
+        let params = portal.params.clone();
+        let sql = portal.sql.clone();
+        self.portals.insert(name, portal);
+        match self.statement(stmt, &params, mode, &sql).await? {
+            Ok(()) => {}
+            Err(e) => self.extended_error(e),
+        }
+        Ok(())
+    }
+}
+
+fn statement_query(stmt: &DrizzleStatement) -> Option<&datafusion::sql::sqlparser::ast::Query> {
+    match stmt {
+        DrizzleStatement::Query(q)
+        | DrizzleStatement::Explain(q)
+        | DrizzleStatement::CopyTo { query: q, .. }
+        | DrizzleStatement::DeclareCursor { query: q, .. }
+        | DrizzleStatement::Insert { source: q, .. }
+        | DrizzleStatement::CreateView { query: q, .. } => Some(q),
+        _ => None,
+    }
+}
+
+/// Decodes one Bind parameter to a DataFusion scalar of the declared type.
+fn decode_param(value: Option<&[u8]>, format: i16, oid: u32) -> Result<ScalarValue, PgError> {
+    use crate::encode::oid as o;
+    let target = match oid {
+        o::BOOL => DataType::Boolean,
+        o::INT2 => DataType::Int16,
+        o::INT4 => DataType::Int32,
+        o::INT8 => DataType::Int64,
+        o::FLOAT4 => DataType::Float32,
+        o::FLOAT8 => DataType::Float64,
+        o::DATE => DataType::Date32,
+        o::TIMESTAMP => DataType::Timestamp(TimeUnit::Microsecond, None),
+        o::TIMESTAMPTZ => DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
+        o::NUMERIC => DataType::Decimal128(38, 10),
+        _ => DataType::Utf8,
+    };
+    let Some(bytes) = value else {
+        return ScalarValue::try_from(&target).map_err(crate::errors::from_datafusion);
+    };
+    let bad = |what: &str| PgError::new("22P03", format!("incorrect binary data format in bind parameter ({what})"));
+    if format == 1 {
+        let fixed = |n: usize| -> Result<&[u8], PgError> {
+            if bytes.len() == n {
+                Ok(bytes)
+            } else {
+                Err(bad(&format!("expected {n} bytes, got {}", bytes.len())))
+            }
+        };
+        return Ok(match oid {
+            o::BOOL => ScalarValue::Boolean(Some(fixed(1)?[0] != 0)),
+            o::INT2 => ScalarValue::Int16(Some(i16::from_be_bytes(fixed(2)?.try_into().map_err(|_| bad("int2"))?))),
+            o::INT4 => ScalarValue::Int32(Some(i32::from_be_bytes(fixed(4)?.try_into().map_err(|_| bad("int4"))?))),
+            o::INT8 => ScalarValue::Int64(Some(i64::from_be_bytes(fixed(8)?.try_into().map_err(|_| bad("int8"))?))),
+            o::FLOAT4 => ScalarValue::Float32(Some(f32::from_be_bytes(fixed(4)?.try_into().map_err(|_| bad("float4"))?))),
+            o::FLOAT8 => ScalarValue::Float64(Some(f64::from_be_bytes(fixed(8)?.try_into().map_err(|_| bad("float8"))?))),
+            o::DATE => ScalarValue::Date32(Some(i32::from_be_bytes(fixed(4)?.try_into().map_err(|_| bad("date"))?) + 10_957)),
+            o::TIMESTAMP | o::TIMESTAMPTZ => {
+                let us = i64::from_be_bytes(fixed(8)?.try_into().map_err(|_| bad("timestamp"))?) + 946_684_800_000_000;
+                let tz = if oid == o::TIMESTAMPTZ { Some("+00:00".into()) } else { None };
+                ScalarValue::TimestampMicrosecond(Some(us), tz)
+            }
+            o::NUMERIC => return Err(PgError::unsupported("binary NUMERIC parameters are not supported").with_hint("send numeric parameters as text")),
+            _ => ScalarValue::Utf8(Some(String::from_utf8(bytes.to_vec()).map_err(|_| bad("not UTF-8"))?)),
+        });
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| PgError::new("22021", "parameter is not valid UTF-8"))?;
+    if target == DataType::Utf8 {
+        return Ok(ScalarValue::Utf8(Some(text.to_string())));
+    }
+    let array = crate::encode::parse_column(&[Some(text)], &target, "parameter").map_err(|(_, e)| e)?;
+    ScalarValue::try_from_array(&array, 0).map_err(crate::errors::from_datafusion)
+}
