@@ -68,7 +68,11 @@ struct Cache {
 
 impl Cache {
     fn get(&self, idx: usize) -> Option<RecordBatch> {
-        self.entries.iter().rev().find(|(i, _)| *i == idx).map(|(_, b)| b.clone())
+        self.entries
+            .iter()
+            .rev()
+            .find(|(i, _)| *i == idx)
+            .map(|(_, b)| b.clone())
     }
 
     fn put(&mut self, idx: usize, batch: RecordBatch) {
@@ -97,7 +101,8 @@ impl PartitionLog {
             .open(&path)
             .map_err(|e| ExecError::io(&path, e))?;
         let mut data = Vec::new();
-        file.read_to_end(&mut data).map_err(|e| ExecError::io(&path, e))?;
+        file.read_to_end(&mut data)
+            .map_err(|e| ExecError::io(&path, e))?;
         let mut frames = Vec::new();
         let mut pos = 0usize;
         let mut end = 0u64;
@@ -111,7 +116,10 @@ impl PartitionLog {
             let base = u64::from_le_bytes(h[12..20].try_into().unwrap_or_default());
             let rows = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
             let start = pos + HEADER;
-            if start + len > data.len() || crc32fast::hash(&data[start..start + len]) != crc || base != end {
+            if start + len > data.len()
+                || crc32fast::hash(&data[start..start + len]) != crc
+                || base != end
+            {
                 break;
             }
             frames.push(Frame {
@@ -125,10 +133,12 @@ impl PartitionLog {
         }
         if pos < data.len() {
             tracing::warn!(path = %path.display(), valid = pos, total = data.len(), "truncating torn log tail");
-            file.set_len(pos as u64).map_err(|e| ExecError::io(&path, e))?;
+            file.set_len(pos as u64)
+                .map_err(|e| ExecError::io(&path, e))?;
             file.sync_all().map_err(|e| ExecError::io(&path, e))?;
         }
-        file.seek(SeekFrom::End(0)).map_err(|e| ExecError::io(&path, e))?;
+        file.seek(SeekFrom::End(0))
+            .map_err(|e| ExecError::io(&path, e))?;
         Ok(Self {
             path,
             schema,
@@ -163,7 +173,9 @@ impl PartitionLog {
         buf.extend_from_slice(&base.to_le_bytes());
         buf.extend_from_slice(&(batch.num_rows() as u32).to_le_bytes());
         buf.extend_from_slice(&payload);
-        let pos = file.seek(SeekFrom::End(0)).map_err(|e| ExecError::io(&self.path, e))?;
+        let pos = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| ExecError::io(&self.path, e))?;
         if let Err(e) = file.write_all(&buf).and_then(|_| file.sync_data()) {
             // Undo a partial write so the file stays a sequence of whole frames.
             let _ = file.set_len(pos);
@@ -178,7 +190,8 @@ impl PartitionLog {
         });
         let idx = frames.len() - 1;
         self.cache.lock().put(idx, batch.clone());
-        self.end.store(base + batch.num_rows() as u64, Ordering::Release);
+        self.end
+            .store(base + batch.num_rows() as u64, Ordering::Release);
         Ok(base)
     }
 
@@ -203,7 +216,11 @@ impl PartitionLog {
             let batch = self.frame_batch(idx, &f)?;
             let lo = from.saturating_sub(f.base) as usize;
             let hi = ((to - f.base) as usize).min(f.rows as usize);
-            out.push(if lo == 0 && hi == f.rows as usize { batch } else { batch.slice(lo, hi - lo) });
+            out.push(if lo == 0 && hi == f.rows as usize {
+                batch
+            } else {
+                batch.slice(lo, hi - lo)
+            });
         }
         Ok(out)
     }
@@ -216,7 +233,8 @@ impl PartitionLog {
         {
             use std::os::unix::fs::FileExt;
             let file = self.file.lock();
-            file.read_exact_at(&mut buf, f.pos).map_err(|e| ExecError::io(&self.path, e))?;
+            file.read_exact_at(&mut buf, f.pos)
+                .map_err(|e| ExecError::io(&self.path, e))?;
         }
         let mut batches = drizzle_shuffle::decode_block(&Bytes::from(buf))?;
         if batches.len() != 1 {
@@ -247,7 +265,12 @@ impl Log {
         std::fs::create_dir_all(dir).map_err(|e| ExecError::io(dir, e))?;
         let partitions = (0..partitions.max(1))
             .map(|p| {
-                PartitionLog::open(dir.join(format!("p{p}.log")), Arc::clone(&schema), cache_all).map(Arc::new)
+                PartitionLog::open(
+                    dir.join(format!("p{p}.log")),
+                    Arc::clone(&schema),
+                    cache_all,
+                )
+                .map(Arc::new)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -302,7 +325,8 @@ mod tests {
     #[test]
     fn append_read_reopen_and_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
         {
             let log = Log::open(dir.path(), Arc::clone(&schema), 1, false).unwrap();
             log.append(&batch(&schema, vec![1, 2, 3])).unwrap();
@@ -313,7 +337,14 @@ mod tests {
                 .read(2, 4)
                 .unwrap()
                 .iter()
-                .flat_map(|b| b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec())
+                .flat_map(|b| {
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap()
+                        .values()
+                        .to_vec()
+                })
                 .collect();
             assert_eq!(rows, vec![3, 4]);
         }

@@ -17,7 +17,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatchOptions, TimestampMicrosecondArray, UInt32Array};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatchOptions, TimestampMicrosecondArray,
+    UInt32Array,
+};
 use arrow::compute::{filter_record_batch, take, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
@@ -61,7 +64,9 @@ fn as_mask(array: &ArrayRef) -> Result<BooleanArray> {
     match array.data_type() {
         DataType::Boolean => Ok(array.as_boolean().clone()),
         DataType::Null => Ok(BooleanArray::from(vec![false; array.len()])),
-        other => Err(ExecError::invalid(format!("predicate evaluated to {other}, not boolean"))),
+        other => Err(ExecError::invalid(format!(
+            "predicate evaluated to {other}, not boolean"
+        ))),
     }
 }
 
@@ -88,7 +93,10 @@ pub fn apply_ops(
                 filter_record_batch(&batch, &mask)?
             }
             BatchOp::Project { exprs, schema } => {
-                let columns = exprs.iter().map(|e| eval(e, &batch)).collect::<Result<Vec<_>>>()?;
+                let columns = exprs
+                    .iter()
+                    .map(|e| eval(e, &batch))
+                    .collect::<Result<Vec<_>>>()?;
                 RecordBatch::try_new_with_options(
                     Arc::clone(schema),
                     columns,
@@ -109,19 +117,33 @@ fn lookup_join(
     tables: &dyn TableEvaluator,
 ) -> Result<RecordBatch> {
     let version = tables.version();
-    let stale = joins.tables.get(&op_index).is_none_or(|t| t.version != version);
+    let stale = joins
+        .tables
+        .get(&op_index)
+        .is_none_or(|t| t.version != version);
     if stale {
         let batches = tables.evaluate(&spec.table_plan)?;
         let table = arrow::compute::concat_batches(&spec.table_schema, &batches)?;
-        let keys = spec.table_keys.iter().map(|e| eval(e, &table)).collect::<Result<Vec<_>>>()?;
-        let converter = RowConverter::new(keys.iter().map(|k| SortField::new(k.data_type().clone())).collect())?;
+        let keys = spec
+            .table_keys
+            .iter()
+            .map(|e| eval(e, &table))
+            .collect::<Result<Vec<_>>>()?;
+        let converter = RowConverter::new(
+            keys.iter()
+                .map(|k| SortField::new(k.data_type().clone()))
+                .collect(),
+        )?;
         let rows = converter.convert_columns(&keys)?;
         let mut index: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
         for row in 0..table.num_rows() {
             if keys.iter().any(|k| k.is_null(row)) {
                 continue;
             }
-            index.entry(rows.row(row).as_ref().into()).or_default().push(row as u32);
+            index
+                .entry(rows.row(row).as_ref().into())
+                .or_default()
+                .push(row as u32);
         }
         joins.tables.insert(
             op_index,
@@ -137,7 +159,11 @@ fn lookup_join(
         .tables
         .get(&op_index)
         .ok_or_else(|| ExecError::invalid("lookup join table missing"))?;
-    let keys = spec.stream_keys.iter().map(|e| eval(e, batch)).collect::<Result<Vec<_>>>()?;
+    let keys = spec
+        .stream_keys
+        .iter()
+        .map(|e| eval(e, batch))
+        .collect::<Result<Vec<_>>>()?;
     // The table side's key types are the same after DataFusion's coercion.
     let rows = built.converter.convert_columns(&keys)?;
     let mut stream_idx: Vec<u32> = Vec::with_capacity(batch.num_rows());
@@ -210,15 +236,23 @@ pub struct Assigned {
 impl WindowAssignExec {
     /// The partition's watermark after the rows seen so far (µs).
     pub fn watermark_us(&self, spec: &WindowSpec) -> Option<i64> {
-        self.max_event_us.map(|m| m.saturating_sub(spec.watermark_delay_ms * 1000))
+        self.max_event_us
+            .map(|m| m.saturating_sub(spec.watermark_delay_ms * 1000))
     }
 
     /// Assigns windows to `batch` (the stream's rows) and drops late rows.
-    pub fn assign(&mut self, spec: &WindowSpec, schema: &SchemaRef, batch: &RecordBatch) -> Result<Assigned> {
+    pub fn assign(
+        &mut self,
+        spec: &WindowSpec,
+        schema: &SchemaRef,
+        batch: &RecordBatch,
+    ) -> Result<Assigned> {
         let ts = batch.column(spec.time_column);
         let ts = ts
             .as_primitive_opt::<TimestampMicrosecondType>()
-            .ok_or_else(|| ExecError::invalid("window time column is not a microsecond timestamp"))?;
+            .ok_or_else(|| {
+                ExecError::invalid("window time column is not a microsecond timestamp")
+            })?;
         let size = spec.size_ms * 1000;
         let slide = spec.slide_ms * 1000;
         let delay = spec.watermark_delay_ms * 1000;
@@ -261,8 +295,12 @@ impl WindowAssignExec {
         };
         let ends: Vec<i64> = starts.iter().map(|s| s + size).collect();
         let mut columns = base.columns().to_vec();
-        columns.push(Arc::new(TimestampMicrosecondArray::from(starts).with_timezone_opt(tz.clone())));
-        columns.push(Arc::new(TimestampMicrosecondArray::from(ends).with_timezone_opt(tz)));
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(starts).with_timezone_opt(tz.clone()),
+        ));
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(ends).with_timezone_opt(tz),
+        ));
         let out = RecordBatch::try_new_with_options(
             Arc::clone(schema),
             columns,
@@ -277,7 +315,9 @@ fn new_accumulator(agg: &Arc<AggregateFunctionExpr>) -> Result<Box<dyn GroupsAcc
         Ok(agg.create_groups_accumulator()?)
     } else {
         let agg = Arc::clone(agg);
-        Ok(Box::new(GroupsAccumulatorAdapter::new(move || agg.create_accumulator())))
+        Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+            agg.create_accumulator()
+        })))
     }
 }
 
@@ -299,11 +339,23 @@ pub fn partial_aggregate(plan: &AggregatePlan, batch: &RecordBatch) -> Result<Re
     } else {
         values.intern(&group_cols, &mut groups)?;
     }
-    let n = if group_cols.is_empty() { 1 } else { values.len() };
-    let mut columns = if group_cols.is_empty() { Vec::new() } else { values.emit(EmitTo::All)? };
+    let n = if group_cols.is_empty() {
+        1
+    } else {
+        values.len()
+    };
+    let mut columns = if group_cols.is_empty() {
+        Vec::new()
+    } else {
+        values.emit(EmitTo::All)?
+    };
     for (agg, filter) in plan.aggregates.iter().zip(&plan.filters) {
         let mut acc = new_accumulator(agg)?;
-        let args = agg.expressions().iter().map(|e| eval(e, batch)).collect::<Result<Vec<_>>>()?;
+        let args = agg
+            .expressions()
+            .iter()
+            .map(|e| eval(e, batch))
+            .collect::<Result<Vec<_>>>()?;
         let mask = match filter {
             Some(f) => Some(as_mask(&eval(f, batch)?)?),
             None => None,
@@ -329,7 +381,11 @@ impl GroupTable {
     fn new(plan: &AggregatePlan) -> Result<Self> {
         Ok(Self {
             values: new_group_values(Arc::clone(&plan.group_schema), &GroupOrdering::None)?,
-            accs: plan.aggregates.iter().map(new_accumulator).collect::<Result<Vec<_>>>()?,
+            accs: plan
+                .aggregates
+                .iter()
+                .map(new_accumulator)
+                .collect::<Result<Vec<_>>>()?,
             seen: false,
         })
     }
@@ -368,7 +424,11 @@ impl GroupTable {
         if n == 0 {
             return Ok(RecordBatch::new_empty(Arc::clone(&plan.output_schema)));
         }
-        let mut columns = if plan.group_exprs.is_empty() { Vec::new() } else { self.values.emit(EmitTo::All)? };
+        let mut columns = if plan.group_exprs.is_empty() {
+            Vec::new()
+        } else {
+            self.values.emit(EmitTo::All)?
+        };
         for acc in &mut self.accs {
             columns.push(acc.evaluate(EmitTo::All)?);
         }
@@ -453,7 +513,11 @@ impl AggregateFinalExec {
 
     /// Merges the partial blocks of one micro-batch, then emits: closed windows
     /// (when `watermark_us` passed their end) or the changed groups.
-    pub fn process(&mut self, partials: &[RecordBatch], watermark_us: Option<i64>) -> Result<AggregateOutput> {
+    pub fn process(
+        &mut self,
+        partials: &[RecordBatch],
+        watermark_us: Option<i64>,
+    ) -> Result<AggregateOutput> {
         match self.plan.window {
             None => self.process_upsert(partials),
             Some(w) => self.process_windowed(partials, w, watermark_us),
@@ -484,7 +548,10 @@ impl AggregateFinalExec {
             }
         }
         if order.is_empty() {
-            return Ok(AggregateOutput { chunks: vec![], late: 0 });
+            return Ok(AggregateOutput {
+                chunks: vec![],
+                late: 0,
+            });
         }
         // Key values of the changed groups, taken from the rows that changed them.
         let keys: Vec<ArrayRef> = (0..k)
@@ -540,7 +607,9 @@ impl AggregateFinalExec {
                 };
                 let table = match self.windows.entry(end) {
                     std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => e.insert(GroupTable::new(&self.plan)?),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(GroupTable::new(&self.plan)?)
+                    }
                 };
                 table.merge(&self.plan, &part)?;
             }

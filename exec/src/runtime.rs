@@ -37,12 +37,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use drizzle_planner::{BatchOp, EmitMode, StreamingPlan};
-use drizzle_shuffle::{BatchId, BlockId, BlockStore, MapPartition, QueryId, ReducePartition, StageId};
+use drizzle_shuffle::{
+    BatchId, BlockId, BlockStore, MapPartition, QueryId, ReducePartition, StageId,
+};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::error::{ExecError, Result};
-use crate::ops::{apply_ops, partial_aggregate, AggregateFinalExec, JoinCache, TableEvaluator, WindowAssignExec};
+use crate::ops::{
+    apply_ops, partial_aggregate, AggregateFinalExec, JoinCache, TableEvaluator, WindowAssignExec,
+};
 use crate::source::{SourcePartition, MAX_BATCH_ROWS};
 
 /// A worker (a task runtime with its own block store and scheduler).
@@ -186,7 +190,7 @@ struct CompiledQuery {
 
 impl CompiledQuery {
     fn trigger_at(&self, b: BatchId) -> Instant {
-        self.start + self.interval * (b.0 as u32 + 1).min(u32::MAX)
+        self.start + Duration::from_nanos((self.interval.as_nanos() as u64).saturating_mul(b.0 + 1))
     }
 }
 
@@ -235,8 +239,14 @@ struct GroupReport {
     group: GroupId,
     /// Source ranges read, per (batch, map partition): replayable.
     #[allow(dead_code)]
-    ranges: Vec<(BatchId, MapPartition, u64, u64)>,
+    ranges: Vec<SourceRange>,
 }
+
+/// Output chunks of one final-stage task: (window end, rows).
+type Chunks = Vec<(Option<i64>, RecordBatch)>;
+
+/// A source range read by a map task: (batch, partition, from, to).
+type SourceRange = (BatchId, MapPartition, u64, u64);
 
 enum SinkMsg {
     Output {
@@ -337,9 +347,14 @@ impl Runtime {
         let id = QueryId(self.next_query.fetch_add(1, Ordering::Relaxed));
         let w = self.workers.len() as u32;
         let map_partitions = spec.sources.len() as u32;
-        let reduce_partitions = if spec.plan.has_shuffle() { spec.reduce_partitions.max(1) } else { 0 };
+        let reduce_partitions = if spec.plan.has_shuffle() {
+            spec.reduce_partitions.max(1)
+        } else {
+            0
+        };
         // Consumers first: reduce partitions are placed, then producers learn where they are.
-        let reduce_placement: Vec<WorkerId> = (0..reduce_partitions).map(|r| WorkerId(r % w)).collect();
+        let reduce_placement: Vec<WorkerId> =
+            (0..reduce_partitions).map(|r| WorkerId(r % w)).collect();
         let status = Arc::new(QueryStatus {
             id,
             label: spec.label.clone(),
@@ -363,7 +378,10 @@ impl Runtime {
             notify: Notify::new(),
         });
         let window_schema = spec.plan.window.as_ref().map(|ws| {
-            datafusion::datasource::TableProvider::schema(&drizzle_planner::WindowProvider::new(spec.plan.stream.clone(), ws.clone()))
+            datafusion::datasource::TableProvider::schema(&drizzle_planner::WindowProvider::new(
+                spec.plan.stream.clone(),
+                ws.clone(),
+            ))
         });
         let query = Arc::new(CompiledQuery {
             id,
@@ -383,12 +401,30 @@ impl Runtime {
         self.queries.lock().insert(id, Arc::clone(&status));
         self.cancels.lock().insert(id, Arc::clone(&cancel));
         let (done_tx, done_rx) = watch::channel(0u64);
-        let final_tasks = if reduce_partitions > 0 { reduce_partitions } else { map_partitions };
-        tokio::spawn(collect(Arc::clone(&query), sink_rx, results_tx, done_tx, final_tasks, Arc::clone(&cancel)));
+        let final_tasks = if reduce_partitions > 0 {
+            reduce_partitions
+        } else {
+            map_partitions
+        };
+        tokio::spawn(collect(
+            Arc::clone(&query),
+            sink_rx,
+            results_tx,
+            done_tx,
+            final_tasks,
+            Arc::clone(&cancel),
+        ));
         let rt = Arc::clone(self);
         tokio::spawn(async move {
-            rt.coordinate(query, spec.sources, spec.start_offsets, done_rx, report_rx, Arc::clone(&cancel))
-                .await;
+            rt.coordinate(
+                query,
+                spec.sources,
+                spec.start_offsets,
+                done_rx,
+                report_rx,
+                Arc::clone(&cancel),
+            )
+            .await;
             rt.queries.lock().remove(&id);
             rt.cancels.lock().remove(&id);
         });
@@ -433,7 +469,13 @@ impl Runtime {
                 let map_tasks: Vec<(MapPartition, SourcePartition, u64)> = if first_launch {
                     (0..query.map_partitions)
                         .filter(|p| p % w == worker)
-                        .map(|p| (MapPartition(p), sources[p as usize].clone(), start_offsets[p as usize]))
+                        .map(|p| {
+                            (
+                                MapPartition(p),
+                                sources[p as usize].clone(),
+                                start_offsets[p as usize],
+                            )
+                        })
                         .collect()
                 } else {
                     (0..query.map_partitions)
@@ -504,7 +546,7 @@ async fn collect(
     final_tasks: u32,
     cancel: Arc<CancelToken>,
 ) {
-    let mut pending: BTreeMap<u64, (u32, Vec<(Option<i64>, RecordBatch)>)> = BTreeMap::new();
+    let mut pending: BTreeMap<u64, (u32, Chunks)> = BTreeMap::new();
     let mut next = 0u64;
     let mut remaining = query.plan.limit;
     let schema = Arc::clone(&query.plan.output_schema);
@@ -536,10 +578,16 @@ async fn collect(
             }
         }
         while pending.get(&next).is_some_and(|(n, _)| *n >= final_tasks) {
-            let Some((_, mut chunks)) = pending.remove(&next) else { break };
+            let Some((_, mut chunks)) = pending.remove(&next) else {
+                break;
+            };
             // Closed windows in window order, whatever partition they came from.
             chunks.sort_by_key(|(w, _)| *w);
-            let batches: Vec<RecordBatch> = chunks.into_iter().map(|(_, b)| b).filter(|b| b.num_rows() > 0).collect();
+            let batches: Vec<RecordBatch> = chunks
+                .into_iter()
+                .map(|(_, b)| b)
+                .filter(|b| b.num_rows() > 0)
+                .collect();
             let mut rows = match arrow::compute::concat_batches(&schema, &batches) {
                 Ok(r) => r,
                 Err(e) => {
@@ -558,11 +606,18 @@ async fn collect(
             }
             let status = &query.status;
             status.batches.fetch_add(1, Ordering::Relaxed);
-            status.rows_out.fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
+            status
+                .rows_out
+                .fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
             let latency = Instant::now().saturating_duration_since(query.trigger_at(BatchId(next)));
-            status.last_latency_us.store(latency.as_micros() as u64, Ordering::Relaxed);
+            status
+                .last_latency_us
+                .store(latency.as_micros() as u64, Ordering::Relaxed);
             if rows.num_rows() > 0 || finished {
-                let emitted = EmittedBatch { batch: BatchId(next), rows };
+                let emitted = EmittedBatch {
+                    batch: BatchId(next),
+                    rows,
+                };
                 if results.send(Ok(emitted)).await.is_err() {
                     end("client gone");
                     cancel.cancel();
@@ -601,7 +656,7 @@ struct WorkerQuery {
     /// Reduce tasks pre-scheduled, with the notices received so far.
     pending_reduces: BTreeMap<(u64, ReducePartition), Vec<MapOutputReady>>,
     /// Tasks left per group, for the per-group report.
-    group_left: BTreeMap<u64, (usize, Vec<(BatchId, MapPartition, u64, u64)>)>,
+    group_left: BTreeMap<u64, (usize, Vec<SourceRange>)>,
     group_size: u64,
     group_starts: BTreeMap<u64, u64>,
 }
@@ -621,7 +676,10 @@ enum Task {
 }
 
 fn unix_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 impl Worker {
@@ -644,11 +702,13 @@ impl Worker {
                 Ok(task) => self.run_task(task),
                 Err(wait) => {
                     let msg = match wait {
-                        Some(deadline) => match rx.recv_timeout(deadline.saturating_duration_since(now)) {
-                            Ok(m) => Some(m),
-                            Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-                            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-                        },
+                        Some(deadline) => {
+                            match rx.recv_timeout(deadline.saturating_duration_since(now)) {
+                                Ok(m) => Some(m),
+                                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                            }
+                        }
                         None => match rx.recv() {
                             Ok(m) => Some(m),
                             Err(_) => return,
@@ -717,7 +777,8 @@ impl Worker {
                         wq.pending_reduces.entry((b, *r)).or_default();
                     }
                 }
-                let tasks = (wq.maps.len() + reduce_tasks.len()) * (batches.end - batches.start) as usize;
+                let tasks =
+                    (wq.maps.len() + reduce_tasks.len()) * (batches.end - batches.start) as usize;
                 wq.group_left.insert(group.0, (tasks, Vec::new()));
                 wq.group_starts.insert(batches.start, group.0);
                 wq.group_size = batches.end - batches.start;
@@ -726,11 +787,16 @@ impl Worker {
                 if let Some(wq) = self.queries.get_mut(&notice.query) {
                     for r in 0..wq.q.reduce_partitions {
                         if wq.q.reduce_placement[r as usize] == self.id {
-                            if let Some(list) = wq.pending_reduces.get_mut(&(notice.batch.0, ReducePartition(r))) {
+                            if let Some(list) = wq
+                                .pending_reduces
+                                .get_mut(&(notice.batch.0, ReducePartition(r)))
+                            {
                                 list.push(notice.clone());
                             } else {
-                                wq.pending_reduces
-                                    .insert((notice.batch.0, ReducePartition(r)), vec![notice.clone()]);
+                                wq.pending_reduces.insert(
+                                    (notice.batch.0, ReducePartition(r)),
+                                    vec![notice.clone()],
+                                );
                             }
                         }
                     }
@@ -781,7 +847,9 @@ impl Worker {
             Task::Map(q, b, p) => self.run_map(q, b, p),
             Task::Reduce(q, b, r) => self.run_reduce(q, b, r),
         };
-        let Some(wq) = self.queries.get_mut(&qid) else { return };
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return;
+        };
         if let Err(e) = result {
             let _ = wq.q.sink.send(SinkMsg::Failed(e));
             self.queries.remove(&qid);
@@ -805,14 +873,22 @@ impl Worker {
     }
 
     fn run_map(&mut self, qid: QueryId, b: u64, p: MapPartition) -> Result<()> {
-        let Some(wq) = self.queries.get_mut(&qid) else { return Ok(()) };
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
         wq.pending_maps.remove(&(b, p));
         let q = Arc::clone(&wq.q);
         let Some(state) = wq.maps.get_mut(&p) else {
-            return Err(ExecError::invalid(format!("map partition {p} not on this worker")));
+            return Err(ExecError::invalid(format!(
+                "map partition {p} not on this worker"
+            )));
         };
         let from = state.next_offset;
-        let to = state.source.available(unix_us()).min(from.saturating_add(MAX_BATCH_ROWS)).max(from);
+        let to = state
+            .source
+            .available(unix_us())
+            .min(from.saturating_add(MAX_BATCH_ROWS))
+            .max(from);
         let pieces = state.source.read(from, to)?;
         state.next_offset = to;
         q.status.rows_in.fetch_add(to - from, Ordering::Relaxed);
@@ -823,7 +899,9 @@ impl Worker {
             if let (Some(spec), Some(schema)) = (&plan.window, &q.window_schema) {
                 let assigned = state.window.assign(spec, schema, &batch)?;
                 if assigned.late > 0 {
-                    q.status.late_rows.fetch_add(assigned.late, Ordering::Relaxed);
+                    q.status
+                        .late_rows
+                        .fetch_add(assigned.late, Ordering::Relaxed);
                 }
                 batch = assigned.batch;
             }
@@ -835,16 +913,27 @@ impl Worker {
                 outputs.push(out);
             }
         }
-        let watermark_us = plan.window.as_ref().and_then(|spec| state.window.watermark_us(spec));
+        let watermark_us = plan
+            .window
+            .as_ref()
+            .and_then(|spec| state.window.watermark_us(spec));
         let group = group_of(&wq.group_starts, b);
         if let Some(left) = wq.group_left.get_mut(&group) {
             left.1.push((BatchId(b), p, from, to));
         }
         match &plan.aggregate {
             None => {
-                let schema = outputs.first().map(|o| o.schema()).unwrap_or_else(|| Arc::clone(&plan.output_schema));
+                let schema = outputs
+                    .first()
+                    .map(|o| o.schema())
+                    .unwrap_or_else(|| Arc::clone(&plan.output_schema));
                 let batch = arrow::compute::concat_batches(&schema, &outputs)?;
-                let out = apply_post(&plan.post_ops, batch, &mut state.joins, self.tables.as_ref())?;
+                let out = apply_post(
+                    &plan.post_ops,
+                    batch,
+                    &mut state.joins,
+                    self.tables.as_ref(),
+                )?;
                 let _ = q.sink.send(SinkMsg::Output {
                     batch: BatchId(b),
                     chunks: vec![(None, out)],
@@ -852,7 +941,8 @@ impl Worker {
             }
             Some(agg) => {
                 let k = agg.group_exprs.len();
-                let mut per_reduce: Vec<Vec<RecordBatch>> = vec![Vec::new(); q.reduce_partitions as usize];
+                let mut per_reduce: Vec<Vec<RecordBatch>> =
+                    vec![Vec::new(); q.reduce_partitions as usize];
                 for out in &outputs {
                     let keys: Vec<_> = out.columns()[..k].to_vec();
                     let parts = if k == 0 {
@@ -908,14 +998,17 @@ impl Worker {
         Ok(())
     }
 
-
     fn run_reduce(&mut self, qid: QueryId, b: u64, r: ReducePartition) -> Result<()> {
-        let Some(wq) = self.queries.get_mut(&qid) else { return Ok(()) };
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
         let mut notices = wq.pending_reduces.remove(&(b, r)).unwrap_or_default();
         notices.sort_by_key(|n| n.map);
         let q = Arc::clone(&wq.q);
         let Some(state) = wq.reduces.get_mut(&r) else {
-            return Err(ExecError::invalid(format!("reduce partition {r} not on this worker")));
+            return Err(ExecError::invalid(format!(
+                "reduce partition {r} not on this worker"
+            )));
         };
         let mut partials = Vec::new();
         for n in &notices {
@@ -939,7 +1032,15 @@ impl Worker {
         }
         let mut chunks = Vec::with_capacity(out.chunks.len());
         for (w, batch) in out.chunks {
-            chunks.push((w, apply_post(&q.plan.post_ops, batch, &mut state.joins, self.tables.as_ref())?));
+            chunks.push((
+                w,
+                apply_post(
+                    &q.plan.post_ops,
+                    batch,
+                    &mut state.joins,
+                    self.tables.as_ref(),
+                )?,
+            ));
         }
         let _ = q.sink.send(SinkMsg::Output {
             batch: BatchId(b),
@@ -950,9 +1051,18 @@ impl Worker {
 }
 
 fn group_of(starts: &BTreeMap<u64, u64>, b: u64) -> u64 {
-    starts.range(..=b).next_back().map(|(_, g)| *g).unwrap_or_default()
+    starts
+        .range(..=b)
+        .next_back()
+        .map(|(_, g)| *g)
+        .unwrap_or_default()
 }
 
-fn apply_post(ops: &[BatchOp], batch: RecordBatch, joins: &mut JoinCache, tables: &dyn TableEvaluator) -> Result<RecordBatch> {
+fn apply_post(
+    ops: &[BatchOp],
+    batch: RecordBatch,
+    joins: &mut JoinCache,
+    tables: &dyn TableEvaluator,
+) -> Result<RecordBatch> {
     apply_ops(ops, batch, joins, tables)
 }

@@ -8,7 +8,10 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray, Date32Array};
+use arrow::array::{
+    ArrayRef, BooleanArray, Date32Array, Float32Array, Float64Array, Int16Array, Int32Array,
+    Int64Array, StringArray, TimestampMicrosecondArray,
+};
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use drizzle_planner::StreamDef;
@@ -45,10 +48,12 @@ fn opt_i64(def: &StreamDef, key: &str) -> Result<Option<i64>> {
     def.options
         .get(key)
         .map(|v| {
-            v.trim().parse::<i64>().map_err(|_| ExecError::InvalidOption {
-                option: key.into(),
-                message: format!("'{v}' is not an integer"),
-            })
+            v.trim()
+                .parse::<i64>()
+                .map_err(|_| ExecError::InvalidOption {
+                    option: key.into(),
+                    message: format!("'{v}' is not an integer"),
+                })
         })
         .transpose()
 }
@@ -57,12 +62,15 @@ impl DatagenSource {
     /// Validates the options of a datagen stream.
     pub fn new(def: &StreamDef) -> Result<Self> {
         let rows_per_second = match def.options.get("rows_per_second") {
-            Some(v) => v.trim().parse::<f64>().ok().filter(|r| *r > 0.0 && r.is_finite()).ok_or_else(|| {
-                ExecError::InvalidOption {
+            Some(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| *r > 0.0 && r.is_finite())
+                .ok_or_else(|| ExecError::InvalidOption {
                     option: "rows_per_second".into(),
                     message: format!("'{v}' is not a positive number"),
-                }
-            })?,
+                })?,
             None => 1.0,
         };
         for key in def.options.keys() {
@@ -92,7 +100,9 @@ impl DatagenSource {
             } else {
                 match (kind.as_deref(), &c.data_type) {
                     (None, DataType::Timestamp(_, _)) => FieldGen::GenerationTime,
-                    (Some("sequence"), _) => FieldGen::Sequence { min: min.unwrap_or(0) },
+                    (Some("sequence"), _) => FieldGen::Sequence {
+                        min: min.unwrap_or(0),
+                    },
                     (None | Some("random"), DataType::Utf8) => FieldGen::RandomString {
                         length: opt_i64(def, &key("length"))?.unwrap_or(8).clamp(1, 1024) as usize,
                     },
@@ -139,7 +149,8 @@ impl DatagenSource {
         let seqs: Vec<u64> = (from..to).map(|i| i * n + p as u64).collect();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.fields.len());
         for (gen, field) in self.fields.iter().zip(self.schema.fields()) {
-            let ints = |f: &dyn Fn(u64) -> i64| -> Vec<i64> { seqs.iter().map(|&s| f(s)).collect() };
+            let ints =
+                |f: &dyn Fn(u64) -> i64| -> Vec<i64> { seqs.iter().map(|&s| f(s)).collect() };
             let values: Vec<i64> = match gen {
                 FieldGen::Sequence { min } => ints(&|s| min + s as i64),
                 FieldGen::Random { min, max } => {
@@ -185,7 +196,9 @@ impl DatagenSource {
 }
 
 fn field_salt(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// splitmix64: a fixed, fast mixer, so row n of a generator is reproducible.
@@ -199,18 +212,38 @@ fn mix(mut x: u64) -> u64 {
 fn ints_to_array(v: Vec<i64>, t: &DataType) -> Result<ArrayRef> {
     Ok(match t {
         DataType::Int64 => Arc::new(Int64Array::from(v)),
-        DataType::Int32 => Arc::new(Int32Array::from(v.into_iter().map(|x| x as i32).collect::<Vec<_>>())),
-        DataType::Int16 => Arc::new(Int16Array::from(v.into_iter().map(|x| x as i16).collect::<Vec<_>>())),
-        DataType::Float64 => Arc::new(Float64Array::from(v.into_iter().map(|x| x as f64).collect::<Vec<_>>())),
-        DataType::Float32 => Arc::new(Float32Array::from(v.into_iter().map(|x| x as f32).collect::<Vec<_>>())),
-        DataType::Boolean => Arc::new(BooleanArray::from(v.into_iter().map(|x| x % 2 == 1).collect::<Vec<_>>())),
-        DataType::Utf8 => Arc::new(StringArray::from(v.into_iter().map(|x| x.to_string()).collect::<Vec<_>>())),
-        DataType::Date32 => Arc::new(Date32Array::from(v.into_iter().map(|x| x as i32).collect::<Vec<_>>())),
+        DataType::Int32 => Arc::new(Int32Array::from(
+            v.into_iter().map(|x| x as i32).collect::<Vec<_>>(),
+        )),
+        DataType::Int16 => Arc::new(Int16Array::from(
+            v.into_iter().map(|x| x as i16).collect::<Vec<_>>(),
+        )),
+        DataType::Float64 => Arc::new(Float64Array::from(
+            v.into_iter().map(|x| x as f64).collect::<Vec<_>>(),
+        )),
+        DataType::Float32 => Arc::new(Float32Array::from(
+            v.into_iter().map(|x| x as f32).collect::<Vec<_>>(),
+        )),
+        DataType::Boolean => Arc::new(BooleanArray::from(
+            v.into_iter().map(|x| x % 2 == 1).collect::<Vec<_>>(),
+        )),
+        DataType::Utf8 => Arc::new(StringArray::from(
+            v.into_iter().map(|x| x.to_string()).collect::<Vec<_>>(),
+        )),
+        DataType::Date32 => Arc::new(Date32Array::from(
+            v.into_iter().map(|x| x as i32).collect::<Vec<_>>(),
+        )),
         DataType::Timestamp(TimeUnit::Microsecond, tz) => {
             Arc::new(TimestampMicrosecondArray::from(v).with_timezone_opt(tz.clone()))
         }
-        DataType::Decimal128(_, _) => arrow::compute::cast(&(Arc::new(Int64Array::from(v)) as ArrayRef), t)?,
-        other => return Err(ExecError::invalid(format!("datagen cannot generate {other}"))),
+        DataType::Decimal128(_, _) => {
+            arrow::compute::cast(&(Arc::new(Int64Array::from(v)) as ArrayRef), t)?
+        }
+        other => {
+            return Err(ExecError::invalid(format!(
+                "datagen cannot generate {other}"
+            )))
+        }
     })
 }
 
@@ -283,8 +316,18 @@ mod tests {
         StreamDef {
             name: "g".into(),
             columns: vec![
-                ColumnDef { name: "id".into(), data_type: DataType::Int64, sql_type: "BIGINT".into(), nullable: true },
-                ColumnDef { name: "kind".into(), data_type: DataType::Utf8, sql_type: "TEXT".into(), nullable: true },
+                ColumnDef {
+                    name: "id".into(),
+                    data_type: DataType::Int64,
+                    sql_type: "BIGINT".into(),
+                    nullable: true,
+                },
+                ColumnDef {
+                    name: "kind".into(),
+                    data_type: DataType::Utf8,
+                    sql_type: "TEXT".into(),
+                    nullable: true,
+                },
                 ColumnDef {
                     name: "ts".into(),
                     data_type: DataType::Timestamp(TimeUnit::Microsecond, None),
@@ -293,7 +336,10 @@ mod tests {
                 },
             ],
             watermark: None,
-            options: opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            options: opts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
             partitions: 1,
             created_at_ms: 1_000,
         }
@@ -301,7 +347,12 @@ mod tests {
 
     #[test]
     fn datagen_is_deterministic_and_rate_driven() {
-        let d = def(&[("connector", "datagen"), ("rows_per_second", "1000"), ("fields.id.kind", "sequence"), ("fields.kind.values", "view,click")]);
+        let d = def(&[
+            ("connector", "datagen"),
+            ("rows_per_second", "1000"),
+            ("fields.id.kind", "sequence"),
+            ("fields.kind.values", "view,click"),
+        ]);
         let g = DatagenSource::new(&d).unwrap();
         assert_eq!(g.available(0, 1_000_000 + 500_000), 500);
         let a = g.generate(0, 10, 20).unwrap();
@@ -309,14 +360,29 @@ mod tests {
         assert_eq!(a, b);
         let ids = a.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
         assert_eq!(ids.value(0), 10);
-        let ts = a.column(2).as_any().downcast_ref::<TimestampMicrosecondArray>().unwrap();
+        let ts = a
+            .column(2)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .unwrap();
         assert_eq!(ts.value(0), 1_000_000 + 10_000);
     }
 
     #[test]
     fn bad_datagen_options_are_rejected() {
-        assert!(DatagenSource::new(&def(&[("connector", "datagen"), ("rows_per_second", "-1")])).is_err());
-        assert!(DatagenSource::new(&def(&[("connector", "datagen"), ("fields.nope.kind", "random")])).is_err());
-        assert!(DatagenSource::new(&def(&[("connector", "datagen"), ("fields.id.kind", "zigzag")])).is_err());
+        assert!(
+            DatagenSource::new(&def(&[("connector", "datagen"), ("rows_per_second", "-1")]))
+                .is_err()
+        );
+        assert!(DatagenSource::new(&def(&[
+            ("connector", "datagen"),
+            ("fields.nope.kind", "random")
+        ]))
+        .is_err());
+        assert!(DatagenSource::new(&def(&[
+            ("connector", "datagen"),
+            ("fields.id.kind", "zigzag")
+        ]))
+        .is_err());
     }
 }

@@ -33,7 +33,9 @@ pub mod types;
 
 pub use catalog::{ColumnDef, StreamDef, TableDef, ViewDef, WatermarkSpec};
 pub use error::{PlanError, Result};
-pub use lower::{plan_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation, RelationResolver};
+pub use lower::{
+    plan_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation, RelationResolver,
+};
 pub use plan::{AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup};
 pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
 pub use statement::{parse_statements, CopyOptions, DrizzleStatement, ObjectKind};
@@ -47,5 +49,8 @@ pub fn new_session_context() -> datafusion::prelude::SessionContext {
         .with_information_schema(false);
     let ctx = datafusion::prelude::SessionContext::new_with_config(config);
     ctx.remove_optimizer_rule("single_distinct_aggregation_to_group_by");
+    // A LIMIT on a continuous query ends it; it must stay at the top, not be
+    // copied into the stream side of a join.
+    ctx.remove_optimizer_rule("push_down_limit");
     ctx
 }

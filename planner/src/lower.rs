@@ -9,20 +9,20 @@
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::tree_node::TreeNode;
+use datafusion::common::ScalarValue;
 use datafusion::common::{DFSchema, TableReference};
 use datafusion::config::ConfigOptions;
 use datafusion::datasource::{provider_as_source, source_as_provider, TableProvider};
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::planner::{ContextProvider, ExprPlanner};
 use datafusion::logical_expr::{
     AggregateUDF, Expr, HigherOrderUDF, JoinType, LogicalPlan, ScalarUDF, TableSource, WindowUDF,
 };
 use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
 use datafusion::physical_expr::{create_physical_expr, PhysicalExpr};
-use datafusion::common::ScalarValue;
-use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
-use datafusion::common::tree_node::TreeNode;
 use datafusion::sql::planner::SqlToRel;
 use datafusion::sql::sqlparser::ast::Query;
 
@@ -81,7 +81,9 @@ impl ContextProvider for DrizzleContextProvider<'_> {
             return Err(df_plan_err(format!("table '{name}' not found")));
         }
         match self.resolver.resolve(name.table()) {
-            Some(Relation::Stream(def)) => Ok(provider_as_source(Arc::new(StreamProvider::new(def)))),
+            Some(Relation::Stream(def)) => {
+                Ok(provider_as_source(Arc::new(StreamProvider::new(def))))
+            }
             Some(Relation::Finite(p)) => Ok(provider_as_source(p)),
             None => Err(df_plan_err(format!("table '{}' not found", name.table()))),
         }
@@ -107,11 +109,15 @@ impl ContextProvider for DrizzleContextProvider<'_> {
         };
         let want = if kind == WindowKind::Tumble { 3 } else { 4 };
         if args.len() != want {
-            return Err(df_plan_err(format!("wrong number of arguments: write {usage}")));
+            return Err(df_plan_err(format!(
+                "wrong number of arguments: write {usage}"
+            )));
         }
         let ident = |e: &Expr| match e {
             Expr::Column(c) => Ok(c.name.clone()),
-            other => Err(df_plan_err(format!("expected a name in {usage}, found {other}"))),
+            other => Err(df_plan_err(format!(
+                "expected a name in {usage}, found {other}"
+            ))),
         };
         let stream_name = ident(&args[0])?;
         let ts = ident(&args[1])?;
@@ -137,7 +143,10 @@ impl ContextProvider for DrizzleContextProvider<'_> {
                     Box::new(None),
                 )
             })?;
-        if !matches!(stream.columns[time_column].data_type, DataType::Timestamp(_, _)) {
+        if !matches!(
+            stream.columns[time_column].data_type,
+            DataType::Timestamp(_, _)
+        ) {
             return Err(df_plan_err(format!(
                 "type mismatch: window time column {ts} must be a TIMESTAMP, not {}",
                 stream.columns[time_column].sql_type
@@ -158,7 +167,9 @@ impl ContextProvider for DrizzleContextProvider<'_> {
                 }
             };
             if ms <= 0 {
-                return Err(df_plan_err(format!("window intervals must be positive in {usage}")));
+                return Err(df_plan_err(format!(
+                    "window intervals must be positive in {usage}"
+                )));
             }
             Ok(ms)
         };
@@ -194,7 +205,9 @@ impl ContextProvider for DrizzleContextProvider<'_> {
             slide_ms,
             watermark_delay_ms: wm.delay_ms,
         };
-        Ok(provider_as_source(Arc::new(WindowProvider::new(stream, spec))))
+        Ok(provider_as_source(Arc::new(WindowProvider::new(
+            stream, spec,
+        ))))
     }
 
     fn get_expr_planners(&self) -> &[Arc<dyn ExprPlanner>] {
@@ -234,7 +247,11 @@ impl ContextProvider for DrizzleContextProvider<'_> {
     }
 
     fn higher_order_function_names(&self) -> Vec<String> {
-        self.state.higher_order_functions().keys().cloned().collect()
+        self.state
+            .higher_order_functions()
+            .keys()
+            .cloned()
+            .collect()
     }
 
     fn udwf_names(&self) -> Vec<String> {
@@ -280,7 +297,11 @@ pub fn sql_to_unoptimized(
 ) -> Result<LogicalPlan> {
     let provider = DrizzleContextProvider::new(state, resolver);
     let sql_to_rel = SqlToRel::new(&provider);
-    Ok(sql_to_rel.sql_statement_to_plan(datafusion::sql::sqlparser::ast::Statement::Query(Box::new(query.clone())))?)
+    Ok(
+        sql_to_rel.sql_statement_to_plan(datafusion::sql::sqlparser::ast::Statement::Query(
+            Box::new(query.clone()),
+        ))?,
+    )
 }
 
 /// True when any scan in the plan reads a stream (or a window over one).
@@ -289,7 +310,9 @@ pub fn reads_stream(plan: &LogicalPlan) -> bool {
     let _ = plan.apply(|node| {
         if let LogicalPlan::TableScan(scan) = node {
             if let Ok(p) = source_as_provider(&scan.source) {
-                if p.downcast_ref::<StreamProvider>().is_some() || p.downcast_ref::<WindowProvider>().is_some() {
+                if p.downcast_ref::<StreamProvider>().is_some()
+                    || p.downcast_ref::<WindowProvider>().is_some()
+                {
                     found = true;
                 }
             }
@@ -322,8 +345,17 @@ impl Lowered {
     }
 }
 
-fn physical(expr: &Expr, schema: &DFSchema, state_props: &datafusion::execution::context::ExecutionProps) -> Result<Arc<dyn PhysicalExpr>> {
-    Ok(create_physical_expr(expr, schema, state_props, &PhysicalPlanningContext::default())?)
+fn physical(
+    expr: &Expr,
+    schema: &DFSchema,
+    state_props: &datafusion::execution::context::ExecutionProps,
+) -> Result<Arc<dyn PhysicalExpr>> {
+    Ok(create_physical_expr(
+        expr,
+        schema,
+        state_props,
+        &PhysicalPlanningContext::default(),
+    )?)
 }
 
 /// Lowers an optimised logical plan that reads a stream.
@@ -338,7 +370,11 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
         Some(_) => EmitMode::Upsert,
     };
     let upsert_keys = match &lowered.aggregate {
-        Some(agg) if emit == EmitMode::Upsert => key_columns(agg.group_exprs.len(), &lowered.post_ops, output_schema.fields().len()),
+        Some(agg) if emit == EmitMode::Upsert => key_columns(
+            agg.group_exprs.len(),
+            &lowered.post_ops,
+            output_schema.fields().len(),
+        ),
         _ => None,
     };
     Ok(StreamingPlan {

@@ -204,7 +204,11 @@ impl StreamingPlan {
                         "AggregateFinalExec: group=[{}], aggr=[{}], state=keyed{}",
                         keys.join(", "),
                         aggs.join(", "),
-                        if agg.window.is_some() { " per window" } else { "" }
+                        if agg.window.is_some() {
+                            " per window"
+                        } else {
+                            ""
+                        }
                     ),
                 ];
                 reduce_ops.extend(self.post_ops.iter().map(describe_op));
@@ -231,10 +235,15 @@ impl StreamingPlan {
                 .map(|f| f.name().as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
-            self.limit.map(|l| format!(", limit={l}")).unwrap_or_default()
+            self.limit
+                .map(|l| format!(", limit={l}"))
+                .unwrap_or_default()
         )];
         for stage in self.stages(reduce_partitions).iter().rev() {
-            lines.push(format!("  Stage {} ({}, {} tasks per micro-batch):", stage.id, stage.name, stage.tasks));
+            lines.push(format!(
+                "  Stage {} ({}, {} tasks per micro-batch):",
+                stage.id, stage.name, stage.tasks
+            ));
             for (i, op) in stage.operators.iter().rev().enumerate() {
                 lines.push(format!("    {}{}", "  ".repeat(i), op));
             }
@@ -268,6 +277,9 @@ fn describe_op(op: &BatchOp) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        BatchOp::LookupJoin(j) => format!("LookupJoinExec: {:?}, on=[{}], table side re-read when tables change", j.join_type, j.display),
+        BatchOp::LookupJoin(j) => format!(
+            "LookupJoinExec: {:?}, on=[{}], table side re-read when tables change",
+            j.join_type, j.display
+        ),
     }
 }

@@ -356,7 +356,9 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
     }
     if p.parse_keyword(Keyword::EXPLAIN) {
         if p.parse_keyword(Keyword::ANALYZE) {
-            return Err(PlanError::unsupported("EXPLAIN ANALYZE on a continuous query"));
+            return Err(PlanError::unsupported(
+                "EXPLAIN ANALYZE on a continuous query",
+            ));
         }
         let _ = p.parse_keyword(Keyword::VERBOSE);
         return Ok(DrizzleStatement::Explain(p.parse_query()?));
@@ -377,7 +379,8 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
         let name = parse_setting_name(p)?;
         return Ok(DrizzleStatement::Reset(name));
     }
-    if p.parse_keyword(Keyword::BEGIN) || p.parse_keywords(&[Keyword::START, Keyword::TRANSACTION]) {
+    if p.parse_keyword(Keyword::BEGIN) || p.parse_keywords(&[Keyword::START, Keyword::TRANSACTION])
+    {
         let _ = p.parse_one_of_keywords(&[Keyword::WORK, Keyword::TRANSACTION]);
         skip_to_end(p);
         return Ok(DrizzleStatement::Begin);
@@ -412,7 +415,9 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
                 )));
             }
         }
-        if p.parse_one_of_keywords(&[Keyword::WITH, Keyword::WITHOUT]).is_some() {
+        if p.parse_one_of_keywords(&[Keyword::WITH, Keyword::WITHOUT])
+            .is_some()
+        {
             p.expect_keyword(Keyword::HOLD)?;
         }
         p.expect_keyword(Keyword::FOR)?;
@@ -455,7 +460,11 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
         _ => match p.parse_statement() {
             Ok(stmt) => Err(PlanError::unsupported(format!(
                 "statement {}",
-                stmt.to_string().split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+                stmt.to_string()
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ))),
             Err(e) => Err(e.into()),
         },
@@ -523,7 +532,11 @@ fn parse_setting_value(p: &mut Parser<'_>) -> Result<String> {
             Token::Number(n, _) => n.clone(),
             Token::Word(w) => w.value.clone(),
             Token::Minus => "-".into(),
-            other => return Err(PlanError::syntax(format!("unexpected {other} in SET value"))),
+            other => {
+                return Err(PlanError::syntax(format!(
+                    "unexpected {other} in SET value"
+                )))
+            }
         };
         parts.push(s);
         if !p.consume_token(&Token::Comma) {
@@ -567,14 +580,22 @@ fn parse_create_stream(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
                     }
                     k
                 }
-                other => return Err(PlanError::syntax(format!("expected option name, found: {other}"))),
+                other => {
+                    return Err(PlanError::syntax(format!(
+                        "expected option name, found: {other}"
+                    )))
+                }
             };
             p.expect_token(&Token::Eq)?;
             let value = match p.next_token().token {
                 Token::SingleQuotedString(s) => s,
                 Token::Number(n, _) => n,
                 Token::Word(w) => w.value,
-                other => return Err(PlanError::syntax(format!("expected option value, found: {other}"))),
+                other => {
+                    return Err(PlanError::syntax(format!(
+                        "expected option value, found: {other}"
+                    )))
+                }
             };
             if options.insert(key.clone(), value).is_some() {
                 return Err(PlanError::invalid(format!("option {key} given twice")));
@@ -631,7 +652,9 @@ fn parse_columns(
                 }
             }
             if columns.iter().any(|c| c.name == name) {
-                return Err(PlanError::invalid(format!("column \"{name}\" specified more than once")));
+                return Err(PlanError::invalid(format!(
+                    "column \"{name}\" specified more than once"
+                )));
             }
             columns.push(ColumnDef {
                 name,
@@ -646,15 +669,18 @@ fn parse_columns(
     }
     p.expect_token(&Token::RParen)?;
     if columns.is_empty() {
-        return Err(PlanError::syntax("a stream or table needs at least one column"));
+        return Err(PlanError::syntax(
+            "a stream or table needs at least one column",
+        ));
     }
     if let Some(wm) = &watermark {
-        let col = columns.iter().find(|c| c.name == wm.column).ok_or_else(|| {
-            PlanError::UnknownColumn {
+        let col = columns
+            .iter()
+            .find(|c| c.name == wm.column)
+            .ok_or_else(|| PlanError::UnknownColumn {
                 name: wm.column.clone(),
                 hint: " (named in WATERMARK FOR)".into(),
-            }
-        })?;
+            })?;
         if !matches!(col.data_type, arrow::datatypes::DataType::Timestamp(_, _)) {
             return Err(PlanError::TypeMismatch {
                 message: format!(
@@ -674,7 +700,8 @@ fn parse_watermark_expr(column: &str, expr: &SqlExpr) -> Result<WatermarkSpec> {
             format!("write WATERMARK FOR {column} AS {column} - INTERVAL '2' SECOND"),
         )
     };
-    let col_matches = |e: &SqlExpr| matches!(e, SqlExpr::Identifier(id) if normalize_ident(id) == column);
+    let col_matches =
+        |e: &SqlExpr| matches!(e, SqlExpr::Identifier(id) if normalize_ident(id) == column);
     match expr {
         e if col_matches(e) => Ok(WatermarkSpec {
             column: column.into(),
@@ -718,10 +745,18 @@ pub fn interval_ms(expr: &SqlExpr) -> Result<i64> {
         }
         SqlExpr::Value(v) => match &v.value {
             Value::SingleQuotedString(s) => (s.clone(), None),
-            other => return Err(PlanError::invalid(format!("expected an INTERVAL, found {other}"))),
+            other => {
+                return Err(PlanError::invalid(format!(
+                    "expected an INTERVAL, found {other}"
+                )))
+            }
         },
         SqlExpr::Nested(inner) => return interval_ms(inner),
-        other => return Err(PlanError::invalid(format!("expected an INTERVAL literal, found {other}"))),
+        other => {
+            return Err(PlanError::invalid(format!(
+                "expected an INTERVAL literal, found {other}"
+            )))
+        }
     };
     let unit_ms = |u: &str| -> Option<f64> {
         Some(match u.to_lowercase().trim_end_matches('s') {
@@ -756,7 +791,7 @@ pub fn interval_ms(expr: &SqlExpr) -> Result<i64> {
 
 fn parse_duration_ms(text: &str, unit_ms: impl Fn(&str) -> Option<f64>) -> Result<i64> {
     let words: Vec<&str> = text.split_whitespace().collect();
-    if words.is_empty() || words.len() % 2 != 0 {
+    if words.is_empty() || !words.len().is_multiple_of(2) {
         return Err(PlanError::invalid(format!(
             "bad interval '{text}': write e.g. INTERVAL '10' SECOND or '500 milliseconds'"
         )));
@@ -766,7 +801,8 @@ fn parse_duration_ms(text: &str, unit_ms: impl Fn(&str) -> Option<f64>) -> Resul
         let n: f64 = pair[0]
             .parse()
             .map_err(|_| PlanError::invalid(format!("bad interval '{text}'")))?;
-        let u = unit_ms(pair[1]).ok_or_else(|| PlanError::invalid(format!("bad interval unit in '{text}'")))?;
+        let u = unit_ms(pair[1])
+            .ok_or_else(|| PlanError::invalid(format!("bad interval unit in '{text}'")))?;
         total += n * u;
     }
     Ok(total.round() as i64)
@@ -775,11 +811,13 @@ fn parse_duration_ms(text: &str, unit_ms: impl Fn(&str) -> Option<f64>) -> Resul
 /// Parses a duration setting such as `'100ms'`, `'1s'`, `'500 milliseconds'` to microseconds.
 pub fn parse_duration_setting_us(text: &str) -> Result<u64> {
     let t = text.trim().to_lowercase();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| PlanError::invalid(format!("bad duration '{text}': write e.g. '100ms' or '1s'")))?;
+    let n: f64 = num.parse().map_err(|_| {
+        PlanError::invalid(format!("bad duration '{text}': write e.g. '100ms' or '1s'"))
+    })?;
     let us = match unit.trim() {
         "us" | "microsecond" | "microseconds" => n,
         "" | "ms" | "millisecond" | "milliseconds" => n * 1e3,
@@ -791,8 +829,10 @@ pub fn parse_duration_setting_us(text: &str) -> Result<u64> {
             )))
         }
     };
-    if !(us >= 1.0) {
-        return Err(PlanError::invalid(format!("duration '{text}' must be positive")));
+    if us.is_nan() || us < 1.0 {
+        return Err(PlanError::invalid(format!(
+            "duration '{text}' must be positive"
+        )));
     }
     Ok(us as u64)
 }
@@ -804,7 +844,10 @@ fn parse_copy_options(p: &mut Parser<'_>) -> Result<CopyOptions> {
     let _ = p.parse_keyword(Keyword::WITH);
     let parenthesised = p.consume_token(&Token::LParen);
     loop {
-        if matches!(p.peek_token().token, Token::SemiColon | Token::EOF | Token::RParen) {
+        if matches!(
+            p.peek_token().token,
+            Token::SemiColon | Token::EOF | Token::RParen
+        ) {
             break;
         }
         if p.parse_keyword(Keyword::FORMAT) {
@@ -829,7 +872,11 @@ fn parse_copy_options(p: &mut Parser<'_>) -> Result<CopyOptions> {
             let mut chars = s.chars();
             match (chars.next(), chars.next()) {
                 (Some(c), None) => o.delimiter = c,
-                _ => return Err(PlanError::invalid("COPY delimiter must be a single character")),
+                _ => {
+                    return Err(PlanError::invalid(
+                        "COPY delimiter must be a single character",
+                    ))
+                }
             }
             delimiter_set = true;
         } else if p.parse_keyword(Keyword::NULL) {
@@ -946,26 +993,84 @@ mod tests {
 
     #[test]
     fn custom_statements_parse() {
-        assert!(matches!(one("SHOW STREAMS"), DrizzleStatement::ShowObjects(ObjectKind::Stream)));
-        assert!(matches!(one("show materialized views"), DrizzleStatement::ShowObjects(ObjectKind::MaterializedView)));
+        assert!(matches!(
+            one("SHOW STREAMS"),
+            DrizzleStatement::ShowObjects(ObjectKind::Stream)
+        ));
+        assert!(matches!(
+            one("show materialized views"),
+            DrizzleStatement::ShowObjects(ObjectKind::MaterializedView)
+        ));
         assert!(matches!(one("SHOW QUERIES"), DrizzleStatement::ShowQueries));
-        assert!(matches!(one("CANCEL QUERY 7"), DrizzleStatement::CancelQuery(7)));
-        assert!(matches!(one("DROP MATERIALIZED VIEW IF EXISTS v"), DrizzleStatement::Drop { kind: ObjectKind::MaterializedView, if_exists: true, .. }));
-        assert!(matches!(one("SET batch_interval = '100ms'"), DrizzleStatement::Set { ref name, ref value } if name == "batch_interval" && value == "100ms"));
-        assert!(matches!(one("FETCH 10 FROM c"), DrizzleStatement::Fetch { count: Some(10), .. }));
-        assert!(matches!(one("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT 1"), DrizzleStatement::DeclareCursor { .. }));
-        assert!(matches!(one("COPY s FROM STDIN WITH (FORMAT csv, HEADER true)"), DrizzleStatement::CopyFrom { options: CopyOptions { csv: true, header: true, delimiter: ',', .. }, .. }));
-        assert!(matches!(one("COPY s (a, b) FROM STDIN csv"), DrizzleStatement::CopyFrom { ref columns, .. } if columns.len() == 2));
-        assert!(matches!(one("COPY (SELECT * FROM s) TO STDOUT"), DrizzleStatement::CopyTo { .. }));
-        assert!(matches!(one("INSERT INTO s VALUES (1), (2)"), DrizzleStatement::Insert { .. }));
-        assert_eq!(parse_statements("BEGIN; SELECT 1; COMMIT;").unwrap().len(), 3);
+        assert!(matches!(
+            one("CANCEL QUERY 7"),
+            DrizzleStatement::CancelQuery(7)
+        ));
+        assert!(matches!(
+            one("DROP MATERIALIZED VIEW IF EXISTS v"),
+            DrizzleStatement::Drop {
+                kind: ObjectKind::MaterializedView,
+                if_exists: true,
+                ..
+            }
+        ));
+        assert!(
+            matches!(one("SET batch_interval = '100ms'"), DrizzleStatement::Set { ref name, ref value } if name == "batch_interval" && value == "100ms")
+        );
+        assert!(matches!(
+            one("FETCH 10 FROM c"),
+            DrizzleStatement::Fetch {
+                count: Some(10),
+                ..
+            }
+        ));
+        assert!(matches!(
+            one("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT 1"),
+            DrizzleStatement::DeclareCursor { .. }
+        ));
+        assert!(matches!(
+            one("COPY s FROM STDIN WITH (FORMAT csv, HEADER true)"),
+            DrizzleStatement::CopyFrom {
+                options: CopyOptions {
+                    csv: true,
+                    header: true,
+                    delimiter: ',',
+                    ..
+                },
+                ..
+            }
+        ));
+        assert!(
+            matches!(one("COPY s (a, b) FROM STDIN csv"), DrizzleStatement::CopyFrom { ref columns, .. } if columns.len() == 2)
+        );
+        assert!(matches!(
+            one("COPY (SELECT * FROM s) TO STDOUT"),
+            DrizzleStatement::CopyTo { .. }
+        ));
+        assert!(matches!(
+            one("INSERT INTO s VALUES (1), (2)"),
+            DrizzleStatement::Insert { .. }
+        ));
+        assert_eq!(
+            parse_statements("BEGIN; SELECT 1; COMMIT;").unwrap().len(),
+            3
+        );
     }
 
     #[test]
     fn syntax_errors_are_syntax_errors() {
-        assert!(matches!(parse_statements("SELEC 1").unwrap_err(), PlanError::Syntax { .. } | PlanError::Unsupported { .. }));
-        assert!(matches!(parse_statements("CREATE STREAM (").unwrap_err(), PlanError::Syntax { .. }));
-        assert!(matches!(parse_statements("SELECT 1 2 3").unwrap_err(), PlanError::Syntax { .. }));
+        assert!(matches!(
+            parse_statements("SELEC 1").unwrap_err(),
+            PlanError::Syntax { .. } | PlanError::Unsupported { .. }
+        ));
+        assert!(matches!(
+            parse_statements("CREATE STREAM (").unwrap_err(),
+            PlanError::Syntax { .. }
+        ));
+        assert!(matches!(
+            parse_statements("SELECT 1 2 3").unwrap_err(),
+            PlanError::Syntax { .. }
+        ));
     }
 
     #[test]

@@ -69,8 +69,14 @@ mod tests {
         assert_eq!(map("DOUBLE PRECISION").unwrap(), DataType::Float64);
         assert_eq!(map("NUMERIC(10,2)").unwrap(), DataType::Decimal128(10, 2));
         assert_eq!(map("VARCHAR(20)").unwrap(), DataType::Utf8);
-        assert_eq!(map("TIMESTAMP").unwrap(), DataType::Timestamp(TimeUnit::Microsecond, None));
-        assert!(matches!(map("TIMESTAMPTZ").unwrap(), DataType::Timestamp(_, Some(_))));
+        assert_eq!(
+            map("TIMESTAMP").unwrap(),
+            DataType::Timestamp(TimeUnit::Microsecond, None)
+        );
+        assert!(matches!(
+            map("TIMESTAMPTZ").unwrap(),
+            DataType::Timestamp(_, Some(_))
+        ));
         assert!(map("NUMERIC(50,2)").is_err());
     }
 }

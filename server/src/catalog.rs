@@ -47,15 +47,21 @@ impl Catalog {
         std::fs::create_dir_all(dir).map_err(|e| PgError::io(dir, e))?;
         let path = dir.join("catalog.json");
         let file: CatalogFile = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| PgError::internal(format!("catalog {} is damaged: {e}", path.display())))?,
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                PgError::internal(format!("catalog {} is damaged: {e}", path.display()))
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => CatalogFile::default(),
             Err(e) => return Err(PgError::io(&path, e)),
         };
         let mut state = State::default();
         for (name, def) in &file.streams {
             if def.connector().is_none() {
-                let log = Log::open(&dir.join("streams").join(name), def.schema(), def.partitions, false)?;
+                let log = Log::open(
+                    &dir.join("streams").join(name),
+                    def.schema(),
+                    def.partitions,
+                    false,
+                )?;
                 state.stream_logs.insert(name.clone(), Arc::new(log));
             }
         }
@@ -74,7 +80,8 @@ impl Catalog {
     fn persist(&self, file: &CatalogFile) -> Result<(), PgError> {
         let path = self.dir.join("catalog.json");
         let tmp = self.dir.join("catalog.json.tmp");
-        let bytes = serde_json::to_vec_pretty(file).map_err(|e| PgError::internal(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(file).map_err(|e| PgError::internal(e.to_string()))?;
         let write = || -> std::io::Result<()> {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
@@ -87,17 +94,28 @@ impl Catalog {
     }
 
     fn name_taken(state: &State, name: &str) -> bool {
-        state.file.streams.contains_key(name) || state.file.tables.contains_key(name) || state.file.views.contains_key(name)
+        state.file.streams.contains_key(name)
+            || state.file.tables.contains_key(name)
+            || state.file.views.contains_key(name)
     }
 
     /// Adds a stream (and creates its log). `Ok(false)` if it existed and `if_not_exists`.
     pub fn create_stream(&self, def: StreamDef, if_not_exists: bool) -> Result<bool, PgError> {
         let mut state = self.inner.write();
         if Self::name_taken(&state, &def.name) {
-            return if if_not_exists { Ok(false) } else { Err(PgError::duplicate(&def.name)) };
+            return if if_not_exists {
+                Ok(false)
+            } else {
+                Err(PgError::duplicate(&def.name))
+            };
         }
         if def.connector().is_none() {
-            let log = Log::open(&self.dir.join("streams").join(&def.name), def.schema(), def.partitions, false)?;
+            let log = Log::open(
+                &self.dir.join("streams").join(&def.name),
+                def.schema(),
+                def.partitions,
+                false,
+            )?;
             state.stream_logs.insert(def.name.clone(), Arc::new(log));
         }
         state.file.streams.insert(def.name.clone(), def);
@@ -109,9 +127,18 @@ impl Catalog {
     pub fn create_table(&self, def: TableDef, if_not_exists: bool) -> Result<bool, PgError> {
         let mut state = self.inner.write();
         if Self::name_taken(&state, &def.name) {
-            return if if_not_exists { Ok(false) } else { Err(PgError::duplicate(&def.name)) };
+            return if if_not_exists {
+                Ok(false)
+            } else {
+                Err(PgError::duplicate(&def.name))
+            };
         }
-        let log = Log::open(&self.dir.join("tables").join(&def.name), def.schema(), 1, true)?;
+        let log = Log::open(
+            &self.dir.join("tables").join(&def.name),
+            def.schema(),
+            1,
+            true,
+        )?;
         state.table_logs.insert(def.name.clone(), Arc::new(log));
         state.file.tables.insert(def.name.clone(), def);
         self.persist(&state.file)?;
@@ -148,7 +175,10 @@ impl Catalog {
         if let Some(v) = state.file.views.values().find(|v| mentions(&v.query, name)) {
             return Err(PgError::new(
                 "2BP01",
-                format!("cannot drop stream {name} because materialized view {} depends on it", v.name),
+                format!(
+                    "cannot drop stream {name} because materialized view {} depends on it",
+                    v.name
+                ),
             )
             .with_hint("drop the materialized view first"));
         }
@@ -169,7 +199,10 @@ impl Catalog {
         if let Some(v) = state.file.views.values().find(|v| mentions(&v.query, name)) {
             return Err(PgError::new(
                 "2BP01",
-                format!("cannot drop table {name} because materialized view {} depends on it", v.name),
+                format!(
+                    "cannot drop table {name} because materialized view {} depends on it",
+                    v.name
+                ),
             )
             .with_hint("drop the materialized view first"));
         }
@@ -259,10 +292,15 @@ impl RelationResolver for Catalog {
             return Some(Relation::Stream(def.clone()));
         }
         if let (Some(def), Some(log)) = (state.file.tables.get(name), state.table_logs.get(name)) {
-            return Some(Relation::Finite(Arc::new(TableLogProvider::new(def.schema(), Arc::clone(log)))));
+            return Some(Relation::Finite(Arc::new(TableLogProvider::new(
+                def.schema(),
+                Arc::clone(log),
+            ))));
         }
         if let Some(store) = state.views.get(name) {
-            return Some(Relation::Finite(Arc::new(ViewProvider::new(Arc::clone(store)))));
+            return Some(Relation::Finite(Arc::new(ViewProvider::new(Arc::clone(
+                store,
+            )))));
         }
         None
     }

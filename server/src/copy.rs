@@ -8,6 +8,7 @@ use drizzle_planner::CopyOptions;
 use crate::errors::PgError;
 
 /// One input record with the line it started on (1-based).
+#[derive(Debug)]
 pub struct Record {
     /// Line number.
     pub line: usize,
@@ -34,10 +35,19 @@ pub fn parse_records(text: &str, o: &CopyOptions, width: usize) -> Result<Vec<Re
             }
             let fields: Vec<Option<String>> = line
                 .split(o.delimiter)
-                .map(|f| if f == o.null { None } else { Some(unescape_text(f)) })
+                .map(|f| {
+                    if f == o.null {
+                        None
+                    } else {
+                        Some(unescape_text(f))
+                    }
+                })
                 .collect();
             check_width(&fields, width, i + 1)?;
-            out.push(Record { line: i + 1, fields });
+            out.push(Record {
+                line: i + 1,
+                fields,
+            });
         }
     }
     Ok(out)
@@ -45,10 +55,16 @@ pub fn parse_records(text: &str, o: &CopyOptions, width: usize) -> Result<Vec<Re
 
 fn check_width(fields: &[Option<String>], width: usize, line: usize) -> Result<(), PgError> {
     if fields.len() > width {
-        return Err(PgError::new("22P04", format!("extra data after last expected column, line {line}")));
+        return Err(PgError::new(
+            "22P04",
+            format!("extra data after last expected column, line {line}"),
+        ));
     }
     if fields.len() < width {
-        return Err(PgError::new("22P04", format!("missing data for column {}, line {line}", fields.len() + 1)));
+        return Err(PgError::new(
+            "22P04",
+            format!("missing data for column {}, line {line}", fields.len() + 1),
+        ));
     }
     Ok(())
 }
@@ -78,7 +94,12 @@ fn unescape_text(f: &str) -> String {
     s
 }
 
-fn parse_csv(text: &str, o: &CopyOptions, width: usize, out: &mut Vec<Record>) -> Result<(), PgError> {
+fn parse_csv(
+    text: &str,
+    o: &CopyOptions,
+    width: usize,
+    out: &mut Vec<Record>,
+) -> Result<(), PgError> {
     let mut chars = text.chars().peekable();
     let mut line = 1usize;
     let mut first = true;
@@ -96,7 +117,10 @@ fn parse_csv(text: &str, o: &CopyOptions, width: usize, out: &mut Vec<Record>) -
             match chars.next() {
                 None => {
                     if in_quotes {
-                        return Err(PgError::new("22P04", format!("unterminated CSV quoted field, line {start_line}")));
+                        return Err(PgError::new(
+                            "22P04",
+                            format!("unterminated CSV quoted field, line {start_line}"),
+                        ));
                     }
                     break;
                 }
@@ -181,7 +205,9 @@ pub fn format_rows(out: &mut BytesMut, batch: &RecordBatch, o: &CopyOptions) {
             crate::encode::write_text(&mut value, col.as_ref(), row);
             if o.csv {
                 let needs_quotes = value.is_empty()
-                    || value.iter().any(|&b| b == b'"' || b == b'\n' || b == b'\r' || b == o.delimiter as u8);
+                    || value
+                        .iter()
+                        .any(|&b| b == b'"' || b == b'\n' || b == b'\r' || b == o.delimiter as u8);
                 if needs_quotes {
                     out.put_u8(b'"');
                     for &b in value.iter() {
@@ -212,7 +238,11 @@ pub fn format_rows(out: &mut BytesMut, batch: &RecordBatch, o: &CopyOptions) {
 
 /// The header line for `COPY ... TO STDOUT (HEADER)`.
 pub fn header_line(batch_schema: &arrow::datatypes::Schema, o: &CopyOptions) -> String {
-    let names: Vec<&str> = batch_schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let names: Vec<&str> = batch_schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect();
     format!("{}\n", names.join(&o.delimiter.to_string()))
 }
 

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, StringArray};
 use arrow::datatypes::{
-    DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type,
-    IntervalUnit, SchemaRef, TimeUnit, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+    DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type,
+    Int64Type, Int8Type, IntervalUnit, SchemaRef, TimeUnit, UInt16Type, UInt32Type, UInt64Type,
+    UInt8Type,
 };
 use arrow::record_batch::RecordBatch;
 use bytes::{BufMut, BytesMut};
@@ -67,10 +68,27 @@ const PG_EPOCH_US: i64 = PG_EPOCH_DAYS * 86_400_000_000;
 
 fn ts_to_us(array: &dyn Array, row: usize) -> i64 {
     match array.data_type() {
-        DataType::Timestamp(TimeUnit::Second, _) => array.as_primitive::<arrow::datatypes::TimestampSecondType>().value(row) * 1_000_000,
-        DataType::Timestamp(TimeUnit::Millisecond, _) => array.as_primitive::<arrow::datatypes::TimestampMillisecondType>().value(row) * 1000,
-        DataType::Timestamp(TimeUnit::Microsecond, _) => array.as_primitive::<arrow::datatypes::TimestampMicrosecondType>().value(row),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => array.as_primitive::<arrow::datatypes::TimestampNanosecondType>().value(row) / 1000,
+        DataType::Timestamp(TimeUnit::Second, _) => {
+            array
+                .as_primitive::<arrow::datatypes::TimestampSecondType>()
+                .value(row)
+                * 1_000_000
+        }
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            array
+                .as_primitive::<arrow::datatypes::TimestampMillisecondType>()
+                .value(row)
+                * 1000
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, _) => array
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+            .value(row),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+            array
+                .as_primitive::<arrow::datatypes::TimestampNanosecondType>()
+                .value(row)
+                / 1000
+        }
         _ => 0,
     }
 }
@@ -110,16 +128,62 @@ fn write_float_text(out: &mut BytesMut, v: f64) {
 pub fn write_text(out: &mut BytesMut, array: &dyn Array, row: usize) {
     use std::fmt::Write;
     match array.data_type() {
-        DataType::Boolean => out.put_slice(if array.as_boolean().value(row) { b"t" } else { b"f" }),
-        DataType::Int8 => out.put_slice(array.as_primitive::<Int8Type>().value(row).to_string().as_bytes()),
-        DataType::Int16 => out.put_slice(array.as_primitive::<Int16Type>().value(row).to_string().as_bytes()),
-        DataType::Int32 => out.put_slice(itoa_buf(array.as_primitive::<Int32Type>().value(row) as i64).as_bytes()),
-        DataType::Int64 => out.put_slice(itoa_buf(array.as_primitive::<Int64Type>().value(row)).as_bytes()),
-        DataType::UInt8 => out.put_slice(array.as_primitive::<UInt8Type>().value(row).to_string().as_bytes()),
-        DataType::UInt16 => out.put_slice(array.as_primitive::<UInt16Type>().value(row).to_string().as_bytes()),
-        DataType::UInt32 => out.put_slice(array.as_primitive::<UInt32Type>().value(row).to_string().as_bytes()),
-        DataType::UInt64 => out.put_slice(array.as_primitive::<UInt64Type>().value(row).to_string().as_bytes()),
-        DataType::Float32 => write_float_text(out, array.as_primitive::<Float32Type>().value(row) as f64),
+        DataType::Boolean => out.put_slice(if array.as_boolean().value(row) {
+            b"t"
+        } else {
+            b"f"
+        }),
+        DataType::Int8 => out.put_slice(
+            array
+                .as_primitive::<Int8Type>()
+                .value(row)
+                .to_string()
+                .as_bytes(),
+        ),
+        DataType::Int16 => out.put_slice(
+            array
+                .as_primitive::<Int16Type>()
+                .value(row)
+                .to_string()
+                .as_bytes(),
+        ),
+        DataType::Int32 => {
+            out.put_slice(itoa_buf(array.as_primitive::<Int32Type>().value(row) as i64).as_bytes())
+        }
+        DataType::Int64 => {
+            out.put_slice(itoa_buf(array.as_primitive::<Int64Type>().value(row)).as_bytes())
+        }
+        DataType::UInt8 => out.put_slice(
+            array
+                .as_primitive::<UInt8Type>()
+                .value(row)
+                .to_string()
+                .as_bytes(),
+        ),
+        DataType::UInt16 => out.put_slice(
+            array
+                .as_primitive::<UInt16Type>()
+                .value(row)
+                .to_string()
+                .as_bytes(),
+        ),
+        DataType::UInt32 => out.put_slice(
+            array
+                .as_primitive::<UInt32Type>()
+                .value(row)
+                .to_string()
+                .as_bytes(),
+        ),
+        DataType::UInt64 => out.put_slice(
+            array
+                .as_primitive::<UInt64Type>()
+                .value(row)
+                .to_string()
+                .as_bytes(),
+        ),
+        DataType::Float32 => {
+            write_float_text(out, array.as_primitive::<Float32Type>().value(row) as f64)
+        }
         DataType::Float64 => write_float_text(out, array.as_primitive::<Float64Type>().value(row)),
         DataType::Utf8 => out.put_slice(array.as_string::<i32>().value(row).as_bytes()),
         DataType::LargeUtf8 => out.put_slice(array.as_string::<i64>().value(row).as_bytes()),
@@ -145,7 +209,9 @@ pub fn write_text(out: &mut BytesMut, array: &dyn Array, row: usize) {
             }
         }
         DataType::Interval(IntervalUnit::MonthDayNano) => {
-            let v = array.as_primitive::<arrow::datatypes::IntervalMonthDayNanoType>().value(row);
+            let v = array
+                .as_primitive::<arrow::datatypes::IntervalMonthDayNanoType>()
+                .value(row);
             let mut s = String::new();
             if v.months != 0 {
                 let _ = write!(s, "{} mons ", v.months);
@@ -196,15 +262,24 @@ pub fn write_binary(out: &mut BytesMut, array: &dyn Array, row: usize) {
         DataType::UInt32 => out.put_i64(array.as_primitive::<UInt32Type>().value(row) as i64),
         DataType::Int64 => out.put_i64(array.as_primitive::<Int64Type>().value(row)),
         DataType::UInt64 => out.put_i64(array.as_primitive::<UInt64Type>().value(row) as i64),
-        DataType::Float16 => out.put_f32(array.as_primitive::<arrow::datatypes::Float16Type>().value(row).to_f32()),
+        DataType::Float16 => out.put_f32(
+            array
+                .as_primitive::<arrow::datatypes::Float16Type>()
+                .value(row)
+                .to_f32(),
+        ),
         DataType::Float32 => out.put_f32(array.as_primitive::<Float32Type>().value(row)),
         DataType::Float64 => out.put_f64(array.as_primitive::<Float64Type>().value(row)),
-        DataType::Date32 => out.put_i32(array.as_primitive::<Date32Type>().value(row) - PG_EPOCH_DAYS as i32),
+        DataType::Date32 => {
+            out.put_i32(array.as_primitive::<Date32Type>().value(row) - PG_EPOCH_DAYS as i32)
+        }
         DataType::Timestamp(_, _) => out.put_i64(ts_to_us(array, row) - PG_EPOCH_US),
         DataType::Binary => out.put_slice(array.as_binary::<i32>().value(row)),
-        DataType::Decimal128(_, scale) => {
-            write_numeric(out, array.as_primitive::<Decimal128Type>().value(row), *scale)
-        }
+        DataType::Decimal128(_, scale) => write_numeric(
+            out,
+            array.as_primitive::<Decimal128Type>().value(row),
+            *scale,
+        ),
         _ => write_text(out, array, row),
     }
 }
@@ -239,7 +314,11 @@ fn write_numeric(out: &mut BytesMut, value: i128, scale: i8) {
     }
     out.put_i16(groups.len() as i16);
     out.put_i16(if groups.is_empty() { 0 } else { weight });
-    out.put_u16(if negative && !groups.is_empty() { 0x4000 } else { 0 });
+    out.put_u16(if negative && !groups.is_empty() {
+        0x4000
+    } else {
+        0
+    });
     out.put_u16(scale as u16);
     for g in groups {
         out.put_i16(g);
@@ -277,7 +356,11 @@ pub fn write_data_rows(out: &mut BytesMut, batch: &RecordBatch, binary: &[bool])
 
 /// Parses text values into a column of type `t` (NULLs stay NULL).
 /// On failure, names the first bad value and its index in `values`.
-pub fn parse_column(values: &[Option<&str>], t: &DataType, column: &str) -> Result<ArrayRef, (usize, PgError)> {
+pub fn parse_column(
+    values: &[Option<&str>],
+    t: &DataType,
+    column: &str,
+) -> Result<ArrayRef, (usize, PgError)> {
     let strings: ArrayRef = Arc::new(StringArray::from(values.to_vec()));
     let normalized: ArrayRef = match t {
         DataType::Boolean => Arc::new(StringArray::from(
@@ -298,8 +381,15 @@ pub fn parse_column(values: &[Option<&str>], t: &DataType, column: &str) -> Resu
         safe: true,
         ..Default::default()
     };
-    let cast = arrow::compute::cast_with_options(&normalized, t, &options)
-        .map_err(|e| (0, PgError::new("42804", format!("cannot load column {column} of type {t}: {e}"))))?;
+    let cast = arrow::compute::cast_with_options(&normalized, t, &options).map_err(|e| {
+        (
+            0,
+            PgError::new(
+                "42804",
+                format!("cannot load column {column} of type {t}: {e}"),
+            ),
+        )
+    })?;
     for (i, v) in values.iter().enumerate() {
         if v.is_some() && cast.is_null(i) {
             return Err((
@@ -375,7 +465,9 @@ mod tests {
         let f = arrow::array::Float64Array::from(vec![3.0, 0.25]);
         assert_eq!(text(&f, 0), "3");
         assert_eq!(text(&f, 1), "0.25");
-        let d = Decimal128Array::from(vec![1250]).with_precision_and_scale(10, 2).unwrap();
+        let d = Decimal128Array::from(vec![1250])
+            .with_precision_and_scale(10, 2)
+            .unwrap();
         assert_eq!(text(&d, 0), "12.50");
     }
 
@@ -393,7 +485,10 @@ mod tests {
     #[test]
     fn parse_reports_the_bad_value() {
         let ok = parse_column(&[Some("1"), None, Some("3")], &DataType::Int64, "a").unwrap();
-        assert_eq!(ok.as_any().downcast_ref::<Int64Array>().unwrap().value(2), 3);
+        assert_eq!(
+            ok.as_any().downcast_ref::<Int64Array>().unwrap().value(2),
+            3
+        );
         let (idx, err) = parse_column(&[Some("1"), Some("x")], &DataType::Int64, "a").unwrap_err();
         assert_eq!(idx, 1);
         assert_eq!(err.code, "22P02");

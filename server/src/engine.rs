@@ -20,8 +20,8 @@ use drizzle_exec::runtime::QuerySpec;
 use drizzle_exec::source::open_source;
 use drizzle_exec::{QueryHandle, Runtime, TableEvaluator};
 use drizzle_planner::{
-    plan_query, sql_to_unoptimized, CopyOptions, DrizzleStatement, EmitMode, ObjectKind, PlannedQuery, StreamDef,
-    StreamingPlan, TableDef, ViewDef,
+    plan_query, sql_to_unoptimized, CopyOptions, DrizzleStatement, EmitMode, ObjectKind,
+    PlannedQuery, StreamDef, StreamingPlan, TableDef, ViewDef,
 };
 use parking_lot::Mutex;
 
@@ -114,20 +114,32 @@ impl TableEvaluator for EngineTables {
     fn evaluate(&self, plan: &LogicalPlan) -> drizzle_exec::Result<Vec<RecordBatch>> {
         let ctx = self.ctx.clone();
         let plan = plan.clone();
-        Ok(self.handle.block_on(async move { ctx.execute_logical_plan(plan).await?.collect().await })?)
+        Ok(self
+            .handle
+            .block_on(async move { ctx.execute_logical_plan(plan).await?.collect().await })?)
     }
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn text_batch(names: &[&str], rows: Vec<Vec<Option<String>>>) -> (SchemaRef, Vec<RecordBatch>) {
     let schema = Arc::new(Schema::new(
-        names.iter().map(|n| Field::new(*n, DataType::Utf8, true)).collect::<Vec<_>>(),
+        names
+            .iter()
+            .map(|n| Field::new(*n, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
     ));
     let columns: Vec<ArrayRef> = (0..names.len())
-        .map(|c| Arc::new(StringArray::from(rows.iter().map(|r| r[c].clone()).collect::<Vec<_>>())) as ArrayRef)
+        .map(|c| {
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r[c].clone()).collect::<Vec<_>>(),
+            )) as ArrayRef
+        })
         .collect();
     let batch = RecordBatch::try_new_with_options(
         Arc::clone(&schema),
@@ -142,7 +154,11 @@ fn text_batch(names: &[&str], rows: Vec<Vec<Option<String>>>) -> (SchemaRef, Vec
 
 impl Engine {
     /// Opens the data directory, starts the workers and resumes every view.
-    pub async fn open(data_dir: &std::path::Path, workers: usize, config: EngineConfig) -> Result<Arc<Self>, PgError> {
+    pub async fn open(
+        data_dir: &std::path::Path,
+        workers: usize,
+        config: EngineConfig,
+    ) -> Result<Arc<Self>, PgError> {
         let catalog = Arc::new(Catalog::open(data_dir)?);
         let ctx = drizzle_planner::new_session_context();
         let tables = Arc::new(EngineTables {
@@ -188,16 +204,29 @@ impl Engine {
 
     /// Plans a query (continuous or finite) with parameter values.
     pub fn plan(&self, query: &Query, params: &[ScalarValue]) -> Result<PlannedQuery, PgError> {
-        Ok(plan_query(&self.ctx.state(), self.catalog.as_ref(), query, params)?)
+        Ok(plan_query(
+            &self.ctx.state(),
+            self.catalog.as_ref(),
+            query,
+            params,
+        )?)
     }
 
     /// The result schema and parameter types of a query, without running it.
-    pub fn describe_query(&self, query: &Query) -> Result<(SchemaRef, Vec<Option<DataType>>), PgError> {
+    pub fn describe_query(
+        &self,
+        query: &Query,
+    ) -> Result<(SchemaRef, Vec<Option<DataType>>), PgError> {
         let plan = sql_to_unoptimized(&self.ctx.state(), self.catalog.as_ref(), query)?;
         let types = plan.get_parameter_types().map_err(from_datafusion)?;
         let mut ordered: Vec<(usize, Option<DataType>)> = types
             .into_iter()
-            .filter_map(|(k, v)| k.trim_start_matches('$').parse::<usize>().ok().map(|i| (i, v)))
+            .filter_map(|(k, v)| {
+                k.trim_start_matches('$')
+                    .parse::<usize>()
+                    .ok()
+                    .map(|i| (i, v))
+            })
             .collect();
         ordered.sort_by_key(|(i, _)| *i);
         let n = ordered.last().map(|(i, _)| *i).unwrap_or(0);
@@ -211,15 +240,27 @@ impl Engine {
     }
 
     /// Runs a finite DataFusion plan.
-    pub async fn run_finite(&self, plan: LogicalPlan) -> Result<(SchemaRef, Vec<RecordBatch>), PgError> {
+    pub async fn run_finite(
+        &self,
+        plan: LogicalPlan,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), PgError> {
         let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
-        let df = self.ctx.execute_logical_plan(plan).await.map_err(from_datafusion)?;
+        let df = self
+            .ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(from_datafusion)?;
         let batches = df.collect().await.map_err(from_datafusion)?;
         Ok((schema, batches))
     }
 
     /// Starts a continuous query.
-    pub fn start_continuous(&self, plan: StreamingPlan, settings: &Settings, label: String) -> Result<QueryHandle, PgError> {
+    pub fn start_continuous(
+        &self,
+        plan: StreamingPlan,
+        settings: &Settings,
+        label: String,
+    ) -> Result<QueryHandle, PgError> {
         let (sources, offsets) = self.open_sources(&plan.stream, settings.start_latest)?;
         let spec = QuerySpec {
             plan,
@@ -254,7 +295,13 @@ impl Engine {
     }
 
     /// Executes a statement that needs no session-held state.
-    pub async fn execute(&self, stmt: DrizzleStatement, settings: &mut Settings, params: &[ScalarValue], sql: &str) -> Result<Outcome, PgError> {
+    pub async fn execute(
+        &self,
+        stmt: DrizzleStatement,
+        settings: &mut Settings,
+        params: &[ScalarValue],
+        sql: &str,
+    ) -> Result<Outcome, PgError> {
         match stmt {
             DrizzleStatement::CreateStream {
                 name,
@@ -281,15 +328,16 @@ impl Engine {
                     // Validate connector options now, not at the first query.
                     open_source(&def, None)?;
                 }
-                let created = self.catalog.create_stream(def, if_not_exists)?;
-                Ok(Outcome::Command(if created { "CREATE STREAM".into() } else { "CREATE STREAM".into() }))
+                self.catalog.create_stream(def, if_not_exists)?;
+                Ok(Outcome::Command("CREATE STREAM".into()))
             }
             DrizzleStatement::CreateTable {
                 name,
                 if_not_exists,
                 columns,
             } => {
-                self.catalog.create_table(TableDef { name, columns }, if_not_exists)?;
+                self.catalog
+                    .create_table(TableDef { name, columns }, if_not_exists)?;
                 Ok(Outcome::Command("CREATE TABLE".into()))
             }
             DrizzleStatement::CreateView {
@@ -313,7 +361,9 @@ impl Engine {
                     }
                 };
                 if plan.limit.is_some() {
-                    return Err(PgError::unsupported("LIMIT in a materialized view is not supported"));
+                    return Err(PgError::unsupported(
+                        "LIMIT in a materialized view is not supported",
+                    ));
                 }
                 let (_, offsets) = self.open_sources(&plan.stream, settings.start_latest)?;
                 let def = ViewDef {
@@ -332,7 +382,11 @@ impl Engine {
                 }
                 Ok(Outcome::Command("CREATE MATERIALIZED VIEW".into()))
             }
-            DrizzleStatement::Drop { kind, name, if_exists } => {
+            DrizzleStatement::Drop {
+                kind,
+                name,
+                if_exists,
+            } => {
                 let dropped = match kind {
                     ObjectKind::Stream => self.catalog.drop_stream(&name)?,
                     ObjectKind::Table => self.catalog.drop_table(&name)?,
@@ -349,15 +403,26 @@ impl Engine {
                         return Ok(Outcome::Command(format!("DROP {}", kind.sql_name())));
                     }
                     let what = kind.sql_name().to_lowercase();
-                    return Err(PgError::new("42P01", format!("{what} \"{name}\" does not exist")));
+                    return Err(PgError::new(
+                        "42P01",
+                        format!("{what} \"{name}\" does not exist"),
+                    ));
                 }
                 Ok(Outcome::Command(format!("DROP {}", kind.sql_name())))
             }
-            DrizzleStatement::Insert { target, columns, source } => {
+            DrizzleStatement::Insert {
+                target,
+                columns,
+                source,
+            } => {
                 let n = self.insert(&target, &columns, &source, params).await?;
                 Ok(Outcome::Command(format!("INSERT 0 {n}")))
             }
-            DrizzleStatement::CopyFrom { target, columns, options } => {
+            DrizzleStatement::CopyFrom {
+                target,
+                columns,
+                options,
+            } => {
                 let schema = self.insert_target(&target)?.0;
                 let idx = self.column_indices(&schema, &columns)?;
                 Ok(Outcome::CopyIn(CopyInTarget {
@@ -369,21 +434,43 @@ impl Engine {
             DrizzleStatement::Query(query) => match self.plan(&query, params)? {
                 PlannedQuery::Finite(plan) => {
                     let (schema, batches) = self.run_finite(plan).await?;
-                    Ok(Outcome::Rows { schema, batches, tag: "SELECT" })
+                    Ok(Outcome::Rows {
+                        schema,
+                        batches,
+                        tag: "SELECT",
+                    })
                 }
-                PlannedQuery::Continuous(plan) => Ok(Outcome::Stream(self.start_continuous(*plan, settings, sql.trim().to_string())?)),
+                PlannedQuery::Continuous(plan) => Ok(Outcome::Stream(self.start_continuous(
+                    *plan,
+                    settings,
+                    sql.trim().to_string(),
+                )?)),
             },
             DrizzleStatement::Explain(query) => {
                 let lines = match self.plan(&query, params)? {
-                    PlannedQuery::Continuous(plan) => plan.explain(self.reduce_partitions(settings) as usize),
+                    PlannedQuery::Continuous(plan) => {
+                        plan.explain(self.reduce_partitions(settings) as usize)
+                    }
                     PlannedQuery::Finite(plan) => {
                         let mut v = vec!["FiniteQuery: runs once with DataFusion".to_string()];
-                        v.extend(plan.display_indent().to_string().lines().map(|l| format!("  {l}")));
+                        v.extend(
+                            plan.display_indent()
+                                .to_string()
+                                .lines()
+                                .map(|l| format!("  {l}")),
+                        );
                         v
                     }
                 };
-                let (schema, batches) = text_batch(&["QUERY PLAN"], lines.into_iter().map(|l| vec![Some(l)]).collect());
-                Ok(Outcome::Rows { schema, batches, tag: "EXPLAIN" })
+                let (schema, batches) = text_batch(
+                    &["QUERY PLAN"],
+                    lines.into_iter().map(|l| vec![Some(l)]).collect(),
+                );
+                Ok(Outcome::Rows {
+                    schema,
+                    batches,
+                    tag: "EXPLAIN",
+                })
             }
             DrizzleStatement::ShowObjects(kind) => Ok(self.show_objects(kind)),
             DrizzleStatement::ShowQueries => Ok(self.show_queries()),
@@ -391,7 +478,11 @@ impl Engine {
             DrizzleStatement::ShowVariable(name) => {
                 let value = show_setting(settings, &name)?;
                 let (schema, batches) = text_batch(&[name.as_str()], vec![vec![Some(value)]]);
-                Ok(Outcome::Rows { schema, batches, tag: "SHOW" })
+                Ok(Outcome::Rows {
+                    schema,
+                    batches,
+                    tag: "SHOW",
+                })
             }
             DrizzleStatement::Set { name, value } => {
                 apply_setting(settings, &name, &value)?;
@@ -416,34 +507,57 @@ impl Engine {
                 if self.runtime.cancel(drizzle_shuffle::QueryId(id)) {
                     Ok(Outcome::Command("CANCEL QUERY".into()))
                 } else {
-                    Err(PgError::new("42704", format!("query {id} is not running")).with_hint("SHOW QUERIES lists running queries"))
+                    Err(PgError::new("42704", format!("query {id} is not running"))
+                        .with_hint("SHOW QUERIES lists running queries"))
                 }
             }
             DrizzleStatement::NoOp(tag) => Ok(Outcome::Command(tag.into())),
-            other => Err(PgError::internal(format!("statement {} reached the engine", other.tag()))),
+            other => Err(PgError::internal(format!(
+                "statement {} reached the engine",
+                other.tag()
+            ))),
         }
     }
 
     /// The schema and log a built-in stream or table is written to.
-    fn insert_target(&self, name: &str) -> Result<(SchemaRef, Arc<drizzle_exec::log::Log>, bool), PgError> {
+    fn insert_target(
+        &self,
+        name: &str,
+    ) -> Result<(SchemaRef, Arc<drizzle_exec::log::Log>, bool), PgError> {
         if let Some(def) = self.catalog.stream(name) {
             if let Some(c) = def.connector() {
-                return Err(PgError::new("42809", format!("stream {name} is fed by connector '{c}'; it takes no INSERT or COPY")));
+                return Err(PgError::new(
+                    "42809",
+                    format!("stream {name} is fed by connector '{c}'; it takes no INSERT or COPY"),
+                ));
             }
-            let log = self.catalog.stream_log(name).ok_or_else(|| PgError::undefined_table(name))?;
+            let log = self
+                .catalog
+                .stream_log(name)
+                .ok_or_else(|| PgError::undefined_table(name))?;
             return Ok((def.schema(), log, false));
         }
         if let Some(def) = self.catalog.table(name) {
-            let log = self.catalog.table_log(name).ok_or_else(|| PgError::undefined_table(name))?;
+            let log = self
+                .catalog
+                .table_log(name)
+                .ok_or_else(|| PgError::undefined_table(name))?;
             return Ok((def.schema(), log, true));
         }
         if self.catalog.view(name).is_some() {
-            return Err(PgError::new("42809", format!("cannot insert into materialized view {name}")));
+            return Err(PgError::new(
+                "42809",
+                format!("cannot insert into materialized view {name}"),
+            ));
         }
         Err(PgError::undefined_table(name))
     }
 
-    fn column_indices(&self, schema: &SchemaRef, columns: &[String]) -> Result<Vec<usize>, PgError> {
+    fn column_indices(
+        &self,
+        schema: &SchemaRef,
+        columns: &[String],
+    ) -> Result<Vec<usize>, PgError> {
         if columns.is_empty() {
             return Ok((0..schema.fields().len()).collect());
         }
@@ -453,7 +567,10 @@ impl Engine {
                 .index_of(c)
                 .map_err(|_| PgError::new("42703", format!("column \"{c}\" does not exist")))?;
             if out.contains(&i) {
-                return Err(PgError::new("42701", format!("column \"{c}\" specified more than once")));
+                return Err(PgError::new(
+                    "42701",
+                    format!("column \"{c}\" specified more than once"),
+                ));
             }
             out.push(i);
         }
@@ -462,7 +579,13 @@ impl Engine {
 
     /// Casts `columns` (the values of target columns `idx`) into one batch of
     /// the target schema, checking NOT NULL; all or nothing.
-    fn conform(&self, schema: &SchemaRef, idx: &[usize], columns: Vec<ArrayRef>, rows: usize) -> Result<RecordBatch, PgError> {
+    fn conform(
+        &self,
+        schema: &SchemaRef,
+        idx: &[usize],
+        columns: Vec<ArrayRef>,
+        rows: usize,
+    ) -> Result<RecordBatch, PgError> {
         let mut out: Vec<Option<ArrayRef>> = vec![None; schema.fields().len()];
         for (value, &target) in columns.into_iter().zip(idx) {
             let field = schema.field(target);
@@ -480,10 +603,18 @@ impl Engine {
                         ),
                     ));
                 }
-                let options = arrow::compute::CastOptions { safe: false, ..Default::default() };
-                arrow::compute::cast_with_options(&value, field.data_type(), &options).map_err(|e| {
-                    PgError::new("22P02", format!("invalid value for column \"{}\": {e}", field.name()))
-                })?
+                let options = arrow::compute::CastOptions {
+                    safe: false,
+                    ..Default::default()
+                };
+                arrow::compute::cast_with_options(&value, field.data_type(), &options).map_err(
+                    |e| {
+                        PgError::new(
+                            "22P02",
+                            format!("invalid value for column \"{}\": {e}", field.name()),
+                        )
+                    },
+                )?
             };
             out[target] = Some(cast);
         }
@@ -494,34 +625,56 @@ impl Engine {
             if !field.is_nullable() && a.null_count() > 0 {
                 return Err(PgError::new(
                     "23502",
-                    format!("null value in column \"{}\" violates not-null constraint", field.name()),
+                    format!(
+                        "null value in column \"{}\" violates not-null constraint",
+                        field.name()
+                    ),
                 ));
             }
             arrays.push(a);
         }
-        RecordBatch::try_new_with_options(Arc::clone(schema), arrays, &RecordBatchOptions::new().with_row_count(Some(rows)))
-            .map_err(|e| PgError::internal(e.to_string()))
+        RecordBatch::try_new_with_options(
+            Arc::clone(schema),
+            arrays,
+            &RecordBatchOptions::new().with_row_count(Some(rows)),
+        )
+        .map_err(|e| PgError::internal(e.to_string()))
     }
 
-    async fn insert(&self, target: &str, columns: &[String], source: &Query, params: &[ScalarValue]) -> Result<usize, PgError> {
+    async fn insert(
+        &self,
+        target: &str,
+        columns: &[String],
+        source: &Query,
+        params: &[ScalarValue],
+    ) -> Result<usize, PgError> {
         let (schema, log, is_table) = self.insert_target(target)?;
         let idx = self.column_indices(&schema, columns)?;
         let plan = match self.plan(source, params)? {
             PlannedQuery::Finite(p) => p,
             PlannedQuery::Continuous(_) => {
-                return Err(PgError::unsupported("INSERT ... SELECT from a stream is not supported")
-                    .with_hint("it would never finish; use a MATERIALIZED VIEW"))
+                return Err(PgError::unsupported(
+                    "INSERT ... SELECT from a stream is not supported",
+                )
+                .with_hint("it would never finish; use a MATERIALIZED VIEW"))
             }
         };
         let (src_schema, batches) = self.run_finite(plan).await?;
         if src_schema.fields().len() > idx.len() {
-            return Err(PgError::new("42601", "INSERT has more expressions than target columns"));
+            return Err(PgError::new(
+                "42601",
+                "INSERT has more expressions than target columns",
+            ));
         }
         if src_schema.fields().len() < idx.len() && !columns.is_empty() {
-            return Err(PgError::new("42601", "INSERT has more target columns than expressions"));
+            return Err(PgError::new(
+                "42601",
+                "INSERT has more target columns than expressions",
+            ));
         }
         let idx = &idx[..src_schema.fields().len()];
-        let all = arrow::compute::concat_batches(&src_schema, &batches).map_err(|e| PgError::internal(e.to_string()))?;
+        let all = arrow::compute::concat_batches(&src_schema, &batches)
+            .map_err(|e| PgError::internal(e.to_string()))?;
         let rows = all.num_rows();
         let batch = self.conform(&schema, idx, all.columns().to_vec(), rows)?;
         log.append(&batch)?;
@@ -534,17 +687,20 @@ impl Engine {
     /// Parses and appends `COPY ... FROM STDIN` data; all or nothing.
     pub fn copy_in(&self, target: &CopyInTarget, data: &[u8]) -> Result<usize, PgError> {
         let (schema, log, is_table) = self.insert_target(&target.name)?;
-        let text = std::str::from_utf8(data).map_err(|e| PgError::new("22021", format!("COPY data is not valid UTF-8: {e}")))?;
+        let text = std::str::from_utf8(data)
+            .map_err(|e| PgError::new("22021", format!("COPY data is not valid UTF-8: {e}")))?;
         let records = crate::copy::parse_records(text, &target.options, target.columns.len())?;
         let rows = records.len();
         let mut columns = Vec::with_capacity(target.columns.len());
         for (c, &col) in target.columns.iter().enumerate() {
             let field = schema.field(col);
-            let values: Vec<Option<&str>> = records.iter().map(|r| r.fields[c].as_deref()).collect();
-            let array = crate::encode::parse_column(&values, field.data_type(), field.name()).map_err(|(i, mut e)| {
-                e.message = format!("{}, line {}", e.message, records[i].line);
-                e
-            })?;
+            let values: Vec<Option<&str>> =
+                records.iter().map(|r| r.fields[c].as_deref()).collect();
+            let array = crate::encode::parse_column(&values, field.data_type(), field.name())
+                .map_err(|(i, mut e)| {
+                    e.message = format!("{}, line {}", e.message, records[i].line);
+                    e
+                })?;
             columns.push(array);
         }
         let batch = self.conform(&schema, &target.columns, columns, rows)?;
@@ -558,16 +714,34 @@ impl Engine {
     fn show_objects(&self, kind: ObjectKind) -> Outcome {
         let (schema, batches) = match kind {
             ObjectKind::Stream => text_batch(
-                &["name", "columns", "watermark", "source", "partitions", "rows"],
+                &[
+                    "name",
+                    "columns",
+                    "watermark",
+                    "source",
+                    "partitions",
+                    "rows",
+                ],
                 self.catalog
                     .streams()
                     .into_iter()
                     .map(|s| {
-                        let rows = self.catalog.stream_log(&s.name).map(|l| l.row_count().to_string());
+                        let rows = self
+                            .catalog
+                            .stream_log(&s.name)
+                            .map(|l| l.row_count().to_string());
                         vec![
                             Some(s.name.clone()),
-                            Some(s.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")),
-                            s.watermark.as_ref().map(|w| format!("{} - {}ms", w.column, w.delay_ms)),
+                            Some(
+                                s.columns
+                                    .iter()
+                                    .map(|c| c.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                            ),
+                            s.watermark
+                                .as_ref()
+                                .map(|w| format!("{} - {}ms", w.column, w.delay_ms)),
                             Some(s.connector().unwrap_or("log").to_string()),
                             Some(s.partitions.to_string()),
                             rows,
@@ -581,10 +755,19 @@ impl Engine {
                     .tables()
                     .into_iter()
                     .map(|t| {
-                        let rows = self.catalog.table_log(&t.name).map(|l| l.row_count().to_string());
+                        let rows = self
+                            .catalog
+                            .table_log(&t.name)
+                            .map(|l| l.row_count().to_string());
                         vec![
                             Some(t.name.clone()),
-                            Some(t.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")),
+                            Some(
+                                t.columns
+                                    .iter()
+                                    .map(|c| c.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                            ),
                             rows,
                         ]
                     })
@@ -597,17 +780,29 @@ impl Engine {
                     .into_iter()
                     .map(|v| {
                         let store = self.catalog.view_store(&v.name);
-                        let last = store.as_ref().and_then(|s| *s.last_batch.lock()).map(|b| b.to_string());
+                        let last = store
+                            .as_ref()
+                            .and_then(|s| *s.last_batch.lock())
+                            .map(|b| b.to_string());
                         let status = match store.as_ref().and_then(|s| s.error.lock().clone()) {
                             Some(e) => format!("failed: {e}"),
                             None => "running".into(),
                         };
-                        vec![Some(v.name.clone()), Some(v.query.clone()), last, Some(status)]
+                        vec![
+                            Some(v.name.clone()),
+                            Some(v.query.clone()),
+                            last,
+                            Some(status),
+                        ]
                     })
                     .collect(),
             ),
         };
-        Outcome::Rows { schema, batches, tag: "SHOW" }
+        Outcome::Rows {
+            schema,
+            batches,
+            tag: "SHOW",
+        }
     }
 
     fn show_queries(&self) -> Outcome {
@@ -625,10 +820,16 @@ impl Engine {
                     Some(q.rows_in.load(Ordering::Relaxed).to_string()),
                     Some(q.rows_out.load(Ordering::Relaxed).to_string()),
                     Some(q.late_rows.load(Ordering::Relaxed).to_string()),
-                    Some(format!("{:.3}", q.last_latency_us.load(Ordering::Relaxed) as f64 / 1000.0)),
+                    Some(format!(
+                        "{:.3}",
+                        q.last_latency_us.load(Ordering::Relaxed) as f64 / 1000.0
+                    )),
                     Some(format!("{}", q.batch_interval.as_micros() as f64 / 1000.0)),
                     Some(q.group_size.load(Ordering::Relaxed).to_string()),
-                    Some(format!("{:.1}", batches as f64 / q.started.elapsed().as_secs_f64().max(1e-3))),
+                    Some(format!(
+                        "{:.1}",
+                        batches as f64 / q.started.elapsed().as_secs_f64().max(1e-3)
+                    )),
                     Some(format!("{:.1}", coord as f64 / batches.max(1) as f64)),
                 ]
             })
@@ -649,40 +850,89 @@ impl Engine {
             ],
             rows,
         );
-        Outcome::Rows { schema, batches, tag: "SHOW" }
+        Outcome::Rows {
+            schema,
+            batches,
+            tag: "SHOW",
+        }
     }
 
     fn show_create(&self, kind: ObjectKind, name: &str) -> Result<Outcome, PgError> {
         let text = match kind {
             ObjectKind::Stream => {
-                let s = self.catalog.stream(name).ok_or_else(|| PgError::undefined_table(name))?;
-                let mut parts: Vec<String> = s.columns.iter().map(|c| {
-                    format!("{} {}{}", c.name, c.sql_type, if c.nullable { "" } else { " NOT NULL" })
-                }).collect();
+                let s = self
+                    .catalog
+                    .stream(name)
+                    .ok_or_else(|| PgError::undefined_table(name))?;
+                let mut parts: Vec<String> = s
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} {}{}",
+                            c.name,
+                            c.sql_type,
+                            if c.nullable { "" } else { " NOT NULL" }
+                        )
+                    })
+                    .collect();
                 if let Some(w) = &s.watermark {
-                    parts.push(format!("WATERMARK FOR {} AS {} - INTERVAL '{}' MILLISECOND", w.column, w.column, w.delay_ms));
+                    parts.push(format!(
+                        "WATERMARK FOR {} AS {} - INTERVAL '{}' MILLISECOND",
+                        w.column, w.column, w.delay_ms
+                    ));
                 }
-                let mut opts: Vec<String> = s.options.iter().map(|(k, v)| format!("{k} = '{}'", v.replace('\'', "''"))).collect();
+                let mut opts: Vec<String> = s
+                    .options
+                    .iter()
+                    .map(|(k, v)| format!("{k} = '{}'", v.replace('\'', "''")))
+                    .collect();
                 if s.partitions != 1 {
                     opts.push(format!("partitions = '{}'", s.partitions));
                 }
-                let with = if opts.is_empty() { String::new() } else { format!(" WITH ({})", opts.join(", ")) };
+                let with = if opts.is_empty() {
+                    String::new()
+                } else {
+                    format!(" WITH ({})", opts.join(", "))
+                };
                 format!("CREATE STREAM {} ({}){}", s.name, parts.join(", "), with)
             }
             ObjectKind::Table => {
-                let t = self.catalog.table(name).ok_or_else(|| PgError::undefined_table(name))?;
-                let parts: Vec<String> = t.columns.iter().map(|c| {
-                    format!("{} {}{}", c.name, c.sql_type, if c.nullable { "" } else { " NOT NULL" })
-                }).collect();
+                let t = self
+                    .catalog
+                    .table(name)
+                    .ok_or_else(|| PgError::undefined_table(name))?;
+                let parts: Vec<String> = t
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} {}{}",
+                            c.name,
+                            c.sql_type,
+                            if c.nullable { "" } else { " NOT NULL" }
+                        )
+                    })
+                    .collect();
                 format!("CREATE TABLE {} ({})", t.name, parts.join(", "))
             }
             ObjectKind::MaterializedView => {
-                let v = self.catalog.view(name).ok_or_else(|| PgError::undefined_table(name))?;
+                let v = self
+                    .catalog
+                    .view(name)
+                    .ok_or_else(|| PgError::undefined_table(name))?;
                 format!("CREATE MATERIALIZED VIEW {} AS {}", v.name, v.query)
             }
         };
-        let (schema, batches) = text_batch(&["name", "create_sql"], vec![vec![Some(name.to_string()), Some(text)]]);
-        Ok(Outcome::Rows { schema, batches, tag: "SHOW" })
+        let (schema, batches) = text_batch(
+            &["name", "create_sql"],
+            vec![vec![Some(name.to_string()), Some(text)]],
+        );
+        Ok(Outcome::Rows {
+            schema,
+            batches,
+            tag: "SHOW",
+        })
     }
 
     fn resume_view(self: &Arc<Self>, def: &ViewDef) -> Result<(), PgError> {
@@ -692,14 +942,21 @@ impl Engine {
         };
         let plan = match self.plan(&query, &[])? {
             PlannedQuery::Continuous(p) => *p,
-            PlannedQuery::Finite(_) => return Err(PgError::internal("view query is not continuous")),
+            PlannedQuery::Finite(_) => {
+                return Err(PgError::internal("view query is not continuous"))
+            }
         };
         let store = Arc::new(new_view_store(&plan)?);
         self.catalog.attach_view(&def.name, Arc::clone(&store));
         self.launch_view(def, plan, store)
     }
 
-    fn launch_view(&self, def: &ViewDef, plan: StreamingPlan, store: Arc<ViewStore>) -> Result<(), PgError> {
+    fn launch_view(
+        &self,
+        def: &ViewDef,
+        plan: StreamingPlan,
+        store: Arc<ViewStore>,
+    ) -> Result<(), PgError> {
         let log = self.catalog.stream_log(&plan.stream.name);
         let sources = open_source(&plan.stream, log.as_ref())?;
         let mut offsets = def.start_offsets.clone();
@@ -764,14 +1021,24 @@ fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> {
         "batch_interval" => format!("{}ms", settings.batch_interval.as_micros() as f64 / 1000.0),
         "group_size" => settings.group_size.to_string(),
         "parallelism" => settings.parallelism.to_string(),
-        "stream_start" => if settings.start_latest { "latest" } else { "earliest" }.into(),
+        "stream_start" => if settings.start_latest {
+            "latest"
+        } else {
+            "earliest"
+        }
+        .into(),
         "cursor_fetch_timeout" => format!("{}ms", settings.fetch_timeout.as_millis()),
         "server_version" => crate::SERVER_VERSION.into(),
         "transaction_isolation" | "transaction isolation level" => "read committed".into(),
         other => match settings.other.get(other) {
             Some(v) => v.clone(),
             None if PASSTHROUGH.contains(&other) => default_passthrough(other).into(),
-            None => return Err(PgError::new("42704", format!("unrecognized configuration parameter \"{other}\""))),
+            None => {
+                return Err(PgError::new(
+                    "42704",
+                    format!("unrecognized configuration parameter \"{other}\""),
+                ))
+            }
         },
     })
 }
@@ -808,7 +1075,12 @@ fn default_passthrough(name: &str) -> &'static str {
 }
 
 fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(), PgError> {
-    let invalid = |what: &str| PgError::new("22023", format!("invalid value for {name}: \"{value}\" ({what})"));
+    let invalid = |what: &str| {
+        PgError::new(
+            "22023",
+            format!("invalid value for {name}: \"{value}\" ({what})"),
+        )
+    };
     match name {
         "batch_interval" => {
             let us = drizzle_planner::statement::parse_duration_setting_us(value)?;
@@ -818,10 +1090,18 @@ fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(),
             settings.batch_interval = Duration::from_micros(us);
         }
         "group_size" => {
-            settings.group_size = value.parse().ok().filter(|g| (1..=10_000).contains(g)).ok_or_else(|| invalid("a number from 1 to 10000"))?;
+            settings.group_size = value
+                .parse()
+                .ok()
+                .filter(|g| (1..=10_000).contains(g))
+                .ok_or_else(|| invalid("a number from 1 to 10000"))?;
         }
         "parallelism" => {
-            settings.parallelism = value.parse().ok().filter(|g| (1..=1024).contains(g)).ok_or_else(|| invalid("a number from 1 to 1024"))?;
+            settings.parallelism = value
+                .parse()
+                .ok()
+                .filter(|g| (1..=1024).contains(g))
+                .ok_or_else(|| invalid("a number from 1 to 1024"))?;
         }
         "stream_start" => {
             settings.start_latest = match value.to_lowercase().as_str() {
@@ -837,8 +1117,12 @@ fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(),
         other if PASSTHROUGH.contains(&other) => {
             settings.other.insert(other.to_string(), value.to_string());
         }
-        other => return Err(PgError::new("42704", format!("unrecognized configuration parameter \"{other}\""))),
+        other => {
+            return Err(PgError::new(
+                "42704",
+                format!("unrecognized configuration parameter \"{other}\""),
+            ))
+        }
     }
     Ok(())
 }
-

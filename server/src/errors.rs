@@ -52,7 +52,10 @@ impl PgError {
 
     /// I/O error on a path (58030).
     pub fn io(path: impl AsRef<std::path::Path>, e: std::io::Error) -> Self {
-        Self::new("58030", format!("I/O error on {}: {e}", path.as_ref().display()))
+        Self::new(
+            "58030",
+            format!("I/O error on {}: {e}", path.as_ref().display()),
+        )
     }
 
     /// Relation already exists (42P07).
@@ -106,8 +109,12 @@ impl From<ExecError> for PgError {
             ExecError::Cancelled => PgError::cancelled(),
             ExecError::InvalidOption { .. } => PgError::new("22023", e.to_string()),
             ExecError::InvalidData { .. } => PgError::new("22P02", e.to_string()),
-            ExecError::Io { .. } | ExecError::Corrupt { .. } => PgError::new("58030", e.to_string()),
-            ExecError::Shuffle { .. } | ExecError::Unavailable { .. } => PgError::new("XX000", e.to_string()),
+            ExecError::Io { .. } | ExecError::Corrupt { .. } => {
+                PgError::new("58030", e.to_string())
+            }
+            ExecError::Shuffle { .. } | ExecError::Unavailable { .. } => {
+                PgError::new("XX000", e.to_string())
+            }
         }
     }
 }
@@ -139,13 +146,16 @@ pub fn from_datafusion(e: DataFusionError) -> PgError {
             SchemaError::FieldNotFound { field, .. } => {
                 PgError::new("42703", format!("column \"{}\" does not exist", field.name))
             }
-            SchemaError::AmbiguousReference { field } => {
-                PgError::new("42702", format!("column reference \"{}\" is ambiguous", field.name))
-            }
+            SchemaError::AmbiguousReference { field } => PgError::new(
+                "42702",
+                format!("column reference \"{}\" is ambiguous", field.name),
+            ),
             other => PgError::new("42P18", other.to_string()),
         },
         DataFusionError::SQL(p, _) => PgError::new("42601", format!("syntax error: {p}")),
-        DataFusionError::NotImplemented(m) => PgError::new("0A000", format!("{m} is not supported")),
+        DataFusionError::NotImplemented(m) => {
+            PgError::new("0A000", format!("{m} is not supported"))
+        }
         DataFusionError::External(inner) => match inner.downcast::<ExecError>() {
             Ok(ex) => (*ex).into(),
             Err(other) => PgError::new("XX000", other.to_string()),
@@ -166,11 +176,21 @@ fn classify_message(m: &str, default: &'static str) -> PgError {
         default
     } else if lower.contains("divide by zero") || lower.contains("division by zero") {
         "22012"
-    } else if lower.contains("cannot cast") || lower.contains("cast error") || lower.contains("invalid input syntax") {
+    } else if lower.contains("cannot cast")
+        || lower.contains("cast error")
+        || lower.contains("invalid input syntax")
+    {
         "22P02"
-    } else if lower.contains("invalid function") || lower.contains("no function matches") || lower.contains("not supported for type") {
+    } else if lower.contains("invalid function")
+        || lower.contains("no function matches")
+        || lower.contains("not supported for type")
+    {
         "42883"
-    } else if lower.contains("coerc") || lower.contains("type mismatch") || lower.contains("can't be evaluated") || lower.contains("must be a timestamp") {
+    } else if lower.contains("coerc")
+        || lower.contains("type mismatch")
+        || lower.contains("can't be evaluated")
+        || lower.contains("must be a timestamp")
+    {
         "42804"
     } else if lower.contains("not found") && lower.contains("column") {
         "42703"
@@ -194,10 +214,20 @@ mod tests {
     fn plan_errors_map_to_postgres_codes() {
         assert_eq!(PgError::from(PlanError::syntax("x")).code, "42601");
         assert_eq!(PgError::from(PlanError::unsupported("y")).code, "0A000");
-        assert_eq!(classify_message("table 'nope' not found", "XX000").code, "42P01");
-        assert_eq!(classify_message("Cannot cast string 'x' to value of Int32 type", "XX000").code, "22P02");
         assert_eq!(
-            classify_message("Cannot infer common argument type for comparison operation Int64 = Utf8", "42804").code,
+            classify_message("table 'nope' not found", "XX000").code,
+            "42P01"
+        );
+        assert_eq!(
+            classify_message("Cannot cast string 'x' to value of Int32 type", "XX000").code,
+            "22P02"
+        );
+        assert_eq!(
+            classify_message(
+                "Cannot infer common argument type for comparison operation Int64 = Utf8",
+                "42804"
+            )
+            .code,
             "42804"
         );
     }

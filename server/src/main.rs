@@ -12,7 +12,11 @@ use drizzle_server::engine::{Engine, EngineConfig};
 use drizzle_server::session::{serve, SessionRegistry};
 
 #[derive(Parser)]
-#[command(name = "drizzle", version, about = "Drizzle: a streaming SQL server (micro-batches, group scheduling, Postgres wire protocol)")]
+#[command(
+    name = "drizzle",
+    version,
+    about = "Drizzle: a streaming SQL server (micro-batches, group scheduling, Postgres wire protocol)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,7 +50,8 @@ struct ServerArgs {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -66,7 +71,11 @@ fn main() -> anyhow::Result<()> {
 async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let workers = args
         .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
         .max(1);
     let interval_us = drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
         .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?;
@@ -77,7 +86,12 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     };
     let engine = Engine::open(&args.data_dir, workers, config)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot open data directory {}: {e}", args.data_dir.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open data directory {}: {e}",
+                args.data_dir.display()
+            )
+        })?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -53,7 +53,11 @@ impl TableProvider for TableLogProvider {
             .log
             .read_all()
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        Ok(MemorySourceConfig::try_new_exec(&[batches], Arc::clone(&self.schema), projection.cloned())?)
+        Ok(MemorySourceConfig::try_new_exec(
+            &[batches],
+            Arc::clone(&self.schema),
+            projection.cloned(),
+        )?)
     }
 }
 
@@ -87,7 +91,9 @@ pub struct ViewStore {
 
 impl std::fmt::Debug for ViewStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ViewStore").field("schema", &self.schema).finish()
+        f.debug_struct("ViewStore")
+            .field("schema", &self.schema)
+            .finish()
     }
 }
 
@@ -139,7 +145,11 @@ impl ViewStore {
             }
             ViewRows::Upsert(u) => {
                 if batch.num_rows() > 0 {
-                    let cols: Vec<_> = u.keys.iter().map(|&k| Arc::clone(batch.column(k))).collect();
+                    let cols: Vec<_> = u
+                        .keys
+                        .iter()
+                        .map(|&k| Arc::clone(batch.column(k)))
+                        .collect();
                     let keys = u.converter.convert_columns(&cols)?;
                     let b = u.batches.len();
                     for row in 0..batch.num_rows() {
@@ -175,11 +185,18 @@ impl ViewStore {
     }
 }
 
-fn snapshot_upsert(u: &UpsertRows, schema: &SchemaRef) -> Result<RecordBatch, arrow::error::ArrowError> {
+fn snapshot_upsert(
+    u: &UpsertRows,
+    schema: &SchemaRef,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     if u.order.is_empty() {
         return Ok(RecordBatch::new_empty(Arc::clone(schema)));
     }
-    let indices: Vec<(usize, usize)> = u.order.iter().filter_map(|k| u.latest.get(k).copied()).collect();
+    let indices: Vec<(usize, usize)> = u
+        .order
+        .iter()
+        .filter_map(|k| u.latest.get(k).copied())
+        .collect();
     let refs: Vec<&RecordBatch> = u.batches.iter().collect();
     interleave_record_batch(&refs, &indices)
 }
@@ -215,9 +232,15 @@ impl TableProvider for ViewProvider {
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         if let Some(e) = self.store.error.lock().clone() {
-            return Err(DataFusionError::Execution(format!("materialized view failed: {e}")));
+            return Err(DataFusionError::Execution(format!(
+                "materialized view failed: {e}"
+            )));
         }
         let batches = self.store.snapshot()?;
-        Ok(MemorySourceConfig::try_new_exec(&[batches], self.schema(), projection.cloned())?)
+        Ok(MemorySourceConfig::try_new_exec(
+            &[batches],
+            self.schema(),
+            projection.cloned(),
+        )?)
     }
 }

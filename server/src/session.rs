@@ -27,10 +27,16 @@ use drizzle_planner::{parse_statements, CopyOptions, DrizzleStatement, PlannedQu
 use parking_lot::Mutex;
 use pgwire::messages::copy::{CopyData, CopyDone, CopyInResponse, CopyOutResponse};
 use pgwire::messages::data::{FieldDescription, NoData, ParameterDescription, RowDescription};
-use pgwire::messages::extendedquery::{BindComplete, CloseComplete, ParseComplete, PortalSuspended};
-use pgwire::messages::response::{CommandComplete, EmptyQueryResponse, ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::extendedquery::{
+    BindComplete, CloseComplete, ParseComplete, PortalSuspended,
+};
+use pgwire::messages::response::{
+    CommandComplete, EmptyQueryResponse, ErrorResponse, ReadyForQuery, TransactionStatus,
+};
 use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
-use pgwire::messages::{DecodeContext, PgWireBackendMessage, PgWireFrontendMessage, SslNegotiationMetaMessage};
+use pgwire::messages::{
+    DecodeContext, PgWireBackendMessage, PgWireFrontendMessage, SslNegotiationMetaMessage,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -111,7 +117,11 @@ pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: 
             Ok(Some(_)) => return,
             Ok(None) => {}
             Err(e) => {
-                let _ = send_fatal(&mut wr, PgError::new("08P01", format!("invalid startup packet: {e}"))).await;
+                let _ = send_fatal(
+                    &mut wr,
+                    PgError::new("08P01", format!("invalid startup packet: {e}")),
+                )
+                .await;
                 return;
             }
         }
@@ -125,7 +135,11 @@ pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: 
     };
     ctx.awaiting_frontend_startup = false;
     if startup.protocol_number_major != 3 {
-        let _ = send_fatal(&mut wr, PgError::new("0A000", "unsupported frontend protocol")).await;
+        let _ = send_fatal(
+            &mut wr,
+            PgError::new("0A000", "unsupported frontend protocol"),
+        )
+        .await;
         return;
     }
     let (pid, secret, cancel) = registry.register();
@@ -147,7 +161,10 @@ pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: 
         skip_until_sync: false,
     };
     if let Some(app) = startup.parameters.get("application_name") {
-        session.settings.other.insert("application_name".into(), app.clone());
+        session
+            .settings
+            .other
+            .insert("application_name".into(), app.clone());
     }
     session.push(PgWireBackendMessage::Authentication(Authentication::Ok));
     for (k, v) in [
@@ -161,9 +178,15 @@ pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: 
         ("IntervalStyle", "postgres"),
         ("is_superuser", "on"),
     ] {
-        session.push(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(k.into(), v.into())));
+        session.push(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(
+            k.into(),
+            v.into(),
+        )));
     }
-    session.push(PgWireBackendMessage::BackendKeyData(BackendKeyData::new(pid, SecretKey::I32(secret))));
+    session.push(PgWireBackendMessage::BackendKeyData(BackendKeyData::new(
+        pid,
+        SecretKey::I32(secret),
+    )));
     session.ready();
     if session.flush().await.is_ok() {
         session.run().await;
@@ -178,7 +201,12 @@ async fn send_fatal(wr: &mut OwnedWriteHalf, e: PgError) -> std::io::Result<()> 
     wr.write_all(&out).await
 }
 
-async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: DecodeContext, tx: mpsc::Sender<Inbound>) {
+async fn read_loop(
+    mut rd: OwnedReadHalf,
+    mut buf: BytesMut,
+    ctx: DecodeContext,
+    tx: mpsc::Sender<Inbound>,
+) {
     loop {
         loop {
             if buf.len() >= 5 {
@@ -231,8 +259,15 @@ fn error_response(e: &PgError) -> ErrorResponse {
 
 /// Rows for a cursor or a suspended portal.
 enum RowSource {
-    Finite { schema: SchemaRef, batches: VecDeque<RecordBatch> },
-    Live { handle: QueryHandle, buffered: VecDeque<RecordBatch>, done: bool },
+    Finite {
+        schema: SchemaRef,
+        batches: VecDeque<RecordBatch>,
+    },
+    Live {
+        handle: QueryHandle,
+        buffered: VecDeque<RecordBatch>,
+        done: bool,
+    },
 }
 
 impl RowSource {
@@ -298,7 +333,9 @@ fn binary_flags(formats: &[i16], n: usize) -> Vec<bool> {
     match formats.len() {
         0 => vec![false; n],
         1 => vec![formats[0] == 1; n],
-        _ => (0..n).map(|i| formats.get(i).copied().unwrap_or(0) == 1).collect(),
+        _ => (0..n)
+            .map(|i| formats.get(i).copied().unwrap_or(0) == 1)
+            .collect(),
     }
 }
 
@@ -324,7 +361,9 @@ impl Session {
             (true, false) => TransactionStatus::Transaction,
             (true, true) => TransactionStatus::Error,
         };
-        self.push(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(status)));
+        self.push(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(
+            status,
+        )));
     }
 
     fn error(&mut self, e: PgError) {
@@ -332,7 +371,9 @@ impl Session {
     }
 
     fn complete(&mut self, tag: String) {
-        self.push(PgWireBackendMessage::CommandComplete(CommandComplete::new(tag)));
+        self.push(PgWireBackendMessage::CommandComplete(CommandComplete::new(
+            tag,
+        )));
     }
 
     fn row_description(&mut self, schema: &SchemaRef, formats: &[i16]) {
@@ -340,9 +381,13 @@ impl Session {
         let fields = crate::encode::describe(schema)
             .into_iter()
             .zip(binary)
-            .map(|((name, oid, size), bin)| FieldDescription::new(name, 0, 0, oid, size, -1, i16::from(bin)))
+            .map(|((name, oid, size), bin)| {
+                FieldDescription::new(name, 0, 0, oid, size, -1, i16::from(bin))
+            })
             .collect();
-        self.push(PgWireBackendMessage::RowDescription(RowDescription::new(fields)));
+        self.push(PgWireBackendMessage::RowDescription(RowDescription::new(
+            fields,
+        )));
     }
 
     async fn next_inbound(&mut self) -> Option<Inbound> {
@@ -392,10 +437,14 @@ impl Session {
                     Ok(())
                 }
                 PgWireFrontendMessage::Describe(d) => {
-                    self.on_describe(d.target_type, d.name.unwrap_or_default()).await;
+                    self.on_describe(d.target_type, d.name.unwrap_or_default())
+                        .await;
                     Ok(())
                 }
-                PgWireFrontendMessage::Execute(e) => self.on_execute(e.name.unwrap_or_default(), e.max_rows).await,
+                PgWireFrontendMessage::Execute(e) => {
+                    self.on_execute(e.name.unwrap_or_default(), e.max_rows)
+                        .await
+                }
                 PgWireFrontendMessage::Close(c) => {
                     let name = c.name.unwrap_or_default();
                     if c.target_type == b'S' {
@@ -424,12 +473,16 @@ impl Session {
             }
         };
         if stmts.is_empty() {
-            self.push(PgWireBackendMessage::EmptyQueryResponse(EmptyQueryResponse::new()));
+            self.push(PgWireBackendMessage::EmptyQueryResponse(
+                EmptyQueryResponse::new(),
+            ));
             return Ok(());
         }
         let implicit = !self.in_txn && stmts.len() > 1;
         for stmt in stmts {
-            if self.txn_failed && !matches!(stmt, DrizzleStatement::Commit | DrizzleStatement::Rollback) {
+            if self.txn_failed
+                && !matches!(stmt, DrizzleStatement::Commit | DrizzleStatement::Rollback)
+            {
                 self.error(PgError::new(
                     "25P02",
                     "current transaction is aborted, commands ignored until end of transaction block",
@@ -472,7 +525,11 @@ impl Session {
                 Ok(Ok(()))
             }
             DrizzleStatement::Commit | DrizzleStatement::Rollback => {
-                let tag = if matches!(stmt, DrizzleStatement::Commit) && !self.txn_failed { "COMMIT" } else { "ROLLBACK" };
+                let tag = if matches!(stmt, DrizzleStatement::Commit) && !self.txn_failed {
+                    "COMMIT"
+                } else {
+                    "ROLLBACK"
+                };
                 self.in_txn = false;
                 self.txn_failed = false;
                 self.cursors.clear();
@@ -481,10 +538,16 @@ impl Session {
             }
             DrizzleStatement::DeclareCursor { name, query } => {
                 if !self.in_txn {
-                    return Ok(Err(PgError::new("25P01", "DECLARE CURSOR can only be used in transaction blocks")));
+                    return Ok(Err(PgError::new(
+                        "25P01",
+                        "DECLARE CURSOR can only be used in transaction blocks",
+                    )));
                 }
                 if self.cursors.contains_key(&name) {
-                    return Ok(Err(PgError::new("42P03", format!("cursor \"{name}\" already exists"))));
+                    return Ok(Err(PgError::new(
+                        "42P03",
+                        format!("cursor \"{name}\" already exists"),
+                    )));
                 }
                 let source = match self.open_rows(&query, params, sql).await {
                     Ok(s) => s,
@@ -497,9 +560,14 @@ impl Session {
             DrizzleStatement::Fetch { name, count } => {
                 let timeout = self.settings.fetch_timeout;
                 let Some(mut source) = self.cursors.remove(&name) else {
-                    return Ok(Err(PgError::new("34000", format!("cursor \"{name}\" does not exist"))));
+                    return Ok(Err(PgError::new(
+                        "34000",
+                        format!("cursor \"{name}\" does not exist"),
+                    )));
                 };
-                let fetched = self.fetch(&mut source, count.map(|c| c as usize), timeout).await;
+                let fetched = self
+                    .fetch(&mut source, count.map(|c| c as usize), timeout)
+                    .await;
                 let schema = source.schema();
                 self.cursors.insert(name, source);
                 let batches = match fetched? {
@@ -527,16 +595,24 @@ impl Session {
                     None => self.cursors.clear(),
                     Some(n) => {
                         if self.cursors.remove(&n).is_none() {
-                            return Ok(Err(PgError::new("34000", format!("cursor \"{n}\" does not exist"))));
+                            return Ok(Err(PgError::new(
+                                "34000",
+                                format!("cursor \"{n}\" does not exist"),
+                            )));
                         }
                     }
                 }
                 self.complete("CLOSE CURSOR".into());
                 Ok(Ok(()))
             }
-            DrizzleStatement::CopyTo { query, options } => self.copy_to(&query, &options, params, sql).await,
+            DrizzleStatement::CopyTo { query, options } => {
+                self.copy_to(&query, &options, params, sql).await
+            }
             other => {
-                let outcome = self.engine.execute(other, &mut self.settings, params, sql).await;
+                let outcome = self
+                    .engine
+                    .execute(other, &mut self.settings, params, sql)
+                    .await;
                 let outcome = match outcome {
                     Ok(o) => o,
                     Err(e) => return Ok(Err(e)),
@@ -546,13 +622,21 @@ impl Session {
         }
     }
 
-    async fn outcome(&mut self, outcome: Outcome, mode: Mode) -> Result<Result<(), PgError>, Disconnect> {
+    async fn outcome(
+        &mut self,
+        outcome: Outcome,
+        mode: Mode,
+    ) -> Result<Result<(), PgError>, Disconnect> {
         match outcome {
             Outcome::Command(tag) => {
                 self.complete(tag);
                 Ok(Ok(()))
             }
-            Outcome::Rows { schema, batches, tag } => {
+            Outcome::Rows {
+                schema,
+                batches,
+                tag,
+            } => {
                 let formats = match &mode {
                     Mode::Simple => {
                         self.row_description(&schema, &[]);
@@ -566,7 +650,11 @@ impl Session {
                     crate::encode::write_data_rows(&mut self.out, b, &binary);
                     n += b.num_rows();
                 }
-                self.complete(if tag == "SELECT" { format!("SELECT {n}") } else { tag.to_string() });
+                self.complete(if tag == "SELECT" {
+                    format!("SELECT {n}")
+                } else {
+                    tag.to_string()
+                });
                 Ok(Ok(()))
             }
             Outcome::Stream(mut handle) => {
@@ -589,7 +677,11 @@ impl Session {
             }
             Outcome::CopyIn(target) => {
                 let n = target.columns.len() as i16;
-                self.push(PgWireBackendMessage::CopyInResponse(CopyInResponse::new(0, n, vec![0; n as usize])));
+                self.push(PgWireBackendMessage::CopyInResponse(CopyInResponse::new(
+                    0,
+                    n,
+                    vec![0; n as usize],
+                )));
                 self.flush().await?;
                 let mut data = BytesMut::new();
                 loop {
@@ -597,24 +689,40 @@ impl Session {
                         Some(Inbound::Msg(PgWireFrontendMessage::CopyData(d))) => {
                             if data.len() + d.data.len() > MAX_COPY_BYTES {
                                 // Drain the rest of the copy, then fail it.
-                                return Ok(Err(self.abort_copy(PgError::new("54000", "COPY data exceeds 1 GiB; split it")).await?));
+                                return Ok(Err(self
+                                    .abort_copy(PgError::new(
+                                        "54000",
+                                        "COPY data exceeds 1 GiB; split it",
+                                    ))
+                                    .await?));
                             }
                             data.extend_from_slice(&d.data);
                         }
                         Some(Inbound::Msg(PgWireFrontendMessage::CopyDone(_))) => break,
                         Some(Inbound::Msg(PgWireFrontendMessage::CopyFail(f))) => {
-                            return Ok(Err(PgError::new("57014", format!("COPY from stdin failed: {}", f.message))));
+                            return Ok(Err(PgError::new(
+                                "57014",
+                                format!("COPY from stdin failed: {}", f.message),
+                            )));
                         }
-                        Some(Inbound::Msg(PgWireFrontendMessage::Sync(_) | PgWireFrontendMessage::Flush(_))) => {}
+                        Some(Inbound::Msg(
+                            PgWireFrontendMessage::Sync(_) | PgWireFrontendMessage::Flush(_),
+                        )) => {}
                         Some(Inbound::Msg(_)) => {
-                            return Ok(Err(PgError::new("08P01", "unexpected message during COPY FROM STDIN")));
+                            return Ok(Err(PgError::new(
+                                "08P01",
+                                "unexpected message during COPY FROM STDIN",
+                            )));
                         }
-                        Some(Inbound::Bad(_)) | Some(Inbound::Closed) | None => return Err(Disconnect),
+                        Some(Inbound::Bad(_)) | Some(Inbound::Closed) | None => {
+                            return Err(Disconnect)
+                        }
                     }
                 }
                 let engine = Arc::clone(&self.engine);
                 let data = data.freeze();
-                let result = tokio::task::spawn_blocking(move || engine.copy_in(&target, &data)).await;
+                let result =
+                    tokio::task::spawn_blocking(move || engine.copy_in(&target, &data)).await;
                 match result {
                     Ok(Ok(rows)) => {
                         self.complete(format!("COPY {rows}"));
@@ -630,7 +738,9 @@ impl Session {
     async fn abort_copy(&mut self, e: PgError) -> Result<PgError, Disconnect> {
         loop {
             match self.next_inbound().await {
-                Some(Inbound::Msg(PgWireFrontendMessage::CopyDone(_) | PgWireFrontendMessage::CopyFail(_))) => return Ok(e),
+                Some(Inbound::Msg(
+                    PgWireFrontendMessage::CopyDone(_) | PgWireFrontendMessage::CopyFail(_),
+                )) => return Ok(e),
                 Some(Inbound::Msg(_)) => {}
                 _ => return Err(Disconnect),
             }
@@ -639,7 +749,11 @@ impl Session {
 
     /// Streams a continuous query's batches to the client as they complete.
     /// Returns the number of rows sent, or the error that stopped it.
-    async fn stream(&mut self, handle: &mut QueryHandle, sink: Sink<'_>) -> Result<Result<u64, PgError>, Disconnect> {
+    async fn stream(
+        &mut self,
+        handle: &mut QueryHandle,
+        sink: Sink<'_>,
+    ) -> Result<Result<u64, PgError>, Disconnect> {
         let mut sent = 0u64;
         let start = *self.cancel.borrow_and_update();
         let _ = start;
@@ -706,7 +820,11 @@ impl Session {
                     Err(e) => return Ok(Err(e)),
                 };
                 let n = schema.fields().len() as i16;
-                self.push(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(0, n, vec![0; n as usize])));
+                self.push(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(
+                    0,
+                    n,
+                    vec![0; n as usize],
+                )));
                 let mut lines = BytesMut::new();
                 if options.header {
                     lines.put_slice(crate::copy::header_line(&schema, options).as_bytes());
@@ -717,22 +835,34 @@ impl Session {
                     rows += b.num_rows();
                 }
                 if !lines.is_empty() {
-                    self.push(PgWireBackendMessage::CopyData(CopyData::new(lines.freeze())));
+                    self.push(PgWireBackendMessage::CopyData(CopyData::new(
+                        lines.freeze(),
+                    )));
                 }
                 self.push(PgWireBackendMessage::CopyDone(CopyDone::new()));
                 self.complete(format!("COPY {rows}"));
                 Ok(Ok(()))
             }
             PlannedQuery::Continuous(plan) => {
-                let mut handle = match self.engine.start_continuous(*plan, &self.settings, sql.trim().to_string()) {
+                let mut handle = match self.engine.start_continuous(
+                    *plan,
+                    &self.settings,
+                    sql.trim().to_string(),
+                ) {
                     Ok(h) => h,
                     Err(e) => return Ok(Err(e)),
                 };
                 let n = handle.schema.fields().len() as i16;
-                self.push(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(0, n, vec![0; n as usize])));
+                self.push(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(
+                    0,
+                    n,
+                    vec![0; n as usize],
+                )));
                 if options.header {
                     let header = crate::copy::header_line(&handle.schema, options);
-                    self.push(PgWireBackendMessage::CopyData(CopyData::new(Bytes::from(header))));
+                    self.push(PgWireBackendMessage::CopyData(CopyData::new(Bytes::from(
+                        header,
+                    ))));
                 }
                 self.flush().await?;
                 match self.stream(&mut handle, Sink::Copy(options)).await? {
@@ -762,7 +892,9 @@ impl Session {
                 })
             }
             PlannedQuery::Continuous(plan) => {
-                let handle = self.engine.start_continuous(*plan, &self.settings, sql.trim().to_string())?;
+                let handle =
+                    self.engine
+                        .start_continuous(*plan, &self.settings, sql.trim().to_string())?;
                 Ok(RowSource::Live {
                     handle,
                     buffered: VecDeque::new(),
@@ -783,23 +915,28 @@ impl Session {
         let want = count.unwrap_or(usize::MAX);
         let mut out = Vec::new();
         let mut have = 0usize;
-        let take_from = |queue: &mut VecDeque<RecordBatch>, out: &mut Vec<RecordBatch>, have: &mut usize| {
-            while *have < want {
-                let Some(b) = queue.pop_front() else { break };
-                let room = want - *have;
-                if b.num_rows() > room {
-                    out.push(b.slice(0, room));
-                    queue.push_front(b.slice(room, b.num_rows() - room));
-                    *have += room;
-                } else {
-                    *have += b.num_rows();
-                    out.push(b);
+        let take_from =
+            |queue: &mut VecDeque<RecordBatch>, out: &mut Vec<RecordBatch>, have: &mut usize| {
+                while *have < want {
+                    let Some(b) = queue.pop_front() else { break };
+                    let room = want - *have;
+                    if b.num_rows() > room {
+                        out.push(b.slice(0, room));
+                        queue.push_front(b.slice(room, b.num_rows() - room));
+                        *have += room;
+                    } else {
+                        *have += b.num_rows();
+                        out.push(b);
+                    }
                 }
-            }
-        };
+            };
         match source {
             RowSource::Finite { batches, .. } => take_from(batches, &mut out, &mut have),
-            RowSource::Live { handle, buffered, done } => {
+            RowSource::Live {
+                handle,
+                buffered,
+                done,
+            } => {
                 take_from(buffered, &mut out, &mut have);
                 let deadline = tokio::time::Instant::now() + timeout;
                 while have < want && !*done {
@@ -835,7 +972,10 @@ impl Session {
             Err(e) => return self.extended_error(e.into()),
         };
         if stmts.len() > 1 {
-            return self.extended_error(PgError::new("42601", "cannot insert multiple commands into a prepared statement"));
+            return self.extended_error(PgError::new(
+                "42601",
+                "cannot insert multiple commands into a prepared statement",
+            ));
         }
         let stmt = stmts.into_iter().next();
         let mut param_types = declared;
@@ -847,14 +987,24 @@ impl Session {
                     }
                     for (i, t) in types.iter().enumerate() {
                         if param_types[i] == 0 {
-                            param_types[i] = t.as_ref().map(crate::encode::pg_type).unwrap_or(crate::encode::oid::TEXT);
+                            param_types[i] = t
+                                .as_ref()
+                                .map(crate::encode::pg_type)
+                                .unwrap_or(crate::encode::oid::TEXT);
                         }
                     }
                 }
                 Err(e) => return self.extended_error(e),
             }
         }
-        self.statements.insert(name, Prepared { stmt, sql, param_types });
+        self.statements.insert(
+            name,
+            Prepared {
+                stmt,
+                sql,
+                param_types,
+            },
+        );
         self.push(PgWireBackendMessage::ParseComplete(ParseComplete::new()));
     }
 
@@ -866,7 +1016,10 @@ impl Session {
     fn on_bind(&mut self, b: pgwire::messages::extendedquery::Bind) {
         let name = b.statement_name.clone().unwrap_or_default();
         let Some(prepared) = self.statements.get(&name) else {
-            return self.extended_error(PgError::new("26000", format!("prepared statement \"{name}\" does not exist")));
+            return self.extended_error(PgError::new(
+                "26000",
+                format!("prepared statement \"{name}\" does not exist"),
+            ));
         };
         let mut params = Vec::with_capacity(b.parameters.len());
         for (i, value) in b.parameters.iter().enumerate() {
@@ -875,7 +1028,11 @@ impl Session {
                 1 => b.parameter_format_codes[0],
                 _ => b.parameter_format_codes.get(i).copied().unwrap_or(0),
             };
-            let oid = prepared.param_types.get(i).copied().unwrap_or(crate::encode::oid::TEXT);
+            let oid = prepared
+                .param_types
+                .get(i)
+                .copied()
+                .unwrap_or(crate::encode::oid::TEXT);
             match decode_param(value.as_deref(), format, oid) {
                 Ok(v) => params.push(v),
                 Err(e) => return self.extended_error(e),
@@ -889,7 +1046,8 @@ impl Session {
             rows: None,
             sent: 0,
         };
-        self.portals.insert(b.portal_name.unwrap_or_default(), portal);
+        self.portals
+            .insert(b.portal_name.unwrap_or_default(), portal);
         self.push(PgWireBackendMessage::BindComplete(BindComplete::new()));
     }
 
@@ -897,7 +1055,12 @@ impl Session {
         let (stmt, formats, param_types) = if target == b'S' {
             match self.statements.get(&name) {
                 Some(p) => (p.stmt.clone(), vec![], Some(p.param_types.clone())),
-                None => return self.extended_error(PgError::new("26000", format!("prepared statement \"{name}\" does not exist"))),
+                None => {
+                    return self.extended_error(PgError::new(
+                        "26000",
+                        format!("prepared statement \"{name}\" does not exist"),
+                    ))
+                }
             }
         } else {
             match self.portals.get(&name) {
@@ -910,11 +1073,18 @@ impl Session {
                     }
                     (p.stmt.clone(), p.formats.clone(), None)
                 }
-                None => return self.extended_error(PgError::new("34000", format!("portal \"{name}\" does not exist"))),
+                None => {
+                    return self.extended_error(PgError::new(
+                        "34000",
+                        format!("portal \"{name}\" does not exist"),
+                    ))
+                }
             }
         };
         if let Some(types) = param_types {
-            self.push(PgWireBackendMessage::ParameterDescription(ParameterDescription::new(types)));
+            self.push(PgWireBackendMessage::ParameterDescription(
+                ParameterDescription::new(types),
+            ));
         }
         match self.result_schema(stmt.as_ref()).await {
             Ok(Some(schema)) => self.row_description(&schema, &formats),
@@ -923,7 +1093,10 @@ impl Session {
         }
     }
 
-    async fn result_schema(&mut self, stmt: Option<&DrizzleStatement>) -> Result<Option<SchemaRef>, PgError> {
+    async fn result_schema(
+        &mut self,
+        stmt: Option<&DrizzleStatement>,
+    ) -> Result<Option<SchemaRef>, PgError> {
         let Some(stmt) = stmt else { return Ok(None) };
         match stmt {
             DrizzleStatement::Query(q) => Ok(Some(self.engine.describe_query(q)?.0)),
@@ -934,7 +1107,11 @@ impl Session {
             | DrizzleStatement::ShowCreate { .. }
             | DrizzleStatement::ShowVariable(_) => {
                 let mut settings = self.settings.clone();
-                match self.engine.execute(stmt.clone(), &mut settings, &[], "").await? {
+                match self
+                    .engine
+                    .execute(stmt.clone(), &mut settings, &[], "")
+                    .await?
+                {
                     Outcome::Rows { schema, .. } => Ok(Some(schema)),
                     _ => Ok(None),
                 }
@@ -945,11 +1122,17 @@ impl Session {
 
     async fn on_execute(&mut self, name: String, max_rows: i32) -> Result<(), Disconnect> {
         let Some(mut portal) = self.portals.remove(&name) else {
-            self.extended_error(PgError::new("34000", format!("portal \"{name}\" does not exist")));
+            self.extended_error(PgError::new(
+                "34000",
+                format!("portal \"{name}\" does not exist"),
+            ));
             return Ok(());
         };
         if self.txn_failed {
-            self.extended_error(PgError::new("25P02", "current transaction is aborted, commands ignored until end of transaction block"));
+            self.extended_error(PgError::new(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
             return Ok(());
         }
         let max_rows = if max_rows > 0 { max_rows as usize } else { 0 };
@@ -959,7 +1142,10 @@ impl Session {
                 DrizzleStatement::Query(q) => Some(q.clone()),
                 _ => None,
             }) {
-                match self.open_rows(&query, &portal.params.clone(), &portal.sql.clone()).await {
+                match self
+                    .open_rows(&query, &portal.params.clone(), &portal.sql.clone())
+                    .await
+                {
                     Ok(rows) => portal.rows = Some(rows),
                     Err(e) => {
                         self.extended_error(e);
@@ -999,7 +1185,9 @@ impl Session {
             return Ok(());
         }
         let Some(stmt) = portal.stmt.clone() else {
-            self.push(PgWireBackendMessage::EmptyQueryResponse(EmptyQueryResponse::new()));
+            self.push(PgWireBackendMessage::EmptyQueryResponse(
+                EmptyQueryResponse::new(),
+            ));
             return Ok(());
         };
         let mode = Mode::Extended {
@@ -1047,7 +1235,12 @@ fn decode_param(value: Option<&[u8]>, format: i16, oid: u32) -> Result<ScalarVal
     let Some(bytes) = value else {
         return ScalarValue::try_from(&target).map_err(crate::errors::from_datafusion);
     };
-    let bad = |what: &str| PgError::new("22P03", format!("incorrect binary data format in bind parameter ({what})"));
+    let bad = |what: &str| {
+        PgError::new(
+            "22P03",
+            format!("incorrect binary data format in bind parameter ({what})"),
+        )
+    };
     if format == 1 {
         let fixed = |n: usize| -> Result<&[u8], PgError> {
             if bytes.len() == n {
@@ -1058,25 +1251,51 @@ fn decode_param(value: Option<&[u8]>, format: i16, oid: u32) -> Result<ScalarVal
         };
         return Ok(match oid {
             o::BOOL => ScalarValue::Boolean(Some(fixed(1)?[0] != 0)),
-            o::INT2 => ScalarValue::Int16(Some(i16::from_be_bytes(fixed(2)?.try_into().map_err(|_| bad("int2"))?))),
-            o::INT4 => ScalarValue::Int32(Some(i32::from_be_bytes(fixed(4)?.try_into().map_err(|_| bad("int4"))?))),
-            o::INT8 => ScalarValue::Int64(Some(i64::from_be_bytes(fixed(8)?.try_into().map_err(|_| bad("int8"))?))),
-            o::FLOAT4 => ScalarValue::Float32(Some(f32::from_be_bytes(fixed(4)?.try_into().map_err(|_| bad("float4"))?))),
-            o::FLOAT8 => ScalarValue::Float64(Some(f64::from_be_bytes(fixed(8)?.try_into().map_err(|_| bad("float8"))?))),
-            o::DATE => ScalarValue::Date32(Some(i32::from_be_bytes(fixed(4)?.try_into().map_err(|_| bad("date"))?) + 10_957)),
+            o::INT2 => ScalarValue::Int16(Some(i16::from_be_bytes(
+                fixed(2)?.try_into().map_err(|_| bad("int2"))?,
+            ))),
+            o::INT4 => ScalarValue::Int32(Some(i32::from_be_bytes(
+                fixed(4)?.try_into().map_err(|_| bad("int4"))?,
+            ))),
+            o::INT8 => ScalarValue::Int64(Some(i64::from_be_bytes(
+                fixed(8)?.try_into().map_err(|_| bad("int8"))?,
+            ))),
+            o::FLOAT4 => ScalarValue::Float32(Some(f32::from_be_bytes(
+                fixed(4)?.try_into().map_err(|_| bad("float4"))?,
+            ))),
+            o::FLOAT8 => ScalarValue::Float64(Some(f64::from_be_bytes(
+                fixed(8)?.try_into().map_err(|_| bad("float8"))?,
+            ))),
+            o::DATE => ScalarValue::Date32(Some(
+                i32::from_be_bytes(fixed(4)?.try_into().map_err(|_| bad("date"))?) + 10_957,
+            )),
             o::TIMESTAMP | o::TIMESTAMPTZ => {
-                let us = i64::from_be_bytes(fixed(8)?.try_into().map_err(|_| bad("timestamp"))?) + 946_684_800_000_000;
-                let tz = if oid == o::TIMESTAMPTZ { Some("+00:00".into()) } else { None };
+                let us = i64::from_be_bytes(fixed(8)?.try_into().map_err(|_| bad("timestamp"))?)
+                    + 946_684_800_000_000;
+                let tz = if oid == o::TIMESTAMPTZ {
+                    Some("+00:00".into())
+                } else {
+                    None
+                };
                 ScalarValue::TimestampMicrosecond(Some(us), tz)
             }
-            o::NUMERIC => return Err(PgError::unsupported("binary NUMERIC parameters are not supported").with_hint("send numeric parameters as text")),
-            _ => ScalarValue::Utf8(Some(String::from_utf8(bytes.to_vec()).map_err(|_| bad("not UTF-8"))?)),
+            o::NUMERIC => {
+                return Err(
+                    PgError::unsupported("binary NUMERIC parameters are not supported")
+                        .with_hint("send numeric parameters as text"),
+                )
+            }
+            _ => ScalarValue::Utf8(Some(
+                String::from_utf8(bytes.to_vec()).map_err(|_| bad("not UTF-8"))?,
+            )),
         });
     }
-    let text = std::str::from_utf8(bytes).map_err(|_| PgError::new("22021", "parameter is not valid UTF-8"))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| PgError::new("22021", "parameter is not valid UTF-8"))?;
     if target == DataType::Utf8 {
         return Ok(ScalarValue::Utf8(Some(text.to_string())));
     }
-    let array = crate::encode::parse_column(&[Some(text)], &target, "parameter").map_err(|(_, e)| e)?;
+    let array =
+        crate::encode::parse_column(&[Some(text)], &target, "parameter").map_err(|(_, e)| e)?;
     ScalarValue::try_from_array(&array, 0).map_err(crate::errors::from_datafusion)
 }

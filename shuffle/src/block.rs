@@ -33,7 +33,9 @@ pub fn decode_block(bytes: &Bytes) -> Result<Vec<RecordBatch>> {
         source,
     };
     let reader = StreamReader::try_new(Cursor::new(bytes.as_ref()), None).map_err(wrap)?;
-    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(wrap)
+    reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(wrap)
 }
 
 #[cfg(test)]

@@ -38,9 +38,11 @@ pub fn hash_partition(
     indices
         .into_iter()
         .map(|idx| {
-            take_record_batch(batch, &UInt32Array::from(idx)).map_err(|source| ShuffleError::Arrow {
-                context: "partition",
-                source,
+            take_record_batch(batch, &UInt32Array::from(idx)).map_err(|source| {
+                ShuffleError::Arrow {
+                    context: "partition",
+                    source,
+                }
             })
         })
         .collect()
@@ -65,11 +67,24 @@ mod tests {
         assert_eq!(parts.iter().map(|p| p.num_rows()).sum::<usize>(), 1000);
         let mut home: HashMap<i64, usize> = HashMap::new();
         for (p, part) in parts.iter().enumerate() {
-            let k = part.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            let k = part
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
             for i in 0..k.len() {
-                assert_eq!(*home.entry(k.value(i)).or_insert(p), p, "key split across partitions");
+                assert_eq!(
+                    *home.entry(k.value(i)).or_insert(p),
+                    p,
+                    "key split across partitions"
+                );
             }
         }
-        assert!(home.values().collect::<std::collections::HashSet<_>>().len() > 1);
+        assert!(
+            home.values()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 1
+        );
     }
 }

@@ -35,7 +35,9 @@ impl BlockStore {
         self.blocks
             .lock()
             .remove(id)
-            .ok_or_else(|| ShuffleError::MissingBlock { block: id.to_string() })
+            .ok_or_else(|| ShuffleError::MissingBlock {
+                block: id.to_string(),
+            })
     }
 
     /// Drops every block of a query (the query ended or was cancelled).

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every Drizzle test. Installs what the tests need on a fresh Debian
+# machine first (psql for the integration tests), then builds and tests the
+# whole workspace in debug mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing: ${need_apt[*]}"
+  SUDO=""
+  if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is required (install Rust with rustup)" >&2
+  exit 1
+fi
+
+# Build everything first (the drizzle binary is used by the integration tests),
+# then run unit, integration and sqllogictest suites.
+cargo build --workspace --all-targets
+cargo test --workspace --no-fail-fast -- --test-threads=2
