@@ -96,6 +96,9 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let registry = Arc::new(SessionRegistry::default());
+    let bound = listener.local_addr().unwrap_or(args.listen);
+    // One line on stdout with the bound address (useful with --listen 127.0.0.1:0).
+    println!("drizzle listening on {bound}");
     tracing::info!(
         listen = %listener.local_addr().unwrap_or(args.listen),
         data_dir = %args.data_dir.display(),

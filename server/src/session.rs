@@ -47,6 +47,8 @@ use crate::errors::PgError;
 
 /// Largest frontend message accepted; a larger one closes the connection.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Time a new connection has to complete its startup packet.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest COPY FROM STDIN payload held for one statement.
 pub const MAX_COPY_BYTES: usize = 1 << 30;
 
@@ -96,7 +98,9 @@ pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: 
     let (mut rd, mut wr) = socket.into_split();
     let mut buf = BytesMut::with_capacity(8192);
     let mut ctx = DecodeContext::default();
-    // Start-up: SSL/GSS refusal, then StartupMessage or CancelRequest.
+    // Start-up: SSL/GSS refusal, then StartupMessage or CancelRequest, within
+    // STARTUP_TIMEOUT (a stalled half-open client must not hold a task forever).
+    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
     let startup = loop {
         match PgWireFrontendMessage::decode(&mut buf, &ctx) {
             Ok(Some(PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::None))) => {
@@ -128,9 +132,9 @@ pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: 
         if buf.len() > 1 << 16 {
             return;
         }
-        match rd.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        match tokio::time::timeout_at(deadline, rd.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(_)) => {}
         }
     };
     ctx.awaiting_frontend_startup = false;

@@ -8,7 +8,6 @@
 //!
 //! Types to read first: [`TestServer`], [`SltClient`].
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,14 +24,6 @@ pub fn drizzle_bin() -> PathBuf {
         .and_then(Path::parent)
         .map(|d| d.join("drizzle"))
         .unwrap_or_else(|| PathBuf::from("drizzle"))
-}
-
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(55433)
 }
 
 /// A running `drizzle server` process on loopback.
@@ -54,7 +45,7 @@ impl TestServer {
         let data_dir = tmp.path().to_path_buf();
         let mut server = Self {
             child: None,
-            port: free_port(),
+            port: 0,
             data_dir,
             _tmp: Some(tmp),
             bin: bin.to_path_buf(),
@@ -69,7 +60,7 @@ impl TestServer {
             .create(true)
             .append(true)
             .open(self.data_dir.with_extension("log"))?;
-        let child = Command::new(&self.bin)
+        let mut child = Command::new(&self.bin)
             .arg("server")
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
@@ -80,11 +71,35 @@ impl TestServer {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.bin.display()))?;
+        // The server prints "drizzle listening on ADDR" once bound (port 0 = any free port).
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
         self.child = Some(child);
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => anyhow::bail!("server did not report its address: {}", self.log()),
+        };
+        self.port = line
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("unexpected first line from server: {line}"))?;
         self.wait_ready(Duration::from_secs(30))
     }
 
