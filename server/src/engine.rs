@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arrow::array::{ArrayRef, RecordBatchOptions, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::TreeNode;
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
@@ -218,7 +219,20 @@ impl Engine {
         query: &Query,
     ) -> Result<(SchemaRef, Vec<Option<DataType>>), PgError> {
         let plan = sql_to_unoptimized(&self.ctx.state(), self.catalog.as_ref(), query)?;
-        let types = plan.get_parameter_types().map_err(from_datafusion)?;
+        let mut types = plan.get_parameter_types().map_err(from_datafusion)?;
+        // Like Postgres, `$1::type` gives the parameter that type.
+        let _ = plan.apply_with_subqueries(|node| {
+            node.apply_expressions(|e| {
+                e.apply(|e| {
+                    if let datafusion::logical_expr::Expr::Cast(c) = e {
+                        if let datafusion::logical_expr::Expr::Placeholder(p) = c.expr.as_ref() {
+                            types.insert(p.id.clone(), Some(c.field.data_type().clone()));
+                        }
+                    }
+                    Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+                })
+            })
+        });
         let mut ordered: Vec<(usize, Option<DataType>)> = types
             .into_iter()
             .filter_map(|(k, v)| {
@@ -237,6 +251,41 @@ impl Engine {
             }
         }
         Ok((Arc::new(plan.schema().as_arrow().clone()), params))
+    }
+
+    /// Parameter types of `INSERT ... VALUES ($1, ...)`: each placeholder
+    /// takes the type of the column it is inserted into.
+    pub fn describe_insert(
+        &self,
+        target: &str,
+        columns: &[String],
+        source: &Query,
+    ) -> Result<Vec<Option<DataType>>, PgError> {
+        use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, SetExpr, Value};
+        let (schema, _, _) = self.insert_target(target)?;
+        let idx = self.column_indices(&schema, columns)?;
+        let mut types: Vec<Option<DataType>> = Vec::new();
+        if let SetExpr::Values(values) = source.body.as_ref() {
+            for row in &values.rows {
+                for (c, e) in row.iter().enumerate() {
+                    if let SqlExpr::Value(v) = e {
+                        if let Value::Placeholder(p) = &v.value {
+                            if let (Ok(n), Some(&col)) =
+                                (p.trim_start_matches('$').parse::<usize>(), idx.get(c))
+                            {
+                                if n >= 1 {
+                                    if types.len() < n {
+                                        types.resize(n, None);
+                                    }
+                                    types[n - 1] = Some(schema.field(col).data_type().clone());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(types)
     }
 
     /// Runs a finite DataFusion plan.

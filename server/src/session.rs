@@ -983,9 +983,27 @@ impl Session {
         }
         let stmt = stmts.into_iter().next();
         let mut param_types = declared;
-        if let Some(query) = stmt.as_ref().and_then(statement_query) {
-            match self.engine.describe_query(query) {
-                Ok((_, types)) => {
+        let described = match stmt.as_ref() {
+            Some(DrizzleStatement::Insert {
+                target,
+                columns,
+                source,
+            }) => self
+                .engine
+                .describe_insert(target, columns, source)
+                .map(|t| Some((None, t))),
+            Some(other) => match statement_query(other) {
+                Some(query) => self
+                    .engine
+                    .describe_query(query)
+                    .map(|(s, t)| Some((Some(s), t))),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        };
+        if let Some(described) = described.transpose() {
+            match described.map(|(_, t)| t) {
+                Ok(types) => {
                     if param_types.len() < types.len() {
                         param_types.resize(types.len(), 0);
                     }

@@ -1,0 +1,100 @@
+//! The extended query protocol with tokio-postgres: parameters, binary
+//! results, prepared statements, suspended portals, and cursors that wait for
+//! new rows.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use drizzle_sql_tests::TestServer;
+use tokio_postgres::SimpleQueryMessage;
+
+#[test]
+fn parameters_binary_results_portals_and_cursors() {
+    let server = TestServer::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_drizzle")),
+        &["--workers", "2"],
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = server.client().await.unwrap();
+        client
+            .batch_execute(
+                "CREATE TABLE t (a SMALLINT, b INT, c BIGINT, d REAL, e DOUBLE PRECISION, f TEXT, g BOOLEAN, h TIMESTAMP); \
+                 INSERT INTO t VALUES (1, 2, 3, 1.5, 2.25, 'x', true, '2024-01-01 00:00:10'); \
+                 CREATE STREAM s (k BIGINT, v TEXT);",
+            )
+            .await
+            .unwrap();
+
+        // Binary results of every basic type.
+        let row = client.query_one("SELECT a, b, c, d, e, f, g, h FROM t", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i16>(0), 1);
+        assert_eq!(row.get::<_, i32>(1), 2);
+        assert_eq!(row.get::<_, i64>(2), 3);
+        assert_eq!(row.get::<_, f32>(3), 1.5);
+        assert_eq!(row.get::<_, f64>(4), 2.25);
+        assert_eq!(row.get::<_, &str>(5), "x");
+        assert!(row.get::<_, bool>(6));
+        let ts: SystemTime = row.get(7);
+        assert_eq!(ts.duration_since(UNIX_EPOCH).unwrap(), Duration::from_secs(1_704_067_210));
+
+        // Parameters, binary encoded by the driver.
+        let row = client.query_one("SELECT $1::BIGINT + c, $2 || f FROM t", &[&39i64, &"y"]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), 42);
+        assert_eq!(row.get::<_, &str>(1), "yx");
+        let n = client.execute("INSERT INTO s VALUES ($1, $2), ($3, $4)", &[&1i64, &"one", &2i64, &"two"]).await.unwrap();
+        assert_eq!(n, 2, "INSERT 0 2");
+
+        // A prepared continuous query with a parameter, run twice.
+        let stmt = client.prepare("SELECT k, upper(v) AS v FROM s WHERE k >= $1 LIMIT 2").await.unwrap();
+        assert_eq!(stmt.columns()[1].name(), "v");
+        for _ in 0..2 {
+            let rows = client.query(&stmt, &[&1i64]).await.unwrap();
+            let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get::<_, String>(1))).collect();
+            assert_eq!(got, vec![(1, "ONE".into()), (2, "TWO".into())]);
+        }
+
+        // Errors in the extended protocol carry their SQLSTATE.
+        let err = client.query("SELECT nope FROM s", &[]).await.unwrap_err();
+        assert_eq!(err.code().unwrap().code(), "42703");
+        let err = client.query("SELECT k FROM s ORDER BY k", &[]).await.unwrap_err();
+        assert_eq!(err.code().unwrap().code(), "0A000");
+
+        // A portal with max_rows over a continuous query suspends and resumes.
+        let tx = client.transaction().await.unwrap();
+        let portal = tx.bind("SELECT k FROM s", &[]).await.unwrap();
+        let first = tx.query_portal(&portal, 1).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].get::<_, i64>(0), 1);
+        let second = tx.query_portal(&portal, 1).await.unwrap();
+        assert_eq!(second[0].get::<_, i64>(0), 2);
+        tx.commit().await.unwrap();
+
+        // Cursors: FETCH waits for rows that do not exist yet.
+        client.batch_execute("BEGIN; DECLARE c CURSOR FOR SELECT k FROM s;").await.unwrap();
+        assert_eq!(fetch(&client).await, vec!["1", "2"]);
+        let writer = server.client().await.unwrap();
+        let insert = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            writer.batch_execute("INSERT INTO s VALUES (3, 'three'), (4, 'four')").await.unwrap();
+        });
+        assert_eq!(fetch(&client).await, vec!["3", "4"], "FETCH waited for the new rows");
+        insert.await.unwrap();
+        client.batch_execute("CLOSE c; COMMIT;").await.unwrap();
+        let err = client.batch_execute("DECLARE d CURSOR FOR SELECT 1").await.unwrap_err();
+        assert_eq!(err.code().unwrap().code(), "25P01");
+    });
+}
+
+async fn fetch(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .simple_query("FETCH 2 FROM c")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect()
+}
