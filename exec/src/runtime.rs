@@ -107,11 +107,16 @@ pub struct QueryStatus {
     pub coordination_us: AtomicU64,
     /// Launch messages sent to workers.
     pub launches: AtomicU64,
+    /// Emit-minus-trigger time of recent batches (µs), at most [`RECENT_BATCHES`].
+    pub recent_latencies_us: Mutex<std::collections::VecDeque<u32>>,
     /// When the query started.
     pub started: Instant,
     /// Set once the query ended, with the reason.
     pub ended: Mutex<Option<String>>,
 }
+
+/// How many recent per-batch latencies a query keeps (for benchmarks and SHOW).
+pub const RECENT_BATCHES: usize = 1 << 16;
 
 /// One micro-batch's output, delivered in batch order.
 #[derive(Debug)]
@@ -367,6 +372,7 @@ impl Runtime {
             last_latency_us: AtomicU64::new(0),
             coordination_us: AtomicU64::new(0),
             launches: AtomicU64::new(0),
+            recent_latencies_us: Mutex::new(std::collections::VecDeque::new()),
             started: Instant::now(),
             ended: Mutex::new(None),
         });

@@ -25,7 +25,7 @@ pub const MAX_BATCH_ROWS: u64 = 4 << 20;
 /// How one column of a datagen stream is generated.
 #[derive(Debug, Clone)]
 enum FieldGen {
-    Sequence { min: i64 },
+    Sequence { min: i64, span: Option<u64> },
     Random { min: i64, max: i64 },
     Values(Vec<String>),
     RandomString { length: usize },
@@ -100,9 +100,21 @@ impl DatagenSource {
             } else {
                 match (kind.as_deref(), &c.data_type) {
                     (None, DataType::Timestamp(_, _)) => FieldGen::GenerationTime,
-                    (Some("sequence"), _) => FieldGen::Sequence {
-                        min: min.unwrap_or(0),
-                    },
+                    (Some("sequence"), _) => {
+                        let lo = min.unwrap_or(0);
+                        // With a max the sequence wraps: min + n % (max - min + 1).
+                        let span = match max {
+                            Some(hi) if hi < lo => {
+                                return Err(ExecError::InvalidOption {
+                                    option: key("max"),
+                                    message: format!("max {hi} is below min {lo}"),
+                                })
+                            }
+                            Some(hi) => Some((hi - lo + 1) as u64),
+                            None => None,
+                        };
+                        FieldGen::Sequence { min: lo, span }
+                    }
                     (None | Some("random"), DataType::Utf8) => FieldGen::RandomString {
                         length: opt_i64(def, &key("length"))?.unwrap_or(8).clamp(1, 1024) as usize,
                     },
@@ -152,7 +164,10 @@ impl DatagenSource {
             let ints =
                 |f: &dyn Fn(u64) -> i64| -> Vec<i64> { seqs.iter().map(|&s| f(s)).collect() };
             let values: Vec<i64> = match gen {
-                FieldGen::Sequence { min } => ints(&|s| min + s as i64),
+                FieldGen::Sequence { min, span } => match span {
+                    Some(span) => ints(&|s| min + (s % span) as i64),
+                    None => ints(&|s| min + s as i64),
+                },
                 FieldGen::Random { min, max } => {
                     let span = (max - min + 1) as u64;
                     ints(&|s| min + (mix(s ^ field_salt(field.name())) % span) as i64)

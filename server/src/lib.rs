@@ -15,6 +15,7 @@
 //! Types to read first: [`engine::Engine`], [`session::serve`],
 //! [`catalog::Catalog`], [`providers::ViewStore`].
 
+pub mod bench;
 pub mod catalog;
 pub mod copy;
 pub mod encode;

@@ -26,6 +26,33 @@ struct Cli {
 enum Command {
     /// Start a server: pgwire front end, coordinator and in-process workers.
     Server(ServerArgs),
+    /// Run a benchmark on an embedded engine and print its figures.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Workload (only `ysb`: YSB-lite).
+    #[arg(default_value = "ysb")]
+    workload: String,
+    /// Offered events per second.
+    #[arg(long, default_value_t = 1_000_000.0)]
+    rate: f64,
+    /// Seconds to run (windows are 10 s; use at least 40).
+    #[arg(long, default_value_t = 45)]
+    seconds: u64,
+    /// Micro-batch interval.
+    #[arg(long, default_value = "100ms")]
+    batch_interval: String,
+    /// Workers (default: number of cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Group size.
+    #[arg(long, default_value_t = 10)]
+    group_size: u32,
+    /// Print the table header first.
+    #[arg(long)]
+    header: bool,
 }
 
 #[derive(clap::Args)]
@@ -64,6 +91,37 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(run_server(args))
+        }
+        Command::Bench(args) => {
+            if args.workload != "ysb" {
+                anyhow::bail!("unknown workload {} (try ysb)", args.workload);
+            }
+            let interval_us =
+                drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
+                    .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let cfg = drizzle_server::bench::YsbConfig {
+                rate: args.rate,
+                duration: Duration::from_secs(args.seconds),
+                batch_interval: Duration::from_micros(interval_us),
+                workers: args.workers.unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(2)
+                }),
+                group_size: args.group_size,
+            };
+            if args.header {
+                println!("{}", drizzle_server::bench::header());
+            }
+            let line = runtime
+                .block_on(drizzle_server::bench::run_ysb(cfg))
+                .map_err(|e| anyhow::anyhow!("benchmark failed: {e}"))?;
+            println!("{line}");
+            Ok(())
         }
     }
 }

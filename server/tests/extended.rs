@@ -83,6 +83,38 @@ fn parameters_binary_results_portals_and_cursors() {
         client.batch_execute("CLOSE c; COMMIT;").await.unwrap();
         let err = client.batch_execute("DECLARE d CURSOR FOR SELECT 1").await.unwrap_err();
         assert_eq!(err.code().unwrap().code(), "25P01");
+
+        // stream_start = 'latest' skips the rows already in the stream.
+        let late = server.client().await.unwrap();
+        late.batch_execute("SET stream_start = 'latest'").await.unwrap();
+        let q = tokio::spawn(async move { late.query_one("SELECT k FROM s LIMIT 1", &[]).await.map(|r| r.get::<_, i64>(0)) });
+        // Keep inserting until the query (which starts at the end) sees a new row.
+        let writer = server.client().await.unwrap();
+        let mut k = 100i64;
+        while !q.is_finished() && k < 400 {
+            writer.execute("INSERT INTO s VALUES ($1, 'new')", &[&k]).await.unwrap();
+            k += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = q.await.unwrap().unwrap();
+        assert!(got >= 100, "latest start must not see old rows, got {got}");
+
+        // Upserts: after each micro-batch, only changed groups, with current values.
+        client.batch_execute("CREATE STREAM u (g TEXT, x BIGINT); SET batch_interval = '10ms'").await.unwrap();
+        let reader = server.client().await.unwrap();
+        reader.batch_execute("SET batch_interval = '10ms'").await.unwrap();
+        let stream = reader.copy_out("COPY (SELECT g, sum(x) FROM u GROUP BY g) TO STDOUT").await.unwrap();
+        futures::pin_mut!(stream);
+        use futures::StreamExt;
+        for (stmt, line) in [
+            ("INSERT INTO u VALUES ('a', 1), ('b', 10)", "a\t1\nb\t10\n"),
+            ("INSERT INTO u VALUES ('a', 5)", "a\t6\n"),
+            ("INSERT INTO u VALUES ('b', 1), ('c', 2)", "b\t11\nc\t2\n"),
+        ] {
+            client.batch_execute(stmt).await.unwrap();
+            let chunk = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.unwrap().unwrap().unwrap();
+            assert_eq!(String::from_utf8_lossy(&chunk), line);
+        }
     });
 }
 

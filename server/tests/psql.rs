@@ -99,6 +99,19 @@ EXPLAIN SELECT window_start, count(*) FROM TUMBLE(clicks, ts, INTERVAL '10' SECO
         .expect("view reaches 1:2, 2:2");
     });
 
+    // A bad COPY names the line and ingests nothing.
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "3,/ok,2024-01-01 00:00:40\n4,/bad,not a time\n").unwrap();
+    let out = psql(
+        &server,
+        &["-c", &format!("\\copy clicks from '{}' csv", bad.display())],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2"), "{stderr}");
+    let out = psql(&server, &["-A", "-t", "-c", "SHOW STREAMS"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("|log|1|4"), "still 4 rows: {shown}");
+
     // Errors come back with their SQLSTATE through psql.
     let out = psql(
         &server,
