@@ -52,8 +52,31 @@ pub struct JoinCache {
 struct BuiltTable {
     version: u64,
     batch: RecordBatch,
-    converter: RowConverter,
-    index: HashMap<Box<[u8]>, Vec<u32>>,
+    index: KeyIndex,
+}
+
+/// Table rows by join key.
+enum KeyIndex {
+    /// One integer key: hashed as i64, no row encoding.
+    Int(HashMap<i64, Vec<u32>>),
+    /// Any other key: arrow's row format.
+    Rows {
+        converter: RowConverter,
+        index: HashMap<Box<[u8]>, Vec<u32>>,
+    },
+}
+
+fn int_key(array: &ArrayRef) -> Option<ArrayRef> {
+    match array.data_type() {
+        DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32 => arrow::compute::cast(array, &DataType::Int64).ok(),
+        _ => None,
+    }
 }
 
 fn eval(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<ArrayRef> {
@@ -129,28 +152,42 @@ fn lookup_join(
             .iter()
             .map(|e| eval(e, &table))
             .collect::<Result<Vec<_>>>()?;
-        let converter = RowConverter::new(
-            keys.iter()
-                .map(|k| SortField::new(k.data_type().clone()))
-                .collect(),
-        )?;
-        let rows = converter.convert_columns(&keys)?;
-        let mut index: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
-        for row in 0..table.num_rows() {
-            if keys.iter().any(|k| k.is_null(row)) {
-                continue;
+        let index = match (keys.len(), keys.first().and_then(int_key)) {
+            (1, Some(k)) => {
+                let k = k.as_primitive::<arrow::datatypes::Int64Type>();
+                let mut index: HashMap<i64, Vec<u32>> = HashMap::with_capacity(k.len());
+                for row in 0..k.len() {
+                    if k.is_valid(row) {
+                        index.entry(k.value(row)).or_default().push(row as u32);
+                    }
+                }
+                KeyIndex::Int(index)
             }
-            index
-                .entry(rows.row(row).as_ref().into())
-                .or_default()
-                .push(row as u32);
-        }
+            _ => {
+                let converter = RowConverter::new(
+                    keys.iter()
+                        .map(|k| SortField::new(k.data_type().clone()))
+                        .collect(),
+                )?;
+                let rows = converter.convert_columns(&keys)?;
+                let mut index: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
+                for row in 0..table.num_rows() {
+                    if keys.iter().any(|k| k.is_null(row)) {
+                        continue;
+                    }
+                    index
+                        .entry(rows.row(row).as_ref().into())
+                        .or_default()
+                        .push(row as u32);
+                }
+                KeyIndex::Rows { converter, index }
+            }
+        };
         joins.tables.insert(
             op_index,
             BuiltTable {
                 version,
                 batch: table,
-                converter,
                 index,
             },
         );
@@ -164,28 +201,52 @@ fn lookup_join(
         .iter()
         .map(|e| eval(e, batch))
         .collect::<Result<Vec<_>>>()?;
-    // The table side's key types are the same after DataFusion's coercion.
-    let rows = built.converter.convert_columns(&keys)?;
     let mut stream_idx: Vec<u32> = Vec::with_capacity(batch.num_rows());
     let mut table_idx: Vec<Option<u32>> = Vec::with_capacity(batch.num_rows());
-    for row in 0..batch.num_rows() {
-        let matches = if keys.iter().any(|k| k.is_null(row)) {
-            None
-        } else {
-            built.index.get(rows.row(row).as_ref())
-        };
-        match matches {
-            Some(m) => {
-                for &t in m {
-                    stream_idx.push(row as u32);
-                    table_idx.push(Some(t));
-                }
-            }
-            None if spec.join_type == JoinType::Left => {
+    let left = spec.join_type == JoinType::Left;
+    let mut emit = |row: usize, matches: Option<&Vec<u32>>| match matches {
+        Some(m) => {
+            for &t in m {
                 stream_idx.push(row as u32);
-                table_idx.push(None);
+                table_idx.push(Some(t));
             }
-            None => {}
+        }
+        None if left => {
+            stream_idx.push(row as u32);
+            table_idx.push(None);
+        }
+        None => {}
+    };
+    // The table side's key types are the same after DataFusion's coercion.
+    match &built.index {
+        KeyIndex::Int(index) => {
+            let k = int_key(&keys[0])
+                .ok_or_else(|| ExecError::invalid("join key is not an integer"))?;
+            let k = k.as_primitive::<arrow::datatypes::Int64Type>();
+            for row in 0..batch.num_rows() {
+                emit(
+                    row,
+                    if k.is_null(row) {
+                        None
+                    } else {
+                        index.get(&k.value(row))
+                    },
+                );
+            }
+        }
+        KeyIndex::Rows { converter, index } => {
+            let rows = converter.convert_columns(&keys)?;
+            for row in 0..batch.num_rows() {
+                let null = keys.iter().any(|k| k.is_null(row));
+                emit(
+                    row,
+                    if null {
+                        None
+                    } else {
+                        index.get(rows.row(row).as_ref())
+                    },
+                );
+            }
         }
     }
     let stream_part = take_record_batch(batch, &UInt32Array::from(stream_idx))?;
@@ -288,7 +349,12 @@ impl WindowAssignExec {
         }
         self.max_event_us = max;
         // HOP emits windows latest-start first per row; order is irrelevant to the aggregate.
-        let base = take_record_batch(batch, &UInt32Array::from(take_idx))?;
+        // The common case (TUMBLE, nothing late, no NULL times) keeps every row once: no copy.
+        let base = if take_idx.len() == batch.num_rows() && spec.kind == WindowKind::Tumble {
+            batch.clone()
+        } else {
+            take_record_batch(batch, &UInt32Array::from(take_idx))?
+        };
         let tz = match ts.data_type() {
             DataType::Timestamp(_, tz) => tz.clone(),
             _ => None,

@@ -73,11 +73,12 @@ pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
         "CREATE TABLE ads (ad_id BIGINT, campaign_id BIGINT); \
          INSERT INTO ads VALUES {}; \
          CREATE STREAM events (user_id BIGINT, ad_id BIGINT, event_type TEXT, event_time TIMESTAMP, \
-           WATERMARK FOR event_time AS event_time) WITH (connector = 'datagen', rows_per_second = '{}', \
+           WATERMARK FOR event_time AS event_time) WITH (connector = 'datagen', rows_per_second = '{}', partitions = '{}', \
            fields.ad_id.kind = 'sequence', fields.ad_id.min = '0', fields.ad_id.max = '999', \
            fields.event_type.values = 'view,click,purchase', fields.user_id.kind = 'random')",
         ads.join(", "),
-        cfg.rate
+        cfg.rate,
+        cfg.workers
     );
     for stmt in drizzle_planner::parse_statements(&setup)? {
         engine.execute(stmt, &mut settings, &[], "").await?;
