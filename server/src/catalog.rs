@@ -168,46 +168,42 @@ impl Catalog {
 
     /// Removes a stream; fails if a view reads it.
     pub fn drop_stream(&self, name: &str) -> Result<bool, PgError> {
-        let mut state = self.inner.write();
-        if !state.file.streams.contains_key(name) {
-            return Ok(false);
-        }
-        if let Some(v) = state.file.views.values().find(|v| mentions(&v.query, name)) {
-            return Err(PgError::new(
-                "2BP01",
-                format!(
-                    "cannot drop stream {name} because materialized view {} depends on it",
-                    v.name
-                ),
-            )
-            .with_hint("drop the materialized view first"));
-        }
-        state.file.streams.remove(name);
-        if let Some(log) = state.stream_logs.remove(name) {
-            let _ = log.remove_files();
-        }
-        self.persist(&state.file)?;
-        Ok(true)
+        self.drop_logged(name, "stream")
     }
 
-    /// Removes a table.
+    /// Removes a table; fails if a view reads it.
     pub fn drop_table(&self, name: &str) -> Result<bool, PgError> {
+        self.drop_logged(name, "table")
+    }
+
+    /// Drops a stream or table with its log files, unless a view depends on it.
+    fn drop_logged(&self, name: &str, what: &str) -> Result<bool, PgError> {
         let mut state = self.inner.write();
-        if !state.file.tables.contains_key(name) {
+        let exists = match what {
+            "stream" => state.file.streams.contains_key(name),
+            _ => state.file.tables.contains_key(name),
+        };
+        if !exists {
             return Ok(false);
         }
         if let Some(v) = state.file.views.values().find(|v| mentions(&v.query, name)) {
             return Err(PgError::new(
                 "2BP01",
                 format!(
-                    "cannot drop table {name} because materialized view {} depends on it",
+                    "cannot drop {what} {name} because materialized view {} depends on it",
                     v.name
                 ),
             )
             .with_hint("drop the materialized view first"));
         }
-        state.file.tables.remove(name);
-        if let Some(log) = state.table_logs.remove(name) {
+        let log = if what == "stream" {
+            state.file.streams.remove(name);
+            state.stream_logs.remove(name)
+        } else {
+            state.file.tables.remove(name);
+            state.table_logs.remove(name)
+        };
+        if let Some(log) = log {
             let _ = log.remove_files();
         }
         self.persist(&state.file)?;

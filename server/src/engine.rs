@@ -781,13 +781,7 @@ impl Engine {
                             .map(|l| l.row_count().to_string());
                         vec![
                             Some(s.name.clone()),
-                            Some(
-                                s.columns
-                                    .iter()
-                                    .map(|c| c.name.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", "),
-                            ),
+                            Some(column_names(&s.columns)),
                             s.watermark
                                 .as_ref()
                                 .map(|w| format!("{} - {}ms", w.column, w.delay_ms)),
@@ -808,17 +802,7 @@ impl Engine {
                             .catalog
                             .table_log(&t.name)
                             .map(|l| l.row_count().to_string());
-                        vec![
-                            Some(t.name.clone()),
-                            Some(
-                                t.columns
-                                    .iter()
-                                    .map(|c| c.name.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", "),
-                            ),
-                            rows,
-                        ]
+                        vec![Some(t.name.clone()), Some(column_names(&t.columns)), rows]
                     })
                     .collect(),
             ),
@@ -1063,6 +1047,14 @@ fn new_view_store(plan: &StreamingPlan) -> Result<ViewStore, PgError> {
         }
         _ => Ok(ViewStore::append(schema)),
     }
+}
+
+fn column_names(columns: &[drizzle_planner::ColumnDef]) -> String {
+    columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> {

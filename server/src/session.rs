@@ -394,6 +394,25 @@ impl Session {
         )));
     }
 
+    /// Writes finite rows: a RowDescription first in the simple protocol, then
+    /// one DataRow per row in the formats asked for. Returns the row count.
+    fn send_rows(&mut self, schema: &SchemaRef, batches: &[RecordBatch], mode: &Mode) -> usize {
+        let formats = match mode {
+            Mode::Simple => {
+                self.row_description(schema, &[]);
+                vec![]
+            }
+            Mode::Extended { formats } => formats.clone(),
+        };
+        let binary = binary_flags(&formats, schema.fields().len());
+        let mut n = 0;
+        for b in batches {
+            crate::encode::write_data_rows(&mut self.out, b, &binary);
+            n += b.num_rows();
+        }
+        n
+    }
+
     async fn next_inbound(&mut self) -> Option<Inbound> {
         if let Some(m) = self.pending.pop_front() {
             return Some(Inbound::Msg(m));
@@ -578,19 +597,7 @@ impl Session {
                     Ok(b) => b,
                     Err(e) => return Ok(Err(e)),
                 };
-                let formats = match &mode {
-                    Mode::Simple => {
-                        self.row_description(&schema, &[]);
-                        vec![]
-                    }
-                    Mode::Extended { formats, .. } => formats.clone(),
-                };
-                let binary = binary_flags(&formats, schema.fields().len());
-                let mut n = 0;
-                for b in &batches {
-                    crate::encode::write_data_rows(&mut self.out, b, &binary);
-                    n += b.num_rows();
-                }
+                let n = self.send_rows(&schema, &batches, &mode);
                 self.complete(format!("FETCH {n}"));
                 Ok(Ok(()))
             }
@@ -641,19 +648,7 @@ impl Session {
                 batches,
                 tag,
             } => {
-                let formats = match &mode {
-                    Mode::Simple => {
-                        self.row_description(&schema, &[]);
-                        vec![]
-                    }
-                    Mode::Extended { formats, .. } => formats.clone(),
-                };
-                let binary = binary_flags(&formats, schema.fields().len());
-                let mut n = 0;
-                for b in &batches {
-                    crate::encode::write_data_rows(&mut self.out, b, &binary);
-                    n += b.num_rows();
-                }
+                let n = self.send_rows(&schema, &batches, &mode);
                 self.complete(if tag == "SELECT" {
                     format!("SELECT {n}")
                 } else {
@@ -667,7 +662,7 @@ impl Session {
                         self.row_description(&Arc::clone(&handle.schema), &[]);
                         vec![]
                     }
-                    Mode::Extended { formats, .. } => formats.clone(),
+                    Mode::Extended { formats } => formats.clone(),
                 };
                 let binary = binary_flags(&formats, handle.schema.fields().len());
                 self.flush().await?;
