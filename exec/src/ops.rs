@@ -695,3 +695,120 @@ impl AggregateFinalExec {
         Ok(AggregateOutput { chunks, late })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Schema, TimeUnit};
+
+    fn spec(kind: WindowKind, slide_s: i64, size_s: i64, delay_s: i64) -> WindowSpec {
+        WindowSpec {
+            kind,
+            time_column: 0,
+            time_column_name: "ts".into(),
+            size_ms: size_s * 1000,
+            slide_ms: slide_s * 1000,
+            watermark_delay_ms: delay_s * 1000,
+        }
+    }
+
+    fn batch(ts_s: &[i64]) -> (SchemaRef, RecordBatch) {
+        let t = DataType::Timestamp(TimeUnit::Microsecond, None);
+        let input = Arc::new(Schema::new(vec![Field::new("ts", t.clone(), true)]));
+        let b = RecordBatch::try_new(
+            input,
+            vec![Arc::new(TimestampMicrosecondArray::from(
+                ts_s.iter().map(|s| s * 1_000_000).collect::<Vec<_>>(),
+            ))],
+        )
+        .unwrap();
+        let out = Arc::new(Schema::new(vec![
+            Field::new("ts", t.clone(), true),
+            Field::new("window_start", t.clone(), false),
+            Field::new("window_end", t, false),
+        ]));
+        (out, b)
+    }
+
+    #[test]
+    fn lateness_is_judged_per_row_whatever_the_batching() {
+        let rows = [1, 12, 5, 15, 4, 25, 19, 35];
+        let s = spec(WindowKind::Tumble, 10, 10, 2);
+        // All at once.
+        let (schema, b) = batch(&rows);
+        let mut one = WindowAssignExec::default();
+        let all = one.assign(&s, &schema, &b).unwrap();
+        // One row per batch.
+        let mut many = WindowAssignExec::default();
+        let mut late = 0;
+        let mut kept = 0;
+        for r in rows {
+            let (schema, b) = batch(&[r]);
+            let out = many.assign(&s, &schema, &b).unwrap();
+            late += out.late;
+            kept += out.batch.num_rows();
+        }
+        assert_eq!(all.late, 3);
+        assert_eq!((late, kept), (all.late, all.batch.num_rows()));
+        assert_eq!(one.watermark_us(&s), Some(33_000_000));
+    }
+
+    #[test]
+    fn hop_assigns_every_overlapping_window() {
+        let s = spec(WindowKind::Hop, 5, 10, 0);
+        let (schema, b) = batch(&[7]);
+        let out = WindowAssignExec::default().assign(&s, &schema, &b).unwrap();
+        let starts = out
+            .batch
+            .column(1)
+            .as_primitive::<TimestampMicrosecondType>();
+        let mut v: Vec<i64> = starts.values().iter().map(|x| x / 1_000_000).collect();
+        v.sort();
+        assert_eq!(v, vec![0, 5]);
+    }
+
+    #[test]
+    fn window_state_is_dropped_when_the_window_closes() {
+        // The end-to-end behaviour is covered by sql-tests/slt/streaming/window.slt;
+        // here we check the bookkeeping of AggregateFinalExec directly.
+        let t = DataType::Timestamp(TimeUnit::Microsecond, None);
+        let group_schema = Arc::new(Schema::new(vec![Field::new(
+            "window_start",
+            t.clone(),
+            false,
+        )]));
+        let plan = AggregatePlan {
+            group_exprs: vec![(
+                Arc::new(datafusion::physical_expr::expressions::Column::new(
+                    "window_start",
+                    0,
+                )),
+                "window_start".into(),
+            )],
+            aggregates: vec![],
+            filters: vec![],
+            group_schema: Arc::clone(&group_schema),
+            partial_schema: Arc::clone(&group_schema),
+            output_schema: Arc::clone(&group_schema),
+            window: Some(drizzle_planner::WindowGroup {
+                group_index: 0,
+                is_end: false,
+                size_us: 10_000_000,
+            }),
+        };
+        let mut agg = AggregateFinalExec::new(plan);
+        let part = RecordBatch::try_new(
+            Arc::clone(&group_schema),
+            vec![Arc::new(TimestampMicrosecondArray::from(vec![
+                0, 10_000_000, 20_000_000,
+            ]))],
+        )
+        .unwrap();
+        let out = agg.process(&[part], Some(15_000_000)).unwrap();
+        assert_eq!(out.chunks.len(), 1, "only [0,10) closed");
+        assert_eq!(agg.open_state(), 2);
+        let out = agg.process(&[], Some(30_000_000)).unwrap();
+        assert_eq!(out.chunks.len(), 2);
+        assert_eq!(agg.open_state(), 0, "closed windows free their state");
+    }
+}

@@ -664,3 +664,149 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{ColumnDef, WatermarkSpec};
+    use crate::statement::{parse_statements, DrizzleStatement};
+    use arrow::datatypes::TimeUnit;
+    use datafusion::datasource::MemTable;
+
+    struct Fixture;
+
+    fn col(name: &str, t: DataType) -> ColumnDef {
+        ColumnDef {
+            name: name.into(),
+            sql_type: format!("{t}"),
+            data_type: t,
+            nullable: true,
+        }
+    }
+
+    impl RelationResolver for Fixture {
+        fn resolve(&self, name: &str) -> Option<Relation> {
+            match name {
+                "events" => Some(Relation::Stream(StreamDef {
+                    name: "events".into(),
+                    columns: vec![
+                        col("ad_id", DataType::Int64),
+                        col("kind", DataType::Utf8),
+                        col("ts", DataType::Timestamp(TimeUnit::Microsecond, None)),
+                    ],
+                    watermark: Some(WatermarkSpec {
+                        column: "ts".into(),
+                        delay_ms: 1000,
+                    }),
+                    options: Default::default(),
+                    partitions: 2,
+                    created_at_ms: 0,
+                })),
+                "ads" => {
+                    let schema = Arc::new(Schema::new(vec![
+                        Field::new("ad_id", DataType::Int64, true),
+                        Field::new("campaign_id", DataType::Int64, true),
+                    ]));
+                    Some(Relation::Finite(Arc::new(
+                        MemTable::try_new(schema, vec![vec![]]).ok()?,
+                    )))
+                }
+                _ => None,
+            }
+        }
+    }
+
+    fn plan(sql: &str) -> Result<PlannedQuery> {
+        let ctx = crate::new_session_context();
+        let Some(DrizzleStatement::Query(q)) = parse_statements(sql)?.into_iter().next() else {
+            panic!("not a query: {sql}")
+        };
+        plan_query(&ctx.state(), &Fixture, &q, &[])
+    }
+
+    fn continuous(sql: &str) -> StreamingPlan {
+        match plan(sql).unwrap() {
+            PlannedQuery::Continuous(p) => *p,
+            PlannedQuery::Finite(_) => panic!("expected a continuous plan for {sql}"),
+        }
+    }
+
+    #[test]
+    fn stateless_query_is_one_map_stage() {
+        let p = continuous("SELECT ad_id, upper(kind) FROM events WHERE ad_id > 3 LIMIT 5");
+        assert_eq!(p.emit, EmitMode::Append);
+        assert_eq!(p.limit, Some(5));
+        let stages = p.stages(4);
+        assert_eq!(stages.len(), 1);
+        let ops = &stages[0].operators;
+        assert!(ops[0].starts_with("StreamScanExec"));
+        assert!(ops.iter().any(|o| o.starts_with("FilterExec")));
+        assert!(ops.last().unwrap().contains("emit=append"));
+    }
+
+    #[test]
+    fn ysb_query_splits_at_the_shuffle_with_partial_aggregation() {
+        let p = continuous(
+            "SELECT a.campaign_id, window_start, count(*) FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+             JOIN ads a ON e.ad_id = a.ad_id WHERE e.kind = 'view' GROUP BY a.campaign_id, window_start",
+        );
+        assert_eq!(p.emit, EmitMode::OnWindowClose);
+        let stages = p.stages(4);
+        assert_eq!(stages.len(), 2);
+        let map: Vec<&str> = stages[0]
+            .operators
+            .iter()
+            .map(|o| o.split(':').next().unwrap())
+            .collect();
+        assert_eq!(map[0], "StreamScanExec");
+        assert_eq!(map[1], "WindowAssignExec");
+        assert!(map.contains(&"LookupJoinExec"));
+        assert_eq!(
+            &map[map.len() - 2..],
+            &["AggregatePartialExec", "ShuffleWriteExec"]
+        );
+        let reduce: Vec<&str> = stages[1]
+            .operators
+            .iter()
+            .map(|o| o.split(':').next().unwrap())
+            .collect();
+        assert_eq!(reduce[0], "ShuffleReadExec");
+        assert_eq!(reduce[1], "AggregateFinalExec");
+        assert_eq!(*reduce.last().unwrap(), "SinkExec");
+        let agg = p.aggregate.as_ref().unwrap();
+        assert_eq!(agg.window.unwrap().group_index, 1);
+        assert_eq!(agg.window.unwrap().size_us, 10_000_000);
+    }
+
+    #[test]
+    fn plain_group_by_is_an_upsert_keyed_by_its_group_columns() {
+        let p = continuous(
+            "SELECT kind, count(DISTINCT ad_id) AS n FROM events GROUP BY kind HAVING count(*) > 1",
+        );
+        assert_eq!(p.emit, EmitMode::Upsert);
+        assert_eq!(p.upsert_keys, Some(vec![0]));
+        // count(DISTINCT) stays a single aggregate (no two-level rewrite).
+        assert_eq!(p.aggregate.as_ref().unwrap().aggregates.len(), 2);
+        let p = continuous("SELECT count(*) FROM events GROUP BY kind");
+        assert_eq!(p.upsert_keys, None, "the key is not selected");
+    }
+
+    #[test]
+    fn unbounded_impossibilities_are_refused() {
+        for sql in [
+            "SELECT ad_id FROM events ORDER BY ad_id",
+            "SELECT a.ad_id FROM events a JOIN events b ON a.ad_id = b.ad_id",
+            "SELECT ad_id, row_number() OVER (ORDER BY ts) FROM events",
+            "SELECT ad_id FROM events LIMIT 3 OFFSET 2",
+        ] {
+            assert!(
+                matches!(plan(sql), Err(PlanError::Unsupported { .. })),
+                "{sql}"
+            );
+        }
+        assert!(matches!(
+            plan("SELECT * FROM ads"),
+            Ok(PlannedQuery::Finite(_))
+        ));
+    }
+}
