@@ -15,6 +15,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# psycopg 3 for the Python driver test (a wheel from PyPI).
+if ! python3 -c "import psycopg" >/dev/null 2>&1; then
+  echo "installing: psycopg[binary]"
+  python3 -m pip install -q "psycopg[binary]"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is required (install Rust with rustup)" >&2
   exit 1

@@ -1091,10 +1091,15 @@ impl Session {
                     (p.stmt.clone(), p.formats.clone(), None)
                 }
                 None => {
+                    // A DECLAREd cursor is a portal too (one namespace, as in Postgres).
+                    if let Some(schema) = self.cursors.get(&name).map(RowSource::schema) {
+                        self.row_description(&schema, &[]);
+                        return;
+                    }
                     return self.extended_error(PgError::new(
                         "34000",
                         format!("portal \"{name}\" does not exist"),
-                    ))
+                    ));
                 }
             }
         };
