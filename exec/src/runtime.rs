@@ -619,6 +619,13 @@ async fn collect(
             status
                 .last_latency_us
                 .store(latency.as_micros() as u64, Ordering::Relaxed);
+            {
+                let mut recent = status.recent_latencies_us.lock();
+                if recent.len() == RECENT_BATCHES {
+                    recent.pop_front();
+                }
+                recent.push_back(latency.as_micros().min(u32::MAX as u128) as u32);
+            }
             if rows.num_rows() > 0 || finished {
                 let emitted = EmittedBatch {
                     batch: BatchId(next),
