@@ -568,6 +568,8 @@ async fn collect(
         let Some(msg) = msg else {
             end("cancelled");
             cancel.cancel();
+            // A client still listening learns why its query ended (CANCEL QUERY).
+            let _ = results.try_send(Err(ExecError::Cancelled));
             return;
         };
         match msg {

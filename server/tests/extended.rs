@@ -130,3 +130,60 @@ async fn fetch(client: &tokio_postgres::Client) -> Vec<String> {
         })
         .collect()
 }
+
+#[test]
+fn cancel_query_and_late_rows_in_show_queries() {
+    let server = TestServer::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_drizzle")),
+        &["--workers", "2"],
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let admin = server.client().await.unwrap();
+        admin
+            .batch_execute(
+                "CREATE STREAM w (ts TIMESTAMP, WATERMARK FOR ts AS ts); \
+                 CREATE MATERIALIZED VIEW per_w AS SELECT window_start, count(*) AS n FROM TUMBLE(w, ts, INTERVAL '10' SECOND) GROUP BY window_start; \
+                 INSERT INTO w VALUES ('2024-01-01 00:00:01'), ('2024-01-01 00:00:15'), ('2024-01-01 00:00:02'), ('2024-01-01 00:00:31');",
+            )
+            .await
+            .unwrap();
+        // The third row is behind the watermark (15s > 10s window end): dropped and counted.
+        drizzle_sql_tests::eventually(Duration::from_secs(20), || async {
+            Ok(show_queries(&admin).await.iter().any(|(_, q, late)| q.contains("per_w") && late == "1").then_some(()))
+        })
+        .await
+        .expect("late_rows = 1 in SHOW QUERIES");
+
+        // CANCEL QUERY from another session ends a running query with 57014.
+        let victim = server.client().await.unwrap();
+        let running = tokio::spawn(async move { victim.simple_query("SELECT ts FROM w WHERE ts > '2030-01-01'").await });
+        let id = drizzle_sql_tests::eventually(Duration::from_secs(20), || async {
+            Ok(show_queries(&admin).await.into_iter().find(|(_, q, _)| q.contains("2030")).map(|(id, _, _)| id))
+        })
+        .await
+        .unwrap();
+        admin.batch_execute(&format!("CANCEL QUERY {id}")).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(20), running).await.unwrap().unwrap().unwrap_err();
+        assert_eq!(err.code().unwrap().code(), "57014");
+    });
+}
+
+/// (id, query, late_rows) of every running query.
+async fn show_queries(client: &tokio_postgres::Client) -> Vec<(String, String, String)> {
+    client
+        .simple_query("SHOW QUERIES")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some((
+                r.get(0).unwrap_or_default().to_string(),
+                r.get(1).unwrap_or_default().to_string(),
+                r.get(5).unwrap_or_default().to_string(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
