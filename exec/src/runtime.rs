@@ -858,10 +858,22 @@ impl Worker {
         let (qid, b) = match &task {
             Task::Map(q, b, _) | Task::Reduce(q, b, _) => (*q, *b),
         };
-        let result = match task {
+        // A panic in an operator fails the query, never the worker thread.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match task {
             Task::Map(q, b, p) => self.run_map(q, b, p),
             Task::Reduce(q, b, r) => self.run_reduce(q, b, r),
-        };
+        }))
+        .unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(query = %qid, batch = b, "task panicked: {message}");
+            Err(ExecError::Unavailable {
+                message: format!("a task of query {qid} failed internally: {message}"),
+            })
+        });
         let Some(wq) = self.queries.get_mut(&qid) else {
             return;
         };

@@ -71,3 +71,46 @@ fn garbage_on_the_port_closes_only_that_connection() {
     let fresh = rt.block_on(server.client()).unwrap();
     assert!(rt.block_on(fresh.simple_query("SHOW STREAMS")).is_ok());
 }
+
+#[test]
+fn a_disconnected_client_stops_its_query() {
+    let server = TestServer::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_drizzle")),
+        &["--workers", "1"],
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let admin = server.client().await.unwrap();
+        admin
+            .batch_execute("CREATE STREAM d (a INT)")
+            .await
+            .unwrap();
+        let (client, conn) = tokio_postgres::connect(&server.conn_str(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let conn_task = tokio::spawn(conn);
+        let query = tokio::spawn(async move { client.simple_query("SELECT a FROM d").await });
+        drizzle_sql_tests::eventually(Duration::from_secs(20), || async {
+            Ok((running(&admin).await? == 1).then_some(()))
+        })
+        .await
+        .expect("query runs");
+        // Drop the connection under the running query.
+        query.abort();
+        conn_task.abort();
+        drizzle_sql_tests::eventually(Duration::from_secs(20), || async {
+            Ok((running(&admin).await? == 0).then_some(()))
+        })
+        .await
+        .expect("the query ends when its client goes away");
+    });
+}
+
+async fn running(admin: &tokio_postgres::Client) -> Result<usize, tokio_postgres::Error> {
+    let rows = admin.simple_query("SHOW QUERIES").await?;
+    Ok(rows
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count())
+}
