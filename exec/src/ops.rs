@@ -14,7 +14,10 @@
 //!   windowed aggregation keeps one group table per open window and drops it
 //!   when the window closes, so memory is bounded by the open windows.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+// hashbrown with a fast non-cryptographic hasher (the join probe is on the hot path).
+use datafusion::common::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
