@@ -897,18 +897,7 @@ impl Engine {
                     .catalog
                     .stream(name)
                     .ok_or_else(|| PgError::undefined_table(name))?;
-                let mut parts: Vec<String> = s
-                    .columns
-                    .iter()
-                    .map(|c| {
-                        format!(
-                            "{} {}{}",
-                            c.name,
-                            c.sql_type,
-                            if c.nullable { "" } else { " NOT NULL" }
-                        )
-                    })
-                    .collect();
+                let mut parts: Vec<String> = s.columns.iter().map(column_ddl).collect();
                 if let Some(w) = &s.watermark {
                     parts.push(format!(
                         "WATERMARK FOR {} AS {} - INTERVAL '{}' MILLISECOND",
@@ -935,18 +924,7 @@ impl Engine {
                     .catalog
                     .table(name)
                     .ok_or_else(|| PgError::undefined_table(name))?;
-                let parts: Vec<String> = t
-                    .columns
-                    .iter()
-                    .map(|c| {
-                        format!(
-                            "{} {}{}",
-                            c.name,
-                            c.sql_type,
-                            if c.nullable { "" } else { " NOT NULL" }
-                        )
-                    })
-                    .collect();
+                let parts: Vec<String> = t.columns.iter().map(column_ddl).collect();
                 format!("CREATE TABLE {} ({})", t.name, parts.join(", "))
             }
             ObjectKind::MaterializedView => {
@@ -1047,6 +1025,16 @@ fn new_view_store(plan: &StreamingPlan) -> Result<ViewStore, PgError> {
         }
         _ => Ok(ViewStore::append(schema)),
     }
+}
+
+/// `name TYPE [NOT NULL]`, for SHOW CREATE.
+fn column_ddl(c: &drizzle_planner::ColumnDef) -> String {
+    format!(
+        "{} {}{}",
+        c.name,
+        c.sql_type,
+        if c.nullable { "" } else { " NOT NULL" }
+    )
 }
 
 fn column_names(columns: &[drizzle_planner::ColumnDef]) -> String {

@@ -754,8 +754,8 @@ impl Session {
         sink: Sink<'_>,
     ) -> Result<Result<u64, PgError>, Disconnect> {
         let mut sent = 0u64;
-        let start = *self.cancel.borrow_and_update();
-        let _ = start;
+        // Only a cancel that arrives while this query runs counts.
+        self.cancel.borrow_and_update();
         loop {
             tokio::select! {
                 biased;
@@ -937,6 +937,7 @@ impl Session {
                 done,
             } => {
                 take_from(buffered, &mut out, &mut have);
+                self.cancel.borrow_and_update();
                 let deadline = tokio::time::Instant::now() + timeout;
                 while have < want && !*done {
                     tokio::select! {
