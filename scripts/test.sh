@@ -29,4 +29,5 @@ fi
 # Build everything first (the drizzle binary is used by the integration tests),
 # then run unit, integration and sqllogictest suites.
 cargo build --workspace --all-targets
-cargo test --workspace --no-fail-fast -- --test-threads=2
+# --all-targets: unit, integration and sqllogictest targets (there are no doctests).
+cargo test --workspace --all-targets --no-fail-fast -- --test-threads=2
