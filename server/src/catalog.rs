@@ -99,15 +99,20 @@ impl Catalog {
             || state.file.views.contains_key(name)
     }
 
+    /// `CREATE ... IF NOT EXISTS` of a taken name is a no-op; without it, 42P07.
+    fn already_exists(name: &str, if_not_exists: bool) -> Result<bool, PgError> {
+        if if_not_exists {
+            Ok(false)
+        } else {
+            Err(PgError::duplicate(name))
+        }
+    }
+
     /// Adds a stream (and creates its log). `Ok(false)` if it existed and `if_not_exists`.
     pub fn create_stream(&self, def: StreamDef, if_not_exists: bool) -> Result<bool, PgError> {
         let mut state = self.inner.write();
         if Self::name_taken(&state, &def.name) {
-            return if if_not_exists {
-                Ok(false)
-            } else {
-                Err(PgError::duplicate(&def.name))
-            };
+            return Self::already_exists(&def.name, if_not_exists);
         }
         if def.connector().is_none() {
             let log = Log::open(
@@ -127,11 +132,7 @@ impl Catalog {
     pub fn create_table(&self, def: TableDef, if_not_exists: bool) -> Result<bool, PgError> {
         let mut state = self.inner.write();
         if Self::name_taken(&state, &def.name) {
-            return if if_not_exists {
-                Ok(false)
-            } else {
-                Err(PgError::duplicate(&def.name))
-            };
+            return Self::already_exists(&def.name, if_not_exists);
         }
         let log = Log::open(
             &self.dir.join("tables").join(&def.name),

@@ -15,20 +15,35 @@ fn server() -> TestServer {
     .expect("server starts")
 }
 
+/// `psql` connected to the test server; `wrapper` runs it under another program (stdbuf).
+fn psql_command(server: &TestServer, wrapper: &[&str]) -> Command {
+    let port = server.port.to_string();
+    let base = [
+        "-X",
+        "-q",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port.as_str(),
+        "-U",
+        "demo",
+        "-d",
+        "demo",
+    ];
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg("psql");
+            c
+        }
+        None => Command::new("psql"),
+    };
+    cmd.args(base);
+    cmd
+}
+
 fn psql(server: &TestServer, args: &[&str]) -> std::process::Output {
-    Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &server.port.to_string(),
-            "-U",
-            "demo",
-            "-d",
-            "demo",
-        ])
+    psql_command(server, &[])
         .args(args)
         .output()
         .expect("psql runs (scripts/test.sh installs postgresql-client)")
@@ -134,21 +149,7 @@ fn copy_to_stdout_delivers_rows_live_and_ctrl_c_cancels() {
     .unwrap();
     // psql's stdout is line-buffered at a terminal but block-buffered on a pipe;
     // stdbuf gives the pipe a terminal's buffering.
-    let mut child = Command::new("stdbuf")
-        .args([
-            "-oL",
-            "psql",
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &server.port.to_string(),
-            "-U",
-            "demo",
-            "-d",
-            "demo",
-        ])
+    let mut child = psql_command(&server, &["stdbuf", "-oL"])
         .args([
             "-c",
             "COPY (SELECT n, upper(sym) FROM ticks WHERE n >= 0) TO STDOUT",
