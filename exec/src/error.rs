@@ -70,6 +70,14 @@ pub enum ExecError {
     /// The query was cancelled.
     #[error("canceling statement due to user request")]
     Cancelled,
+    /// A task failed on a worker; `code` is the SQLSTATE the worker chose.
+    #[error("{message}")]
+    Remote {
+        /// SQLSTATE.
+        code: String,
+        /// The worker's message.
+        message: String,
+    },
     /// The runtime is shutting down or a worker is gone.
     #[error("runtime unavailable: {message}")]
     Unavailable {

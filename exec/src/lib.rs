@@ -24,12 +24,18 @@
 //! Types to read first: [`Runtime`], [`QuerySpec`], [`QueryHandle`],
 //! [`ops::AggregateFinalExec`], [`log::PartitionLog`].
 
+pub mod cluster;
 pub mod error;
 pub mod log;
 pub mod ops;
 pub mod runtime;
 pub mod source;
+pub mod worker;
 
 pub use error::{ExecError, Result};
 pub use ops::TableEvaluator;
-pub use runtime::{EmittedBatch, GroupId, QueryHandle, QuerySpec, QueryStatus, Runtime, WorkerId};
+pub use runtime::{
+    EmittedBatch, GroupId, QueryHandle, QuerySpec, QueryStatus, Runtime, RuntimeConfig, Scheduling,
+    WorkerId, WorkerInfo,
+};
+pub use worker::{start_worker, ErrorClassifier, WorkerConfig, WorkerHandle};

@@ -28,7 +28,7 @@ use arrow::compute::{filter_record_batch, take, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
-use datafusion::logical_expr::{EmitTo, GroupsAccumulator, JoinType, LogicalPlan};
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator, JoinType};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
@@ -42,8 +42,9 @@ use crate::error::{ExecError, Result};
 pub trait TableEvaluator: Send + Sync {
     /// A number that changes whenever any table or view changes.
     fn version(&self) -> u64;
-    /// Runs the finite plan to completion.
-    fn evaluate(&self, plan: &LogicalPlan) -> Result<Vec<RecordBatch>>;
+    /// The rows of a lookup join's finite side (its `table_plan` run to
+    /// completion, or fetched from the coordinator by the join's id).
+    fn evaluate(&self, spec: &LookupJoinSpec) -> Result<Vec<RecordBatch>>;
 }
 
 /// Per-task cache of the hash tables of lookup joins.
@@ -148,7 +149,7 @@ fn lookup_join(
         .get(&op_index)
         .is_none_or(|t| t.version != version);
     if stale {
-        let batches = tables.evaluate(&spec.table_plan)?;
+        let batches = tables.evaluate(spec)?;
         let table = arrow::compute::concat_batches(&spec.table_schema, &batches)?;
         let keys = spec
             .table_keys

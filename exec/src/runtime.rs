@@ -1,53 +1,58 @@
-//! The micro-batch runtime: coordinator, workers and the result collector.
+//! The coordinator: the runtime the server talks to. It accepts worker
+//! registrations and heartbeats over gRPC, plans each continuous query once,
+//! group-schedules it on the registered workers, serves them source ranges
+//! and lookup tables, and collects the final stage's results in batch order.
 //!
 //! ```text
 //!             one LaunchGroup per worker per group (G micro-batches)
 //!  Coordinator ───────────────────────────────────────────────▶ Worker k
-//!      ▲   GroupReport (once per worker per group)                 │ map task (b, p) at trigger time
-//!      └──────────────────────────────────────────────────────────┤ writes blocks to the BlockStore,
-//!                                                                  │ sends MapOutputReady ──▶ consumer's worker
-//!                                                                  │ reduce task (b, r) when all notices are in
-//!  Collector (sink side) ◀── TaskOutput (final-stage tasks) ───────┘
+//!      ▲   GroupReport (once per worker per group), heartbeats      │ map task (b, p) at trigger time
+//!      └───────────────────────────────────────────────────────────┤ writes blocks to its BlockStore,
+//!                                                                   │ MapOutputReady ──▶ consumer's worker
+//!                                                                   │ reduce task (b, r) when all notices are in,
+//!                                                                   │ blocks pulled by Flight do_get
+//!  Collector ◀── DeliverOutput (final-stage tasks, keyed by batch) ─┘
 //!      └─▶ client session / materialized view, in batch order
 //! ```
 //!
 //! # Invariants
-//! * Group scheduling: the coordinator sends exactly one [`LaunchGroup`] to
-//!   each worker hosting a task per group of `G` micro-batches, and nothing
-//!   per micro-batch; workers trigger batch `b` at `start + (b+1)·interval`
-//!   on their own clocks.
+//! * Group scheduling: exactly one [`pb::LaunchGroupRequest`] per worker
+//!   hosting a task, per group of `G` micro-batches, and nothing per
+//!   micro-batch; the plan fragment travels in a worker's first launch only.
+//!   Workers trigger batch `b` at `start + (b+1)·interval` on their clocks.
 //! * Pre-scheduling: reduce partitions are placed before map partitions
 //!   (consumers first) and every launch carries the placement, so a map task
-//!   notifies consumers directly. A reduce task holds no slot until it has a
-//!   notice from every map partition for its batch (all shuffle inputs).
-//! * Order: a worker runs its runnable tasks earliest batch first, consumers
-//!   before producers of the same batch; map partition `p` runs batches in
-//!   order, so its notices arrive in order and reduce tasks run in order.
-//! * Placement is sticky: partition `i` lives on worker `i mod W` for the
-//!   life of the query, so task state (source cursor, watermark, keyed
-//!   aggregate state) stays local across batches and groups.
-//! * Only the worker thread owning a partition touches its state.
+//!   notifies consumers directly; the coordinator is not involved inside a
+//!   group. [`Scheduling::Bsp`] is the contrast: G = 1, map tasks report to
+//!   the coordinator, which launches the reduce tasks after the barrier.
+//! * Placement is sticky: partition `i` lives on the `i mod W`-th worker (by
+//!   id) for the life of the query, so task state stays local.
+//! * The next group is shipped when the current one is half done, so group
+//!   boundaries do not stall output.
+//! * Results are released strictly in batch order, each batch once.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use drizzle_planner::{BatchOp, EmitMode, StreamingPlan};
-use drizzle_shuffle::{
-    BatchId, BlockId, BlockStore, MapPartition, QueryId, ReducePartition, StageId,
-};
-use parking_lot::Mutex;
+use drizzle_planner::{BatchOp, EmitMode, LookupJoinSpec, StreamingPlan};
+use drizzle_shuffle::{BatchId, QueryId};
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch, Notify};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
 
+use crate::cluster::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
+use crate::cluster::pb::{self, SchedulingMode};
+use crate::cluster::{from_ipc, to_ipc, worker_client, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use crate::error::{ExecError, Result};
-use crate::ops::{
-    apply_ops, partial_aggregate, AggregateFinalExec, JoinCache, TableEvaluator, WindowAssignExec,
-};
-use crate::source::{SourcePartition, MAX_BATCH_ROWS};
+use crate::ops::TableEvaluator;
+use crate::source::SourcePartition;
+use crate::worker::{start_worker, ErrorClassifier, WorkerConfig, WorkerHandle};
 
 /// A worker (a task runtime with its own block store and scheduler).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -58,10 +63,23 @@ pub struct WorkerId(pub u32);
 pub struct GroupId(pub u64);
 
 /// How the coordinator schedules a query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Scheduling {
     /// Group scheduling with pre-scheduled shuffles (the Drizzle design).
+    #[default]
     Drizzle,
+    /// Bulk-synchronous: one micro-batch per launch, and the coordinator
+    /// starts reduce tasks after every map task of the batch reported.
+    Bsp,
+}
+
+impl std::fmt::Display for Scheduling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scheduling::Drizzle => "drizzle",
+            Scheduling::Bsp => "bsp",
+        })
+    }
 }
 
 /// What a client asks the runtime to run.
@@ -76,6 +94,8 @@ pub struct QuerySpec {
     pub batch_interval: Duration,
     /// Micro-batches per group.
     pub group_size: u32,
+    /// Drizzle or BSP.
+    pub scheduling: Scheduling,
     /// Number of reduce partitions.
     pub reduce_partitions: u32,
     /// For SHOW QUERIES: the SQL or the view it feeds.
@@ -91,8 +111,12 @@ pub struct QueryStatus {
     pub label: String,
     /// Batch interval.
     pub batch_interval: Duration,
+    /// Drizzle or BSP.
+    pub scheduling: Scheduling,
     /// Current group size.
     pub group_size: AtomicU32,
+    /// Groups launched.
+    pub groups: AtomicU64,
     /// Micro-batches completed.
     pub batches: AtomicU64,
     /// Source rows read.
@@ -177,81 +201,97 @@ impl Drop for QueryHandle {
     }
 }
 
-/// Everything a worker needs to run one query's tasks; shared, immutable.
+/// How to start the runtime.
+#[derive(Clone)]
+pub struct RuntimeConfig {
+    /// Where the coordinator listens for workers (`127.0.0.1:0` for an
+    /// embedded server with only in-process workers).
+    pub cluster_listen: SocketAddr,
+    /// The address workers are told to reach the coordinator at (defaults to
+    /// the bound address).
+    pub cluster_advertise: Option<String>,
+    /// In-process workers to start (0 = wait for remote `drizzle worker`s).
+    pub local_workers: usize,
+    /// How long a query waits for a first worker before it fails.
+    pub worker_wait: Duration,
+    /// A worker silent this long is declared lost.
+    pub worker_timeout: Duration,
+    /// Error classification for in-process workers.
+    pub classify: ErrorClassifier,
+}
+
+/// A registered worker, as `SHOW WORKERS` shows it.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    /// Id assigned at registration.
+    pub id: WorkerId,
+    /// Its control and Flight address.
+    pub address: String,
+    /// Registration epoch.
+    pub epoch: u64,
+    /// Time since its last heartbeat.
+    pub since_heartbeat: Duration,
+    /// Its counters, as of the last heartbeat.
+    pub counters: pb::WorkerCounters,
+}
+
+struct WorkerEntry {
+    id: WorkerId,
+    address: String,
+    epoch: u64,
+    client: pb::worker_client::WorkerClient<Channel>,
+    last_heartbeat: Instant,
+    counters: pb::WorkerCounters,
+}
+
+/// A lookup join's finite side as shipped to workers: (version, Arrow IPC).
+type EncodedTable = (u64, Arc<Vec<u8>>);
+
+/// Coordinator-side state of one running query.
 struct CompiledQuery {
     id: QueryId,
     plan: StreamingPlan,
-    window_schema: Option<SchemaRef>,
-    map_partitions: u32,
+    encoded_plan: Vec<u8>,
+    scheduling: Scheduling,
+    sources: Vec<SourcePartition>,
+    start_offsets: Vec<u64>,
     reduce_partitions: u32,
-    /// Reduce partition → worker (placed first).
-    reduce_placement: Vec<WorkerId>,
     status: Arc<QueryStatus>,
     sink: mpsc::UnboundedSender<SinkMsg>,
-    reports: mpsc::UnboundedSender<GroupReport>,
+    reports: mpsc::UnboundedSender<pb::GroupReport>,
+    map_done: mpsc::UnboundedSender<pb::MapOutputReady>,
+    cancel: Arc<CancelToken>,
     start: Instant,
+    start_unix_us: i64,
     interval: Duration,
+    /// Encoded lookup tables by join id: (version, IPC).
+    tables: Mutex<HashMap<u32, EncodedTable>>,
 }
 
 impl CompiledQuery {
     fn trigger_at(&self, b: BatchId) -> Instant {
-        self.start + Duration::from_nanos((self.interval.as_nanos() as u64).saturating_mul(b.0 + 1))
+        self.start + self.offset_of(b)
+    }
+
+    fn offset_of(&self, b: BatchId) -> Duration {
+        Duration::from_nanos((self.interval.as_nanos() as u64).saturating_mul(b.0 + 1))
+    }
+
+    fn map_partitions(&self) -> u32 {
+        self.sources.len() as u32
+    }
+
+    fn join(&self, id: u32) -> Option<&LookupJoinSpec> {
+        self.plan
+            .map_ops
+            .iter()
+            .chain(&self.plan.post_ops)
+            .find_map(|op| match op {
+                BatchOp::LookupJoin(spec) if spec.id == id => Some(spec.as_ref()),
+                _ => None,
+            })
     }
 }
-
-/// The per-group launch message: a worker's tasks for `batches`.
-pub struct LaunchGroup {
-    query: Arc<CompiledQuery>,
-    /// The group.
-    pub group: GroupId,
-    /// The micro-batches of the group.
-    pub batches: std::ops::Range<u64>,
-    /// Map partitions on this worker, with their source and start offset.
-    map_tasks: Vec<(MapPartition, SourcePartition, u64)>,
-    /// Reduce partitions on this worker.
-    reduce_tasks: Vec<ReducePartition>,
-}
-
-/// Pushed by a map task to each consumer's worker when its output is ready.
-#[derive(Debug, Clone)]
-pub struct MapOutputReady {
-    /// Query.
-    pub query: QueryId,
-    /// Micro-batch.
-    pub batch: BatchId,
-    /// Producing stage.
-    pub stage: StageId,
-    /// Producing map partition.
-    pub map: MapPartition,
-    /// Rows per reduce partition (0 = no block).
-    pub rows: Vec<u32>,
-    /// The source partition's watermark after this batch (µs).
-    pub watermark_us: Option<i64>,
-}
-
-enum WorkerMsg {
-    Launch(Box<LaunchGroup>),
-    MapOutputReady(MapOutputReady),
-    Cancel(QueryId),
-    Shutdown,
-}
-
-/// Sent by a worker once it finished all its tasks of a group.
-#[derive(Debug)]
-struct GroupReport {
-    #[allow(dead_code)]
-    worker: WorkerId,
-    group: GroupId,
-    /// Source ranges read, per (batch, map partition): replayable.
-    #[allow(dead_code)]
-    ranges: Vec<SourceRange>,
-}
-
-/// Output chunks of one final-stage task: (window end, rows).
-type Chunks = Vec<(Option<i64>, RecordBatch)>;
-
-/// A source range read by a map task: (batch, partition, from, to).
-type SourceRange = (BatchId, MapPartition, u64, u64);
 
 enum SinkMsg {
     Output {
@@ -261,69 +301,341 @@ enum SinkMsg {
     Failed(ExecError),
 }
 
-/// The runtime: a coordinator and `W` local workers.
+/// Output chunks of one final-stage task: (window end, rows).
+type Chunks = Vec<(Option<i64>, RecordBatch)>;
+
+struct State {
+    workers: RwLock<BTreeMap<WorkerId, WorkerEntry>>,
+    workers_changed: Notify,
+    next_worker: AtomicU32,
+    next_epoch: AtomicU64,
+    queries: Mutex<HashMap<QueryId, Arc<CompiledQuery>>>,
+    tables: Arc<dyn TableEvaluator>,
+    launch_messages: AtomicU64,
+    worker_timeout: Duration,
+}
+
+impl State {
+    fn query(&self, id: u64) -> std::result::Result<Arc<CompiledQuery>, Status> {
+        self.queries
+            .lock()
+            .get(&QueryId(id))
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("query q{id} is not running")))
+    }
+}
+
+struct CoordinatorService {
+    state: Arc<State>,
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for CoordinatorService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> std::result::Result<Response<pb::RegisterResponse>, Status> {
+        let req = request.into_inner();
+        crate::cluster::check_version(req.protocol_version, "the worker")?;
+        let client = worker_client(&req.address).map_err(internal)?;
+        let id = WorkerId(self.state.next_worker.fetch_add(1, Ordering::Relaxed));
+        let epoch = self.state.next_epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        {
+            let mut workers = self.state.workers.write();
+            // The same address registering again is a new worker.
+            workers.retain(|_, w| w.address != req.address);
+            workers.insert(
+                id,
+                WorkerEntry {
+                    id,
+                    address: req.address.clone(),
+                    epoch,
+                    client,
+                    last_heartbeat: Instant::now(),
+                    counters: pb::WorkerCounters::default(),
+                },
+            );
+        }
+        self.state.workers_changed.notify_waiters();
+        tracing::info!(worker = id.0, address = %req.address, epoch, "worker registered");
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: id.0,
+            epoch,
+            heartbeat_interval_ms: crate::worker::HEARTBEAT_INTERVAL.as_millis() as u64,
+            tables_version: self.state.tables.version(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> std::result::Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        crate::cluster::check_version(req.protocol_version, "the worker")?;
+        let mut workers = self.state.workers.write();
+        let known = match workers.get_mut(&WorkerId(req.worker_id)) {
+            Some(w) if w.epoch == req.epoch => {
+                w.last_heartbeat = Instant::now();
+                w.counters = req.counters.unwrap_or_default();
+                true
+            }
+            _ => false,
+        };
+        Ok(Response::new(pb::HeartbeatResponse { known }))
+    }
+
+    async fn report_group(
+        &self,
+        request: Request<pb::GroupReport>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let report = request.into_inner();
+        if let Ok(q) = self.state.query(report.query) {
+            q.status
+                .rows_in
+                .fetch_add(report.rows_in, Ordering::Relaxed);
+            q.status
+                .late_rows
+                .fetch_add(report.late_rows, Ordering::Relaxed);
+            let _ = q.reports.send(report);
+        }
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn deliver_output(
+        &self,
+        request: Request<pb::TaskOutput>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let out = request.into_inner();
+        let Ok(q) = self.state.query(out.query) else {
+            // The query ended; its late results have nowhere to go.
+            return Ok(Response::new(pb::Ack {}));
+        };
+        q.status.rows_in.fetch_add(out.rows_in, Ordering::Relaxed);
+        q.status
+            .late_rows
+            .fetch_add(out.late_rows, Ordering::Relaxed);
+        if let Some(message) = out.error {
+            let _ = q.sink.send(SinkMsg::Failed(ExecError::Remote {
+                code: out.error_code,
+                message,
+            }));
+            return Ok(Response::new(pb::Ack {}));
+        }
+        let mut chunks = Vec::with_capacity(out.chunks.len());
+        for c in out.chunks {
+            for batch in from_ipc(c.ipc).map_err(internal)? {
+                chunks.push((c.window_end, batch));
+            }
+        }
+        let _ = q.sink.send(SinkMsg::Output {
+            batch: BatchId(out.batch),
+            chunks,
+        });
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn map_done(
+        &self,
+        request: Request<pb::MapOutputReady>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let notice = request.into_inner();
+        if let Ok(q) = self.state.query(notice.query) {
+            let _ = q.map_done.send(notice);
+        }
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn read_source(
+        &self,
+        request: Request<pb::ReadSourceRequest>,
+    ) -> std::result::Result<Response<pb::ReadSourceResponse>, Status> {
+        let req = request.into_inner();
+        let q = self.state.query(req.query)?;
+        let source = q
+            .sources
+            .get(req.partition as usize)
+            .cloned()
+            .ok_or_else(|| Status::invalid_argument("no such source partition"))?;
+        let schema = q.plan.stream.schema();
+        let (to, ipc) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<u8>)> {
+            let to = source
+                .available(unix_us())
+                .min(req.from.saturating_add(req.max_rows))
+                .max(req.from);
+            let batches = source.read(req.from, to)?;
+            Ok((to, to_ipc(&schema, &batches)?))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        Ok(Response::new(pb::ReadSourceResponse { to, ipc }))
+    }
+
+    async fn read_table(
+        &self,
+        request: Request<pb::ReadTableRequest>,
+    ) -> std::result::Result<Response<pb::ReadTableResponse>, Status> {
+        let req = request.into_inner();
+        let q = self.state.query(req.query)?;
+        let version = self.state.tables.version();
+        if let Some((v, ipc)) = q.tables.lock().get(&req.join) {
+            if *v == version {
+                return Ok(Response::new(pb::ReadTableResponse {
+                    version,
+                    ipc: ipc.as_ref().clone(),
+                }));
+            }
+        }
+        let tables = Arc::clone(&self.state.tables);
+        let q2 = Arc::clone(&q);
+        let join = req.join;
+        let ipc = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+            let spec = q2
+                .join(join)
+                .ok_or_else(|| ExecError::invalid(format!("query has no lookup join {join}")))?;
+            let batches = tables.evaluate(spec)?;
+            to_ipc(&spec.table_schema, &batches)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        let ipc = Arc::new(ipc);
+        q.tables
+            .lock()
+            .insert(req.join, (version, Arc::clone(&ipc)));
+        Ok(Response::new(pb::ReadTableResponse {
+            version,
+            ipc: ipc.as_ref().clone(),
+        }))
+    }
+}
+
+/// The runtime: the coordinator and, in the embedded mode, its in-process
+/// workers (which speak the same protocol over loopback).
 pub struct Runtime {
-    workers: Vec<std_mpsc::Sender<WorkerMsg>>,
-    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    state: Arc<State>,
+    local_workers: Mutex<Vec<Arc<WorkerHandle>>>,
+    /// The address workers reach the coordinator at.
+    pub cluster_address: String,
     next_query: AtomicU64,
-    queries: Mutex<BTreeMap<QueryId, Arc<QueryStatus>>>,
     cancels: Mutex<HashMap<QueryId, Arc<CancelToken>>>,
-    /// Total launch messages sent (all queries), for tests and metrics.
-    pub launch_messages: AtomicU64,
+    worker_wait: Duration,
+    stop: watch::Sender<bool>,
+}
+
+fn unix_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 impl Runtime {
-    /// Starts `workers` worker threads.
-    pub fn start(workers: usize, tables: Arc<dyn TableEvaluator>) -> Arc<Self> {
-        let workers = workers.max(1);
-        let mut senders = Vec::new();
-        let mut receivers = Vec::new();
-        for _ in 0..workers {
-            let (tx, rx) = std_mpsc::channel();
-            senders.push(tx);
-            receivers.push(rx);
-        }
-        let mut threads = Vec::new();
-        let blocks = Arc::new(BlockStore::new());
-        for (i, rx) in receivers.into_iter().enumerate() {
-            let peers = senders.clone();
-            let blocks = Arc::clone(&blocks);
-            let tables = Arc::clone(&tables);
-            let handle = std::thread::Builder::new()
-                .name(format!("drizzle-worker-{i}"))
-                .spawn(move || {
-                    Worker {
-                        id: WorkerId(i as u32),
-                        peers,
-                        tables,
-                        blocks,
-                        queries: HashMap::new(),
-                    }
-                    .run(rx)
-                });
-            match handle {
-                Ok(h) => threads.push(h),
-                Err(e) => tracing::error!("cannot start worker thread: {e}"),
-            }
-        }
-        Arc::new(Self {
-            workers: senders,
-            threads: Mutex::new(threads),
-            next_query: AtomicU64::new(1),
-            queries: Mutex::new(BTreeMap::new()),
-            cancels: Mutex::new(HashMap::new()),
+    /// Starts the coordinator's cluster endpoint and `local_workers`
+    /// in-process workers. Must be called inside a tokio runtime.
+    pub async fn start(
+        config: RuntimeConfig,
+        tables: Arc<dyn TableEvaluator>,
+    ) -> Result<Arc<Self>> {
+        let listener = tokio::net::TcpListener::bind(config.cluster_listen)
+            .await
+            .map_err(|e| ExecError::io(config.cluster_listen.to_string(), e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| ExecError::io(config.cluster_listen.to_string(), e))?;
+        let cluster_address = config
+            .cluster_advertise
+            .clone()
+            .unwrap_or_else(|| bound.to_string());
+        let state = Arc::new(State {
+            workers: RwLock::new(BTreeMap::new()),
+            workers_changed: Notify::new(),
+            next_worker: AtomicU32::new(0),
+            next_epoch: AtomicU64::new(0),
+            queries: Mutex::new(HashMap::new()),
+            tables,
             launch_messages: AtomicU64::new(0),
+            worker_timeout: config.worker_timeout,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let service = CoordinatorServer::new(CoordinatorService {
+            state: Arc::clone(&state),
         })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        crate::cluster::spawn_server(
+            tonic::transport::Server::builder().add_service(service),
+            listener,
+            stop_rx.clone(),
+            "coordinator",
+        );
+        tokio::spawn(watch_tables(Arc::clone(&state), stop_rx.clone()));
+        tokio::spawn(watch_workers(Arc::clone(&state), stop_rx));
+        let runtime = Arc::new(Self {
+            state,
+            local_workers: Mutex::new(Vec::new()),
+            cluster_address: cluster_address.clone(),
+            next_query: AtomicU64::new(1),
+            cancels: Mutex::new(HashMap::new()),
+            worker_wait: config.worker_wait,
+            stop,
+        });
+        for _ in 0..config.local_workers {
+            let worker = start_worker(WorkerConfig {
+                coordinator: cluster_address.clone(),
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                advertise: None,
+                classify: Arc::clone(&config.classify),
+            })
+            .await?;
+            runtime.local_workers.lock().push(worker);
+        }
+        tracing::info!(address = %cluster_address, local_workers = config.local_workers, "coordinator listening");
+        Ok(runtime)
     }
 
-    /// Number of workers.
+    /// Number of registered workers (at least 1, for default parallelism).
     pub fn worker_count(&self) -> usize {
-        self.workers.len()
+        self.state.workers.read().len().max(1)
+    }
+
+    /// The registered workers.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        let now = Instant::now();
+        self.state
+            .workers
+            .read()
+            .values()
+            .map(|w| WorkerInfo {
+                id: w.id,
+                address: w.address.clone(),
+                epoch: w.epoch,
+                since_heartbeat: now.saturating_duration_since(w.last_heartbeat),
+                counters: w.counters,
+            })
+            .collect()
+    }
+
+    /// Total launch messages sent (all queries).
+    pub fn launch_messages(&self) -> u64 {
+        self.state.launch_messages.load(Ordering::Relaxed)
     }
 
     /// Status of every running query.
     pub fn queries(&self) -> Vec<Arc<QueryStatus>> {
-        self.queries.lock().values().cloned().collect()
+        let mut v: Vec<_> = self
+            .state
+            .queries
+            .lock()
+            .values()
+            .map(|q| Arc::clone(&q.status))
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
     }
 
     /// Cancels a query by id; false when no such query runs.
@@ -337,34 +649,37 @@ impl Runtime {
         }
     }
 
-    /// Stops every worker thread.
+    /// Stops the cluster endpoint and the in-process workers.
     pub fn shutdown(&self) {
-        for w in &self.workers {
-            let _ = w.send(WorkerMsg::Shutdown);
+        for c in self.cancels.lock().values() {
+            c.cancel();
         }
-        for t in self.threads.lock().drain(..) {
-            let _ = t.join();
+        let _ = self.stop.send(true);
+        for w in self.local_workers.lock().drain(..) {
+            w.shutdown();
         }
     }
 
     /// Starts a continuous query. Must be called inside a tokio runtime.
+    /// A query submitted before any worker registered waits for one for the
+    /// configured time, then fails.
     pub fn start_query(self: &Arc<Self>, spec: QuerySpec) -> Result<QueryHandle> {
         let id = QueryId(self.next_query.fetch_add(1, Ordering::Relaxed));
-        let w = self.workers.len() as u32;
-        let map_partitions = spec.sources.len() as u32;
         let reduce_partitions = if spec.plan.has_shuffle() {
             spec.reduce_partitions.max(1)
         } else {
             0
         };
-        // Consumers first: reduce partitions are placed, then producers learn where they are.
-        let reduce_placement: Vec<WorkerId> =
-            (0..reduce_partitions).map(|r| WorkerId(r % w)).collect();
+        let group_size = match spec.scheduling {
+            Scheduling::Bsp => 1,
+            Scheduling::Drizzle => spec.group_size.max(1),
+        };
         let status = Arc::new(QueryStatus {
             id,
             label: spec.label.clone(),
             batch_interval: spec.batch_interval,
-            group_size: AtomicU32::new(spec.group_size.max(1)),
+            scheduling: spec.scheduling,
+            group_size: AtomicU32::new(group_size),
             batches: AtomicU64::new(0),
             rows_in: AtomicU64::new(0),
             rows_out: AtomicU64::new(0),
@@ -372,45 +687,47 @@ impl Runtime {
             last_latency_us: AtomicU64::new(0),
             coordination_us: AtomicU64::new(0),
             launches: AtomicU64::new(0),
+            groups: AtomicU64::new(0),
             recent_latencies_us: Mutex::new(std::collections::VecDeque::new()),
             started: Instant::now(),
             ended: Mutex::new(None),
         });
+        let encoded_plan = drizzle_planner::encode_plan(&spec.plan)?;
         let (sink_tx, sink_rx) = mpsc::unbounded_channel();
         let (report_tx, report_rx) = mpsc::unbounded_channel();
+        let (map_done_tx, map_done_rx) = mpsc::unbounded_channel();
         let (results_tx, results_rx) = mpsc::channel(64);
         let cancel = Arc::new(CancelToken {
             cancelled: AtomicBool::new(false),
             notify: Notify::new(),
         });
-        let window_schema = spec.plan.window.as_ref().map(|ws| {
-            datafusion::datasource::TableProvider::schema(&drizzle_planner::WindowProvider::new(
-                spec.plan.stream.clone(),
-                ws.clone(),
-            ))
-        });
         let query = Arc::new(CompiledQuery {
             id,
-            window_schema,
-            map_partitions,
+            encoded_plan,
+            scheduling: spec.scheduling,
+            sources: spec.sources,
+            start_offsets: spec.start_offsets,
             reduce_partitions,
-            reduce_placement,
             status: Arc::clone(&status),
             sink: sink_tx,
             reports: report_tx,
+            map_done: map_done_tx,
+            cancel: Arc::clone(&cancel),
             start: Instant::now(),
+            start_unix_us: unix_us(),
             interval: spec.batch_interval,
+            tables: Mutex::new(HashMap::new()),
             plan: spec.plan,
         });
         let schema = Arc::clone(&query.plan.output_schema);
         let emit = query.plan.emit;
-        self.queries.lock().insert(id, Arc::clone(&status));
+        self.state.queries.lock().insert(id, Arc::clone(&query));
         self.cancels.lock().insert(id, Arc::clone(&cancel));
         let (done_tx, done_rx) = watch::channel(0u64);
         let final_tasks = if reduce_partitions > 0 {
             reduce_partitions
         } else {
-            map_partitions
+            query.map_partitions()
         };
         tokio::spawn(collect(
             Arc::clone(&query),
@@ -422,16 +739,19 @@ impl Runtime {
         ));
         let rt = Arc::clone(self);
         tokio::spawn(async move {
-            rt.coordinate(
-                query,
-                spec.sources,
-                spec.start_offsets,
-                done_rx,
-                report_rx,
-                Arc::clone(&cancel),
-            )
-            .await;
-            rt.queries.lock().remove(&id);
+            if let Err(e) = rt.coordinate(&query, done_rx, report_rx, map_done_rx).await {
+                let _ = query.sink.send(SinkMsg::Failed(e));
+            }
+            // The collector ends the query (cancels it) once it delivered
+            // the last batch or the failure; only then is it forgotten.
+            loop {
+                let cancelled = query.cancel.notify.notified();
+                if query.cancel.is_cancelled() {
+                    break;
+                }
+                cancelled.await;
+            }
+            rt.state.queries.lock().remove(&id);
             rt.cancels.lock().remove(&id);
         });
         Ok(QueryHandle {
@@ -440,76 +760,150 @@ impl Runtime {
             schema,
             emit,
             results: results_rx,
-            cancel: Arc::clone(&self.cancels.lock().get(&id).cloned().unwrap_or_else(|| {
-                Arc::new(CancelToken {
-                    cancelled: AtomicBool::new(true),
-                    notify: Notify::new(),
-                })
-            })),
+            cancel,
         })
     }
 
-    /// The coordinator loop of one query: plan and ship one group at a time,
-    /// shipping group g+1 while group g runs.
+    /// Waits until at least one worker registered, or fails after the wait.
+    async fn wait_for_workers(&self, cancel: &CancelToken) -> Result<()> {
+        let deadline = Instant::now() + self.worker_wait;
+        loop {
+            let notified = self.state.workers_changed.notified();
+            if !self.state.workers.read().is_empty() {
+                return Ok(());
+            }
+            if cancel.is_cancelled() {
+                return Err(ExecError::Cancelled);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ExecError::Unavailable {
+                    message: format!(
+                        "no worker registered with the coordinator at {} within {} s; start one with `drizzle worker --coordinator {}`",
+                        self.cluster_address,
+                        self.worker_wait.as_secs(),
+                        self.cluster_address
+                    ),
+                });
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(left.min(Duration::from_millis(200))) => {}
+                _ = cancel.notify.notified() => {}
+            }
+        }
+    }
+
+    /// The coordinator loop of one query: place partitions, then plan and
+    /// ship one group at a time, shipping group g+1 while group g runs.
     async fn coordinate(
         &self,
-        query: Arc<CompiledQuery>,
-        sources: Vec<SourcePartition>,
-        start_offsets: Vec<u64>,
+        query: &Arc<CompiledQuery>,
         mut done: watch::Receiver<u64>,
-        mut reports: mpsc::UnboundedReceiver<GroupReport>,
-        cancel: Arc<CancelToken>,
-    ) {
-        let w = self.workers.len() as u32;
+        mut reports: mpsc::UnboundedReceiver<pb::GroupReport>,
+        mut map_done: mpsc::UnboundedReceiver<pb::MapOutputReady>,
+    ) -> Result<()> {
+        let cancel = &query.cancel;
+        self.wait_for_workers(cancel).await?;
+        // Placement, frozen for the query: consumers first, then producers.
+        let placement: Vec<(WorkerId, String, pb::worker_client::WorkerClient<Channel>)> = self
+            .state
+            .workers
+            .read()
+            .values()
+            .map(|w| (w.id, w.address.clone(), w.client.clone()))
+            .collect();
+        let w = placement.len() as u32;
+        let reduce_placement: Vec<String> = (0..query.reduce_partitions)
+            .map(|r| placement[(r % w) as usize].1.clone())
+            .collect();
+        let mode = match query.scheduling {
+            Scheduling::Drizzle => SchedulingMode::Drizzle,
+            Scheduling::Bsp => SchedulingMode::Bsp,
+        };
+        let mut plan_sent = vec![false; placement.len()];
         let mut group = 0u64;
         let mut next_batch = 0u64;
-        let mut first_launch = true;
-        loop {
+        // BSP: notices per batch, collected by the coordinator.
+        let mut barrier: BTreeMap<u64, Vec<pb::MapOutputReady>> = BTreeMap::new();
+        let reduce_workers: Vec<usize> = {
+            let mut v: Vec<usize> = (0..query.reduce_partitions)
+                .map(|r| (r % w) as usize)
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let result = loop {
             if cancel.is_cancelled() {
-                break;
+                break Ok(());
+            }
+            if let Some(lost) = self.lost_worker(&placement) {
+                break Err(ExecError::Unavailable {
+                    message: format!(
+                        "worker {lost} stopped answering; the query cannot continue (recovery of lost workers is not implemented yet)"
+                    ),
+                });
             }
             let g = query.status.group_size.load(Ordering::Relaxed).max(1) as u64;
             let t0 = Instant::now();
-            let batches = next_batch..next_batch + g;
-            for worker in 0..w {
-                let map_tasks: Vec<(MapPartition, SourcePartition, u64)> = if first_launch {
-                    (0..query.map_partitions)
-                        .filter(|p| p % w == worker)
-                        .map(|p| {
-                            (
-                                MapPartition(p),
-                                sources[p as usize].clone(),
-                                start_offsets[p as usize],
-                            )
-                        })
-                        .collect()
-                } else {
-                    (0..query.map_partitions)
-                        .filter(|p| p % w == worker)
-                        .map(|p| (MapPartition(p), sources[p as usize].clone(), u64::MAX))
-                        .collect()
-                };
-                let reduce_tasks: Vec<ReducePartition> = (0..query.reduce_partitions)
-                    .filter(|r| query.reduce_placement[*r as usize].0 == worker)
-                    .map(ReducePartition)
+            let batches: Vec<pb::BatchParams> = (next_batch..next_batch + g)
+                .map(|b| pb::BatchParams {
+                    batch: b,
+                    trigger_unix_us: query.start_unix_us
+                        + query.offset_of(BatchId(b)).as_micros() as i64,
+                })
+                .collect();
+            let tables_version = self.state.tables.version();
+            let mut sends = Vec::new();
+            for (i, (_, _, client)) in placement.iter().enumerate() {
+                let i32_ = i as u32;
+                let map_tasks: Vec<pb::MapTaskSpec> = (0..query.map_partitions())
+                    .filter(|p| p % w == i32_)
+                    .map(|p| pb::MapTaskSpec {
+                        partition: p,
+                        start_offset: (!plan_sent[i]).then(|| query.start_offsets[p as usize]),
+                    })
+                    .collect();
+                let reduce_tasks: Vec<u32> = (0..query.reduce_partitions)
+                    .filter(|r| r % w == i32_)
                     .collect();
                 if map_tasks.is_empty() && reduce_tasks.is_empty() {
                     continue;
                 }
-                let msg = WorkerMsg::Launch(Box::new(LaunchGroup {
-                    query: Arc::clone(&query),
-                    group: GroupId(group),
-                    batches: batches.clone(),
+                let req = pb::LaunchGroupRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    query: query.id.0,
+                    group,
+                    epoch: 0,
+                    plan: if plan_sent[i] {
+                        Vec::new()
+                    } else {
+                        query.encoded_plan.clone()
+                    },
+                    mode: mode as i32,
+                    map_partitions: query.map_partitions(),
+                    reduce_partitions: query.reduce_partitions,
+                    reduce_placement: reduce_placement.clone(),
                     map_tasks,
                     reduce_tasks,
-                }));
-                if self.workers[worker as usize].send(msg).is_err() {
-                    cancel.cancel();
-                }
-                query.status.launches.fetch_add(1, Ordering::Relaxed);
-                self.launch_messages.fetch_add(1, Ordering::Relaxed);
+                    batches: batches.clone(),
+                    label: query.status.label.clone(),
+                    tables_version,
+                };
+                plan_sent[i] = true;
+                let mut client = client.clone();
+                sends.push(async move { client.launch_group(req).await });
             }
-            first_launch = false;
+            let n = sends.len() as u64;
+            for r in futures::future::join_all(sends).await {
+                if let Err(s) = r {
+                    return Err(crate::cluster::rpc_error("launching a group", s));
+                }
+            }
+            query.status.launches.fetch_add(n, Ordering::Relaxed);
+            query.status.groups.fetch_add(1, Ordering::Relaxed);
+            self.state.launch_messages.fetch_add(n, Ordering::Relaxed);
             query
                 .status
                 .coordination_us
@@ -518,28 +912,139 @@ impl Runtime {
             group += 1;
             // Ship the next group once this one is half way through.
             let threshold = next_batch - g / 2;
-            loop {
+            let step = loop {
                 if *done.borrow() >= threshold || cancel.is_cancelled() {
-                    break;
+                    break Ok(());
                 }
                 tokio::select! {
-                    r = done.changed() => if r.is_err() { cancel.cancel(); break; },
-                    _ = cancel.notify.notified() => break,
+                    r = done.changed() => if r.is_err() { break Ok(()) },
+                    _ = cancel.notify.notified() => break Ok(()),
                     Some(report) = reports.recv() => {
-                        tracing::trace!(query = %query.id, group = report.group.0, "group report");
+                        tracing::trace!(query = %query.id, group = report.group, worker = report.worker, "group report");
+                    }
+                    Some(notice) = map_done.recv() => {
+                        let t0 = Instant::now();
+                        let batch = notice.batch;
+                        let list = barrier.entry(batch).or_default();
+                        list.push(notice);
+                        if list.len() as u32 >= query.map_partitions() {
+                            let notices = barrier.remove(&batch).unwrap_or_default();
+                            let mut sends = Vec::new();
+                            for &i in &reduce_workers {
+                                let mut client = placement[i].2.clone();
+                                let req = pb::LaunchReduceRequest {
+                                    query: query.id.0,
+                                    batch,
+                                    notices: notices.clone(),
+                                };
+                                sends.push(async move { client.launch_reduce(req).await });
+                            }
+                            let failed = futures::future::join_all(sends)
+                                .await
+                                .into_iter()
+                                .find_map(|r| r.err());
+                            query
+                                .status
+                                .coordination_us
+                                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            if let Some(s) = failed {
+                                break Err(crate::cluster::rpc_error("launching reduce tasks", s));
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                        if let Some(lost) = self.lost_worker(&placement) {
+                            break Err(ExecError::Unavailable {
+                                message: format!(
+                                    "worker {lost} stopped answering; the query cannot continue (recovery of lost workers is not implemented yet)"
+                                ),
+                            });
+                        }
                     }
                 }
+            };
+            if let Err(e) = step {
+                break Err(e);
             }
+        };
+        for (_, _, client) in &placement {
+            let mut client = client.clone();
+            let req = pb::CancelQueryRequest { query: query.id.0 };
+            tokio::spawn(async move {
+                let _ = client.cancel_query(req).await;
+            });
         }
-        for tx in &self.workers {
-            let _ = tx.send(WorkerMsg::Cancel(query.id));
-        }
+        result
+    }
+
+    /// A worker of `placement` that is gone (deregistered or silent).
+    fn lost_worker(
+        &self,
+        placement: &[(WorkerId, String, pb::worker_client::WorkerClient<Channel>)],
+    ) -> Option<String> {
+        let workers = self.state.workers.read();
+        placement
+            .iter()
+            .find_map(|(id, address, _)| match workers.get(id) {
+                Some(w) if w.last_heartbeat.elapsed() < self.state.worker_timeout => None,
+                _ => Some(format!("{} ({address})", id.0)),
+            })
     }
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Pushes the table version to every worker when a table or view changes,
+/// so lookup joins re-read their finite side.
+async fn watch_tables(state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let mut last = state.tables.version();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = stop.changed() => return,
+        }
+        let version = state.tables.version();
+        if version == last {
+            continue;
+        }
+        last = version;
+        let clients: Vec<_> = state
+            .workers
+            .read()
+            .values()
+            .map(|w| w.client.clone())
+            .collect();
+        for mut c in clients {
+            tokio::spawn(async move {
+                let _ = c.tables_changed(pb::TablesChangedRequest { version }).await;
+            });
+        }
+    }
+}
+
+/// Forgets workers that stopped heartbeating.
+async fn watch_workers(state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return,
+        }
+        let timeout = state.worker_timeout;
+        let mut lost = Vec::new();
+        state.workers.write().retain(|id, w| {
+            let alive = w.last_heartbeat.elapsed() < timeout;
+            if !alive {
+                lost.push((*id, w.address.clone()));
+            }
+            alive
+        });
+        for (id, address) in lost {
+            tracing::warn!(worker = id.0, %address, "worker lost: no heartbeat for {timeout:?}");
+        }
     }
 }
 
@@ -560,10 +1065,15 @@ async fn collect(
         *query.status.ended.lock() = Some(reason.to_string());
     };
     loop {
-        let msg = tokio::select! {
-            m = sink.recv() => m,
-            _ = cancel.notify.notified() => None,
-            _ = results.closed() => None,
+        let cancelled = cancel.notify.notified();
+        let msg = if cancel.is_cancelled() {
+            None
+        } else {
+            tokio::select! {
+                m = sink.recv() => m,
+                _ = cancelled => None,
+                _ = results.closed() => None,
+            }
         };
         let Some(msg) = msg else {
             end("cancelled");
@@ -648,448 +1158,4 @@ async fn collect(
             }
         }
     }
-}
-
-struct MapState {
-    source: SourcePartition,
-    next_offset: u64,
-    window: WindowAssignExec,
-    joins: JoinCache,
-}
-
-struct ReduceState {
-    agg: AggregateFinalExec,
-    joins: JoinCache,
-}
-
-struct WorkerQuery {
-    q: Arc<CompiledQuery>,
-    maps: BTreeMap<MapPartition, MapState>,
-    reduces: BTreeMap<ReducePartition, ReduceState>,
-    /// Map tasks waiting for their trigger time.
-    pending_maps: BTreeMap<(u64, MapPartition), ()>,
-    /// Reduce tasks pre-scheduled, with the notices received so far.
-    pending_reduces: BTreeMap<(u64, ReducePartition), Vec<MapOutputReady>>,
-    /// Tasks left per group, for the per-group report.
-    group_left: BTreeMap<u64, (usize, Vec<SourceRange>)>,
-    group_size: u64,
-    group_starts: BTreeMap<u64, u64>,
-}
-
-struct Worker {
-    id: WorkerId,
-    peers: Vec<std_mpsc::Sender<WorkerMsg>>,
-    tables: Arc<dyn TableEvaluator>,
-    /// In-process workers share one store: a local read skips the network.
-    blocks: Arc<BlockStore>,
-    queries: HashMap<QueryId, WorkerQuery>,
-}
-
-enum Task {
-    Map(QueryId, u64, MapPartition),
-    Reduce(QueryId, u64, ReducePartition),
-}
-
-fn unix_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
-impl Worker {
-    fn run(mut self, rx: std_mpsc::Receiver<WorkerMsg>) {
-        loop {
-            // Drain the inbox without blocking.
-            loop {
-                match rx.try_recv() {
-                    Ok(msg) => {
-                        if !self.handle(msg) {
-                            return;
-                        }
-                    }
-                    Err(std_mpsc::TryRecvError::Empty) => break,
-                    Err(std_mpsc::TryRecvError::Disconnected) => return,
-                }
-            }
-            let now = Instant::now();
-            match self.next_task(now) {
-                Ok(task) => self.run_task(task),
-                Err(wait) => {
-                    let msg = match wait {
-                        Some(deadline) => {
-                            match rx.recv_timeout(deadline.saturating_duration_since(now)) {
-                                Ok(m) => Some(m),
-                                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-                                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-                            }
-                        }
-                        None => match rx.recv() {
-                            Ok(m) => Some(m),
-                            Err(_) => return,
-                        },
-                    };
-                    if let Some(msg) = msg {
-                        if !self.handle(msg) {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Returns false on shutdown.
-    fn handle(&mut self, msg: WorkerMsg) -> bool {
-        match msg {
-            WorkerMsg::Shutdown => return false,
-            WorkerMsg::Cancel(q) => {
-                self.queries.remove(&q);
-                self.blocks.drop_query(q);
-            }
-            WorkerMsg::Launch(launch) => {
-                let LaunchGroup {
-                    query,
-                    group,
-                    batches,
-                    map_tasks,
-                    reduce_tasks,
-                } = *launch;
-                let wq = self.queries.entry(query.id).or_insert_with(|| WorkerQuery {
-                    q: Arc::clone(&query),
-                    maps: BTreeMap::new(),
-                    reduces: BTreeMap::new(),
-                    pending_maps: BTreeMap::new(),
-                    pending_reduces: BTreeMap::new(),
-                    group_left: BTreeMap::new(),
-                    group_size: batches.end - batches.start,
-                    group_starts: BTreeMap::new(),
-                });
-                for (p, source, start) in map_tasks {
-                    wq.maps.entry(p).or_insert_with(|| MapState {
-                        source,
-                        next_offset: start,
-                        window: WindowAssignExec::default(),
-                        joins: JoinCache::default(),
-                    });
-                    for b in batches.clone() {
-                        wq.pending_maps.insert((b, p), ());
-                    }
-                }
-                for r in &reduce_tasks {
-                    if !wq.reduces.contains_key(r) {
-                        if let Some(agg) = &query.plan.aggregate {
-                            wq.reduces.insert(
-                                *r,
-                                ReduceState {
-                                    agg: AggregateFinalExec::new(agg.clone()),
-                                    joins: JoinCache::default(),
-                                },
-                            );
-                        }
-                    }
-                    for b in batches.clone() {
-                        wq.pending_reduces.entry((b, *r)).or_default();
-                    }
-                }
-                let tasks =
-                    (wq.maps.len() + reduce_tasks.len()) * (batches.end - batches.start) as usize;
-                wq.group_left.insert(group.0, (tasks, Vec::new()));
-                wq.group_starts.insert(batches.start, group.0);
-                wq.group_size = batches.end - batches.start;
-            }
-            WorkerMsg::MapOutputReady(notice) => {
-                if let Some(wq) = self.queries.get_mut(&notice.query) {
-                    for r in 0..wq.q.reduce_partitions {
-                        if wq.q.reduce_placement[r as usize] == self.id {
-                            if let Some(list) = wq
-                                .pending_reduces
-                                .get_mut(&(notice.batch.0, ReducePartition(r)))
-                            {
-                                list.push(notice.clone());
-                            } else {
-                                wq.pending_reduces.insert(
-                                    (notice.batch.0, ReducePartition(r)),
-                                    vec![notice.clone()],
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        true
-    }
-
-    /// The next runnable task, or how long to wait (None = until a message).
-    fn next_task(&self, now: Instant) -> std::result::Result<Task, Option<Instant>> {
-        let mut best: Option<(Instant, u8, Task)> = None;
-        let mut wake: Option<Instant> = None;
-        for (qid, wq) in &self.queries {
-            // Ready consumers: every map partition's notice is in.
-            if let Some(((b, r), _)) = wq
-                .pending_reduces
-                .iter()
-                .find(|(_, notices)| notices.len() as u32 >= wq.q.map_partitions)
-            {
-                let at = wq.q.trigger_at(BatchId(*b));
-                if best.as_ref().is_none_or(|(t, k, _)| (at, 0) < (*t, *k)) {
-                    best = Some((at, 0, Task::Reduce(*qid, *b, *r)));
-                }
-            }
-            if let Some(((b, p), _)) = wq.pending_maps.iter().next() {
-                let at = wq.q.trigger_at(BatchId(*b));
-                if at <= now {
-                    if best.as_ref().is_none_or(|(t, k, _)| (at, 1) < (*t, *k)) {
-                        best = Some((at, 1, Task::Map(*qid, *b, *p)));
-                    }
-                } else {
-                    wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
-                }
-            }
-        }
-        match best {
-            Some((_, _, t)) => Ok(t),
-            None => Err(wake),
-        }
-    }
-
-    fn run_task(&mut self, task: Task) {
-        let (qid, b) = match &task {
-            Task::Map(q, b, _) | Task::Reduce(q, b, _) => (*q, *b),
-        };
-        // A panic in an operator fails the query, never the worker thread.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match task {
-            Task::Map(q, b, p) => self.run_map(q, b, p),
-            Task::Reduce(q, b, r) => self.run_reduce(q, b, r),
-        }))
-        .unwrap_or_else(|panic| {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            tracing::error!(query = %qid, batch = b, "task panicked: {message}");
-            Err(ExecError::Unavailable {
-                message: format!("a task of query {qid} failed internally: {message}"),
-            })
-        });
-        let Some(wq) = self.queries.get_mut(&qid) else {
-            return;
-        };
-        if let Err(e) = result {
-            let _ = wq.q.sink.send(SinkMsg::Failed(e));
-            self.queries.remove(&qid);
-            self.blocks.drop_query(qid);
-            return;
-        }
-        // Per-group report once all of this worker's tasks of the group are done.
-        let group = group_of(&wq.group_starts, b);
-        if let Some((left, ranges)) = wq.group_left.get_mut(&group) {
-            *left = left.saturating_sub(1);
-            if *left == 0 {
-                let ranges = std::mem::take(ranges);
-                wq.group_left.remove(&group);
-                let _ = wq.q.reports.send(GroupReport {
-                    worker: self.id,
-                    group: GroupId(group),
-                    ranges,
-                });
-            }
-        }
-    }
-
-    fn run_map(&mut self, qid: QueryId, b: u64, p: MapPartition) -> Result<()> {
-        let Some(wq) = self.queries.get_mut(&qid) else {
-            return Ok(());
-        };
-        wq.pending_maps.remove(&(b, p));
-        let q = Arc::clone(&wq.q);
-        let Some(state) = wq.maps.get_mut(&p) else {
-            return Err(ExecError::invalid(format!(
-                "map partition {p} not on this worker"
-            )));
-        };
-        let from = state.next_offset;
-        let to = state
-            .source
-            .available(unix_us())
-            .min(from.saturating_add(MAX_BATCH_ROWS))
-            .max(from);
-        let pieces = state.source.read(from, to)?;
-        state.next_offset = to;
-        q.status.rows_in.fetch_add(to - from, Ordering::Relaxed);
-        let plan = &q.plan;
-        let mut outputs = Vec::with_capacity(pieces.len());
-        for piece in pieces {
-            let mut batch = piece;
-            if let (Some(spec), Some(schema)) = (&plan.window, &q.window_schema) {
-                let assigned = state.window.assign(spec, schema, &batch)?;
-                if assigned.late > 0 {
-                    q.status
-                        .late_rows
-                        .fetch_add(assigned.late, Ordering::Relaxed);
-                }
-                batch = assigned.batch;
-            }
-            let mut out = apply_ops(&plan.map_ops, batch, &mut state.joins, self.tables.as_ref())?;
-            if let Some(agg) = &plan.aggregate {
-                out = partial_aggregate(agg, &out)?;
-            }
-            if out.num_rows() > 0 {
-                outputs.push(out);
-            }
-        }
-        let watermark_us = plan
-            .window
-            .as_ref()
-            .and_then(|spec| state.window.watermark_us(spec));
-        let group = group_of(&wq.group_starts, b);
-        if let Some(left) = wq.group_left.get_mut(&group) {
-            left.1.push((BatchId(b), p, from, to));
-        }
-        match &plan.aggregate {
-            None => {
-                let schema = outputs
-                    .first()
-                    .map(|o| o.schema())
-                    .unwrap_or_else(|| Arc::clone(&plan.output_schema));
-                let batch = arrow::compute::concat_batches(&schema, &outputs)?;
-                let out = apply_post(
-                    &plan.post_ops,
-                    batch,
-                    &mut state.joins,
-                    self.tables.as_ref(),
-                )?;
-                let _ = q.sink.send(SinkMsg::Output {
-                    batch: BatchId(b),
-                    chunks: vec![(None, out)],
-                });
-            }
-            Some(agg) => {
-                let k = agg.group_exprs.len();
-                let mut per_reduce: Vec<Vec<RecordBatch>> =
-                    vec![Vec::new(); q.reduce_partitions as usize];
-                for out in &outputs {
-                    let keys: Vec<_> = out.columns()[..k].to_vec();
-                    let parts = if k == 0 {
-                        let mut v = vec![out.clone()];
-                        v.extend((1..q.reduce_partitions).map(|_| out.slice(0, 0)));
-                        v
-                    } else {
-                        drizzle_shuffle::hash_partition(out, &keys, q.reduce_partitions as usize)?
-                    };
-                    for (r, part) in parts.into_iter().enumerate() {
-                        if part.num_rows() > 0 {
-                            per_reduce[r].push(part);
-                        }
-                    }
-                }
-                let mut rows = vec![0u32; q.reduce_partitions as usize];
-                for (r, parts) in per_reduce.iter().enumerate() {
-                    if parts.is_empty() {
-                        continue;
-                    }
-                    rows[r] = parts.iter().map(|b| b.num_rows() as u32).sum();
-                    let bytes = drizzle_shuffle::encode_block(&agg.partial_schema, parts)?;
-                    let id = BlockId {
-                        query: qid,
-                        batch: BatchId(b),
-                        stage: StageId(0),
-                        map: p,
-                        reduce: ReducePartition(r as u32),
-                    };
-                    self.blocks.put(id, bytes);
-                }
-                let notice = MapOutputReady {
-                    query: qid,
-                    batch: BatchId(b),
-                    stage: StageId(0),
-                    map: p,
-                    rows,
-                    watermark_us,
-                };
-                // One notice per consumer worker, pushed directly (no coordinator).
-                let mut targets: Vec<WorkerId> = q.reduce_placement.clone();
-                targets.sort();
-                targets.dedup();
-                for t in targets {
-                    if t == self.id {
-                        let _ = self.handle(WorkerMsg::MapOutputReady(notice.clone()));
-                    } else if let Some(peer) = self.peers.get(t.0 as usize) {
-                        let _ = peer.send(WorkerMsg::MapOutputReady(notice.clone()));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn run_reduce(&mut self, qid: QueryId, b: u64, r: ReducePartition) -> Result<()> {
-        let Some(wq) = self.queries.get_mut(&qid) else {
-            return Ok(());
-        };
-        let mut notices = wq.pending_reduces.remove(&(b, r)).unwrap_or_default();
-        notices.sort_by_key(|n| n.map);
-        let q = Arc::clone(&wq.q);
-        let Some(state) = wq.reduces.get_mut(&r) else {
-            return Err(ExecError::invalid(format!(
-                "reduce partition {r} not on this worker"
-            )));
-        };
-        let mut partials = Vec::new();
-        for n in &notices {
-            if n.rows.get(r.0 as usize).copied().unwrap_or(0) == 0 {
-                continue;
-            }
-            let id = BlockId {
-                query: qid,
-                batch: BatchId(b),
-                stage: n.stage,
-                map: n.map,
-                reduce: r,
-            };
-            let bytes = self.blocks.take(&id)?;
-            partials.extend(drizzle_shuffle::decode_block(&bytes)?);
-        }
-        let watermark = notices.iter().filter_map(|n| n.watermark_us).min();
-        let out = state.agg.process(&partials, watermark)?;
-        if out.late > 0 {
-            q.status.late_rows.fetch_add(out.late, Ordering::Relaxed);
-        }
-        let mut chunks = Vec::with_capacity(out.chunks.len());
-        for (w, batch) in out.chunks {
-            chunks.push((
-                w,
-                apply_post(
-                    &q.plan.post_ops,
-                    batch,
-                    &mut state.joins,
-                    self.tables.as_ref(),
-                )?,
-            ));
-        }
-        let _ = q.sink.send(SinkMsg::Output {
-            batch: BatchId(b),
-            chunks,
-        });
-        Ok(())
-    }
-}
-
-fn group_of(starts: &BTreeMap<u64, u64>, b: u64) -> u64 {
-    starts
-        .range(..=b)
-        .next_back()
-        .map(|(_, g)| *g)
-        .unwrap_or_default()
-}
-
-fn apply_post(
-    ops: &[BatchOp],
-    batch: RecordBatch,
-    joins: &mut JoinCache,
-    tables: &dyn TableEvaluator,
-) -> Result<RecordBatch> {
-    apply_ops(ops, batch, joins, tables)
 }

@@ -53,6 +53,12 @@ pub enum PlanError {
         /// How to get the result another way, may be empty.
         hint: String,
     },
+    /// A plan fragment that cannot be encoded or decoded (XX000).
+    #[error("internal error: {message}")]
+    Internal {
+        /// What failed.
+        message: String,
+    },
     /// An error from DataFusion's planner.
     #[error("{source}")]
     DataFusion {

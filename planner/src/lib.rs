@@ -24,6 +24,7 @@
 //! [`BatchOp`], [`AggregatePlan`], [`WindowSpec`], [`PlanError`].
 
 pub mod catalog;
+pub mod codec;
 pub mod error;
 pub mod lower;
 pub mod plan;
@@ -32,6 +33,7 @@ pub mod statement;
 pub mod types;
 
 pub use catalog::{ColumnDef, StreamDef, TableDef, ViewDef, WatermarkSpec};
+pub use codec::{decode_plan, encode_plan};
 pub use error::{PlanError, Result};
 pub use lower::{
     plan_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation, RelationResolver,

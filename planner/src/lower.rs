@@ -377,13 +377,29 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
         ),
         _ => None,
     };
+    let mut next_join = 0u32;
+    let mut number_joins = |ops: Vec<BatchOp>| -> Vec<BatchOp> {
+        ops.into_iter()
+            .map(|op| match op {
+                BatchOp::LookupJoin(spec) => {
+                    let mut spec = spec.as_ref().clone();
+                    spec.id = next_join;
+                    next_join += 1;
+                    BatchOp::LookupJoin(Arc::new(spec))
+                }
+                other => other,
+            })
+            .collect()
+    };
+    let map_ops = number_joins(lowered.map_ops);
+    let post_ops = number_joins(lowered.post_ops);
     Ok(StreamingPlan {
         upsert_keys,
         stream: lowered.stream,
         window: lowered.window,
-        map_ops: lowered.map_ops,
+        map_ops,
         aggregate: lowered.aggregate,
-        post_ops: lowered.post_ops,
+        post_ops,
         limit,
         output_schema,
         emit,
@@ -571,6 +587,7 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
                 None => None,
             };
             lowered.push(BatchOp::LookupJoin(Arc::new(LookupJoinSpec {
+                id: 0,
                 table_plan: table_side.as_ref().clone(),
                 table_schema: Arc::new(table_side.schema().as_arrow().clone()),
                 stream_keys,

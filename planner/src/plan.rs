@@ -45,8 +45,11 @@ pub enum BatchOp {
 }
 
 /// How to join a stream against a finite relation.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LookupJoinSpec {
+    /// The join's number within its plan (map ops first, then post ops):
+    /// how a worker names it when it asks the coordinator for the table side.
+    pub id: u32,
     /// The finite side, re-evaluated when a table it reads changes.
     pub table_plan: LogicalPlan,
     /// The finite side's schema.
@@ -68,7 +71,7 @@ pub struct LookupJoinSpec {
 }
 
 /// Which group column carries the window, so the reduce side can close it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WindowGroup {
     /// Index among the group columns.
     pub group_index: usize,
@@ -98,7 +101,7 @@ pub struct AggregatePlan {
 }
 
 /// How results leave the query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EmitMode {
     /// One output row per qualifying input row.
     Append,

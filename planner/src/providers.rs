@@ -59,7 +59,7 @@ impl TableProvider for StreamProvider {
 }
 
 /// The kind of window a window table function assigns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WindowKind {
     /// `TUMBLE(stream, ts, size)`: fixed, non-overlapping windows.
     Tumble,
@@ -68,7 +68,7 @@ pub enum WindowKind {
 }
 
 /// A window assignment over a stream's event-time column.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WindowSpec {
     /// Tumble or hop.
     pub kind: WindowKind,

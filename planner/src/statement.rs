@@ -142,6 +142,8 @@ pub enum DrizzleStatement {
     ShowObjects(ObjectKind),
     /// `SHOW QUERIES`.
     ShowQueries,
+    /// `SHOW WORKERS`: registered workers and their scheduling counters.
+    ShowWorkers,
     /// `SHOW CREATE STREAM|TABLE|MATERIALIZED VIEW name`.
     ShowCreate {
         /// What kind of object.
@@ -504,6 +506,9 @@ fn parse_show(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
     }
     if eat_word(p, "QUERIES") {
         return Ok(DrizzleStatement::ShowQueries);
+    }
+    if eat_word(p, "WORKERS") {
+        return Ok(DrizzleStatement::ShowWorkers);
     }
     if p.parse_keyword(Keyword::CREATE) {
         let kind = parse_object_kind(p)?;
@@ -1002,6 +1007,7 @@ mod tests {
             DrizzleStatement::ShowObjects(ObjectKind::MaterializedView)
         ));
         assert!(matches!(one("SHOW QUERIES"), DrizzleStatement::ShowQueries));
+        assert!(matches!(one("SHOW WORKERS"), DrizzleStatement::ShowWorkers));
         assert!(matches!(
             one("CANCEL QUERY 7"),
             DrizzleStatement::CancelQuery(7)

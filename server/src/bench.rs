@@ -64,6 +64,7 @@ pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
             batch_interval: cfg.batch_interval,
             group_size: cfg.group_size,
             parallelism: 0,
+            ..EngineConfig::default()
         },
     )
     .await?;

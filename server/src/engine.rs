@@ -19,7 +19,7 @@ use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::ast::Query;
 use drizzle_exec::runtime::QuerySpec;
 use drizzle_exec::source::open_source;
-use drizzle_exec::{QueryHandle, Runtime, TableEvaluator};
+use drizzle_exec::{QueryHandle, Runtime, RuntimeConfig, Scheduling, TableEvaluator};
 use drizzle_planner::{
     plan_query, sql_to_unoptimized, CopyOptions, DrizzleStatement, EmitMode, ObjectKind,
     PlannedQuery, StreamDef, StreamingPlan, TableDef, ViewDef,
@@ -39,6 +39,31 @@ pub struct EngineConfig {
     pub group_size: u32,
     /// Default reduce partitions (0 = number of workers).
     pub parallelism: u32,
+    /// Default scheduling (Drizzle, or BSP for comparison).
+    pub scheduling: Scheduling,
+    /// Where the coordinator listens for workers.
+    pub cluster_listen: std::net::SocketAddr,
+    /// The coordinator address workers are told (default: the bound one).
+    pub cluster_advertise: Option<String>,
+    /// How long a query waits for a first worker.
+    pub worker_wait: Duration,
+    /// A worker silent this long is declared lost.
+    pub worker_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            batch_interval: Duration::from_millis(100),
+            group_size: 10,
+            parallelism: 0,
+            scheduling: Scheduling::Drizzle,
+            cluster_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            cluster_advertise: None,
+            worker_wait: Duration::from_secs(30),
+            worker_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Per-session settings (`SET`).
@@ -50,6 +75,8 @@ pub struct Settings {
     pub group_size: u32,
     /// `parallelism`.
     pub parallelism: u32,
+    /// `scheduling`.
+    pub scheduling: Scheduling,
     /// `stream_start = 'latest'`.
     pub start_latest: bool,
     /// `cursor_fetch_timeout`.
@@ -112,9 +139,12 @@ impl TableEvaluator for EngineTables {
         self.catalog.data_version.load(Ordering::Acquire)
     }
 
-    fn evaluate(&self, plan: &LogicalPlan) -> drizzle_exec::Result<Vec<RecordBatch>> {
+    fn evaluate(
+        &self,
+        spec: &drizzle_planner::LookupJoinSpec,
+    ) -> drizzle_exec::Result<Vec<RecordBatch>> {
         let ctx = self.ctx.clone();
-        let plan = plan.clone();
+        let plan = spec.table_plan.clone();
         Ok(self
             .handle
             .block_on(async move { ctx.execute_logical_plan(plan).await?.collect().await })?)
@@ -167,7 +197,21 @@ impl Engine {
             ctx: ctx.clone(),
             handle: tokio::runtime::Handle::current(),
         });
-        let runtime = Runtime::start(workers, tables);
+        let runtime = Runtime::start(
+            RuntimeConfig {
+                cluster_listen: config.cluster_listen,
+                cluster_advertise: config.cluster_advertise.clone(),
+                local_workers: workers,
+                worker_wait: config.worker_wait,
+                worker_timeout: config.worker_timeout,
+                classify: Arc::new(|e: drizzle_exec::ExecError| {
+                    let pg = PgError::from(e);
+                    (pg.code.to_string(), pg.message)
+                }),
+            },
+            tables,
+        )
+        .await?;
         let engine = Arc::new(Self {
             catalog,
             runtime,
@@ -189,6 +233,7 @@ impl Engine {
             batch_interval: self.config.batch_interval,
             group_size: self.config.group_size,
             parallelism: self.config.parallelism,
+            scheduling: self.config.scheduling,
             start_latest: false,
             fetch_timeout: Duration::from_secs(5),
             other: BTreeMap::new(),
@@ -317,6 +362,7 @@ impl Engine {
             start_offsets: offsets,
             batch_interval: settings.batch_interval,
             group_size: settings.group_size,
+            scheduling: settings.scheduling,
             reduce_partitions: self.reduce_partitions(settings),
             label,
         };
@@ -523,6 +569,7 @@ impl Engine {
             }
             DrizzleStatement::ShowObjects(kind) => Ok(self.show_objects(kind)),
             DrizzleStatement::ShowQueries => Ok(self.show_queries()),
+            DrizzleStatement::ShowWorkers => Ok(self.show_workers()),
             DrizzleStatement::ShowCreate { kind, name } => self.show_create(kind, &name),
             DrizzleStatement::ShowVariable(name) => {
                 let value = show_setting(settings, &name)?;
@@ -544,6 +591,7 @@ impl Engine {
                     "batch_interval" => settings.batch_interval = defaults.batch_interval,
                     "group_size" => settings.group_size = defaults.group_size,
                     "parallelism" => settings.parallelism = defaults.parallelism,
+                    "scheduling" => settings.scheduling = defaults.scheduling,
                     "stream_start" => settings.start_latest = false,
                     "cursor_fetch_timeout" => settings.fetch_timeout = defaults.fetch_timeout,
                     other => {
@@ -864,6 +912,9 @@ impl Engine {
                         batches as f64 / q.started.elapsed().as_secs_f64().max(1e-3)
                     )),
                     Some(format!("{:.1}", coord as f64 / batches.max(1) as f64)),
+                    Some(q.scheduling.to_string()),
+                    Some(q.groups.load(Ordering::Relaxed).to_string()),
+                    Some(q.launches.load(Ordering::Relaxed).to_string()),
                 ]
             })
             .collect();
@@ -880,6 +931,67 @@ impl Engine {
                 "group_size",
                 "batches_per_second",
                 "coordination_us_per_batch",
+                "scheduling",
+                "groups",
+                "launches",
+            ],
+            rows,
+        );
+        Outcome::Rows {
+            schema,
+            batches,
+            tag: "SHOW",
+        }
+    }
+
+    fn show_workers(&self) -> Outcome {
+        let rows = self
+            .runtime
+            .workers()
+            .into_iter()
+            .map(|w| {
+                let c = &w.counters;
+                let n = |v: u64| Some(v.to_string());
+                vec![
+                    n(w.id.0 as u64),
+                    Some(w.address.clone()),
+                    n(w.epoch),
+                    Some(format!("{:.0}", w.since_heartbeat.as_secs_f64() * 1000.0)),
+                    n(c.launches_received),
+                    n(c.map_tasks_run),
+                    n(c.reduce_tasks_run),
+                    n(c.notices_sent),
+                    n(c.notices_received),
+                    n(c.reduces_started_by_notices),
+                    n(c.reduces_started_by_coordinator),
+                    n(c.coordinator_messages_in_group),
+                    n(c.blocks_read_local),
+                    n(c.blocks_fetched_remote),
+                    n(c.out_of_order_reduces),
+                    n(c.blocks_held),
+                    n(c.block_bytes_held),
+                ]
+            })
+            .collect();
+        let (schema, batches) = text_batch(
+            &[
+                "id",
+                "address",
+                "epoch",
+                "ms_since_heartbeat",
+                "launches_received",
+                "map_tasks",
+                "reduce_tasks",
+                "notices_sent",
+                "notices_received",
+                "reduces_started_by_notices",
+                "reduces_started_by_coordinator",
+                "coordinator_messages_in_group",
+                "blocks_read_local",
+                "blocks_fetched_remote",
+                "out_of_order_reduces",
+                "blocks_held",
+                "block_bytes_held",
             ],
             rows,
         );
@@ -984,6 +1096,7 @@ impl Engine {
             start_offsets: offsets,
             batch_interval: Duration::from_micros(def.batch_interval_us.max(1)),
             group_size: def.group_size.max(1),
+            scheduling: self.config.scheduling,
             reduce_partitions: def.parallelism.max(1),
             label: format!("MATERIALIZED VIEW {}", def.name),
         };
@@ -1050,6 +1163,7 @@ fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> {
         "batch_interval" => format!("{}ms", settings.batch_interval.as_micros() as f64 / 1000.0),
         "group_size" => settings.group_size.to_string(),
         "parallelism" => settings.parallelism.to_string(),
+        "scheduling" => settings.scheduling.to_string(),
         "stream_start" => if settings.start_latest {
             "latest"
         } else {
@@ -1124,6 +1238,13 @@ fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(),
                 .ok()
                 .filter(|g| (1..=10_000).contains(g))
                 .ok_or_else(|| invalid("a number from 1 to 10000"))?;
+        }
+        "scheduling" => {
+            settings.scheduling = match value.to_lowercase().as_str() {
+                "drizzle" | "group" => Scheduling::Drizzle,
+                "bsp" => Scheduling::Bsp,
+                _ => return Err(invalid("'drizzle' or 'bsp'")),
+            };
         }
         "parallelism" => {
             settings.parallelism = value

@@ -95,9 +95,31 @@ impl From<PlanError> for PgError {
                 }
                 err
             }
+            PlanError::Internal { .. } => PgError::new("XX000", e.to_string()),
             PlanError::DataFusion { source } => from_datafusion(source),
         }
     }
+}
+
+/// A SQLSTATE received from a worker, as the `&'static str` PgError holds.
+/// Codes are 5 ASCII alphanumerics; a bounded set is interned, anything
+/// else becomes XX000.
+fn intern_code(code: &str) -> &'static str {
+    static CODES: std::sync::OnceLock<parking_lot::Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    if code.len() != 5 || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return "XX000";
+    }
+    let mut codes = CODES.get_or_init(Default::default).lock();
+    if let Some(c) = codes.get(code) {
+        return c;
+    }
+    if codes.len() >= 512 {
+        return "XX000";
+    }
+    let leaked: &'static str = Box::leak(code.to_string().into_boxed_str());
+    codes.insert(leaked);
+    leaked
 }
 
 impl From<ExecError> for PgError {
@@ -107,6 +129,7 @@ impl From<ExecError> for PgError {
             ExecError::Plan { source } => source.into(),
             ExecError::Arrow { source } => from_arrow(source),
             ExecError::Cancelled => PgError::cancelled(),
+            ExecError::Remote { code, message } => PgError::new(intern_code(&code), message),
             ExecError::InvalidOption { .. } => PgError::new("22023", e.to_string()),
             ExecError::InvalidData { .. } => PgError::new("22P02", e.to_string()),
             ExecError::Io { .. } | ExecError::Corrupt { .. } => {

@@ -1,5 +1,7 @@
 //! The `drizzle` binary: `drizzle server` starts a complete single-machine
-//! Drizzle (pgwire front end, coordinator and local workers).
+//! Drizzle (pgwire front end, coordinator and in-process workers), or the
+//! front end and coordinator of a cluster (`--workers 0`); `drizzle worker`
+//! joins a cluster as a worker process.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +28,8 @@ struct Cli {
 enum Command {
     /// Start a server: pgwire front end, coordinator and in-process workers.
     Server(ServerArgs),
+    /// Start a worker process that joins a server's cluster.
+    Worker(WorkerArgs),
     /// Run a benchmark on an embedded engine and print its figures.
     Bench(BenchArgs),
 }
@@ -63,15 +67,53 @@ struct ServerArgs {
     /// Directory for the catalog, stream logs and table data.
     #[arg(long, env = "DRIZZLE_DATA_DIR", default_value = "./drizzle-data")]
     data_dir: PathBuf,
-    /// Number of in-process workers (default: number of cores).
+    /// Number of in-process workers (default: number of cores; 0 = none,
+    /// wait for `drizzle worker` processes).
     #[arg(long, env = "DRIZZLE_WORKERS")]
     workers: Option<usize>,
+    /// Address the coordinator listens on for workers (port 0 = any free port;
+    /// the bound address is printed on stdout).
+    #[arg(long, env = "DRIZZLE_CLUSTER_LISTEN", default_value = "127.0.0.1:0")]
+    cluster_listen: SocketAddr,
+    /// Coordinator address workers are told to use (default: the bound address).
+    #[arg(long, env = "DRIZZLE_CLUSTER_ADVERTISE")]
+    cluster_advertise: Option<String>,
+    /// Default scheduling: `drizzle` (group scheduling with pre-scheduled
+    /// shuffles) or `bsp` (one micro-batch per launch, coordinator barriers).
+    #[arg(long, env = "DRIZZLE_SCHEDULING", default_value = "drizzle")]
+    scheduling: String,
+    /// Seconds a query waits for a first worker to register before it fails.
+    #[arg(long, env = "DRIZZLE_WORKER_WAIT", default_value_t = 30)]
+    worker_wait: u64,
+    /// Seconds without a heartbeat after which a worker is declared lost.
+    #[arg(long, env = "DRIZZLE_WORKER_TIMEOUT", default_value_t = 10)]
+    worker_timeout: u64,
     /// Default micro-batch interval for new queries (e.g. 100ms).
     #[arg(long, env = "DRIZZLE_BATCH_INTERVAL", default_value = "100ms")]
     batch_interval: String,
     /// Default number of micro-batches per scheduling group.
     #[arg(long, env = "DRIZZLE_GROUP_SIZE", default_value_t = 10)]
     group_size: u32,
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    /// The server's cluster address (`--cluster-listen` of `drizzle server`).
+    #[arg(long, env = "DRIZZLE_COORDINATOR")]
+    coordinator: String,
+    /// Address this worker listens on (control service and Arrow Flight).
+    #[arg(long, env = "DRIZZLE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address the coordinator and peers use to reach this worker (default: the bound address).
+    #[arg(long, env = "DRIZZLE_WORKER_ADVERTISE")]
+    advertise: Option<String>,
+    /// Directory for this worker's local data.
+    #[arg(
+        long,
+        env = "DRIZZLE_DATA_DIR",
+        default_value = "./drizzle-worker-data"
+    )]
+    data_dir: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,6 +133,14 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(run_server(args))
+        }
+        Command::Worker(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("drizzle-io")
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(run_worker(args))
         }
         Command::Bench(args) => {
             if args.workload != "ysb" {
@@ -127,20 +177,27 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
-    let workers = args
-        .workers
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-        })
-        .max(1);
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
     let interval_us = drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
         .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?;
+    let scheduling = match args.scheduling.to_lowercase().as_str() {
+        "drizzle" => drizzle_exec::Scheduling::Drizzle,
+        "bsp" => drizzle_exec::Scheduling::Bsp,
+        other => anyhow::bail!("--scheduling: '{other}' is not 'drizzle' or 'bsp'"),
+    };
     let config = EngineConfig {
         batch_interval: Duration::from_micros(interval_us),
         group_size: args.group_size.max(1),
         parallelism: 0,
+        scheduling,
+        cluster_listen: args.cluster_listen,
+        cluster_advertise: args.cluster_advertise.clone(),
+        worker_wait: Duration::from_secs(args.worker_wait),
+        worker_timeout: Duration::from_secs(args.worker_timeout.max(1)),
     };
     let engine = Engine::open(&args.data_dir, workers, config)
         .await
@@ -156,6 +213,10 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let registry = Arc::new(SessionRegistry::default());
     let bound = listener.local_addr().unwrap_or(args.listen);
     // One line on stdout with the bound address (useful with --listen 127.0.0.1:0).
+    println!(
+        "drizzle cluster endpoint on {}",
+        engine.runtime.cluster_address
+    );
     println!("drizzle listening on {bound}");
     tracing::info!(
         listen = %listener.local_addr().unwrap_or(args.listen),
@@ -182,4 +243,32 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+    let worker = drizzle_exec::start_worker(drizzle_exec::WorkerConfig {
+        coordinator: args.coordinator.clone(),
+        listen: args.listen,
+        advertise: args.advertise.clone(),
+        classify: Arc::new(|e: drizzle_exec::ExecError| {
+            let pg = drizzle_server::errors::PgError::from(e);
+            (pg.code.to_string(), pg.message)
+        }),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot start the worker: {e}"))?;
+    println!("drizzle worker listening on {}", worker.address);
+    tracing::info!(address = %worker.address, coordinator = %args.coordinator, "drizzle worker ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = worker.stopped() => {}
+    }
+    tracing::info!("worker shutting down");
+    worker.shutdown();
+    Ok(())
 }

@@ -1127,6 +1127,7 @@ impl Session {
             DrizzleStatement::Explain(_)
             | DrizzleStatement::ShowObjects(_)
             | DrizzleStatement::ShowQueries
+            | DrizzleStatement::ShowWorkers
             | DrizzleStatement::ShowCreate { .. }
             | DrizzleStatement::ShowVariable(_) => {
                 let mut settings = self.settings.clone();

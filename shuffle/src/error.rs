@@ -28,6 +28,22 @@ pub enum ShuffleError {
         /// The id of the block, rendered.
         block: String,
     },
+    /// A block ticket that is not 28 bytes long.
+    #[error("malformed block ticket of {len} bytes")]
+    BadTicket {
+        /// The ticket's length.
+        len: usize,
+    },
+    /// Fetching a block from another worker over Arrow Flight failed.
+    #[error("fetching shuffle block {block} from {location} failed: {message}")]
+    Fetch {
+        /// The id of the block, rendered.
+        block: String,
+        /// The producer's address.
+        location: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// Result type of this crate.

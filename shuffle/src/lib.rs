@@ -18,18 +18,23 @@
 //!   worker routes a key to the same reduce partition.
 //! * [`store`]: the [`BlockStore`] a worker keeps its map outputs in until the
 //!   consumers have read them.
+//! * [`flight`]: the Arrow Flight transport: [`BlockFlightService`] serves a
+//!   worker's blocks by `do_get` (the ticket is [`BlockId::to_ticket`]), and
+//!   [`fetch_block`] pulls one from another worker.
 //!
 //! [`Stage`]: https://docs.rs/drizzle-planner
 #![deny(unsafe_code)]
 
 pub mod block;
 pub mod error;
+pub mod flight;
 pub mod ids;
 pub mod partition;
 pub mod store;
 
 pub use block::{decode_block, encode_block};
 pub use error::{Result, ShuffleError};
+pub use flight::{fetch_block, BlockFlightService};
 pub use ids::{BatchId, BlockId, MapPartition, QueryId, ReducePartition, StageId};
 pub use partition::hash_partition;
 pub use store::BlockStore;

@@ -31,6 +31,8 @@ pub struct TestServer {
     child: Option<Child>,
     /// Its pgwire port.
     pub port: u16,
+    /// Its coordinator's cluster address (`host:port`), for workers.
+    pub cluster_address: String,
     /// Its data directory.
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -46,6 +48,7 @@ impl TestServer {
         let mut server = Self {
             child: None,
             port: 0,
+            cluster_address: String::new(),
             data_dir,
             _tmp: Some(tmp),
             bin: bin.to_path_buf(),
@@ -60,46 +63,30 @@ impl TestServer {
             .create(true)
             .append(true)
             .open(self.data_dir.with_extension("log"))?;
-        let mut child = Command::new(&self.bin)
-            .arg("server")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(&self.args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.bin.display()))?;
-        // The server prints "drizzle listening on ADDR" once bound (port 0 = any free port).
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            let mut lines = std::io::BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the server never blocks on a full pipe.
-            for _ in lines {}
-        });
+        let port = format!("127.0.0.1:{}", self.port);
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--listen".as_ref(),
+            port.as_ref(),
+            "--data-dir".as_ref(),
+            self.data_dir.as_os_str(),
+        ];
+        args.extend(self.args.iter().map(std::ffi::OsStr::new));
+        let mut child = spawn_drizzle(&self.bin, "server", &args, log)?;
+        // The server prints "drizzle cluster endpoint on ADDR" and then
+        // "drizzle listening on ADDR" once bound (port 0 = any free port).
+        let lines = read_stdout_lines(&mut child, 2);
         self.child = Some(child);
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => line,
+        let lines = match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(lines) => lines,
             Err(_) => anyhow::bail!("server did not report its address: {}", self.log()),
         };
-        self.port = line
+        self.cluster_address = address_after(&lines[0], "drizzle cluster endpoint on ")?;
+        let listen = address_after(&lines[1], "drizzle listening on ")?;
+        self.port = listen
             .rsplit(':')
             .next()
             .and_then(|p| p.trim().parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("unexpected first line from server: {line}"))?;
+            .ok_or_else(|| anyhow::anyhow!("unexpected line from server: {}", lines[1]))?;
         self.wait_ready(Duration::from_secs(30))
     }
 
@@ -171,6 +158,155 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Starts `drizzle <subcommand> <args>` with stdout piped and stderr to `log`.
+fn spawn_drizzle(
+    bin: &Path,
+    subcommand: &str,
+    args: &[&std::ffi::OsStr],
+    log: std::fs::File,
+) -> anyhow::Result<Child> {
+    Command::new(bin)
+        .arg(subcommand)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", bin.display()))
+}
+
+/// Collects the first `n` stdout lines of `child` on a thread (which keeps
+/// draining the pipe afterwards, so the child never blocks on it).
+fn read_stdout_lines(child: &mut Child, n: usize) -> std::sync::mpsc::Receiver<Vec<String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let Some(stdout) = child.stdout.take() else {
+        return rx;
+    };
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut first = Vec::new();
+        for line in lines.by_ref() {
+            match line {
+                Ok(l) => first.push(l),
+                Err(_) => return,
+            }
+            if first.len() == n {
+                let _ = tx.send(std::mem::take(&mut first));
+                break;
+            }
+        }
+        for _ in lines {}
+    });
+    rx
+}
+
+fn address_after(line: &str, prefix: &str) -> anyhow::Result<String> {
+    line.strip_prefix(prefix)
+        .map(|a| a.trim().to_string())
+        .ok_or_else(|| anyhow::anyhow!("expected '{prefix}ADDR' from the process, got '{line}'"))
+}
+
+/// A running `drizzle worker` process on loopback.
+pub struct TestWorker {
+    child: Option<Child>,
+    /// Its control and Flight address.
+    pub address: String,
+    log_path: PathBuf,
+}
+
+impl TestWorker {
+    /// Starts a worker that registers with `coordinator`; returns once it
+    /// registered (the worker prints its address after registration).
+    pub fn start(bin: &Path, coordinator: &str, data_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let log_path = data_dir.with_extension("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let args: [&std::ffi::OsStr; 6] = [
+            "--coordinator".as_ref(),
+            coordinator.as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--data-dir".as_ref(),
+            data_dir.as_os_str(),
+        ];
+        let mut child = spawn_drizzle(bin, "worker", &args, log)?;
+        let lines = read_stdout_lines(&mut child, 1);
+        let mut worker = Self {
+            child: Some(child),
+            address: String::new(),
+            log_path,
+        };
+        let line = match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(mut l) => l.remove(0),
+            Err(_) => anyhow::bail!("worker did not register: {}", worker.log()),
+        };
+        worker.address = address_after(&line, "drizzle worker listening on ")?;
+        Ok(worker)
+    }
+
+    /// The worker's log so far (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `kill -9` the worker.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One `drizzle server --workers 0` and `n` `drizzle worker` processes.
+pub struct TestCluster {
+    /// The server (front end and coordinator).
+    pub server: TestServer,
+    /// The worker processes.
+    pub workers: Vec<TestWorker>,
+}
+
+impl TestCluster {
+    /// Starts the server, then `n` workers registered with it.
+    pub fn start(bin: &Path, n: usize, server_args: &[&str]) -> anyhow::Result<Self> {
+        let mut args = vec!["--workers", "0", "--cluster-listen", "127.0.0.1:0"];
+        args.extend_from_slice(server_args);
+        let server = TestServer::start(bin, &args)?;
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let dir = server.data_dir.with_extension(format!("worker{i}"));
+            workers.push(TestWorker::start(bin, &server.cluster_address, &dir)?);
+        }
+        Ok(Self { server, workers })
+    }
+
+    /// The server's and every worker's log.
+    pub fn logs(&self) -> String {
+        let mut out = format!("--- server ---\n{}", self.server.log());
+        for (i, w) in self.workers.iter().enumerate() {
+            out.push_str(&format!(
+                "\n--- worker {i} ({}) ---\n{}",
+                w.address,
+                w.log()
+            ));
+        }
+        out
     }
 }
 

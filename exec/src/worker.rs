@@ -1,0 +1,1180 @@
+//! A worker: the task runtime, its block store, its Arrow Flight endpoint and
+//! its local scheduler. Runs inside `drizzle worker` or, for the embedded
+//! server, inside `drizzle server` (same protocol, over loopback).
+//!
+//! ```text
+//!  gRPC Worker service ──▶ inbox ──▶ task thread (Scheduler)
+//!     LaunchGroup              │        map task (b, p) at its trigger time
+//!     MapOutputReady (peers)   │        reduce task (b, r) once every map
+//!     LaunchReduce (BSP)       │        partition's notice for b is in
+//!                              ▼
+//!  BlockStore ◀── map outputs; served to peers by Flight do_get, read
+//!                 directly when the consumer is on this worker
+//! ```
+//!
+//! # Invariants
+//! * The task thread alone owns task state (source cursors, watermarks,
+//!   keyed aggregate state); partitions stay here for the life of the query.
+//! * In Drizzle mode a reduce task is pre-scheduled by the group's launch and
+//!   becomes runnable from notices alone: no coordinator message between a
+//!   map task finishing and its consumers starting.
+//! * Runnable tasks run earliest batch first, consumers before producers of
+//!   the same batch; a map partition runs its batches in order.
+//! * The worker reports to the coordinator once per group (plus heartbeats
+//!   and the final stage's results, which are data, keyed by batch).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use arrow_flight::flight_service_server::FlightServiceServer;
+use arrow_flight::FlightClient;
+use datafusion::execution::TaskContext;
+use drizzle_planner::{LookupJoinSpec, StreamingPlan};
+use drizzle_shuffle::{
+    BatchId, BlockFlightService, BlockId, BlockStore, MapPartition, QueryId, ReducePartition,
+    StageId,
+};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::pb::worker_server::{Worker as WorkerRpc, WorkerServer};
+use crate::cluster::pb::{self, SchedulingMode};
+use crate::cluster::{
+    coordinator_client, from_ipc, rpc_error, to_ipc, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+};
+use crate::error::{ExecError, Result};
+use crate::ops::{
+    apply_ops, partial_aggregate, AggregateFinalExec, JoinCache, TableEvaluator, WindowAssignExec,
+};
+use crate::source::{DatagenSource, MAX_BATCH_ROWS};
+
+/// How to start a worker.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    /// The coordinator's cluster address (`host:port`).
+    pub coordinator: String,
+    /// Where to listen for the control service and Flight.
+    pub listen: SocketAddr,
+    /// The address peers and the coordinator use to reach this worker;
+    /// defaults to the bound address.
+    pub advertise: Option<String>,
+    /// Turns a task's error into (SQLSTATE, message) for the client.
+    pub classify: ErrorClassifier,
+}
+
+/// Turns a task error into the (SQLSTATE, message) a client will see; the
+/// binary provides it, so the code travels with a remote task's failure.
+pub type ErrorClassifier = Arc<dyn Fn(ExecError) -> (String, String) + Send + Sync>;
+
+/// Scheduling counters of one worker (also sent in heartbeats).
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Launch messages received.
+    pub launches_received: AtomicU64,
+    /// `MapOutputReady` notices received (from peers or this worker).
+    pub notices_received: AtomicU64,
+    /// Notices sent.
+    pub notices_sent: AtomicU64,
+    /// Map tasks run.
+    pub map_tasks_run: AtomicU64,
+    /// Reduce tasks run.
+    pub reduce_tasks_run: AtomicU64,
+    /// Reduce tasks made runnable by notices alone.
+    pub reduces_started_by_notices: AtomicU64,
+    /// Reduce tasks launched by the coordinator (BSP).
+    pub reduces_started_by_coordinator: AtomicU64,
+    /// Blocks pulled from other workers over Flight.
+    pub blocks_fetched_remote: AtomicU64,
+    /// Blocks read from this worker's own store.
+    pub blocks_read_local: AtomicU64,
+    /// Reduce tasks that ran before an earlier batch of the same partition.
+    pub out_of_order_reduces: AtomicU64,
+    /// Coordinator messages other than launches received while a group ran.
+    pub coordinator_messages_in_group: AtomicU64,
+}
+
+impl WorkerCounters {
+    fn to_proto(&self, store: &BlockStore) -> pb::WorkerCounters {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (blocks, bytes) = store.usage();
+        pb::WorkerCounters {
+            launches_received: g(&self.launches_received),
+            notices_received: g(&self.notices_received),
+            notices_sent: g(&self.notices_sent),
+            map_tasks_run: g(&self.map_tasks_run),
+            reduce_tasks_run: g(&self.reduce_tasks_run),
+            reduces_started_by_notices: g(&self.reduces_started_by_notices),
+            reduces_started_by_coordinator: g(&self.reduces_started_by_coordinator),
+            blocks_fetched_remote: g(&self.blocks_fetched_remote),
+            blocks_read_local: g(&self.blocks_read_local),
+            out_of_order_reduces: g(&self.out_of_order_reduces),
+            blocks_held: blocks as u64,
+            block_bytes_held: bytes as u64,
+            coordinator_messages_in_group: g(&self.coordinator_messages_in_group),
+        }
+    }
+}
+
+enum Msg {
+    Launch(Box<pb::LaunchGroupRequest>),
+    Notice(pb::MapOutputReady),
+    LaunchReduce(pb::LaunchReduceRequest),
+    Cancel(QueryId),
+    Shutdown,
+}
+
+/// What the worker's threads and RPC handlers share.
+struct Shared {
+    address: String,
+    coordinator: pb::coordinator_client::CoordinatorClient<Channel>,
+    counters: WorkerCounters,
+    store: Arc<BlockStore>,
+    inbox: Mutex<std_mpsc::Sender<Msg>>,
+    handle: tokio::runtime::Handle,
+    identity: Mutex<(u32, u64)>,
+    tables_version: AtomicU64,
+    peers: Mutex<HashMap<String, Channel>>,
+    task_ctx: Arc<TaskContext>,
+    classify: ErrorClassifier,
+}
+
+impl Shared {
+    fn send(&self, msg: Msg) {
+        let _ = self.inbox.lock().send(msg);
+    }
+
+    fn peer(&self, address: &str) -> Result<Channel> {
+        let mut peers = self.peers.lock();
+        if let Some(c) = peers.get(address) {
+            return Ok(c.clone());
+        }
+        let c = crate::cluster::channel(address)?;
+        peers.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn worker_id(&self) -> u32 {
+        self.identity.lock().0
+    }
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    /// The address peers reach it at.
+    pub address: String,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl WorkerHandle {
+    /// This worker's scheduling counters.
+    pub fn counters(&self) -> pb::WorkerCounters {
+        self.shared.counters.to_proto(&self.shared.store)
+    }
+
+    /// Stops serving and joins the task thread.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        self.shared.send(Msg::Shutdown);
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Resolves when the worker was told to stop.
+    pub async fn stopped(&self) {
+        crate::cluster::stopped(self.stop.subscribe()).await
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct WorkerService {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl WorkerRpc for WorkerService {
+    async fn launch_group(
+        &self,
+        request: Request<pb::LaunchGroupRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let req = request.into_inner();
+        crate::cluster::check_version(req.protocol_version, "the coordinator")?;
+        self.shared
+            .tables_version
+            .fetch_max(req.tables_version, Ordering::AcqRel);
+        self.shared
+            .counters
+            .launches_received
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared.send(Msg::Launch(Box::new(req)));
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn map_output_ready(
+        &self,
+        request: Request<pb::MapOutputReady>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.shared.send(Msg::Notice(request.into_inner()));
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn launch_reduce(
+        &self,
+        request: Request<pb::LaunchReduceRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.shared.send(Msg::LaunchReduce(request.into_inner()));
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn cancel_query(
+        &self,
+        request: Request<pb::CancelQueryRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.shared
+            .send(Msg::Cancel(QueryId(request.into_inner().query)));
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn tables_changed(
+        &self,
+        request: Request<pb::TablesChangedRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.shared
+            .tables_version
+            .fetch_max(request.into_inner().version, Ordering::AcqRel);
+        Ok(Response::new(pb::Ack {}))
+    }
+}
+
+/// Starts a worker: binds, serves, registers with the coordinator (retrying
+/// until it answers) and heartbeats. Must be called inside a tokio runtime.
+pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ExecError::io(config.listen.to_string(), e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| ExecError::io(config.listen.to_string(), e))?;
+    let address = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+    let (tx, rx) = std_mpsc::channel();
+    let store = Arc::new(BlockStore::new());
+    let shared = Arc::new(Shared {
+        address: address.clone(),
+        coordinator: coordinator_client(&config.coordinator)?,
+        counters: WorkerCounters::default(),
+        store: Arc::clone(&store),
+        inbox: Mutex::new(tx),
+        handle: tokio::runtime::Handle::current(),
+        identity: Mutex::new((0, 0)),
+        tables_version: AtomicU64::new(0),
+        peers: Mutex::new(HashMap::new()),
+        task_ctx: drizzle_planner::new_session_context().task_ctx(),
+        classify: Arc::clone(&config.classify),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let service = WorkerServer::new(WorkerService {
+        shared: Arc::clone(&shared),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let flight = FlightServiceServer::new(BlockFlightService::new(Arc::clone(&store)))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let router = tonic::transport::Server::builder()
+        .add_service(service)
+        .add_service(flight);
+    crate::cluster::spawn_server(router, listener, stop_rx.clone(), "worker");
+    let thread_shared = Arc::clone(&shared);
+    let thread = std::thread::Builder::new()
+        .name("drizzle-tasks".into())
+        .spawn(move || Scheduler::new(thread_shared).run(rx))
+        .map_err(|e| ExecError::io("task thread", e))?;
+    register(&shared).await?;
+    tokio::spawn(heartbeat_loop(Arc::clone(&shared), stop_rx));
+    tracing::info!(%address, coordinator = %config.coordinator, "worker registered");
+    Ok(Arc::new(WorkerHandle {
+        address,
+        shared,
+        thread: Mutex::new(Some(thread)),
+        stop: stop_tx,
+    }))
+}
+
+/// Registers (again); retries while the coordinator is unreachable, fails
+/// on a protocol mismatch.
+async fn register(shared: &Shared) -> Result<()> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let mut client = shared.coordinator.clone();
+        let req = pb::RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            address: shared.address.clone(),
+        };
+        match client.register(req).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                *shared.identity.lock() = (resp.worker_id, resp.epoch);
+                shared
+                    .tables_version
+                    .fetch_max(resp.tables_version, Ordering::AcqRel);
+                return Ok(());
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                return Err(rpc_error("the coordinator refused this worker", s));
+            }
+            Err(s) => {
+                tracing::debug!("coordinator not reachable yet: {}", s.message());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// How often a worker heartbeats.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+
+async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let (worker_id, epoch) = *shared.identity.lock();
+        let req = pb::HeartbeatRequest {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id,
+            epoch,
+            counters: Some(shared.counters.to_proto(&shared.store)),
+        };
+        let mut client = shared.coordinator.clone();
+        match client.heartbeat(req).await {
+            Ok(resp) if resp.get_ref().known => {}
+            Ok(_) => {
+                tracing::warn!("the coordinator does not know this worker; registering again");
+                if let Err(e) = register(&shared).await {
+                    tracing::error!("{e}");
+                    return;
+                }
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                tracing::error!("heartbeat refused: {}", s.message());
+                return;
+            }
+            Err(s) => tracing::warn!("heartbeat failed: {}", s.message()),
+        }
+    }
+}
+
+/// The finite side of lookup joins, fetched from the coordinator.
+struct RemoteTables {
+    shared: Arc<Shared>,
+    query: QueryId,
+}
+
+impl TableEvaluator for RemoteTables {
+    fn version(&self) -> u64 {
+        self.shared.tables_version.load(Ordering::Acquire)
+    }
+
+    fn evaluate(&self, spec: &LookupJoinSpec) -> Result<Vec<RecordBatch>> {
+        let mut client = self.shared.coordinator.clone();
+        let req = pb::ReadTableRequest {
+            query: self.query.0,
+            join: spec.id,
+        };
+        let resp = self
+            .shared
+            .handle
+            .block_on(async move { client.read_table(req).await })
+            .map_err(|s| rpc_error("reading a lookup join's table", s))?
+            .into_inner();
+        self.shared
+            .tables_version
+            .fetch_max(resp.version, Ordering::AcqRel);
+        from_ipc(resp.ipc)
+    }
+}
+
+/// Where a map partition reads its rows.
+enum TaskSource {
+    /// Generated on the worker (row n is a pure function of n).
+    Datagen(Arc<DatagenSource>, u32),
+    /// A built-in stream's log, read from the coordinator by range.
+    Log(u32),
+}
+
+struct MapState {
+    source: TaskSource,
+    next_offset: u64,
+    window: WindowAssignExec,
+    joins: JoinCache,
+}
+
+struct ReduceState {
+    agg: Option<AggregateFinalExec>,
+    joins: JoinCache,
+    last_batch: Option<u64>,
+}
+
+#[derive(Default)]
+struct PendingReduce {
+    /// Set by the group's launch (Drizzle) or the coordinator (BSP).
+    launched: bool,
+    trigger: Option<Instant>,
+    notices: Vec<pb::MapOutputReady>,
+}
+
+/// One query as this worker knows it.
+struct WorkerQuery {
+    plan: StreamingPlan,
+    window_schema: Option<SchemaRef>,
+    mode: SchedulingMode,
+    map_partitions: u32,
+    reduce_partitions: u32,
+    reduce_placement: Vec<String>,
+    tables: RemoteTables,
+    maps: BTreeMap<MapPartition, MapState>,
+    reduces: BTreeMap<ReducePartition, ReduceState>,
+    /// Map tasks waiting for their trigger time.
+    pending_maps: BTreeMap<(u64, MapPartition), Instant>,
+    /// Reduce tasks pre-scheduled, with the notices received so far.
+    pending_reduces: BTreeMap<(u64, ReducePartition), PendingReduce>,
+    /// Per group: tasks left, source ranges read.
+    groups: BTreeMap<u64, GroupProgress>,
+    /// First batch of each group → group.
+    group_starts: BTreeMap<u64, u64>,
+    rows_in: u64,
+    late_rows: u64,
+}
+
+#[derive(Default)]
+struct GroupProgress {
+    left: usize,
+    tasks: u64,
+    ranges: Vec<pb::SourceRange>,
+}
+
+enum Task {
+    Map(QueryId, u64, MapPartition),
+    Reduce(QueryId, u64, ReducePartition),
+}
+
+fn unix_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A Unix-µs trigger time on this worker's monotonic clock.
+fn instant_of(trigger_unix_us: i64) -> Instant {
+    let now = Instant::now();
+    let delta = trigger_unix_us - unix_us();
+    if delta > 0 {
+        now + Duration::from_micros(delta as u64)
+    } else {
+        now
+    }
+}
+
+/// The worker-local scheduler, on the task thread.
+struct Scheduler {
+    shared: Arc<Shared>,
+    queries: HashMap<QueryId, WorkerQuery>,
+    /// Notices for queries whose launch has not arrived yet.
+    early: HashMap<QueryId, Vec<pb::MapOutputReady>>,
+}
+
+impl Scheduler {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            queries: HashMap::new(),
+            early: HashMap::new(),
+        }
+    }
+
+    fn run(mut self, rx: std_mpsc::Receiver<Msg>) {
+        // Lazily connecting channels need the runtime's context; `block_on`
+        // calls below still run on this (non-runtime) thread.
+        let handle = self.shared.handle.clone();
+        let _context = handle.enter();
+        loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        if !self.handle(msg) {
+                            return;
+                        }
+                    }
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            let now = Instant::now();
+            match self.next_task(now) {
+                Ok(task) => self.run_task(task),
+                Err(wait) => {
+                    let msg = match wait {
+                        Some(deadline) => {
+                            match rx.recv_timeout(deadline.saturating_duration_since(now)) {
+                                Ok(m) => Some(m),
+                                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                            }
+                        }
+                        None => match rx.recv() {
+                            Ok(m) => Some(m),
+                            Err(_) => return,
+                        },
+                    };
+                    if let Some(msg) = msg {
+                        if !self.handle(msg) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn in_group(&self) -> bool {
+        self.queries
+            .values()
+            .any(|q| !q.pending_maps.is_empty() || !q.pending_reduces.is_empty())
+    }
+
+    /// Returns false on shutdown.
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Shutdown => return false,
+            Msg::Cancel(q) => {
+                if self.in_group() {
+                    self.shared
+                        .counters
+                        .coordinator_messages_in_group
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                self.queries.remove(&q);
+                self.early.remove(&q);
+                self.shared.store.drop_query(q);
+            }
+            Msg::Launch(launch) => {
+                let id = QueryId(launch.query);
+                if let Err(e) = self.launch(*launch) {
+                    self.fail(id, BatchId(0), e);
+                }
+            }
+            Msg::Notice(notice) => {
+                self.shared
+                    .counters
+                    .notices_received
+                    .fetch_add(1, Ordering::Relaxed);
+                self.add_notice(notice);
+            }
+            Msg::LaunchReduce(req) => {
+                if self.in_group() {
+                    self.shared
+                        .counters
+                        .coordinator_messages_in_group
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                let Some(wq) = self.queries.get_mut(&QueryId(req.query)) else {
+                    return true;
+                };
+                let reduces: Vec<ReducePartition> = wq.reduces.keys().copied().collect();
+                for r in reduces {
+                    let entry = wq.pending_reduces.entry((req.batch, r)).or_default();
+                    entry.launched = true;
+                    entry.trigger.get_or_insert_with(Instant::now);
+                    entry.notices = req.notices.clone();
+                    self.shared
+                        .counters
+                        .reduces_started_by_coordinator
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        true
+    }
+
+    fn add_notice(&mut self, notice: pb::MapOutputReady) {
+        let qid = QueryId(notice.query);
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            // The launch of this group may still be on its way.
+            let early = self.early.entry(qid).or_default();
+            if early.len() < 1 << 16 {
+                early.push(notice);
+            }
+            return;
+        };
+        let reduces: Vec<ReducePartition> = wq.reduces.keys().copied().collect();
+        for r in reduces {
+            let entry = wq.pending_reduces.entry((notice.batch, r)).or_default();
+            entry.notices.push(notice.clone());
+            if entry.launched && entry.notices.len() as u32 == wq.map_partitions {
+                self.shared
+                    .counters
+                    .reduces_started_by_notices
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn launch(&mut self, req: pb::LaunchGroupRequest) -> Result<()> {
+        let qid = QueryId(req.query);
+        let mode = SchedulingMode::try_from(req.mode).unwrap_or(SchedulingMode::Drizzle);
+        if !self.queries.contains_key(&qid) {
+            if req.plan.is_empty() {
+                return Err(ExecError::Unavailable {
+                    message: format!("launch of query {qid} arrived without its plan"),
+                });
+            }
+            let plan = drizzle_planner::decode_plan(&req.plan, &self.shared.task_ctx)?;
+            let window_schema = plan
+                .window
+                .as_ref()
+                .map(|_| drizzle_planner::codec::map_input_schema(&plan));
+            self.queries.insert(
+                qid,
+                WorkerQuery {
+                    plan,
+                    window_schema,
+                    mode,
+                    map_partitions: req.map_partitions,
+                    reduce_partitions: req.reduce_partitions,
+                    reduce_placement: req.reduce_placement.clone(),
+                    tables: RemoteTables {
+                        shared: Arc::clone(&self.shared),
+                        query: qid,
+                    },
+                    maps: BTreeMap::new(),
+                    reduces: BTreeMap::new(),
+                    pending_maps: BTreeMap::new(),
+                    pending_reduces: BTreeMap::new(),
+                    groups: BTreeMap::new(),
+                    group_starts: BTreeMap::new(),
+                    rows_in: 0,
+                    late_rows: 0,
+                },
+            );
+        }
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
+        let batches: Vec<(u64, Instant)> = req
+            .batches
+            .iter()
+            .map(|b| (b.batch, instant_of(b.trigger_unix_us)))
+            .collect();
+        for spec in &req.map_tasks {
+            let p = MapPartition(spec.partition);
+            if !wq.maps.contains_key(&p) {
+                let source = match wq.plan.stream.connector() {
+                    Some("datagen") => TaskSource::Datagen(
+                        Arc::new(DatagenSource::new(&wq.plan.stream)?),
+                        spec.partition,
+                    ),
+                    _ => TaskSource::Log(spec.partition),
+                };
+                wq.maps.insert(
+                    p,
+                    MapState {
+                        source,
+                        next_offset: spec.start_offset.unwrap_or(0),
+                        window: WindowAssignExec::default(),
+                        joins: JoinCache::default(),
+                    },
+                );
+            }
+            for (b, at) in &batches {
+                wq.pending_maps.insert((*b, p), *at);
+            }
+        }
+        for r in &req.reduce_tasks {
+            let r = ReducePartition(*r);
+            wq.reduces.entry(r).or_insert_with(|| ReduceState {
+                agg: wq.plan.aggregate.clone().map(AggregateFinalExec::new),
+                joins: JoinCache::default(),
+                last_batch: None,
+            });
+            for (b, at) in &batches {
+                let entry = wq.pending_reduces.entry((*b, r)).or_default();
+                entry.trigger = Some(*at);
+                if mode == SchedulingMode::Drizzle {
+                    // Pre-scheduled: runnable once every notice is in.
+                    entry.launched = true;
+                    if entry.notices.len() as u32 == wq.map_partitions {
+                        self.shared
+                            .counters
+                            .reduces_started_by_notices
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let tasks = (req.map_tasks.len() + req.reduce_tasks.len()) * batches.len();
+        if let Some((first, _)) = batches.first() {
+            wq.group_starts.insert(*first, req.group);
+        }
+        wq.groups.insert(
+            req.group,
+            GroupProgress {
+                left: tasks,
+                tasks: tasks as u64,
+                ranges: Vec::new(),
+            },
+        );
+        if let Some(early) = self.early.remove(&qid) {
+            for n in early {
+                self.add_notice(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next runnable task, or how long to wait (None = until a message).
+    fn next_task(&self, now: Instant) -> std::result::Result<Task, Option<Instant>> {
+        let mut best: Option<(Instant, u8, Task)> = None;
+        let mut wake: Option<Instant> = None;
+        for (qid, wq) in &self.queries {
+            // Ready consumers: launched and every map partition's notice is in.
+            if let Some(((b, r), p)) = wq
+                .pending_reduces
+                .iter()
+                .find(|(_, p)| p.launched && p.notices.len() as u32 >= wq.map_partitions)
+            {
+                let at = p.trigger.unwrap_or(now);
+                if best.as_ref().is_none_or(|(t, k, _)| (at, 0) < (*t, *k)) {
+                    best = Some((at, 0, Task::Reduce(*qid, *b, *r)));
+                }
+            }
+            if let Some(((b, p), at)) = wq.pending_maps.iter().next() {
+                if *at <= now {
+                    if best.as_ref().is_none_or(|(t, k, _)| (*at, 1) < (*t, *k)) {
+                        best = Some((*at, 1, Task::Map(*qid, *b, *p)));
+                    }
+                } else {
+                    wake = Some(wake.map_or(*at, |w: Instant| w.min(*at)));
+                }
+            }
+        }
+        match best {
+            Some((_, _, t)) => Ok(t),
+            None => Err(wake),
+        }
+    }
+
+    fn fail(&mut self, qid: QueryId, batch: BatchId, e: ExecError) {
+        tracing::warn!(query = %qid, batch = batch.0, "task failed: {e}");
+        let (code, message) = (self.shared.classify)(e);
+        let output = pb::TaskOutput {
+            query: qid.0,
+            batch: batch.0,
+            error: Some(message),
+            error_code: code,
+            ..Default::default()
+        };
+        let mut client = self.shared.coordinator.clone();
+        self.shared.handle.spawn(async move {
+            let _ = client.deliver_output(output).await;
+        });
+        self.queries.remove(&qid);
+        self.shared.store.drop_query(qid);
+    }
+
+    fn run_task(&mut self, task: Task) {
+        let (qid, b) = match &task {
+            Task::Map(q, b, _) | Task::Reduce(q, b, _) => (*q, *b),
+        };
+        // A panic in an operator fails the query, never the worker.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match task {
+            Task::Map(q, b, p) => self.run_map(q, b, p),
+            Task::Reduce(q, b, r) => self.run_reduce(q, b, r),
+        }))
+        .unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(query = %qid, batch = b, "task panicked: {message}");
+            Err(ExecError::Unavailable {
+                message: format!("a task of query {qid} failed internally: {message}"),
+            })
+        });
+        if let Err(e) = result {
+            self.fail(qid, BatchId(b), e);
+            return;
+        }
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        // Per-group report once all of this worker's tasks of the group are done.
+        let group = group_of(&wq.group_starts, b);
+        let Some(progress) = wq.groups.get_mut(&group) else {
+            return;
+        };
+        progress.left = progress.left.saturating_sub(1);
+        if progress.left > 0 {
+            return;
+        }
+        let progress = wq.groups.remove(&group).unwrap_or_default();
+        wq.group_starts.retain(|_, g| *g != group);
+        let report = pb::GroupReport {
+            query: qid.0,
+            group,
+            worker: self.shared.worker_id(),
+            epoch: self.shared.identity.lock().1,
+            ranges: progress.ranges,
+            rows_in: std::mem::take(&mut wq.rows_in),
+            late_rows: std::mem::take(&mut wq.late_rows),
+            tasks: progress.tasks,
+        };
+        let mut client = self.shared.coordinator.clone();
+        self.shared.handle.spawn(async move {
+            if let Err(s) = client.report_group(report).await {
+                tracing::warn!("group report failed: {}", s.message());
+            }
+        });
+    }
+
+    fn read_source(
+        shared: &Shared,
+        qid: QueryId,
+        source: &TaskSource,
+        from: u64,
+    ) -> Result<(u64, Vec<RecordBatch>)> {
+        match source {
+            TaskSource::Datagen(g, p) => {
+                let to = g
+                    .available(*p, unix_us())
+                    .min(from.saturating_add(MAX_BATCH_ROWS))
+                    .max(from);
+                if to == from {
+                    return Ok((to, Vec::new()));
+                }
+                Ok((to, vec![g.generate(*p, from, to)?]))
+            }
+            TaskSource::Log(p) => {
+                let mut client = shared.coordinator.clone();
+                let req = pb::ReadSourceRequest {
+                    query: qid.0,
+                    partition: *p,
+                    from,
+                    max_rows: MAX_BATCH_ROWS,
+                };
+                let resp = shared
+                    .handle
+                    .block_on(async move { client.read_source(req).await })
+                    .map_err(|s| rpc_error("reading the stream log", s))?
+                    .into_inner();
+                Ok((resp.to.max(from), from_ipc(resp.ipc)?))
+            }
+        }
+    }
+
+    fn run_map(&mut self, qid: QueryId, b: u64, p: MapPartition) -> Result<()> {
+        self.shared
+            .counters
+            .map_tasks_run
+            .fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::clone(&self.shared);
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
+        wq.pending_maps.remove(&(b, p));
+        let Some(state) = wq.maps.get_mut(&p) else {
+            return Err(ExecError::invalid(format!(
+                "map partition {p} not on this worker"
+            )));
+        };
+        let from = state.next_offset;
+        let (to, pieces) = Self::read_source(&shared, qid, &state.source, from)?;
+        state.next_offset = to;
+        wq.rows_in += to - from;
+        let plan = &wq.plan;
+        let mut outputs = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            let mut batch = piece;
+            if let (Some(spec), Some(schema)) = (&plan.window, &wq.window_schema) {
+                let assigned = state.window.assign(spec, schema, &batch)?;
+                wq.late_rows += assigned.late;
+                batch = assigned.batch;
+            }
+            let mut out = apply_ops(&plan.map_ops, batch, &mut state.joins, &wq.tables)?;
+            if let Some(agg) = &plan.aggregate {
+                out = partial_aggregate(agg, &out)?;
+            }
+            if out.num_rows() > 0 {
+                outputs.push(out);
+            }
+        }
+        let watermark_us = plan
+            .window
+            .as_ref()
+            .and_then(|spec| state.window.watermark_us(spec));
+        let group = group_of(&wq.group_starts, b);
+        if let Some(progress) = wq.groups.get_mut(&group) {
+            progress.ranges.push(pb::SourceRange {
+                batch: b,
+                partition: p.0,
+                from,
+                to,
+            });
+        }
+        match &plan.aggregate {
+            None => {
+                let schema = outputs
+                    .first()
+                    .map(|o| o.schema())
+                    .unwrap_or_else(|| Arc::clone(&plan.output_schema));
+                let batch = arrow::compute::concat_batches(&schema, &outputs)?;
+                let out = apply_ops(&plan.post_ops, batch, &mut state.joins, &wq.tables)?;
+                let chunks = vec![(None, out)];
+                let (rows_in, late) = (
+                    std::mem::take(&mut wq.rows_in),
+                    std::mem::take(&mut wq.late_rows),
+                );
+                self.deliver(qid, BatchId(b), p.0, chunks, rows_in, late)?;
+            }
+            Some(agg) => {
+                let k = agg.group_exprs.len();
+                let parts_n = wq.reduce_partitions as usize;
+                let mut per_reduce: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts_n];
+                for out in &outputs {
+                    let keys: Vec<_> = out.columns()[..k].to_vec();
+                    let parts = if k == 0 {
+                        let mut v = vec![out.clone()];
+                        v.extend((1..parts_n).map(|_| out.slice(0, 0)));
+                        v
+                    } else {
+                        drizzle_shuffle::hash_partition(out, &keys, parts_n)?
+                    };
+                    for (r, part) in parts.into_iter().enumerate() {
+                        if part.num_rows() > 0 {
+                            per_reduce[r].push(part);
+                        }
+                    }
+                }
+                let mut rows = vec![0u32; parts_n];
+                for (r, parts) in per_reduce.iter().enumerate() {
+                    if parts.is_empty() {
+                        continue;
+                    }
+                    rows[r] = parts.iter().map(|b| b.num_rows() as u32).sum();
+                    let bytes = drizzle_shuffle::encode_block(&agg.partial_schema, parts)?;
+                    let id = BlockId {
+                        query: qid,
+                        batch: BatchId(b),
+                        stage: StageId(0),
+                        map: p,
+                        reduce: ReducePartition(r as u32),
+                    };
+                    self.shared.store.put(id, bytes);
+                }
+                let notice = pb::MapOutputReady {
+                    query: qid.0,
+                    batch: b,
+                    stage: 0,
+                    map: p.0,
+                    rows,
+                    watermark_us,
+                    location: self.shared.address.clone(),
+                    worker: self.shared.worker_id(),
+                };
+                if wq.mode == SchedulingMode::Bsp {
+                    // BSP: the coordinator collects every map task's notice
+                    // and launches the reduce tasks itself.
+                    let mut client = self.shared.coordinator.clone();
+                    self.shared.handle.spawn(async move {
+                        if let Err(s) = client.map_done(notice).await {
+                            tracing::warn!("map completion report failed: {}", s.message());
+                        }
+                    });
+                    return Ok(());
+                }
+                // One notice per consumer worker, pushed directly (no coordinator).
+                let mut targets = wq.reduce_placement.clone();
+                targets.sort();
+                targets.dedup();
+                for t in targets {
+                    self.shared
+                        .counters
+                        .notices_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                    if t == self.shared.address {
+                        self.shared
+                            .counters
+                            .notices_received
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.add_notice(notice.clone());
+                    } else {
+                        let mut client = match self.shared.peer(&t) {
+                            Ok(c) => pb::worker_client::WorkerClient::new(c),
+                            Err(e) => return Err(e),
+                        };
+                        let notice = notice.clone();
+                        self.shared.handle.spawn(async move {
+                            if let Err(s) = client.map_output_ready(notice).await {
+                                tracing::warn!("notice to {t} failed: {}", s.message());
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fetch(
+        &self,
+        qid: QueryId,
+        b: u64,
+        r: ReducePartition,
+        n: &pb::MapOutputReady,
+    ) -> Result<Vec<RecordBatch>> {
+        let id = BlockId {
+            query: qid,
+            batch: BatchId(b),
+            stage: StageId(n.stage),
+            map: MapPartition(n.map),
+            reduce: r,
+        };
+        if n.location == self.shared.address {
+            // Our own block: no network.
+            self.shared
+                .counters
+                .blocks_read_local
+                .fetch_add(1, Ordering::Relaxed);
+            let bytes = self.shared.store.take(&id)?;
+            return Ok(drizzle_shuffle::decode_block(&bytes)?);
+        }
+        self.shared
+            .counters
+            .blocks_fetched_remote
+            .fetch_add(1, Ordering::Relaxed);
+        let mut client = FlightClient::new(self.shared.peer(&n.location)?);
+        let location = n.location.clone();
+        Ok(self.shared.handle.block_on(async move {
+            drizzle_shuffle::fetch_block(&mut client, &location, id).await
+        })?)
+    }
+
+    fn run_reduce(&mut self, qid: QueryId, b: u64, r: ReducePartition) -> Result<()> {
+        self.shared
+            .counters
+            .reduce_tasks_run
+            .fetch_add(1, Ordering::Relaxed);
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
+        let mut pending = wq.pending_reduces.remove(&(b, r)).unwrap_or_default();
+        pending.notices.sort_by_key(|n| n.map);
+        let mut partials = Vec::new();
+        for n in &pending.notices {
+            if n.rows.get(r.0 as usize).copied().unwrap_or(0) == 0 {
+                continue;
+            }
+            partials.extend(self.fetch(qid, b, r, n)?);
+        }
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
+        let Some(state) = wq.reduces.get_mut(&r) else {
+            return Err(ExecError::invalid(format!(
+                "reduce partition {r} not on this worker"
+            )));
+        };
+        if state.last_batch.is_some_and(|l| l >= b) {
+            self.shared
+                .counters
+                .out_of_order_reduces
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        state.last_batch = Some(b);
+        let Some(agg) = state.agg.as_mut() else {
+            return Err(ExecError::invalid(
+                "reduce task of a plan without aggregate",
+            ));
+        };
+        let watermark = pending.notices.iter().filter_map(|n| n.watermark_us).min();
+        let out = agg.process(&partials, watermark)?;
+        wq.late_rows += out.late;
+        let mut chunks = Vec::with_capacity(out.chunks.len());
+        for (w, batch) in out.chunks {
+            chunks.push((
+                w,
+                apply_ops(&wq.plan.post_ops, batch, &mut state.joins, &wq.tables)?,
+            ));
+        }
+        let late = std::mem::take(&mut wq.late_rows);
+        self.deliver(qid, BatchId(b), r.0, chunks, 0, late)
+    }
+
+    /// Sends a final-stage task's output to the coordinator's collector.
+    fn deliver(
+        &self,
+        qid: QueryId,
+        b: BatchId,
+        partition: u32,
+        chunks: Vec<(Option<i64>, RecordBatch)>,
+        rows_in: u64,
+        late_rows: u64,
+    ) -> Result<()> {
+        let mut out = Vec::with_capacity(chunks.len());
+        for (window_end, batch) in chunks {
+            out.push(pb::OutputChunk {
+                window_end,
+                ipc: to_ipc(&batch.schema(), &[batch])?,
+            });
+        }
+        let output = pb::TaskOutput {
+            query: qid.0,
+            batch: b.0,
+            partition,
+            chunks: out,
+            error: None,
+            error_code: String::new(),
+            rows_in,
+            late_rows,
+        };
+        let mut client = self.shared.coordinator.clone();
+        self.shared.handle.spawn(async move {
+            if let Err(s) = client.deliver_output(output).await {
+                tracing::warn!(query = %qid, "delivering results failed: {}", s.message());
+            }
+        });
+        Ok(())
+    }
+}
+
+fn group_of(starts: &BTreeMap<u64, u64>, b: u64) -> u64 {
+    starts
+        .range(..=b)
+        .next_back()
+        .map(|(_, g)| *g)
+        .unwrap_or_default()
+}

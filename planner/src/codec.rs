@@ -1,0 +1,309 @@
+//! Wire form of a [`StreamingPlan`]: the plan fragment the coordinator ships
+//! to a worker once per query, inside its first launch message.
+//!
+//! Expressions and aggregate functions are DataFusion's own protobuf forms
+//! (`datafusion-proto`); everything Drizzle-specific (windows, emit mode,
+//! schemas, the stream definition) is JSON around them. An aggregation is
+//! carried as a partial `AggregateExec` over an `EmptyExec` of its input
+//! schema, which is how `datafusion-proto` serialises aggregate functions.
+//!
+//! The finite side of a lookup join is not shipped: a worker asks the
+//! coordinator for its rows by [`LookupJoinSpec::id`], so the decoded plan
+//! holds an empty relation of the right schema in its place.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{Schema, SchemaRef};
+use datafusion::common::DFSchema;
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::{EmptyRelation, JoinType, LogicalPlan};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion_proto::physical_plan::from_proto::parse_physical_expr;
+use datafusion_proto::physical_plan::to_proto::serialize_physical_expr;
+use datafusion_proto::physical_plan::{AsExecutionPlan, DefaultPhysicalExtensionCodec};
+use datafusion_proto::protobuf::{PhysicalExprNode, PhysicalPlanNode};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::StreamDef;
+use crate::error::{PlanError, Result};
+use crate::plan::{AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup};
+use crate::providers::{WindowProvider, WindowSpec};
+
+#[derive(Serialize, Deserialize)]
+struct PlanWire {
+    stream: StreamDef,
+    window: Option<WindowSpec>,
+    map_ops: Vec<OpWire>,
+    aggregate: Option<AggregateWire>,
+    post_ops: Vec<OpWire>,
+    limit: Option<usize>,
+    output_schema: Schema,
+    emit: EmitMode,
+    upsert_keys: Option<Vec<usize>>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum OpWire {
+    Filter {
+        input: Schema,
+        predicate: Vec<u8>,
+    },
+    Project {
+        input: Schema,
+        exprs: Vec<Vec<u8>>,
+        schema: Schema,
+    },
+    LookupJoin {
+        id: u32,
+        input: Schema,
+        table_schema: Schema,
+        stream_keys: Vec<Vec<u8>>,
+        table_keys: Vec<Vec<u8>>,
+        left_outer: bool,
+        stream_on_left: bool,
+        filter: Option<Vec<u8>>,
+        schema: Schema,
+        display: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct AggregateWire {
+    input: Schema,
+    /// A partial `AggregateExec` over an `EmptyExec`, as `datafusion-proto` bytes.
+    exec: Vec<u8>,
+    group_schema: Schema,
+    partial_schema: Schema,
+    output_schema: Schema,
+    window: Option<WindowGroup>,
+}
+
+fn codec_err(e: impl std::fmt::Display) -> PlanError {
+    PlanError::Internal {
+        message: format!("plan fragment encoding: {e}"),
+    }
+}
+
+fn encode_expr(e: &Arc<dyn PhysicalExpr>) -> Result<Vec<u8>> {
+    Ok(serialize_physical_expr(e, &DefaultPhysicalExtensionCodec {})?.encode_to_vec())
+}
+
+fn decode_expr(bytes: &[u8], ctx: &TaskContext, schema: &Schema) -> Result<Arc<dyn PhysicalExpr>> {
+    let node = PhysicalExprNode::decode(bytes).map_err(codec_err)?;
+    Ok(parse_physical_expr(
+        &node,
+        ctx,
+        schema,
+        &DefaultPhysicalExtensionCodec {},
+    )?)
+}
+
+/// The schema the map ops start from: the stream's, plus window bounds.
+pub fn map_input_schema(plan: &StreamingPlan) -> SchemaRef {
+    match &plan.window {
+        Some(spec) => datafusion::datasource::TableProvider::schema(&WindowProvider::new(
+            plan.stream.clone(),
+            spec.clone(),
+        )),
+        None => plan.stream.schema(),
+    }
+}
+
+fn encode_ops(ops: &[BatchOp], mut input: SchemaRef) -> Result<(Vec<OpWire>, SchemaRef)> {
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        let (wire, next) = match op {
+            BatchOp::Filter { predicate } => (
+                OpWire::Filter {
+                    input: input.as_ref().clone(),
+                    predicate: encode_expr(predicate)?,
+                },
+                Arc::clone(&input),
+            ),
+            BatchOp::Project { exprs, schema } => (
+                OpWire::Project {
+                    input: input.as_ref().clone(),
+                    exprs: exprs.iter().map(encode_expr).collect::<Result<_>>()?,
+                    schema: schema.as_ref().clone(),
+                },
+                Arc::clone(schema),
+            ),
+            BatchOp::LookupJoin(spec) => (
+                OpWire::LookupJoin {
+                    id: spec.id,
+                    input: input.as_ref().clone(),
+                    table_schema: spec.table_schema.as_ref().clone(),
+                    stream_keys: spec
+                        .stream_keys
+                        .iter()
+                        .map(encode_expr)
+                        .collect::<Result<_>>()?,
+                    table_keys: spec
+                        .table_keys
+                        .iter()
+                        .map(encode_expr)
+                        .collect::<Result<_>>()?,
+                    left_outer: spec.join_type != JoinType::Inner,
+                    stream_on_left: spec.stream_on_left,
+                    filter: spec.filter.as_ref().map(encode_expr).transpose()?,
+                    schema: spec.schema.as_ref().clone(),
+                    display: spec.display.clone(),
+                },
+                Arc::clone(&spec.schema),
+            ),
+        };
+        out.push(wire);
+        input = next;
+    }
+    Ok((out, input))
+}
+
+fn decode_ops(ops: Vec<OpWire>, ctx: &TaskContext) -> Result<Vec<BatchOp>> {
+    ops.into_iter()
+        .map(|op| {
+            Ok(match op {
+                OpWire::Filter { input, predicate } => BatchOp::Filter {
+                    predicate: decode_expr(&predicate, ctx, &input)?,
+                },
+                OpWire::Project {
+                    input,
+                    exprs,
+                    schema,
+                } => BatchOp::Project {
+                    exprs: exprs
+                        .iter()
+                        .map(|e| decode_expr(e, ctx, &input))
+                        .collect::<Result<_>>()?,
+                    schema: Arc::new(schema),
+                },
+                OpWire::LookupJoin {
+                    id,
+                    input,
+                    table_schema,
+                    stream_keys,
+                    table_keys,
+                    left_outer,
+                    stream_on_left,
+                    filter,
+                    schema,
+                    display,
+                } => {
+                    let df_schema = DFSchema::try_from(table_schema.clone())?;
+                    BatchOp::LookupJoin(Arc::new(LookupJoinSpec {
+                        id,
+                        table_plan: LogicalPlan::EmptyRelation(EmptyRelation {
+                            produce_one_row: false,
+                            schema: Arc::new(df_schema),
+                        }),
+                        stream_keys: stream_keys
+                            .iter()
+                            .map(|e| decode_expr(e, ctx, &input))
+                            .collect::<Result<_>>()?,
+                        table_keys: table_keys
+                            .iter()
+                            .map(|e| decode_expr(e, ctx, &table_schema))
+                            .collect::<Result<_>>()?,
+                        table_schema: Arc::new(table_schema),
+                        join_type: if left_outer {
+                            JoinType::Left
+                        } else {
+                            JoinType::Inner
+                        },
+                        stream_on_left,
+                        filter: filter.map(|f| decode_expr(&f, ctx, &schema)).transpose()?,
+                        schema: Arc::new(schema),
+                        display,
+                    }))
+                }
+            })
+        })
+        .collect()
+}
+
+fn encode_aggregate(agg: &AggregatePlan, input: SchemaRef) -> Result<AggregateWire> {
+    let exec = AggregateExec::try_new(
+        AggregateMode::Partial,
+        PhysicalGroupBy::new_single(agg.group_exprs.clone()),
+        agg.aggregates.clone(),
+        agg.filters.clone(),
+        Arc::new(EmptyExec::new(Arc::clone(&input))),
+        Arc::clone(&input),
+    )?;
+    let node = PhysicalPlanNode::try_from_physical_plan(
+        Arc::new(exec) as Arc<dyn ExecutionPlan>,
+        &DefaultPhysicalExtensionCodec {},
+    )?;
+    Ok(AggregateWire {
+        input: input.as_ref().clone(),
+        exec: node.encode_to_vec(),
+        group_schema: agg.group_schema.as_ref().clone(),
+        partial_schema: agg.partial_schema.as_ref().clone(),
+        output_schema: agg.output_schema.as_ref().clone(),
+        window: agg.window,
+    })
+}
+
+fn decode_aggregate(wire: AggregateWire, ctx: &TaskContext) -> Result<AggregatePlan> {
+    let node = PhysicalPlanNode::decode(wire.exec.as_slice()).map_err(codec_err)?;
+    let plan = node.try_into_physical_plan(ctx, &DefaultPhysicalExtensionCodec {})?;
+    let exec = plan
+        .downcast_ref::<AggregateExec>()
+        .ok_or_else(|| codec_err("the aggregate fragment is not an AggregateExec"))?;
+    Ok(AggregatePlan {
+        group_exprs: exec.group_expr().expr().to_vec(),
+        aggregates: exec.aggr_expr().to_vec(),
+        filters: exec.filter_expr().to_vec(),
+        group_schema: Arc::new(wire.group_schema),
+        partial_schema: Arc::new(wire.partial_schema),
+        output_schema: Arc::new(wire.output_schema),
+        window: wire.window,
+    })
+}
+
+/// Encodes a plan for a worker.
+pub fn encode_plan(plan: &StreamingPlan) -> Result<Vec<u8>> {
+    let (map_ops, after_map) = encode_ops(&plan.map_ops, map_input_schema(plan))?;
+    let (aggregate, post_input) = match &plan.aggregate {
+        Some(agg) => (
+            Some(encode_aggregate(agg, after_map)?),
+            Arc::clone(&agg.output_schema),
+        ),
+        None => (None, after_map),
+    };
+    let (post_ops, _) = encode_ops(&plan.post_ops, post_input)?;
+    let wire = PlanWire {
+        stream: plan.stream.clone(),
+        window: plan.window.clone(),
+        map_ops,
+        aggregate,
+        post_ops,
+        limit: plan.limit,
+        output_schema: plan.output_schema.as_ref().clone(),
+        emit: plan.emit,
+        upsert_keys: plan.upsert_keys.clone(),
+    };
+    serde_json::to_vec(&wire).map_err(codec_err)
+}
+
+/// Decodes a plan shipped by [`encode_plan`]; functions resolve against `ctx`.
+pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> Result<StreamingPlan> {
+    let wire: PlanWire = serde_json::from_slice(bytes).map_err(codec_err)?;
+    Ok(StreamingPlan {
+        stream: wire.stream,
+        window: wire.window,
+        map_ops: decode_ops(wire.map_ops, ctx)?,
+        aggregate: wire
+            .aggregate
+            .map(|a| decode_aggregate(a, ctx))
+            .transpose()?,
+        post_ops: decode_ops(wire.post_ops, ctx)?,
+        limit: wire.limit,
+        output_schema: Arc::new(wire.output_schema),
+        emit: wire.emit,
+        upsert_keys: wire.upsert_keys,
+    })
+}
