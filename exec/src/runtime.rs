@@ -233,6 +233,8 @@ pub struct WorkerInfo {
     pub since_heartbeat: Duration,
     /// Its counters, as of the last heartbeat.
     pub counters: pb::WorkerCounters,
+    /// Launch messages the coordinator sent it.
+    pub launches_sent: u64,
 }
 
 struct WorkerEntry {
@@ -242,6 +244,7 @@ struct WorkerEntry {
     client: pb::worker_client::WorkerClient<Channel>,
     last_heartbeat: Instant,
     counters: pb::WorkerCounters,
+    launches_sent: u64,
 }
 
 /// A lookup join's finite side as shipped to workers: (version, Arrow IPC).
@@ -357,6 +360,7 @@ impl CoordinatorRpc for CoordinatorService {
                     client,
                     last_heartbeat: Instant::now(),
                     counters: pb::WorkerCounters::default(),
+                    launches_sent: 0,
                 },
             );
         }
@@ -616,6 +620,7 @@ impl Runtime {
                 epoch: w.epoch,
                 since_heartbeat: now.saturating_duration_since(w.last_heartbeat),
                 counters: w.counters,
+                launches_sent: w.launches_sent,
             })
             .collect()
     }
@@ -856,6 +861,7 @@ impl Runtime {
                 .collect();
             let tables_version = self.state.tables.version();
             let mut sends = Vec::new();
+            let mut sent_to = Vec::new();
             for (i, (_, _, client)) in placement.iter().enumerate() {
                 let i32_ = i as u32;
                 let map_tasks: Vec<pb::MapTaskSpec> = (0..query.map_partitions())
@@ -892,6 +898,7 @@ impl Runtime {
                     tables_version,
                 };
                 plan_sent[i] = true;
+                sent_to.push(placement[i].0);
                 let mut client = client.clone();
                 sends.push(async move { client.launch_group(req).await });
             }
@@ -899,6 +906,14 @@ impl Runtime {
             for r in futures::future::join_all(sends).await {
                 if let Err(s) = r {
                     return Err(crate::cluster::rpc_error("launching a group", s));
+                }
+            }
+            {
+                let mut workers = self.state.workers.write();
+                for id in sent_to {
+                    if let Some(w) = workers.get_mut(&id) {
+                        w.launches_sent += 1;
+                    }
                 }
             }
             query.status.launches.fetch_add(n, Ordering::Relaxed);

@@ -1,0 +1,302 @@
+//! The scheduler's own behaviour on a real cluster: `drizzle server
+//! --workers 0` and three `drizzle worker` processes on 127.0.0.1.
+//!
+//! * group scheduling: exactly one launch message per worker per group,
+//!   counted on both ends, and never one per micro-batch;
+//! * pre-scheduling: reduce tasks start from worker-to-worker notices, with
+//!   no coordinator message inside a group (BSP is the contrast);
+//! * batches complete in order; shuffle blocks cross workers over Flight;
+//! * queries wait for a first worker, or fail clearly after the wait;
+//! * the protocol version is checked at registration.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use drizzle_sql_tests::{eventually, TestCluster, TestServer, TestWorker};
+use tokio_postgres::SimpleQueryMessage;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_drizzle"))
+}
+
+/// Every row of a SHOW command, as column name → value.
+async fn show(
+    client: &tokio_postgres::Client,
+    what: &str,
+) -> anyhow::Result<Vec<HashMap<String, String>>> {
+    let mut out = Vec::new();
+    for m in client.simple_query(what).await? {
+        if let SimpleQueryMessage::Row(r) = m {
+            let mut row = HashMap::new();
+            for (i, c) in r.columns().iter().enumerate() {
+                row.insert(c.name().to_string(), r.get(i).unwrap_or("").to_string());
+            }
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
+fn num(row: &HashMap<String, String>, col: &str) -> u64 {
+    row.get(col)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("column {col} in {row:?}"))
+}
+
+const SETUP: &str = "CREATE STREAM clicks (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
+    WITH (connector = 'datagen', rows_per_second = '3000', partitions = '3', \
+          fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '9'); \
+    SET batch_interval = '20ms'; SET group_size = 10; \
+    CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n FROM clicks GROUP BY k";
+
+#[test]
+fn drizzle_mode_one_launch_per_worker_per_group_and_reduces_start_from_notices() {
+    let cluster = TestCluster::start(bin(), 3, &[]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let client = cluster.server.client().await?;
+        client.batch_execute(SETUP).await?;
+        // Several groups of 10 micro-batches.
+        let q = eventually(Duration::from_secs(60), || async {
+            let rows = show(&client, "SHOW QUERIES").await?;
+            Ok(rows.into_iter().find(|r| num(r, "batches") >= 80))
+        })
+        .await?;
+        assert_eq!(q["scheduling"], "drizzle");
+        assert_eq!(q["group_size"], "10");
+        // Coordinator side: one launch per worker per group, never per batch.
+        let (groups, launches, batches) = eventually(Duration::from_secs(10), || async {
+            let rows = show(&client, "SHOW QUERIES").await?;
+            let r = &rows[0];
+            let (g, l, b) = (num(r, "groups"), num(r, "launches"), num(r, "batches"));
+            Ok((l == 3 * g).then_some((g, l, b)))
+        })
+        .await?;
+        assert!(groups >= 8, "{groups} groups");
+        assert!(
+            groups <= batches / 10 + 2,
+            "{groups} groups for {batches} batches: launches must be per group ({launches} launches)"
+        );
+        // Worker side, from heartbeats: every launch sent arrived as one
+        // message; reduce tasks started from notices alone.
+        let workers = eventually(Duration::from_secs(20), || async {
+            let rows = show(&client, "SHOW WORKERS").await?;
+            Ok((rows.len() == 3
+                && rows.iter().all(|w| {
+                    num(w, "reduce_tasks") > 20
+                        && num(w, "launches_received") == num(w, "launches_sent")
+                }))
+            .then_some(rows))
+        })
+        .await?;
+        for w in &workers {
+            assert_eq!(num(w, "reduces_started_by_coordinator"), 0, "{w:?}");
+            assert_eq!(num(w, "coordinator_messages_in_group"), 0, "{w:?}");
+            assert_eq!(num(w, "out_of_order_reduces"), 0, "{w:?}");
+            assert!(num(w, "reduces_started_by_notices") > 20, "{w:?}");
+            assert!(num(w, "notices_received") >= num(w, "reduce_tasks"), "{w:?}");
+            // A launch covers a whole group: many tasks per message.
+            assert!(
+                num(w, "map_tasks") + num(w, "reduce_tasks") >= 10 * (num(w, "launches_received") - 2),
+                "{w:?}"
+            );
+        }
+        assert!(
+            workers.iter().any(|w| num(w, "blocks_fetched_remote") > 0),
+            "shuffle blocks crossed workers over Flight: {workers:?}"
+        );
+        assert!(workers.iter().any(|w| num(w, "blocks_read_local") > 0));
+        // The view's contents are right: every key counted.
+        let rows = client.simple_query("SELECT k, n FROM per_key ORDER BY k").await?;
+        let keys: Vec<String> = rows
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys, (0..10).map(|k| k.to_string()).collect::<Vec<_>>());
+        anyhow::Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e:#}\n{}", cluster.logs());
+    }
+}
+
+#[test]
+fn bsp_mode_launches_every_batch_and_reduces_from_the_coordinator() {
+    let cluster = TestCluster::start(bin(), 3, &["--scheduling", "bsp"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let client = cluster.server.client().await?;
+        client.batch_execute(SETUP).await?;
+        let q = eventually(Duration::from_secs(60), || async {
+            let rows = show(&client, "SHOW QUERIES").await?;
+            Ok(rows.into_iter().find(|r| num(r, "batches") >= 30))
+        })
+        .await?;
+        assert_eq!(q["scheduling"], "bsp");
+        assert_eq!(q["group_size"], "1");
+        assert!(num(&q, "groups") >= num(&q, "batches"), "{q:?}");
+        let workers = eventually(Duration::from_secs(20), || async {
+            let rows = show(&client, "SHOW WORKERS").await?;
+            Ok(
+                (rows.len() == 3 && rows.iter().all(|w| num(w, "reduce_tasks") > 10))
+                    .then_some(rows),
+            )
+        })
+        .await?;
+        for w in &workers {
+            assert!(num(w, "reduces_started_by_coordinator") > 10, "{w:?}");
+            assert_eq!(num(w, "reduces_started_by_notices"), 0, "{w:?}");
+        }
+        anyhow::Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e:#}\n{}", cluster.logs());
+    }
+}
+
+#[test]
+fn windows_arrive_in_batch_order_across_workers() {
+    let cluster = TestCluster::start(bin(), 3, &[]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let client = cluster.server.client().await?;
+        client
+            .batch_execute(
+                "CREATE STREAM clicks (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
+                 WITH (connector = 'datagen', rows_per_second = '2000', partitions = '3', \
+                       fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '99'); \
+                 SET batch_interval = '10ms'; SET group_size = 5",
+            )
+            .await?;
+        let rows = client
+            .simple_query(
+                "SELECT window_end, k, count(*) FROM TUMBLE(clicks, ts, INTERVAL '50' MILLISECOND) \
+                 GROUP BY window_end, k LIMIT 600",
+            )
+            .await?;
+        let ends: Vec<String> = rows
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ends.len(), 600);
+        let windows: std::collections::BTreeSet<&String> = ends.iter().collect();
+        assert!(windows.len() >= 5, "rows span several windows");
+        assert!(
+            ends.windows(2).all(|w| w[0] <= w[1]),
+            "closed windows are emitted in order"
+        );
+        anyhow::Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e:#}\n{}", cluster.logs());
+    }
+}
+
+#[test]
+fn queries_wait_for_a_first_worker_or_fail_clearly() {
+    let server = TestServer::start(
+        bin(),
+        &[
+            "--workers",
+            "0",
+            "--cluster-listen",
+            "127.0.0.1:0",
+            "--worker-wait",
+            "2",
+        ],
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = server.client().await.unwrap();
+        client
+            .batch_execute("CREATE STREAM s (k BIGINT); INSERT INTO s VALUES (1), (2)")
+            .await
+            .unwrap();
+        // No worker: a clear error after the documented wait.
+        let err = client
+            .simple_query("SELECT k FROM s LIMIT 2")
+            .await
+            .unwrap_err();
+        let msg = err
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("no worker registered"), "{msg}");
+        assert!(msg.contains("drizzle worker --coordinator"), "{msg}");
+        // The server still serves; a worker that registers while a query
+        // waits runs it.
+        let query = tokio::spawn({
+            let client = server.client().await.unwrap();
+            async move { client.simple_query("SELECT k FROM s LIMIT 2").await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dir = server.data_dir.with_extension("late-worker");
+        let _worker = TestWorker::start(bin(), &server.cluster_address, &dir).unwrap();
+        let rows = tokio::time::timeout(Duration::from_secs(20), query)
+            .await
+            .expect("query finished")
+            .unwrap()
+            .unwrap();
+        let n = rows
+            .iter()
+            .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
+            .count();
+        assert_eq!(n, 2);
+    });
+}
+
+#[test]
+fn registration_checks_the_protocol_version() {
+    let server = TestServer::start(
+        bin(),
+        &["--workers", "0", "--cluster-listen", "127.0.0.1:0"],
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client =
+            drizzle_exec::cluster::coordinator_client(&server.cluster_address).unwrap();
+        let err = client
+            .register(drizzle_exec::cluster::pb::RegisterRequest {
+                protocol_version: drizzle_exec::cluster::PROTOCOL_VERSION + 1,
+                address: "127.0.0.1:1".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message().contains("protocol version"),
+            "{}",
+            err.message()
+        );
+        let err = client
+            .heartbeat(drizzle_exec::cluster::pb::HeartbeatRequest {
+                protocol_version: 0,
+                worker_id: 0,
+                epoch: 0,
+                counters: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        // An unknown worker with the right version is told to register.
+        let resp = client
+            .heartbeat(drizzle_exec::cluster::pb::HeartbeatRequest {
+                protocol_version: drizzle_exec::cluster::PROTOCOL_VERSION,
+                worker_id: 42,
+                epoch: 7,
+                counters: None,
+            })
+            .await
+            .unwrap();
+        assert!(!resp.get_ref().known);
+    });
+}
