@@ -26,6 +26,14 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# The compose cluster test (server/tests/compose.rs) needs a Docker engine
+# and a Compose tool; without them it passes as skipped.
+if docker info >/dev/null 2>&1; then
+  echo "docker: available, the compose cluster test runs"
+else
+  echo "NOTE: docker info failed: the compose cluster test will be SKIPPED"
+fi
+
 # Build everything first (the drizzle binary is used by the integration tests),
 # then run unit, integration and sqllogictest suites.
 cargo build --workspace --all-targets

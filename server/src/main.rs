@@ -30,6 +30,11 @@ enum Command {
     Server(ServerArgs),
     /// Start a worker process that joins a server's cluster.
     Worker(WorkerArgs),
+    /// Exit 0 when something accepts TCP connections at ADDR (container health checks).
+    Healthcheck {
+        /// host:port to probe.
+        addr: SocketAddr,
+    },
     /// Run a benchmark on an embedded engine and print its figures.
     Bench(BenchArgs),
 }
@@ -133,6 +138,11 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(run_server(args))
+        }
+        Command::Healthcheck { addr } => {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .with_context(|| format!("nothing accepts connections at {addr}"))?;
+            Ok(())
         }
         Command::Worker(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
