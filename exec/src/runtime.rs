@@ -68,15 +68,33 @@ pub enum Scheduling {
     /// Group scheduling with pre-scheduled shuffles (the Drizzle design).
     #[default]
     Drizzle,
+    /// Group scheduling without pre-scheduled shuffles: one launch per
+    /// group, but the coordinator starts each batch's reduce tasks after all
+    /// its map tasks reported (for the scheduling benchmark).
+    GroupOnly,
     /// Bulk-synchronous: one micro-batch per launch, and the coordinator
     /// starts reduce tasks after every map task of the batch reported.
     Bsp,
+}
+
+impl std::str::FromStr for Scheduling {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_lowercase().as_str() {
+            "drizzle" => Ok(Scheduling::Drizzle),
+            "group" => Ok(Scheduling::GroupOnly),
+            "bsp" => Ok(Scheduling::Bsp),
+            other => Err(format!("'{other}' is not 'drizzle', 'group' or 'bsp'")),
+        }
+    }
 }
 
 impl std::fmt::Display for Scheduling {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Scheduling::Drizzle => "drizzle",
+            Scheduling::GroupOnly => "group",
             Scheduling::Bsp => "bsp",
         })
     }
@@ -677,7 +695,7 @@ impl Runtime {
         };
         let group_size = match spec.scheduling {
             Scheduling::Bsp => 1,
-            Scheduling::Drizzle => spec.group_size.max(1),
+            Scheduling::Drizzle | Scheduling::GroupOnly => spec.group_size.max(1),
         };
         let status = Arc::new(QueryStatus {
             id,
@@ -824,7 +842,7 @@ impl Runtime {
             .collect();
         let mode = match query.scheduling {
             Scheduling::Drizzle => SchedulingMode::Drizzle,
-            Scheduling::Bsp => SchedulingMode::Bsp,
+            Scheduling::GroupOnly | Scheduling::Bsp => SchedulingMode::Bsp,
         };
         let mut plan_sent = vec![false; placement.len()];
         let mut group = 0u64;

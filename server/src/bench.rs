@@ -1,4 +1,12 @@
-//! `drizzle bench ysb`: the YSB-lite workload on an embedded engine.
+//! `drizzle bench ysb` and `drizzle bench sched`: benchmarks that print
+//! figures (never timed tests).
+//!
+//! Both run the engine in this process; with `remote_workers > 0` it has no
+//! in-process workers and the benchmark starts that many `drizzle worker`
+//! processes (this same executable) on 127.0.0.1, so the cluster protocol,
+//! Flight shuffles and the coordinator are all real.
+//!
+//! ## YSB-lite
 //!
 //! A `datagen` stream of ad events (`ad_id = n % 1000`, `event_type` one of
 //! view/click/purchase, `event_time` = generation time, watermark = event
@@ -13,6 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::array::AsArray;
 use arrow::datatypes::TimestampMicrosecondType;
+
+use drizzle_exec::Scheduling;
 
 use crate::engine::{Engine, EngineConfig, Outcome};
 use crate::errors::PgError;
@@ -30,6 +40,55 @@ pub struct YsbConfig {
     pub workers: usize,
     /// Group size.
     pub group_size: u32,
+    /// Worker processes to start (0 = in-process workers only).
+    pub remote_workers: usize,
+    /// Drizzle, group-only or BSP.
+    pub scheduling: Scheduling,
+}
+
+/// Worker processes started for a benchmark; killed on drop.
+struct RemoteWorkers(Vec<std::process::Child>);
+
+impl RemoteWorkers {
+    /// Starts `n` `drizzle worker` processes registered with `coordinator`.
+    fn start(n: usize, coordinator: &str, dir: &std::path::Path) -> Result<Self, PgError> {
+        use std::io::BufRead;
+        let exe = std::env::current_exe()
+            .map_err(|e| PgError::internal(format!("cannot find the drizzle executable: {e}")))?;
+        let mut children = RemoteWorkers(Vec::new());
+        for i in 0..n {
+            let mut child = std::process::Command::new(&exe)
+                .args(["worker", "--coordinator", coordinator, "--listen", "127.0.0.1:0"])
+                .arg("--data-dir")
+                .arg(dir.join(format!("worker{i}")))
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| PgError::internal(format!("cannot start a worker: {e}")))?;
+            let stdout = child.stdout.take();
+            children.0.push(child);
+            // The worker prints its address once registered.
+            let mut line = String::new();
+            if let Some(out) = stdout {
+                let mut reader = std::io::BufReader::new(out);
+                let _ = reader.read_line(&mut line);
+                std::thread::spawn(move || for _ in reader.lines() {});
+            }
+            if !line.starts_with("drizzle worker listening on") {
+                return Err(PgError::internal(format!("worker {i} did not start: {line}")));
+            }
+        }
+        Ok(children)
+    }
+}
+
+impl Drop for RemoteWorkers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -57,17 +116,21 @@ fn peak_rss_mb() -> f64 {
 pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
     let dir = std::env::temp_dir().join(format!("drizzle-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let in_process = if cfg.remote_workers > 0 { 0 } else { cfg.workers };
     let engine = Engine::open(
         &dir,
-        cfg.workers,
+        in_process,
         EngineConfig {
             batch_interval: cfg.batch_interval,
             group_size: cfg.group_size,
             parallelism: 0,
+            scheduling: cfg.scheduling,
             ..EngineConfig::default()
         },
     )
     .await?;
+    let _workers = RemoteWorkers::start(cfg.remote_workers, &engine.runtime.cluster_address, &dir)?;
+    let parallel = cfg.workers.max(cfg.remote_workers);
     let mut settings = engine.default_settings();
     let ads: Vec<String> = (0..1000).map(|i| format!("({i}, {})", i / 10)).collect();
     let setup = format!(
@@ -79,7 +142,7 @@ pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
            fields.event_type.values = 'view,click,purchase', fields.user_id.kind = 'random')",
         ads.join(", "),
         cfg.rate,
-        cfg.workers
+        parallel
     );
     for stmt in drizzle_planner::parse_statements(&setup)? {
         engine.execute(stmt, &mut settings, &[], "").await?;
@@ -158,4 +221,109 @@ pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
 pub fn header() -> &'static str {
     "| offered ev/s | batch  | processed ev/s | lag (s) | emit p50 | emit p99 | emit max | batch p50 | batch p99 | batches | windows | RSS (MB) |\n\
      |-------------:|-------:|---------------:|--------:|---------:|---------:|---------:|---------:|---------:|--------:|--------:|---------:|"
+}
+
+/// One scheduling-overhead run's settings.
+#[derive(Debug, Clone)]
+pub struct SchedConfig {
+    /// Worker processes.
+    pub workers: usize,
+    /// Drizzle, group-only or BSP.
+    pub scheduling: Scheduling,
+    /// Group size (BSP uses 1).
+    pub group_size: u32,
+    /// Measured seconds (after 2 s of warm-up).
+    pub duration: Duration,
+}
+
+/// The scheduling micro-benchmark of the Drizzle paper: a two-stage query
+/// (`GROUP BY` over a shuffle) on tiny input, micro-batches triggered back
+/// to back (0.1 ms interval), so the time per micro-batch is the cost of
+/// scheduling and coordinating it. Returns the report line.
+pub async fn run_sched(cfg: SchedConfig) -> Result<String, PgError> {
+    let dir = std::env::temp_dir().join(format!("drizzle-sched-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let engine = Engine::open(
+        &dir,
+        0,
+        EngineConfig {
+            batch_interval: Duration::from_micros(100),
+            group_size: cfg.group_size.max(1),
+            parallelism: 0,
+            scheduling: cfg.scheduling,
+            ..EngineConfig::default()
+        },
+    )
+    .await?;
+    let workers = RemoteWorkers::start(cfg.workers, &engine.runtime.cluster_address, &dir)?;
+    let mut settings = engine.default_settings();
+    let setup = format!(
+        "CREATE STREAM tiny (k BIGINT) WITH (connector = 'datagen', rows_per_second = '1000', \
+           partitions = '{}', fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '99')",
+        cfg.workers
+    );
+    for stmt in drizzle_planner::parse_statements(&setup)? {
+        engine.execute(stmt, &mut settings, &[], "").await?;
+    }
+    let query = "SELECT k, count(*) FROM tiny GROUP BY k";
+    let stmt = drizzle_planner::parse_statements(query)?.remove(0);
+    let Outcome::Stream(mut handle) = engine.execute(stmt, &mut settings, &[], query).await? else {
+        return Err(PgError::internal("the query is not continuous"));
+    };
+    let warmup = Instant::now() + Duration::from_secs(2);
+    let mut t0 = None;
+    let deadline = warmup + cfg.duration;
+    let status = std::sync::Arc::clone(&handle.status);
+    let snapshot = || {
+        (
+            Instant::now(),
+            status.batches.load(Ordering::Relaxed),
+            status.coordination_us.load(Ordering::Relaxed),
+            status.launches.load(Ordering::Relaxed),
+        )
+    };
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if t0.is_none() && now >= warmup {
+            t0 = Some(snapshot());
+        }
+        match tokio::time::timeout(Duration::from_millis(50), handle.next()).await {
+            Ok(Some(Ok(_))) | Err(_) => {}
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) => break,
+        }
+    }
+    let (t1, b1, c1, l1) = snapshot();
+    let (t0, b0, c0, l0) = t0.unwrap_or((t1, b1, c1, l1));
+    handle.cancel();
+    let batches = b1.saturating_sub(b0).max(1);
+    let ms_per_batch = t1.duration_since(t0).as_secs_f64() * 1000.0 / batches as f64;
+    let coord_us = c1.saturating_sub(c0) as f64 / batches as f64;
+    let launches = l1.saturating_sub(l0) as f64 / batches as f64;
+    engine.runtime.shutdown();
+    drop(workers);
+    let _ = std::fs::remove_dir_all(&dir);
+    let group = match cfg.scheduling {
+        Scheduling::Bsp => 1,
+        _ => cfg.group_size,
+    };
+    Ok(format!(
+        "| {:>7} | {:>10} | {:>5} | {:>11.3} | {:>9.0} | {:>17.1} | {:>18.3} |",
+        cfg.workers,
+        cfg.scheduling.to_string(),
+        group,
+        ms_per_batch,
+        1000.0 / ms_per_batch,
+        coord_us,
+        launches
+    ))
+}
+
+/// The header matching [`run_sched`]'s line.
+pub fn sched_header() -> &'static str {
+    "| workers | scheduling | G     | ms / batch  | batches/s | coord. µs / batch | launches / batch   |\n\
+     |--------:|-----------:|------:|------------:|----------:|------------------:|-------------------:|"
 }

@@ -1242,11 +1242,9 @@ fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(),
                 .ok_or_else(|| invalid("a number from 1 to 10000"))?;
         }
         "scheduling" => {
-            settings.scheduling = match value.to_lowercase().as_str() {
-                "drizzle" | "group" => Scheduling::Drizzle,
-                "bsp" => Scheduling::Bsp,
-                _ => return Err(invalid("'drizzle' or 'bsp'")),
-            };
+            settings.scheduling = value
+                .parse()
+                .map_err(|_| invalid("'drizzle', 'group' or 'bsp'"))?;
         }
         "parallelism" => {
             settings.parallelism = value

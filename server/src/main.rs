@@ -41,9 +41,15 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// Workload (only `ysb`: YSB-lite).
+    /// Workload: `ysb` (YSB-lite) or `sched` (scheduling overhead per micro-batch).
     #[arg(default_value = "ysb")]
     workload: String,
+    /// Worker processes to start (0 = in-process workers only).
+    #[arg(long, default_value_t = 0)]
+    remote_workers: usize,
+    /// Scheduling: drizzle, group or bsp.
+    #[arg(long, default_value = "drizzle")]
+    scheduling: String,
     /// Offered events per second.
     #[arg(long, default_value_t = 1_000_000.0)]
     rate: f64,
@@ -84,7 +90,8 @@ struct ServerArgs {
     #[arg(long, env = "DRIZZLE_CLUSTER_ADVERTISE")]
     cluster_advertise: Option<String>,
     /// Default scheduling: `drizzle` (group scheduling with pre-scheduled
-    /// shuffles) or `bsp` (one micro-batch per launch, coordinator barriers).
+    /// shuffles), `bsp` (one micro-batch per launch, coordinator barriers) or
+    /// `group` (group launches, coordinator shuffle barriers).
     #[arg(long, env = "DRIZZLE_SCHEDULING", default_value = "drizzle")]
     scheduling: String,
     /// Seconds a query waits for a first worker to register before it fails.
@@ -153,8 +160,32 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(run_worker(args))
         }
         Command::Bench(args) => {
+            let scheduling: drizzle_exec::Scheduling = args
+                .scheduling
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--scheduling: {e}"))?;
+            if args.workload == "sched" {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the async runtime")?;
+                let cfg = drizzle_server::bench::SchedConfig {
+                    workers: args.remote_workers.max(1),
+                    scheduling,
+                    group_size: args.group_size,
+                    duration: Duration::from_secs(args.seconds),
+                };
+                if args.header {
+                    println!("{}", drizzle_server::bench::sched_header());
+                }
+                let line = runtime
+                    .block_on(drizzle_server::bench::run_sched(cfg))
+                    .map_err(|e| anyhow::anyhow!("benchmark failed: {e}"))?;
+                println!("{line}");
+                return Ok(());
+            }
             if args.workload != "ysb" {
-                anyhow::bail!("unknown workload {} (try ysb)", args.workload);
+                anyhow::bail!("unknown workload {} (try ysb or sched)", args.workload);
             }
             let interval_us =
                 drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
@@ -173,6 +204,8 @@ fn main() -> anyhow::Result<()> {
                         .unwrap_or(2)
                 }),
                 group_size: args.group_size,
+                remote_workers: args.remote_workers,
+                scheduling,
             };
             if args.header {
                 println!("{}", drizzle_server::bench::header());
@@ -194,11 +227,10 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     });
     let interval_us = drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
         .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?;
-    let scheduling = match args.scheduling.to_lowercase().as_str() {
-        "drizzle" => drizzle_exec::Scheduling::Drizzle,
-        "bsp" => drizzle_exec::Scheduling::Bsp,
-        other => anyhow::bail!("--scheduling: '{other}' is not 'drizzle' or 'bsp'"),
-    };
+    let scheduling: drizzle_exec::Scheduling = args
+        .scheduling
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--scheduling: {e}"))?;
     let config = EngineConfig {
         batch_interval: Duration::from_micros(interval_us),
         group_size: args.group_size.max(1),
