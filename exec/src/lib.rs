@@ -18,11 +18,19 @@
 //! worker-local scheduler starts a reduce task when notices from all its map
 //! tasks have arrived, with no coordinator barrier inside a group.
 //!
+//! The coordinator and the workers are separate processes in a cluster
+//! (`drizzle server --workers 0` plus `drizzle worker`s) and the same code
+//! in one process for the embedded server: they always talk through the
+//! cluster protocol ([`cluster`], `proto/drizzle.proto`, gRPC over tonic),
+//! and shuffle blocks always travel as Arrow IPC over Arrow Flight, except
+//! that a worker reads its own blocks without the network.
+//!
 //! Modules: [`log`] (durable partitioned log behind built-in streams and
 //! tables), [`source`] (log and datagen sources), [`ops`] (operators and
-//! keyed state), [`runtime`] (coordinator, workers, collector).
+//! keyed state), [`runtime`] (the coordinator and the result collector),
+//! [`worker`] (a worker and its local scheduler), [`cluster`] (the protocol).
 //! Types to read first: [`Runtime`], [`QuerySpec`], [`QueryHandle`],
-//! [`ops::AggregateFinalExec`], [`log::PartitionLog`].
+//! [`worker::start_worker`], [`ops::AggregateFinalExec`], [`log::PartitionLog`].
 
 pub mod cluster;
 pub mod error;

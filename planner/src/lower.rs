@@ -749,6 +749,47 @@ mod tests {
     }
 
     #[test]
+    fn plan_fragments_survive_the_wire() {
+        let ctx = crate::new_session_context().task_ctx();
+        for sql in [
+            "SELECT ad_id, upper(kind) AS k FROM events WHERE ad_id > 3 AND kind LIKE 'v%' LIMIT 5",
+            "SELECT a.campaign_id, window_start, count(*), sum(e.ad_id) FILTER (WHERE e.kind = 'view') \
+             FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e JOIN ads a ON e.ad_id = a.ad_id \
+             WHERE e.kind <> 'x' GROUP BY a.campaign_id, window_start HAVING count(*) > 1",
+            "SELECT kind, count(DISTINCT ad_id) AS n, avg(ad_id) FROM events GROUP BY kind",
+            "SELECT e.ad_id, a.campaign_id FROM events e LEFT JOIN ads a ON e.ad_id = a.ad_id",
+            "SELECT e.ad_id, a.campaign_id FROM events e JOIN ads a ON e.ad_id = a.ad_id \
+             AND a.campaign_id > e.ad_id",
+            "SELECT window_start, window_end, min(ad_id) FROM HOP(events, ts, INTERVAL '1' SECOND, \
+             INTERVAL '5' SECOND) GROUP BY window_start, window_end",
+        ] {
+            let p = continuous(sql);
+            let bytes = crate::codec::encode_plan(&p).unwrap();
+            let back = crate::codec::decode_plan(&bytes, &ctx).unwrap();
+            let ops = |p: &StreamingPlan| -> Vec<Vec<String>> {
+                p.stages(3).into_iter().map(|s| s.operators).collect()
+            };
+            assert_eq!(ops(&back), ops(&p), "{sql}");
+            assert_eq!(back.output_schema, p.output_schema, "{sql}");
+            assert_eq!(back.emit, p.emit);
+            assert_eq!(back.limit, p.limit);
+            assert_eq!(back.upsert_keys, p.upsert_keys);
+            assert_eq!(back.window, p.window);
+            match (&back.aggregate, &p.aggregate) {
+                (Some(a), Some(b)) => {
+                    assert_eq!(a.partial_schema, b.partial_schema, "{sql}");
+                    assert_eq!(a.output_schema, b.output_schema, "{sql}");
+                    assert_eq!(a.window, b.window);
+                    assert_eq!(a.filters.len(), b.filters.len());
+                }
+                (None, None) => {}
+                _ => panic!("aggregate lost on the wire: {sql}"),
+            }
+        }
+        assert!(crate::codec::decode_plan(b"not a plan", &ctx).is_err());
+    }
+
+    #[test]
     fn stateless_query_is_one_map_stage() {
         let p = continuous("SELECT ad_id, upper(kind) FROM events WHERE ad_id > 3 LIMIT 5");
         assert_eq!(p.emit, EmitMode::Append);

@@ -58,7 +58,13 @@ impl RemoteWorkers {
         let mut children = RemoteWorkers(Vec::new());
         for i in 0..n {
             let mut child = std::process::Command::new(&exe)
-                .args(["worker", "--coordinator", coordinator, "--listen", "127.0.0.1:0"])
+                .args([
+                    "worker",
+                    "--coordinator",
+                    coordinator,
+                    "--listen",
+                    "127.0.0.1:0",
+                ])
                 .arg("--data-dir")
                 .arg(dir.join(format!("worker{i}")))
                 .env("RUST_LOG", "warn")
@@ -75,7 +81,9 @@ impl RemoteWorkers {
                 std::thread::spawn(move || for _ in reader.lines() {});
             }
             if !line.starts_with("drizzle worker listening on") {
-                return Err(PgError::internal(format!("worker {i} did not start: {line}")));
+                return Err(PgError::internal(format!(
+                    "worker {i} did not start: {line}"
+                )));
             }
         }
         Ok(children)
@@ -116,7 +124,11 @@ fn peak_rss_mb() -> f64 {
 pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
     let dir = std::env::temp_dir().join(format!("drizzle-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let in_process = if cfg.remote_workers > 0 { 0 } else { cfg.workers };
+    let in_process = if cfg.remote_workers > 0 {
+        0
+    } else {
+        cfg.workers
+    };
     let engine = Engine::open(
         &dir,
         in_process,

@@ -165,3 +165,64 @@ pub async fn fetch_block(
     let stream: BoxStream<'_, _> = stream.boxed();
     stream.try_collect().await.map_err(|e| fail(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{BatchId, MapPartition, QueryId, ReducePartition, StageId};
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow_flight::flight_service_server::FlightServiceServer;
+
+    #[tokio::test]
+    async fn do_get_serves_a_block_once_over_loopback() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2, 3])),
+                Arc::new(StringArray::from(vec![Some("a"), None, Some("c")])),
+            ],
+        )
+        .unwrap();
+        let store = Arc::new(BlockStore::new());
+        let id = BlockId {
+            query: QueryId(1),
+            batch: BatchId(2),
+            stage: StageId(0),
+            map: MapPartition(3),
+            reduce: ReducePartition(4),
+        };
+        store.put(
+            id,
+            crate::block::encode_block(&schema, std::slice::from_ref(&batch)).unwrap(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = BlockFlightService::new(Arc::clone(&store));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(FlightServiceServer::new(service))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = FlightClient::new(channel);
+        let got = fetch_block(&mut client, &addr.to_string(), id)
+            .await
+            .unwrap();
+        assert_eq!(got, vec![batch]);
+        // Consumed: the store no longer holds it, a second fetch fails.
+        assert_eq!(store.usage(), (0, 0));
+        let err = fetch_block(&mut client, &addr.to_string(), id)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+}

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Scheduling overhead per micro-batch (the Drizzle paper's micro-benchmark).
+
+A two-stage query (GROUP BY over a shuffle) on tiny input, micro-batches
+triggered back to back, on 1, 2, 4 and 8 `drizzle worker` processes, for
+BSP, group scheduling only (G = 10, 50, 100: one launch per group, but the
+coordinator still starts every batch's reduce tasks after a barrier), and
+group scheduling with pre-scheduled shuffles (Drizzle, G = 10, 50, 100).
+
+Prints a Markdown table and writes docs/img/scheduling.png. Not a test:
+it prints figures. Needs a release build and matplotlib (pip install matplotlib).
+
+    benches/scheduling.py [--seconds 5] [--workers 1,2,4,8]
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIGS = [("bsp", 1)] + [("group", g) for g in (10, 50, 100)] + [("drizzle", g) for g in (10, 50, 100)]
+
+
+def run(bin_path, workers, scheduling, group, seconds):
+    out = subprocess.run(
+        [bin_path, "bench", "sched", "--remote-workers", str(workers), "--scheduling", scheduling,
+         "--group-size", str(group), "--seconds", str(seconds)],
+        check=True, capture_output=True, text=True, env={**os.environ, "RUST_LOG": "error"},
+    ).stdout.strip().splitlines()[-1]
+    cells = [c.strip() for c in out.strip("|").split("|")]
+    return out, float(cells[3]), float(cells[5])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--workers", default="1,2,4,8")
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/drizzle"))
+    ap.add_argument("--png", default=os.path.join(ROOT, "docs/img/scheduling.png"))
+    args = ap.parse_args()
+    if not os.path.exists(args.bin):
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "drizzle-server"], cwd=ROOT, check=True)
+    workers = [int(w) for w in args.workers.split(",")]
+    header = None
+    results = {}
+    for w in workers:
+        for sched, g in CONFIGS:
+            line, ms, coord = run(args.bin, w, sched, g, args.seconds)
+            if header is None:
+                header = True
+                print("| workers | scheduling | G     | ms / batch  | batches/s | coord. µs / batch | launches / batch   |")
+                print("|--------:|-----------:|------:|------------:|----------:|------------------:|-------------------:|")
+            print(line, flush=True)
+            results[(sched, g, w)] = ms
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot written", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"bsp": "o-", "group": "s--", "drizzle": "^-"}
+    for sched, g in CONFIGS:
+        ys = [results[(sched, g, w)] for w in workers]
+        label = "BSP (G=1)" if sched == "bsp" else (
+            f"group scheduling only, G={g}" if sched == "group" else f"Drizzle (group + pre-scheduling), G={g}")
+        ax.plot(workers, ys, styles[sched], label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(workers)
+    ax.set_xticklabels([str(w) for w in workers])
+    ax.set_xlabel("worker processes")
+    ax.set_ylabel("time per micro-batch (ms, log)")
+    ax.set_title("Scheduling overhead: two-stage query, tiny input")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=120)
+    print(f"\nplot: {os.path.relpath(args.png, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
