@@ -914,6 +914,11 @@ impl Runtime {
                     batches: batches.clone(),
                     label: query.status.label.clone(),
                     tables_version,
+                    shuffle_inputs: if query.reduce_partitions > 0 {
+                        vec![query.map_partitions()]
+                    } else {
+                        Vec::new()
+                    },
                 };
                 plan_sent[i] = true;
                 sent_to.push(placement[i].0);

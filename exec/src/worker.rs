@@ -446,12 +446,36 @@ struct PendingReduce {
     notices: Vec<pb::MapOutputReady>,
 }
 
+impl PendingReduce {
+    /// True when there is a notice from every map partition of every shuffle
+    /// input (`inputs[s]` = map partitions of input stage `s`).
+    fn has_all_inputs(&self, inputs: &[u32]) -> bool {
+        inputs.iter().enumerate().all(|(stage, &partitions)| {
+            let mut seen: Vec<u32> = self
+                .notices
+                .iter()
+                .filter(|n| n.stage as usize == stage)
+                .map(|n| n.map)
+                .collect();
+            seen.sort_unstable();
+            seen.dedup();
+            seen.len() as u32 >= partitions
+        })
+    }
+
+    /// Runnable: launched and every input is in.
+    fn runnable(&self, inputs: &[u32]) -> bool {
+        self.launched && self.has_all_inputs(inputs)
+    }
+}
+
 /// One query as this worker knows it.
 struct WorkerQuery {
     plan: StreamingPlan,
     window_schema: Option<SchemaRef>,
     mode: SchedulingMode,
-    map_partitions: u32,
+    /// Map partitions per shuffle input of the reduce stage.
+    shuffle_inputs: Vec<u32>,
     reduce_partitions: u32,
     reduce_placement: Vec<String>,
     tables: RemoteTables,
@@ -634,7 +658,7 @@ impl Scheduler {
         for r in reduces {
             let entry = wq.pending_reduces.entry((notice.batch, r)).or_default();
             entry.notices.push(notice.clone());
-            if entry.launched && entry.notices.len() as u32 == wq.map_partitions {
+            if entry.runnable(&wq.shuffle_inputs) {
                 self.shared
                     .counters
                     .reduces_started_by_notices
@@ -663,7 +687,11 @@ impl Scheduler {
                     plan,
                     window_schema,
                     mode,
-                    map_partitions: req.map_partitions,
+                    shuffle_inputs: if req.shuffle_inputs.is_empty() {
+                        vec![req.map_partitions]
+                    } else {
+                        req.shuffle_inputs.clone()
+                    },
                     reduce_partitions: req.reduce_partitions,
                     reduce_placement: req.reduce_placement.clone(),
                     tables: RemoteTables {
@@ -726,7 +754,7 @@ impl Scheduler {
                 if mode == SchedulingMode::Drizzle {
                     // Pre-scheduled: runnable once every notice is in.
                     entry.launched = true;
-                    if entry.notices.len() as u32 == wq.map_partitions {
+                    if entry.runnable(&wq.shuffle_inputs) {
                         self.shared
                             .counters
                             .reduces_started_by_notices
@@ -764,7 +792,7 @@ impl Scheduler {
             if let Some(((b, r), p)) = wq
                 .pending_reduces
                 .iter()
-                .find(|(_, p)| p.launched && p.notices.len() as u32 >= wq.map_partitions)
+                .find(|(_, p)| p.runnable(&wq.shuffle_inputs))
             {
                 let at = p.trigger.unwrap_or(now);
                 if best.as_ref().is_none_or(|(t, k, _)| (at, 0) < (*t, *k)) {
@@ -1177,4 +1205,54 @@ fn group_of(starts: &BTreeMap<u64, u64>, b: u64) -> u64 {
         .next_back()
         .map(|(_, g)| *g)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice(stage: u32, map: u32) -> pb::MapOutputReady {
+        pb::MapOutputReady {
+            query: 1,
+            batch: 0,
+            stage,
+            map,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_reduce_task_waits_for_every_partition_of_every_input() {
+        // A join: input 0 has 3 map partitions, input 1 has 2.
+        let inputs = [3, 2];
+        let mut p = PendingReduce {
+            launched: true,
+            ..Default::default()
+        };
+        for m in 0..3 {
+            p.notices.push(notice(0, m));
+        }
+        assert!(!p.runnable(&inputs), "the second input is missing");
+        p.notices.push(notice(1, 0));
+        p.notices.push(notice(1, 0));
+        assert!(!p.runnable(&inputs), "a repeated notice counts once");
+        p.notices.push(notice(1, 1));
+        assert!(p.runnable(&inputs));
+        p.launched = false;
+        assert!(
+            !p.runnable(&inputs),
+            "not before the launch pre-scheduled it"
+        );
+    }
+
+    #[test]
+    fn notices_from_one_input_alone_never_start_a_two_input_task() {
+        let p = PendingReduce {
+            launched: true,
+            notices: (0..10).map(|m| notice(0, m)).collect(),
+            ..Default::default()
+        };
+        assert!(p.runnable(&[10]));
+        assert!(!p.runnable(&[10, 1]));
+    }
 }
