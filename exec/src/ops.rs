@@ -13,6 +13,9 @@
 //!   DataFusion `GroupsAccumulator`s (Arrow arrays of partial states). A
 //!   windowed aggregation keeps one group table per open window and drops it
 //!   when the window closes, so memory is bounded by the open windows.
+//! * [`WindowJoinExec`]: the reduce side of a window join of two streams:
+//!   each open window's rows of both inputs, hash-joined and dropped when the
+//!   watermark passes the window's end.
 
 use std::collections::BTreeMap;
 
@@ -33,7 +36,9 @@ use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
-use drizzle_planner::{AggregatePlan, BatchOp, LookupJoinSpec, WindowKind, WindowSpec};
+use drizzle_planner::{
+    AggregatePlan, BatchOp, LookupJoinSpec, WindowJoinPlan, WindowKind, WindowSpec,
+};
 
 use crate::error::{ExecError, Result};
 
@@ -700,6 +705,183 @@ impl AggregateFinalExec {
     }
 }
 
+/// The reduce side of a window join: rows of both inputs per open window,
+/// joined once the watermark passes the window's end. State of a closed
+/// window is dropped; rows for it that arrive later are counted as late.
+pub struct WindowJoinExec {
+    plan: WindowJoinPlan,
+    /// Window end (µs) → (left rows, right rows).
+    windows: BTreeMap<i64, (Vec<RecordBatch>, Vec<RecordBatch>)>,
+    /// Every window ending at or before this has been emitted.
+    closed_through: Option<i64>,
+}
+
+impl WindowJoinExec {
+    /// Empty state for `plan`.
+    pub fn new(plan: WindowJoinPlan) -> Self {
+        Self {
+            plan,
+            windows: BTreeMap::new(),
+            closed_through: None,
+        }
+    }
+
+    /// Open windows held.
+    pub fn open_windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Window ends of a side's rows.
+    fn window_ends(&self, batch: &RecordBatch, column: usize) -> Result<Vec<i64>> {
+        let bound = arrow::compute::cast(batch.column(column), &DataType::Int64)?;
+        let bound = bound.as_primitive::<arrow::datatypes::Int64Type>();
+        let shift = if self.plan.window_is_end {
+            0
+        } else {
+            self.plan.size_us
+        };
+        Ok(bound.values().iter().map(|v| v + shift).collect())
+    }
+
+    fn add(&mut self, batch: &RecordBatch, left: bool) -> Result<u64> {
+        if batch.num_rows() == 0 {
+            return Ok(0);
+        }
+        let column = if left {
+            self.plan.left_window
+        } else {
+            self.plan.right_window
+        };
+        let ends = self.window_ends(batch, column)?;
+        let mut distinct = ends.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut late = 0;
+        for end in distinct {
+            let mask = BooleanArray::from(ends.iter().map(|e| *e == end).collect::<Vec<_>>());
+            let rows = filter_record_batch(batch, &mask)?;
+            if self.closed_through.is_some_and(|c| end <= c) {
+                late += rows.num_rows() as u64;
+                continue;
+            }
+            let entry = self.windows.entry(end).or_default();
+            if left {
+                entry.0.push(rows);
+            } else {
+                entry.1.push(rows);
+            }
+        }
+        Ok(late)
+    }
+
+    /// Joins one closed window's rows.
+    fn join_window(&self, left: &[RecordBatch], right: &[RecordBatch]) -> Result<RecordBatch> {
+        let schema = &self.plan.schema;
+        let (Some(l0), Some(r0)) = (left.first(), right.first()) else {
+            return Ok(RecordBatch::new_empty(Arc::clone(schema)));
+        };
+        let left = arrow::compute::concat_batches(&l0.schema(), left)?;
+        let right = arrow::compute::concat_batches(&r0.schema(), right)?;
+        let keys = |exprs: &[Arc<dyn PhysicalExpr>], b: &RecordBatch| {
+            exprs.iter().map(|e| eval(e, b)).collect::<Result<Vec<_>>>()
+        };
+        let lk = keys(&self.plan.left_keys, &left)?;
+        let rk = keys(&self.plan.right_keys, &right)?;
+        let mut li: Vec<u32> = Vec::new();
+        let mut ri: Vec<u32> = Vec::new();
+        if lk.is_empty() {
+            for l in 0..left.num_rows() as u32 {
+                for r in 0..right.num_rows() as u32 {
+                    li.push(l);
+                    ri.push(r);
+                }
+            }
+        } else {
+            let converter = RowConverter::new(
+                rk.iter()
+                    .map(|k| SortField::new(k.data_type().clone()))
+                    .collect(),
+            )?;
+            let r_rows = converter.convert_columns(&rk)?;
+            let mut index: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
+            for row in 0..right.num_rows() {
+                if rk.iter().any(|k| k.is_null(row)) {
+                    continue;
+                }
+                index
+                    .entry(r_rows.row(row).as_ref().into())
+                    .or_default()
+                    .push(row as u32);
+            }
+            let l_rows = converter.convert_columns(&lk)?;
+            for row in 0..left.num_rows() {
+                if lk.iter().any(|k| k.is_null(row)) {
+                    continue;
+                }
+                if let Some(m) = index.get(l_rows.row(row).as_ref()) {
+                    for &r in m {
+                        li.push(row as u32);
+                        ri.push(r);
+                    }
+                }
+            }
+        }
+        let li = UInt32Array::from(li);
+        let ri = UInt32Array::from(ri);
+        let mut columns = Vec::with_capacity(schema.fields().len());
+        for c in left.columns() {
+            columns.push(take(c, &li, None)?);
+        }
+        for c in right.columns() {
+            columns.push(take(c, &ri, None)?);
+        }
+        let joined = RecordBatch::try_new_with_options(
+            Arc::clone(schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(li.len())),
+        )?;
+        match &self.plan.filter {
+            Some(f) if joined.num_rows() > 0 => {
+                let mask = as_mask(&eval(f, &joined)?)?;
+                Ok(filter_record_batch(&joined, &mask)?)
+            }
+            _ => Ok(joined),
+        }
+    }
+
+    /// Adds a micro-batch's rows of both inputs and emits every window the
+    /// watermark has passed, in window order.
+    pub fn process(
+        &mut self,
+        left: &[RecordBatch],
+        right: &[RecordBatch],
+        watermark_us: Option<i64>,
+    ) -> Result<AggregateOutput> {
+        let mut late = 0;
+        for b in left {
+            late += self.add(b, true)?;
+        }
+        for b in right {
+            late += self.add(b, false)?;
+        }
+        let mut chunks = Vec::new();
+        if let Some(wm) = watermark_us {
+            while let Some(entry) = self.windows.first_entry() {
+                if *entry.key() > wm {
+                    break;
+                }
+                let (end, (l, r)) = entry.remove_entry();
+                let rows = self.join_window(&l, &r)?;
+                chunks.push((Some(end), rows));
+            }
+            // Every window ending at or before the watermark is closed, with
+            // rows or without.
+            self.closed_through = Some(self.closed_through.map_or(wm, |c| c.max(wm)));
+        }
+        Ok(AggregateOutput { chunks, late })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -814,5 +996,95 @@ mod tests {
         let out = agg.process(&[], Some(30_000_000)).unwrap();
         assert_eq!(out.chunks.len(), 2);
         assert_eq!(agg.open_state(), 0, "closed windows free their state");
+    }
+
+    #[test]
+    fn window_join_emits_closed_windows_once_and_counts_late_rows() {
+        use arrow::datatypes::{Field, Schema, TimeUnit};
+        use datafusion::physical_expr::expressions::Column;
+        let side = |name: &str| {
+            Arc::new(Schema::new(vec![
+                Field::new(name, DataType::Int64, true),
+                Field::new(
+                    "window_start",
+                    DataType::Timestamp(TimeUnit::Microsecond, None),
+                    false,
+                ),
+            ]))
+        };
+        let (ls, rs) = (side("a"), side("b"));
+        let joined = Arc::new(Schema::new(
+            ls.fields()
+                .iter()
+                .chain(rs.fields().iter())
+                .map(|f| f.as_ref().clone())
+                .collect::<Vec<_>>(),
+        ));
+        let plan = WindowJoinPlan {
+            right: drizzle_planner::StreamInput {
+                stream: drizzle_planner::StreamDef {
+                    name: "r".into(),
+                    columns: vec![],
+                    watermark: None,
+                    options: Default::default(),
+                    partitions: 1,
+                    created_at_ms: 0,
+                },
+                window: None,
+                map_ops: vec![],
+            },
+            left_keys: vec![Arc::new(Column::new("a", 0))],
+            right_keys: vec![Arc::new(Column::new("b", 0))],
+            left_window: 1,
+            right_window: 1,
+            window_is_end: false,
+            size_us: 10,
+            filter: None,
+            schema: joined,
+            display: String::new(),
+        };
+        let batch = |schema: &SchemaRef, keys: Vec<Option<i64>>, starts: Vec<i64>| {
+            RecordBatch::try_new(
+                Arc::clone(schema),
+                vec![
+                    Arc::new(arrow::array::Int64Array::from(keys)),
+                    Arc::new(TimestampMicrosecondArray::from(starts)),
+                ],
+            )
+            .unwrap()
+        };
+        let mut exec = WindowJoinExec::new(plan);
+        // Window [0,10): keys 1, 1, NULL on the left; 1 and 2 on the right.
+        let out = exec
+            .process(
+                &[batch(&ls, vec![Some(1), Some(1), None], vec![0, 0, 0])],
+                &[batch(&rs, vec![Some(1), Some(2)], vec![0, 10])],
+                Some(5),
+            )
+            .unwrap();
+        assert!(out.chunks.is_empty(), "the watermark has not passed 10");
+        assert_eq!(exec.open_windows(), 2);
+        let out = exec.process(&[], &[], Some(10)).unwrap();
+        assert_eq!(out.chunks.len(), 1);
+        let (end, rows) = &out.chunks[0];
+        assert_eq!(*end, Some(10));
+        assert_eq!(
+            rows.num_rows(),
+            2,
+            "two left rows with key 1 match one right row; NULL never matches"
+        );
+        assert_eq!(exec.open_windows(), 1);
+        // A row for the closed window is late; the open one still joins.
+        let out = exec
+            .process(
+                &[batch(&ls, vec![Some(1), Some(2)], vec![0, 10])],
+                &[],
+                Some(20),
+            )
+            .unwrap();
+        assert_eq!(out.late, 1);
+        assert_eq!(out.chunks.len(), 1);
+        assert_eq!(out.chunks[0].1.num_rows(), 1);
+        assert_eq!(exec.open_windows(), 0);
     }
 }

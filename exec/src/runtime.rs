@@ -104,10 +104,8 @@ impl std::fmt::Display for Scheduling {
 pub struct QuerySpec {
     /// The plan.
     pub plan: StreamingPlan,
-    /// The source partitions (one map task each).
-    pub sources: Vec<SourcePartition>,
-    /// Where each source partition starts (row offset).
-    pub start_offsets: Vec<u64>,
+    /// The stream inputs, in the plan's order ([`StreamingPlan::inputs`]).
+    pub inputs: Vec<InputSpec>,
     /// The micro-batch interval.
     pub batch_interval: Duration,
     /// Micro-batches per group.
@@ -118,6 +116,16 @@ pub struct QuerySpec {
     pub reduce_partitions: u32,
     /// For SHOW QUERIES: the SQL or the view it feeds.
     pub label: String,
+}
+
+/// One stream input of a query: its source partitions (one map task each)
+/// and where each starts (row offset).
+#[derive(Debug, Clone)]
+pub struct InputSpec {
+    /// The source partitions.
+    pub sources: Vec<SourcePartition>,
+    /// Start offset per partition.
+    pub start_offsets: Vec<u64>,
 }
 
 /// Live counters of a query, shown by `SHOW QUERIES`.
@@ -274,8 +282,7 @@ struct CompiledQuery {
     plan: StreamingPlan,
     encoded_plan: Vec<u8>,
     scheduling: Scheduling,
-    sources: Vec<SourcePartition>,
-    start_offsets: Vec<u64>,
+    inputs: Vec<InputSpec>,
     reduce_partitions: u32,
     status: Arc<QueryStatus>,
     sink: mpsc::UnboundedSender<SinkMsg>,
@@ -298,14 +305,22 @@ impl CompiledQuery {
         Duration::from_nanos((self.interval.as_nanos() as u64).saturating_mul(b.0 + 1))
     }
 
-    fn map_partitions(&self) -> u32 {
-        self.sources.len() as u32
+    /// Map partitions of input stage `s`.
+    fn partitions(&self, s: usize) -> u32 {
+        self.inputs.get(s).map_or(0, |i| i.sources.len() as u32)
+    }
+
+    /// Map partitions over every input stage.
+    fn total_map_partitions(&self) -> u32 {
+        (0..self.inputs.len()).map(|s| self.partitions(s)).sum()
     }
 
     fn join(&self, id: u32) -> Option<&LookupJoinSpec> {
+        let right = self.plan.join.iter().flat_map(|j| j.right.map_ops.iter());
         self.plan
             .map_ops
             .iter()
+            .chain(right)
             .chain(&self.plan.post_ops)
             .find_map(|op| match op {
                 BatchOp::LookupJoin(spec) if spec.id == id => Some(spec.as_ref()),
@@ -478,11 +493,15 @@ impl CoordinatorRpc for CoordinatorService {
         let req = request.into_inner();
         let q = self.state.query(req.query)?;
         let source = q
-            .sources
-            .get(req.partition as usize)
+            .inputs
+            .get(req.stage as usize)
+            .and_then(|i| i.sources.get(req.partition as usize))
             .cloned()
             .ok_or_else(|| Status::invalid_argument("no such source partition"))?;
-        let schema = q.plan.stream.schema();
+        let schema = match (req.stage, &q.plan.join) {
+            (1, Some(j)) => j.right.stream.schema(),
+            _ => q.plan.stream.schema(),
+        };
         let (to, ipc) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<u8>)> {
             let to = source
                 .available(unix_us())
@@ -728,8 +747,7 @@ impl Runtime {
             id,
             encoded_plan,
             scheduling: spec.scheduling,
-            sources: spec.sources,
-            start_offsets: spec.start_offsets,
+            inputs: spec.inputs,
             reduce_partitions,
             status: Arc::clone(&status),
             sink: sink_tx,
@@ -750,7 +768,7 @@ impl Runtime {
         let final_tasks = if reduce_partitions > 0 {
             reduce_partitions
         } else {
-            query.map_partitions()
+            query.partitions(0)
         };
         tokio::spawn(collect(
             Arc::clone(&query),
@@ -882,13 +900,21 @@ impl Runtime {
             let mut sent_to = Vec::new();
             for (i, (_, _, client)) in placement.iter().enumerate() {
                 let i32_ = i as u32;
-                let map_tasks: Vec<pb::MapTaskSpec> = (0..query.map_partitions())
-                    .filter(|p| p % w == i32_)
-                    .map(|p| pb::MapTaskSpec {
-                        partition: p,
-                        start_offset: (!plan_sent[i]).then(|| query.start_offsets[p as usize]),
-                    })
-                    .collect();
+                // Input stage s's partition p lives on worker (offset_s + p) mod W.
+                let mut map_tasks: Vec<pb::MapTaskSpec> = Vec::new();
+                let mut offset = 0u32;
+                for (stage, input) in query.inputs.iter().enumerate() {
+                    let n = input.sources.len() as u32;
+                    map_tasks.extend((0..n).filter(|p| (offset + p) % w == i32_).map(|p| {
+                        pb::MapTaskSpec {
+                            partition: p,
+                            stage: stage as u32,
+                            start_offset: (!plan_sent[i])
+                                .then(|| input.start_offsets.get(p as usize).copied().unwrap_or(0)),
+                        }
+                    }));
+                    offset += n;
+                }
                 let reduce_tasks: Vec<u32> = (0..query.reduce_partitions)
                     .filter(|r| r % w == i32_)
                     .collect();
@@ -906,7 +932,7 @@ impl Runtime {
                         query.encoded_plan.clone()
                     },
                     mode: mode as i32,
-                    map_partitions: query.map_partitions(),
+                    map_partitions: query.partitions(0),
                     reduce_partitions: query.reduce_partitions,
                     reduce_placement: reduce_placement.clone(),
                     map_tasks,
@@ -915,7 +941,9 @@ impl Runtime {
                     label: query.status.label.clone(),
                     tables_version,
                     shuffle_inputs: if query.reduce_partitions > 0 {
-                        vec![query.map_partitions()]
+                        (0..query.inputs.len())
+                            .map(|s| query.partitions(s))
+                            .collect()
                     } else {
                         Vec::new()
                     },
@@ -965,7 +993,7 @@ impl Runtime {
                         let batch = notice.batch;
                         let list = barrier.entry(batch).or_default();
                         list.push(notice);
-                        if list.len() as u32 >= query.map_partitions() {
+                        if list.len() as u32 >= query.total_map_partitions() {
                             let notices = barrier.remove(&batch).unwrap_or_default();
                             let mut sends = Vec::new();
                             for &i in &reduce_workers {

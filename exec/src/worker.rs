@@ -35,7 +35,7 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use arrow_flight::FlightClient;
 use datafusion::execution::TaskContext;
-use drizzle_planner::{LookupJoinSpec, StreamingPlan};
+use drizzle_planner::{LookupJoinSpec, StreamInput, StreamingPlan};
 use drizzle_shuffle::{
     BatchId, BlockFlightService, BlockId, BlockStore, MapPartition, QueryId, ReducePartition,
     StageId,
@@ -53,6 +53,7 @@ use crate::cluster::{
 use crate::error::{ExecError, Result};
 use crate::ops::{
     apply_ops, partial_aggregate, AggregateFinalExec, JoinCache, TableEvaluator, WindowAssignExec,
+    WindowJoinExec,
 };
 use crate::source::{DatagenSource, MAX_BATCH_ROWS};
 
@@ -421,8 +422,9 @@ impl TableEvaluator for RemoteTables {
 enum TaskSource {
     /// Generated on the worker (row n is a pure function of n).
     Datagen(Arc<DatagenSource>, u32),
-    /// A built-in stream's log, read from the coordinator by range.
-    Log(u32),
+    /// A built-in stream's log, read from the coordinator by range:
+    /// (input stage, partition).
+    Log(u32, u32),
 }
 
 struct MapState {
@@ -434,6 +436,7 @@ struct MapState {
 
 struct ReduceState {
     agg: Option<AggregateFinalExec>,
+    join: Option<WindowJoinExec>,
     joins: JoinCache,
     last_batch: Option<u64>,
 }
@@ -472,17 +475,18 @@ impl PendingReduce {
 /// One query as this worker knows it.
 struct WorkerQuery {
     plan: StreamingPlan,
-    window_schema: Option<SchemaRef>,
+    /// The stream inputs (map stages) and their window-assigned schemas.
+    inputs: Vec<(StreamInput, Option<SchemaRef>)>,
     mode: SchedulingMode,
     /// Map partitions per shuffle input of the reduce stage.
     shuffle_inputs: Vec<u32>,
     reduce_partitions: u32,
     reduce_placement: Vec<String>,
     tables: RemoteTables,
-    maps: BTreeMap<MapPartition, MapState>,
+    maps: BTreeMap<(u32, MapPartition), MapState>,
     reduces: BTreeMap<ReducePartition, ReduceState>,
     /// Map tasks waiting for their trigger time.
-    pending_maps: BTreeMap<(u64, MapPartition), Instant>,
+    pending_maps: BTreeMap<(u64, u32, MapPartition), Instant>,
     /// Reduce tasks pre-scheduled, with the notices received so far.
     pending_reduces: BTreeMap<(u64, ReducePartition), PendingReduce>,
     /// Per group: tasks left, source ranges read.
@@ -493,6 +497,29 @@ struct WorkerQuery {
     late_rows: u64,
 }
 
+impl WorkerQuery {
+    /// The earliest runnable reduce task that is next in its partition.
+    fn next_reduce(&self) -> Option<(&(u64, ReducePartition), &PendingReduce)> {
+        let mut blocked: Vec<ReducePartition> = Vec::new();
+        for (key, p) in &self.pending_reduces {
+            let (b, r) = key;
+            if blocked.contains(r) {
+                continue;
+            }
+            let in_order = self
+                .reduces
+                .get(r)
+                .and_then(|s| s.last_batch)
+                .is_none_or(|last| *b == last + 1);
+            if in_order && p.runnable(&self.shuffle_inputs) {
+                return Some((key, p));
+            }
+            blocked.push(*r);
+        }
+        None
+    }
+}
+
 #[derive(Default)]
 struct GroupProgress {
     left: usize,
@@ -501,7 +528,7 @@ struct GroupProgress {
 }
 
 enum Task {
-    Map(QueryId, u64, MapPartition),
+    Map(QueryId, u64, u32, MapPartition),
     Reduce(QueryId, u64, ReducePartition),
 }
 
@@ -677,15 +704,22 @@ impl Scheduler {
                 });
             }
             let plan = drizzle_planner::decode_plan(&req.plan, &self.shared.task_ctx)?;
-            let window_schema = plan
-                .window
-                .as_ref()
-                .map(|_| drizzle_planner::codec::map_input_schema(&plan));
+            let inputs = plan
+                .inputs()
+                .into_iter()
+                .map(|input| {
+                    let schema = input
+                        .window
+                        .as_ref()
+                        .map(|w| drizzle_planner::codec::input_schema(&input.stream, Some(w)));
+                    (input, schema)
+                })
+                .collect();
             self.queries.insert(
                 qid,
                 WorkerQuery {
                     plan,
-                    window_schema,
+                    inputs,
                     mode,
                     shuffle_inputs: if req.shuffle_inputs.is_empty() {
                         vec![req.map_partitions]
@@ -719,16 +753,23 @@ impl Scheduler {
             .collect();
         for spec in &req.map_tasks {
             let p = MapPartition(spec.partition);
-            if !wq.maps.contains_key(&p) {
-                let source = match wq.plan.stream.connector() {
+            let key = (spec.stage, p);
+            if !wq.maps.contains_key(&key) {
+                let Some((input, _)) = wq.inputs.get(spec.stage as usize) else {
+                    return Err(ExecError::invalid(format!(
+                        "map stage {} does not exist",
+                        spec.stage
+                    )));
+                };
+                let source = match input.stream.connector() {
                     Some("datagen") => TaskSource::Datagen(
-                        Arc::new(DatagenSource::new(&wq.plan.stream)?),
+                        Arc::new(DatagenSource::new(&input.stream)?),
                         spec.partition,
                     ),
-                    _ => TaskSource::Log(spec.partition),
+                    _ => TaskSource::Log(spec.stage, spec.partition),
                 };
                 wq.maps.insert(
-                    p,
+                    key,
                     MapState {
                         source,
                         next_offset: spec.start_offset.unwrap_or(0),
@@ -738,13 +779,14 @@ impl Scheduler {
                 );
             }
             for (b, at) in &batches {
-                wq.pending_maps.insert((*b, p), *at);
+                wq.pending_maps.insert((*b, spec.stage, p), *at);
             }
         }
         for r in &req.reduce_tasks {
             let r = ReducePartition(*r);
             wq.reduces.entry(r).or_insert_with(|| ReduceState {
                 agg: wq.plan.aggregate.clone().map(AggregateFinalExec::new),
+                join: wq.plan.join.clone().map(WindowJoinExec::new),
                 joins: JoinCache::default(),
                 last_batch: None,
             });
@@ -788,21 +830,20 @@ impl Scheduler {
         let mut best: Option<(Instant, u8, Task)> = None;
         let mut wake: Option<Instant> = None;
         for (qid, wq) in &self.queries {
-            // Ready consumers: launched and every map partition's notice is in.
-            if let Some(((b, r), p)) = wq
-                .pending_reduces
-                .iter()
-                .find(|(_, p)| p.runnable(&wq.shuffle_inputs))
-            {
+            // Ready consumers: launched, every input's notices in, and the
+            // partition's previous batch done (notices of later batches can
+            // overtake earlier ones on the network; reduce state must see
+            // batches in order).
+            if let Some(((b, r), p)) = wq.next_reduce() {
                 let at = p.trigger.unwrap_or(now);
                 if best.as_ref().is_none_or(|(t, k, _)| (at, 0) < (*t, *k)) {
                     best = Some((at, 0, Task::Reduce(*qid, *b, *r)));
                 }
             }
-            if let Some(((b, p), at)) = wq.pending_maps.iter().next() {
+            if let Some(((b, s, p), at)) = wq.pending_maps.iter().next() {
                 if *at <= now {
                     if best.as_ref().is_none_or(|(t, k, _)| (*at, 1) < (*t, *k)) {
-                        best = Some((*at, 1, Task::Map(*qid, *b, *p)));
+                        best = Some((*at, 1, Task::Map(*qid, *b, *s, *p)));
                     }
                 } else {
                     wake = Some(wake.map_or(*at, |w: Instant| w.min(*at)));
@@ -835,11 +876,11 @@ impl Scheduler {
 
     fn run_task(&mut self, task: Task) {
         let (qid, b) = match &task {
-            Task::Map(q, b, _) | Task::Reduce(q, b, _) => (*q, *b),
+            Task::Map(q, b, _, _) | Task::Reduce(q, b, _) => (*q, *b),
         };
         // A panic in an operator fails the query, never the worker.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match task {
-            Task::Map(q, b, p) => self.run_map(q, b, p),
+            Task::Map(q, b, s, p) => self.run_map(q, b, s, p),
             Task::Reduce(q, b, r) => self.run_reduce(q, b, r),
         }))
         .unwrap_or_else(|panic| {
@@ -906,10 +947,11 @@ impl Scheduler {
                 }
                 Ok((to, vec![g.generate(*p, from, to)?]))
             }
-            TaskSource::Log(p) => {
+            TaskSource::Log(stage, p) => {
                 let mut client = shared.coordinator.clone();
                 let req = pb::ReadSourceRequest {
                     query: qid.0,
+                    stage: *stage,
                     partition: *p,
                     from,
                     max_rows: MAX_BATCH_ROWS,
@@ -924,7 +966,7 @@ impl Scheduler {
         }
     }
 
-    fn run_map(&mut self, qid: QueryId, b: u64, p: MapPartition) -> Result<()> {
+    fn run_map(&mut self, qid: QueryId, b: u64, stage: u32, p: MapPartition) -> Result<()> {
         self.shared
             .counters
             .map_tasks_run
@@ -933,10 +975,10 @@ impl Scheduler {
         let Some(wq) = self.queries.get_mut(&qid) else {
             return Ok(());
         };
-        wq.pending_maps.remove(&(b, p));
-        let Some(state) = wq.maps.get_mut(&p) else {
+        wq.pending_maps.remove(&(b, stage, p));
+        let Some(state) = wq.maps.get_mut(&(stage, p)) else {
             return Err(ExecError::invalid(format!(
-                "map partition {p} not on this worker"
+                "map partition {p} of stage {stage} not on this worker"
             )));
         };
         let from = state.next_offset;
@@ -944,15 +986,20 @@ impl Scheduler {
         state.next_offset = to;
         wq.rows_in += to - from;
         let plan = &wq.plan;
+        let Some((input, window_schema)) = wq.inputs.get(stage as usize) else {
+            return Err(ExecError::invalid(format!(
+                "map stage {stage} does not exist"
+            )));
+        };
         let mut outputs = Vec::with_capacity(pieces.len());
         for piece in pieces {
             let mut batch = piece;
-            if let (Some(spec), Some(schema)) = (&plan.window, &wq.window_schema) {
+            if let (Some(spec), Some(schema)) = (&input.window, window_schema) {
                 let assigned = state.window.assign(spec, schema, &batch)?;
                 wq.late_rows += assigned.late;
                 batch = assigned.batch;
             }
-            let mut out = apply_ops(&plan.map_ops, batch, &mut state.joins, &wq.tables)?;
+            let mut out = apply_ops(&input.map_ops, batch, &mut state.joins, &wq.tables)?;
             if let Some(agg) = &plan.aggregate {
                 out = partial_aggregate(agg, &out)?;
             }
@@ -960,7 +1007,7 @@ impl Scheduler {
                 outputs.push(out);
             }
         }
-        let watermark_us = plan
+        let watermark_us = input
             .window
             .as_ref()
             .and_then(|spec| state.window.watermark_us(spec));
@@ -971,10 +1018,28 @@ impl Scheduler {
                 partition: p.0,
                 from,
                 to,
+                stage,
             });
         }
-        match &plan.aggregate {
-            None => {
+        // What the shuffle hashes on.
+        let by: Vec<ShuffleKey> = match (&plan.aggregate, &plan.join) {
+            (Some(agg), _) => vec![ShuffleKey::Columns(agg.group_exprs.len())],
+            (None, Some(j)) => {
+                let (keys, window) = if stage == 0 {
+                    (&j.left_keys, j.left_window)
+                } else {
+                    (&j.right_keys, j.right_window)
+                };
+                if keys.is_empty() {
+                    vec![ShuffleKey::Column(window)]
+                } else {
+                    keys.iter()
+                        .map(|k| ShuffleKey::Expr(Arc::clone(k)))
+                        .collect()
+                }
+            }
+            (None, None) => {
+                // Map-only plan: this is the final stage.
                 let schema = outputs
                     .first()
                     .map(|o| o.schema())
@@ -986,92 +1051,93 @@ impl Scheduler {
                     std::mem::take(&mut wq.rows_in),
                     std::mem::take(&mut wq.late_rows),
                 );
-                self.deliver(qid, BatchId(b), p.0, chunks, rows_in, late)?;
+                return self.deliver(qid, BatchId(b), p.0, chunks, rows_in, late);
             }
-            Some(agg) => {
-                let k = agg.group_exprs.len();
-                let parts_n = wq.reduce_partitions as usize;
-                let mut per_reduce: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts_n];
-                for out in &outputs {
-                    let keys: Vec<_> = out.columns()[..k].to_vec();
-                    let parts = if k == 0 {
-                        let mut v = vec![out.clone()];
-                        v.extend((1..parts_n).map(|_| out.slice(0, 0)));
-                        v
-                    } else {
-                        drizzle_shuffle::hash_partition(out, &keys, parts_n)?
-                    };
-                    for (r, part) in parts.into_iter().enumerate() {
-                        if part.num_rows() > 0 {
-                            per_reduce[r].push(part);
-                        }
+        };
+        let parts_n = wq.reduce_partitions as usize;
+        let mut per_reduce: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts_n];
+        for out in &outputs {
+            let mut keys = Vec::new();
+            for k in &by {
+                match k {
+                    ShuffleKey::Columns(n) => keys.extend(out.columns()[..*n].iter().cloned()),
+                    ShuffleKey::Column(i) => keys.push(Arc::clone(out.column(*i))),
+                    ShuffleKey::Expr(e) => keys.push(e.evaluate(out)?.into_array(out.num_rows())?),
+                }
+            }
+            let parts = if keys.is_empty() {
+                let mut v = vec![out.clone()];
+                v.extend((1..parts_n).map(|_| out.slice(0, 0)));
+                v
+            } else {
+                drizzle_shuffle::hash_partition(out, &keys, parts_n)?
+            };
+            for (r, part) in parts.into_iter().enumerate() {
+                if part.num_rows() > 0 {
+                    per_reduce[r].push(part);
+                }
+            }
+        }
+        let mut rows = vec![0u32; parts_n];
+        for (r, parts) in per_reduce.iter().enumerate() {
+            let Some(first) = parts.first() else {
+                continue;
+            };
+            rows[r] = parts.iter().map(|b| b.num_rows() as u32).sum();
+            let bytes = drizzle_shuffle::encode_block(&first.schema(), parts)?;
+            let id = BlockId {
+                query: qid,
+                batch: BatchId(b),
+                stage: StageId(stage),
+                map: p,
+                reduce: ReducePartition(r as u32),
+            };
+            self.shared.store.put(id, bytes);
+        }
+        let notice = pb::MapOutputReady {
+            query: qid.0,
+            batch: b,
+            stage,
+            map: p.0,
+            rows,
+            watermark_us,
+            location: self.shared.address.clone(),
+            worker: self.shared.worker_id(),
+        };
+        if wq.mode == SchedulingMode::Bsp {
+            // BSP: the coordinator collects every map task's notice and
+            // launches the reduce tasks itself.
+            let mut client = self.shared.coordinator.clone();
+            self.shared.handle.spawn(async move {
+                if let Err(s) = client.map_done(notice).await {
+                    tracing::warn!("map completion report failed: {}", s.message());
+                }
+            });
+            return Ok(());
+        }
+        // One notice per consumer worker, pushed directly (no coordinator).
+        let mut targets = wq.reduce_placement.clone();
+        targets.sort();
+        targets.dedup();
+        for t in targets {
+            self.shared
+                .counters
+                .notices_sent
+                .fetch_add(1, Ordering::Relaxed);
+            if t == self.shared.address {
+                self.shared
+                    .counters
+                    .notices_received
+                    .fetch_add(1, Ordering::Relaxed);
+                self.add_notice(notice.clone());
+            } else {
+                let mut client = pb::worker_client::WorkerClient::new(self.shared.peer(&t)?);
+                let notice = notice.clone();
+                self.shared.handle.spawn(async move {
+                    if let Err(s) = client.map_output_ready(notice).await {
+                        tracing::warn!("notice to {t} failed: {}", s.message());
                     }
-                }
-                let mut rows = vec![0u32; parts_n];
-                for (r, parts) in per_reduce.iter().enumerate() {
-                    if parts.is_empty() {
-                        continue;
-                    }
-                    rows[r] = parts.iter().map(|b| b.num_rows() as u32).sum();
-                    let bytes = drizzle_shuffle::encode_block(&agg.partial_schema, parts)?;
-                    let id = BlockId {
-                        query: qid,
-                        batch: BatchId(b),
-                        stage: StageId(0),
-                        map: p,
-                        reduce: ReducePartition(r as u32),
-                    };
-                    self.shared.store.put(id, bytes);
-                }
-                let notice = pb::MapOutputReady {
-                    query: qid.0,
-                    batch: b,
-                    stage: 0,
-                    map: p.0,
-                    rows,
-                    watermark_us,
-                    location: self.shared.address.clone(),
-                    worker: self.shared.worker_id(),
-                };
-                if wq.mode == SchedulingMode::Bsp {
-                    // BSP: the coordinator collects every map task's notice
-                    // and launches the reduce tasks itself.
-                    let mut client = self.shared.coordinator.clone();
-                    self.shared.handle.spawn(async move {
-                        if let Err(s) = client.map_done(notice).await {
-                            tracing::warn!("map completion report failed: {}", s.message());
-                        }
-                    });
-                    return Ok(());
-                }
-                // One notice per consumer worker, pushed directly (no coordinator).
-                let mut targets = wq.reduce_placement.clone();
-                targets.sort();
-                targets.dedup();
-                for t in targets {
-                    self.shared
-                        .counters
-                        .notices_sent
-                        .fetch_add(1, Ordering::Relaxed);
-                    if t == self.shared.address {
-                        self.shared
-                            .counters
-                            .notices_received
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.add_notice(notice.clone());
-                    } else {
-                        let mut client = match self.shared.peer(&t) {
-                            Ok(c) => pb::worker_client::WorkerClient::new(c),
-                            Err(e) => return Err(e),
-                        };
-                        let notice = notice.clone();
-                        self.shared.handle.spawn(async move {
-                            if let Err(s) = client.map_output_ready(notice).await {
-                                tracing::warn!("notice to {t} failed: {}", s.message());
-                            }
-                        });
-                    }
-                }
+                });
             }
         }
         Ok(())
@@ -1126,7 +1192,8 @@ impl Scheduler {
             if n.rows.get(r.0 as usize).copied().unwrap_or(0) == 0 {
                 continue;
             }
-            partials.extend(self.fetch(qid, b, r, n)?);
+            let stage = n.stage;
+            partials.extend(self.fetch(qid, b, r, n)?.into_iter().map(|b| (stage, b)));
         }
         let Some(wq) = self.queries.get_mut(&qid) else {
             return Ok(());
@@ -1143,13 +1210,25 @@ impl Scheduler {
                 .fetch_add(1, Ordering::Relaxed);
         }
         state.last_batch = Some(b);
-        let Some(agg) = state.agg.as_mut() else {
-            return Err(ExecError::invalid(
-                "reduce task of a plan without aggregate",
-            ));
+        let watermark = watermark_of(&pending.notices, wq.shuffle_inputs.len());
+        let out = match (state.agg.as_mut(), state.join.as_mut()) {
+            (Some(agg), _) => {
+                let batches: Vec<RecordBatch> = partials.into_iter().map(|(_, b)| b).collect();
+                agg.process(&batches, watermark)?
+            }
+            (None, Some(join)) => {
+                let (left, right): (Vec<_>, Vec<_>) =
+                    partials.into_iter().partition(|(stage, _)| *stage == 0);
+                let left: Vec<RecordBatch> = left.into_iter().map(|(_, b)| b).collect();
+                let right: Vec<RecordBatch> = right.into_iter().map(|(_, b)| b).collect();
+                join.process(&left, &right, watermark)?
+            }
+            (None, None) => {
+                return Err(ExecError::invalid(
+                    "reduce task of a plan without aggregate or join",
+                ))
+            }
         };
-        let watermark = pending.notices.iter().filter_map(|n| n.watermark_us).min();
-        let out = agg.process(&partials, watermark)?;
         wq.late_rows += out.late;
         let mut chunks = Vec::with_capacity(out.chunks.len());
         for (w, batch) in out.chunks {
@@ -1199,6 +1278,33 @@ impl Scheduler {
     }
 }
 
+/// The watermark a reduce task may act on: per input, the minimum over the
+/// map partitions that have seen rows; over inputs, the minimum, and none
+/// until every input has one (a join must not close a window before the
+/// other side has spoken).
+fn watermark_of(notices: &[pb::MapOutputReady], inputs: usize) -> Option<i64> {
+    let mut overall: Option<i64> = None;
+    for stage in 0..inputs.max(1) {
+        let w = notices
+            .iter()
+            .filter(|n| n.stage as usize == stage)
+            .filter_map(|n| n.watermark_us)
+            .min()?;
+        overall = Some(overall.map_or(w, |o| o.min(w)));
+    }
+    overall
+}
+
+/// What a map stage's shuffle hashes on.
+enum ShuffleKey {
+    /// The first n columns (an aggregation's group columns).
+    Columns(usize),
+    /// One column (a window join without other keys: the window bound).
+    Column(usize),
+    /// An expression (a window join key).
+    Expr(Arc<dyn datafusion::physical_expr::PhysicalExpr>),
+}
+
 fn group_of(starts: &BTreeMap<u64, u64>, b: u64) -> u64 {
     starts
         .range(..=b)
@@ -1243,6 +1349,19 @@ mod tests {
             !p.runnable(&inputs),
             "not before the launch pre-scheduled it"
         );
+    }
+
+    #[test]
+    fn a_join_acts_on_a_watermark_only_once_both_inputs_have_one() {
+        let with = |stage, map, wm| pb::MapOutputReady {
+            watermark_us: wm,
+            ..notice(stage, map)
+        };
+        let left_only = [with(0, 0, Some(50)), with(0, 1, None)];
+        assert_eq!(watermark_of(&left_only, 2), None);
+        assert_eq!(watermark_of(&left_only, 1), Some(50));
+        let both = [with(0, 0, Some(50)), with(1, 0, Some(30)), with(1, 1, None)];
+        assert_eq!(watermark_of(&both, 2), Some(30));
     }
 
     #[test]

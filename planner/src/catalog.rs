@@ -89,6 +89,9 @@ pub struct ViewDef {
     /// Source offsets the view starts from, per partition (replayable).
     #[serde(default)]
     pub start_offsets: Vec<u64>,
+    /// Start offsets of further stream inputs (a window join's right stream).
+    #[serde(default)]
+    pub more_start_offsets: Vec<Vec<u64>>,
     /// Group size it runs with.
     #[serde(default = "default_group_size")]
     pub group_size: u32,

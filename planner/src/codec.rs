@@ -30,7 +30,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::StreamDef;
 use crate::error::{PlanError, Result};
-use crate::plan::{AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup};
+use crate::plan::{
+    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamInput, StreamingPlan, WindowGroup,
+    WindowJoinPlan,
+};
 use crate::providers::{WindowProvider, WindowSpec};
 
 #[derive(Serialize, Deserialize)]
@@ -39,6 +42,8 @@ struct PlanWire {
     window: Option<WindowSpec>,
     map_ops: Vec<OpWire>,
     aggregate: Option<AggregateWire>,
+    #[serde(default)]
+    join: Option<JoinWire>,
     post_ops: Vec<OpWire>,
     limit: Option<usize>,
     output_schema: Schema,
@@ -69,6 +74,24 @@ enum OpWire {
         schema: Schema,
         display: String,
     },
+}
+
+#[derive(Serialize, Deserialize)]
+struct JoinWire {
+    right_stream: StreamDef,
+    right_windowing: Option<WindowSpec>,
+    right_map_ops: Vec<OpWire>,
+    left_input: Schema,
+    right_input: Schema,
+    left_keys: Vec<Vec<u8>>,
+    right_keys: Vec<Vec<u8>>,
+    left_window: usize,
+    right_window: usize,
+    window_is_end: bool,
+    size_us: i64,
+    filter: Option<Vec<u8>>,
+    schema: Schema,
+    display: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -104,12 +127,17 @@ fn decode_expr(bytes: &[u8], ctx: &TaskContext, schema: &Schema) -> Result<Arc<d
 
 /// The schema the map ops start from: the stream's, plus window bounds.
 pub fn map_input_schema(plan: &StreamingPlan) -> SchemaRef {
-    match &plan.window {
+    input_schema(&plan.stream, plan.window.as_ref())
+}
+
+/// The schema a stream input's map ops start from.
+pub fn input_schema(stream: &StreamDef, window: Option<&WindowSpec>) -> SchemaRef {
+    match window {
         Some(spec) => datafusion::datasource::TableProvider::schema(&WindowProvider::new(
-            plan.stream.clone(),
+            stream.clone(),
             spec.clone(),
         )),
-        None => plan.stream.schema(),
+        None => stream.schema(),
     }
 }
 
@@ -264,15 +292,73 @@ fn decode_aggregate(wire: AggregateWire, ctx: &TaskContext) -> Result<AggregateP
     })
 }
 
+fn encode_join(j: &WindowJoinPlan, left_input: SchemaRef) -> Result<JoinWire> {
+    let (right_map_ops, right_input) = encode_ops(
+        &j.right.map_ops,
+        input_schema(&j.right.stream, j.right.window.as_ref()),
+    )?;
+    Ok(JoinWire {
+        right_stream: j.right.stream.clone(),
+        right_windowing: j.right.window.clone(),
+        right_map_ops,
+        left_input: left_input.as_ref().clone(),
+        right_input: right_input.as_ref().clone(),
+        left_keys: j.left_keys.iter().map(encode_expr).collect::<Result<_>>()?,
+        right_keys: j
+            .right_keys
+            .iter()
+            .map(encode_expr)
+            .collect::<Result<_>>()?,
+        left_window: j.left_window,
+        right_window: j.right_window,
+        window_is_end: j.window_is_end,
+        size_us: j.size_us,
+        filter: j.filter.as_ref().map(encode_expr).transpose()?,
+        schema: j.schema.as_ref().clone(),
+        display: j.display.clone(),
+    })
+}
+
+fn decode_join(w: JoinWire, ctx: &TaskContext) -> Result<WindowJoinPlan> {
+    let keys = |k: &[Vec<u8>], schema: &Schema| -> Result<Vec<Arc<dyn PhysicalExpr>>> {
+        k.iter().map(|e| decode_expr(e, ctx, schema)).collect()
+    };
+    Ok(WindowJoinPlan {
+        right: StreamInput {
+            stream: w.right_stream,
+            window: w.right_windowing,
+            map_ops: decode_ops(w.right_map_ops, ctx)?,
+        },
+        left_keys: keys(&w.left_keys, &w.left_input)?,
+        right_keys: keys(&w.right_keys, &w.right_input)?,
+        left_window: w.left_window,
+        right_window: w.right_window,
+        window_is_end: w.window_is_end,
+        size_us: w.size_us,
+        filter: w
+            .filter
+            .map(|f| decode_expr(&f, ctx, &w.schema))
+            .transpose()?,
+        schema: Arc::new(w.schema),
+        display: w.display,
+    })
+}
+
 /// Encodes a plan for a worker.
 pub fn encode_plan(plan: &StreamingPlan) -> Result<Vec<u8>> {
     let (map_ops, after_map) = encode_ops(&plan.map_ops, map_input_schema(plan))?;
-    let (aggregate, post_input) = match &plan.aggregate {
-        Some(agg) => (
+    let join = plan
+        .join
+        .as_ref()
+        .map(|j| encode_join(j, Arc::clone(&after_map)))
+        .transpose()?;
+    let (aggregate, post_input) = match (&plan.aggregate, &plan.join) {
+        (Some(agg), _) => (
             Some(encode_aggregate(agg, after_map)?),
             Arc::clone(&agg.output_schema),
         ),
-        None => (None, after_map),
+        (None, Some(j)) => (None, Arc::clone(&j.schema)),
+        (None, None) => (None, after_map),
     };
     let (post_ops, _) = encode_ops(&plan.post_ops, post_input)?;
     let wire = PlanWire {
@@ -280,6 +366,7 @@ pub fn encode_plan(plan: &StreamingPlan) -> Result<Vec<u8>> {
         window: plan.window.clone(),
         map_ops,
         aggregate,
+        join,
         post_ops,
         limit: plan.limit,
         output_schema: plan.output_schema.as_ref().clone(),
@@ -300,6 +387,7 @@ pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> Result<StreamingPlan> {
             .aggregate
             .map(|a| decode_aggregate(a, ctx))
             .transpose()?,
+        join: wire.join.map(|j| decode_join(j, ctx)).transpose()?,
         post_ops: decode_ops(wire.post_ops, ctx)?,
         limit: wire.limit,
         output_schema: Arc::new(wire.output_schema),

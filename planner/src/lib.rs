@@ -38,7 +38,10 @@ pub use error::{PlanError, Result};
 pub use lower::{
     plan_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation, RelationResolver,
 };
-pub use plan::{AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup};
+pub use plan::{
+    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamInput, StreamingPlan, WindowGroup,
+    WindowJoinPlan,
+};
 pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
 pub use statement::{parse_statements, CopyOptions, DrizzleStatement, ObjectKind};
 

@@ -28,7 +28,10 @@ use datafusion::sql::sqlparser::ast::Query;
 
 use crate::catalog::StreamDef;
 use crate::error::{PlanError, Result};
-use crate::plan::{AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup};
+use crate::plan::{
+    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamInput, StreamingPlan, WindowGroup,
+    WindowJoinPlan,
+};
 use crate::providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
 
 /// A relation a name resolves to.
@@ -332,17 +335,129 @@ struct Lowered {
     window: Option<WindowSpec>,
     map_ops: Vec<BatchOp>,
     aggregate: Option<AggregatePlan>,
+    join: Option<WindowJoinPlan>,
     post_ops: Vec<BatchOp>,
 }
 
 impl Lowered {
     fn push(&mut self, op: BatchOp) {
-        if self.aggregate.is_some() {
+        if self.aggregate.is_some() || self.join.is_some() {
             self.post_ops.push(op);
         } else {
             self.map_ops.push(op);
         }
     }
+}
+
+/// `window_start` / `window_end` of a window table function, by column.
+fn window_bound(e: &Expr) -> Option<&str> {
+    match e {
+        Expr::Column(c) if c.name == "window_start" || c.name == "window_end" => {
+            Some(c.name.as_str())
+        }
+        _ => None,
+    }
+}
+
+/// A join of two streams: a window join, both sides windowed alike and
+/// joined on their window bound.
+fn lower_window_join(
+    j: &datafusion::logical_expr::logical_plan::Join,
+    props: &datafusion::execution::context::ExecutionProps,
+) -> Result<Lowered> {
+    const HINT: &str = "a join of two streams is a window join: window both sides with the same \
+        TUMBLE or HOP and join ON l.key = r.key AND l.window_start = r.window_start";
+    if j.join_type != JoinType::Inner {
+        return Err(PlanError::unsupported_hint(
+            format!("a {} join of two streams", j.join_type),
+            "use an inner window join",
+        ));
+    }
+    let left = lower_node(&j.left)?;
+    let right = lower_node(&j.right)?;
+    for side in [&left, &right] {
+        if side.aggregate.is_some() || side.join.is_some() {
+            return Err(PlanError::unsupported_hint(
+                "a join of an aggregated or joined stream",
+                HINT,
+            ));
+        }
+    }
+    let (Some(lw), Some(rw)) = (&left.window, &right.window) else {
+        return Err(PlanError::unsupported_hint(
+            "a join of two unwindowed streams",
+            HINT,
+        ));
+    };
+    if (lw.kind, lw.size_ms, lw.slide_ms) != (rw.kind, rw.size_ms, rw.slide_ms) {
+        return Err(PlanError::unsupported_hint(
+            "a join of streams windowed differently",
+            HINT,
+        ));
+    }
+    let mut bound = None;
+    let mut left_keys = Vec::new();
+    let mut right_keys = Vec::new();
+    let mut display = Vec::new();
+    for (l, r) in &j.on {
+        display.push(format!("{l} = {r}"));
+        match (window_bound(l), window_bound(r)) {
+            (Some(a), Some(b)) if a == b && bound.is_none() => {
+                let index = |e: &Expr, schema: &DFSchema| -> Result<usize> {
+                    match e {
+                        Expr::Column(c) => Ok(schema.index_of_column(c)?),
+                        _ => Err(PlanError::unsupported_hint(
+                            "a window bound expression",
+                            HINT,
+                        )),
+                    }
+                };
+                bound = Some((
+                    index(l, j.left.schema())?,
+                    index(r, j.right.schema())?,
+                    a == "window_end",
+                ));
+            }
+            _ => {
+                left_keys.push(physical(l, j.left.schema(), props)?);
+                right_keys.push(physical(r, j.right.schema(), props)?);
+            }
+        }
+    }
+    let Some((left_window, right_window, window_is_end)) = bound else {
+        return Err(PlanError::unsupported_hint(
+            "a join of two streams without equal window bounds in ON",
+            HINT,
+        ));
+    };
+    let filter = j
+        .filter
+        .as_ref()
+        .map(|f| physical(f, &j.schema, props))
+        .transpose()?;
+    Ok(Lowered {
+        stream: left.stream,
+        window: left.window.clone(),
+        map_ops: left.map_ops,
+        aggregate: None,
+        join: Some(WindowJoinPlan {
+            right: StreamInput {
+                stream: right.stream,
+                window: right.window.clone(),
+                map_ops: right.map_ops,
+            },
+            left_keys,
+            right_keys,
+            left_window,
+            right_window,
+            window_is_end,
+            size_us: lw.size_ms * 1000,
+            filter,
+            schema: Arc::new(j.schema.as_arrow().clone()),
+            display: display.join(", "),
+        }),
+        post_ops: Vec::new(),
+    })
 }
 
 fn physical(
@@ -365,6 +480,7 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
     let lowered = lower_node(body)?;
     let output_schema: SchemaRef = Arc::new(body.schema().as_arrow().clone());
     let emit = match &lowered.aggregate {
+        None if lowered.join.is_some() => EmitMode::OnWindowClose,
         None => EmitMode::Append,
         Some(a) if a.window.is_some() => EmitMode::OnWindowClose,
         Some(_) => EmitMode::Upsert,
@@ -392,8 +508,13 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
             .collect()
     };
     let map_ops = number_joins(lowered.map_ops);
+    let mut join = lowered.join;
+    if let Some(j) = join.as_mut() {
+        j.right.map_ops = number_joins(std::mem::take(&mut j.right.map_ops));
+    }
     let post_ops = number_joins(lowered.post_ops);
     Ok(StreamingPlan {
+        join,
         upsert_keys,
         stream: lowered.stream,
         window: lowered.window,
@@ -485,6 +606,7 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
                 )));
             };
             let mut lowered = Lowered {
+                join: None,
                 stream,
                 window,
                 map_ops: Vec::new(),
@@ -536,10 +658,7 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
             let left_stream = reads_stream(&j.left);
             let right_stream = reads_stream(&j.right);
             if left_stream && right_stream {
-                return Err(PlanError::unsupported_hint(
-                    "a join of two streams",
-                    "join a stream with tables or materialized views",
-                ));
+                return lower_window_join(j, &props);
             }
             if j.on.is_empty() {
                 return Err(PlanError::unsupported_hint(
@@ -565,6 +684,11 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
             let mut lowered = lower_node(stream_side)?;
             if lowered.aggregate.is_some() {
                 return Err(PlanError::unsupported("joining the result of an aggregation"));
+            }
+            if lowered.join.is_some() {
+                return Err(PlanError::unsupported(
+                    "a lookup join on the result of a stream-stream join",
+                ));
             }
             let mut stream_keys = Vec::new();
             let mut table_keys = Vec::new();
@@ -604,6 +728,12 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
             let mut lowered = lower_node(&a.input)?;
             if lowered.aggregate.is_some() {
                 return Err(PlanError::unsupported("an aggregation over an aggregation"));
+            }
+            if lowered.join.is_some() {
+                return Err(PlanError::unsupported_hint(
+                    "an aggregation over a stream-stream join",
+                    "aggregate each stream first, or join a stream with a materialized view",
+                ));
             }
             let input_schema = a.input.schema();
             let physical_input = input_schema.as_arrow();
@@ -704,8 +834,8 @@ mod tests {
     impl RelationResolver for Fixture {
         fn resolve(&self, name: &str) -> Option<Relation> {
             match name {
-                "events" => Some(Relation::Stream(StreamDef {
-                    name: "events".into(),
+                "events" | "clicks" => Some(Relation::Stream(StreamDef {
+                    name: name.into(),
                     columns: vec![
                         col("ad_id", DataType::Int64),
                         col("kind", DataType::Utf8),
@@ -787,6 +917,55 @@ mod tests {
             }
         }
         assert!(crate::codec::decode_plan(b"not a plan", &ctx).is_err());
+    }
+
+    #[test]
+    fn window_join_of_two_streams_has_two_map_stages_and_survives_the_wire() {
+        let sql = "SELECT e.ad_id, c.kind, e.window_start \
+             FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+             JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c \
+             ON e.ad_id = c.ad_id AND e.window_start = c.window_start WHERE c.kind <> 'x'";
+        let p = continuous(sql);
+        assert_eq!(p.emit, EmitMode::OnWindowClose);
+        assert!(p.has_shuffle());
+        let j = p.join.as_ref().expect("a window join");
+        assert_eq!(j.right.stream.name, "clicks");
+        assert_eq!((j.left_keys.len(), j.right_keys.len()), (1, 1));
+        assert!(!j.window_is_end);
+        let stages = p.stages(3);
+        assert_eq!(stages.len(), 3);
+        assert!(stages[2]
+            .operators
+            .iter()
+            .any(|o| o.starts_with("WindowJoinExec")));
+        assert!(
+            stages[1]
+                .operators
+                .iter()
+                .any(|o| o.starts_with("FilterExec")),
+            "filter pushed into the right input"
+        );
+        let ctx = crate::new_session_context().task_ctx();
+        let back =
+            crate::codec::decode_plan(&crate::codec::encode_plan(&p).unwrap(), &ctx).unwrap();
+        let ops = |p: &StreamingPlan| -> Vec<Vec<String>> {
+            p.stages(3).into_iter().map(|s| s.operators).collect()
+        };
+        assert_eq!(ops(&back), ops(&p));
+        assert_eq!(back.join.as_ref().unwrap().schema, j.schema);
+        for bad in [
+            "SELECT * FROM events e JOIN clicks c ON e.ad_id = c.ad_id",
+            "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+             JOIN TUMBLE(clicks, ts, INTERVAL '5' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
+            "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+             JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c ON e.ad_id = c.ad_id",
+            "SELECT count(*) FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+             JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
+            "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+             LEFT JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
+        ] {
+            assert!(matches!(plan(bad), Err(PlanError::Unsupported { .. })), "{bad}");
+        }
     }
 
     #[test]

@@ -70,6 +70,46 @@ pub struct LookupJoinSpec {
     pub display: String,
 }
 
+/// A stream input of a plan: its source, window assignment and stateless
+/// map kernels (the second input of a window join).
+#[derive(Debug, Clone)]
+pub struct StreamInput {
+    /// The stream read.
+    pub stream: StreamDef,
+    /// Window assignment applied to the source rows.
+    pub window: Option<WindowSpec>,
+    /// Stateless kernels of this input's map stage.
+    pub map_ops: Vec<BatchOp>,
+}
+
+/// A window join of two streams: both inputs are shuffled by the join key
+/// into the reduce stage, which keeps each open window's rows of both sides
+/// and joins them once the watermark (the minimum over both inputs) passes
+/// the window's end.
+#[derive(Debug, Clone)]
+pub struct WindowJoinPlan {
+    /// The right input (the left one is the plan's own stream).
+    pub right: StreamInput,
+    /// Equi-join keys over the left input's map output (window bound excluded).
+    pub left_keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// Equi-join keys over the right input's map output.
+    pub right_keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// Column of the window bound (start or end) in the left map output.
+    pub left_window: usize,
+    /// Column of the window bound in the right map output.
+    pub right_window: usize,
+    /// True when the joined bound is `window_end` (else `window_start`).
+    pub window_is_end: bool,
+    /// Window size in microseconds.
+    pub size_us: i64,
+    /// Extra (non-equi) condition over the joined schema.
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+    /// The joined schema: left columns then right columns.
+    pub schema: SchemaRef,
+    /// The ON clause as SQL, for EXPLAIN.
+    pub display: String,
+}
+
 /// Which group column carries the window, so the reduce side can close it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WindowGroup {
@@ -132,6 +172,8 @@ pub struct StreamingPlan {
     pub map_ops: Vec<BatchOp>,
     /// The stateful aggregation, if any.
     pub aggregate: Option<AggregatePlan>,
+    /// A window join with a second stream, if any (never with `aggregate`).
+    pub join: Option<WindowJoinPlan>,
     /// Kernels after the aggregation (HAVING, projection).
     pub post_ops: Vec<BatchOp>,
     /// `LIMIT n`: the query ends after n rows.
@@ -146,31 +188,72 @@ pub struct StreamingPlan {
 }
 
 impl StreamingPlan {
-    /// True when the plan has a shuffle (an aggregation), i.e. two stages.
+    /// True when the plan has a shuffle (an aggregation or a window join).
     pub fn has_shuffle(&self) -> bool {
-        self.aggregate.is_some()
+        self.aggregate.is_some() || self.join.is_some()
+    }
+
+    /// The stream inputs: the plan's own stream, then a window join's right one.
+    pub fn inputs(&self) -> Vec<StreamInput> {
+        let mut v = vec![StreamInput {
+            stream: self.stream.clone(),
+            window: self.window.clone(),
+            map_ops: self.map_ops.clone(),
+        }];
+        if let Some(j) = &self.join {
+            v.push(j.right.clone());
+        }
+        v
     }
 
     /// The stages of the plan, for EXPLAIN and the scheduler.
     pub fn stages(&self, reduce_partitions: usize) -> Vec<StageDesc> {
-        let mut map_ops = vec![format!(
-            "StreamScanExec: stream={}, partitions={}, source={}",
-            self.stream.name,
-            self.stream.partitions,
-            self.stream.connector().unwrap_or("log")
-        )];
-        if let Some(w) = &self.window {
-            let kind = match w.kind {
-                WindowKind::Tumble => format!("TUMBLE(size={}ms)", w.size_ms),
-                WindowKind::Hop => format!("HOP(slide={}ms, size={}ms)", w.slide_ms, w.size_ms),
-            };
-            map_ops.push(format!(
-                "WindowAssignExec: {kind} on {}, watermark={} - {}ms, late rows dropped",
-                w.time_column_name, w.time_column_name, w.watermark_delay_ms
-            ));
-        }
-        map_ops.extend(self.map_ops.iter().map(describe_op));
+        let mut map_ops = describe_input(&self.stream, self.window.as_ref(), &self.map_ops);
         let mut stages = Vec::new();
+        if let Some(j) = &self.join {
+            let keys = |k: &[Arc<dyn PhysicalExpr>]| {
+                k.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let shuffle = |k: String| {
+                format!("ShuffleWriteExec: hash([{k}]) into {reduce_partitions} partitions")
+            };
+            map_ops.push(shuffle(keys(&j.left_keys)));
+            stages.push(StageDesc {
+                id: 0,
+                name: "map, left".into(),
+                tasks: self.stream.partitions.to_string(),
+                operators: map_ops,
+            });
+            let mut right =
+                describe_input(&j.right.stream, j.right.window.as_ref(), &j.right.map_ops);
+            right.push(shuffle(keys(&j.right_keys)));
+            stages.push(StageDesc {
+                id: 1,
+                name: "map, right".into(),
+                tasks: j.right.stream.partitions.to_string(),
+                operators: right,
+            });
+            let mut reduce_ops = vec![
+                "ShuffleReadExec: from stages 0 and 1, pre-scheduled, waits for both".to_string(),
+                format!(
+                    "WindowJoinExec: inner, on=[{}]{}, state=rows per open window, emitted when the watermark passes the window end",
+                    j.display,
+                    j.filter.as_ref().map(|f| format!(", filter={f}")).unwrap_or_default()
+                ),
+            ];
+            reduce_ops.extend(self.post_ops.iter().map(describe_op));
+            reduce_ops.push(format!("SinkExec: emit={}", self.emit));
+            stages.push(StageDesc {
+                id: 2,
+                name: "reduce".into(),
+                tasks: reduce_partitions.to_string(),
+                operators: reduce_ops,
+            });
+            return stages;
+        }
         match &self.aggregate {
             None => {
                 map_ops.extend(self.post_ops.iter().map(describe_op));
@@ -266,6 +349,27 @@ pub struct StageDesc {
     pub tasks: String,
     /// Operators, source first.
     pub operators: Vec<String>,
+}
+
+fn describe_input(stream: &StreamDef, window: Option<&WindowSpec>, ops: &[BatchOp]) -> Vec<String> {
+    let mut out = vec![format!(
+        "StreamScanExec: stream={}, partitions={}, source={}",
+        stream.name,
+        stream.partitions,
+        stream.connector().unwrap_or("log")
+    )];
+    if let Some(w) = window {
+        let kind = match w.kind {
+            WindowKind::Tumble => format!("TUMBLE(size={}ms)", w.size_ms),
+            WindowKind::Hop => format!("HOP(slide={}ms, size={}ms)", w.slide_ms, w.size_ms),
+        };
+        out.push(format!(
+            "WindowAssignExec: {kind} on {}, watermark={} - {}ms, late rows dropped",
+            w.time_column_name, w.time_column_name, w.watermark_delay_ms
+        ));
+    }
+    out.extend(ops.iter().map(describe_op));
+    out
 }
 
 fn describe_op(op: &BatchOp) -> String {

@@ -17,7 +17,7 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::ast::Query;
-use drizzle_exec::runtime::QuerySpec;
+use drizzle_exec::runtime::{InputSpec, QuerySpec};
 use drizzle_exec::source::open_source;
 use drizzle_exec::{QueryHandle, Runtime, RuntimeConfig, Scheduling, TableEvaluator};
 use drizzle_planner::{
@@ -355,11 +355,21 @@ impl Engine {
         settings: &Settings,
         label: String,
     ) -> Result<QueryHandle, PgError> {
-        let (sources, offsets) = self.open_sources(&plan.stream, settings.start_latest)?;
+        let inputs = plan
+            .inputs()
+            .iter()
+            .map(|input| {
+                let (sources, start_offsets) =
+                    self.open_sources(&input.stream, settings.start_latest)?;
+                Ok(InputSpec {
+                    sources,
+                    start_offsets,
+                })
+            })
+            .collect::<Result<Vec<_>, PgError>>()?;
         let spec = QuerySpec {
             plan,
-            sources,
-            start_offsets: offsets,
+            inputs,
             batch_interval: settings.batch_interval,
             group_size: settings.group_size,
             scheduling: settings.scheduling,
@@ -460,13 +470,19 @@ impl Engine {
                         "LIMIT in a materialized view is not supported",
                     ));
                 }
-                let (_, offsets) = self.open_sources(&plan.stream, settings.start_latest)?;
+                let mut offsets = Vec::new();
+                for input in plan.inputs() {
+                    offsets.push(self.open_sources(&input.stream, settings.start_latest)?.1);
+                }
+                let more_start_offsets = offsets.split_off(1.min(offsets.len()));
+                let offsets = offsets.pop().unwrap_or_default();
                 let def = ViewDef {
                     name: name.clone(),
                     query: query.to_string(),
                     batch_interval_us: settings.batch_interval.as_micros() as u64,
                     parallelism: self.reduce_partitions(settings),
                     start_offsets: offsets,
+                    more_start_offsets,
                     group_size: settings.group_size,
                 };
                 let store = Arc::new(new_view_store(&plan)?);
@@ -1082,20 +1098,33 @@ impl Engine {
         plan: StreamingPlan,
         store: Arc<ViewStore>,
     ) -> Result<(), PgError> {
-        let log = self.catalog.stream_log(&plan.stream.name);
-        let sources = open_source(&plan.stream, log.as_ref())?;
-        let mut offsets = def.start_offsets.clone();
-        offsets.resize(sources.len(), 0);
         let now_us = now_ms() * 1000;
-        for (o, s) in offsets.iter_mut().zip(&sources) {
-            if matches!(s, drizzle_exec::source::SourcePartition::Datagen(..)) {
-                *o = s.available(now_us);
+        let mut inputs = Vec::new();
+        for (i, input) in plan.inputs().iter().enumerate() {
+            let log = self.catalog.stream_log(&input.stream.name);
+            let sources = open_source(&input.stream, log.as_ref())?;
+            let mut offsets = match i {
+                0 => def.start_offsets.clone(),
+                i => def
+                    .more_start_offsets
+                    .get(i - 1)
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            offsets.resize(sources.len(), 0);
+            for (o, s) in offsets.iter_mut().zip(&sources) {
+                if matches!(s, drizzle_exec::source::SourcePartition::Datagen(..)) {
+                    *o = s.available(now_us);
+                }
             }
+            inputs.push(InputSpec {
+                sources,
+                start_offsets: offsets,
+            });
         }
         let spec = QuerySpec {
             plan,
-            sources,
-            start_offsets: offsets,
+            inputs,
             batch_interval: Duration::from_micros(def.batch_interval_us.max(1)),
             group_size: def.group_size.max(1),
             scheduling: self.config.scheduling,

@@ -5,6 +5,8 @@
 //!   counted on both ends, and never one per micro-batch;
 //! * pre-scheduling: reduce tasks start from worker-to-worker notices, with
 //!   no coordinator message inside a group (BSP is the contrast);
+//! * a window join's reduce tasks wait for the notices of both shuffled
+//!   inputs;
 //! * batches complete in order; shuffle blocks cross workers over Flight;
 //! * queries wait for a first worker, or fail clearly after the wait;
 //! * the protocol version is checked at registration.
@@ -151,6 +153,68 @@ fn bsp_mode_launches_every_batch_and_reduces_from_the_coordinator() {
             assert!(num(w, "reduces_started_by_coordinator") > 10, "{w:?}");
             assert_eq!(num(w, "reduces_started_by_notices"), 0, "{w:?}");
         }
+        anyhow::Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e:#}\n{}", cluster.logs());
+    }
+}
+
+#[test]
+fn a_window_join_reads_both_shuffled_inputs_before_each_reduce() {
+    let cluster = TestCluster::start(bin(), 3, &[]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let client = cluster.server.client().await?;
+        // Input 0 has 3 map partitions, input 1 has 2: every reduce task
+        // needs 5 notices.
+        client
+            .batch_execute(
+                "CREATE STREAM a (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
+                 WITH (connector = 'datagen', rows_per_second = '900', partitions = '3', \
+                       fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '29'); \
+                 CREATE STREAM b (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
+                 WITH (connector = 'datagen', rows_per_second = '600', partitions = '2', \
+                       fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '29'); \
+                 SET batch_interval = '20ms'; SET group_size = 10; \
+                 CREATE MATERIALIZED VIEW pairs AS SELECT a.window_start, a.k, b.ts AS b_ts \
+                   FROM TUMBLE(a, ts, INTERVAL '200' MILLISECOND) a \
+                   JOIN TUMBLE(b, ts, INTERVAL '200' MILLISECOND) b \
+                   ON a.k = b.k AND a.window_start = b.window_start",
+            )
+            .await?;
+        let workers = eventually(Duration::from_secs(60), || async {
+            let rows = show(&client, "SHOW WORKERS").await?;
+            Ok(
+                (rows.len() == 3 && rows.iter().all(|w| num(w, "reduce_tasks") > 30))
+                    .then_some(rows),
+            )
+        })
+        .await?;
+        for w in &workers {
+            // One notice per map task of either input reaches each consumer
+            // worker before the reduce task of that batch can run.
+            assert!(
+                num(w, "notices_received") >= 5 * num(w, "reduce_tasks"),
+                "each reduce task waited for both inputs: {w:?}"
+            );
+            assert_eq!(num(w, "out_of_order_reduces"), 0, "{w:?}");
+            assert_eq!(num(w, "reduces_started_by_coordinator"), 0, "{w:?}");
+        }
+        // Joined rows arrive: window bounds equal on both sides.
+        let rows = eventually(Duration::from_secs(30), || async {
+            let rows = client.simple_query("SELECT count(*) FROM pairs").await?;
+            let n: u64 = rows
+                .iter()
+                .find_map(|m| match m {
+                    SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            Ok((n > 0).then_some(n))
+        })
+        .await?;
+        assert!(rows > 0);
         anyhow::Ok(())
     });
     if let Err(e) = result {
