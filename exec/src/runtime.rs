@@ -361,6 +361,53 @@ impl State {
     }
 }
 
+impl State {
+    fn on_group_report(&self, report: pb::GroupReport) {
+        if let Ok(q) = self.query(report.query) {
+            q.status
+                .rows_in
+                .fetch_add(report.rows_in, Ordering::Relaxed);
+            q.status
+                .late_rows
+                .fetch_add(report.late_rows, Ordering::Relaxed);
+            let _ = q.reports.send(report);
+        }
+    }
+
+    /// A final-stage task's output (or failure) for the query's collector.
+    fn on_output(&self, out: pb::TaskOutput) {
+        let Ok(q) = self.query(out.query) else {
+            // The query ended; its late results have nowhere to go.
+            return;
+        };
+        q.status.rows_in.fetch_add(out.rows_in, Ordering::Relaxed);
+        q.status
+            .late_rows
+            .fetch_add(out.late_rows, Ordering::Relaxed);
+        if let Some(message) = out.error {
+            let _ = q.sink.send(SinkMsg::Failed(ExecError::Remote {
+                code: out.error_code,
+                message,
+            }));
+            return;
+        }
+        let mut chunks = Vec::with_capacity(out.chunks.len());
+        for c in out.chunks {
+            match from_ipc(c.ipc) {
+                Ok(batches) => chunks.extend(batches.into_iter().map(|b| (c.window_end, b))),
+                Err(e) => {
+                    let _ = q.sink.send(SinkMsg::Failed(e));
+                    return;
+                }
+            }
+        }
+        let _ = q.sink.send(SinkMsg::Output {
+            batch: BatchId(out.batch),
+            chunks,
+        });
+    }
+}
+
 struct CoordinatorService {
     state: Arc<State>,
 }
@@ -425,63 +472,24 @@ impl CoordinatorRpc for CoordinatorService {
         Ok(Response::new(pb::HeartbeatResponse { known }))
     }
 
-    async fn report_group(
+    async fn events(
         &self,
-        request: Request<pb::GroupReport>,
+        request: Request<tonic::Streaming<pb::WorkerEvent>>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
-        let report = request.into_inner();
-        if let Ok(q) = self.state.query(report.query) {
-            q.status
-                .rows_in
-                .fetch_add(report.rows_in, Ordering::Relaxed);
-            q.status
-                .late_rows
-                .fetch_add(report.late_rows, Ordering::Relaxed);
-            let _ = q.reports.send(report);
-        }
-        Ok(Response::new(pb::Ack {}))
-    }
-
-    async fn deliver_output(
-        &self,
-        request: Request<pb::TaskOutput>,
-    ) -> std::result::Result<Response<pb::Ack>, Status> {
-        let out = request.into_inner();
-        let Ok(q) = self.state.query(out.query) else {
-            // The query ended; its late results have nowhere to go.
-            return Ok(Response::new(pb::Ack {}));
-        };
-        q.status.rows_in.fetch_add(out.rows_in, Ordering::Relaxed);
-        q.status
-            .late_rows
-            .fetch_add(out.late_rows, Ordering::Relaxed);
-        if let Some(message) = out.error {
-            let _ = q.sink.send(SinkMsg::Failed(ExecError::Remote {
-                code: out.error_code,
-                message,
-            }));
-            return Ok(Response::new(pb::Ack {}));
-        }
-        let mut chunks = Vec::with_capacity(out.chunks.len());
-        for c in out.chunks {
-            for batch in from_ipc(c.ipc).map_err(internal)? {
-                chunks.push((c.window_end, batch));
+        let mut events = request.into_inner();
+        while let Some(event) = events.message().await? {
+            match event.event {
+                Some(pb::worker_event::Event::GroupReport(report)) => {
+                    self.state.on_group_report(report)
+                }
+                Some(pb::worker_event::Event::Output(output)) => self.state.on_output(output),
+                Some(pb::worker_event::Event::MapDone(notice)) => {
+                    if let Ok(q) = self.state.query(notice.query) {
+                        let _ = q.map_done.send(notice);
+                    }
+                }
+                None => {}
             }
-        }
-        let _ = q.sink.send(SinkMsg::Output {
-            batch: BatchId(out.batch),
-            chunks,
-        });
-        Ok(Response::new(pb::Ack {}))
-    }
-
-    async fn map_done(
-        &self,
-        request: Request<pb::MapOutputReady>,
-    ) -> std::result::Result<Response<pb::Ack>, Status> {
-        let notice = request.into_inner();
-        if let Ok(q) = self.state.query(notice.query) {
-            let _ = q.map_done.send(notice);
         }
         Ok(Response::new(pb::Ack {}))
     }

@@ -41,7 +41,7 @@ use drizzle_shuffle::{
     StageId,
 };
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -145,9 +145,65 @@ struct Shared {
     peers: Mutex<HashMap<String, Channel>>,
     task_ctx: Arc<TaskContext>,
     classify: ErrorClassifier,
+    /// The open Events stream to the coordinator.
+    events: Mutex<Option<mpsc::UnboundedSender<pb::WorkerEvent>>>,
+    /// The open Notices stream to each peer.
+    notice_streams: Mutex<HashMap<String, mpsc::UnboundedSender<pb::MapOutputReady>>>,
+}
+
+/// A stream of the messages sent into `rx`, for a client-streaming RPC.
+fn stream_of<T: Send + 'static>(
+    rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
 }
 
 impl Shared {
+    /// Reports to the coordinator on the long-lived Events stream (opened,
+    /// or reopened after a failure, on demand).
+    fn event(&self, event: pb::worker_event::Event) {
+        let mut msg = pb::WorkerEvent { event: Some(event) };
+        let mut slot = self.events.lock();
+        if let Some(tx) = slot.as_ref() {
+            match tx.send(msg) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => msg = back,
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(msg);
+        *slot = Some(tx);
+        let mut client = self.coordinator.clone();
+        self.handle.spawn(async move {
+            if let Err(s) = client.events(stream_of(rx)).await {
+                tracing::warn!("event stream to the coordinator ended: {}", s.message());
+            }
+        });
+    }
+
+    /// Pushes a notice to a peer on its long-lived Notices stream.
+    fn notify(&self, peer: &str, notice: pb::MapOutputReady) -> Result<()> {
+        let mut streams = self.notice_streams.lock();
+        let mut notice = notice;
+        if let Some(tx) = streams.get(peer) {
+            match tx.send(notice) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(back)) => notice = back,
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(notice);
+        streams.insert(peer.to_string(), tx);
+        let mut client = pb::worker_client::WorkerClient::new(self.peer(peer)?);
+        let peer = peer.to_string();
+        self.handle.spawn(async move {
+            if let Err(s) = client.notices(stream_of(rx)).await {
+                tracing::warn!("notice stream to {peer} ended: {}", s.message());
+            }
+        });
+        Ok(())
+    }
+
     fn send(&self, msg: Msg) {
         let _ = self.inbox.lock().send(msg);
     }
@@ -226,11 +282,14 @@ impl WorkerRpc for WorkerService {
         Ok(Response::new(pb::Ack {}))
     }
 
-    async fn map_output_ready(
+    async fn notices(
         &self,
-        request: Request<pb::MapOutputReady>,
+        request: Request<tonic::Streaming<pb::MapOutputReady>>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
-        self.shared.send(Msg::Notice(request.into_inner()));
+        let mut notices = request.into_inner();
+        while let Some(notice) = notices.message().await? {
+            self.shared.send(Msg::Notice(notice));
+        }
         Ok(Response::new(pb::Ack {}))
     }
 
@@ -289,6 +348,8 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
         peers: Mutex::new(HashMap::new()),
         task_ctx: drizzle_planner::new_session_context().task_ctx(),
         classify: Arc::clone(&config.classify),
+        events: Mutex::new(None),
+        notice_streams: Mutex::new(HashMap::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let service = WorkerServer::new(WorkerService {
@@ -866,10 +927,7 @@ impl Scheduler {
             error_code: code,
             ..Default::default()
         };
-        let mut client = self.shared.coordinator.clone();
-        self.shared.handle.spawn(async move {
-            let _ = client.deliver_output(output).await;
-        });
+        self.shared.event(pb::worker_event::Event::Output(output));
         self.queries.remove(&qid);
         self.shared.store.drop_query(qid);
     }
@@ -922,12 +980,8 @@ impl Scheduler {
             late_rows: std::mem::take(&mut wq.late_rows),
             tasks: progress.tasks,
         };
-        let mut client = self.shared.coordinator.clone();
-        self.shared.handle.spawn(async move {
-            if let Err(s) = client.report_group(report).await {
-                tracing::warn!("group report failed: {}", s.message());
-            }
-        });
+        self.shared
+            .event(pb::worker_event::Event::GroupReport(report));
     }
 
     fn read_source(
@@ -1107,12 +1161,7 @@ impl Scheduler {
         if wq.mode == SchedulingMode::Bsp {
             // BSP: the coordinator collects every map task's notice and
             // launches the reduce tasks itself.
-            let mut client = self.shared.coordinator.clone();
-            self.shared.handle.spawn(async move {
-                if let Err(s) = client.map_done(notice).await {
-                    tracing::warn!("map completion report failed: {}", s.message());
-                }
-            });
+            self.shared.event(pb::worker_event::Event::MapDone(notice));
             return Ok(());
         }
         // One notice per consumer worker, pushed directly (no coordinator).
@@ -1131,13 +1180,7 @@ impl Scheduler {
                     .fetch_add(1, Ordering::Relaxed);
                 self.add_notice(notice.clone());
             } else {
-                let mut client = pb::worker_client::WorkerClient::new(self.shared.peer(&t)?);
-                let notice = notice.clone();
-                self.shared.handle.spawn(async move {
-                    if let Err(s) = client.map_output_ready(notice).await {
-                        tracing::warn!("notice to {t} failed: {}", s.message());
-                    }
-                });
+                self.shared.notify(&t, notice.clone())?;
             }
         }
         Ok(())
@@ -1268,12 +1311,8 @@ impl Scheduler {
             rows_in,
             late_rows,
         };
-        let mut client = self.shared.coordinator.clone();
-        self.shared.handle.spawn(async move {
-            if let Err(s) = client.deliver_output(output).await {
-                tracing::warn!(query = %qid, "delivering results failed: {}", s.message());
-            }
-        });
+        self.shared.event(pb::worker_event::Event::Output(output));
+        let _ = qid;
         Ok(())
     }
 }

@@ -44,6 +44,8 @@ pub struct YsbConfig {
     pub remote_workers: usize,
     /// Drizzle, group-only or BSP.
     pub scheduling: Scheduling,
+    /// Tumbling window size in seconds (YSB: 10).
+    pub window_seconds: u64,
 }
 
 /// Worker processes started for a benchmark; killed on drop.
@@ -159,9 +161,14 @@ pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
     for stmt in drizzle_planner::parse_statements(&setup)? {
         engine.execute(stmt, &mut settings, &[], "").await?;
     }
-    let query = "SELECT a.campaign_id, e.window_start, count(*) AS views \
-                 FROM TUMBLE(events, event_time, INTERVAL '10' SECOND) e JOIN ads a ON e.ad_id = a.ad_id \
-                 WHERE e.event_type = 'view' GROUP BY a.campaign_id, e.window_start";
+    let window_us = cfg.window_seconds.max(1) as i64 * 1_000_000;
+    let query = format!(
+        "SELECT a.campaign_id, e.window_start, count(*) AS views \
+         FROM TUMBLE(events, event_time, INTERVAL '{}' SECOND) e JOIN ads a ON e.ad_id = a.ad_id \
+         WHERE e.event_type = 'view' GROUP BY a.campaign_id, e.window_start",
+        cfg.window_seconds.max(1)
+    );
+    let query = query.as_str();
     let stmt = drizzle_planner::parse_statements(query)?.remove(0);
     let Outcome::Stream(mut handle) = engine.execute(stmt, &mut settings, &[], query).await? else {
         return Err(PgError::internal("the YSB query is not continuous"));
@@ -189,7 +196,7 @@ pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
         let mut seen = std::collections::BTreeSet::new();
         for i in 0..starts.len() {
             if seen.insert(starts.value(i)) {
-                let end = starts.value(i) + 10_000_000;
+                let end = starts.value(i) + window_us;
                 emit_latency_ms.push((wall_us - end) as f64 / 1000.0);
                 windows += 1;
             }

@@ -68,6 +68,9 @@ struct BenchArgs {
     /// Print the table header first.
     #[arg(long)]
     header: bool,
+    /// YSB window size in seconds.
+    #[arg(long, default_value_t = 10)]
+    window_seconds: u64,
 }
 
 #[derive(clap::Args)]
@@ -206,6 +209,7 @@ fn main() -> anyhow::Result<()> {
                 group_size: args.group_size,
                 remote_workers: args.remote_workers,
                 scheduling,
+                window_seconds: args.window_seconds,
             };
             if args.header {
                 println!("{}", drizzle_server::bench::header());
