@@ -141,6 +141,31 @@ pub fn apply_ops(
     Ok(batch)
 }
 
+/// Rows by their key (arrow's row format); rows with a NULL key are left
+/// out (they never match). Returns the converter to encode probe keys.
+fn row_key_index(
+    keys: &[ArrayRef],
+    rows: usize,
+) -> Result<(RowConverter, HashMap<Box<[u8]>, Vec<u32>>)> {
+    let converter = RowConverter::new(
+        keys.iter()
+            .map(|k| SortField::new(k.data_type().clone()))
+            .collect(),
+    )?;
+    let encoded = converter.convert_columns(keys)?;
+    let mut index: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
+    for row in 0..rows {
+        if keys.iter().any(|k| k.is_null(row)) {
+            continue;
+        }
+        index
+            .entry(encoded.row(row).as_ref().into())
+            .or_default()
+            .push(row as u32);
+    }
+    Ok((converter, index))
+}
+
 fn lookup_join(
     op_index: usize,
     spec: &LookupJoinSpec,
@@ -173,22 +198,7 @@ fn lookup_join(
                 KeyIndex::Int(index)
             }
             _ => {
-                let converter = RowConverter::new(
-                    keys.iter()
-                        .map(|k| SortField::new(k.data_type().clone()))
-                        .collect(),
-                )?;
-                let rows = converter.convert_columns(&keys)?;
-                let mut index: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
-                for row in 0..table.num_rows() {
-                    if keys.iter().any(|k| k.is_null(row)) {
-                        continue;
-                    }
-                    index
-                        .entry(rows.row(row).as_ref().into())
-                        .or_default()
-                        .push(row as u32);
-                }
+                let (converter, index) = row_key_index(&keys, table.num_rows())?;
                 KeyIndex::Rows { converter, index }
             }
         };
@@ -797,22 +807,7 @@ impl WindowJoinExec {
                 }
             }
         } else {
-            let converter = RowConverter::new(
-                rk.iter()
-                    .map(|k| SortField::new(k.data_type().clone()))
-                    .collect(),
-            )?;
-            let r_rows = converter.convert_columns(&rk)?;
-            let mut index: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
-            for row in 0..right.num_rows() {
-                if rk.iter().any(|k| k.is_null(row)) {
-                    continue;
-                }
-                index
-                    .entry(r_rows.row(row).as_ref().into())
-                    .or_default()
-                    .push(row as u32);
-            }
+            let (converter, index) = row_key_index(&rk, right.num_rows())?;
             let l_rows = converter.convert_columns(&lk)?;
             for row in 0..left.num_rows() {
                 if lk.iter().any(|k| k.is_null(row)) {

@@ -46,6 +46,21 @@ fn num(row: &HashMap<String, String>, col: &str) -> u64 {
         .unwrap_or_else(|| panic!("column {col} in {row:?}"))
 }
 
+/// Runs `check` against a fresh cluster of `workers` worker processes;
+/// on failure, panics with the error and every process's log.
+fn on_cluster<F, Fut>(workers: usize, server_args: &[&str], check: F)
+where
+    F: FnOnce(tokio_postgres::Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let cluster = TestCluster::start(bin(), workers, server_args).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async { check(cluster.server.client().await?).await });
+    if let Err(e) = result {
+        panic!("{e:#}\n{}", cluster.logs());
+    }
+}
+
 const SETUP: &str = "CREATE STREAM clicks (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
     WITH (connector = 'datagen', rows_per_second = '3000', partitions = '3', \
           fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '9'); \
@@ -54,10 +69,7 @@ const SETUP: &str = "CREATE STREAM clicks (k BIGINT, ts TIMESTAMP, WATERMARK FOR
 
 #[test]
 fn drizzle_mode_one_launch_per_worker_per_group_and_reduces_start_from_notices() {
-    let cluster = TestCluster::start(bin(), 3, &[]).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let result = rt.block_on(async {
-        let client = cluster.server.client().await?;
+    on_cluster(3, &[], |client| async move {
         client.batch_execute(SETUP).await?;
         // Several groups of 10 micro-batches.
         let q = eventually(Duration::from_secs(60), || async {
@@ -97,10 +109,14 @@ fn drizzle_mode_one_launch_per_worker_per_group_and_reduces_start_from_notices()
             assert_eq!(num(w, "coordinator_messages_in_group"), 0, "{w:?}");
             assert_eq!(num(w, "out_of_order_reduces"), 0, "{w:?}");
             assert!(num(w, "reduces_started_by_notices") > 20, "{w:?}");
-            assert!(num(w, "notices_received") >= num(w, "reduce_tasks"), "{w:?}");
+            assert!(
+                num(w, "notices_received") >= num(w, "reduce_tasks"),
+                "{w:?}"
+            );
             // A launch covers a whole group: many tasks per message.
             assert!(
-                num(w, "map_tasks") + num(w, "reduce_tasks") >= 10 * (num(w, "launches_received") - 2),
+                num(w, "map_tasks") + num(w, "reduce_tasks")
+                    >= 10 * (num(w, "launches_received") - 2),
                 "{w:?}"
             );
         }
@@ -110,7 +126,9 @@ fn drizzle_mode_one_launch_per_worker_per_group_and_reduces_start_from_notices()
         );
         assert!(workers.iter().any(|w| num(w, "blocks_read_local") > 0));
         // The view's contents are right: every key counted.
-        let rows = client.simple_query("SELECT k, n FROM per_key ORDER BY k").await?;
+        let rows = client
+            .simple_query("SELECT k, n FROM per_key ORDER BY k")
+            .await?;
         let keys: Vec<String> = rows
             .iter()
             .filter_map(|m| match m {
@@ -119,19 +137,13 @@ fn drizzle_mode_one_launch_per_worker_per_group_and_reduces_start_from_notices()
             })
             .collect();
         assert_eq!(keys, (0..10).map(|k| k.to_string()).collect::<Vec<_>>());
-        anyhow::Ok(())
+        Ok(())
     });
-    if let Err(e) = result {
-        panic!("{e:#}\n{}", cluster.logs());
-    }
 }
 
 #[test]
 fn bsp_mode_launches_every_batch_and_reduces_from_the_coordinator() {
-    let cluster = TestCluster::start(bin(), 3, &["--scheduling", "bsp"]).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let result = rt.block_on(async {
-        let client = cluster.server.client().await?;
+    on_cluster(3, &["--scheduling", "bsp"], |client| async move {
         client.batch_execute(SETUP).await?;
         let q = eventually(Duration::from_secs(60), || async {
             let rows = show(&client, "SHOW QUERIES").await?;
@@ -153,19 +165,13 @@ fn bsp_mode_launches_every_batch_and_reduces_from_the_coordinator() {
             assert!(num(w, "reduces_started_by_coordinator") > 10, "{w:?}");
             assert_eq!(num(w, "reduces_started_by_notices"), 0, "{w:?}");
         }
-        anyhow::Ok(())
+        Ok(())
     });
-    if let Err(e) = result {
-        panic!("{e:#}\n{}", cluster.logs());
-    }
 }
 
 #[test]
 fn a_window_join_reads_both_shuffled_inputs_before_each_reduce() {
-    let cluster = TestCluster::start(bin(), 3, &[]).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let result = rt.block_on(async {
-        let client = cluster.server.client().await?;
+    on_cluster(3, &[], |client| async move {
         // Input 0 has 3 map partitions, input 1 has 2: every reduce task
         // needs 5 notices.
         client
@@ -215,19 +221,13 @@ fn a_window_join_reads_both_shuffled_inputs_before_each_reduce() {
         })
         .await?;
         assert!(rows > 0);
-        anyhow::Ok(())
+        Ok(())
     });
-    if let Err(e) = result {
-        panic!("{e:#}\n{}", cluster.logs());
-    }
 }
 
 #[test]
 fn windows_arrive_in_batch_order_across_workers() {
-    let cluster = TestCluster::start(bin(), 3, &[]).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let result = rt.block_on(async {
-        let client = cluster.server.client().await?;
+    on_cluster(3, &[], |client| async move {
         client
             .batch_execute(
                 "CREATE STREAM clicks (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
@@ -256,11 +256,8 @@ fn windows_arrive_in_batch_order_across_workers() {
             ends.windows(2).all(|w| w[0] <= w[1]),
             "closed windows are emitted in order"
         );
-        anyhow::Ok(())
+        Ok(())
     });
-    if let Err(e) = result {
-        panic!("{e:#}\n{}", cluster.logs());
-    }
 }
 
 #[test]
