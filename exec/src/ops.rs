@@ -71,7 +71,7 @@ enum KeyIndex {
     /// Any other key: arrow's row format.
     Rows {
         converter: RowConverter,
-        index: HashMap<Box<[u8]>, Vec<u32>>,
+        index: RowIndex,
     },
 }
 
@@ -141,19 +141,19 @@ pub fn apply_ops(
     Ok(batch)
 }
 
+/// Row numbers by key, in arrow's row format.
+type RowIndex = HashMap<Box<[u8]>, Vec<u32>>;
+
 /// Rows by their key (arrow's row format); rows with a NULL key are left
 /// out (they never match). Returns the converter to encode probe keys.
-fn row_key_index(
-    keys: &[ArrayRef],
-    rows: usize,
-) -> Result<(RowConverter, HashMap<Box<[u8]>, Vec<u32>>)> {
+fn row_key_index(keys: &[ArrayRef], rows: usize) -> Result<(RowConverter, RowIndex)> {
     let converter = RowConverter::new(
         keys.iter()
             .map(|k| SortField::new(k.data_type().clone()))
             .collect(),
     )?;
     let encoded = converter.convert_columns(keys)?;
-    let mut index: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
+    let mut index: RowIndex = HashMap::new();
     for row in 0..rows {
         if keys.iter().any(|k| k.is_null(row)) {
             continue;
