@@ -862,6 +862,15 @@ impl Runtime {
             .values()
             .map(|w| (w.id, w.address.clone(), w.client.clone()))
             .collect();
+        // Each placed worker's registration epoch: a worker that registered
+        // again since (a new worker at the same address) refuses the launch.
+        let epochs: Vec<u64> = {
+            let workers = self.state.workers.read();
+            placement
+                .iter()
+                .map(|(id, _, _)| workers.get(id).map_or(0, |w| w.epoch))
+                .collect()
+        };
         let w = placement.len() as u32;
         let reduce_placement: Vec<String> = (0..query.reduce_partitions)
             .map(|r| placement[(r % w) as usize].1.clone())
@@ -933,7 +942,7 @@ impl Runtime {
                     protocol_version: PROTOCOL_VERSION,
                     query: query.id.0,
                     group,
-                    epoch: 0,
+                    epoch: epochs[i],
                     plan: if plan_sent[i] {
                         Vec::new()
                     } else {

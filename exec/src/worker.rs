@@ -271,6 +271,13 @@ impl WorkerRpc for WorkerService {
     ) -> std::result::Result<Response<pb::Ack>, Status> {
         let req = request.into_inner();
         crate::cluster::check_version(req.protocol_version, "the coordinator")?;
+        let epoch = self.shared.identity.lock().1;
+        if req.epoch != 0 && req.epoch != epoch {
+            return Err(Status::failed_precondition(format!(
+                "launch for registration epoch {} reached a worker at epoch {epoch}",
+                req.epoch
+            )));
+        }
         self.shared
             .tables_version
             .fetch_max(req.tables_version, Ordering::AcqRel);
