@@ -43,7 +43,7 @@ pub mod worker;
 pub use error::{ExecError, Result};
 pub use ops::TableEvaluator;
 pub use runtime::{
-    EmittedBatch, GroupId, InputSpec, QueryHandle, QuerySpec, QueryStatus, Runtime, RuntimeConfig,
-    Scheduling, WorkerId, WorkerInfo,
+    AdaptiveGroupSize, EmittedBatch, GroupId, InputSpec, QueryHandle, QuerySpec, QueryStatus,
+    Runtime, RuntimeConfig, Scheduling, WorkerId, WorkerInfo,
 };
 pub use worker::{start_worker, ErrorClassifier, WorkerConfig, WorkerHandle};

@@ -108,7 +108,7 @@ pub struct QuerySpec {
     pub inputs: Vec<InputSpec>,
     /// The micro-batch interval.
     pub batch_interval: Duration,
-    /// Micro-batches per group.
+    /// Micro-batches per group; 0 = adaptive (`'auto'`).
     pub group_size: u32,
     /// Drizzle or BSP.
     pub scheduling: Scheduling,
@@ -139,6 +139,8 @@ pub struct QueryStatus {
     pub batch_interval: Duration,
     /// Drizzle or BSP.
     pub scheduling: Scheduling,
+    /// True when the group size adapts (`group_size = 'auto'`).
+    pub adaptive: bool,
     /// Current group size.
     pub group_size: AtomicU32,
     /// Groups launched.
@@ -244,6 +246,47 @@ pub struct RuntimeConfig {
     pub worker_timeout: Duration,
     /// Error classification for in-process workers.
     pub classify: ErrorClassifier,
+    /// Adaptive group size (`group_size = 'auto'`).
+    pub adaptive: AdaptiveGroupSize,
+}
+
+/// How `group_size = 'auto'` adapts: at every group boundary the coordinator
+/// measures the share of wall time it spent coordinating the last group;
+/// above `upper` it multiplies the group size by 2 (cut overhead fast), below
+/// `lower` it subtracts 1 (regain responsiveness slowly), within `[1, max]`.
+#[derive(Debug, Clone, Copy)]
+pub struct AdaptiveGroupSize {
+    /// Lower bound on the coordination share.
+    pub lower: f64,
+    /// Upper bound on the coordination share.
+    pub upper: f64,
+    /// Largest group size.
+    pub max: u32,
+}
+
+impl Default for AdaptiveGroupSize {
+    fn default() -> Self {
+        Self {
+            lower: 0.02,
+            upper: 0.05,
+            max: 1000,
+        }
+    }
+}
+
+impl AdaptiveGroupSize {
+    /// The next group size after a group that spent `share` of its wall time
+    /// on coordination.
+    pub fn next(&self, g: u32, share: f64) -> u32 {
+        let g = if share > self.upper {
+            g.saturating_mul(2)
+        } else if share < self.lower {
+            g.saturating_sub(1)
+        } else {
+            g
+        };
+        g.clamp(1, self.max.max(1))
+    }
 }
 
 /// A registered worker, as `SHOW WORKERS` shows it.
@@ -349,6 +392,7 @@ struct State {
     tables: Arc<dyn TableEvaluator>,
     launch_messages: AtomicU64,
     worker_timeout: Duration,
+    adaptive: AdaptiveGroupSize,
 }
 
 impl State {
@@ -609,6 +653,7 @@ impl Runtime {
             tables,
             launch_messages: AtomicU64::new(0),
             worker_timeout: config.worker_timeout,
+            adaptive: config.adaptive,
         });
         let (stop, stop_rx) = watch::channel(false);
         let service = CoordinatorServer::new(CoordinatorService {
@@ -720,6 +765,8 @@ impl Runtime {
         } else {
             0
         };
+        // 0 = 'auto': adaptive, starting from 1.
+        let adaptive = spec.group_size == 0 && spec.scheduling != Scheduling::Bsp;
         let group_size = match spec.scheduling {
             Scheduling::Bsp => 1,
             Scheduling::Drizzle | Scheduling::GroupOnly => spec.group_size.max(1),
@@ -729,6 +776,7 @@ impl Runtime {
             label: spec.label.clone(),
             batch_interval: spec.batch_interval,
             scheduling: spec.scheduling,
+            adaptive,
             group_size: AtomicU32::new(group_size),
             batches: AtomicU64::new(0),
             rows_in: AtomicU64::new(0),
@@ -880,6 +928,8 @@ impl Runtime {
             Scheduling::GroupOnly | Scheduling::Bsp => SchedulingMode::Bsp,
         };
         let mut plan_sent = vec![false; placement.len()];
+        let mut last_boundary: Option<Instant> = None;
+        let mut coordinated = Duration::ZERO;
         let mut group = 0u64;
         let mut next_batch = 0u64;
         // BSP: notices per batch, collected by the coordinator.
@@ -903,8 +953,22 @@ impl Runtime {
                     ),
                 });
             }
-            let g = query.status.group_size.load(Ordering::Relaxed).max(1) as u64;
             let t0 = Instant::now();
+            if query.status.adaptive {
+                // A group boundary: adapt to the last group's coordination share.
+                if let Some(since) = last_boundary {
+                    let wall = t0.saturating_duration_since(since).as_secs_f64();
+                    let share = coordinated.as_secs_f64() / wall.max(1e-9);
+                    let g = query.status.group_size.load(Ordering::Relaxed);
+                    query
+                        .status
+                        .group_size
+                        .store(self.state.adaptive.next(g, share), Ordering::Relaxed);
+                }
+                last_boundary = Some(t0);
+                coordinated = Duration::ZERO;
+            }
+            let g = query.status.group_size.load(Ordering::Relaxed).max(1) as u64;
             let batches: Vec<pb::BatchParams> = (next_batch..next_batch + g)
                 .map(|b| pb::BatchParams {
                     batch: b,
@@ -987,14 +1051,23 @@ impl Runtime {
             query.status.launches.fetch_add(n, Ordering::Relaxed);
             query.status.groups.fetch_add(1, Ordering::Relaxed);
             self.state.launch_messages.fetch_add(n, Ordering::Relaxed);
+            let spent = t0.elapsed();
+            coordinated += spent;
             query
                 .status
                 .coordination_us
-                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
+            let first = next_batch;
             next_batch += g;
             group += 1;
-            // Ship the next group once this one is half way through.
-            let threshold = next_batch - g / 2;
+            // Drizzle ships the next group once the previous one is done and
+            // this one is half way through the previous one's length: about
+            // one group ahead, so a boundary never stalls the pipeline (with
+            // G = 1 too). BSP waits for its batch: that barrier is BSP.
+            let threshold = match query.scheduling {
+                Scheduling::Bsp => next_batch,
+                _ => first + g / 2,
+            };
             let step = loop {
                 if *done.borrow() >= threshold || cancel.is_cancelled() {
                     break Ok(());
@@ -1026,10 +1099,12 @@ impl Runtime {
                                 .await
                                 .into_iter()
                                 .find_map(|r| r.err());
+                            let spent = t0.elapsed();
+                            coordinated += spent;
                             query
                                 .status
                                 .coordination_us
-                                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                                .fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
                             if let Some(s) = failed {
                                 break Err(crate::cluster::rpc_error("launching reduce tasks", s));
                             }
@@ -1240,5 +1315,25 @@ async fn collect(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_group_size_multiplies_fast_and_decreases_slowly() {
+        let a = AdaptiveGroupSize {
+            lower: 0.02,
+            upper: 0.05,
+            max: 64,
+        };
+        assert_eq!(a.next(1, 0.5), 2);
+        assert_eq!(a.next(16, 0.06), 32);
+        assert_eq!(a.next(48, 0.9), 64, "clamped to the maximum");
+        assert_eq!(a.next(10, 0.03), 10, "within the bounds: unchanged");
+        assert_eq!(a.next(10, 0.001), 9);
+        assert_eq!(a.next(1, 0.0), 1, "never below 1");
     }
 }

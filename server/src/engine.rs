@@ -35,7 +35,7 @@ use crate::providers::ViewStore;
 pub struct EngineConfig {
     /// Default micro-batch interval.
     pub batch_interval: Duration,
-    /// Default group size.
+    /// Default group size (0 = adaptive, `'auto'`).
     pub group_size: u32,
     /// Default reduce partitions (0 = number of workers).
     pub parallelism: u32,
@@ -49,19 +49,22 @@ pub struct EngineConfig {
     pub worker_wait: Duration,
     /// A worker silent this long is declared lost.
     pub worker_timeout: Duration,
+    /// Bounds of the adaptive group size.
+    pub adaptive: drizzle_exec::AdaptiveGroupSize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             batch_interval: Duration::from_millis(100),
-            group_size: 10,
+            group_size: 0,
             parallelism: 0,
             scheduling: Scheduling::Drizzle,
             cluster_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             cluster_advertise: None,
             worker_wait: Duration::from_secs(30),
             worker_timeout: Duration::from_secs(10),
+            adaptive: drizzle_exec::AdaptiveGroupSize::default(),
         }
     }
 }
@@ -204,6 +207,7 @@ impl Engine {
                 local_workers: workers,
                 worker_wait: config.worker_wait,
                 worker_timeout: config.worker_timeout,
+                adaptive: config.adaptive,
                 classify: Arc::new(|e: drizzle_exec::ExecError| {
                     let pg = PgError::from(e);
                     (pg.code.to_string(), pg.message)
@@ -1126,7 +1130,7 @@ impl Engine {
             plan,
             inputs,
             batch_interval: Duration::from_micros(def.batch_interval_us.max(1)),
-            group_size: def.group_size.max(1),
+            group_size: def.group_size,
             scheduling: self.config.scheduling,
             reduce_partitions: def.parallelism.max(1),
             label: format!("MATERIALIZED VIEW {}", def.name),
@@ -1192,7 +1196,10 @@ fn column_names(columns: &[drizzle_planner::ColumnDef]) -> String {
 fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> {
     Ok(match name {
         "batch_interval" => format!("{}ms", settings.batch_interval.as_micros() as f64 / 1000.0),
-        "group_size" => settings.group_size.to_string(),
+        "group_size" => match settings.group_size {
+            0 => "auto".to_string(),
+            g => g.to_string(),
+        },
         "parallelism" => settings.parallelism.to_string(),
         "scheduling" => settings.scheduling.to_string(),
         "stream_start" => if settings.start_latest {
@@ -1264,11 +1271,15 @@ fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(),
             settings.batch_interval = Duration::from_micros(us);
         }
         "group_size" => {
-            settings.group_size = value
-                .parse()
-                .ok()
-                .filter(|g| (1..=10_000).contains(g))
-                .ok_or_else(|| invalid("a number from 1 to 10000"))?;
+            settings.group_size = if value.eq_ignore_ascii_case("auto") {
+                0
+            } else {
+                value
+                    .parse()
+                    .ok()
+                    .filter(|g| (1..=10_000).contains(g))
+                    .ok_or_else(|| invalid("'auto' or a number from 1 to 10000"))?
+            };
         }
         "scheduling" => {
             settings.scheduling = value

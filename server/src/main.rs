@@ -106,9 +106,19 @@ struct ServerArgs {
     /// Default micro-batch interval for new queries (e.g. 100ms).
     #[arg(long, env = "DRIZZLE_BATCH_INTERVAL", default_value = "100ms")]
     batch_interval: String,
-    /// Default number of micro-batches per scheduling group.
-    #[arg(long, env = "DRIZZLE_GROUP_SIZE", default_value_t = 10)]
-    group_size: u32,
+    /// Default micro-batches per scheduling group: `auto` (adapts to the
+    /// measured coordination share) or a fixed number.
+    #[arg(long, env = "DRIZZLE_GROUP_SIZE", default_value = "auto")]
+    group_size: String,
+    /// Adaptive group size: coordination share below which G decreases by 1.
+    #[arg(long, env = "DRIZZLE_COORDINATION_LOWER", default_value_t = 0.02)]
+    coordination_lower: f64,
+    /// Adaptive group size: coordination share above which G doubles.
+    #[arg(long, env = "DRIZZLE_COORDINATION_UPPER", default_value_t = 0.05)]
+    coordination_upper: f64,
+    /// Adaptive group size: the largest G.
+    #[arg(long, env = "DRIZZLE_GROUP_SIZE_MAX", default_value_t = 1000)]
+    group_size_max: u32,
 }
 
 #[derive(clap::Args)]
@@ -235,9 +245,28 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         .scheduling
         .parse()
         .map_err(|e| anyhow::anyhow!("--scheduling: {e}"))?;
+    let group_size = if args.group_size.eq_ignore_ascii_case("auto") {
+        0
+    } else {
+        args.group_size
+            .parse::<u32>()
+            .ok()
+            .filter(|g| (1..=10_000).contains(g))
+            .ok_or_else(|| anyhow::anyhow!("--group-size: 'auto' or a number from 1 to 10000"))?
+    };
+    if !(0.0..1.0).contains(&args.coordination_lower)
+        || !(args.coordination_lower..=1.0).contains(&args.coordination_upper)
+    {
+        anyhow::bail!("--coordination-lower/--coordination-upper: need 0 <= lower <= upper <= 1");
+    }
     let config = EngineConfig {
         batch_interval: Duration::from_micros(interval_us),
-        group_size: args.group_size.max(1),
+        group_size,
+        adaptive: drizzle_exec::AdaptiveGroupSize {
+            lower: args.coordination_lower,
+            upper: args.coordination_upper,
+            max: args.group_size_max.max(1),
+        },
         parallelism: 0,
         scheduling,
         cluster_listen: args.cluster_listen,

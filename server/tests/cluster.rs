@@ -361,3 +361,42 @@ fn registration_checks_the_protocol_version() {
         assert!(!resp.get_ref().known);
     });
 }
+
+#[test]
+fn auto_group_size_grows_when_coordination_dominates() {
+    on_cluster(2, &[], |client| async move {
+        client
+            .batch_execute(
+                "CREATE STREAM t (k BIGINT) WITH (connector = 'datagen', rows_per_second = '100', \
+                   partitions = '2', fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '9'); \
+                 SET batch_interval = '0.1ms'; \
+                 CREATE MATERIALIZED VIEW c AS SELECT k, count(*) AS n FROM t GROUP BY k",
+            )
+            .await?;
+        assert_eq!(
+            client
+                .simple_query("SHOW group_size")
+                .await?
+                .iter()
+                .find_map(|m| match m {
+                    SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                    _ => None,
+                }),
+            Some("auto".to_string()),
+            "auto is the default"
+        );
+        // 0.1 ms batches: a launch round costs more than a few percent of a
+        // one-batch group, so the group size must grow.
+        let g = eventually(Duration::from_secs(30), || async {
+            let rows = show(&client, "SHOW QUERIES").await?;
+            Ok(rows
+                .first()
+                .map(|r| num(r, "group_size"))
+                .filter(|g| *g >= 4))
+        })
+        .await?;
+        assert!(g >= 4);
+        println!("adaptive group size reached {g}");
+        Ok(())
+    });
+}
