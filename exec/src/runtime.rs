@@ -470,7 +470,13 @@ impl CoordinatorRpc for CoordinatorService {
         crate::cluster::check_version(req.protocol_version, "the worker")?;
         let client = worker_client(&req.address).map_err(internal)?;
         let id = WorkerId(self.state.next_worker.fetch_add(1, Ordering::Relaxed));
-        let epoch = self.state.next_epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        if req.epoch == 0 {
+            return Err(Status::invalid_argument(
+                "a registration needs a nonzero epoch",
+            ));
+        }
+        let epoch = req.epoch;
+        self.state.next_epoch.fetch_add(1, Ordering::Relaxed);
         {
             let mut workers = self.state.workers.write();
             // The same address registering again is a new worker.

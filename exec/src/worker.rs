@@ -272,7 +272,7 @@ impl WorkerRpc for WorkerService {
         let req = request.into_inner();
         crate::cluster::check_version(req.protocol_version, "the coordinator")?;
         let epoch = self.shared.identity.lock().1;
-        if req.epoch != 0 && req.epoch != epoch {
+        if req.epoch != epoch {
             return Err(Status::failed_precondition(format!(
                 "launch for registration epoch {} reached a worker at epoch {epoch}",
                 req.epoch
@@ -387,15 +387,32 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
     }))
 }
 
+/// A fresh nonzero registration epoch: wall clock, process and a counter.
+fn new_epoch() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let e = nanos ^ (u64::from(std::process::id()) << 40) ^ n.rotate_left(20);
+    e.max(1)
+}
+
 /// Registers (again); retries while the coordinator is unreachable, fails
 /// on a protocol mismatch.
 async fn register(shared: &Shared) -> Result<()> {
     let mut delay = Duration::from_millis(50);
     loop {
         let mut client = shared.coordinator.clone();
+        // The new incarnation is this worker's epoch before the coordinator
+        // can place anything on it (a launch may overtake the response).
+        let epoch = new_epoch();
+        shared.identity.lock().1 = epoch;
         let req = pb::RegisterRequest {
             protocol_version: PROTOCOL_VERSION,
             address: shared.address.clone(),
+            epoch,
         };
         match client.register(req).await {
             Ok(resp) => {

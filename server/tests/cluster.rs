@@ -281,7 +281,7 @@ fn queries_wait_for_a_first_worker_or_fail_clearly() {
             .batch_execute("CREATE STREAM s (k BIGINT); INSERT INTO s VALUES (1), (2)")
             .await
             .unwrap();
-        // No worker: a clear error after the documented wait.
+        // No worker: a clear error after the wait.
         let err = client
             .simple_query("SELECT k FROM s LIMIT 2")
             .await
@@ -292,20 +292,36 @@ fn queries_wait_for_a_first_worker_or_fail_clearly() {
             .unwrap_or_default();
         assert!(msg.contains("no worker registered"), "{msg}");
         assert!(msg.contains("drizzle worker --coordinator"), "{msg}");
-        // The server still serves; a worker that registers while a query
-        // waits runs it.
+    });
+    // A worker that registers while a query waits (default wait: 30 s) runs it.
+    let server = TestServer::start(
+        bin(),
+        &["--workers", "0", "--cluster-listen", "127.0.0.1:0"],
+    )
+    .unwrap();
+    rt.block_on(async {
+        let client = server.client().await.unwrap();
+        client
+            .batch_execute("CREATE STREAM s (k BIGINT); INSERT INTO s VALUES (1), (2)")
+            .await
+            .unwrap();
         let query = tokio::spawn({
             let client = server.client().await.unwrap();
             async move { client.simple_query("SELECT k FROM s LIMIT 2").await }
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        eventually(Duration::from_secs(10), || async {
+            let rows = show(&client, "SHOW QUERIES").await?;
+            Ok((!rows.is_empty()).then_some(()))
+        })
+        .await
+        .expect("the query waits for a worker");
         let dir = server.data_dir.with_extension("late-worker");
         let _worker = TestWorker::start(bin(), &server.cluster_address, &dir).unwrap();
         let rows = tokio::time::timeout(Duration::from_secs(20), query)
             .await
             .expect("query finished")
             .unwrap()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", server.log()));
         let n = rows
             .iter()
             .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
@@ -329,6 +345,7 @@ fn registration_checks_the_protocol_version() {
             .register(drizzle_exec::cluster::pb::RegisterRequest {
                 protocol_version: drizzle_exec::cluster::PROTOCOL_VERSION + 1,
                 address: "127.0.0.1:1".into(),
+                epoch: 1,
             })
             .await
             .unwrap_err();
@@ -399,4 +416,71 @@ fn auto_group_size_grows_when_coordination_dominates() {
         println!("adaptive group size reached {g}");
         Ok(())
     });
+}
+
+#[test]
+fn a_worker_process_with_two_slots_registers_two_workers() {
+    let server = TestServer::start(
+        bin(),
+        &["--workers", "0", "--cluster-listen", "127.0.0.1:0"],
+    )
+    .unwrap();
+    let dir = server.data_dir.with_extension("slots");
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "worker",
+            "--coordinator",
+            &server.cluster_address,
+            "--slots",
+            "2",
+        ])
+        .arg("--data-dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let lines: Vec<String> = (0..2)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("a slot registered")
+        })
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l.starts_with("drizzle worker listening on 127.0.0.1:")));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let client = server.client().await?;
+        let workers = show(&client, "SHOW WORKERS").await?;
+        assert_eq!(workers.len(), 2, "{workers:?}");
+        client
+            .batch_execute(
+                "CREATE STREAM s (k BIGINT, v BIGINT); INSERT INTO s VALUES (1, 2), (2, 3), (1, 4)",
+            )
+            .await?;
+        let rows = client
+            .simple_query("SELECT k, sum(v) FROM s GROUP BY k LIMIT 2")
+            .await?;
+        let n = rows
+            .iter()
+            .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
+            .count();
+        assert_eq!(n, 2);
+        anyhow::Ok(())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    result.unwrap();
 }
