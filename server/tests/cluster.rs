@@ -484,3 +484,63 @@ fn a_worker_process_with_two_slots_registers_two_workers() {
     let _ = child.wait();
     result.unwrap();
 }
+
+#[test]
+fn a_lost_worker_fails_its_queries_cleanly_and_the_server_keeps_serving() {
+    let mut cluster = TestCluster::start(bin(), 2, &["--worker-timeout", "2"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let client = cluster.server.client().await?;
+        client
+            .batch_execute(
+                "CREATE STREAM t (k BIGINT) WITH (connector = 'datagen', rows_per_second = '200', \
+                   partitions = '2', fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '9'); \
+                 SET batch_interval = '20ms'",
+            )
+            .await?;
+        let query = tokio::spawn({
+            let client = cluster.server.client().await?;
+            async move { client.simple_query("SELECT k, count(*) FROM t GROUP BY k").await }
+        });
+        eventually(Duration::from_secs(20), || async {
+            let rows = show(&client, "SHOW QUERIES").await?;
+            Ok(rows.first().filter(|r| num(r, "batches") > 10).map(|_| ()))
+        })
+        .await?;
+        anyhow::Ok((client, query))
+    });
+    let (client, query) = result.unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.logs()));
+    cluster.workers[1].kill9();
+    rt.block_on(async {
+        let outcome = tokio::time::timeout(Duration::from_secs(30), query)
+            .await
+            .expect("the query ends once the worker is declared lost")
+            .unwrap();
+        let err = outcome.expect_err("the client gets an error, not a silent end");
+        let msg = err
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("stopped answering") || msg.contains("launching"),
+            "{msg}"
+        );
+        // The server and the surviving worker still serve new queries.
+        let workers = eventually(Duration::from_secs(20), || async {
+            let rows = show(&client, "SHOW WORKERS").await?;
+            Ok((rows.len() == 1).then_some(rows))
+        })
+        .await
+        .expect("the lost worker is forgotten");
+        assert_eq!(workers.len(), 1);
+        let rows = client
+            .simple_query("SELECT k FROM t LIMIT 3")
+            .await
+            .expect("a new query runs on the survivor");
+        let n = rows
+            .iter()
+            .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
+            .count();
+        assert_eq!(n, 3);
+    });
+}
