@@ -387,7 +387,6 @@ struct State {
     workers: RwLock<BTreeMap<WorkerId, WorkerEntry>>,
     workers_changed: Notify,
     next_worker: AtomicU32,
-    next_epoch: AtomicU64,
     queries: Mutex<HashMap<QueryId, Arc<CompiledQuery>>>,
     tables: Arc<dyn TableEvaluator>,
     launch_messages: AtomicU64,
@@ -468,15 +467,14 @@ impl CoordinatorRpc for CoordinatorService {
     ) -> std::result::Result<Response<pb::RegisterResponse>, Status> {
         let req = request.into_inner();
         crate::cluster::check_version(req.protocol_version, "the worker")?;
-        let client = worker_client(&req.address).map_err(internal)?;
-        let id = WorkerId(self.state.next_worker.fetch_add(1, Ordering::Relaxed));
         if req.epoch == 0 {
             return Err(Status::invalid_argument(
                 "a registration needs a nonzero epoch",
             ));
         }
         let epoch = req.epoch;
-        self.state.next_epoch.fetch_add(1, Ordering::Relaxed);
+        let client = worker_client(&req.address).map_err(internal)?;
+        let id = WorkerId(self.state.next_worker.fetch_add(1, Ordering::Relaxed));
         {
             let mut workers = self.state.workers.write();
             // The same address registering again is a new worker.
@@ -654,7 +652,6 @@ impl Runtime {
             workers: RwLock::new(BTreeMap::new()),
             workers_changed: Notify::new(),
             next_worker: AtomicU32::new(0),
-            next_epoch: AtomicU64::new(0),
             queries: Mutex::new(HashMap::new()),
             tables,
             launch_messages: AtomicU64::new(0),

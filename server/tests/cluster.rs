@@ -61,16 +61,36 @@ where
     }
 }
 
-const SETUP: &str = "CREATE STREAM clicks (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
-    WITH (connector = 'datagen', rows_per_second = '3000', partitions = '3', \
-          fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '9'); \
-    SET batch_interval = '20ms'; SET group_size = 10; \
-    CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n FROM clicks GROUP BY k";
+/// DDL of a datagen stream `name (k BIGINT, ts TIMESTAMP)` with keys
+/// 0..=max_key in sequence and a watermark on `ts`.
+fn datagen(name: &str, rows_per_second: u32, partitions: u32, max_key: u32) -> String {
+    format!(
+        "CREATE STREAM {name} (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
+         WITH (connector = 'datagen', rows_per_second = '{rows_per_second}', partitions = '{partitions}', \
+               fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '{max_key}')"
+    )
+}
+
+/// Number of data rows in a simple-query reply.
+fn row_count(messages: &[SimpleQueryMessage]) -> usize {
+    messages
+        .iter()
+        .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
+        .count()
+}
+
+fn setup() -> String {
+    format!(
+        "{}; SET batch_interval = '20ms'; SET group_size = 10; \
+         CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n FROM clicks GROUP BY k",
+        datagen("clicks", 3000, 3, 9)
+    )
+}
 
 #[test]
 fn drizzle_mode_one_launch_per_worker_per_group_and_reduces_start_from_notices() {
     on_cluster(3, &[], |client| async move {
-        client.batch_execute(SETUP).await?;
+        client.batch_execute(&setup()).await?;
         // Several groups of 10 micro-batches.
         let q = eventually(Duration::from_secs(60), || async {
             let rows = show(&client, "SHOW QUERIES").await?;
@@ -144,7 +164,7 @@ fn drizzle_mode_one_launch_per_worker_per_group_and_reduces_start_from_notices()
 #[test]
 fn bsp_mode_launches_every_batch_and_reduces_from_the_coordinator() {
     on_cluster(3, &["--scheduling", "bsp"], |client| async move {
-        client.batch_execute(SETUP).await?;
+        client.batch_execute(&setup()).await?;
         let q = eventually(Duration::from_secs(60), || async {
             let rows = show(&client, "SHOW QUERIES").await?;
             Ok(rows.into_iter().find(|r| num(r, "batches") >= 30))
@@ -175,19 +195,16 @@ fn a_window_join_reads_both_shuffled_inputs_before_each_reduce() {
         // Input 0 has 3 map partitions, input 1 has 2: every reduce task
         // needs 5 notices.
         client
-            .batch_execute(
-                "CREATE STREAM a (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
-                 WITH (connector = 'datagen', rows_per_second = '900', partitions = '3', \
-                       fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '29'); \
-                 CREATE STREAM b (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
-                 WITH (connector = 'datagen', rows_per_second = '600', partitions = '2', \
-                       fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '29'); \
+            .batch_execute(&format!(
+                "{}; {}; \
                  SET batch_interval = '20ms'; SET group_size = 10; \
                  CREATE MATERIALIZED VIEW pairs AS SELECT a.window_start, a.k, b.ts AS b_ts \
                    FROM TUMBLE(a, ts, INTERVAL '200' MILLISECOND) a \
                    JOIN TUMBLE(b, ts, INTERVAL '200' MILLISECOND) b \
                    ON a.k = b.k AND a.window_start = b.window_start",
-            )
+                datagen("a", 900, 3, 29),
+                datagen("b", 600, 2, 29)
+            ))
             .await?;
         let workers = eventually(Duration::from_secs(60), || async {
             let rows = show(&client, "SHOW WORKERS").await?;
@@ -229,12 +246,10 @@ fn a_window_join_reads_both_shuffled_inputs_before_each_reduce() {
 fn windows_arrive_in_batch_order_across_workers() {
     on_cluster(3, &[], |client| async move {
         client
-            .batch_execute(
-                "CREATE STREAM clicks (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) \
-                 WITH (connector = 'datagen', rows_per_second = '2000', partitions = '3', \
-                       fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '99'); \
-                 SET batch_interval = '10ms'; SET group_size = 5",
-            )
+            .batch_execute(&format!(
+                "{}; SET batch_interval = '10ms'; SET group_size = 5",
+                datagen("clicks", 2000, 3, 99)
+            ))
             .await?;
         let rows = client
             .simple_query(
@@ -322,10 +337,7 @@ fn queries_wait_for_a_first_worker_or_fail_clearly() {
             .expect("query finished")
             .unwrap()
             .unwrap_or_else(|e| panic!("{e:?}\n{}", server.log()));
-        let n = rows
-            .iter()
-            .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
-            .count();
+        let n = row_count(&rows);
         assert_eq!(n, 2);
     });
 }
@@ -383,12 +395,11 @@ fn registration_checks_the_protocol_version() {
 fn auto_group_size_grows_when_coordination_dominates() {
     on_cluster(2, &[], |client| async move {
         client
-            .batch_execute(
-                "CREATE STREAM t (k BIGINT) WITH (connector = 'datagen', rows_per_second = '100', \
-                   partitions = '2', fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '9'); \
-                 SET batch_interval = '0.1ms'; \
+            .batch_execute(&format!(
+                "{}; SET batch_interval = '0.1ms'; \
                  CREATE MATERIALIZED VIEW c AS SELECT k, count(*) AS n FROM t GROUP BY k",
-            )
+                datagen("t", 100, 2, 9)
+            ))
             .await?;
         assert_eq!(
             client
@@ -473,10 +484,7 @@ fn a_worker_process_with_two_slots_registers_two_workers() {
         let rows = client
             .simple_query("SELECT k, sum(v) FROM s GROUP BY k LIMIT 2")
             .await?;
-        let n = rows
-            .iter()
-            .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
-            .count();
+        let n = row_count(&rows);
         assert_eq!(n, 2);
         anyhow::Ok(())
     });
@@ -492,15 +500,18 @@ fn a_lost_worker_fails_its_queries_cleanly_and_the_server_keeps_serving() {
     let result = rt.block_on(async {
         let client = cluster.server.client().await?;
         client
-            .batch_execute(
-                "CREATE STREAM t (k BIGINT) WITH (connector = 'datagen', rows_per_second = '200', \
-                   partitions = '2', fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '9'); \
-                 SET batch_interval = '20ms'",
-            )
+            .batch_execute(&format!(
+                "{}; SET batch_interval = '20ms'",
+                datagen("t", 200, 2, 9)
+            ))
             .await?;
         let query = tokio::spawn({
             let client = cluster.server.client().await?;
-            async move { client.simple_query("SELECT k, count(*) FROM t GROUP BY k").await }
+            async move {
+                client
+                    .simple_query("SELECT k, count(*) FROM t GROUP BY k")
+                    .await
+            }
         });
         eventually(Duration::from_secs(20), || async {
             let rows = show(&client, "SHOW QUERIES").await?;
@@ -537,10 +548,7 @@ fn a_lost_worker_fails_its_queries_cleanly_and_the_server_keeps_serving() {
             .simple_query("SELECT k FROM t LIMIT 3")
             .await
             .expect("a new query runs on the survivor");
-        let n = rows
-            .iter()
-            .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
-            .count();
+        let n = row_count(&rows);
         assert_eq!(n, 3);
     });
 }
