@@ -78,6 +78,14 @@ pub enum ExecError {
         /// The worker's message.
         message: String,
     },
+    /// Reading or writing checkpoint storage failed.
+    #[error("checkpoint storage {location}: {message}")]
+    Checkpoint {
+        /// The object or store.
+        location: String,
+        /// What failed.
+        message: String,
+    },
     /// The runtime is shutting down or a worker is gone.
     #[error("runtime unavailable: {message}")]
     Unavailable {

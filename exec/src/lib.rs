@@ -32,6 +32,7 @@
 //! Types to read first: [`Runtime`], [`QuerySpec`], [`QueryHandle`],
 //! [`worker::start_worker`], [`ops::AggregateFinalExec`], [`log::PartitionLog`].
 
+pub mod checkpoint;
 pub mod cluster;
 pub mod error;
 pub mod log;
@@ -43,7 +44,7 @@ pub mod worker;
 pub use error::{ExecError, Result};
 pub use ops::TableEvaluator;
 pub use runtime::{
-    AdaptiveGroupSize, EmittedBatch, GroupId, InputSpec, QueryHandle, QuerySpec, QueryStatus,
-    Runtime, RuntimeConfig, Scheduling, WorkerId, WorkerInfo,
+    AdaptiveGroupSize, Durability, EmittedBatch, GroupId, InputSpec, QueryHandle, QuerySpec,
+    QueryStatus, Runtime, RuntimeConfig, Scheduling, WorkerId, WorkerInfo,
 };
 pub use worker::{start_worker, ErrorClassifier, WorkerConfig, WorkerHandle};

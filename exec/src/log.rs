@@ -4,9 +4,13 @@
 //! Each partition is one file of frames:
 //!
 //! ```text
-//! frame := magic "DRZ1" | payload_len u32 | crc32(payload) u32 | base_offset u64 | rows u32 | payload
+//! frame := magic "DRZ2" | payload_len u32 | crc32(payload) u32 | base_offset u64 | rows u32
+//!          | append_time_us i64 | payload
 //! payload := one Arrow IPC stream holding one RecordBatch
 //! ```
+//!
+//! (Frames written before append times existed, magic "DRZ1", read with
+//! append time 0.)
 //!
 //! Offsets count rows. An append is one frame, written and then `fdatasync`ed
 //! before [`PartitionLog::append`] returns, so an acknowledged `INSERT` or
@@ -20,6 +24,12 @@
 //!   rows that could be lost.
 //! * Frames are never rewritten; a batch's source range `[from, to)` reads the
 //!   same rows every time (replay).
+//! * Append times never decrease within a partition, and a frame becomes
+//!   visible before any later append can take a smaller time; so the rows
+//!   appended at or before time `t` ([`PartitionLog::end_at`]) are the same
+//!   whenever that is asked after `t`. A micro-batch's source range ends
+//!   there for its trigger time, which makes every batch replayable from its
+//!   id alone (recovery, restart).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -34,8 +44,10 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::error::{ExecError, Result};
 
-const MAGIC: &[u8; 4] = b"DRZ1";
-const HEADER: usize = 4 + 4 + 4 + 8 + 4;
+const MAGIC_V1: &[u8; 4] = b"DRZ1";
+const MAGIC: &[u8; 4] = b"DRZ2";
+const HEADER_V1: usize = 4 + 4 + 4 + 8 + 4;
+const HEADER: usize = HEADER_V1 + 8;
 /// Bytes of decoded batches a stream partition keeps cached (tables keep all).
 const STREAM_CACHE_BYTES: usize = 64 << 20;
 
@@ -43,6 +55,8 @@ const STREAM_CACHE_BYTES: usize = 64 << 20;
 struct Frame {
     base: u64,
     rows: u32,
+    /// Append time (Unix µs).
+    ts: i64,
     pos: u64,
     len: u32,
 }
@@ -55,6 +69,10 @@ pub struct PartitionLog {
     file: Mutex<File>,
     frames: RwLock<Vec<Frame>>,
     end: AtomicU64,
+    /// Set while an append is choosing its time and becoming visible.
+    appending: std::sync::atomic::AtomicBool,
+    /// The last append time (under the file mutex).
+    last_ts: std::sync::atomic::AtomicI64,
     cache: Mutex<Cache>,
 }
 
@@ -106,16 +124,23 @@ impl PartitionLog {
         let mut frames = Vec::new();
         let mut pos = 0usize;
         let mut end = 0u64;
-        while pos + HEADER <= data.len() {
-            let h = &data[pos..pos + HEADER];
-            if &h[0..4] != MAGIC {
-                break;
-            }
+        while pos + HEADER_V1 <= data.len() {
+            let h = &data[pos..pos + HEADER_V1];
+            let header = match &h[0..4] {
+                m if m == MAGIC && pos + HEADER <= data.len() => HEADER,
+                m if m == MAGIC_V1 => HEADER_V1,
+                _ => break,
+            };
             let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
             let crc = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
             let base = u64::from_le_bytes(h[12..20].try_into().unwrap_or_default());
             let rows = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
-            let start = pos + HEADER;
+            let ts = if header == HEADER {
+                i64::from_le_bytes(data[pos + 24..pos + 32].try_into().unwrap_or_default())
+            } else {
+                0
+            };
+            let start = pos + header;
             if start + len > data.len()
                 || crc32fast::hash(&data[start..start + len]) != crc
                 || base != end
@@ -125,6 +150,7 @@ impl PartitionLog {
             frames.push(Frame {
                 base,
                 rows,
+                ts,
                 pos: start as u64,
                 len: len as u32,
             });
@@ -139,18 +165,26 @@ impl PartitionLog {
         }
         file.seek(SeekFrom::End(0))
             .map_err(|e| ExecError::io(&path, e))?;
+        let last_ts = frames.last().map_or(0, |f| f.ts);
         Ok(Self {
             path,
             schema,
             file: Mutex::new(file),
             frames: RwLock::new(frames),
             end: AtomicU64::new(end),
+            appending: std::sync::atomic::AtomicBool::new(false),
+            last_ts: std::sync::atomic::AtomicI64::new(last_ts),
             cache: Mutex::new(Cache {
                 limit: (!cache_all).then_some(STREAM_CACHE_BYTES),
                 bytes: 0,
                 entries: Default::default(),
             }),
         })
+    }
+
+    /// The row schema.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
     }
 
     /// Offset one past the last durable row.
@@ -165,14 +199,25 @@ impl PartitionLog {
         }
         let payload = drizzle_shuffle::encode_block(&self.schema, std::slice::from_ref(batch))?;
         let mut file = self.file.lock();
+        // Announce the append before choosing its time: a reader that sees
+        // no append in progress knows any later one gets a later time.
+        self.appending.store(true, Ordering::SeqCst);
+        let result = self.append_locked(&mut file, batch, &payload);
+        self.appending.store(false, Ordering::SeqCst);
+        result
+    }
+
+    fn append_locked(&self, file: &mut File, batch: &RecordBatch, payload: &[u8]) -> Result<u64> {
+        let ts = unix_us().max(self.last_ts.load(Ordering::Acquire));
         let base = self.end.load(Ordering::Acquire);
         let mut buf = Vec::with_capacity(HEADER + payload.len());
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         buf.extend_from_slice(&base.to_le_bytes());
         buf.extend_from_slice(&(batch.num_rows() as u32).to_le_bytes());
-        buf.extend_from_slice(&payload);
+        buf.extend_from_slice(&ts.to_le_bytes());
+        buf.extend_from_slice(payload);
         let pos = file
             .seek(SeekFrom::End(0))
             .map_err(|e| ExecError::io(&self.path, e))?;
@@ -181,10 +226,12 @@ impl PartitionLog {
             let _ = file.set_len(pos);
             return Err(ExecError::io(&self.path, e));
         }
+        self.last_ts.store(ts, Ordering::Release);
         let mut frames = self.frames.write();
         frames.push(Frame {
             base,
             rows: batch.num_rows() as u32,
+            ts,
             pos: pos + HEADER as u64,
             len: payload.len() as u32,
         });
@@ -193,6 +240,21 @@ impl PartitionLog {
         self.end
             .store(base + batch.num_rows() as u64, Ordering::Release);
         Ok(base)
+    }
+
+    /// Offset one past the last row appended at or before `t_us` (Unix µs).
+    /// The same answer every time once the clock has passed `t_us`.
+    pub fn end_at(&self, t_us: i64) -> u64 {
+        if self.appending.load(Ordering::SeqCst) {
+            // An append in progress may have chosen a time <= t: wait for it.
+            drop(self.file.lock());
+        }
+        let frames = self.frames.read();
+        let n = frames.partition_point(|f| f.ts <= t_us);
+        match n {
+            0 => 0,
+            n => frames[n - 1].base + frames[n - 1].rows as u64,
+        }
     }
 
     /// Rows `[from, to)`, as slices of the stored batches.
@@ -247,6 +309,13 @@ impl PartitionLog {
         self.cache.lock().put(idx, batch.clone());
         Ok(batch)
     }
+}
+
+fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 /// A stream or table log: one [`PartitionLog`] per partition.
@@ -359,5 +428,30 @@ mod tests {
         let log = Log::open(dir.path(), schema, 1, false).unwrap();
         assert_eq!(log.row_count(), 6);
         assert_eq!(log.read_all().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn append_times_fix_what_a_trigger_time_reads_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let log = Log::open(dir.path(), Arc::clone(&schema), 1, false).unwrap();
+        let part = Arc::clone(&log.partitions[0]);
+        let before = unix_us() - 1;
+        part.append(&batch(&schema, vec![1, 2])).unwrap();
+        let between = unix_us();
+        // Make sure the next append gets a strictly later time.
+        while unix_us() <= between {
+            std::hint::spin_loop();
+        }
+        part.append(&batch(&schema, vec![3])).unwrap();
+        assert_eq!(part.end_at(before), 0);
+        assert_eq!(part.end_at(between), 2);
+        assert_eq!(part.end_at(unix_us()), 3);
+        drop(log);
+        let log = Log::open(dir.path(), schema, 1, false).unwrap();
+        let part = &log.partitions[0];
+        assert_eq!(part.end_at(between), 2, "append times survive a reopen");
+        assert_eq!(part.end_at(i64::MAX), 3);
     }
 }

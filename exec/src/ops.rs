@@ -24,8 +24,8 @@ use datafusion::common::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, RecordBatchOptions, TimestampMicrosecondArray,
-    UInt32Array,
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatchOptions,
+    TimestampMicrosecondArray, UInt32Array,
 };
 use arrow::compute::{filter_record_batch, take, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
@@ -503,6 +503,32 @@ impl GroupTable {
         Ok(groups)
     }
 
+    /// The table as partial rows (group columns, then every aggregate's
+    /// state: `plan.partial_schema`), leaving the table as it was.
+    fn snapshot(&mut self, plan: &AggregatePlan) -> Result<RecordBatch> {
+        let n = self.len(plan);
+        if n == 0 {
+            return Ok(RecordBatch::new_empty(Arc::clone(&plan.partial_schema)));
+        }
+        let mut columns = if plan.group_exprs.is_empty() {
+            Vec::new()
+        } else {
+            self.values.emit(EmitTo::All)?
+        };
+        for acc in &mut self.accs {
+            columns.extend(acc.state(EmitTo::All)?);
+        }
+        let partial = RecordBatch::try_new_with_options(
+            Arc::clone(&plan.partial_schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(n)),
+        )?;
+        // Emitting drained the table: merge the rows back, in group order.
+        *self = GroupTable::new(plan)?;
+        self.merge(plan, &partial)?;
+        Ok(partial)
+    }
+
     /// Emits every group's final row and empties the table.
     fn emit_all(&mut self, plan: &AggregatePlan) -> Result<RecordBatch> {
         let n = self.len(plan);
@@ -594,6 +620,98 @@ impl AggregateFinalExec {
             Some(t) => t.len(&self.plan),
             None => self.windows.len(),
         }
+    }
+
+    /// The schema of [`AggregateFinalExec::snapshot`]'s rows: the partial
+    /// schema plus the window end (NULL for an upsert aggregate).
+    pub fn snapshot_schema(&self) -> SchemaRef {
+        let mut fields: Vec<arrow::datatypes::FieldRef> =
+            self.plan.partial_schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            STATE_WINDOW_END,
+            DataType::Int64,
+            true,
+        )));
+        Arc::new(arrow::datatypes::Schema::new(fields))
+    }
+
+    /// The keyed state as rows (see [`AggregateFinalExec::snapshot_schema`];
+    /// the first columns are the group columns, which the shuffle hashes on)
+    /// and the closed-through bound; the state itself is unchanged.
+    pub fn snapshot(&mut self) -> Result<(Option<i64>, Vec<RecordBatch>)> {
+        let schema = self.snapshot_schema();
+        let mut out = Vec::new();
+        let mut tables: Vec<(Option<i64>, &mut GroupTable)> = Vec::new();
+        if let Some(t) = self.table.as_mut() {
+            tables.push((None, t));
+        }
+        tables.extend(self.windows.iter_mut().map(|(end, t)| (Some(*end), t)));
+        for (end, table) in tables {
+            let partial = table.snapshot(&self.plan)?;
+            if partial.num_rows() == 0 {
+                continue;
+            }
+            let mut columns = partial.columns().to_vec();
+            columns.push(Arc::new(Int64Array::from(vec![end; partial.num_rows()])));
+            out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
+        }
+        Ok((self.closed_through, out))
+    }
+
+    /// Merges snapshot rows (of this partition, or re-partitioned by key)
+    /// into the state.
+    pub fn restore(&mut self, closed_through: Option<i64>, rows: &[RecordBatch]) -> Result<()> {
+        if let Some(c) = closed_through {
+            self.closed_through = Some(self.closed_through.map_or(c, |o| o.max(c)));
+        }
+        let width = self.plan.partial_schema.fields().len();
+        for batch in rows {
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            if batch.num_columns() != width + 1 {
+                return Err(ExecError::invalid(
+                    "checkpointed aggregate state does not match the query",
+                ));
+            }
+            let partial = RecordBatch::try_new(
+                Arc::clone(&self.plan.partial_schema),
+                batch.columns()[..width].to_vec(),
+            )?;
+            let ends = batch
+                .column(width)
+                .as_primitive_opt::<arrow::datatypes::Int64Type>()
+                .ok_or_else(|| ExecError::invalid("checkpointed window ends are not Int64"))?;
+            if self.plan.window.is_none() {
+                if self.table.is_none() {
+                    self.table = Some(GroupTable::new(&self.plan)?);
+                }
+                if let Some(t) = self.table.as_mut() {
+                    t.merge(&self.plan, &partial)?;
+                }
+                continue;
+            }
+            let mut by_window: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+            for row in 0..ends.len() {
+                if ends.is_valid(row) {
+                    by_window
+                        .entry(ends.value(row))
+                        .or_default()
+                        .push(row as u32);
+                }
+            }
+            for (end, rows) in by_window {
+                let part = take_record_batch(&partial, &UInt32Array::from(rows))?;
+                let table = match self.windows.entry(end) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(GroupTable::new(&self.plan)?)
+                    }
+                };
+                table.merge(&self.plan, &part)?;
+            }
+        }
+        Ok(())
     }
 
     /// Merges the partial blocks of one micro-batch, then emits: closed windows
@@ -714,6 +832,9 @@ impl AggregateFinalExec {
         Ok(AggregateOutput { chunks, late })
     }
 }
+
+/// Name of the window-end column of checkpointed aggregate state.
+pub const STATE_WINDOW_END: &str = "__drizzle_window_end";
 
 /// The reduce side of a window join: rows of both inputs per open window,
 /// joined once the watermark passes the window's end. State of a closed
@@ -842,6 +963,37 @@ impl WindowJoinExec {
             }
             _ => Ok(joined),
         }
+    }
+
+    /// The held rows of both inputs (as shuffled to this partition) and the
+    /// closed-through bound; the state is unchanged.
+    pub fn snapshot(&self) -> (Option<i64>, Vec<RecordBatch>, Vec<RecordBatch>) {
+        let mut left = Vec::new();
+        let mut right = Vec::new();
+        for (l, r) in self.windows.values() {
+            left.extend(l.iter().cloned());
+            right.extend(r.iter().cloned());
+        }
+        (self.closed_through, left, right)
+    }
+
+    /// Adds snapshot rows (of this partition, or re-partitioned by key).
+    pub fn restore(
+        &mut self,
+        closed_through: Option<i64>,
+        left: &[RecordBatch],
+        right: &[RecordBatch],
+    ) -> Result<()> {
+        if let Some(c) = closed_through {
+            self.closed_through = Some(self.closed_through.map_or(c, |o| o.max(c)));
+        }
+        for b in left {
+            self.add(b, true)?;
+        }
+        for b in right {
+            self.add(b, false)?;
+        }
+        Ok(())
     }
 
     /// Adds a micro-batch's rows of both inputs and emits every window the
@@ -1042,7 +1194,7 @@ mod tests {
             RecordBatch::try_new(
                 Arc::clone(schema),
                 vec![
-                    Arc::new(arrow::array::Int64Array::from(keys)),
+                    Arc::new(Int64Array::from(keys)),
                     Arc::new(TimestampMicrosecondArray::from(starts)),
                 ],
             )

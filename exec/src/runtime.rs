@@ -30,6 +30,28 @@
 //! * The next group is shipped when the current one is half done, so group
 //!   boundaries do not stall output.
 //! * Results are released strictly in batch order, each batch once.
+//!
+//! # Fault tolerance and adaptation (group boundaries)
+//! * Batch `b` triggers at `origin + interval·(b+1)` and reads the source
+//!   rows available then, so any batch can be re-run and reads the same rows.
+//! * Checkpoints: at most every `checkpoint_interval`, a group is launched as
+//!   a checkpoint group; after its last batch `C` reduce tasks send their
+//!   state (SaveState) and map tasks report their positions; once all are in
+//!   and the sink has committed every batch up to `C`, the coordinator
+//!   writes the [`Manifest`](crate::checkpoint::Manifest).
+//! * A lost worker (its Events stream broke, or no heartbeat for
+//!   `worker_timeout`) ends the query's attempt: a new attempt restores every
+//!   reduce partition from the last checkpoint onto the surviving workers
+//!   (partitions spread over all of them), replays the batches since it, and
+//!   resumes group scheduling. The collector drops results of batches it
+//!   already released: output stays exactly-once and in batch order.
+//! * Membership changes (a worker registered, a worker draining) and
+//!   `parallelism` changes take effect at a boundary: the next group is a
+//!   checkpoint group, and the next attempt starts from that checkpoint with
+//!   the new placement (state re-partitioned by key if the count changed),
+//!   with nothing replayed.
+//! * Messages of older attempts are ignored (fencing), as are workers'
+//!   messages from an older registration epoch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -46,6 +68,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::checkpoint::{CheckpointStore, Manifest, MapCheckpoint, StateFile};
 use crate::cluster::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use crate::cluster::pb::{self, SchedulingMode};
 use crate::cluster::{from_ipc, to_ipc, worker_client, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
@@ -116,6 +139,26 @@ pub struct QuerySpec {
     pub reduce_partitions: u32,
     /// For SHOW QUERIES: the SQL or the view it feeds.
     pub label: String,
+    /// Checkpointing and resumption.
+    pub durability: Durability,
+}
+
+/// How a query checkpoints and where it resumes.
+#[derive(Debug, Clone, Default)]
+pub struct Durability {
+    /// Its checkpoints' key in the store (a view's name); `None`: a
+    /// per-run key, deleted when the query ends.
+    pub key: Option<String>,
+    /// Start from this checkpoint (a view resumed after a restart).
+    pub resume: Option<Manifest>,
+    /// Batches up to this one were already committed by the sink: drop them.
+    pub skip_through: Option<u64>,
+    /// The time origin (Unix µs) to keep batch ids and source ranges stable
+    /// across restarts; `None`: now.
+    pub origin_unix_us: Option<i64>,
+    /// The sink commits durably and acknowledges with
+    /// [`QueryHandle::commit`]; a checkpoint waits for that acknowledgement.
+    pub durable_sink: bool,
 }
 
 /// One stream input of a query: its source partitions (one map task each)
@@ -161,6 +204,16 @@ pub struct QueryStatus {
     pub launches: AtomicU64,
     /// Emit-minus-trigger time of recent batches (µs), at most [`RECENT_BATCHES`].
     pub recent_latencies_us: Mutex<std::collections::VecDeque<u32>>,
+    /// (emit time, batch, group size) of recent batches, for the benchmarks.
+    pub recent_emits: Mutex<std::collections::VecDeque<(Instant, u64, u32)>>,
+    /// The current attempt (1 + recoveries + rebalances).
+    pub attempt: AtomicU64,
+    /// Attempts started because a worker was lost.
+    pub recoveries: AtomicU64,
+    /// Current reduce partitions.
+    pub reduce_partitions: AtomicU32,
+    /// The last checkpoint: (batch, when written, bytes).
+    pub last_checkpoint: Mutex<Option<(u64, Instant, u64)>>,
     /// When the query started.
     pub started: Instant,
     /// Set once the query ended, with the reason.
@@ -206,9 +259,16 @@ pub struct QueryHandle {
     pub emit: EmitMode,
     results: mpsc::Receiver<Result<EmittedBatch>>,
     cancel: Arc<CancelToken>,
+    acked: Arc<AtomicU64>,
 }
 
 impl QueryHandle {
+    /// A durable sink committed every batch up to `batch` (see
+    /// [`Durability::durable_sink`]).
+    pub fn commit(&self, batch: BatchId) {
+        self.acked.fetch_max(batch.0 + 1, Ordering::AcqRel);
+    }
+
     /// The next micro-batch's output; `None` when the query ended.
     ///
     /// # Cancel safety
@@ -248,6 +308,11 @@ pub struct RuntimeConfig {
     pub classify: ErrorClassifier,
     /// Adaptive group size (`group_size = 'auto'`).
     pub adaptive: AdaptiveGroupSize,
+    /// Where checkpoints go (a directory or `s3://` URL); `None`: no
+    /// checkpoints (a lost worker then restarts its queries from their start).
+    pub checkpoint_location: Option<String>,
+    /// Checkpoint at the first group boundary after this much time.
+    pub checkpoint_interval: Duration,
 }
 
 /// How `group_size = 'auto'` adapts: at every group boundary the coordinator
@@ -307,6 +372,8 @@ pub struct WorkerInfo {
 }
 
 struct WorkerEntry {
+    /// Asked to stop (SIGTERM): no new placements.
+    draining: bool,
     id: WorkerId,
     address: String,
     epoch: u64,
@@ -326,7 +393,6 @@ struct CompiledQuery {
     encoded_plan: Vec<u8>,
     scheduling: Scheduling,
     inputs: Vec<InputSpec>,
-    reduce_partitions: u32,
     status: Arc<QueryStatus>,
     sink: mpsc::UnboundedSender<SinkMsg>,
     reports: mpsc::UnboundedSender<pb::GroupReport>,
@@ -337,9 +403,51 @@ struct CompiledQuery {
     interval: Duration,
     /// Encoded lookup tables by join id: (version, IPC).
     tables: Mutex<HashMap<u32, EncodedTable>>,
+    /// Checkpoint key.
+    key: String,
+    /// Delete the checkpoints when the query ends (not a view's).
+    ephemeral: bool,
+    durability: Durability,
+    /// Checkpoint pieces received, by batch.
+    pending_checkpoints: Mutex<BTreeMap<u64, PendingCheckpoint>>,
+    /// The last complete checkpoint.
+    last_checkpoint: Mutex<Option<Manifest>>,
+    /// Wakes the coordinator loop when a checkpoint piece arrives.
+    checkpoint_progress: Notify,
+    /// Target reduce partitions (`ALTER ... SET parallelism`).
+    target_partitions: AtomicU32,
+    /// Collector: batches below this were released.
+    released: AtomicU64,
+    /// Collector: 1 + the last batch released with rows (0: none).
+    last_sent_rows: AtomicU64,
+    /// Durable sink: 1 + the last batch it committed (0: none).
+    acked: Arc<AtomicU64>,
+}
+
+/// Pieces of one checkpoint gathered so far.
+#[derive(Default)]
+struct PendingCheckpoint {
+    attempt: u64,
+    maps: Vec<MapCheckpoint>,
+    states: Vec<StateFile>,
 }
 
 impl CompiledQuery {
+    /// Every batch up to the returned one was committed by the sink.
+    fn committed_through(&self) -> Option<u64> {
+        let released = self.released.load(Ordering::Acquire);
+        if !self.durability.durable_sink {
+            return released.checked_sub(1);
+        }
+        let sent = self.last_sent_rows.load(Ordering::Acquire);
+        let acked = self.acked.load(Ordering::Acquire);
+        if acked >= sent {
+            released.checked_sub(1)
+        } else {
+            acked.checked_sub(1)
+        }
+    }
+
     fn trigger_at(&self, b: BatchId) -> Instant {
         self.start + self.offset_of(b)
     }
@@ -374,8 +482,15 @@ impl CompiledQuery {
 
 enum SinkMsg {
     Output {
+        attempt: u64,
         batch: BatchId,
+        partition: u32,
         chunks: Vec<(Option<i64>, RecordBatch)>,
+    },
+    /// A new attempt starts: forget unreleased outputs of older ones.
+    Attempt {
+        attempt: u64,
+        final_tasks: u32,
     },
     Failed(ExecError),
 }
@@ -392,6 +507,10 @@ struct State {
     launch_messages: AtomicU64,
     worker_timeout: Duration,
     adaptive: AdaptiveGroupSize,
+    checkpoints: Option<CheckpointStore>,
+    checkpoint_interval: Duration,
+    /// Workers each running query is placed on.
+    placements: Mutex<HashMap<QueryId, Vec<WorkerId>>>,
 }
 
 impl State {
@@ -405,8 +524,42 @@ impl State {
 }
 
 impl State {
+    /// Declares a worker incarnation lost (or drained): it is forgotten, its
+    /// queries start a new attempt, and if alive it must register again.
+    fn forget_worker(&self, id: WorkerId, epoch: u64, why: &str) {
+        let removed = {
+            let mut workers = self.workers.write();
+            match workers.get(&id) {
+                Some(w) if w.epoch == epoch => workers.remove(&id),
+                _ => None,
+            }
+        };
+        if let Some(w) = removed {
+            tracing::warn!(worker = id.0, address = %w.address, "worker removed: {why}");
+            self.workers_changed.notify_waiters();
+        }
+    }
+
     fn on_group_report(&self, report: pb::GroupReport) {
         if let Ok(q) = self.query(report.query) {
+            if report.attempt != q.status.attempt.load(Ordering::Acquire) {
+                return; // fenced: an older attempt
+            }
+            if !report.maps.is_empty() {
+                let mut pending = q.pending_checkpoints.lock();
+                for m in &report.maps {
+                    let entry = pending.entry(m.batch).or_default();
+                    entry.attempt = report.attempt;
+                    entry.maps.push(MapCheckpoint {
+                        stage: m.stage,
+                        partition: m.partition,
+                        next_offset: m.next_offset,
+                        max_event_us: m.max_event_us,
+                    });
+                }
+                drop(pending);
+                q.checkpoint_progress.notify_one();
+            }
             q.status
                 .rows_in
                 .fetch_add(report.rows_in, Ordering::Relaxed);
@@ -423,6 +576,9 @@ impl State {
             // The query ended; its late results have nowhere to go.
             return;
         };
+        if out.attempt != q.status.attempt.load(Ordering::Acquire) {
+            return; // fenced: an older attempt (its batches are re-run)
+        }
         q.status.rows_in.fetch_add(out.rows_in, Ordering::Relaxed);
         q.status
             .late_rows
@@ -437,7 +593,19 @@ impl State {
         let mut chunks = Vec::with_capacity(out.chunks.len());
         for c in out.chunks {
             match from_ipc(c.ipc) {
-                Ok(batches) => chunks.extend(batches.into_iter().map(|b| (c.window_end, b))),
+                Ok(batches) => {
+                    // Never trust a peer with the collector's invariants.
+                    let want = q.plan.output_schema.fields().len();
+                    if let Some(b) = batches.iter().find(|b| b.num_columns() != want) {
+                        let _ = q.sink.send(SinkMsg::Failed(ExecError::invalid(format!(
+                            "a task of query {} returned {} columns, expected {want}",
+                            q.id,
+                            b.num_columns()
+                        ))));
+                        return;
+                    }
+                    chunks.extend(batches.into_iter().map(|b| (c.window_end, b)))
+                }
                 Err(e) => {
                     let _ = q.sink.send(SinkMsg::Failed(e));
                     return;
@@ -445,7 +613,9 @@ impl State {
             }
         }
         let _ = q.sink.send(SinkMsg::Output {
+            attempt: out.attempt,
             batch: BatchId(out.batch),
+            partition: out.partition,
             chunks,
         });
     }
@@ -459,9 +629,8 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
-#[tonic::async_trait]
-impl CoordinatorRpc for CoordinatorService {
-    async fn register(
+impl CoordinatorService {
+    async fn do_register(
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> std::result::Result<Response<pb::RegisterResponse>, Status> {
@@ -482,6 +651,7 @@ impl CoordinatorRpc for CoordinatorService {
             workers.insert(
                 id,
                 WorkerEntry {
+                    draining: false,
                     id,
                     address: req.address.clone(),
                     epoch,
@@ -502,7 +672,7 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
-    async fn heartbeat(
+    async fn do_heartbeat(
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> std::result::Result<Response<pb::HeartbeatResponse>, Status> {
@@ -520,13 +690,108 @@ impl CoordinatorRpc for CoordinatorService {
         Ok(Response::new(pb::HeartbeatResponse { known }))
     }
 
-    async fn events(
+    async fn do_events(
         &self,
         request: Request<tonic::Streaming<pb::WorkerEvent>>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
         let mut events = request.into_inner();
+        let mut whose: Option<(u32, u64)> = None;
+        let result = self.event_loop(&mut events, &mut whose).await;
+        if let Some((id, epoch)) = whose {
+            // The stream broke or ended: that incarnation is gone (a live
+            // worker reopens its stream under a new registration).
+            self.state
+                .forget_worker(WorkerId(id), epoch, "its event stream ended");
+        }
+        result?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn do_save_state(
+        &self,
+        request: Request<pb::SaveStateRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let req = request.into_inner();
+        let q = self.state.query(req.query)?;
+        if req.attempt != q.status.attempt.load(Ordering::Acquire) {
+            return Ok(Response::new(pb::Ack {}));
+        }
+        let Some(store) = self.state.checkpoints.as_ref() else {
+            return Err(Status::failed_precondition("checkpoints are disabled"));
+        };
+        let file = store
+            .put_state(&q.key, req.batch, req.partition, req.state)
+            .await
+            .map_err(internal)?;
+        let mut pending = q.pending_checkpoints.lock();
+        let entry = pending.entry(req.batch).or_default();
+        entry.attempt = req.attempt;
+        entry.states.push(file);
+        drop(pending);
+        q.checkpoint_progress.notify_one();
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn do_load_state(
+        &self,
+        request: Request<pb::LoadStateRequest>,
+    ) -> std::result::Result<Response<pb::LoadStateResponse>, Status> {
+        let req = request.into_inner();
+        let q = self.state.query(req.query)?;
+        if !req.path.starts_with(&format!("{}/", q.key)) {
+            return Err(Status::permission_denied("not this query's checkpoint"));
+        }
+        let Some(store) = self.state.checkpoints.as_ref() else {
+            return Err(Status::failed_precondition("checkpoints are disabled"));
+        };
+        let bytes = store.get(&req.path).await.map_err(internal)?;
+        Ok(Response::new(pb::LoadStateResponse {
+            state: bytes.to_vec(),
+        }))
+    }
+
+    async fn do_drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let req = request.into_inner();
+        let id = WorkerId(req.worker_id);
+        {
+            let mut workers = self.state.workers.write();
+            match workers.get_mut(&id) {
+                Some(w) if w.epoch == req.epoch => w.draining = true,
+                _ => return Ok(Response::new(pb::Ack {})),
+            }
+        }
+        self.state.workers_changed.notify_waiters();
+        tracing::info!(worker = id.0, "worker draining");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let placed = self
+                .state
+                .placements
+                .lock()
+                .values()
+                .any(|p| p.contains(&id));
+            if !placed || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.state.forget_worker(id, req.epoch, "it drained");
+        Ok(Response::new(pb::Ack {}))
+    }
+}
+
+impl CoordinatorService {
+    async fn event_loop(
+        &self,
+        events: &mut tonic::Streaming<pb::WorkerEvent>,
+        whose: &mut Option<(u32, u64)>,
+    ) -> std::result::Result<(), Status> {
         while let Some(event) = events.message().await? {
             match event.event {
+                Some(pb::worker_event::Event::Hello(h)) => *whose = Some((h.worker, h.epoch)),
                 Some(pb::worker_event::Event::GroupReport(report)) => {
                     self.state.on_group_report(report)
                 }
@@ -539,7 +804,52 @@ impl CoordinatorRpc for CoordinatorService {
                 None => {}
             }
         }
-        Ok(Response::new(pb::Ack {}))
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for CoordinatorService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> std::result::Result<Response<pb::RegisterResponse>, Status> {
+        self.do_register(request).await
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> std::result::Result<Response<pb::HeartbeatResponse>, Status> {
+        self.do_heartbeat(request).await
+    }
+
+    async fn events(
+        &self,
+        request: Request<tonic::Streaming<pb::WorkerEvent>>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.do_events(request).await
+    }
+
+    async fn save_state(
+        &self,
+        request: Request<pb::SaveStateRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.do_save_state(request).await
+    }
+
+    async fn load_state(
+        &self,
+        request: Request<pb::LoadStateRequest>,
+    ) -> std::result::Result<Response<pb::LoadStateResponse>, Status> {
+        self.do_load_state(request).await
+    }
+
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.do_drain(request).await
     }
 
     async fn read_source(
@@ -558,9 +868,20 @@ impl CoordinatorRpc for CoordinatorService {
             (1, Some(j)) => j.right.stream.schema(),
             _ => q.plan.stream.schema(),
         };
+        // The batch's range ends at what was appended by its trigger time:
+        // wait until that time has passed here (clocks differ), then ask.
+        let until = if req.until_unix_us > 0 {
+            req.until_unix_us
+        } else {
+            unix_us()
+        };
+        let ahead = until.saturating_add(1).saturating_sub(unix_us());
+        if ahead > 0 {
+            tokio::time::sleep(Duration::from_micros(ahead as u64)).await;
+        }
         let (to, ipc) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<u8>)> {
             let to = source
-                .available(unix_us())
+                .available_at(until)
                 .min(req.from.saturating_add(req.max_rows))
                 .max(req.from);
             let batches = source.read(req.from, to)?;
@@ -657,6 +978,13 @@ impl Runtime {
             launch_messages: AtomicU64::new(0),
             worker_timeout: config.worker_timeout,
             adaptive: config.adaptive,
+            checkpoints: config
+                .checkpoint_location
+                .as_deref()
+                .map(CheckpointStore::open)
+                .transpose()?,
+            checkpoint_interval: config.checkpoint_interval,
+            placements: Mutex::new(HashMap::new()),
         });
         let (stop, stop_rx) = watch::channel(false);
         let service = CoordinatorServer::new(CoordinatorService {
@@ -676,7 +1004,13 @@ impl Runtime {
             state,
             local_workers: Mutex::new(Vec::new()),
             cluster_address: cluster_address.clone(),
-            next_query: AtomicU64::new(1),
+            // Query ids differ across server restarts (workers may still
+            // hold a previous run's queries): seconds since 2026 times 1000.
+            next_query: AtomicU64::new(
+                (unix_us() / 1_000_000).saturating_sub(1_767_225_600).max(0) as u64 % 10_000_000
+                    * 1000
+                    + 1,
+            ),
             cancels: Mutex::new(HashMap::new()),
             worker_wait: config.worker_wait,
             stop,
@@ -736,6 +1070,26 @@ impl Runtime {
         v
     }
 
+    /// Changes a running query's number of reduce partitions at its next
+    /// group boundary (state is re-partitioned by key through a checkpoint).
+    /// False when no such query runs or it has no shuffle.
+    pub fn set_parallelism(&self, id: QueryId, partitions: u32) -> bool {
+        match self.state.queries.lock().get(&id) {
+            Some(q) if q.plan.has_shuffle() => {
+                q.target_partitions
+                    .store(partitions.max(1), Ordering::Release);
+                q.checkpoint_progress.notify_one();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The checkpoint store, if checkpoints are on.
+    pub fn checkpoints(&self) -> Option<&CheckpointStore> {
+        self.state.checkpoints.as_ref()
+    }
+
     /// Cancels a query by id; false when no such query runs.
     pub fn cancel(&self, id: QueryId) -> bool {
         match self.cancels.lock().get(&id) {
@@ -790,6 +1144,16 @@ impl Runtime {
             launches: AtomicU64::new(0),
             groups: AtomicU64::new(0),
             recent_latencies_us: Mutex::new(std::collections::VecDeque::new()),
+            recent_emits: Mutex::new(std::collections::VecDeque::new()),
+            attempt: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
+            reduce_partitions: AtomicU32::new(reduce_partitions),
+            last_checkpoint: Mutex::new(
+                spec.durability
+                    .resume
+                    .as_ref()
+                    .map(|m| (m.batch, Instant::now(), m.bytes())),
+            ),
             started: Instant::now(),
             ended: Mutex::new(None),
         });
@@ -802,19 +1166,57 @@ impl Runtime {
             cancelled: AtomicBool::new(false),
             notify: Notify::new(),
         });
+        // The time origin fixes every batch's trigger time, hence its source
+        // range: a resumed view keeps its origin, so replayed batches read
+        // what they read before.
+        let now_us = unix_us();
+        let origin_us = spec
+            .durability
+            .resume
+            .as_ref()
+            .map(|m| m.origin_unix_us)
+            .or(spec.durability.origin_unix_us)
+            .unwrap_or(now_us);
+        let since_origin = Duration::from_micros(now_us.saturating_sub(origin_us).max(0) as u64);
+        let start = Instant::now()
+            .checked_sub(since_origin)
+            .unwrap_or_else(Instant::now);
+        let ephemeral = spec.durability.key.is_none();
+        let key = spec
+            .durability
+            .key
+            .clone()
+            .unwrap_or_else(|| format!("queries/q{}-{now_us}", id.0));
+        let released = spec.durability.skip_through.map_or(0, |b| b + 1).max(
+            spec.durability
+                .resume
+                .as_ref()
+                .and_then(|m| m.last_emitted)
+                .map_or(0, |b| b + 1),
+        );
+        let acked = Arc::new(AtomicU64::new(released));
         let query = Arc::new(CompiledQuery {
+            key,
+            ephemeral,
+            last_checkpoint: Mutex::new(spec.durability.resume.clone()),
+            durability: spec.durability,
+            pending_checkpoints: Mutex::new(BTreeMap::new()),
+            checkpoint_progress: Notify::new(),
+            target_partitions: AtomicU32::new(reduce_partitions),
+            released: AtomicU64::new(released),
+            last_sent_rows: AtomicU64::new(0),
+            acked: Arc::clone(&acked),
             id,
             encoded_plan,
             scheduling: spec.scheduling,
             inputs: spec.inputs,
-            reduce_partitions,
             status: Arc::clone(&status),
             sink: sink_tx,
             reports: report_tx,
             map_done: map_done_tx,
             cancel: Arc::clone(&cancel),
-            start: Instant::now(),
-            start_unix_us: unix_us(),
+            start,
+            start_unix_us: origin_us,
             interval: spec.batch_interval,
             tables: Mutex::new(HashMap::new()),
             plan: spec.plan,
@@ -823,18 +1225,12 @@ impl Runtime {
         let emit = query.plan.emit;
         self.state.queries.lock().insert(id, Arc::clone(&query));
         self.cancels.lock().insert(id, Arc::clone(&cancel));
-        let (done_tx, done_rx) = watch::channel(0u64);
-        let final_tasks = if reduce_partitions > 0 {
-            reduce_partitions
-        } else {
-            query.partitions(0)
-        };
+        let (done_tx, done_rx) = watch::channel(released);
         tokio::spawn(collect(
             Arc::clone(&query),
             sink_rx,
             results_tx,
             done_tx,
-            final_tasks,
             Arc::clone(&cancel),
         ));
         let rt = Arc::clone(self);
@@ -852,7 +1248,15 @@ impl Runtime {
                 cancelled.await;
             }
             rt.state.queries.lock().remove(&id);
+            rt.state.placements.lock().remove(&id);
             rt.cancels.lock().remove(&id);
+            if query.ephemeral {
+                if let Some(store) = rt.state.checkpoints.as_ref() {
+                    if let Err(e) = store.remove(&query.key).await {
+                        tracing::warn!(query = %id, "cannot delete the query's checkpoints: {e}");
+                    }
+                }
+            }
         });
         Ok(QueryHandle {
             id,
@@ -861,6 +1265,7 @@ impl Runtime {
             emit,
             results: results_rx,
             cancel,
+            acked,
         })
     }
 
@@ -894,8 +1299,12 @@ impl Runtime {
         }
     }
 
-    /// The coordinator loop of one query: place partitions, then plan and
-    /// ship one group at a time, shipping group g+1 while group g runs.
+    /// The coordinator loop of one query: runs attempts until the query
+    /// ends. An attempt places partitions on the live workers, then plans and
+    /// ships one group at a time (group g+1 while group g runs); it ends when
+    /// a worker is lost (the next attempt recovers from the last checkpoint)
+    /// or at a boundary where the cluster or the parallelism changed (the
+    /// next attempt starts from the checkpoint taken there).
     async fn coordinate(
         &self,
         query: &Arc<CompiledQuery>,
@@ -904,184 +1313,372 @@ impl Runtime {
         mut map_done: mpsc::UnboundedReceiver<pb::MapOutputReady>,
     ) -> Result<()> {
         let cancel = &query.cancel;
-        self.wait_for_workers(cancel).await?;
-        // Placement, frozen for the query: consumers first, then producers.
-        let placement: Vec<(WorkerId, String, pb::worker_client::WorkerClient<Channel>)> = self
+        let mut previous: Vec<(WorkerId, pb::worker_client::WorkerClient<Channel>)> = Vec::new();
+        let result = loop {
+            if cancel.is_cancelled() {
+                break Ok(());
+            }
+            if let Err(e) = self.wait_for_workers(cancel).await {
+                break Err(e);
+            }
+            let attempt = query.status.attempt.fetch_add(1, Ordering::AcqRel) + 1;
+            let resume = query.last_checkpoint.lock().clone();
+            let end = self
+                .run_attempt(
+                    query,
+                    attempt,
+                    resume,
+                    &mut done,
+                    &mut reports,
+                    &mut map_done,
+                    &mut previous,
+                )
+                .await;
+            // Workers of the ended attempt drop its state (a newer launch
+            // would too; this covers workers that are not placed again).
+            for (_, client) in &previous {
+                let mut client = client.clone();
+                let req = pb::CancelQueryRequest {
+                    query: query.id.0,
+                    attempt,
+                };
+                tokio::spawn(async move {
+                    let _ = client.cancel_query(req).await;
+                });
+            }
+            match end {
+                AttemptEnd::Cancelled => break Ok(()),
+                AttemptEnd::WorkerLost(who) => {
+                    query.status.recoveries.fetch_add(1, Ordering::Relaxed);
+                    let from = query.last_checkpoint.lock().as_ref().map(|m| m.batch);
+                    tracing::warn!(query = %query.id, attempt, "worker {who} lost; recovering from checkpoint {from:?}");
+                }
+                AttemptEnd::Rebalance => {
+                    tracing::info!(query = %query.id, attempt, "rebalancing at a group boundary");
+                }
+            }
+        };
+        for (_, client) in &previous {
+            let mut client = client.clone();
+            let req = pb::CancelQueryRequest {
+                query: query.id.0,
+                attempt: 0,
+            };
+            tokio::spawn(async move {
+                let _ = client.cancel_query(req).await;
+            });
+        }
+        result
+    }
+
+    /// One attempt of a query; see [`Runtime::coordinate`].
+    #[allow(clippy::too_many_arguments)]
+    async fn run_attempt(
+        &self,
+        query: &Arc<CompiledQuery>,
+        attempt: u64,
+        resume: Option<Manifest>,
+        done: &mut watch::Receiver<u64>,
+        reports: &mut mpsc::UnboundedReceiver<pb::GroupReport>,
+        map_done: &mut mpsc::UnboundedReceiver<pb::MapOutputReady>,
+        previous: &mut Vec<(WorkerId, pb::worker_client::WorkerClient<Channel>)>,
+    ) -> AttemptEnd {
+        let cancel = &query.cancel;
+        // Placement, frozen for the attempt: consumers first, then producers.
+        // Each placed worker's registration epoch goes with its launches: a
+        // worker that registered again since (a new worker) refuses them.
+        let placement: Vec<Placed> = self
             .state
             .workers
             .read()
             .values()
-            .map(|w| (w.id, w.address.clone(), w.client.clone()))
+            .filter(|w| !w.draining)
+            .map(|w| Placed {
+                id: w.id,
+                address: w.address.clone(),
+                client: w.client.clone(),
+                epoch: w.epoch,
+            })
             .collect();
-        // Each placed worker's registration epoch: a worker that registered
-        // again since (a new worker at the same address) refuses the launch.
-        let epochs: Vec<u64> = {
-            let workers = self.state.workers.read();
-            placement
-                .iter()
-                .map(|(id, _, _)| workers.get(id).map_or(0, |w| w.epoch))
-                .collect()
+        if placement.is_empty() {
+            // Every worker is draining: wait for one to come.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return AttemptEnd::Rebalance;
+        }
+        *previous = placement.iter().map(|p| (p.id, p.client.clone())).collect();
+        self.state
+            .placements
+            .lock()
+            .insert(query.id, placement.iter().map(|p| p.id).collect());
+        let reduce_partitions = if query.plan.has_shuffle() {
+            query.target_partitions.load(Ordering::Acquire).max(1)
+        } else {
+            0
         };
+        query
+            .status
+            .reduce_partitions
+            .store(reduce_partitions, Ordering::Relaxed);
+        let final_tasks = if reduce_partitions > 0 {
+            reduce_partitions
+        } else {
+            query.partitions(0)
+        };
+        let _ = query.sink.send(SinkMsg::Attempt {
+            attempt,
+            final_tasks,
+        });
+        query
+            .pending_checkpoints
+            .lock()
+            .retain(|_, p| p.attempt >= attempt);
         let w = placement.len() as u32;
-        let reduce_placement: Vec<String> = (0..query.reduce_partitions)
-            .map(|r| placement[(r % w) as usize].1.clone())
+        let reduce_placement: Vec<String> = (0..reduce_partitions)
+            .map(|r| placement[(r % w) as usize].address.clone())
             .collect();
         let mode = match query.scheduling {
             Scheduling::Drizzle => SchedulingMode::Drizzle,
             Scheduling::GroupOnly | Scheduling::Bsp => SchedulingMode::Bsp,
         };
+        let restore = resume.as_ref().map(|m| pb::Restore {
+            batch: m.batch,
+            reduce_partitions: m.reduce_partitions,
+            states: m
+                .states
+                .iter()
+                .map(|s| pb::StateRef {
+                    partition: s.partition,
+                    path: s.path.clone(),
+                })
+                .collect(),
+        });
+        let start_of = |stage: usize, p: u32| -> (u64, Option<i64>) {
+            if let Some(m) = &resume {
+                if let Some(c) = m
+                    .maps
+                    .iter()
+                    .find(|c| c.stage as usize == stage && c.partition == p)
+                {
+                    return (c.next_offset, c.max_event_us);
+                }
+            }
+            let offset = query
+                .inputs
+                .get(stage)
+                .and_then(|i| i.start_offsets.get(p as usize).copied())
+                .unwrap_or(0);
+            (offset, None)
+        };
         let mut plan_sent = vec![false; placement.len()];
         let mut last_boundary: Option<Instant> = None;
         let mut coordinated = Duration::ZERO;
         let mut group = 0u64;
-        let mut next_batch = 0u64;
+        let mut next_batch = resume.as_ref().map_or(0, |m| m.batch + 1);
+        let mut last_checkpoint_at = Instant::now();
+        // The checkpoint that ends this attempt (a rebalance), once launched.
+        let mut closing: Option<u64> = None;
         // BSP: notices per batch, collected by the coordinator.
         let mut barrier: BTreeMap<u64, Vec<pb::MapOutputReady>> = BTreeMap::new();
         let reduce_workers: Vec<usize> = {
-            let mut v: Vec<usize> = (0..query.reduce_partitions)
-                .map(|r| (r % w) as usize)
-                .collect();
+            let mut v: Vec<usize> = (0..reduce_partitions).map(|r| (r % w) as usize).collect();
             v.sort();
             v.dedup();
             v
         };
-        let result = loop {
+        let checkpoints_on = self.state.checkpoints.is_some();
+        loop {
             if cancel.is_cancelled() {
-                break Ok(());
+                return AttemptEnd::Cancelled;
             }
             if let Some(lost) = self.lost_worker(&placement) {
-                break Err(ExecError::Unavailable {
-                    message: format!(
-                        "worker {lost} stopped answering; the query cannot continue (recovery of lost workers is not implemented yet)"
-                    ),
-                });
+                return AttemptEnd::WorkerLost(lost);
             }
-            let t0 = Instant::now();
-            if query.status.adaptive {
-                // A group boundary: adapt to the last group's coordination share.
-                if let Some(since) = last_boundary {
-                    let wall = t0.saturating_duration_since(since).as_secs_f64();
-                    let share = coordinated.as_secs_f64() / wall.max(1e-9);
-                    let g = query.status.group_size.load(Ordering::Relaxed);
-                    query
-                        .status
-                        .group_size
-                        .store(self.state.adaptive.next(g, share), Ordering::Relaxed);
+            if let Some(target) = closing {
+                // Rebalancing: no more groups; wait for the closing checkpoint.
+                if query
+                    .last_checkpoint
+                    .lock()
+                    .as_ref()
+                    .is_some_and(|m| m.batch >= target)
+                {
+                    return AttemptEnd::Rebalance;
                 }
-                last_boundary = Some(t0);
-                coordinated = Duration::ZERO;
-            }
-            let g = query.status.group_size.load(Ordering::Relaxed).max(1) as u64;
-            let batches: Vec<pb::BatchParams> = (next_batch..next_batch + g)
-                .map(|b| pb::BatchParams {
-                    batch: b,
-                    trigger_unix_us: query.start_unix_us
-                        + query.offset_of(BatchId(b)).as_micros() as i64,
-                })
-                .collect();
-            let tables_version = self.state.tables.version();
-            let mut sends = Vec::new();
-            let mut sent_to = Vec::new();
-            for (i, (_, _, client)) in placement.iter().enumerate() {
-                let i32_ = i as u32;
-                // Input stage s's partition p lives on worker (offset_s + p) mod W.
-                let mut map_tasks: Vec<pb::MapTaskSpec> = Vec::new();
-                let mut offset = 0u32;
-                for (stage, input) in query.inputs.iter().enumerate() {
-                    let n = input.sources.len() as u32;
-                    map_tasks.extend((0..n).filter(|p| (offset + p) % w == i32_).map(|p| {
-                        pb::MapTaskSpec {
-                            partition: p,
-                            stage: stage as u32,
-                            start_offset: (!plan_sent[i])
-                                .then(|| input.start_offsets.get(p as usize).copied().unwrap_or(0)),
-                        }
-                    }));
-                    offset += n;
+            } else {
+                let t0 = Instant::now();
+                if query.status.adaptive {
+                    // A group boundary: adapt to the last group's coordination share.
+                    if let Some(since) = last_boundary {
+                        let wall = t0.saturating_duration_since(since).as_secs_f64();
+                        let share = coordinated.as_secs_f64() / wall.max(1e-9);
+                        let g = query.status.group_size.load(Ordering::Relaxed);
+                        query
+                            .status
+                            .group_size
+                            .store(self.state.adaptive.next(g, share), Ordering::Relaxed);
+                    }
+                    last_boundary = Some(t0);
+                    coordinated = Duration::ZERO;
                 }
-                let reduce_tasks: Vec<u32> = (0..query.reduce_partitions)
-                    .filter(|r| r % w == i32_)
+                let g = query.status.group_size.load(Ordering::Relaxed).max(1) as u64;
+                let rebalance =
+                    checkpoints_on && self.needs_rebalance(query, &placement, reduce_partitions);
+                let checkpoint = checkpoints_on
+                    && (rebalance
+                        || last_checkpoint_at.elapsed() >= self.state.checkpoint_interval);
+                if checkpoint {
+                    last_checkpoint_at = Instant::now();
+                }
+                let batches: Vec<pb::BatchParams> = (next_batch..next_batch + g)
+                    .map(|b| pb::BatchParams {
+                        batch: b,
+                        trigger_unix_us: query.start_unix_us
+                            + query.offset_of(BatchId(b)).as_micros() as i64,
+                    })
                     .collect();
-                if map_tasks.is_empty() && reduce_tasks.is_empty() {
-                    continue;
+                let tables_version = self.state.tables.version();
+                let mut sends = Vec::new();
+                let mut sent_to = Vec::new();
+                for (i, placed) in placement.iter().enumerate() {
+                    let i32_ = i as u32;
+                    // Input stage s's partition p lives on worker (offset_s + p) mod W.
+                    let mut map_tasks: Vec<pb::MapTaskSpec> = Vec::new();
+                    let mut offset = 0u32;
+                    for (stage, input) in query.inputs.iter().enumerate() {
+                        let n = input.sources.len() as u32;
+                        map_tasks.extend((0..n).filter(|p| (offset + p) % w == i32_).map(|p| {
+                            let (start, max_event) = start_of(stage, p);
+                            pb::MapTaskSpec {
+                                partition: p,
+                                stage: stage as u32,
+                                start_offset: (!plan_sent[i]).then_some(start),
+                                max_event_us: if plan_sent[i] { None } else { max_event },
+                            }
+                        }));
+                        offset += n;
+                    }
+                    let reduce_tasks: Vec<u32> =
+                        (0..reduce_partitions).filter(|r| r % w == i32_).collect();
+                    if map_tasks.is_empty() && reduce_tasks.is_empty() {
+                        continue;
+                    }
+                    let req = pb::LaunchGroupRequest {
+                        protocol_version: PROTOCOL_VERSION,
+                        query: query.id.0,
+                        group,
+                        epoch: placed.epoch,
+                        plan: if plan_sent[i] {
+                            Vec::new()
+                        } else {
+                            query.encoded_plan.clone()
+                        },
+                        mode: mode as i32,
+                        map_partitions: query.partitions(0),
+                        reduce_partitions,
+                        reduce_placement: reduce_placement.clone(),
+                        map_tasks,
+                        reduce_tasks,
+                        batches: batches.clone(),
+                        label: query.status.label.clone(),
+                        tables_version,
+                        shuffle_inputs: if reduce_partitions > 0 {
+                            (0..query.inputs.len())
+                                .map(|s| query.partitions(s))
+                                .collect()
+                        } else {
+                            Vec::new()
+                        },
+                        attempt,
+                        checkpoint,
+                        restore: if plan_sent[i] { None } else { restore.clone() },
+                    };
+                    plan_sent[i] = true;
+                    sent_to.push(placed.id);
+                    let mut client = placed.client.clone();
+                    let who = format!("{} ({})", placed.id.0, placed.address);
+                    sends.push(async move { (who, client.launch_group(req).await) });
                 }
-                let req = pb::LaunchGroupRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    query: query.id.0,
-                    group,
-                    epoch: epochs[i],
-                    plan: if plan_sent[i] {
-                        Vec::new()
-                    } else {
-                        query.encoded_plan.clone()
-                    },
-                    mode: mode as i32,
-                    map_partitions: query.partitions(0),
-                    reduce_partitions: query.reduce_partitions,
-                    reduce_placement: reduce_placement.clone(),
-                    map_tasks,
-                    reduce_tasks,
-                    batches: batches.clone(),
-                    label: query.status.label.clone(),
-                    tables_version,
-                    shuffle_inputs: if query.reduce_partitions > 0 {
-                        (0..query.inputs.len())
-                            .map(|s| query.partitions(s))
-                            .collect()
-                    } else {
-                        Vec::new()
-                    },
-                };
-                plan_sent[i] = true;
-                sent_to.push(placement[i].0);
-                let mut client = client.clone();
-                sends.push(async move { client.launch_group(req).await });
-            }
-            let n = sends.len() as u64;
-            for r in futures::future::join_all(sends).await {
-                if let Err(s) = r {
-                    return Err(crate::cluster::rpc_error("launching a group", s));
-                }
-            }
-            {
-                let mut workers = self.state.workers.write();
-                for id in sent_to {
-                    if let Some(w) = workers.get_mut(&id) {
-                        w.launches_sent += 1;
+                let n = sends.len() as u64;
+                for (who, r) in futures::future::join_all(sends).await {
+                    if let Err(s) = r {
+                        // A worker that cannot take its launch is gone for
+                        // this attempt (dead, or registered again).
+                        tracing::warn!(query = %query.id, "launch to worker {who} failed: {}", s.message());
+                        return AttemptEnd::WorkerLost(who);
                     }
                 }
+                {
+                    let mut workers = self.state.workers.write();
+                    for id in sent_to {
+                        if let Some(w) = workers.get_mut(&id) {
+                            w.launches_sent += 1;
+                        }
+                    }
+                }
+                query.status.launches.fetch_add(n, Ordering::Relaxed);
+                query.status.groups.fetch_add(1, Ordering::Relaxed);
+                self.state.launch_messages.fetch_add(n, Ordering::Relaxed);
+                let spent = t0.elapsed();
+                coordinated += spent;
+                query
+                    .status
+                    .coordination_us
+                    .fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
+                next_batch += g;
+                group += 1;
+                if rebalance {
+                    closing = Some(next_batch - 1);
+                    continue;
+                }
             }
-            query.status.launches.fetch_add(n, Ordering::Relaxed);
-            query.status.groups.fetch_add(1, Ordering::Relaxed);
-            self.state.launch_messages.fetch_add(n, Ordering::Relaxed);
-            let spent = t0.elapsed();
-            coordinated += spent;
-            query
-                .status
-                .coordination_us
-                .fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
-            let first = next_batch;
-            next_batch += g;
-            group += 1;
             // Drizzle ships the next group once the previous one is done and
             // this one is half way through the previous one's length: about
             // one group ahead, so a boundary never stalls the pipeline (with
             // G = 1 too). BSP waits for its batch: that barrier is BSP.
-            let threshold = match query.scheduling {
-                Scheduling::Bsp => next_batch,
-                _ => first + g / 2,
+            let g = query.status.group_size.load(Ordering::Relaxed).max(1) as u64;
+            let threshold = match (closing, query.scheduling) {
+                (Some(_), _) => u64::MAX,
+                (None, Scheduling::Bsp) => next_batch,
+                (None, _) => next_batch.saturating_sub(g) + g / 2,
             };
-            let step = loop {
+            loop {
                 if *done.borrow() >= threshold || cancel.is_cancelled() {
-                    break Ok(());
+                    break;
+                }
+                let workers_changed = self.state.workers_changed.notified();
+                let progress = query.checkpoint_progress.notified();
+                if let Err(e) = self.commit_checkpoints(query, attempt).await {
+                    tracing::warn!(query = %query.id, "checkpoint not written: {e}");
+                }
+                if closing.is_some_and(|target| {
+                    query
+                        .last_checkpoint
+                        .lock()
+                        .as_ref()
+                        .is_some_and(|m| m.batch >= target)
+                }) {
+                    break;
+                }
+                if let Some(lost) = self.lost_worker(&placement) {
+                    return AttemptEnd::WorkerLost(lost);
+                }
+                if closing.is_none()
+                    && checkpoints_on
+                    && self.needs_rebalance(query, &placement, reduce_partitions)
+                {
+                    break; // plan the closing group now
                 }
                 tokio::select! {
-                    r = done.changed() => if r.is_err() { break Ok(()) },
-                    _ = cancel.notify.notified() => break Ok(()),
+                    r = done.changed() => if r.is_err() { return AttemptEnd::Cancelled },
+                    _ = cancel.notify.notified() => return AttemptEnd::Cancelled,
+                    _ = workers_changed => {}
+                    _ = progress => {}
                     Some(report) = reports.recv() => {
                         tracing::trace!(query = %query.id, group = report.group, worker = report.worker, "group report");
                     }
                     Some(notice) = map_done.recv() => {
+                        if notice.attempt != attempt {
+                            continue;
+                        }
                         let t0 = Instant::now();
                         let batch = notice.batch;
                         let list = barrier.entry(batch).or_default();
@@ -1090,7 +1687,7 @@ impl Runtime {
                             let notices = barrier.remove(&batch).unwrap_or_default();
                             let mut sends = Vec::new();
                             for &i in &reduce_workers {
-                                let mut client = placement[i].2.clone();
+                                let mut client = placement[i].client.clone();
                                 let req = pb::LaunchReduceRequest {
                                     query: query.id.0,
                                     batch,
@@ -1109,48 +1706,115 @@ impl Runtime {
                                 .coordination_us
                                 .fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
                             if let Some(s) = failed {
-                                break Err(crate::cluster::rpc_error("launching reduce tasks", s));
+                                return AttemptEnd::WorkerLost(format!("(launching reduce tasks: {})", s.message()));
                             }
                         }
                     }
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                        if let Some(lost) = self.lost_worker(&placement) {
-                            break Err(ExecError::Unavailable {
-                                message: format!(
-                                    "worker {lost} stopped answering; the query cannot continue (recovery of lost workers is not implemented yet)"
-                                ),
-                            });
-                        }
-                    }
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
-            };
-            if let Err(e) = step {
-                break Err(e);
             }
-        };
-        for (_, _, client) in &placement {
-            let mut client = client.clone();
-            let req = pb::CancelQueryRequest { query: query.id.0 };
-            tokio::spawn(async move {
-                let _ = client.cancel_query(req).await;
-            });
         }
-        result
+    }
+
+    /// At a boundary: should the next group close this attempt (a worker is
+    /// draining, a new one is idle, or the parallelism changed)?
+    fn needs_rebalance(
+        &self,
+        query: &CompiledQuery,
+        placement: &[Placed],
+        reduce_partitions: u32,
+    ) -> bool {
+        if query.plan.has_shuffle()
+            && query.target_partitions.load(Ordering::Acquire) != reduce_partitions
+        {
+            return true;
+        }
+        let workers = self.state.workers.read();
+        let live = workers.values().filter(|w| !w.draining).count();
+        live != placement.len()
+            || placement
+                .iter()
+                .any(|p| workers.get(&p.id).is_none_or(|w| w.draining))
+    }
+
+    /// Writes every complete checkpoint of the attempt whose batches the
+    /// sink has committed.
+    async fn commit_checkpoints(&self, query: &CompiledQuery, attempt: u64) -> Result<()> {
+        let Some(store) = self.state.checkpoints.as_ref() else {
+            return Ok(());
+        };
+        let Some(committed) = query.committed_through() else {
+            return Ok(());
+        };
+        let maps = query.total_map_partitions() as usize;
+        let reduces = query.status.reduce_partitions.load(Ordering::Acquire) as usize;
+        let ready = {
+            let pending = query.pending_checkpoints.lock();
+            pending
+                .iter()
+                .rev()
+                .find(|(b, p)| {
+                    **b <= committed
+                        && p.attempt == attempt
+                        && p.maps.len() >= maps
+                        && p.states.len() >= reduces
+                })
+                .map(|(b, p)| (*b, p.maps.clone(), p.states.clone()))
+        };
+        let Some((batch, mut map_states, mut states)) = ready else {
+            return Ok(());
+        };
+        map_states.sort_by_key(|m| (m.stage, m.partition));
+        map_states.dedup_by_key(|m| (m.stage, m.partition));
+        states.sort_by_key(|s| s.partition);
+        states.dedup_by_key(|s| s.partition);
+        let manifest = Manifest {
+            key: query.key.clone(),
+            batch,
+            origin_unix_us: query.start_unix_us,
+            interval_us: query.interval.as_micros() as u64,
+            reduce_partitions: reduces as u32,
+            maps: map_states,
+            states,
+            last_emitted: Some(committed),
+            created_unix_ms: unix_us() / 1000,
+        };
+        store.commit(&manifest).await?;
+        query.pending_checkpoints.lock().retain(|b, _| *b > batch);
+        *query.status.last_checkpoint.lock() = Some((batch, Instant::now(), manifest.bytes()));
+        *query.last_checkpoint.lock() = Some(manifest);
+        Ok(())
     }
 
     /// A worker of `placement` that is gone (deregistered or silent).
-    fn lost_worker(
-        &self,
-        placement: &[(WorkerId, String, pb::worker_client::WorkerClient<Channel>)],
-    ) -> Option<String> {
+    fn lost_worker(&self, placement: &[Placed]) -> Option<String> {
         let workers = self.state.workers.read();
-        placement
-            .iter()
-            .find_map(|(id, address, _)| match workers.get(id) {
-                Some(w) if w.last_heartbeat.elapsed() < self.state.worker_timeout => None,
-                _ => Some(format!("{} ({address})", id.0)),
-            })
+        placement.iter().find_map(|p| match workers.get(&p.id) {
+            Some(w)
+                if w.epoch == p.epoch && w.last_heartbeat.elapsed() < self.state.worker_timeout =>
+            {
+                None
+            }
+            _ => Some(format!("{} ({})", p.id.0, p.address)),
+        })
     }
+}
+
+/// A worker an attempt placed tasks on.
+struct Placed {
+    id: WorkerId,
+    address: String,
+    client: pb::worker_client::WorkerClient<Channel>,
+    epoch: u64,
+}
+
+/// Why an attempt ended.
+enum AttemptEnd {
+    Cancelled,
+    /// A placed worker is gone: recover from the last checkpoint.
+    WorkerLost(String),
+    /// The closing checkpoint of a rebalance is written.
+    Rebalance,
 }
 
 impl Drop for Runtime {
@@ -1191,20 +1855,19 @@ async fn watch_tables(state: Arc<State>, mut stop: watch::Receiver<bool>) {
 async fn watch_workers(state: Arc<State>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = stop.changed() => return,
         }
         let timeout = state.worker_timeout;
-        let mut lost = Vec::new();
-        state.workers.write().retain(|id, w| {
-            let alive = w.last_heartbeat.elapsed() < timeout;
-            if !alive {
-                lost.push((*id, w.address.clone()));
-            }
-            alive
-        });
-        for (id, address) in lost {
-            tracing::warn!(worker = id.0, %address, "worker lost: no heartbeat for {timeout:?}");
+        let silent: Vec<(WorkerId, u64)> = state
+            .workers
+            .read()
+            .values()
+            .filter(|w| w.last_heartbeat.elapsed() >= timeout)
+            .map(|w| (w.id, w.epoch))
+            .collect();
+        for (id, epoch) in silent {
+            state.forget_worker(id, epoch, &format!("no heartbeat for {timeout:?}"));
         }
     }
 }
@@ -1215,11 +1878,15 @@ async fn collect(
     mut sink: mpsc::UnboundedReceiver<SinkMsg>,
     results: mpsc::Sender<Result<EmittedBatch>>,
     done: watch::Sender<u64>,
-    final_tasks: u32,
     cancel: Arc<CancelToken>,
 ) {
-    let mut pending: BTreeMap<u64, (u32, Chunks)> = BTreeMap::new();
-    let mut next = 0u64;
+    // Per batch, each final task's output (a task re-run by a later attempt
+    // replaces, never adds to, its partition's output).
+    let mut pending: BTreeMap<u64, BTreeMap<u32, Chunks>> = BTreeMap::new();
+    let mut attempt = 0u64;
+    let mut final_tasks = u32::MAX;
+    // Batches below `next` were released: results for them are duplicates.
+    let mut next = query.released.load(Ordering::Acquire);
     let mut remaining = query.plan.limit;
     let schema = Arc::clone(&query.plan.output_schema);
     let end = |reason: &str| {
@@ -1250,16 +1917,36 @@ async fn collect(
                 cancel.cancel();
                 return;
             }
-            SinkMsg::Output { batch, chunks } => {
-                let entry = pending.entry(batch.0).or_insert((0, Vec::new()));
-                entry.0 += 1;
-                entry.1.extend(chunks);
+            SinkMsg::Attempt {
+                attempt: a,
+                final_tasks: n,
+            } => {
+                attempt = a;
+                final_tasks = n;
+                pending.clear();
+            }
+            SinkMsg::Output {
+                attempt: a,
+                batch,
+                partition,
+                chunks,
+            } => {
+                if a == attempt && batch.0 >= next {
+                    pending
+                        .entry(batch.0)
+                        .or_default()
+                        .insert(partition, chunks);
+                }
             }
         }
-        while pending.get(&next).is_some_and(|(n, _)| *n >= final_tasks) {
-            let Some((_, mut chunks)) = pending.remove(&next) else {
+        while pending
+            .get(&next)
+            .is_some_and(|parts| parts.len() as u32 >= final_tasks)
+        {
+            let Some(parts) = pending.remove(&next) else {
                 break;
             };
+            let mut chunks: Chunks = parts.into_values().flatten().collect();
             // Closed windows in window order, whatever partition they came from.
             chunks.sort_by_key(|(w, _)| *w);
             let batches: Vec<RecordBatch> = chunks
@@ -1299,11 +1986,23 @@ async fn collect(
                 }
                 recent.push_back(latency.as_micros().min(u32::MAX as u128) as u32);
             }
+            {
+                let mut emits = status.recent_emits.lock();
+                if emits.len() == RECENT_BATCHES {
+                    emits.pop_front();
+                }
+                emits.push_back((
+                    Instant::now(),
+                    next,
+                    status.group_size.load(Ordering::Relaxed),
+                ));
+            }
             if rows.num_rows() > 0 || finished {
                 let emitted = EmittedBatch {
                     batch: BatchId(next),
                     rows,
                 };
+                query.last_sent_rows.store(next + 1, Ordering::Release);
                 if results.send(Ok(emitted)).await.is_err() {
                     end("client gone");
                     cancel.cancel();
@@ -1311,6 +2010,7 @@ async fn collect(
                 }
             }
             next += 1;
+            query.released.store(next, Ordering::Release);
             let _ = done.send(next);
             if finished {
                 end("limit reached");

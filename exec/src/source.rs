@@ -288,6 +288,16 @@ impl SourcePartition {
         }
     }
 
+    /// Rows available at time `t_us` (Unix µs), the same answer every time
+    /// once the clock has passed `t_us`: where a micro-batch triggered at
+    /// `t_us` ends its range (replayable).
+    pub fn available_at(&self, t_us: i64) -> u64 {
+        match self {
+            SourcePartition::Log(p) => p.end_at(t_us),
+            SourcePartition::Datagen(g, p) => g.available(*p, t_us),
+        }
+    }
+
     /// Rows `[from, to)`.
     pub fn read(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>> {
         match self {

@@ -22,6 +22,15 @@
 //!   the same batch; a map partition runs its batches in order.
 //! * The worker reports to the coordinator once per group (plus heartbeats
 //!   and the final stage's results, which are data, keyed by batch).
+//! * A map task reads the source range its batch's trigger time fixes
+//!   ([`SourcePartition::available_at`](crate::source::SourcePartition::available_at)),
+//!   so any batch can be re-run and reads the same rows.
+//! * Checkpoint groups: after the group's last batch a map task records its
+//!   position (in the group report) and a reduce task snapshots its keyed
+//!   state, sent to the coordinator asynchronously (the task thread moves on).
+//! * Every query is at one attempt; a launch of a newer attempt replaces the
+//!   query's state (restored from the named checkpoint), and notices of other
+//!   attempts are ignored.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -45,6 +54,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::checkpoint::StateObject;
 use crate::cluster::pb::worker_server::{Worker as WorkerRpc, WorkerServer};
 use crate::cluster::pb::{self, SchedulingMode};
 use crate::cluster::{
@@ -128,7 +138,8 @@ enum Msg {
     Launch(Box<pb::LaunchGroupRequest>),
     Notice(pb::MapOutputReady),
     LaunchReduce(pb::LaunchReduceRequest),
-    Cancel(QueryId),
+    /// Cancel the query's attempts up to this one (0: all).
+    Cancel(QueryId, u64),
     Shutdown,
 }
 
@@ -171,6 +182,11 @@ impl Shared {
             }
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        // A stream opens with whose it is: its end tells the coordinator.
+        let (worker, epoch) = *self.identity.lock();
+        let _ = tx.send(pb::WorkerEvent {
+            event: Some(pb::worker_event::Event::Hello(pb::Hello { worker, epoch })),
+        });
         let _ = tx.send(msg);
         *slot = Some(tx);
         let mut client = self.coordinator.clone();
@@ -221,6 +237,13 @@ impl Shared {
     fn worker_id(&self) -> u32 {
         self.identity.lock().0
     }
+
+    /// (Re)opens the Events stream under the current identity.
+    fn open_events(&self) {
+        self.events.lock().take();
+        let (worker, epoch) = *self.identity.lock();
+        self.event(pb::worker_event::Event::Hello(pb::Hello { worker, epoch }));
+    }
 }
 
 /// A running worker.
@@ -251,6 +274,19 @@ impl WorkerHandle {
     pub async fn stopped(&self) {
         crate::cluster::stopped(self.stop.subscribe()).await
     }
+
+    /// Drains the worker (SIGTERM): asks the coordinator to move every query
+    /// off it at the next group boundary (state travels through a
+    /// checkpoint) and returns once the coordinator says none runs here.
+    pub async fn drain(&self) -> Result<()> {
+        let (worker_id, epoch) = *self.shared.identity.lock();
+        let mut client = self.shared.coordinator.clone();
+        client
+            .drain(pb::DrainRequest { worker_id, epoch })
+            .await
+            .map_err(|s| rpc_error("draining", s))?;
+        Ok(())
+    }
 }
 
 impl Drop for WorkerHandle {
@@ -272,6 +308,7 @@ impl WorkerRpc for WorkerService {
         let req = request.into_inner();
         crate::cluster::check_version(req.protocol_version, "the coordinator")?;
         let epoch = self.shared.identity.lock().1;
+        // Fencing: a launch for another incarnation of this address is stale.
         if req.epoch != epoch {
             return Err(Status::failed_precondition(format!(
                 "launch for registration epoch {} reached a worker at epoch {epoch}",
@@ -312,8 +349,9 @@ impl WorkerRpc for WorkerService {
         &self,
         request: Request<pb::CancelQueryRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let req = request.into_inner();
         self.shared
-            .send(Msg::Cancel(QueryId(request.into_inner().query)));
+            .send(Msg::Cancel(QueryId(req.query), req.attempt));
         Ok(Response::new(pb::Ack {}))
     }
 
@@ -421,6 +459,7 @@ async fn register(shared: &Shared) -> Result<()> {
                 shared
                     .tables_version
                     .fetch_max(resp.tables_version, Ordering::AcqRel);
+                shared.open_events();
                 return Ok(());
             }
             Err(s) if s.code() == tonic::Code::FailedPrecondition => {
@@ -459,6 +498,8 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             Ok(resp) if resp.get_ref().known => {}
             Ok(_) => {
                 tracing::warn!("the coordinator does not know this worker; registering again");
+                // A new worker: nothing of the old registration survives.
+                shared.send(Msg::Cancel(QueryId(u64::MAX), 0));
                 if let Err(e) = register(&shared).await {
                     tracing::error!("{e}");
                     return;
@@ -570,14 +611,18 @@ struct WorkerQuery {
     tables: RemoteTables,
     maps: BTreeMap<(u32, MapPartition), MapState>,
     reduces: BTreeMap<ReducePartition, ReduceState>,
-    /// Map tasks waiting for their trigger time.
-    pending_maps: BTreeMap<(u64, u32, MapPartition), Instant>,
+    /// Map tasks waiting for their trigger time (instant, Unix µs).
+    pending_maps: BTreeMap<(u64, u32, MapPartition), (Instant, i64)>,
     /// Reduce tasks pre-scheduled, with the notices received so far.
     pending_reduces: BTreeMap<(u64, ReducePartition), PendingReduce>,
     /// Per group: tasks left, source ranges read.
     groups: BTreeMap<u64, GroupProgress>,
     /// First batch of each group → group.
     group_starts: BTreeMap<u64, u64>,
+    /// Group → (its last batch, checkpoint after it).
+    group_ends: BTreeMap<u64, (u64, bool)>,
+    /// The attempt this worker runs.
+    attempt: u64,
     rows_in: u64,
     late_rows: u64,
 }
@@ -610,6 +655,7 @@ struct GroupProgress {
     left: usize,
     tasks: u64,
     ranges: Vec<pb::SourceRange>,
+    maps: Vec<pb::MapState>,
 }
 
 enum Task {
@@ -706,16 +752,28 @@ impl Scheduler {
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Shutdown => return false,
-            Msg::Cancel(q) => {
+            Msg::Cancel(QueryId(u64::MAX), _) => {
+                for q in std::mem::take(&mut self.queries).into_keys() {
+                    self.shared.store.drop_query(q);
+                }
+                self.early.clear();
+            }
+            Msg::Cancel(q, attempt) => {
                 if self.in_group() {
                     self.shared
                         .counters
                         .coordinator_messages_in_group
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                self.queries.remove(&q);
-                self.early.remove(&q);
-                self.shared.store.drop_query(q);
+                let newer = self
+                    .queries
+                    .get(&q)
+                    .is_some_and(|wq| attempt != 0 && wq.attempt > attempt);
+                if !newer {
+                    self.queries.remove(&q);
+                    self.early.remove(&q);
+                    self.shared.store.drop_query(q);
+                }
             }
             Msg::Launch(launch) => {
                 let id = QueryId(launch.query);
@@ -758,8 +816,17 @@ impl Scheduler {
 
     fn add_notice(&mut self, notice: pb::MapOutputReady) {
         let qid = QueryId(notice.query);
-        let Some(wq) = self.queries.get_mut(&qid) else {
-            // The launch of this group may still be on its way.
+        let current = self.queries.get(&qid).map(|wq| wq.attempt);
+        if current.is_some_and(|a| notice.attempt < a) {
+            // From an attempt this worker has moved past: fenced.
+            return;
+        }
+        let Some(wq) = self
+            .queries
+            .get_mut(&qid)
+            .filter(|wq| wq.attempt == notice.attempt)
+        else {
+            // The launch of this group (or attempt) may still be on its way.
             let early = self.early.entry(qid).or_default();
             if early.len() < 1 << 16 {
                 early.push(notice);
@@ -782,7 +849,17 @@ impl Scheduler {
     fn launch(&mut self, req: pb::LaunchGroupRequest) -> Result<()> {
         let qid = QueryId(req.query);
         let mode = SchedulingMode::try_from(req.mode).unwrap_or(SchedulingMode::Drizzle);
-        if !self.queries.contains_key(&qid) {
+        match self.queries.get(&qid).map(|wq| wq.attempt) {
+            Some(a) if a > req.attempt => return Ok(()), // stale
+            Some(a) if a < req.attempt => {
+                // A new attempt (recovery, rebalance): start over from its checkpoint.
+                self.queries.remove(&qid);
+                self.shared.store.drop_query(qid);
+            }
+            _ => {}
+        }
+        let fresh = !self.queries.contains_key(&qid);
+        if fresh {
             if req.plan.is_empty() {
                 return Err(ExecError::Unavailable {
                     message: format!("launch of query {qid} arrived without its plan"),
@@ -823,6 +900,8 @@ impl Scheduler {
                     pending_reduces: BTreeMap::new(),
                     groups: BTreeMap::new(),
                     group_starts: BTreeMap::new(),
+                    group_ends: BTreeMap::new(),
+                    attempt: req.attempt,
                     rows_in: 0,
                     late_rows: 0,
                 },
@@ -831,10 +910,10 @@ impl Scheduler {
         let Some(wq) = self.queries.get_mut(&qid) else {
             return Ok(());
         };
-        let batches: Vec<(u64, Instant)> = req
+        let batches: Vec<(u64, (Instant, i64))> = req
             .batches
             .iter()
-            .map(|b| (b.batch, instant_of(b.trigger_unix_us)))
+            .map(|b| (b.batch, (instant_of(b.trigger_unix_us), b.trigger_unix_us)))
             .collect();
         for spec in &req.map_tasks {
             let p = MapPartition(spec.partition);
@@ -858,7 +937,9 @@ impl Scheduler {
                     MapState {
                         source,
                         next_offset: spec.start_offset.unwrap_or(0),
-                        window: WindowAssignExec::default(),
+                        window: WindowAssignExec {
+                            max_event_us: spec.max_event_us,
+                        },
                         joins: JoinCache::default(),
                     },
                 );
@@ -869,13 +950,27 @@ impl Scheduler {
         }
         for r in &req.reduce_tasks {
             let r = ReducePartition(*r);
-            wq.reduces.entry(r).or_insert_with(|| ReduceState {
-                agg: wq.plan.aggregate.clone().map(AggregateFinalExec::new),
-                join: wq.plan.join.clone().map(WindowJoinExec::new),
-                joins: JoinCache::default(),
-                last_batch: None,
-            });
-            for (b, at) in &batches {
+            if !wq.reduces.contains_key(&r) {
+                let mut state = ReduceState {
+                    agg: wq.plan.aggregate.clone().map(AggregateFinalExec::new),
+                    join: wq.plan.join.clone().map(WindowJoinExec::new),
+                    joins: JoinCache::default(),
+                    last_batch: None,
+                };
+                if let (true, Some(restore)) = (fresh, &req.restore) {
+                    restore_reduce(
+                        &self.shared,
+                        qid,
+                        &wq.plan,
+                        restore,
+                        r,
+                        wq.reduce_partitions,
+                        &mut state,
+                    )?;
+                }
+                wq.reduces.insert(r, state);
+            }
+            for (b, (at, _)) in &batches {
                 let entry = wq.pending_reduces.entry((*b, r)).or_default();
                 entry.trigger = Some(*at);
                 if mode == SchedulingMode::Drizzle {
@@ -894,17 +989,26 @@ impl Scheduler {
         if let Some((first, _)) = batches.first() {
             wq.group_starts.insert(*first, req.group);
         }
+        if let Some((last, _)) = batches.last() {
+            wq.group_ends.insert(req.group, (*last, req.checkpoint));
+        }
         wq.groups.insert(
             req.group,
             GroupProgress {
                 left: tasks,
                 tasks: tasks as u64,
                 ranges: Vec::new(),
+                maps: Vec::new(),
             },
         );
+        let attempt = wq.attempt;
         if let Some(early) = self.early.remove(&qid) {
             for n in early {
-                self.add_notice(n);
+                // Older attempts' notices are dropped by add_notice; newer
+                // ones wait in `early` again.
+                if n.attempt >= attempt {
+                    self.add_notice(n);
+                }
             }
         }
         Ok(())
@@ -925,7 +1029,7 @@ impl Scheduler {
                     best = Some((at, 0, Task::Reduce(*qid, *b, *r)));
                 }
             }
-            if let Some(((b, s, p), at)) = wq.pending_maps.iter().next() {
+            if let Some(((b, s, p), (at, _))) = wq.pending_maps.iter().next() {
                 if *at <= now {
                     if best.as_ref().is_none_or(|(t, k, _)| (*at, 1) < (*t, *k)) {
                         best = Some((*at, 1, Task::Map(*qid, *b, *s, *p)));
@@ -949,6 +1053,7 @@ impl Scheduler {
             batch: batch.0,
             error: Some(message),
             error_code: code,
+            attempt: self.queries.get(&qid).map_or(0, |wq| wq.attempt),
             ..Default::default()
         };
         self.shared.event(pb::worker_event::Event::Output(output));
@@ -994,7 +1099,10 @@ impl Scheduler {
         }
         let progress = wq.groups.remove(&group).unwrap_or_default();
         wq.group_starts.retain(|_, g| *g != group);
+        wq.group_ends.remove(&group);
         let report = pb::GroupReport {
+            attempt: wq.attempt,
+            maps: progress.maps,
             query: qid.0,
             group,
             worker: self.shared.worker_id(),
@@ -1008,16 +1116,18 @@ impl Scheduler {
             .event(pb::worker_event::Event::GroupReport(report));
     }
 
+    /// The rows of the batch triggered at `until_us`, from `from` on.
     fn read_source(
         shared: &Shared,
         qid: QueryId,
         source: &TaskSource,
         from: u64,
+        until_us: i64,
     ) -> Result<(u64, Vec<RecordBatch>)> {
         match source {
             TaskSource::Datagen(g, p) => {
                 let to = g
-                    .available(*p, unix_us())
+                    .available(*p, until_us)
                     .min(from.saturating_add(MAX_BATCH_ROWS))
                     .max(from);
                 if to == from {
@@ -1033,6 +1143,7 @@ impl Scheduler {
                     partition: *p,
                     from,
                     max_rows: MAX_BATCH_ROWS,
+                    until_unix_us: until_us,
                 };
                 let resp = shared
                     .handle
@@ -1053,14 +1164,17 @@ impl Scheduler {
         let Some(wq) = self.queries.get_mut(&qid) else {
             return Ok(());
         };
-        wq.pending_maps.remove(&(b, stage, p));
+        let until = wq
+            .pending_maps
+            .remove(&(b, stage, p))
+            .map_or_else(unix_us, |(_, t)| t);
         let Some(state) = wq.maps.get_mut(&(stage, p)) else {
             return Err(ExecError::invalid(format!(
                 "map partition {p} of stage {stage} not on this worker"
             )));
         };
         let from = state.next_offset;
-        let (to, pieces) = Self::read_source(&shared, qid, &state.source, from)?;
+        let (to, pieces) = Self::read_source(&shared, qid, &state.source, from, until)?;
         state.next_offset = to;
         wq.rows_in += to - from;
         let plan = &wq.plan;
@@ -1090,6 +1204,7 @@ impl Scheduler {
             .as_ref()
             .and_then(|spec| state.window.watermark_us(spec));
         let group = group_of(&wq.group_starts, b);
+        let checkpoint = wq.group_ends.get(&group) == Some(&(b, true));
         if let Some(progress) = wq.groups.get_mut(&group) {
             progress.ranges.push(pb::SourceRange {
                 batch: b,
@@ -1098,25 +1213,20 @@ impl Scheduler {
                 to,
                 stage,
             });
+            if checkpoint {
+                progress.maps.push(pb::MapState {
+                    batch: b,
+                    stage,
+                    partition: p.0,
+                    next_offset: to,
+                    max_event_us: state.window.max_event_us,
+                });
+            }
         }
         // What the shuffle hashes on.
-        let by: Vec<ShuffleKey> = match (&plan.aggregate, &plan.join) {
-            (Some(agg), _) => vec![ShuffleKey::Columns(agg.group_exprs.len())],
-            (None, Some(j)) => {
-                let (keys, window) = if stage == 0 {
-                    (&j.left_keys, j.left_window)
-                } else {
-                    (&j.right_keys, j.right_window)
-                };
-                if keys.is_empty() {
-                    vec![ShuffleKey::Column(window)]
-                } else {
-                    keys.iter()
-                        .map(|k| ShuffleKey::Expr(Arc::clone(k)))
-                        .collect()
-                }
-            }
-            (None, None) => {
+        let by: Vec<ShuffleKey> = match shuffle_keys(plan, stage) {
+            Some(by) => by,
+            None => {
                 // Map-only plan: this is the final stage.
                 let schema = outputs
                     .first()
@@ -1135,21 +1245,7 @@ impl Scheduler {
         let parts_n = wq.reduce_partitions as usize;
         let mut per_reduce: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts_n];
         for out in &outputs {
-            let mut keys = Vec::new();
-            for k in &by {
-                match k {
-                    ShuffleKey::Columns(n) => keys.extend(out.columns()[..*n].iter().cloned()),
-                    ShuffleKey::Column(i) => keys.push(Arc::clone(out.column(*i))),
-                    ShuffleKey::Expr(e) => keys.push(e.evaluate(out)?.into_array(out.num_rows())?),
-                }
-            }
-            let parts = if keys.is_empty() {
-                let mut v = vec![out.clone()];
-                v.extend((1..parts_n).map(|_| out.slice(0, 0)));
-                v
-            } else {
-                drizzle_shuffle::hash_partition(out, &keys, parts_n)?
-            };
+            let parts = route(out, &by, parts_n)?;
             for (r, part) in parts.into_iter().enumerate() {
                 if part.num_rows() > 0 {
                     per_reduce[r].push(part);
@@ -1181,6 +1277,7 @@ impl Scheduler {
             watermark_us,
             location: self.shared.address.clone(),
             worker: self.shared.worker_id(),
+            attempt: wq.attempt,
         };
         if wq.mode == SchedulingMode::Bsp {
             // BSP: the coordinator collects every map task's notice and
@@ -1297,6 +1394,24 @@ impl Scheduler {
             }
         };
         wq.late_rows += out.late;
+        let group = group_of(&wq.group_starts, b);
+        if wq.group_ends.get(&group) == Some(&(b, true)) {
+            // A checkpoint: snapshot on this thread, write asynchronously.
+            let bytes = snapshot_reduce(state)?;
+            let req = pb::SaveStateRequest {
+                query: qid.0,
+                attempt: wq.attempt,
+                batch: b,
+                partition: r.0,
+                state: bytes,
+            };
+            let mut client = self.shared.coordinator.clone();
+            self.shared.handle.spawn(async move {
+                if let Err(s) = client.save_state(req).await {
+                    tracing::warn!("saving checkpoint state failed: {}", s.message());
+                }
+            });
+        }
         let mut chunks = Vec::with_capacity(out.chunks.len());
         for (w, batch) in out.chunks {
             chunks.push((
@@ -1334,6 +1449,7 @@ impl Scheduler {
             error_code: String::new(),
             rows_in,
             late_rows,
+            attempt: self.queries.get(&qid).map_or(0, |wq| wq.attempt),
         };
         self.shared.event(pb::worker_event::Event::Output(output));
         let _ = qid;
@@ -1366,6 +1482,144 @@ enum ShuffleKey {
     Column(usize),
     /// An expression (a window join key).
     Expr(Arc<dyn datafusion::physical_expr::PhysicalExpr>),
+}
+
+/// What stage `stage`'s shuffle hashes on; `None` for a map-only plan.
+fn shuffle_keys(plan: &StreamingPlan, stage: u32) -> Option<Vec<ShuffleKey>> {
+    match (&plan.aggregate, &plan.join) {
+        (Some(agg), _) => Some(vec![ShuffleKey::Columns(agg.group_exprs.len())]),
+        (None, Some(j)) => {
+            let (keys, window) = if stage == 0 {
+                (&j.left_keys, j.left_window)
+            } else {
+                (&j.right_keys, j.right_window)
+            };
+            Some(if keys.is_empty() {
+                vec![ShuffleKey::Column(window)]
+            } else {
+                keys.iter()
+                    .map(|k| ShuffleKey::Expr(Arc::clone(k)))
+                    .collect()
+            })
+        }
+        (None, None) => None,
+    }
+}
+
+/// Splits `batch` into `n` reduce partitions by the shuffle keys (no keys:
+/// everything to partition 0). Map tasks and re-partitioned state restores
+/// route rows the same way.
+fn route(batch: &RecordBatch, by: &[ShuffleKey], n: usize) -> Result<Vec<RecordBatch>> {
+    let mut keys = Vec::new();
+    for k in by {
+        match k {
+            ShuffleKey::Columns(c) => keys.extend(batch.columns()[..*c].iter().cloned()),
+            ShuffleKey::Column(i) => keys.push(Arc::clone(batch.column(*i))),
+            ShuffleKey::Expr(e) => keys.push(e.evaluate(batch)?.into_array(batch.num_rows())?),
+        }
+    }
+    if keys.is_empty() {
+        let mut v = vec![batch.clone()];
+        v.extend((1..n).map(|_| batch.slice(0, 0)));
+        return Ok(v);
+    }
+    Ok(drizzle_shuffle::hash_partition(batch, &keys, n)?)
+}
+
+fn encode_section(batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    match batches.first() {
+        Some(first) => Ok(drizzle_shuffle::encode_block(&first.schema(), batches)?.to_vec()),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn decode_section(bytes: Vec<u8>) -> Result<Vec<RecordBatch>> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(drizzle_shuffle::decode_block(&bytes::Bytes::from(bytes))?)
+}
+
+/// A reduce partition's keyed state as a checkpoint object.
+fn snapshot_reduce(state: &mut ReduceState) -> Result<Vec<u8>> {
+    let object = match (state.agg.as_mut(), state.join.as_ref()) {
+        (Some(agg), _) => {
+            let (closed_through, rows) = agg.snapshot()?;
+            StateObject {
+                closed_through,
+                sections: vec![encode_section(&rows)?],
+            }
+        }
+        (None, Some(join)) => {
+            let (closed_through, left, right) = join.snapshot();
+            StateObject {
+                closed_through,
+                sections: vec![encode_section(&left)?, encode_section(&right)?],
+            }
+        }
+        (None, None) => StateObject::default(),
+    };
+    object.encode()
+}
+
+/// Loads reduce partition `r`'s state from a checkpoint: its own object
+/// when the partition count is unchanged, else every object's rows whose
+/// key routes to `r` under the new count.
+fn restore_reduce(
+    shared: &Shared,
+    qid: QueryId,
+    plan: &StreamingPlan,
+    restore: &pb::Restore,
+    r: ReducePartition,
+    partitions: u32,
+    state: &mut ReduceState,
+) -> Result<()> {
+    let same = restore.reduce_partitions == partitions;
+    for st in restore
+        .states
+        .iter()
+        .filter(|st| !same || st.partition == r.0)
+    {
+        let mut client = shared.coordinator.clone();
+        let req = pb::LoadStateRequest {
+            query: qid.0,
+            path: st.path.clone(),
+        };
+        let bytes = shared
+            .handle
+            .block_on(async move { client.load_state(req).await })
+            .map_err(|s| rpc_error("loading checkpoint state", s))?
+            .into_inner()
+            .state;
+        let object = StateObject::decode(&bytes)?;
+        let mut sections = object.sections.into_iter();
+        let mut next = |stage: u32| -> Result<Vec<RecordBatch>> {
+            let rows = decode_section(sections.next().unwrap_or_default())?;
+            if same {
+                return Ok(rows);
+            }
+            let by = shuffle_keys(plan, stage).unwrap_or_default();
+            let mut mine = Vec::with_capacity(rows.len());
+            for batch in &rows {
+                let mut parts = route(batch, &by, partitions as usize)?;
+                if (r.0 as usize) < parts.len() {
+                    mine.push(parts.swap_remove(r.0 as usize));
+                }
+            }
+            Ok(mine)
+        };
+        match (state.agg.as_mut(), state.join.as_mut()) {
+            (Some(agg), _) => agg.restore(object.closed_through, &next(0)?)?,
+            (None, Some(join)) => {
+                let left = next(0)?;
+                let right = next(1)?;
+                join.restore(object.closed_through, &left, &right)?
+            }
+            (None, None) => {}
+        }
+    }
+    state.last_batch = Some(restore.batch);
+    Ok(())
 }
 
 fn group_of(starts: &BTreeMap<u64, u64>, b: u64) -> u64 {

@@ -95,6 +95,12 @@ pub struct ViewDef {
     /// Group size it runs with.
     #[serde(default = "default_group_size")]
     pub group_size: u32,
+    /// Its time origin (Unix µs): batch `b` triggers at
+    /// `origin + interval * (b + 1)` in every run, so batch ids and source
+    /// ranges stay the same across restarts. `None` in catalogs written
+    /// before checkpoints existed (the view then starts over at "now").
+    #[serde(default)]
+    pub origin_unix_us: Option<i64>,
 }
 
 fn default_group_size() -> u32 {

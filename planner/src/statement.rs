@@ -100,6 +100,14 @@ pub enum DrizzleStatement {
         /// The defining query.
         query: Box<Query>,
     },
+    /// `ALTER MATERIALIZED VIEW name SET [(] parallelism = N [)]`: the
+    /// view's reduce partitions change at its next group boundary.
+    AlterViewParallelism {
+        /// View name.
+        name: String,
+        /// New number of reduce partitions.
+        parallelism: u32,
+    },
     /// `DROP STREAM|TABLE|MATERIALIZED VIEW [IF EXISTS] name`.
     Drop {
         /// What to drop.
@@ -323,6 +331,32 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
             "expected STREAM, TABLE or MATERIALIZED VIEW after CREATE, found: {}",
             p.peek_token()
         )));
+    }
+    if p.parse_keyword(Keyword::ALTER) {
+        if !p.parse_keywords(&[Keyword::MATERIALIZED, Keyword::VIEW]) {
+            return Err(PlanError::unsupported_hint(
+                "this ALTER",
+                "ALTER MATERIALIZED VIEW name SET parallelism = N is supported",
+            ));
+        }
+        let name = parse_name(p)?;
+        p.expect_keyword(Keyword::SET)?;
+        let paren = p.consume_token(&Token::LParen);
+        expect_word(p, "parallelism")?;
+        if !p.consume_token(&Token::Eq) {
+            p.expect_keyword(Keyword::TO)?;
+        }
+        let value = p.parse_literal_uint()?;
+        if paren {
+            p.expect_token(&Token::RParen)?;
+        }
+        let parallelism = u32::try_from(value)
+            .ok()
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or_else(|| PlanError::InvalidValue {
+                message: format!("parallelism must be between 1 and 1024, got {value}"),
+            })?;
+        return Ok(DrizzleStatement::AlterViewParallelism { name, parallelism });
     }
     if p.parse_keyword(Keyword::DROP) {
         let kind = parse_object_kind(p)?;

@@ -1,5 +1,15 @@
-//! `drizzle bench ysb` and `drizzle bench sched`: benchmarks that print
-//! figures (never timed tests).
+//! `drizzle bench ysb`, `drizzle bench sched` and `drizzle bench
+//! recovery`: benchmarks that print figures (never timed tests).
+//!
+//! ## Recovery timeline
+//!
+//! YSB-lite on this process's coordinator and `remote_workers` worker
+//! processes; after `kill_after` one worker is killed with SIGKILL. Every
+//! released micro-batch's (time, emit-minus-trigger latency, group size) goes
+//! to a CSV; the line printed gives the steady-state batch latency (median of
+//! the 3 s before the kill), the peak latency after the kill, and the time
+//! from the kill until latency is back within 1.5x of steady state (the
+//! first batch from which the median of the next 20 batches is).
 //!
 //! Both run the engine in this process; with `remote_workers > 0` it has no
 //! in-process workers and the benchmark starts that many `drizzle worker`
@@ -50,6 +60,17 @@ pub struct YsbConfig {
 
 /// Worker processes started for a benchmark; killed on drop.
 struct RemoteWorkers(Vec<std::process::Child>);
+
+/// Settings of `drizzle bench recovery` beyond YSB's.
+#[derive(Debug, Clone)]
+pub struct RecoveryConfig {
+    /// The YSB-lite run (duration counts after the kill).
+    pub ysb: YsbConfig,
+    /// When to kill a worker.
+    pub kill_after: Duration,
+    /// Where to write the per-batch timeline (CSV).
+    pub timeline: std::path::PathBuf,
+}
 
 impl RemoteWorkers {
     /// Starts `n` `drizzle worker` processes registered with `coordinator`.
@@ -144,35 +165,8 @@ pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
     )
     .await?;
     let _workers = RemoteWorkers::start(cfg.remote_workers, &engine.runtime.cluster_address, &dir)?;
-    let parallel = cfg.workers.max(cfg.remote_workers);
-    let mut settings = engine.default_settings();
-    let ads: Vec<String> = (0..1000).map(|i| format!("({i}, {})", i / 10)).collect();
-    let setup = format!(
-        "CREATE TABLE ads (ad_id BIGINT, campaign_id BIGINT); \
-         INSERT INTO ads VALUES {}; \
-         CREATE STREAM events (user_id BIGINT, ad_id BIGINT, event_type TEXT, event_time TIMESTAMP, \
-           WATERMARK FOR event_time AS event_time) WITH (connector = 'datagen', rows_per_second = '{}', partitions = '{}', \
-           fields.ad_id.kind = 'sequence', fields.ad_id.min = '0', fields.ad_id.max = '999', \
-           fields.event_type.values = 'view,click,purchase', fields.user_id.kind = 'random')",
-        ads.join(", "),
-        cfg.rate,
-        parallel
-    );
-    for stmt in drizzle_planner::parse_statements(&setup)? {
-        engine.execute(stmt, &mut settings, &[], "").await?;
-    }
+    let mut handle = start_ysb(&engine, &cfg).await?;
     let window_us = cfg.window_seconds.max(1) as i64 * 1_000_000;
-    let query = format!(
-        "SELECT a.campaign_id, e.window_start, count(*) AS views \
-         FROM TUMBLE(events, event_time, INTERVAL '{}' SECOND) e JOIN ads a ON e.ad_id = a.ad_id \
-         WHERE e.event_type = 'view' GROUP BY a.campaign_id, e.window_start",
-        cfg.window_seconds.max(1)
-    );
-    let query = query.as_str();
-    let stmt = drizzle_planner::parse_statements(query)?.remove(0);
-    let Outcome::Stream(mut handle) = engine.execute(stmt, &mut settings, &[], query).await? else {
-        return Err(PgError::internal("the YSB query is not continuous"));
-    };
     let start = Instant::now();
     let deadline = start + cfg.duration;
     let mut emit_latency_ms: Vec<f64> = Vec::new();
@@ -234,6 +228,142 @@ pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
         windows,
         peak_rss_mb(),
     ))
+}
+
+/// `drizzle bench recovery`: see the module docs.
+pub async fn run_recovery(cfg: RecoveryConfig) -> Result<String, PgError> {
+    let ysb = &cfg.ysb;
+    let dir = std::env::temp_dir().join(format!("drizzle-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let engine = Engine::open(
+        &dir,
+        0,
+        EngineConfig {
+            batch_interval: ysb.batch_interval,
+            group_size: ysb.group_size,
+            scheduling: ysb.scheduling,
+            ..EngineConfig::default()
+        },
+    )
+    .await?;
+    let mut workers = RemoteWorkers::start(
+        ysb.remote_workers.max(2),
+        &engine.runtime.cluster_address,
+        &dir,
+    )?;
+    let mut handle = start_ysb(&engine, ysb).await?;
+    let start = Instant::now();
+    let kill_at = start + cfg.kill_after;
+    let deadline = kill_at + ysb.duration;
+    let mut killed: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if killed.is_none() && now >= kill_at {
+            if let Some(victim) = workers.0.get_mut(1) {
+                let _ = victim.kill();
+                let _ = victim.wait();
+            }
+            killed = Some(Instant::now());
+        }
+        let wait = if killed.is_none() { kill_at } else { deadline };
+        match tokio::time::timeout(wait.saturating_duration_since(now), handle.next()).await {
+            Ok(Some(batch)) => {
+                batch?;
+            }
+            Ok(None) => break,
+            Err(_) => {}
+        }
+    }
+    let status = std::sync::Arc::clone(&handle.status);
+    handle.cancel();
+    engine.runtime.shutdown();
+    drop(workers);
+    let _ = std::fs::remove_dir_all(&dir);
+    let killed = killed.ok_or_else(|| PgError::internal("the run ended before the kill"))?;
+    // (seconds since the kill, latency ms, group size), one per batch.
+    let emits = status.recent_emits.lock().clone();
+    let latencies = status.recent_latencies_us.lock().clone();
+    let timeline: Vec<(f64, f64, u32)> = emits
+        .iter()
+        .zip(latencies.iter())
+        .map(|((at, _, g), us)| {
+            let t = if *at >= killed {
+                at.duration_since(killed).as_secs_f64()
+            } else {
+                -killed.duration_since(*at).as_secs_f64()
+            };
+            (t, *us as f64 / 1000.0, *g)
+        })
+        .collect();
+    let mut csv = String::from("seconds_since_kill,batch_latency_ms,group_size\n");
+    for (t, l, g) in &timeline {
+        csv.push_str(&format!("{t:.4},{l:.3},{g}\n"));
+    }
+    std::fs::write(&cfg.timeline, csv)
+        .map_err(|e| PgError::internal(format!("cannot write {}: {e}", cfg.timeline.display())))?;
+    let mut before: Vec<f64> = timeline
+        .iter()
+        .filter(|(t, _, _)| (-3.0..0.0).contains(t))
+        .map(|(_, l, _)| *l)
+        .collect();
+    before.sort_by(f64::total_cmp);
+    let steady = percentile(&before, 0.5);
+    let after: Vec<&(f64, f64, u32)> = timeline.iter().filter(|(t, _, _)| *t >= 0.0).collect();
+    let peak = after.iter().map(|(_, l, _)| *l).fold(0.0, f64::max);
+    // Back to steady state: the first batch after the kill from which the
+    // median of the next 20 batches is within 1.5x of steady state, after
+    // the peak.
+    let peak_at = after.iter().position(|(_, l, _)| *l == peak).unwrap_or(0);
+    let recovered = (peak_at..after.len().saturating_sub(20)).find_map(|i| {
+        let mut w: Vec<f64> = after[i..i + 20].iter().map(|(_, l, _)| *l).collect();
+        w.sort_by(f64::total_cmp);
+        (percentile(&w, 0.5) <= 1.5 * steady).then(|| after[i].0)
+    });
+    Ok(format!(
+        "steady p50 {:.2} ms | peak after kill {:.1} ms | back within 1.5x after {} | recoveries {} | batches {} | timeline {}",
+        steady,
+        peak,
+        recovered.map_or("never".to_string(), |s| format!("{s:.2} s")),
+        status.recoveries.load(Ordering::Relaxed),
+        timeline.len(),
+        cfg.timeline.display()
+    ))
+}
+
+/// Creates YSB-lite's table and stream and starts its query.
+async fn start_ysb(engine: &Engine, cfg: &YsbConfig) -> Result<drizzle_exec::QueryHandle, PgError> {
+    let parallel = cfg.workers.max(cfg.remote_workers);
+    let mut settings = engine.default_settings();
+    let ads: Vec<String> = (0..1000).map(|i| format!("({i}, {})", i / 10)).collect();
+    let setup = format!(
+        "CREATE TABLE ads (ad_id BIGINT, campaign_id BIGINT); \
+         INSERT INTO ads VALUES {}; \
+         CREATE STREAM events (user_id BIGINT, ad_id BIGINT, event_type TEXT, event_time TIMESTAMP, \
+           WATERMARK FOR event_time AS event_time) WITH (connector = 'datagen', rows_per_second = '{}', partitions = '{}', \
+           fields.ad_id.kind = 'sequence', fields.ad_id.min = '0', fields.ad_id.max = '999', \
+           fields.event_type.values = 'view,click,purchase', fields.user_id.kind = 'random')",
+        ads.join(", "),
+        cfg.rate,
+        parallel
+    );
+    for stmt in drizzle_planner::parse_statements(&setup)? {
+        engine.execute(stmt, &mut settings, &[], "").await?;
+    }
+    let query = format!(
+        "SELECT a.campaign_id, e.window_start, count(*) AS views \
+         FROM TUMBLE(events, event_time, INTERVAL '{}' SECOND) e JOIN ads a ON e.ad_id = a.ad_id \
+         WHERE e.event_type = 'view' GROUP BY a.campaign_id, e.window_start",
+        cfg.window_seconds.max(1)
+    );
+    let query = query.as_str();
+    let stmt = drizzle_planner::parse_statements(query)?.remove(0);
+    let Outcome::Stream(handle) = engine.execute(stmt, &mut settings, &[], query).await? else {
+        return Err(PgError::internal("the YSB query is not continuous"));
+    };
+    Ok(handle)
 }
 
 /// The header matching [`run_ysb`]'s line.

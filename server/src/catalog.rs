@@ -239,6 +239,22 @@ impl Catalog {
         self.inner.read().file.views.get(name).cloned()
     }
 
+    /// Changes a view's parallelism (takes effect at its next boundary).
+    pub fn set_view_parallelism(&self, name: &str, parallelism: u32) -> Result<bool, PgError> {
+        let mut state = self.inner.write();
+        let Some(def) = state.file.views.get_mut(name) else {
+            return Ok(false);
+        };
+        def.parallelism = parallelism;
+        self.persist(&state.file)?;
+        Ok(true)
+    }
+
+    /// Where a view keeps its durable output log.
+    pub fn view_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("views").join(name)
+    }
+
     /// A view's store.
     pub fn view_store(&self, name: &str) -> Option<Arc<ViewStore>> {
         self.inner.read().views.get(name).cloned()

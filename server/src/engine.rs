@@ -51,6 +51,11 @@ pub struct EngineConfig {
     pub worker_timeout: Duration,
     /// Bounds of the adaptive group size.
     pub adaptive: drizzle_exec::AdaptiveGroupSize,
+    /// Checkpoint storage: a directory or an `s3://bucket/prefix` URL
+    /// (`None`: `<data dir>/checkpoints`).
+    pub checkpoint_location: Option<String>,
+    /// A checkpoint is taken at the first group boundary after this long.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +70,8 @@ impl Default for EngineConfig {
             worker_wait: Duration::from_secs(30),
             worker_timeout: Duration::from_secs(10),
             adaptive: drizzle_exec::AdaptiveGroupSize::default(),
+            checkpoint_location: None,
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -127,7 +134,8 @@ pub struct Engine {
     pub ctx: SessionContext,
     /// Defaults.
     pub config: EngineConfig,
-    views: Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
+    /// Running views: the task feeding the store, and the query.
+    views: Mutex<BTreeMap<String, (tokio::task::JoinHandle<()>, drizzle_shuffle::QueryId)>>,
 }
 
 /// Lets lookup joins evaluate their finite side from worker threads.
@@ -208,6 +216,13 @@ impl Engine {
                 worker_wait: config.worker_wait,
                 worker_timeout: config.worker_timeout,
                 adaptive: config.adaptive,
+                checkpoint_location: Some(
+                    config
+                        .checkpoint_location
+                        .clone()
+                        .unwrap_or_else(|| data_dir.join("checkpoints").display().to_string()),
+                ),
+                checkpoint_interval: config.checkpoint_interval,
                 classify: Arc::new(|e: drizzle_exec::ExecError| {
                     let pg = PgError::from(e);
                     (pg.code.to_string(), pg.message)
@@ -224,7 +239,7 @@ impl Engine {
             views: Mutex::new(BTreeMap::new()),
         });
         for view in engine.catalog.views() {
-            if let Err(e) = engine.resume_view(&view) {
+            if let Err(e) = engine.resume_view(&view).await {
                 tracing::error!(view = %view.name, "cannot resume materialized view: {e}");
             }
         }
@@ -379,6 +394,7 @@ impl Engine {
             scheduling: settings.scheduling,
             reduce_partitions: self.reduce_partitions(settings),
             label,
+            durability: drizzle_exec::Durability::default(),
         };
         Ok(self.runtime.start_query(spec)?)
     }
@@ -488,10 +504,16 @@ impl Engine {
                     start_offsets: offsets,
                     more_start_offsets,
                     group_size: settings.group_size,
+                    origin_unix_us: Some(now_ms() * 1000),
                 };
-                let store = Arc::new(new_view_store(&plan)?);
+                // Leftovers of an earlier view of that name go first.
+                self.remove_view_data(&name).await;
+                let store = Arc::new(
+                    new_view_store(&plan)?
+                        .with_log(self.catalog.view_dir(&name).join("output.log"))?,
+                );
                 self.catalog.create_view(def.clone(), Arc::clone(&store))?;
-                if let Err(e) = self.launch_view(&def, plan, store) {
+                if let Err(e) = self.launch_view(&def, plan, store, None) {
                     let _ = self.catalog.drop_view(&name);
                     return Err(e);
                 }
@@ -507,8 +529,13 @@ impl Engine {
                     ObjectKind::Table => self.catalog.drop_table(&name)?,
                     ObjectKind::MaterializedView => {
                         let store = self.catalog.drop_view(&name)?;
-                        if let Some(task) = self.views.lock().remove(&name) {
+                        let running = self.views.lock().remove(&name);
+                        if let Some((task, id)) = running {
                             task.abort();
+                            self.runtime.cancel(id);
+                        }
+                        if store.is_some() {
+                            self.remove_view_data(&name).await;
                         }
                         store.is_some()
                     }
@@ -588,6 +615,19 @@ impl Engine {
                 })
             }
             DrizzleStatement::ShowObjects(kind) => Ok(self.show_objects(kind)),
+            DrizzleStatement::AlterViewParallelism { name, parallelism } => {
+                if !self.catalog.set_view_parallelism(&name, parallelism)? {
+                    return Err(PgError::new(
+                        "42P01",
+                        format!("materialized view {name} does not exist"),
+                    ));
+                }
+                let id = self.views.lock().get(&name).map(|(_, id)| *id);
+                if let Some(id) = id {
+                    self.runtime.set_parallelism(id, parallelism);
+                }
+                Ok(Outcome::Command("ALTER MATERIALIZED VIEW".into()))
+            }
             DrizzleStatement::ShowQueries => Ok(self.show_queries()),
             DrizzleStatement::ShowWorkers => Ok(self.show_workers()),
             DrizzleStatement::ShowCreate { kind, name } => self.show_create(kind, &name),
@@ -914,6 +954,7 @@ impl Engine {
             .map(|q| {
                 let batches = q.batches.load(Ordering::Relaxed);
                 let coord = q.coordination_us.load(Ordering::Relaxed);
+                let checkpoint = *q.last_checkpoint.lock();
                 vec![
                     Some(q.id.0.to_string()),
                     Some(q.label.clone()),
@@ -935,6 +976,12 @@ impl Engine {
                     Some(q.scheduling.to_string()),
                     Some(q.groups.load(Ordering::Relaxed).to_string()),
                     Some(q.launches.load(Ordering::Relaxed).to_string()),
+                    Some(q.reduce_partitions.load(Ordering::Relaxed).to_string()),
+                    Some(q.attempt.load(Ordering::Relaxed).to_string()),
+                    Some(q.recoveries.load(Ordering::Relaxed).to_string()),
+                    checkpoint.map(|(b, _, _)| b.to_string()),
+                    checkpoint.map(|(_, at, _)| format!("{:.1}", at.elapsed().as_secs_f64())),
+                    checkpoint.map(|(_, _, bytes)| bytes.to_string()),
                 ]
             })
             .collect();
@@ -954,6 +1001,12 @@ impl Engine {
                 "scheduling",
                 "groups",
                 "launches",
+                "parallelism",
+                "attempt",
+                "recoveries",
+                "checkpoint_batch",
+                "checkpoint_age_s",
+                "checkpoint_bytes",
             ],
             rows,
         );
@@ -1080,7 +1133,25 @@ impl Engine {
         })
     }
 
-    fn resume_view(self: &Arc<Self>, def: &ViewDef) -> Result<(), PgError> {
+    /// Deletes a view's output log and checkpoints.
+    async fn remove_view_data(&self, name: &str) {
+        let dir = self.catalog.view_dir(name);
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(view = %name, "cannot delete {}: {e}", dir.display());
+            }
+        }
+        if let Some(store) = self.runtime.checkpoints() {
+            if let Err(e) = store.remove(&view_key(name)).await {
+                tracing::warn!(view = %name, "cannot delete its checkpoints: {e}");
+            }
+        }
+    }
+
+    /// Restarts a view after a server restart: its contents come back from
+    /// its output log, its state from its last checkpoint, and the batches
+    /// since are replayed (results the log already holds are dropped).
+    async fn resume_view(self: &Arc<Self>, def: &ViewDef) -> Result<(), PgError> {
         let stmts = drizzle_planner::parse_statements(&def.query)?;
         let Some(DrizzleStatement::Query(query)) = stmts.into_iter().next() else {
             return Err(PgError::internal(format!("view {} has no query", def.name)));
@@ -1091,9 +1162,23 @@ impl Engine {
                 return Err(PgError::internal("view query is not continuous"))
             }
         };
-        let store = Arc::new(new_view_store(&plan)?);
+        if def.origin_unix_us.is_none() {
+            // Made before origins existed: no stable batch ids, so the view
+            // is rebuilt from the start of its input.
+            self.remove_view_data(&def.name).await;
+        }
+        let store = Arc::new(
+            new_view_store(&plan)?.with_log(self.catalog.view_dir(&def.name).join("output.log"))?,
+        );
         self.catalog.attach_view(&def.name, Arc::clone(&store));
-        self.launch_view(def, plan, store)
+        let resume = match (self.runtime.checkpoints(), def.origin_unix_us) {
+            (Some(cs), Some(_)) => cs.latest(&view_key(&def.name)).await?,
+            _ => None,
+        };
+        if let Some(m) = &resume {
+            tracing::info!(view = %def.name, batch = m.batch, "resuming from checkpoint");
+        }
+        self.launch_view(def, plan, store, resume)
     }
 
     fn launch_view(
@@ -1101,8 +1186,12 @@ impl Engine {
         def: &ViewDef,
         plan: StreamingPlan,
         store: Arc<ViewStore>,
+        resume: Option<drizzle_exec::checkpoint::Manifest>,
     ) -> Result<(), PgError> {
         let now_us = now_ms() * 1000;
+        // A view made before origins existed has no stable batch ids: it
+        // starts over (its log is replayed, not its checkpoints).
+        let stable = def.origin_unix_us.is_some();
         let mut inputs = Vec::new();
         for (i, input) in plan.inputs().iter().enumerate() {
             let log = self.catalog.stream_log(&input.stream.name);
@@ -1117,7 +1206,7 @@ impl Engine {
             };
             offsets.resize(sources.len(), 0);
             for (o, s) in offsets.iter_mut().zip(&sources) {
-                if matches!(s, drizzle_exec::source::SourcePartition::Datagen(..)) {
+                if !stable && matches!(s, drizzle_exec::source::SourcePartition::Datagen(..)) {
                     *o = s.available(now_us);
                 }
             }
@@ -1134,18 +1223,33 @@ impl Engine {
             scheduling: self.config.scheduling,
             reduce_partitions: def.parallelism.max(1),
             label: format!("MATERIALIZED VIEW {}", def.name),
+            durability: drizzle_exec::Durability {
+                key: Some(view_key(&def.name)),
+                skip_through: if stable {
+                    *store.last_batch.lock()
+                } else {
+                    None
+                },
+                resume: if stable { resume } else { None },
+                origin_unix_us: def.origin_unix_us,
+                durable_sink: true,
+            },
         };
         let mut handle = self.runtime.start_query(spec)?;
+        let id = handle.id;
         let catalog = Arc::clone(&self.catalog);
         let name = def.name.clone();
         let task = tokio::spawn(async move {
             while let Some(next) = handle.next().await {
                 match next {
                     Ok(batch) => {
-                        if let Err(e) = store.apply(batch.batch.0, batch.rows) {
+                        let id = batch.batch;
+                        if let Err(e) = store.apply(id.0, batch.rows) {
                             *store.error.lock() = Some(e.to_string());
                             break;
                         }
+                        // Durable: a checkpoint may now cover this batch.
+                        handle.commit(id);
                         catalog.bump_data_version();
                     }
                     Err(e) => {
@@ -1156,9 +1260,14 @@ impl Engine {
                 }
             }
         });
-        self.views.lock().insert(def.name.clone(), task);
+        self.views.lock().insert(def.name.clone(), (task, id));
         Ok(())
     }
+}
+
+/// A view's key in the checkpoint store.
+fn view_key(name: &str) -> String {
+    format!("views/{name}")
 }
 
 fn new_view_store(plan: &StreamingPlan) -> Result<ViewStore, PgError> {

@@ -132,7 +132,7 @@ impl From<ExecError> for PgError {
             ExecError::Remote { code, message } => PgError::new(intern_code(&code), message),
             ExecError::InvalidOption { .. } => PgError::new("22023", e.to_string()),
             ExecError::InvalidData { .. } => PgError::new("22P02", e.to_string()),
-            ExecError::Io { .. } | ExecError::Corrupt { .. } => {
+            ExecError::Io { .. } | ExecError::Corrupt { .. } | ExecError::Checkpoint { .. } => {
                 PgError::new("58030", e.to_string())
             }
             ExecError::Shuffle { .. } | ExecError::Unavailable { .. } => {

@@ -71,6 +71,12 @@ struct BenchArgs {
     /// YSB window size in seconds.
     #[arg(long, default_value_t = 10)]
     window_seconds: u64,
+    /// Recovery: seconds before one worker is killed.
+    #[arg(long, default_value_t = 10)]
+    kill_after: u64,
+    /// Recovery: where the per-batch timeline CSV goes.
+    #[arg(long, default_value = "recovery_timeline.csv")]
+    timeline: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -119,6 +125,15 @@ struct ServerArgs {
     /// Adaptive group size: the largest G.
     #[arg(long, env = "DRIZZLE_GROUP_SIZE_MAX", default_value_t = 1000)]
     group_size_max: u32,
+    /// Checkpoint storage: a directory, or `s3://bucket/prefix` for an
+    /// S3-compatible store configured by the AWS_* environment variables
+    /// (default: `<data-dir>/checkpoints`).
+    #[arg(long, env = "DRIZZLE_CHECKPOINT_LOCATION")]
+    checkpoint_location: Option<String>,
+    /// Milliseconds between checkpoints (taken at the first group boundary
+    /// after the interval).
+    #[arg(long, env = "DRIZZLE_CHECKPOINT_INTERVAL_MS", default_value_t = 1000)]
+    checkpoint_interval_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -201,6 +216,35 @@ fn main() -> anyhow::Result<()> {
                 println!("{line}");
                 return Ok(());
             }
+            if args.workload == "recovery" {
+                let interval_us =
+                    drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
+                        .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?;
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the async runtime")?;
+                let remote = args.remote_workers.max(2);
+                let cfg = drizzle_server::bench::RecoveryConfig {
+                    ysb: drizzle_server::bench::YsbConfig {
+                        rate: args.rate,
+                        duration: Duration::from_secs(args.seconds),
+                        batch_interval: Duration::from_micros(interval_us),
+                        workers: remote,
+                        group_size: args.group_size,
+                        remote_workers: remote,
+                        scheduling,
+                        window_seconds: args.window_seconds,
+                    },
+                    kill_after: Duration::from_secs(args.kill_after),
+                    timeline: args.timeline.clone(),
+                };
+                let line = runtime
+                    .block_on(drizzle_server::bench::run_recovery(cfg))
+                    .map_err(|e| anyhow::anyhow!("benchmark failed: {e}"))?;
+                println!("{line}");
+                return Ok(());
+            }
             if args.workload != "ysb" {
                 anyhow::bail!("unknown workload {} (try ysb or sched)", args.workload);
             }
@@ -277,6 +321,8 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         cluster_advertise: args.cluster_advertise.clone(),
         worker_wait: Duration::from_secs(args.worker_wait),
         worker_timeout: Duration::from_secs(args.worker_timeout.max(1)),
+        checkpoint_location: args.checkpoint_location.clone(),
+        checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms.max(1)),
     };
     let engine = Engine::open(&args.data_dir, workers, config)
         .await
@@ -362,7 +408,19 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let any_stopped = futures::future::select_all(slots.iter().map(|w| Box::pin(w.stopped())));
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = term.recv() => {
+            // Drain: the coordinator moves this worker's partitions to the
+            // others at the next group boundary (state through a checkpoint),
+            // then lets it go; no failure recovery needed.
+            tracing::info!("SIGTERM: draining");
+            let drains = slots.iter().map(|w| w.drain());
+            for r in futures::future::join_all(drains).await {
+                if let Err(e) = r {
+                    tracing::warn!("drain: {e}");
+                }
+            }
+            println!("drizzle worker drained");
+        }
         _ = any_stopped => {}
     }
     tracing::info!("worker shutting down");

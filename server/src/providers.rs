@@ -87,7 +87,14 @@ pub struct ViewStore {
     pub last_batch: Mutex<Option<u64>>,
     /// Set when the view's query failed.
     pub error: Mutex<Option<String>>,
+    /// The view's durable output log: every applied batch's rows plus its
+    /// batch id, so a restart restores the contents and knows the last
+    /// batch applied (results of batches up to it are not applied twice).
+    log: Option<drizzle_exec::log::PartitionLog>,
 }
+
+/// Name of the batch-id column of a view's output log.
+const BATCH_COLUMN: &str = "__drizzle_batch";
 
 impl std::fmt::Debug for ViewStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,7 +112,41 @@ impl ViewStore {
             rows: Mutex::new(ViewRows::Append(Vec::new())),
             last_batch: Mutex::new(None),
             error: Mutex::new(None),
+            log: None,
         }
+    }
+
+    /// Makes the store durable: replays the output log at `path` (created if
+    /// missing) into it, then logs every batch applied from here on.
+    pub fn with_log(mut self, path: std::path::PathBuf) -> Result<Self, drizzle_exec::ExecError> {
+        let mut fields: Vec<arrow::datatypes::FieldRef> =
+            self.schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            BATCH_COLUMN,
+            arrow::datatypes::DataType::UInt64,
+            false,
+        )));
+        let schema = Arc::new(arrow::datatypes::Schema::new(fields));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| drizzle_exec::ExecError::io(dir, e))?;
+        }
+        let log = drizzle_exec::log::PartitionLog::open(path, schema, false)?;
+        let width = self.schema.fields().len();
+        for logged in log.read(0, log.end_offset())? {
+            let ids = logged
+                .column(width)
+                .as_any()
+                .downcast_ref::<arrow::array::UInt64Array>()
+                .ok_or_else(|| drizzle_exec::ExecError::invalid("view log batch ids"))?;
+            let Some(batch_id) = ids.iter().flatten().max() else {
+                continue;
+            };
+            let rows =
+                RecordBatch::try_new(Arc::clone(&self.schema), logged.columns()[..width].to_vec())?;
+            self.apply(batch_id, rows)?;
+        }
+        self.log = Some(log);
+        Ok(self)
     }
 
     /// An upsert view keyed by the output columns `keys`.
@@ -126,6 +167,7 @@ impl ViewStore {
             })),
             last_batch: Mutex::new(None),
             error: Mutex::new(None),
+            log: None,
         })
     }
 
@@ -134,8 +176,20 @@ impl ViewStore {
         &self.schema
     }
 
-    /// Applies one micro-batch's output.
-    pub fn apply(&self, batch_id: u64, batch: RecordBatch) -> Result<(), arrow::error::ArrowError> {
+    /// Applies one micro-batch's output (durably first, if the store has a
+    /// log).
+    pub fn apply(&self, batch_id: u64, batch: RecordBatch) -> Result<(), drizzle_exec::ExecError> {
+        if let (Some(log), true) = (&self.log, batch.num_rows() > 0) {
+            let mut columns = batch.columns().to_vec();
+            columns.push(Arc::new(arrow::array::UInt64Array::from(vec![
+                batch_id;
+                batch
+                    .num_rows(
+                    )
+            ])));
+            let logged = RecordBatch::try_new(Arc::clone(log.schema()), columns)?;
+            log.append(&logged)?;
+        }
         let mut rows = self.rows.lock();
         match &mut *rows {
             ViewRows::Append(v) => {

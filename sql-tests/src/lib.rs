@@ -70,7 +70,17 @@ impl TestServer {
             "--data-dir".as_ref(),
             self.data_dir.as_os_str(),
         ];
-        args.extend(self.args.iter().map(std::ffi::OsStr::new));
+        // A restarted server keeps its cluster address, so its workers
+        // find it again.
+        let mut extra = self.args.clone();
+        if !self.cluster_address.is_empty() {
+            if let Some(i) = extra.iter().position(|a| a == "--cluster-listen") {
+                if let Some(v) = extra.get_mut(i + 1) {
+                    *v = self.cluster_address.clone();
+                }
+            }
+        }
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
         let mut child = spawn_drizzle(&self.bin, "server", &args, log)?;
         // The server prints "drizzle cluster endpoint on ADDR" and then
         // "drizzle listening on ADDR" once bound (port 0 = any free port).
@@ -225,6 +235,17 @@ impl TestWorker {
     /// Starts a worker that registers with `coordinator`; returns once it
     /// registered (the worker prints its address after registration).
     pub fn start(bin: &Path, coordinator: &str, data_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_at(bin, coordinator, data_dir, "127.0.0.1:0")
+    }
+
+    /// Like [`TestWorker::start`], listening on `listen` (a fixed port, to
+    /// come back at the same address).
+    pub fn start_at(
+        bin: &Path,
+        coordinator: &str,
+        data_dir: &Path,
+        listen: &str,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let log_path = data_dir.with_extension("log");
         let log = std::fs::OpenOptions::new()
@@ -235,7 +256,7 @@ impl TestWorker {
             "--coordinator".as_ref(),
             coordinator.as_ref(),
             "--listen".as_ref(),
-            "127.0.0.1:0".as_ref(),
+            listen.as_ref(),
             "--data-dir".as_ref(),
             data_dir.as_os_str(),
         ];
@@ -266,6 +287,39 @@ impl TestWorker {
             let _ = c.wait();
         }
     }
+
+    /// Sends SIGTERM (a drain request).
+    pub fn sigterm(&self) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .ok_or_else(|| anyhow::anyhow!("the worker is not running"))?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        Ok(())
+    }
+
+    /// Waits (bounded) for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("the worker is not running"))?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the worker did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for TestWorker {
@@ -294,6 +348,18 @@ impl TestCluster {
             workers.push(TestWorker::start(bin, &server.cluster_address, &dir)?);
         }
         Ok(Self { server, workers })
+    }
+
+    /// Starts one more worker registered with the server.
+    pub fn add_worker(&mut self, bin: &Path) -> anyhow::Result<&mut TestWorker> {
+        let dir = self
+            .server
+            .data_dir
+            .with_extension(format!("worker{}", self.workers.len()));
+        self.workers
+            .push(TestWorker::start(bin, &self.server.cluster_address, &dir)?);
+        let n = self.workers.len();
+        Ok(&mut self.workers[n - 1])
     }
 
     /// The server's and every worker's log.

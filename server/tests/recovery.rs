@@ -1,0 +1,452 @@
+//! Fault tolerance and adaptation on a real cluster (`drizzle server
+//! --workers 0` plus `drizzle worker` processes on 127.0.0.1), each case
+//! compared row for row with an oracle: the same statements fed, at the
+//! same time, to a server that suffers no failure.
+//!
+//! Running on the cluster: a windowed aggregate, a window join of two
+//! streams and an upsert aggregate (materialized views), and in some cases a
+//! continuous `SELECT` and a `COPY ... TO STDOUT` client. Faults: `kill -9`
+//! of one worker (also while checkpoints are being written), two workers
+//! lost one after the other, a worker added mid-stream, a worker drained
+//! with SIGTERM, `kill -9` of the server and a restart, and a parallelism
+//! change. Every case checks: no result lost, none duplicated, windows in
+//! batch order, and the mechanism that was meant to act did (recovery count,
+//! attempts, drained exit, new worker used, restored checkpoint).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use drizzle_sql_tests::{eventually, TestCluster, TestServer};
+use futures::StreamExt;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_drizzle"))
+}
+
+/// Statements fed to each stream.
+const STATEMENTS: usize = 60;
+/// Rows per statement.
+const ROWS: usize = 10;
+/// Distinct keys.
+const KEYS: usize = 5;
+/// Rows the continuous SELECT and the COPY wait for (20 closed windows).
+const SELECT_ROWS: usize = 100;
+
+const DDL: &str = "\
+    SET batch_interval = '20ms'; \
+    CREATE STREAM a (k BIGINT, v BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) WITH (partitions = 3); \
+    CREATE STREAM b (k BIGINT, v BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) WITH (partitions = 3); \
+    CREATE MATERIALIZED VIEW win AS SELECT window_start, k, count(*) AS n, sum(v) AS s \
+        FROM TUMBLE(a, ts, INTERVAL '2' SECOND) GROUP BY window_start, k; \
+    CREATE MATERIALIZED VIEW joined AS SELECT x.window_start, x.k, x.v AS av, y.v AS bv \
+        FROM TUMBLE(a, ts, INTERVAL '2' SECOND) x JOIN TUMBLE(b, ts, INTERVAL '2' SECOND) y \
+        ON x.k = y.k AND x.window_start = y.window_start; \
+    CREATE MATERIALIZED VIEW totals AS SELECT k, count(*) AS n, sum(v) AS s FROM a GROUP BY k";
+
+const WINDOWED: &str = "SELECT window_start, k, count(*) AS n, sum(v) AS s \
+    FROM TUMBLE(a, ts, INTERVAL '2' SECOND) GROUP BY window_start, k";
+
+/// Statement `i` of stream `stream`: ROWS rows at second `i`, in event-time
+/// order (so no row is late, whatever the batching).
+fn statement(stream: &str, i: usize) -> String {
+    let offset = if stream == "b" { 1_000_000 } else { 0 };
+    let rows: Vec<String> = (0..ROWS)
+        .map(|j| {
+            let n = i * ROWS + j;
+            format!(
+                "({}, {}, TIMESTAMP '2024-01-01 00:00:00' + INTERVAL '{} milliseconds')",
+                n % KEYS,
+                n + offset,
+                i * 1000 + j * 10
+            )
+        })
+        .collect();
+    format!("INSERT INTO {stream} VALUES {}", rows.join(", "))
+}
+
+/// The final upsert totals, computed record at a time.
+fn expected_totals() -> Vec<String> {
+    let mut t: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+    for n in 0..STATEMENTS * ROWS {
+        let e = t.entry(n % KEYS).or_default();
+        e.0 += 1;
+        e.1 += n;
+    }
+    t.into_iter()
+        .map(|(k, (c, s))| format!("{k}|{c}|{s}"))
+        .collect()
+}
+
+/// Closed windows at the end: rows of the windowed view. Statement i lands
+/// in partition i mod 3; the watermark is the minimum over the partitions,
+/// the last row of statement STATEMENTS-3; 2 s windows ending by then close.
+fn expected_window_rows() -> usize {
+    let closed = (STATEMENTS - 3) / 2;
+    closed * KEYS
+}
+
+/// Closed windows of the join at the end: each window holds 2·ROWS rows
+/// per stream, 2·ROWS/KEYS per key, joined pairwise per key.
+fn expected_join_rows() -> usize {
+    let per_key = 2 * ROWS / KEYS;
+    (STATEMENTS - 3) / 2 * KEYS * per_key * per_key
+}
+
+fn rows(msgs: &[SimpleQueryMessage]) -> Vec<String> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL"))
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn show(client: &Client, what: &str) -> anyhow::Result<Vec<HashMap<String, String>>> {
+    let mut out = Vec::new();
+    for m in client.simple_query(what).await? {
+        if let SimpleQueryMessage::Row(r) = m {
+            let mut row = HashMap::new();
+            for (i, c) in r.columns().iter().enumerate() {
+                row.insert(c.name().to_string(), r.get(i).unwrap_or("").to_string());
+            }
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
+fn num(row: &HashMap<String, String>, col: &str) -> u64 {
+    row.get(col).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// A view's contents, sorted.
+async fn contents(client: &Client, view: &str) -> anyhow::Result<Vec<String>> {
+    let mut r = rows(
+        &client
+            .simple_query(&format!("SELECT * FROM {view}"))
+            .await?,
+    );
+    r.sort();
+    Ok(r)
+}
+
+/// Checks a continuous result against the oracle's: windows arrived in
+/// order, and the rows (ordered by window, then key) are the same.
+fn same_stream(got: &[String], oracle: &[String], what: &str) {
+    let starts: Vec<&str> = got
+        .iter()
+        .map(|r| r.split('|').next().unwrap_or(""))
+        .collect();
+    assert!(
+        starts.windows(2).all(|w| w[0] <= w[1]),
+        "{what}: windows out of batch order: {starts:?}"
+    );
+    let mut got = got.to_vec();
+    got.sort();
+    let mut oracle = oracle.to_vec();
+    oracle.sort();
+    assert_eq!(got.len(), SELECT_ROWS, "{what}: row count");
+    assert_eq!(got, oracle, "{what}: differs from the oracle");
+}
+
+enum Fault {
+    /// `kill -9` worker i.
+    Kill(usize),
+    /// SIGTERM worker i (drain).
+    Drain(usize),
+    /// Start one more worker.
+    AddWorker,
+    /// `kill -9` the server, then start it again.
+    RestartServer,
+    /// `ALTER MATERIALIZED VIEW ... SET parallelism = n` on every view.
+    Parallelism(u32),
+}
+
+/// What a scenario observed, for case-specific checks.
+struct Observed {
+    queries: Vec<HashMap<String, String>>,
+    workers: Vec<HashMap<String, String>>,
+}
+
+/// Runs the workload on a cluster of `workers` workers and on an oracle
+/// server, applying each fault before statement `at`; then checks every
+/// output against the oracle's.
+fn scenario(
+    workers: usize,
+    server_args: &[&str],
+    faults: Vec<(usize, Fault)>,
+    clients: bool,
+) -> (TestCluster, Observed) {
+    let mut args = vec!["--worker-timeout", "3"];
+    if !server_args.contains(&"--checkpoint-interval-ms") {
+        args.extend(["--checkpoint-interval-ms", "200"]);
+    }
+    args.extend_from_slice(server_args);
+    let mut cluster = TestCluster::start(bin(), workers, &args).unwrap();
+    let oracle = TestServer::start(bin(), &["--workers", "2"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(run(&mut cluster, &oracle, faults, clients));
+    match result {
+        Ok(observed) => (cluster, observed),
+        Err(e) => panic!(
+            "{e:#}\n{}\n--- oracle ---\n{}",
+            cluster.logs(),
+            oracle.log()
+        ),
+    }
+}
+
+async fn run(
+    cluster: &mut TestCluster,
+    oracle: &TestServer,
+    mut faults: Vec<(usize, Fault)>,
+    clients: bool,
+) -> anyhow::Result<Observed> {
+    let mut admin = cluster.server.client().await?;
+    let oracle_admin = oracle.client().await?;
+    admin.batch_execute(DDL).await?;
+    oracle_admin.batch_execute(DDL).await?;
+    // Continuous clients on both: a SELECT and a COPY TO STDOUT.
+    let select = format!("{WINDOWED} LIMIT {SELECT_ROWS}");
+    let copy = format!("COPY ({WINDOWED} LIMIT {SELECT_ROWS}) TO STDOUT");
+    let mut runs = Vec::new();
+    if clients {
+        for server in [&cluster.server, oracle] {
+            let c = server.client().await?;
+            c.batch_execute("SET batch_interval = '20ms'").await?;
+            let q = select.clone();
+            runs.push(tokio::spawn(async move {
+                c.simple_query(&q).await.map(|m| rows(&m))
+            }));
+            let c = server.client().await?;
+            c.batch_execute("SET batch_interval = '20ms'").await?;
+            let q = copy.clone();
+            runs.push(tokio::spawn(async move {
+                let stream = c.copy_out(q.as_str()).await?;
+                futures::pin_mut!(stream);
+                let mut text = Vec::new();
+                // The first error ends the copy (the stream repeats it).
+                while let Some(chunk) = stream.next().await {
+                    text.extend_from_slice(&chunk?);
+                }
+                Ok(String::from_utf8_lossy(&text)
+                    .lines()
+                    .map(|l| l.replace('\t', "|"))
+                    .collect())
+            }));
+        }
+        // Every query runs before the input starts.
+        eventually(Duration::from_secs(30), || async {
+            let q = show(&admin, "SHOW QUERIES").await?;
+            Ok((q.len() >= 5).then_some(()))
+        })
+        .await?;
+    }
+    faults.sort_by_key(|(at, _)| *at);
+    let mut faults = faults.into_iter().peekable();
+    let mut server_restarted = false;
+    for i in 0..STATEMENTS {
+        while faults.peek().is_some_and(|(at, _)| *at == i) {
+            let Some((_, fault)) = faults.next() else {
+                break;
+            };
+            // Faults strike once every query has a checkpoint to recover from.
+            eventually(Duration::from_secs(30), || async {
+                let q = show(&admin, "SHOW QUERIES").await?;
+                Ok(q.iter()
+                    .all(|r| !r["checkpoint_batch"].is_empty())
+                    .then_some(()))
+            })
+            .await?;
+            eprintln!("fault before statement {i}");
+            match fault {
+                Fault::Kill(w) => cluster.workers[w].kill9(),
+                Fault::Drain(w) => cluster.workers[w].sigterm()?,
+                Fault::AddWorker => {
+                    cluster.add_worker(bin())?;
+                }
+                Fault::RestartServer => {
+                    cluster.server.restart()?;
+                    eprintln!("server restarted");
+                    server_restarted = true;
+                    admin = cluster.server.client().await?;
+                    // The views resumed from their checkpoints.
+                    let q = eventually(Duration::from_secs(30), || async {
+                        let q = show(&admin, "SHOW QUERIES").await?;
+                        Ok((q.len() == 3).then_some(q))
+                    })
+                    .await?;
+                    for r in &q {
+                        anyhow::ensure!(
+                            !r["checkpoint_batch"].is_empty(),
+                            "view resumed without its checkpoint: {r:?}"
+                        );
+                    }
+                }
+                Fault::Parallelism(n) => {
+                    for view in ["win", "joined", "totals"] {
+                        admin
+                            .batch_execute(&format!(
+                                "ALTER MATERIALIZED VIEW {view} SET parallelism = {n}"
+                            ))
+                            .await?;
+                    }
+                }
+            }
+        }
+        for stream in ["a", "b"] {
+            let stmt = statement(stream, i);
+            admin.batch_execute(&stmt).await?;
+            oracle_admin.batch_execute(&stmt).await?;
+        }
+        // The input arrives over time (a workload, not a wait).
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    eprintln!("input fed; waiting for the oracle");
+    // The oracle reaches its final state...
+    let totals = expected_totals();
+    let window_rows = expected_window_rows();
+    let final_oracle = eventually(Duration::from_secs(60), || async {
+        let t = contents(&oracle_admin, "totals").await?;
+        let w = contents(&oracle_admin, "win").await?;
+        let j = contents(&oracle_admin, "joined").await?;
+        Ok(
+            (t == totals && w.len() == window_rows && j.len() == expected_join_rows())
+                .then_some((w, j, t)),
+        )
+    })
+    .await?;
+    eprintln!("oracle final; waiting for the cluster");
+    // ...and so does the cluster, with exactly the same contents.
+    let got = eventually(Duration::from_secs(90), || async {
+        let w = contents(&admin, "win").await?;
+        let j = contents(&admin, "joined").await?;
+        let t = contents(&admin, "totals").await?;
+        Ok(
+            (w.len() >= window_rows && t == totals && j.len() >= final_oracle.1.len())
+                .then_some((w, j, t)),
+        )
+    })
+    .await?;
+    assert_eq!(got.0, final_oracle.0, "windowed aggregate view differs");
+    assert_eq!(got.1, final_oracle.1, "window join view differs");
+    assert_eq!(got.2, final_oracle.2, "upsert aggregate view differs");
+    eprintln!("views equal; collecting continuous clients");
+    // Continuous clients: exactly the oracle's rows, once each, in order.
+    let mut outputs = Vec::new();
+    for run in runs {
+        let out = tokio::time::timeout(Duration::from_secs(60), run).await??;
+        outputs.push(out);
+    }
+    if clients {
+        let mut outputs = outputs.into_iter();
+        let mut next = || outputs.next().unwrap_or_else(|| Ok(Vec::new()));
+        let (c_select, c_copy, o_select, o_copy) = (next(), next(), next(), next());
+        let (o_select, o_copy) = (o_select?, o_copy?);
+        if server_restarted {
+            // Continuous queries die with the server: a clean error.
+            anyhow::ensure!(c_select.is_err(), "SELECT survived a server crash?");
+        } else {
+            same_stream(&c_select?, &o_select, "continuous SELECT");
+            same_stream(&c_copy?, &o_copy, "COPY TO STDOUT");
+        }
+    }
+    Ok(Observed {
+        queries: show(&admin, "SHOW QUERIES").await?,
+        workers: show(&admin, "SHOW WORKERS").await?,
+    })
+}
+
+#[test]
+fn kill9_of_a_worker_mid_stream_loses_and_duplicates_nothing() {
+    let (_cluster, seen) = scenario(3, &[], vec![(20, Fault::Kill(1))], true);
+    for q in &seen.queries {
+        assert!(num(q, "recoveries") >= 1, "every view recovered: {q:?}");
+    }
+    assert_eq!(seen.workers.len(), 2, "the dead worker is forgotten");
+}
+
+#[test]
+fn kill9_of_a_worker_while_checkpoints_are_written() {
+    // With a 1 ms interval every group boundary writes a checkpoint, so the
+    // kill lands while state objects are in flight.
+    let (_cluster, seen) = scenario(
+        3,
+        &["--checkpoint-interval-ms", "1"],
+        vec![(25, Fault::Kill(0))],
+        false,
+    );
+    for q in &seen.queries {
+        assert!(num(q, "recoveries") >= 1, "{q:?}");
+    }
+}
+
+#[test]
+fn two_workers_lost_one_after_the_other() {
+    let (_cluster, seen) = scenario(
+        4,
+        &[],
+        vec![(15, Fault::Kill(1)), (35, Fault::Kill(2))],
+        true,
+    );
+    for q in &seen.queries {
+        assert!(num(q, "recoveries") >= 2, "two recoveries: {q:?}");
+    }
+    assert_eq!(seen.workers.len(), 2);
+}
+
+#[test]
+fn a_worker_added_mid_stream_takes_partitions_at_a_boundary() {
+    let (cluster, seen) = scenario(2, &[], vec![(20, Fault::AddWorker)], false);
+    for q in &seen.queries {
+        assert_eq!(num(q, "recoveries"), 0, "no failure recovery: {q:?}");
+        assert!(num(q, "attempt") >= 2, "rebalanced: {q:?}");
+    }
+    let newest = cluster.workers[2].address.clone();
+    let w = seen
+        .workers
+        .iter()
+        .find(|w| w["address"] == newest)
+        .expect("the new worker is registered");
+    assert!(num(w, "map_tasks") > 0, "the new worker ran tasks: {w:?}");
+}
+
+#[test]
+fn a_worker_drained_with_sigterm_hands_over_and_exits() {
+    let (mut cluster, seen) = scenario(3, &[], vec![(20, Fault::Drain(2))], false);
+    for q in &seen.queries {
+        assert_eq!(num(q, "recoveries"), 0, "a drain needs no recovery: {q:?}");
+        assert!(num(q, "attempt") >= 2, "rebalanced: {q:?}");
+    }
+    let status = cluster.workers[2]
+        .wait_exit(Duration::from_secs(30))
+        .unwrap();
+    // Killed by the signal it would not be a success: the drain ran.
+    assert!(status.success(), "drained worker exit: {status}");
+    assert_eq!(seen.workers.len(), 2);
+}
+
+#[test]
+fn kill9_of_the_server_resumes_views_from_checkpoints() {
+    // The scenario checks that every view came back with its checkpoint
+    // (SHOW QUERIES right after the restart) and that the running SELECT
+    // and COPY got an error, not a silent end.
+    let (_cluster, seen) = scenario(2, &[], vec![(20, Fault::RestartServer)], true);
+    assert_eq!(seen.queries.len(), 3);
+}
+
+#[test]
+fn parallelism_changes_repartition_state_by_key() {
+    let (_cluster, seen) = scenario(3, &[], vec![(20, Fault::Parallelism(5))], false);
+    for q in &seen.queries {
+        assert_eq!(num(q, "parallelism"), 5, "{q:?}");
+        assert_eq!(num(q, "recoveries"), 0, "{q:?}");
+    }
+}
