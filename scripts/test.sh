@@ -28,7 +28,7 @@ fi
 
 # The compose cluster test (server/tests/compose.rs) needs a Docker engine
 # and a Compose tool; without them it passes as skipped.
-if docker info >/dev/null 2>&1; then
+if timeout 30 docker info >/dev/null 2>&1; then
   echo "docker: available, the compose cluster test runs"
 else
   echo "NOTE: docker info failed: the compose cluster test will be SKIPPED"

@@ -1595,7 +1595,13 @@ impl Runtime {
                     sent_to.push(placed.id);
                     let mut client = placed.client.clone();
                     let who = format!("{} ({})", placed.id.0, placed.address);
-                    sends.push(async move { (who, client.launch_group(req).await) });
+                    sends.push(async move {
+                        // A partitioned worker never answers: bound the wait.
+                        let r = tokio::time::timeout(LAUNCH_TIMEOUT, client.launch_group(req))
+                            .await
+                            .unwrap_or_else(|_| Err(Status::deadline_exceeded("launch timed out")));
+                        (who, r)
+                    });
                 }
                 let n = sends.len() as u64;
                 for (who, r) in futures::future::join_all(sends).await {
@@ -1693,7 +1699,11 @@ impl Runtime {
                                     batch,
                                     notices: notices.clone(),
                                 };
-                                sends.push(async move { client.launch_reduce(req).await });
+                                sends.push(async move {
+                                    tokio::time::timeout(LAUNCH_TIMEOUT, client.launch_reduce(req))
+                                        .await
+                                        .unwrap_or_else(|_| Err(Status::deadline_exceeded("launch timed out")))
+                                });
                             }
                             let failed = futures::future::join_all(sends)
                                 .await
@@ -1799,6 +1809,9 @@ impl Runtime {
         })
     }
 }
+
+/// How long a launch may take before its worker counts as lost.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A worker an attempt placed tasks on.
 struct Placed {

@@ -97,7 +97,11 @@ fn stdout(o: &Output) -> String {
 
 #[test]
 fn compose_cluster_runs_queries_and_views() {
-    match Command::new("docker").arg("info").output() {
+    // Bounded: a wedged Docker daemon must not hang the test run.
+    match Command::new("timeout")
+        .args(["30", "docker", "info"])
+        .output()
+    {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
             println!(
