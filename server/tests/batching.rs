@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use drizzle_sql_tests::TestServer;
-use tokio_postgres::SimpleQueryMessage;
+use drizzle_sql_tests::{rows, TestServer};
 
 const DELAY_S: i64 = 3;
 const SIZE_S: i64 = 5;
@@ -48,20 +47,6 @@ fn oracle(rows: &[(i64, i64, i64)]) -> Vec<String> {
     open.into_iter()
         .filter(|((s, _), _)| s + SIZE_S <= wm)
         .map(|((s, k), (c, sum))| format!("{s}|{k}|{c}|{sum}"))
-        .collect()
-}
-
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<String> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("NULL"))
-                    .collect::<Vec<_>>()
-                    .join("|"),
-            ),
-            _ => None,
-        })
         .collect()
 }
 

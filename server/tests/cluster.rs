@@ -15,29 +15,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use drizzle_sql_tests::{eventually, TestCluster, TestServer, TestWorker};
+use drizzle_sql_tests::{eventually, show, TestCluster, TestServer, TestWorker};
 use tokio_postgres::SimpleQueryMessage;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_drizzle"))
-}
-
-/// Every row of a SHOW command, as column name → value.
-async fn show(
-    client: &tokio_postgres::Client,
-    what: &str,
-) -> anyhow::Result<Vec<HashMap<String, String>>> {
-    let mut out = Vec::new();
-    for m in client.simple_query(what).await? {
-        if let SimpleQueryMessage::Row(r) = m {
-            let mut row = HashMap::new();
-            for (i, c) in r.columns().iter().enumerate() {
-                row.insert(c.name().to_string(), r.get(i).unwrap_or("").to_string());
-            }
-            out.push(row);
-        }
-    }
-    Ok(out)
 }
 
 fn num(row: &HashMap<String, String>, col: &str) -> u64 {

@@ -17,9 +17,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use drizzle_sql_tests::{eventually, TestCluster, TestServer};
+use drizzle_sql_tests::{eventually, rows, show, TestCluster, TestServer};
 use futures::StreamExt;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_drizzle"))
@@ -92,34 +92,6 @@ fn expected_window_rows() -> usize {
 fn expected_join_rows() -> usize {
     let per_key = 2 * ROWS / KEYS;
     (STATEMENTS - 3) / 2 * KEYS * per_key * per_key
-}
-
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<String> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("NULL"))
-                    .collect::<Vec<_>>()
-                    .join("|"),
-            ),
-            _ => None,
-        })
-        .collect()
-}
-
-async fn show(client: &Client, what: &str) -> anyhow::Result<Vec<HashMap<String, String>>> {
-    let mut out = Vec::new();
-    for m in client.simple_query(what).await? {
-        if let SimpleQueryMessage::Row(r) = m {
-            let mut row = HashMap::new();
-            for (i, c) in r.columns().iter().enumerate() {
-                row.insert(c.name().to_string(), r.get(i).unwrap_or("").to_string());
-            }
-            out.push(row);
-        }
-    }
-    Ok(out)
 }
 
 fn num(row: &HashMap<String, String>, col: &str) -> u64 {

@@ -376,6 +376,39 @@ impl TestCluster {
     }
 }
 
+/// The data rows of a simple-query reply, columns joined by `|` (NULL as `NULL`).
+pub fn rows(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<String> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL"))
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every row of a `SHOW` command (or any query), as column name → value.
+pub async fn show(
+    client: &tokio_postgres::Client,
+    what: &str,
+) -> anyhow::Result<Vec<std::collections::HashMap<String, String>>> {
+    let mut out = Vec::new();
+    for m in client.simple_query(what).await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            let mut row = std::collections::HashMap::new();
+            for (i, c) in r.columns().iter().enumerate() {
+                row.insert(c.name().to_string(), r.get(i).unwrap_or("").to_string());
+            }
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
 /// Polls `f` until it returns `Some`, or fails after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> anyhow::Result<T>
 where
