@@ -41,6 +41,16 @@ pub fn channel(address: &str) -> Result<Channel> {
         .connect_lazy())
 }
 
+/// A gRPC server builder for cluster endpoints: HTTP/2 keepalive pings find
+/// a peer that vanished without closing its connections (a partition), so
+/// its streams end and their buffers are freed.
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+}
+
 /// A client of the coordinator service.
 pub fn coordinator_client(
     address: &str,

@@ -524,6 +524,11 @@ impl State {
 }
 
 impl State {
+    /// Whether a registered worker still heartbeats.
+    fn is_live(&self, w: &WorkerEntry) -> bool {
+        w.last_heartbeat.elapsed() < self.worker_timeout
+    }
+
     /// Declares a worker incarnation lost (or drained): it is forgotten, its
     /// queries start a new attempt, and if alive it must register again.
     fn forget_worker(&self, id: WorkerId, epoch: u64, why: &str) {
@@ -993,7 +998,7 @@ impl Runtime {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
         crate::cluster::spawn_server(
-            tonic::transport::Server::builder().add_service(service),
+            crate::cluster::server_builder().add_service(service),
             listener,
             stop_rx.clone(),
             "coordinator",
@@ -1314,13 +1319,26 @@ impl Runtime {
     ) -> Result<()> {
         let cancel = &query.cancel;
         let mut previous: Vec<(WorkerId, pb::worker_client::WorkerClient<Channel>)> = Vec::new();
+        // Attempts that fail at once back off (10 ms doubling to 1 s), so a
+        // cluster in flux is never spun on.
+        let mut backoff = Duration::ZERO;
         let result = loop {
             if cancel.is_cancelled() {
                 break Ok(());
             }
+            if !backoff.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.notify.notified() => {}
+                }
+                if cancel.is_cancelled() {
+                    break Ok(());
+                }
+            }
             if let Err(e) = self.wait_for_workers(cancel).await {
                 break Err(e);
             }
+            let started = Instant::now();
             let attempt = query.status.attempt.fetch_add(1, Ordering::AcqRel) + 1;
             let resume = query.last_checkpoint.lock().clone();
             let end = self
@@ -1336,38 +1354,26 @@ impl Runtime {
                 .await;
             // Workers of the ended attempt drop its state (a newer launch
             // would too; this covers workers that are not placed again).
-            for (_, client) in &previous {
-                let mut client = client.clone();
-                let req = pb::CancelQueryRequest {
-                    query: query.id.0,
-                    attempt,
-                };
-                tokio::spawn(async move {
-                    let _ = client.cancel_query(req).await;
-                });
-            }
+            cancel_on(&previous, query.id, attempt);
             match end {
                 AttemptEnd::Cancelled => break Ok(()),
                 AttemptEnd::WorkerLost(who) => {
+                    backoff = if started.elapsed() < Duration::from_secs(1) {
+                        (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
+                    } else {
+                        Duration::ZERO
+                    };
                     query.status.recoveries.fetch_add(1, Ordering::Relaxed);
                     let from = query.last_checkpoint.lock().as_ref().map(|m| m.batch);
                     tracing::warn!(query = %query.id, attempt, "worker {who} lost; recovering from checkpoint {from:?}");
                 }
                 AttemptEnd::Rebalance => {
+                    backoff = Duration::ZERO;
                     tracing::info!(query = %query.id, attempt, "rebalancing at a group boundary");
                 }
             }
         };
-        for (_, client) in &previous {
-            let mut client = client.clone();
-            let req = pb::CancelQueryRequest {
-                query: query.id.0,
-                attempt: 0,
-            };
-            tokio::spawn(async move {
-                let _ = client.cancel_query(req).await;
-            });
-        }
+        cancel_on(&previous, query.id, 0);
         result
     }
 
@@ -1392,7 +1398,7 @@ impl Runtime {
             .workers
             .read()
             .values()
-            .filter(|w| !w.draining)
+            .filter(|w| !w.draining && self.state.is_live(w))
             .map(|w| Placed {
                 id: w.id,
                 address: w.address.clone(),
@@ -1798,15 +1804,36 @@ impl Runtime {
 
     /// A worker of `placement` that is gone (deregistered or silent).
     fn lost_worker(&self, placement: &[Placed]) -> Option<String> {
-        let workers = self.state.workers.read();
-        placement.iter().find_map(|p| match workers.get(&p.id) {
-            Some(w)
-                if w.epoch == p.epoch && w.last_heartbeat.elapsed() < self.state.worker_timeout =>
-            {
-                None
-            }
-            _ => Some(format!("{} ({})", p.id.0, p.address)),
-        })
+        let lost = {
+            let workers = self.state.workers.read();
+            placement.iter().find_map(|p| match workers.get(&p.id) {
+                Some(w) if w.epoch == p.epoch && self.state.is_live(w) => None,
+                _ => Some((p.id, p.epoch, format!("{} ({})", p.id.0, p.address))),
+            })
+        };
+        let (id, epoch, who) = lost?;
+        // Forgotten at once, so that the next attempt does not place on it.
+        self.state.forget_worker(id, epoch, "it went silent");
+        Some(who)
+    }
+}
+
+/// Tells `workers` to drop `query` (`attempt` and older; 0: every
+/// attempt), in the background and bounded: a hung worker gets nothing.
+fn cancel_on(
+    workers: &[(WorkerId, pb::worker_client::WorkerClient<Channel>)],
+    query: QueryId,
+    attempt: u64,
+) {
+    for (_, client) in workers {
+        let mut client = client.clone();
+        let req = pb::CancelQueryRequest {
+            query: query.0,
+            attempt,
+        };
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(LAUNCH_TIMEOUT, client.cancel_query(req)).await;
+        });
     }
 }
 
@@ -1858,7 +1885,8 @@ async fn watch_tables(state: Arc<State>, mut stop: watch::Receiver<bool>) {
             .collect();
         for mut c in clients {
             tokio::spawn(async move {
-                let _ = c.tables_changed(pb::TablesChangedRequest { version }).await;
+                let req = pb::TablesChangedRequest { version };
+                let _ = tokio::time::timeout(LAUNCH_TIMEOUT, c.tables_changed(req)).await;
             });
         }
     }
@@ -1876,7 +1904,7 @@ async fn watch_workers(state: Arc<State>, mut stop: watch::Receiver<bool>) {
             .workers
             .read()
             .values()
-            .filter(|w| w.last_heartbeat.elapsed() >= timeout)
+            .filter(|w| !state.is_live(w))
             .map(|w| (w.id, w.epoch))
             .collect();
         for (id, epoch) in silent {

@@ -405,7 +405,7 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
     let flight = FlightServiceServer::new(BlockFlightService::new(Arc::clone(&store)))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = tonic::transport::Server::builder()
+    let router = crate::cluster::server_builder()
         .add_service(service)
         .add_service(flight);
     crate::cluster::spawn_server(router, listener, stop_rx.clone(), "worker");

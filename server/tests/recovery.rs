@@ -7,7 +7,8 @@
 //! streams and an upsert aggregate (materialized views), and in some cases a
 //! continuous `SELECT` and a `COPY ... TO STDOUT` client. Faults: `kill -9`
 //! of one worker (also while checkpoints are being written), two workers
-//! lost one after the other, a worker added mid-stream, a worker drained
+//! lost one after the other, a worker frozen (SIGSTOP, a partition) and
+//! thawed, a worker added mid-stream, a worker drained
 //! with SIGTERM, `kill -9` of the server and a restart, and a parallelism
 //! change. Every case checks: no result lost, none duplicated, windows in
 //! batch order, and the mechanism that was meant to act did (recovery count,
@@ -131,6 +132,10 @@ fn same_stream(got: &[String], oracle: &[String], what: &str) {
 enum Fault {
     /// `kill -9` worker i.
     Kill(usize),
+    /// SIGSTOP worker i (hung, as if cut off by a partition).
+    Pause(usize),
+    /// SIGCONT worker i (it comes back after it was declared lost).
+    Resume(usize),
     /// SIGTERM worker i (drain).
     Drain(usize),
     /// Start one more worker.
@@ -241,6 +246,28 @@ async fn run(
             match fault {
                 Fault::Kill(w) => cluster.workers[w].kill9(),
                 Fault::Drain(w) => cluster.workers[w].sigterm()?,
+                Fault::Pause(w) => {
+                    let before = show(&admin, "SHOW WORKERS").await?.len();
+                    cluster.workers[w].pause()?;
+                    // Silent, not gone: only missed heartbeats tell.
+                    eventually(Duration::from_secs(30), || async {
+                        let n = show(&admin, "SHOW WORKERS").await?.len();
+                        Ok((n < before).then_some(()))
+                    })
+                    .await?;
+                    eprintln!("hung worker declared lost");
+                }
+                Fault::Resume(w) => {
+                    let before = show(&admin, "SHOW WORKERS").await?.len();
+                    cluster.workers[w].resume()?;
+                    // Its registration was fenced: it comes back as a new worker.
+                    eventually(Duration::from_secs(30), || async {
+                        let n = show(&admin, "SHOW WORKERS").await?.len();
+                        Ok((n > before).then_some(()))
+                    })
+                    .await?;
+                    eprintln!("thawed worker registered again");
+                }
                 Fault::AddWorker => {
                     cluster.add_worker(bin())?;
                 }
@@ -372,6 +399,24 @@ fn two_workers_lost_one_after_the_other() {
         assert!(num(q, "recoveries") >= 2, "two recoveries: {q:?}");
     }
     assert_eq!(seen.workers.len(), 2);
+}
+
+#[test]
+fn a_hung_worker_is_declared_lost_and_fenced_when_it_comes_back() {
+    // SIGSTOP keeps the worker's connections open with nobody answering (a
+    // partition): only missed heartbeats or launch timeouts reveal it. After
+    // SIGCONT its late messages belong to a fenced registration; it comes
+    // back as a new worker.
+    let (_cluster, seen) = scenario(
+        3,
+        &[],
+        vec![(15, Fault::Pause(1)), (40, Fault::Resume(1))],
+        true,
+    );
+    for q in &seen.queries {
+        assert!(num(q, "recoveries") >= 1, "recovered: {q:?}");
+    }
+    assert_eq!(seen.workers.len(), 3, "the thawed worker is back");
 }
 
 #[test]

@@ -290,15 +290,30 @@ impl TestWorker {
 
     /// Sends SIGTERM (a drain request).
     pub fn sigterm(&self) -> anyhow::Result<()> {
+        self.signal("TERM")
+    }
+
+    /// Freezes the process (SIGSTOP): its connections stay open but nothing
+    /// answers, as with a network partition.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Thaws a paused process (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
         let pid = self
             .child
             .as_ref()
             .map(Child::id)
             .ok_or_else(|| anyhow::anyhow!("the worker is not running"))?;
         let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{signal}"), &pid.to_string()])
             .status()?;
-        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
         Ok(())
     }
 
