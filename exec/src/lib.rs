@@ -45,6 +45,6 @@ pub use error::{ExecError, Result};
 pub use ops::TableEvaluator;
 pub use runtime::{
     AdaptiveGroupSize, Durability, EmittedBatch, GroupId, InputSpec, QueryHandle, QuerySpec,
-    QueryStatus, Runtime, RuntimeConfig, Scheduling, WorkerId, WorkerInfo,
+    QueryStatus, Recovery, Runtime, RuntimeConfig, Scheduling, WorkerId, WorkerInfo,
 };
 pub use worker::{start_worker, ErrorClassifier, WorkerConfig, WorkerHandle};

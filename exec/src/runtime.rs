@@ -26,7 +26,8 @@
 //!   group. [`Scheduling::Bsp`] is the contrast: G = 1, map tasks report to
 //!   the coordinator, which launches the reduce tasks after the barrier.
 //! * Placement is sticky: partition `i` lives on the `i mod W`-th worker (by
-//!   id) for the life of the query, so task state stays local.
+//!   id) for the life of the query, so task state stays local; a recovery
+//!   moves only the lost worker's partitions.
 //! * The next group is shipped when the current one is half done, so group
 //!   boundaries do not stall output.
 //! * Results are released strictly in batch order, each batch once.
@@ -39,19 +40,35 @@
 //!   state (SaveState) and map tasks report their positions; once all are in
 //!   and the sink has committed every batch up to `C`, the coordinator
 //!   writes the [`Manifest`](crate::checkpoint::Manifest).
-//! * A lost worker (its Events stream broke, or no heartbeat for
-//!   `worker_timeout`) ends the query's attempt: a new attempt restores every
-//!   reduce partition from the last checkpoint onto the surviving workers
-//!   (partitions spread over all of them), replays the batches since it, and
-//!   resumes group scheduling. The collector drops results of batches it
-//!   already released: output stays exactly-once and in batch order.
+//! * A lost worker (its Events stream broke, no heartbeat for
+//!   `worker_timeout`, or a peer could not pull its blocks: `FetchFailed`)
+//!   ends the query's attempt. With [`Recovery::LostWork`] (the default) the
+//!   next attempt re-runs only the lost work: it continues the query's
+//!   *generation*, the survivors keep their partitions, state and retained
+//!   map outputs, and the lost worker's partitions move to the least loaded
+//!   survivors (spread over all of them), restored from the last checkpoint.
+//!   The recovery's first group covers every batch since the checkpoint:
+//!   moved partitions re-run them, survivors skip what they already ran and
+//!   announce their retained map outputs again to the moved consumers.
+//!   [`Recovery::Rollback`] (and BSP) starts a new generation instead: every
+//!   partition restarts from the checkpoint on the survivors.
+//! * Map outputs are retained until a checkpoint covers their batch (each
+//!   launch names the latest one; workers drop what it covers), so a moved
+//!   reduce partition can read the survivors' outputs since the checkpoint.
+//! * The collector keys outputs by (batch, partition) and drops those of
+//!   batches it already released; tasks are deterministic, so within a
+//!   generation any attempt's output of a (batch, partition) is the same:
+//!   output stays exactly-once and in batch order.
 //! * Membership changes (a worker registered, a worker draining) and
 //!   `parallelism` changes take effect at a boundary: the next group is a
 //!   checkpoint group, and the next attempt starts from that checkpoint with
 //!   the new placement (state re-partitioned by key if the count changed),
 //!   with nothing replayed.
-//! * Messages of older attempts are ignored (fencing), as are workers'
-//!   messages from an older registration epoch.
+//! * Fencing: outputs and notices of an older generation are ignored; a
+//!   notice is accepted only from the worker that owns its map partition in
+//!   the current layout; a worker declared lost is forgotten, everything its
+//!   event stream still says is ignored, and it comes back (if alive) as a
+//!   new worker with a new registration epoch, which launches name.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -119,6 +136,42 @@ impl std::fmt::Display for Scheduling {
             Scheduling::Drizzle => "drizzle",
             Scheduling::GroupOnly => "group",
             Scheduling::Bsp => "bsp",
+        })
+    }
+}
+
+/// What the coordinator does when a worker is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recovery {
+    /// Re-run only the lost work (the Drizzle design): survivors keep their
+    /// partitions, state and map outputs; the lost worker's partitions are
+    /// restored from the last checkpoint on the survivors, spread over all
+    /// of them, and replay the batches since. Needs checkpoints and Drizzle
+    /// scheduling; otherwise the coordinator rolls back.
+    #[default]
+    LostWork,
+    /// Roll every partition of the query back to the last checkpoint (on
+    /// all survivors) and replay from there.
+    Rollback,
+}
+
+impl std::str::FromStr for Recovery {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_lowercase().as_str() {
+            "lost-work" | "lost_work" => Ok(Recovery::LostWork),
+            "rollback" => Ok(Recovery::Rollback),
+            other => Err(format!("'{other}' is not 'lost-work' or 'rollback'")),
+        }
+    }
+}
+
+impl std::fmt::Display for Recovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Recovery::LostWork => "lost-work",
+            Recovery::Rollback => "rollback",
         })
     }
 }
@@ -210,6 +263,11 @@ pub struct QueryStatus {
     pub attempt: AtomicU64,
     /// Attempts started because a worker was lost.
     pub recoveries: AtomicU64,
+    /// Partitions (map and reduce) restored from a checkpoint by recoveries:
+    /// only the lost ones with lost-work recovery, all with a rollback.
+    pub recovered_partitions: AtomicU64,
+    /// The last recovery, described (`SHOW QUERIES`).
+    pub last_recovery: Mutex<Option<String>>,
     /// Current reduce partitions.
     pub reduce_partitions: AtomicU32,
     /// The last checkpoint: (batch, when written, bytes).
@@ -313,6 +371,8 @@ pub struct RuntimeConfig {
     pub checkpoint_location: Option<String>,
     /// Checkpoint at the first group boundary after this much time.
     pub checkpoint_interval: Duration,
+    /// Recovery of lost workers.
+    pub recovery: Recovery,
 }
 
 /// How `group_size = 'auto'` adapts: at every group boundary the coordinator
@@ -416,6 +476,9 @@ struct CompiledQuery {
     checkpoint_progress: Notify,
     /// Target reduce partitions (`ALTER ... SET parallelism`).
     target_partitions: AtomicU32,
+    /// The attempt that started the current generation: outputs of any
+    /// attempt since are valid (lost-work recovery keeps the generation).
+    generation: AtomicU64,
     /// Collector: batches below this were released.
     released: AtomicU64,
     /// Collector: 1 + the last batch released with rows (0: none).
@@ -487,9 +550,10 @@ enum SinkMsg {
         partition: u32,
         chunks: Vec<(Option<i64>, RecordBatch)>,
     },
-    /// A new attempt starts: forget unreleased outputs of older ones.
+    /// A new attempt starts; a new generation forgets the unreleased
+    /// outputs of older ones (lost-work recovery keeps them).
     Attempt {
-        attempt: u64,
+        generation: u64,
         final_tasks: u32,
     },
     Failed(ExecError),
@@ -509,6 +573,7 @@ struct State {
     adaptive: AdaptiveGroupSize,
     checkpoints: Option<CheckpointStore>,
     checkpoint_interval: Duration,
+    recovery: Recovery,
     /// Workers each running query is placed on.
     placements: Mutex<HashMap<QueryId, Vec<WorkerId>>>,
 }
@@ -575,20 +640,48 @@ impl State {
         }
     }
 
+    /// A consumer could not pull a block from its producer: the producer's
+    /// map outputs are lost. Like a worker that went silent, the producer is
+    /// forgotten (if alive, it registers again as a new worker), and the
+    /// query's next attempt re-runs its partitions on the survivors.
+    fn on_fetch_failed(&self, reporter: u32, f: pb::FetchFailed) {
+        let Ok(q) = self.query(f.query) else {
+            return;
+        };
+        if f.attempt < q.generation.load(Ordering::Acquire) {
+            return; // about an older generation's notice
+        }
+        let producer = WorkerId(f.producer);
+        let epoch = self.workers.read().get(&producer).map(|w| w.epoch);
+        if let Some(epoch) = epoch {
+            self.forget_worker(
+                producer,
+                epoch,
+                &format!(
+                    "worker {reporter} could not pull its output of batch {} from {}: {}",
+                    f.batch, f.location, f.message
+                ),
+            );
+        }
+    }
+
     /// A final-stage task's output (or failure) for the query's collector.
     fn on_output(&self, out: pb::TaskOutput) {
         let Ok(q) = self.query(out.query) else {
             // The query ended; its late results have nowhere to go.
             return;
         };
-        if out.attempt != q.status.attempt.load(Ordering::Acquire) {
-            return; // fenced: an older attempt (its batches are re-run)
+        if out.attempt < q.generation.load(Ordering::Acquire) {
+            return; // fenced: an older generation (its batches are re-run)
         }
         q.status.rows_in.fetch_add(out.rows_in, Ordering::Relaxed);
         q.status
             .late_rows
             .fetch_add(out.late_rows, Ordering::Relaxed);
         if let Some(message) = out.error {
+            if out.attempt != q.status.attempt.load(Ordering::Acquire) {
+                return; // a failure of an attempt that was replaced
+            }
             let _ = q.sink.send(SinkMsg::Failed(ExecError::Remote {
                 code: out.error_code,
                 message,
@@ -795,18 +888,39 @@ impl CoordinatorService {
         whose: &mut Option<(u32, u64)>,
     ) -> std::result::Result<(), Status> {
         while let Some(event) = events.message().await? {
-            match event.event {
-                Some(pb::worker_event::Event::Hello(h)) => *whose = Some((h.worker, h.epoch)),
-                Some(pb::worker_event::Event::GroupReport(report)) => {
-                    self.state.on_group_report(report)
+            let event = match event.event {
+                Some(pb::worker_event::Event::Hello(h)) => {
+                    *whose = Some((h.worker, h.epoch));
+                    continue;
                 }
-                Some(pb::worker_event::Event::Output(output)) => self.state.on_output(output),
-                Some(pb::worker_event::Event::MapDone(notice)) => {
+                Some(e) => e,
+                None => continue,
+            };
+            // A worker declared lost (or registered again since) is fenced:
+            // whatever it still says is ignored.
+            let registered = whose.is_some_and(|(id, epoch)| {
+                self.state
+                    .workers
+                    .read()
+                    .get(&WorkerId(id))
+                    .is_some_and(|w| w.epoch == epoch)
+            });
+            if !registered {
+                continue;
+            }
+            match event {
+                pb::worker_event::Event::GroupReport(report) => self.state.on_group_report(report),
+                pb::worker_event::Event::Output(output) => self.state.on_output(output),
+                pb::worker_event::Event::MapDone(notice) => {
                     if let Ok(q) = self.state.query(notice.query) {
                         let _ = q.map_done.send(notice);
                     }
                 }
-                None => {}
+                pb::worker_event::Event::FetchFailed(f) => {
+                    let reporter = whose.map_or(0, |(id, _)| id);
+                    self.state.on_fetch_failed(reporter, f)
+                }
+                pb::worker_event::Event::Hello(_) => {}
             }
         }
         Ok(())
@@ -989,6 +1103,7 @@ impl Runtime {
                 .map(CheckpointStore::open)
                 .transpose()?,
             checkpoint_interval: config.checkpoint_interval,
+            recovery: config.recovery,
             placements: Mutex::new(HashMap::new()),
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -1152,6 +1267,8 @@ impl Runtime {
             recent_emits: Mutex::new(std::collections::VecDeque::new()),
             attempt: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
+            recovered_partitions: AtomicU64::new(0),
+            last_recovery: Mutex::new(None),
             reduce_partitions: AtomicU32::new(reduce_partitions),
             last_checkpoint: Mutex::new(
                 spec.durability
@@ -1208,6 +1325,7 @@ impl Runtime {
             pending_checkpoints: Mutex::new(BTreeMap::new()),
             checkpoint_progress: Notify::new(),
             target_partitions: AtomicU32::new(reduce_partitions),
+            generation: AtomicU64::new(0),
             released: AtomicU64::new(released),
             last_sent_rows: AtomicU64::new(0),
             acked: Arc::clone(&acked),
@@ -1307,9 +1425,12 @@ impl Runtime {
     /// The coordinator loop of one query: runs attempts until the query
     /// ends. An attempt places partitions on the live workers, then plans and
     /// ships one group at a time (group g+1 while group g runs); it ends when
-    /// a worker is lost (the next attempt recovers from the last checkpoint)
-    /// or at a boundary where the cluster or the parallelism changed (the
-    /// next attempt starts from the checkpoint taken there).
+    /// a worker is lost or at a boundary where the cluster or the
+    /// parallelism changed (the next attempt starts from the checkpoint taken
+    /// there, a new generation). After a loss, lost-work recovery continues
+    /// the generation: the survivors keep their partitions and only the lost
+    /// ones restart from the last checkpoint; a rollback starts a new
+    /// generation from that checkpoint.
     async fn coordinate(
         &self,
         query: &Arc<CompiledQuery>,
@@ -1318,7 +1439,15 @@ impl Runtime {
         mut map_done: mpsc::UnboundedReceiver<pb::MapOutputReady>,
     ) -> Result<()> {
         let cancel = &query.cancel;
-        let mut previous: Vec<(WorkerId, pb::worker_client::WorkerClient<Channel>)> = Vec::new();
+        // Re-running only lost work needs map outputs kept until a checkpoint
+        // covers them, and workers that trigger batches on their own.
+        let lost_work = self.state.recovery == Recovery::LostWork
+            && query.scheduling == Scheduling::Drizzle
+            && self.state.checkpoints.is_some();
+        let mut carry: Option<Carry> = None;
+        let mut rolling_back = false;
+        // Workers that may hold the query: told to drop it when it ends.
+        let mut placed: Vec<Placed> = Vec::new();
         // Attempts that fail at once back off (10 ms doubling to 1 s), so a
         // cluster in flux is never spun on.
         let mut backoff = Duration::ZERO;
@@ -1341,20 +1470,26 @@ impl Runtime {
             let started = Instant::now();
             let attempt = query.status.attempt.fetch_add(1, Ordering::AcqRel) + 1;
             let resume = query.last_checkpoint.lock().clone();
-            let end = self
+            let start = match carry.take() {
+                Some(c) => self.continue_from(query, c, attempt),
+                None => Start::Fresh {
+                    after_loss: std::mem::take(&mut rolling_back),
+                },
+            };
+            let (end, launched) = self
                 .run_attempt(
                     query,
                     attempt,
                     resume,
+                    start,
                     &mut done,
                     &mut reports,
                     &mut map_done,
-                    &mut previous,
                 )
                 .await;
-            // Workers of the ended attempt drop its state (a newer launch
-            // would too; this covers workers that are not placed again).
-            cancel_on(&previous, query.id, attempt);
+            if let Some(c) = &launched {
+                placed = c.layout.workers.clone();
+            }
             match end {
                 AttemptEnd::Cancelled => break Ok(()),
                 AttemptEnd::WorkerLost(who) => {
@@ -1365,62 +1500,163 @@ impl Runtime {
                     };
                     query.status.recoveries.fetch_add(1, Ordering::Relaxed);
                     let from = query.last_checkpoint.lock().as_ref().map(|m| m.batch);
-                    tracing::warn!(query = %query.id, attempt, "worker {who} lost; recovering from checkpoint {from:?}");
+                    if lost_work {
+                        tracing::warn!(query = %query.id, attempt, "worker {who} lost; re-running its work from checkpoint {from:?}");
+                        carry = launched;
+                    } else {
+                        tracing::warn!(query = %query.id, attempt, "worker {who} lost; rolling back to checkpoint {from:?}");
+                        // Every worker drops the attempt's state.
+                        cancel_on(&placed, query.id, attempt);
+                        rolling_back = true;
+                    }
                 }
                 AttemptEnd::Rebalance => {
                     backoff = Duration::ZERO;
                     tracing::info!(query = %query.id, attempt, "rebalancing at a group boundary");
+                    cancel_on(&placed, query.id, attempt);
                 }
             }
         };
-        cancel_on(&previous, query.id, 0);
+        cancel_on(&placed, query.id, 0);
         result
     }
 
-    /// One attempt of a query; see [`Runtime::coordinate`].
+    /// Plans lost-work recovery from what the last attempt launched: its
+    /// live workers keep their partitions, the lost workers' partitions move
+    /// to the least loaded live ones that are not draining. A fresh start
+    /// when none may take them.
+    fn continue_from(&self, query: &CompiledQuery, carry: Carry, attempt: u64) -> Start {
+        let (keep, take): (Vec<bool>, Vec<bool>) = {
+            let workers = self.state.workers.read();
+            carry
+                .layout
+                .workers
+                .iter()
+                .map(|p| match workers.get(&p.id) {
+                    Some(w) if w.epoch == p.epoch && self.state.is_live(w) => (true, !w.draining),
+                    _ => (false, false),
+                })
+                .unzip()
+        };
+        // A lost worker that is merely cut off drops the query when it hears.
+        let gone: Vec<Placed> = carry
+            .layout
+            .workers
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| !**k)
+            .map(|(p, _)| p.clone())
+            .collect();
+        cancel_on(&gone, query.id, attempt - 1);
+        match carry.layout.after_loss(&keep, &take) {
+            Some((layout, moved)) if !layout.workers.is_empty() => Start::Continue {
+                layout,
+                next_batch: carry.next_batch,
+                moved,
+            },
+            _ => {
+                // Nobody to continue on: every survivor drops the query.
+                cancel_on(&carry.layout.workers, query.id, attempt - 1);
+                Start::Fresh { after_loss: true }
+            }
+        }
+    }
+
+    /// One attempt of a query; see [`Runtime::coordinate`]. Returns why it
+    /// ended and what it had launched.
     #[allow(clippy::too_many_arguments)]
     async fn run_attempt(
         &self,
         query: &Arc<CompiledQuery>,
         attempt: u64,
         resume: Option<Manifest>,
+        start: Start,
         done: &mut watch::Receiver<u64>,
         reports: &mut mpsc::UnboundedReceiver<pb::GroupReport>,
         map_done: &mut mpsc::UnboundedReceiver<pb::MapOutputReady>,
-        previous: &mut Vec<(WorkerId, pb::worker_client::WorkerClient<Channel>)>,
-    ) -> AttemptEnd {
+    ) -> (AttemptEnd, Option<Carry>) {
         let cancel = &query.cancel;
+        let map_partitions: Vec<u32> = (0..query.inputs.len())
+            .map(|s| query.partitions(s))
+            .collect();
+        let first_batch = resume.as_ref().map_or(0, |m| m.batch + 1);
+        let restored_from = resume.as_ref().map_or("the start".to_string(), |m| {
+            format!("checkpoint {}", m.batch)
+        });
         // Placement, frozen for the attempt: consumers first, then producers.
         // Each placed worker's registration epoch goes with its launches: a
         // worker that registered again since (a new worker) refuses them.
-        let placement: Vec<Placed> = self
-            .state
-            .workers
-            .read()
-            .values()
-            .filter(|w| !w.draining && self.state.is_live(w))
-            .map(|w| Placed {
-                id: w.id,
-                address: w.address.clone(),
-                client: w.client.clone(),
-                epoch: w.epoch,
-            })
-            .collect();
-        if placement.is_empty() {
-            // Every worker is draining: wait for one to come.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            return AttemptEnd::Rebalance;
+        let mut recovering = false;
+        let (layout, mut next_batch) = match start {
+            Start::Fresh { after_loss } => {
+                recovering = after_loss;
+                let workers: Vec<Placed> = self
+                    .state
+                    .workers
+                    .read()
+                    .values()
+                    .filter(|w| !w.draining && self.state.is_live(w))
+                    .map(|w| Placed {
+                        id: w.id,
+                        address: w.address.clone(),
+                        client: w.client.clone(),
+                        epoch: w.epoch,
+                    })
+                    .collect();
+                if workers.is_empty() {
+                    // Every worker is draining: wait for one to come.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return (AttemptEnd::Rebalance, None);
+                }
+                let reduce_partitions = if query.plan.has_shuffle() {
+                    query.target_partitions.load(Ordering::Acquire).max(1)
+                } else {
+                    0
+                };
+                query.generation.store(attempt, Ordering::Release);
+                (
+                    Layout::spread(workers, &map_partitions, reduce_partitions),
+                    first_batch,
+                )
+            }
+            Start::Continue {
+                layout,
+                next_batch,
+                moved,
+            } => {
+                query
+                    .status
+                    .recovered_partitions
+                    .fetch_add(u64::from(moved), Ordering::Relaxed);
+                *query.status.last_recovery.lock() = Some(format!(
+                    "lost work: {moved} of {} partitions restored from {} on {} workers",
+                    layout.partitions(),
+                    restored_from,
+                    layout.workers.len()
+                ));
+                (layout, next_batch.max(first_batch))
+            }
+        };
+        let generation = query.generation.load(Ordering::Acquire);
+        if recovering {
+            // A rollback after a loss restores every partition.
+            query
+                .status
+                .recovered_partitions
+                .fetch_add(layout.partitions() as u64, Ordering::Relaxed);
+            *query.status.last_recovery.lock() = Some(format!(
+                "rollback: all {} partitions restored from {} on {} workers",
+                layout.partitions(),
+                restored_from,
+                layout.workers.len()
+            ));
         }
-        *previous = placement.iter().map(|p| (p.id, p.client.clone())).collect();
+        let placement = &layout.workers;
         self.state
             .placements
             .lock()
             .insert(query.id, placement.iter().map(|p| p.id).collect());
-        let reduce_partitions = if query.plan.has_shuffle() {
-            query.target_partitions.load(Ordering::Acquire).max(1)
-        } else {
-            0
-        };
+        let reduce_partitions = layout.reduces.len() as u32;
         query
             .status
             .reduce_partitions
@@ -1431,21 +1667,27 @@ impl Runtime {
             query.partitions(0)
         };
         let _ = query.sink.send(SinkMsg::Attempt {
-            attempt,
+            generation,
             final_tasks,
         });
         query
             .pending_checkpoints
             .lock()
             .retain(|_, p| p.attempt >= attempt);
-        let w = placement.len() as u32;
-        let reduce_placement: Vec<String> = (0..reduce_partitions)
-            .map(|r| placement[(r % w) as usize].address.clone())
+        let reduce_placement: Vec<String> = layout
+            .reduces
+            .iter()
+            .map(|&slot| placement[slot].address.clone())
             .collect();
+        let map_owners = layout.map_owners();
         let mode = match query.scheduling {
             Scheduling::Drizzle => SchedulingMode::Drizzle,
             Scheduling::GroupOnly | Scheduling::Bsp => SchedulingMode::Bsp,
         };
+        // Map outputs are kept for lost-work recovery (see `coordinate`).
+        let retain_blocks = self.state.recovery == Recovery::LostWork
+            && query.scheduling == Scheduling::Drizzle
+            && self.state.checkpoints.is_some();
         let restore = resume.as_ref().map(|m| pb::Restore {
             batch: m.batch,
             reduce_partitions: m.reduce_partitions,
@@ -1475,18 +1717,23 @@ impl Runtime {
                 .unwrap_or(0);
             (offset, None)
         };
+        let carry = |next_batch: u64| {
+            Some(Carry {
+                layout: layout.clone(),
+                next_batch,
+            })
+        };
         let mut plan_sent = vec![false; placement.len()];
         let mut last_boundary: Option<Instant> = None;
         let mut coordinated = Duration::ZERO;
         let mut group = 0u64;
-        let mut next_batch = resume.as_ref().map_or(0, |m| m.batch + 1);
         let mut last_checkpoint_at = Instant::now();
         // The checkpoint that ends this attempt (a rebalance), once launched.
         let mut closing: Option<u64> = None;
         // BSP: notices per batch, collected by the coordinator.
         let mut barrier: BTreeMap<u64, Vec<pb::MapOutputReady>> = BTreeMap::new();
         let reduce_workers: Vec<usize> = {
-            let mut v: Vec<usize> = (0..reduce_partitions).map(|r| (r % w) as usize).collect();
+            let mut v = layout.reduces.clone();
             v.sort();
             v.dedup();
             v
@@ -1494,10 +1741,10 @@ impl Runtime {
         let checkpoints_on = self.state.checkpoints.is_some();
         loop {
             if cancel.is_cancelled() {
-                return AttemptEnd::Cancelled;
+                return (AttemptEnd::Cancelled, carry(next_batch));
             }
-            if let Some(lost) = self.lost_worker(&placement) {
-                return AttemptEnd::WorkerLost(lost);
+            if let Some(lost) = self.lost_worker(placement) {
+                return (AttemptEnd::WorkerLost(lost), carry(next_batch));
             }
             if let Some(target) = closing {
                 // Rebalancing: no more groups; wait for the closing checkpoint.
@@ -1507,7 +1754,7 @@ impl Runtime {
                     .as_ref()
                     .is_some_and(|m| m.batch >= target)
                 {
-                    return AttemptEnd::Rebalance;
+                    return (AttemptEnd::Rebalance, carry(next_batch));
                 }
             } else {
                 let t0 = Instant::now();
@@ -1527,14 +1774,18 @@ impl Runtime {
                 }
                 let g = query.status.group_size.load(Ordering::Relaxed).max(1) as u64;
                 let rebalance =
-                    checkpoints_on && self.needs_rebalance(query, &placement, reduce_partitions);
+                    checkpoints_on && self.needs_rebalance(query, placement, reduce_partitions);
                 let checkpoint = checkpoints_on
                     && (rebalance
                         || last_checkpoint_at.elapsed() >= self.state.checkpoint_interval);
                 if checkpoint {
                     last_checkpoint_at = Instant::now();
                 }
-                let batches: Vec<pb::BatchParams> = (next_batch..next_batch + g)
+                // A recovery's first group also re-covers, for the partitions
+                // it moved, every batch since the checkpoint (the survivors
+                // skip what they already ran).
+                let from = if group == 0 { first_batch } else { next_batch };
+                let batches: Vec<pb::BatchParams> = (from..next_batch + g)
                     .map(|b| pb::BatchParams {
                         batch: b,
                         trigger_unix_us: query.start_unix_us
@@ -1542,28 +1793,29 @@ impl Runtime {
                     })
                     .collect();
                 let tables_version = self.state.tables.version();
+                let covered_through = query.last_checkpoint.lock().as_ref().map(|m| m.batch);
                 let mut sends = Vec::new();
                 let mut sent_to = Vec::new();
                 for (i, placed) in placement.iter().enumerate() {
-                    let i32_ = i as u32;
-                    // Input stage s's partition p lives on worker (offset_s + p) mod W.
                     let mut map_tasks: Vec<pb::MapTaskSpec> = Vec::new();
-                    let mut offset = 0u32;
-                    for (stage, input) in query.inputs.iter().enumerate() {
-                        let n = input.sources.len() as u32;
-                        map_tasks.extend((0..n).filter(|p| (offset + p) % w == i32_).map(|p| {
-                            let (start, max_event) = start_of(stage, p);
-                            pb::MapTaskSpec {
-                                partition: p,
-                                stage: stage as u32,
-                                start_offset: (!plan_sent[i]).then_some(start),
-                                max_event_us: if plan_sent[i] { None } else { max_event },
-                            }
-                        }));
-                        offset += n;
+                    for (stage, slots) in layout.maps.iter().enumerate() {
+                        map_tasks.extend((0u32..).zip(slots).filter(|(_, &slot)| slot == i).map(
+                            |(p, _)| {
+                                let (start, max_event) = start_of(stage, p);
+                                pb::MapTaskSpec {
+                                    partition: p,
+                                    stage: stage as u32,
+                                    start_offset: (!plan_sent[i]).then_some(start),
+                                    max_event_us: if plan_sent[i] { None } else { max_event },
+                                }
+                            },
+                        ));
                     }
-                    let reduce_tasks: Vec<u32> =
-                        (0..reduce_partitions).filter(|r| r % w == i32_).collect();
+                    let reduce_tasks: Vec<u32> = (0u32..)
+                        .zip(&layout.reduces)
+                        .filter(|(_, &slot)| slot == i)
+                        .map(|(r, _)| r)
+                        .collect();
                     if map_tasks.is_empty() && reduce_tasks.is_empty() {
                         continue;
                     }
@@ -1587,20 +1839,22 @@ impl Runtime {
                         label: query.status.label.clone(),
                         tables_version,
                         shuffle_inputs: if reduce_partitions > 0 {
-                            (0..query.inputs.len())
-                                .map(|s| query.partitions(s))
-                                .collect()
+                            map_partitions.clone()
                         } else {
                             Vec::new()
                         },
                         attempt,
                         checkpoint,
                         restore: if plan_sent[i] { None } else { restore.clone() },
+                        generation,
+                        map_owners: map_owners.clone(),
+                        retain_blocks,
+                        covered_through,
                     };
                     plan_sent[i] = true;
                     sent_to.push(placed.id);
                     let mut client = placed.client.clone();
-                    let who = format!("{} ({})", placed.id.0, placed.address);
+                    let who = placed.clone();
                     sends.push(async move {
                         // A partitioned worker never answers: bound the wait.
                         let r = tokio::time::timeout(LAUNCH_TIMEOUT, client.launch_group(req))
@@ -1610,13 +1864,22 @@ impl Runtime {
                     });
                 }
                 let n = sends.len() as u64;
+                let mut failed = None;
                 for (who, r) in futures::future::join_all(sends).await {
                     if let Err(s) = r {
-                        // A worker that cannot take its launch is gone for
-                        // this attempt (dead, or registered again).
-                        tracing::warn!(query = %query.id, "launch to worker {who} failed: {}", s.message());
-                        return AttemptEnd::WorkerLost(who);
+                        // A worker that cannot take its launch is gone (dead,
+                        // cut off, or registered again): forgotten, so that no
+                        // attempt counts on its state again.
+                        tracing::warn!(query = %query.id, "launch to worker {} ({}) failed: {}", who.id.0, who.address, s.message());
+                        self.state
+                            .forget_worker(who.id, who.epoch, "its launch failed");
+                        failed = Some(format!("{} ({})", who.id.0, who.address));
                     }
+                }
+                if let Some(who) = failed {
+                    // Survivors that took the launch hold its batches: a
+                    // continuation re-covers them.
+                    return (AttemptEnd::WorkerLost(who), carry(next_batch + g));
                 }
                 {
                     let mut workers = self.state.workers.write();
@@ -1670,18 +1933,18 @@ impl Runtime {
                 }) {
                     break;
                 }
-                if let Some(lost) = self.lost_worker(&placement) {
-                    return AttemptEnd::WorkerLost(lost);
+                if let Some(lost) = self.lost_worker(placement) {
+                    return (AttemptEnd::WorkerLost(lost), carry(next_batch));
                 }
                 if closing.is_none()
                     && checkpoints_on
-                    && self.needs_rebalance(query, &placement, reduce_partitions)
+                    && self.needs_rebalance(query, placement, reduce_partitions)
                 {
                     break; // plan the closing group now
                 }
                 tokio::select! {
-                    r = done.changed() => if r.is_err() { return AttemptEnd::Cancelled },
-                    _ = cancel.notify.notified() => return AttemptEnd::Cancelled,
+                    r = done.changed() => if r.is_err() { return (AttemptEnd::Cancelled, carry(next_batch)) },
+                    _ = cancel.notify.notified() => return (AttemptEnd::Cancelled, carry(next_batch)),
                     _ = workers_changed => {}
                     _ = progress => {}
                     Some(report) = reports.recv() => {
@@ -1722,7 +1985,7 @@ impl Runtime {
                                 .coordination_us
                                 .fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
                             if let Some(s) = failed {
-                                return AttemptEnd::WorkerLost(format!("(launching reduce tasks: {})", s.message()));
+                                return (AttemptEnd::WorkerLost(format!("(launching reduce tasks: {})", s.message())), carry(next_batch));
                             }
                         }
                     }
@@ -1820,13 +2083,9 @@ impl Runtime {
 
 /// Tells `workers` to drop `query` (`attempt` and older; 0: every
 /// attempt), in the background and bounded: a hung worker gets nothing.
-fn cancel_on(
-    workers: &[(WorkerId, pb::worker_client::WorkerClient<Channel>)],
-    query: QueryId,
-    attempt: u64,
-) {
-    for (_, client) in workers {
-        let mut client = client.clone();
+fn cancel_on(workers: &[Placed], query: QueryId, attempt: u64) {
+    for placed in workers {
+        let mut client = placed.client.clone();
         let req = pb::CancelQueryRequest {
             query: query.0,
             attempt,
@@ -1841,11 +2100,155 @@ fn cancel_on(
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A worker an attempt placed tasks on.
+#[derive(Clone)]
 struct Placed {
     id: WorkerId,
     address: String,
     client: pb::worker_client::WorkerClient<Channel>,
     epoch: u64,
+}
+
+/// Where an attempt runs every partition; frozen for the attempt.
+#[derive(Clone)]
+struct Layout {
+    /// The workers placed on; an index into this is a *slot*.
+    workers: Vec<Placed>,
+    /// Per input stage, per map partition: its slot.
+    maps: Vec<Vec<usize>>,
+    /// Per reduce partition: its slot (consumers are placed first).
+    reduces: Vec<usize>,
+}
+
+impl Layout {
+    /// Sticky placement over `workers`: reduce partition `r` on slot
+    /// `r mod W`, then input stage `s`'s partition `p` on slot
+    /// `(offset_s + p) mod W`, where `offset_s` counts the partitions of the
+    /// stages before `s`.
+    fn spread(workers: Vec<Placed>, map_partitions: &[u32], reduce_partitions: u32) -> Self {
+        let w = workers.len().max(1);
+        let reduces = (0..reduce_partitions as usize).map(|r| r % w).collect();
+        let mut offset = 0usize;
+        let maps = map_partitions
+            .iter()
+            .map(|&n| {
+                let slots = (0..n as usize).map(|p| (offset + p) % w).collect();
+                offset += n as usize;
+                slots
+            })
+            .collect();
+        Self {
+            workers,
+            maps,
+            reduces,
+        }
+    }
+
+    /// The layout after some workers were lost: `keep[slot]` says whether a
+    /// slot survived (it keeps every partition it holds), `take[slot]`
+    /// whether it may take lost partitions. Returns the new layout and the
+    /// number of partitions moved, or `None` when partitions must move and
+    /// no survivor may take them.
+    fn after_loss(&self, keep: &[bool], take: &[bool]) -> Option<(Self, u32)> {
+        let (maps, reduces, moved) = reassign(keep, take, &self.maps, &self.reduces)?;
+        // Renumber the surviving slots.
+        let mut slot_of = vec![usize::MAX; self.workers.len()];
+        let mut workers = Vec::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            if keep.get(i).copied().unwrap_or(false) {
+                slot_of[i] = workers.len();
+                workers.push(w.clone());
+            }
+        }
+        let renumber = |s: &usize| slot_of[*s];
+        Some((
+            Self {
+                workers,
+                maps: maps
+                    .iter()
+                    .map(|slots| slots.iter().map(renumber).collect())
+                    .collect(),
+                reduces: reduces.iter().map(renumber).collect(),
+            },
+            moved,
+        ))
+    }
+
+    /// Worker ids owning each map partition, input stages in order.
+    fn map_owners(&self) -> Vec<u32> {
+        self.maps
+            .iter()
+            .flatten()
+            .map(|&slot| self.workers[slot].id.0)
+            .collect()
+    }
+
+    /// Partitions (map and reduce) in all.
+    fn partitions(&self) -> usize {
+        self.maps.iter().map(Vec::len).sum::<usize>() + self.reduces.len()
+    }
+}
+
+/// Moves every partition of a slot that is not kept to the least loaded slot
+/// that may take partitions, reduce partitions first (consumers are placed
+/// before producers), so the replay is spread over all survivors. Kept slots
+/// keep every partition they hold. Returns the new slots per partition and
+/// how many moved, or `None` when some partition has nowhere to go.
+fn reassign(
+    keep: &[bool],
+    take: &[bool],
+    maps: &[Vec<usize>],
+    reduces: &[usize],
+) -> Option<(Vec<Vec<usize>>, Vec<usize>, u32)> {
+    let kept = |s: usize| keep.get(s).copied().unwrap_or(false);
+    let mut load = vec![0usize; keep.len()];
+    for &s in reduces.iter().chain(maps.iter().flatten()) {
+        if kept(s) {
+            load[s] += 1;
+        }
+    }
+    let mut moved = 0u32;
+    let mut place = |s: usize| -> Option<usize> {
+        if kept(s) {
+            return Some(s);
+        }
+        let to = (0..keep.len())
+            .filter(|&t| kept(t) && take.get(t).copied().unwrap_or(false))
+            .min_by_key(|&t| (load[t], t))?;
+        load[to] += 1;
+        moved += 1;
+        Some(to)
+    };
+    let reduces = reduces
+        .iter()
+        .map(|&s| place(s))
+        .collect::<Option<Vec<_>>>()?;
+    let maps = maps
+        .iter()
+        .map(|slots| slots.iter().map(|&s| place(s)).collect::<Option<Vec<_>>>())
+        .collect::<Option<Vec<_>>>()?;
+    Some((maps, reduces, moved))
+}
+
+/// What an attempt had launched when it ended: the next attempt continues
+/// from it when it recovers only the lost work.
+struct Carry {
+    layout: Layout,
+    /// The first batch not launched yet.
+    next_batch: u64,
+}
+
+/// How an attempt starts.
+enum Start {
+    /// A new generation: every partition placed afresh and started from the
+    /// last checkpoint (or the query's start); `after_loss`: a rollback.
+    Fresh { after_loss: bool },
+    /// Lost-work recovery: the survivors keep their partitions; `moved`
+    /// partitions of lost workers start from the last checkpoint on them.
+    Continue {
+        layout: Layout,
+        next_batch: u64,
+        moved: u32,
+    },
 }
 
 /// Why an attempt ended.
@@ -1922,9 +2325,10 @@ async fn collect(
     cancel: Arc<CancelToken>,
 ) {
     // Per batch, each final task's output (a task re-run by a later attempt
-    // replaces, never adds to, its partition's output).
+    // replaces, never adds to, its partition's output: tasks are
+    // deterministic, so any attempt of a generation computes the same rows).
     let mut pending: BTreeMap<u64, BTreeMap<u32, Chunks>> = BTreeMap::new();
-    let mut attempt = 0u64;
+    let mut generation = 0u64;
     let mut final_tasks = u32::MAX;
     // Batches below `next` were released: results for them are duplicates.
     let mut next = query.released.load(Ordering::Acquire);
@@ -1959,12 +2363,17 @@ async fn collect(
                 return;
             }
             SinkMsg::Attempt {
-                attempt: a,
+                generation: g,
                 final_tasks: n,
             } => {
-                attempt = a;
+                if g != generation || n != final_tasks {
+                    // A new generation re-runs every unreleased batch; lost-work
+                    // recovery keeps the survivors' outputs (the lost
+                    // partitions' are delivered again).
+                    pending.clear();
+                }
+                generation = g;
                 final_tasks = n;
-                pending.clear();
             }
             SinkMsg::Output {
                 attempt: a,
@@ -1972,7 +2381,7 @@ async fn collect(
                 partition,
                 chunks,
             } => {
-                if a == attempt && batch.0 >= next {
+                if a >= generation && batch.0 >= next {
                     pending
                         .entry(batch.0)
                         .or_default()
@@ -2079,5 +2488,52 @@ mod tests {
         assert_eq!(a.next(10, 0.03), 10, "within the bounds: unchanged");
         assert_eq!(a.next(10, 0.001), 9);
         assert_eq!(a.next(1, 0.0), 1, "never below 1");
+    }
+
+    #[test]
+    fn a_lost_slot_s_partitions_spread_over_survivors_who_keep_theirs() {
+        // Three slots, sticky placement: reduce r on r mod 3; two input
+        // stages of 3 partitions each (offset 0 and 3).
+        let reduces = vec![0, 1, 2, 0, 1, 2];
+        let maps = vec![vec![0, 1, 2], vec![0, 1, 2]];
+        let keep = [true, false, true];
+        let (m, r, moved) = reassign(&keep, &keep, &maps, &reduces).unwrap();
+        // Survivors keep every partition they held.
+        for (i, &s) in reduces.iter().enumerate() {
+            if s != 1 {
+                assert_eq!(r[i], s, "reduce {i} stayed");
+            }
+        }
+        for (stage, slots) in maps.iter().enumerate() {
+            for (p, &s) in slots.iter().enumerate() {
+                if s != 1 {
+                    assert_eq!(m[stage][p], s);
+                }
+            }
+        }
+        // Slot 1's 2 reduce and 2 map partitions moved, to both survivors.
+        assert_eq!(moved, 4);
+        assert_eq!(
+            (r[1], r[4]),
+            (0, 2),
+            "reduce partitions first, least loaded"
+        );
+        assert_eq!((m[0][1], m[1][1]), (0, 2));
+        assert!(r.iter().chain(m.iter().flatten()).all(|&s| s != 1));
+    }
+
+    #[test]
+    fn lost_partitions_go_only_where_they_may_and_nowhere_fails() {
+        let reduces = vec![0, 1, 2];
+        let maps = vec![vec![0, 1, 2]];
+        // Slot 2 survives but is draining: it keeps, takes nothing.
+        let (m, r, moved) =
+            reassign(&[true, false, true], &[true, false, false], &maps, &reduces).unwrap();
+        assert_eq!((r, m, moved), (vec![0, 0, 2], vec![vec![0, 0, 2]], 2));
+        // Nothing lost: nothing moves.
+        let (_, r, moved) = reassign(&[true; 3], &[true; 3], &maps, &reduces).unwrap();
+        assert_eq!((r, moved), (reduces.clone(), 0));
+        // No survivor may take the lost partitions.
+        assert!(reassign(&[true, false, true], &[false; 3], &maps, &reduces).is_none());
     }
 }

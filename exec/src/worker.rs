@@ -28,9 +28,20 @@
 //! * Checkpoint groups: after the group's last batch a map task records its
 //!   position (in the group report) and a reduce task snapshots its keyed
 //!   state, sent to the coordinator asynchronously (the task thread moves on).
-//! * Every query is at one attempt; a launch of a newer attempt replaces the
-//!   query's state (restored from the named checkpoint), and notices of other
-//!   attempts are ignored.
+//! * Every query is at one attempt of one *generation*. A launch of a newer
+//!   attempt of the same generation (lost-work recovery) keeps every
+//!   partition this worker holds, with its state, and its retained map
+//!   outputs: it adds the partitions it adopts (restored from the named
+//!   checkpoint), drops notices from producers that moved, skips batches a
+//!   partition already ran, and announces its retained outputs again to
+//!   every consumer. A launch of a newer generation replaces the query's
+//!   state. Notices are accepted from the current generation and only from
+//!   the worker that owns their map partition.
+//! * Map outputs are kept until a checkpoint covers them when the query
+//!   retains them for recovery (otherwise a block goes once it is read).
+//! * A block that cannot be pulled from its producer (dead, cut off: 5 s) does
+//!   not fail the query: the reduce task waits again, the producer's notices
+//!   are forgotten, and the coordinator hears `FetchFailed`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -110,6 +121,10 @@ pub struct WorkerCounters {
     pub out_of_order_reduces: AtomicU64,
     /// Coordinator messages other than launches received while a group ran.
     pub coordinator_messages_in_group: AtomicU64,
+    /// Partitions taken over from a lost worker.
+    pub partitions_adopted: AtomicU64,
+    /// Blocks that could not be pulled from their producer.
+    pub fetch_failures: AtomicU64,
 }
 
 impl WorkerCounters {
@@ -130,6 +145,8 @@ impl WorkerCounters {
             blocks_held: blocks as u64,
             block_bytes_held: bytes as u64,
             coordinator_messages_in_group: g(&self.coordinator_messages_in_group),
+            partitions_adopted: g(&self.partitions_adopted),
+            fetch_failures: g(&self.fetch_failures),
         }
     }
 }
@@ -555,6 +572,8 @@ enum TaskSource {
 
 struct MapState {
     source: TaskSource,
+    /// The last batch this partition ran (or its checkpoint covers).
+    last_batch: Option<u64>,
     next_offset: u64,
     window: WindowAssignExec,
     joins: JoinCache,
@@ -576,6 +595,18 @@ struct PendingReduce {
 }
 
 impl PendingReduce {
+    /// Adds a notice unless one for the same map partition is in (a notice
+    /// repeated by a recovery describes the same, deterministic, blocks).
+    fn add(&mut self, notice: pb::MapOutputReady) {
+        if !self
+            .notices
+            .iter()
+            .any(|n| n.stage == notice.stage && n.map == notice.map)
+        {
+            self.notices.push(notice);
+        }
+    }
+
     /// True when there is a notice from every map partition of every shuffle
     /// input (`inputs[s]` = map partitions of input stage `s`).
     fn has_all_inputs(&self, inputs: &[u32]) -> bool {
@@ -623,11 +654,33 @@ struct WorkerQuery {
     group_ends: BTreeMap<u64, (u64, bool)>,
     /// The attempt this worker runs.
     attempt: u64,
+    /// The attempt that started the query's generation: state, notices and
+    /// map outputs of any attempt since are valid (lost-work recovery).
+    generation: u64,
+    /// Worker id owning each map partition (stages in order); empty: any.
+    map_owners: Vec<u32>,
+    /// Map outputs are kept until a checkpoint covers them.
+    retain: bool,
+    /// Notices of this worker's retained map outputs, by (batch, stage, map):
+    /// sent again to the consumers when a recovery moves reduce partitions.
+    produced: BTreeMap<(u64, u32, u32), pb::MapOutputReady>,
     rows_in: u64,
     late_rows: u64,
 }
 
 impl WorkerQuery {
+    /// Whether a notice is valid here: from this generation, and from the
+    /// worker that owns its map partition (a lost worker's late notices, and
+    /// a fenced incarnation's, are not).
+    fn accepts(&self, notice: &pb::MapOutputReady) -> bool {
+        accepts_notice(
+            notice,
+            self.generation,
+            &self.map_owners,
+            &self.shuffle_inputs,
+        )
+    }
+
     /// The earliest runnable reduce task that is next in its partition.
     fn next_reduce(&self) -> Option<(&(u64, ReducePartition), &PendingReduce)> {
         let mut blocked: Vec<ReducePartition> = Vec::new();
@@ -816,15 +869,10 @@ impl Scheduler {
 
     fn add_notice(&mut self, notice: pb::MapOutputReady) {
         let qid = QueryId(notice.query);
-        let current = self.queries.get(&qid).map(|wq| wq.attempt);
-        if current.is_some_and(|a| notice.attempt < a) {
-            // From an attempt this worker has moved past: fenced.
-            return;
-        }
         let Some(wq) = self
             .queries
             .get_mut(&qid)
-            .filter(|wq| wq.attempt == notice.attempt)
+            .filter(|wq| notice.attempt <= wq.attempt)
         else {
             // The launch of this group (or attempt) may still be on its way.
             let early = self.early.entry(qid).or_default();
@@ -833,11 +881,17 @@ impl Scheduler {
             }
             return;
         };
-        let reduces: Vec<ReducePartition> = wq.reduces.keys().copied().collect();
-        for r in reduces {
-            let entry = wq.pending_reduces.entry((notice.batch, r)).or_default();
-            entry.notices.push(notice.clone());
-            if entry.runnable(&wq.shuffle_inputs) {
+        if !wq.accepts(&notice) {
+            return; // fenced: an older generation, or not the partition's owner
+        }
+        for (r, state) in &wq.reduces {
+            if state.last_batch.is_some_and(|l| notice.batch <= l) {
+                continue; // this partition is past that batch (a recovery's replay)
+            }
+            let entry = wq.pending_reduces.entry((notice.batch, *r)).or_default();
+            let before = entry.runnable(&wq.shuffle_inputs);
+            entry.add(notice.clone());
+            if !before && entry.runnable(&wq.shuffle_inputs) {
                 self.shared
                     .counters
                     .reduces_started_by_notices
@@ -849,15 +903,31 @@ impl Scheduler {
     fn launch(&mut self, req: pb::LaunchGroupRequest) -> Result<()> {
         let qid = QueryId(req.query);
         let mode = SchedulingMode::try_from(req.mode).unwrap_or(SchedulingMode::Drizzle);
+        // The generation's first attempt: 0 from a coordinator that does not say.
+        let generation = if req.generation == 0 {
+            req.attempt
+        } else {
+            req.generation
+        };
+        let mut continued = false;
         match self.queries.get(&qid).map(|wq| wq.attempt) {
             Some(a) if a > req.attempt => return Ok(()), // stale
+            Some(a) if a < req.attempt && a >= generation => {
+                // Recovery of lost work: this worker keeps its partitions,
+                // their state and its retained map outputs.
+                continued = true;
+            }
             Some(a) if a < req.attempt => {
-                // A new attempt (recovery, rebalance): start over from its checkpoint.
+                // A new generation (a rebalance, or a rollback): start over
+                // from its checkpoint.
                 self.queries.remove(&qid);
                 self.shared.store.drop_query(qid);
             }
             _ => {}
         }
+        // Partitions created by this launch are adopted from a lost worker
+        // when the attempt continues a generation.
+        let adopting = req.attempt > generation;
         let fresh = !self.queries.contains_key(&qid);
         if fresh {
             if req.plan.is_empty() {
@@ -902,6 +972,10 @@ impl Scheduler {
                     group_starts: BTreeMap::new(),
                     group_ends: BTreeMap::new(),
                     attempt: req.attempt,
+                    generation,
+                    map_owners: Vec::new(),
+                    retain: false,
+                    produced: BTreeMap::new(),
                     rows_in: 0,
                     late_rows: 0,
                 },
@@ -910,6 +984,46 @@ impl Scheduler {
         let Some(wq) = self.queries.get_mut(&qid) else {
             return Ok(());
         };
+        wq.generation = generation;
+        if !req.map_owners.is_empty() {
+            wq.map_owners = req.map_owners.clone();
+        }
+        if !req.reduce_placement.is_empty() {
+            wq.reduce_placement = req.reduce_placement.clone();
+        }
+        wq.retain = req.retain_blocks;
+        self.shared.store.retain(qid, req.retain_blocks);
+        if let Some(covered) = req.covered_through {
+            // A checkpoint covers these batches: no recovery reads them again.
+            self.shared.store.drop_through(qid, covered);
+            wq.produced = wq.produced.split_off(&(covered.saturating_add(1), 0, 0));
+        }
+        if continued {
+            // The attempt's launch replaces every task not yet run; a lost
+            // worker's notices are void (its partitions run elsewhere now).
+            wq.attempt = req.attempt;
+            wq.pending_maps.clear();
+            wq.groups.clear();
+            wq.group_starts.clear();
+            wq.group_ends.clear();
+            let owners = (
+                wq.generation,
+                wq.map_owners.clone(),
+                wq.shuffle_inputs.clone(),
+            );
+            let reduces = &wq.reduces;
+            wq.pending_reduces.retain(|(b, r), p| {
+                p.notices
+                    .retain(|n| accepts_notice(n, owners.0, &owners.1, &owners.2));
+                reduces
+                    .get(r)
+                    .is_some_and(|s| s.last_batch.is_none_or(|l| *b > l))
+            });
+        }
+        // A partition created here starts after the checkpoint it restores
+        // from (or at the query's start).
+        let restored_batch = req.restore.as_ref().map(|r| r.batch);
+        let mut tasks = 0usize;
         let batches: Vec<(u64, (Instant, i64))> = req
             .batches
             .iter()
@@ -919,6 +1033,12 @@ impl Scheduler {
             let p = MapPartition(spec.partition);
             let key = (spec.stage, p);
             if !wq.maps.contains_key(&key) {
+                let Some(start) = spec.start_offset else {
+                    return Err(ExecError::invalid(format!(
+                        "map partition {p} of stage {} arrived without its start",
+                        spec.stage
+                    )));
+                };
                 let Some((input, _)) = wq.inputs.get(spec.stage as usize) else {
                     return Err(ExecError::invalid(format!(
                         "map stage {} does not exist",
@@ -932,11 +1052,18 @@ impl Scheduler {
                     ),
                     _ => TaskSource::Log(spec.stage, spec.partition),
                 };
+                if adopting {
+                    self.shared
+                        .counters
+                        .partitions_adopted
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 wq.maps.insert(
                     key,
                     MapState {
                         source,
-                        next_offset: spec.start_offset.unwrap_or(0),
+                        last_batch: restored_batch,
+                        next_offset: start,
                         window: WindowAssignExec {
                             max_event_us: spec.max_event_us,
                         },
@@ -944,8 +1071,12 @@ impl Scheduler {
                     },
                 );
             }
+            let last = wq.maps.get(&key).and_then(|m| m.last_batch);
             for (b, at) in &batches {
-                wq.pending_maps.insert((*b, spec.stage, p), *at);
+                if last.is_none_or(|l| *b > l) {
+                    wq.pending_maps.insert((*b, spec.stage, p), *at);
+                    tasks += 1;
+                }
             }
         }
         for r in &req.reduce_tasks {
@@ -957,7 +1088,13 @@ impl Scheduler {
                     joins: JoinCache::default(),
                     last_batch: None,
                 };
-                if let (true, Some(restore)) = (fresh, &req.restore) {
+                if adopting {
+                    self.shared
+                        .counters
+                        .partitions_adopted
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(restore) = &req.restore {
                     restore_reduce(
                         &self.shared,
                         qid,
@@ -970,7 +1107,12 @@ impl Scheduler {
                 }
                 wq.reduces.insert(r, state);
             }
+            let last = wq.reduces.get(&r).and_then(|s| s.last_batch);
             for (b, (at, _)) in &batches {
+                if last.is_some_and(|l| *b <= l) {
+                    continue;
+                }
+                tasks += 1;
                 let entry = wq.pending_reduces.entry((*b, r)).or_default();
                 entry.trigger = Some(*at);
                 if mode == SchedulingMode::Drizzle {
@@ -985,33 +1127,71 @@ impl Scheduler {
                 }
             }
         }
-        let tasks = (req.map_tasks.len() + req.reduce_tasks.len()) * batches.len();
-        if let Some((first, _)) = batches.first() {
-            wq.group_starts.insert(*first, req.group);
+        if tasks > 0 {
+            if let Some((first, _)) = batches.first() {
+                wq.group_starts.insert(*first, req.group);
+            }
+            if let Some((last, _)) = batches.last() {
+                wq.group_ends.insert(req.group, (*last, req.checkpoint));
+            }
+            wq.groups.insert(
+                req.group,
+                GroupProgress {
+                    left: tasks,
+                    tasks: tasks as u64,
+                    ranges: Vec::new(),
+                    maps: Vec::new(),
+                },
+            );
         }
-        if let Some((last, _)) = batches.last() {
-            wq.group_ends.insert(req.group, (*last, req.checkpoint));
-        }
-        wq.groups.insert(
-            req.group,
-            GroupProgress {
-                left: tasks,
-                tasks: tasks as u64,
-                ranges: Vec::new(),
-                maps: Vec::new(),
-            },
-        );
-        let attempt = wq.attempt;
-        if let Some(early) = self.early.remove(&qid) {
-            for n in early {
-                // Older attempts' notices are dropped by add_notice; newer
-                // ones wait in `early` again.
-                if n.attempt >= attempt {
-                    self.add_notice(n);
+        if continued {
+            // Reduce partitions restored elsewhere need this worker's map
+            // outputs of every batch since the checkpoint: announce them again
+            // to every consumer (a consumer past a batch ignores its notice).
+            let mut targets = wq.reduce_placement.clone();
+            targets.sort();
+            targets.dedup();
+            let again: Vec<pb::MapOutputReady> = wq
+                .produced
+                .values()
+                .map(|n| pb::MapOutputReady {
+                    attempt: req.attempt,
+                    ..n.clone()
+                })
+                .collect();
+            for n in again {
+                for t in &targets {
+                    self.send_notice(t, n.clone())?;
                 }
             }
         }
+        if let Some(early) = self.early.remove(&qid) {
+            for n in early {
+                // Older generations' notices are dropped by add_notice;
+                // newer attempts' wait in `early` again.
+                self.add_notice(n);
+            }
+        }
         Ok(())
+    }
+
+    /// Sends a notice to the consumer worker at `target` (this worker's own
+    /// consumers get it directly).
+    fn send_notice(&mut self, target: &str, notice: pb::MapOutputReady) -> Result<()> {
+        self.shared
+            .counters
+            .notices_sent
+            .fetch_add(1, Ordering::Relaxed);
+        if target == self.shared.address {
+            self.shared
+                .counters
+                .notices_received
+                .fetch_add(1, Ordering::Relaxed);
+            self.add_notice(notice);
+            Ok(())
+        } else {
+            self.shared.notify(target, notice)
+        }
     }
 
     /// The next runnable task, or how long to wait (None = until a message).
@@ -1176,6 +1356,7 @@ impl Scheduler {
         let from = state.next_offset;
         let (to, pieces) = Self::read_source(&shared, qid, &state.source, from, until)?;
         state.next_offset = to;
+        state.last_batch = Some(b);
         wq.rows_in += to - from;
         let plan = &wq.plan;
         let Some((input, window_schema)) = wq.inputs.get(stage as usize) else {
@@ -1285,24 +1466,16 @@ impl Scheduler {
             self.shared.event(pb::worker_event::Event::MapDone(notice));
             return Ok(());
         }
+        if wq.retain {
+            // Kept with the blocks, to announce again after a recovery.
+            wq.produced.insert((b, stage, p.0), notice.clone());
+        }
         // One notice per consumer worker, pushed directly (no coordinator).
         let mut targets = wq.reduce_placement.clone();
         targets.sort();
         targets.dedup();
         for t in targets {
-            self.shared
-                .counters
-                .notices_sent
-                .fetch_add(1, Ordering::Relaxed);
-            if t == self.shared.address {
-                self.shared
-                    .counters
-                    .notices_received
-                    .fetch_add(1, Ordering::Relaxed);
-                self.add_notice(notice.clone());
-            } else {
-                self.shared.notify(&t, notice.clone())?;
-            }
+            self.send_notice(&t, notice.clone())?;
         }
         Ok(())
     }
@@ -1327,7 +1500,7 @@ impl Scheduler {
                 .counters
                 .blocks_read_local
                 .fetch_add(1, Ordering::Relaxed);
-            let bytes = self.shared.store.take(&id)?;
+            let bytes = self.shared.store.read(&id)?;
             return Ok(drizzle_shuffle::decode_block(&bytes)?);
         }
         self.shared
@@ -1337,28 +1510,91 @@ impl Scheduler {
         let mut client = FlightClient::new(self.shared.peer(&n.location)?);
         let location = n.location.clone();
         Ok(self.shared.handle.block_on(async move {
-            drizzle_shuffle::fetch_block(&mut client, &location, id).await
+            // A producer cut off by a partition never answers: bound the wait.
+            tokio::time::timeout(
+                FETCH_TIMEOUT,
+                drizzle_shuffle::fetch_block(&mut client, &location, id),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(drizzle_shuffle::ShuffleError::Fetch {
+                    block: id.to_string(),
+                    location: location.clone(),
+                    message: format!("no answer within {FETCH_TIMEOUT:?}"),
+                })
+            })
         })?)
     }
 
-    fn run_reduce(&mut self, qid: QueryId, b: u64, r: ReducePartition) -> Result<()> {
+    /// A block of `failed`'s producer could not be pulled: the producer's
+    /// outputs are lost. The task goes back to waiting, every notice of that
+    /// producer is forgotten, and the coordinator hears of it: it re-runs
+    /// the producer's partitions elsewhere, whose notices then come again.
+    fn fetch_failed(
+        &mut self,
+        qid: QueryId,
+        b: u64,
+        r: ReducePartition,
+        mut pending: PendingReduce,
+        failed: &pb::MapOutputReady,
+        e: ExecError,
+    ) {
+        tracing::warn!(query = %qid, batch = b, producer = failed.worker, location = %failed.location, "fetch failed: {e}");
         self.shared
             .counters
-            .reduce_tasks_run
+            .fetch_failures
             .fetch_add(1, Ordering::Relaxed);
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        pending.notices.retain(|n| n.worker != failed.worker);
+        wq.pending_reduces.insert((b, r), pending);
+        for p in wq.pending_reduces.values_mut() {
+            p.notices.retain(|n| n.worker != failed.worker);
+        }
+        let event = pb::FetchFailed {
+            query: qid.0,
+            attempt: wq.attempt,
+            batch: b,
+            producer: failed.worker,
+            location: failed.location.clone(),
+            message: e.to_string(),
+        };
+        self.shared
+            .event(pb::worker_event::Event::FetchFailed(event));
+    }
+
+    fn run_reduce(&mut self, qid: QueryId, b: u64, r: ReducePartition) -> Result<()> {
         let Some(wq) = self.queries.get_mut(&qid) else {
             return Ok(());
         };
         let mut pending = wq.pending_reduces.remove(&(b, r)).unwrap_or_default();
-        pending.notices.sort_by_key(|n| n.map);
+        pending.notices.sort_by_key(|n| (n.stage, n.map));
         let mut partials = Vec::new();
+        let mut failed = None;
         for n in &pending.notices {
             if n.rows.get(r.0 as usize).copied().unwrap_or(0) == 0 {
                 continue;
             }
             let stage = n.stage;
-            partials.extend(self.fetch(qid, b, r, n)?.into_iter().map(|b| (stage, b)));
+            match self.fetch(qid, b, r, n) {
+                Ok(batches) => partials.extend(batches.into_iter().map(|b| (stage, b))),
+                // Another worker's block: its producer is gone, not the query.
+                Err(e) if n.location != self.shared.address => {
+                    failed = Some((n.clone(), e));
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
         }
+        if let Some((n, e)) = failed {
+            self.fetch_failed(qid, b, r, pending, &n, e);
+            return Ok(());
+        }
+        self.shared
+            .counters
+            .reduce_tasks_run
+            .fetch_add(1, Ordering::Relaxed);
         let Some(wq) = self.queries.get_mut(&qid) else {
             return Ok(());
         };
@@ -1455,6 +1691,28 @@ impl Scheduler {
         let _ = qid;
         Ok(())
     }
+}
+
+/// How long pulling one block may take before its producer counts as lost.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether `notice` is valid for a query at `generation` whose map
+/// partitions are owned as `owners` says (worker ids, input stages in order,
+/// `inputs[s]` partitions in stage `s`; empty: any owner).
+fn accepts_notice(
+    notice: &pb::MapOutputReady,
+    generation: u64,
+    owners: &[u32],
+    inputs: &[u32],
+) -> bool {
+    if notice.attempt < generation {
+        return false;
+    }
+    if owners.is_empty() {
+        return true;
+    }
+    let before: u32 = inputs.iter().take(notice.stage as usize).sum();
+    owners.get((before + notice.map) as usize) == Some(&notice.worker)
 }
 
 /// The watermark a reduce task may act on: per input, the minimum over the
@@ -1679,6 +1937,43 @@ mod tests {
         assert_eq!(watermark_of(&left_only, 1), Some(50));
         let both = [with(0, 0, Some(50)), with(1, 0, Some(30)), with(1, 1, None)];
         assert_eq!(watermark_of(&both, 2), Some(30));
+    }
+
+    #[test]
+    fn notices_are_accepted_from_the_generation_and_the_partition_s_owner() {
+        // A join: stage 0 has 2 partitions, stage 1 has 1; owners by worker id.
+        let owners = [7, 8, 9];
+        let inputs = [2, 1];
+        let from = |stage, map, worker, attempt| pb::MapOutputReady {
+            worker,
+            attempt,
+            ..notice(stage, map)
+        };
+        assert!(accepts_notice(&from(0, 1, 8, 3), 3, &owners, &inputs));
+        assert!(accepts_notice(&from(1, 0, 9, 4), 3, &owners, &inputs));
+        assert!(
+            accepts_notice(&from(0, 0, 7, 3), 3, &owners, &inputs),
+            "an older attempt of the same generation"
+        );
+        assert!(
+            !accepts_notice(&from(0, 0, 7, 2), 3, &owners, &inputs),
+            "an older generation"
+        );
+        assert!(
+            !accepts_notice(&from(0, 1, 5, 3), 3, &owners, &inputs),
+            "a lost worker that no longer owns the partition"
+        );
+        assert!(!accepts_notice(&from(1, 1, 9, 3), 3, &owners, &inputs));
+        assert!(accepts_notice(&from(0, 0, 5, 3), 3, &[], &inputs));
+    }
+
+    #[test]
+    fn a_repeated_notice_is_kept_once() {
+        let mut p = PendingReduce::default();
+        p.add(notice(0, 1));
+        p.add(notice(0, 1));
+        p.add(notice(1, 1));
+        assert_eq!(p.notices.len(), 2, "one per (stage, map partition)");
     }
 
     #[test]

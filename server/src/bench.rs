@@ -70,6 +70,8 @@ pub struct RecoveryConfig {
     pub kill_after: Duration,
     /// Where to write the per-batch timeline (CSV).
     pub timeline: std::path::PathBuf,
+    /// Lost-work recovery or rollback.
+    pub recovery: drizzle_exec::Recovery,
 }
 
 impl RemoteWorkers {
@@ -242,6 +244,7 @@ pub async fn run_recovery(cfg: RecoveryConfig) -> Result<String, PgError> {
             batch_interval: ysb.batch_interval,
             group_size: ysb.group_size,
             scheduling: ysb.scheduling,
+            recovery: cfg.recovery,
             ..EngineConfig::default()
         },
     )

@@ -56,6 +56,8 @@ pub struct EngineConfig {
     pub checkpoint_location: Option<String>,
     /// A checkpoint is taken at the first group boundary after this long.
     pub checkpoint_interval: Duration,
+    /// Recovery of lost workers: re-run only their work, or roll back.
+    pub recovery: drizzle_exec::Recovery,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +74,7 @@ impl Default for EngineConfig {
             adaptive: drizzle_exec::AdaptiveGroupSize::default(),
             checkpoint_location: None,
             checkpoint_interval: Duration::from_secs(1),
+            recovery: drizzle_exec::Recovery::default(),
         }
     }
 }
@@ -223,6 +226,7 @@ impl Engine {
                         .unwrap_or_else(|| data_dir.join("checkpoints").display().to_string()),
                 ),
                 checkpoint_interval: config.checkpoint_interval,
+                recovery: config.recovery,
                 classify: Arc::new(|e: drizzle_exec::ExecError| {
                     let pg = PgError::from(e);
                     (pg.code.to_string(), pg.message)
@@ -979,6 +983,8 @@ impl Engine {
                     Some(q.reduce_partitions.load(Ordering::Relaxed).to_string()),
                     Some(q.attempt.load(Ordering::Relaxed).to_string()),
                     Some(q.recoveries.load(Ordering::Relaxed).to_string()),
+                    Some(q.recovered_partitions.load(Ordering::Relaxed).to_string()),
+                    q.last_recovery.lock().clone(),
                     checkpoint.map(|(b, _, _)| b.to_string()),
                     checkpoint.map(|(_, at, _)| format!("{:.1}", at.elapsed().as_secs_f64())),
                     checkpoint.map(|(_, _, bytes)| bytes.to_string()),
@@ -1004,6 +1010,8 @@ impl Engine {
                 "parallelism",
                 "attempt",
                 "recoveries",
+                "recovered_partitions",
+                "last_recovery",
                 "checkpoint_batch",
                 "checkpoint_age_s",
                 "checkpoint_bytes",
@@ -1044,6 +1052,8 @@ impl Engine {
                     n(c.out_of_order_reduces),
                     n(c.blocks_held),
                     n(c.block_bytes_held),
+                    n(c.partitions_adopted),
+                    n(c.fetch_failures),
                 ]
             })
             .collect();
@@ -1067,6 +1077,8 @@ impl Engine {
                 "out_of_order_reduces",
                 "blocks_held",
                 "block_bytes_held",
+                "partitions_adopted",
+                "fetch_failures",
             ],
             rows,
         );

@@ -77,6 +77,9 @@ struct BenchArgs {
     /// Recovery: where the per-batch timeline CSV goes.
     #[arg(long, default_value = "recovery_timeline.csv")]
     timeline: PathBuf,
+    /// Recovery: `lost-work` or `rollback`.
+    #[arg(long, default_value = "lost-work")]
+    recovery: String,
 }
 
 #[derive(clap::Args)]
@@ -134,6 +137,12 @@ struct ServerArgs {
     /// after the interval).
     #[arg(long, env = "DRIZZLE_CHECKPOINT_INTERVAL_MS", default_value_t = 1000)]
     checkpoint_interval_ms: u64,
+    /// What a lost worker costs: `lost-work` re-runs only its partitions
+    /// (restored from the last checkpoint on the survivors, which keep
+    /// theirs); `rollback` restarts every partition of its queries from the
+    /// last checkpoint. BSP and group scheduling always roll back.
+    #[arg(long, env = "DRIZZLE_RECOVERY", default_value = "lost-work")]
+    recovery: String,
 }
 
 #[derive(clap::Args)]
@@ -238,6 +247,10 @@ fn main() -> anyhow::Result<()> {
                     },
                     kill_after: Duration::from_secs(args.kill_after),
                     timeline: args.timeline.clone(),
+                    recovery: args
+                        .recovery
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("--recovery: {e}"))?,
                 };
                 let line = runtime
                     .block_on(drizzle_server::bench::run_recovery(cfg))
@@ -323,6 +336,10 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         worker_timeout: Duration::from_secs(args.worker_timeout.max(1)),
         checkpoint_location: args.checkpoint_location.clone(),
         checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms.max(1)),
+        recovery: args
+            .recovery
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--recovery: {e}"))?,
     };
     let engine = Engine::open(&args.data_dir, workers, config)
         .await

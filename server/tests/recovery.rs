@@ -12,7 +12,10 @@
 //! with SIGTERM, `kill -9` of the server and a restart, and a parallelism
 //! change. Every case checks: no result lost, none duplicated, windows in
 //! batch order, and the mechanism that was meant to act did (recovery count,
-//! attempts, drained exit, new worker used, restored checkpoint).
+//! attempts, drained exit, new worker used, restored checkpoint). Recovery
+//! re-runs only the lost work by default: the kill cases check that just the
+//! lost worker's share of partitions was restored, and that the survivors
+//! adopted exactly those; one case runs the rollback mode.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -97,6 +100,57 @@ fn expected_join_rows() -> usize {
 
 fn num(row: &HashMap<String, String>, col: &str) -> u64 {
     row.get(col).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// A query's last recovery as (kind, partitions restored, partitions in
+/// all), from SHOW QUERIES' `last_recovery` ("lost work: 2 of 6 ...").
+fn last_recovery(q: &HashMap<String, String>) -> (String, u64, u64) {
+    let text = q.get("last_recovery").cloned().unwrap_or_default();
+    let (kind, rest) = text.split_once(": ").unwrap_or(("", ""));
+    let words: Vec<&str> = rest.split(' ').collect();
+    let at = |i: usize| words.get(i).and_then(|w| w.parse().ok()).unwrap_or(0);
+    // "2 of 6 partitions ..." or "all 6 partitions ...".
+    let (restored, total) = if words.first() == Some(&"all") {
+        (at(1), at(1))
+    } else {
+        (at(0), at(2))
+    };
+    (kind.to_string(), restored, total)
+}
+
+/// Partitions the listed workers adopted from lost workers.
+fn adopted(seen: &Observed) -> u64 {
+    seen.workers
+        .iter()
+        .map(|w| num(w, "partitions_adopted"))
+        .sum()
+}
+
+/// Lost-work recovery after `lost` of `workers` workers (each holding an
+/// equal share of every query) restored exactly the lost share, and the
+/// survivors adopted exactly those partitions, plus `ended` partitions of
+/// queries that ended before SHOW QUERIES was read.
+fn only_lost_work_was_recovered(seen: &Observed, workers: u64, lost: u64, ended: u64) {
+    let mut restored = 0;
+    for q in &seen.queries {
+        let (kind, moved, total) = last_recovery(q);
+        assert_eq!(kind, "lost work", "{q:?}");
+        assert!(total > 0 && moved > 0, "{q:?}");
+        assert!(moved < total, "survivors kept their partitions: {q:?}");
+        assert_eq!(
+            num(q, "recovered_partitions") * workers,
+            lost * total,
+            "the lost workers' share of {total} partitions: {q:?}"
+        );
+        restored += num(q, "recovered_partitions");
+    }
+    let adopted = adopted(seen);
+    assert_eq!(
+        adopted,
+        restored + ended,
+        "partitions adopted by survivors: {:?}",
+        seen.workers
+    );
 }
 
 /// A view's contents, sorted.
@@ -370,6 +424,27 @@ fn kill9_of_a_worker_mid_stream_loses_and_duplicates_nothing() {
         assert!(num(q, "recoveries") >= 1, "every view recovered: {q:?}");
     }
     assert_eq!(seen.workers.len(), 2, "the dead worker is forgotten");
+    // The continuous SELECT and COPY (windowed aggregates over `a`: 3 map
+    // and 3 reduce partitions, 2 on the lost worker) ended at their LIMIT.
+    only_lost_work_was_recovered(&seen, 3, 1, 2 * 2);
+}
+
+#[test]
+fn kill9_of_a_worker_with_rollback_recovery() {
+    // The other recovery mode: every partition restarts from the checkpoint.
+    let (_cluster, seen) = scenario(
+        3,
+        &["--recovery", "rollback"],
+        vec![(20, Fault::Kill(2))],
+        true,
+    );
+    for q in &seen.queries {
+        let (kind, moved, total) = last_recovery(q);
+        assert_eq!(kind, "rollback", "{q:?}");
+        assert!(total > 0 && moved == total, "{q:?}");
+    }
+    let adopted = adopted(&seen);
+    assert_eq!(adopted, 0, "nothing adopted in a rollback");
 }
 
 #[test]
@@ -397,6 +472,9 @@ fn two_workers_lost_one_after_the_other() {
     );
     for q in &seen.queries {
         assert!(num(q, "recoveries") >= 2, "two recoveries: {q:?}");
+        let (kind, moved, total) = last_recovery(q);
+        assert_eq!(kind, "lost work", "{q:?}");
+        assert!(moved > 0 && moved < total, "{q:?}");
     }
     assert_eq!(seen.workers.len(), 2);
 }
@@ -415,6 +493,10 @@ fn a_hung_worker_is_declared_lost_and_fenced_when_it_comes_back() {
     );
     for q in &seen.queries {
         assert!(num(q, "recoveries") >= 1, "recovered: {q:?}");
+        assert!(
+            num(q, "recovered_partitions") > 0,
+            "the hung worker's partitions were restored elsewhere: {q:?}"
+        );
     }
     assert_eq!(seen.workers.len(), 3, "the thawed worker is back");
 }

@@ -2,8 +2,9 @@
 //!
 //! A consumer learns from a `MapOutputReady` notice where a block lives and
 //! pulls it with `do_get`; the ticket is the block's id
-//! ([`BlockId::to_ticket`]). A block is served once: its consumer is the only
-//! reader, so serving it removes it from the producer's [`BlockStore`].
+//! ([`BlockId::to_ticket`]). Serving a block reads it from the producer's
+//! [`BlockStore`] by its rule: removed once served, or kept until a
+//! checkpoint covers it when its query retains blocks for recovery.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,7 +108,7 @@ impl FlightService for BlockFlightService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let bytes = self
             .store
-            .take(&id)
+            .read(&id)
             .map_err(|e| Status::not_found(e.to_string()))?;
         let batches = decode_block(&bytes).map_err(|e| Status::internal(e.to_string()))?;
         self.served.fetch_add(1, Ordering::Relaxed);
@@ -175,7 +176,7 @@ mod tests {
     use arrow_flight::flight_service_server::FlightServiceServer;
 
     #[tokio::test]
-    async fn do_get_serves_a_block_once_over_loopback() {
+    async fn do_get_serves_a_block_once_or_until_covered_over_loopback() {
         let schema = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Int64, false),
             Field::new("v", DataType::Utf8, true),
@@ -217,12 +218,29 @@ mod tests {
         let got = fetch_block(&mut client, &addr.to_string(), id)
             .await
             .unwrap();
-        assert_eq!(got, vec![batch]);
+        assert_eq!(got, vec![batch.clone()]);
         // Consumed: the store no longer holds it, a second fetch fails.
         assert_eq!(store.usage(), (0, 0));
         let err = fetch_block(&mut client, &addr.to_string(), id)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
+        // A query that retains blocks for recovery: served as often as
+        // asked, until a checkpoint covers the batch.
+        store.retain(QueryId(1), true);
+        store.put(
+            id,
+            crate::block::encode_block(&schema, std::slice::from_ref(&batch)).unwrap(),
+        );
+        for _ in 0..2 {
+            let got = fetch_block(&mut client, &addr.to_string(), id)
+                .await
+                .unwrap();
+            assert_eq!(got, vec![batch.clone()]);
+        }
+        store.drop_through(QueryId(1), 2);
+        assert!(fetch_block(&mut client, &addr.to_string(), id)
+            .await
+            .is_err());
     }
 }
