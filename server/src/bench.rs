@@ -1,5 +1,17 @@
-//! `drizzle bench ysb`, `drizzle bench sched` and `drizzle bench
-//! recovery`: benchmarks that print figures (never timed tests).
+//! `drizzle bench ysb`, `drizzle bench sched`, `drizzle bench recovery`
+//! and `drizzle bench adaptive`: benchmarks that print figures (never timed
+//! tests).
+//!
+//! ## Adaptive group size under changing load
+//!
+//! A windowed aggregate (`count`, `sum` per key per 1-second window) over a
+//! built-in stream on this process's coordinator and `remote_workers` worker
+//! processes, with `group_size = 'auto'`. The benchmark appends to the
+//! stream's log itself, every 10 ms, at a rate that changes by phases
+//! (`--phases 10s@20000,10s@1000000,15s@20000`). Every 100 ms it samples the
+//! group size, the share of wall time the coordinator spent coordinating
+//! and the batch latency; the CSV holds the samples and the printed line
+//! summarises each phase.
 //!
 //! ## Recovery timeline
 //!
@@ -60,6 +72,42 @@ pub struct YsbConfig {
 
 /// Worker processes started for a benchmark; killed on drop.
 struct RemoteWorkers(Vec<std::process::Child>);
+
+/// Settings of `drizzle bench adaptive`.
+#[derive(Debug, Clone)]
+pub struct AdaptiveConfig {
+    /// Input phases: (duration, rows per second).
+    pub phases: Vec<(Duration, f64)>,
+    /// Micro-batch interval.
+    pub batch_interval: Duration,
+    /// Worker processes.
+    pub remote_workers: usize,
+    /// Where the sampled timeline goes (CSV).
+    pub timeline: std::path::PathBuf,
+}
+
+/// Parses `--phases`: comma-separated `<seconds>s@<rows per second>`.
+pub fn parse_phases(text: &str) -> Result<Vec<(Duration, f64)>, String> {
+    text.split(',')
+        .map(|phase| {
+            let (secs, rate) = phase
+                .trim()
+                .split_once('@')
+                .ok_or_else(|| format!("'{phase}' is not <seconds>s@<rows per second>"))?;
+            let secs: f64 = secs
+                .trim_end_matches('s')
+                .parse()
+                .map_err(|_| format!("'{secs}' is not a number of seconds"))?;
+            let rate: f64 = rate
+                .parse()
+                .map_err(|_| format!("'{rate}' is not a rate"))?;
+            if !(secs > 0.0 && rate >= 0.0) {
+                return Err(format!("'{phase}': need seconds > 0 and a rate >= 0"));
+            }
+            Ok((Duration::from_secs_f64(secs), rate))
+        })
+        .collect()
+}
 
 /// Settings of `drizzle bench recovery` beyond YSB's.
 #[derive(Debug, Clone)]
@@ -326,11 +374,12 @@ pub async fn run_recovery(cfg: RecoveryConfig) -> Result<String, PgError> {
         (percentile(&w, 0.5) <= 1.5 * steady).then(|| after[i].0)
     });
     Ok(format!(
-        "steady p50 {:.2} ms | peak after kill {:.1} ms | back within 1.5x after {} | recoveries {} | batches {} | timeline {}",
+        "steady p50 {:.2} ms | peak after kill {:.1} ms | back within 1.5x after {} | recoveries {} ({}) | batches {} | timeline {}",
         steady,
         peak,
         recovered.map_or("never".to_string(), |s| format!("{s:.2} s")),
         status.recoveries.load(Ordering::Relaxed),
+        status.last_recovery.lock().clone().unwrap_or_default(),
         timeline.len(),
         cfg.timeline.display()
     ))
@@ -480,4 +529,192 @@ pub async fn run_sched(cfg: SchedConfig) -> Result<String, PgError> {
 pub fn sched_header() -> &'static str {
     "| workers | scheduling | G     | ms / batch  | batches/s | coord. µs / batch | launches / batch   |\n\
      |--------:|-----------:|------:|------------:|----------:|------------------:|-------------------:|"
+}
+
+/// One 100 ms sample of `drizzle bench adaptive`.
+struct Sample {
+    at: f64,
+    rate: f64,
+    group_size: u32,
+    coordination_share: f64,
+    batch_p50_ms: f64,
+    rows_per_s: f64,
+}
+
+/// `drizzle bench adaptive`: see the module docs.
+pub async fn run_adaptive(cfg: AdaptiveConfig) -> Result<String, PgError> {
+    use arrow::array::{Int64Array, TimestampMicrosecondArray};
+    let dir = std::env::temp_dir().join(format!("drizzle-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let workers = cfg.remote_workers.max(1);
+    let engine = Engine::open(
+        &dir,
+        0,
+        EngineConfig {
+            batch_interval: cfg.batch_interval,
+            group_size: 0,
+            ..EngineConfig::default()
+        },
+    )
+    .await?;
+    let _workers = RemoteWorkers::start(workers, &engine.runtime.cluster_address, &dir)?;
+    let mut settings = engine.default_settings();
+    let setup = format!(
+        "CREATE STREAM ev (k BIGINT, v BIGINT, ts TIMESTAMP, \
+           WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) WITH (partitions = {workers})"
+    );
+    for stmt in drizzle_planner::parse_statements(&setup)? {
+        engine.execute(stmt, &mut settings, &[], "").await?;
+    }
+    let query = "SELECT window_start, k, count(*) AS n, sum(v) AS s \
+         FROM TUMBLE(ev, ts, INTERVAL '1' SECOND) GROUP BY window_start, k";
+    let stmt = drizzle_planner::parse_statements(query)?.remove(0);
+    let Outcome::Stream(mut handle) = engine.execute(stmt, &mut settings, &[], query).await? else {
+        return Err(PgError::internal("the query is not continuous"));
+    };
+    let log = engine
+        .catalog
+        .stream_log("ev")
+        .ok_or_else(|| PgError::internal("stream ev has no log"))?;
+    let schema = std::sync::Arc::clone(log.schema());
+    // The feeder: every 10 ms, the rows the current phase's rate asks for.
+    let phases = cfg.phases.clone();
+    let total: Duration = phases.iter().map(|(d, _)| *d).sum();
+    let start = Instant::now();
+    let rate_at = move |t: Duration| -> f64 {
+        let mut end = Duration::ZERO;
+        for (d, rate) in &phases {
+            end += *d;
+            if t < end {
+                return *rate;
+            }
+        }
+        0.0
+    };
+    let feeder = {
+        let rate_at = rate_at.clone();
+        tokio::task::spawn_blocking(move || -> Result<u64, PgError> {
+            let tick = Duration::from_millis(10);
+            let mut next = start;
+            let mut n = 0i64;
+            let mut owed = 0.0f64;
+            while start.elapsed() < total {
+                owed += rate_at(start.elapsed()) * tick.as_secs_f64();
+                let rows = owed.floor() as i64;
+                owed -= rows as f64;
+                if rows > 0 {
+                    let now_us = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_micros() as i64)
+                        .unwrap_or(0);
+                    let batch = arrow::record_batch::RecordBatch::try_new(
+                        std::sync::Arc::clone(&schema),
+                        vec![
+                            std::sync::Arc::new(Int64Array::from_iter_values(
+                                (n..n + rows).map(|i| i % 1000),
+                            )),
+                            std::sync::Arc::new(Int64Array::from_iter_values(n..n + rows)),
+                            std::sync::Arc::new(TimestampMicrosecondArray::from_iter_values(
+                                std::iter::repeat_n(now_us, rows as usize),
+                            )),
+                        ],
+                    )
+                    .map_err(|e| PgError::internal(format!("feeder batch: {e}")))?;
+                    log.append(&batch)?;
+                    n += rows;
+                }
+                next += tick;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            Ok(n as u64)
+        })
+    };
+    let status = std::sync::Arc::clone(&handle.status);
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut last = (Instant::now(), 0u64, 0u64, 0usize);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while start.elapsed() < total {
+        tokio::select! {
+            b = handle.next() => match b {
+                Some(b) => { b?; }
+                None => break,
+            },
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let coord = status.coordination_us.load(Ordering::Relaxed);
+                let rows = status.rows_in.load(Ordering::Relaxed);
+                let latencies = status.recent_latencies_us.lock().clone();
+                let mut recent: Vec<f64> = latencies
+                    .iter()
+                    .skip(last.3.min(latencies.len()))
+                    .map(|&u| u as f64 / 1000.0)
+                    .collect();
+                recent.sort_by(f64::total_cmp);
+                let wall_us = now.duration_since(last.0).as_secs_f64() * 1e6;
+                samples.push(Sample {
+                    at: start.elapsed().as_secs_f64(),
+                    rate: rate_at(start.elapsed()),
+                    group_size: status.group_size.load(Ordering::Relaxed),
+                    coordination_share: (coord - last.1) as f64 / wall_us.max(1.0),
+                    batch_p50_ms: percentile(&recent, 0.5),
+                    rows_per_s: (rows.saturating_sub(last.2)) as f64 / (wall_us / 1e6).max(1e-6),
+                });
+                last = (now, coord, rows, latencies.len());
+            }
+        }
+    }
+    let fed = feeder
+        .await
+        .map_err(|e| PgError::internal(format!("feeder: {e}")))??;
+    handle.cancel();
+    engine.runtime.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut csv = String::from(
+        "seconds,offered_rows_per_s,group_size,coordination_share,batch_p50_ms,rows_in_per_s\n",
+    );
+    for s in &samples {
+        csv.push_str(&format!(
+            "{:.2},{:.0},{},{:.4},{:.3},{:.0}\n",
+            s.at, s.rate, s.group_size, s.coordination_share, s.batch_p50_ms, s.rows_per_s
+        ));
+    }
+    std::fs::write(&cfg.timeline, csv)
+        .map_err(|e| PgError::internal(format!("cannot write {}: {e}", cfg.timeline.display())))?;
+    // Per phase: the group size it settles at (median, and the largest),
+    // the coordination share and the batch latency.
+    let mut out = Vec::new();
+    let mut from = 0.0;
+    for (d, rate) in &cfg.phases {
+        let to = from + d.as_secs_f64();
+        let inside: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.at >= from && s.at < to)
+            .collect();
+        let mut g: Vec<f64> = inside.iter().map(|s| s.group_size as f64).collect();
+        g.sort_by(f64::total_cmp);
+        let mut share: Vec<f64> = inside.iter().map(|s| s.coordination_share).collect();
+        share.sort_by(f64::total_cmp);
+        let mut lat: Vec<f64> = inside
+            .iter()
+            .map(|s| s.batch_p50_ms)
+            .filter(|l| l.is_finite())
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        out.push(format!(
+            "{:.0}-{:.0} s @ {:.0} rows/s: G median {:.0} max {:.0}, coordination {:.1}%, batch p50 {:.2} ms",
+            from,
+            to,
+            rate,
+            percentile(&g, 0.5),
+            g.last().copied().unwrap_or(f64::NAN),
+            100.0 * percentile(&share, 0.5),
+            percentile(&lat, 0.5),
+        ));
+        from = to;
+    }
+    Ok(format!(
+        "{} | rows fed {fed} | timeline {}",
+        out.join(" | "),
+        cfg.timeline.display()
+    ))
 }

@@ -41,7 +41,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// Workload: `ysb` (YSB-lite) or `sched` (scheduling overhead per micro-batch).
+    /// Workload: `ysb` (YSB-lite), `sched` (scheduling overhead per
+    /// micro-batch), `recovery` (a worker killed mid-run) or `adaptive`
+    /// (the group size under changing load).
     #[arg(default_value = "ysb")]
     workload: String,
     /// Worker processes to start (0 = in-process workers only).
@@ -80,6 +82,9 @@ struct BenchArgs {
     /// Recovery: `lost-work` or `rollback`.
     #[arg(long, default_value = "lost-work")]
     recovery: String,
+    /// Adaptive: input phases, `<seconds>s@<rows per second>`, comma-separated.
+    #[arg(long, default_value = "10s@20000,10s@1000000,15s@20000")]
+    phases: String,
 }
 
 #[derive(clap::Args)]
@@ -258,8 +263,32 @@ fn main() -> anyhow::Result<()> {
                 println!("{line}");
                 return Ok(());
             }
+            if args.workload == "adaptive" {
+                let interval_us =
+                    drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
+                        .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?;
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the async runtime")?;
+                let cfg = drizzle_server::bench::AdaptiveConfig {
+                    phases: drizzle_server::bench::parse_phases(&args.phases)
+                        .map_err(|e| anyhow::anyhow!("--phases: {e}"))?,
+                    batch_interval: Duration::from_micros(interval_us),
+                    remote_workers: args.remote_workers.max(1),
+                    timeline: args.timeline.clone(),
+                };
+                let line = runtime
+                    .block_on(drizzle_server::bench::run_adaptive(cfg))
+                    .map_err(|e| anyhow::anyhow!("benchmark failed: {e}"))?;
+                println!("{line}");
+                return Ok(());
+            }
             if args.workload != "ysb" {
-                anyhow::bail!("unknown workload {} (try ysb or sched)", args.workload);
+                anyhow::bail!(
+                    "unknown workload {} (try ysb, sched, recovery or adaptive)",
+                    args.workload
+                );
             }
             let interval_us =
                 drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
