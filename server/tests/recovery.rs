@@ -411,9 +411,18 @@ async fn run(
             same_stream(&c_copy?, &o_copy, "COPY TO STDOUT");
         }
     }
+    // Map outputs are retained for recovery only until a checkpoint covers
+    // them: with the input over and checkpoints going on, every worker lets
+    // go of every block.
+    let workers = eventually(Duration::from_secs(30), || async {
+        let w = show(&admin, "SHOW WORKERS").await?;
+        Ok(w.iter().all(|w| num(w, "blocks_held") == 0).then_some(w))
+    })
+    .await
+    .map_err(|e| e.context("retained shuffle blocks were never released"))?;
     Ok(Observed {
         queries: show(&admin, "SHOW QUERIES").await?,
-        workers: show(&admin, "SHOW WORKERS").await?,
+        workers,
     })
 }
 
