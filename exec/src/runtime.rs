@@ -55,6 +55,9 @@
 //! * Map outputs are retained until a checkpoint covers their batch (each
 //!   launch names the latest one; workers drop what it covers), so a moved
 //!   reduce partition can read the survivors' outputs since the checkpoint.
+//!   After ten checkpoint intervals without a checkpoint retention stops
+//!   (worker memory stays bounded) and a loss rolls back, until checkpoints
+//!   succeed again.
 //! * The collector keys outputs by (batch, partition) and drops those of
 //!   batches it already released; tasks are deterministic, so within a
 //!   generation any attempt's output of a (batch, partition) is the same:
@@ -268,6 +271,8 @@ pub struct QueryStatus {
     pub recovered_partitions: AtomicU64,
     /// The last recovery, described (`SHOW QUERIES`).
     pub last_recovery: Mutex<Option<String>>,
+    /// What a lost worker would cost now: `lost-work`, or `rollback` (and why).
+    pub recovery: Mutex<String>,
     /// Current reduce partitions.
     pub reduce_partitions: AtomicU32,
     /// The last checkpoint: (batch, when written, bytes).
@@ -479,6 +484,14 @@ struct CompiledQuery {
     /// The attempt that started the current generation: outputs of any
     /// attempt since are valid (lost-work recovery keeps the generation).
     generation: AtomicU64,
+    /// Lost-work recovery applies: the runtime's mode, Drizzle scheduling
+    /// and checkpoints on.
+    lost_work: bool,
+    /// Map outputs are retained until a checkpoint covers them; off while
+    /// checkpoints stall, so that worker memory stays bounded.
+    retaining: AtomicBool,
+    /// The first batch from which every map output is retained.
+    retained_since: AtomicU64,
     /// Collector: batches below this were released.
     released: AtomicU64,
     /// Collector: 1 + the last batch released with rows (0: none).
@@ -496,6 +509,54 @@ struct PendingCheckpoint {
 }
 
 impl CompiledQuery {
+    /// Whether a loss now can re-run only the lost work: every map output
+    /// since the last checkpoint is retained.
+    fn can_recover_lost_work(&self) -> bool {
+        if !self.lost_work || !self.retaining.load(Ordering::Acquire) {
+            return false;
+        }
+        let since = self.retained_since.load(Ordering::Acquire);
+        self.last_checkpoint
+            .lock()
+            .as_ref()
+            .map_or(since == 0, |m| m.batch + 1 >= since)
+    }
+
+    /// At a group boundary: stops retaining map outputs once no checkpoint
+    /// was written for `stall` (the store is failing: retained blocks would
+    /// grow without bound), and retains again from batch `from` on once
+    /// checkpoints are back. Updates the recovery mode SHOW QUERIES shows.
+    fn check_retention(&self, stall: Duration, from: u64) {
+        if !self.lost_work {
+            return;
+        }
+        let age = self
+            .status
+            .last_checkpoint
+            .lock()
+            .map_or_else(|| self.status.started.elapsed(), |(_, at, _)| at.elapsed());
+        let retaining = self.retaining.load(Ordering::Acquire);
+        if retaining && age > stall {
+            self.retaining.store(false, Ordering::Release);
+            tracing::warn!(query = %self.id, "no checkpoint for {age:?}: map outputs are no longer retained, a lost worker now rolls the query back");
+        } else if !retaining && age < stall {
+            self.retained_since.store(from, Ordering::Release);
+            self.retaining.store(true, Ordering::Release);
+            tracing::info!(query = %self.id, "checkpoints are back: map outputs retained again from batch {from}");
+        }
+        let mode = if !self.retaining.load(Ordering::Acquire) {
+            "rollback (checkpoints stalled)"
+        } else if self.can_recover_lost_work() {
+            "lost-work"
+        } else {
+            "rollback (until the next checkpoint)"
+        };
+        let mut shown = self.status.recovery.lock();
+        if *shown != mode {
+            *shown = mode.to_string();
+        }
+    }
+
     /// Every batch up to the returned one was committed by the sink.
     fn committed_through(&self) -> Option<u64> {
         let released = self.released.load(Ordering::Acquire);
@@ -1244,6 +1305,11 @@ impl Runtime {
         };
         // 0 = 'auto': adaptive, starting from 1.
         let adaptive = spec.group_size == 0 && spec.scheduling != Scheduling::Bsp;
+        // Re-running only lost work needs map outputs kept until a
+        // checkpoint covers them, and workers that trigger batches on their own.
+        let lost_work = self.state.recovery == Recovery::LostWork
+            && spec.scheduling == Scheduling::Drizzle
+            && self.state.checkpoints.is_some();
         let group_size = match spec.scheduling {
             Scheduling::Bsp => 1,
             Scheduling::Drizzle | Scheduling::GroupOnly => spec.group_size.max(1),
@@ -1269,6 +1335,7 @@ impl Runtime {
             recoveries: AtomicU64::new(0),
             recovered_partitions: AtomicU64::new(0),
             last_recovery: Mutex::new(None),
+            recovery: Mutex::new(if lost_work { "lost-work" } else { "rollback" }.to_string()),
             reduce_partitions: AtomicU32::new(reduce_partitions),
             last_checkpoint: Mutex::new(
                 spec.durability
@@ -1326,6 +1393,9 @@ impl Runtime {
             checkpoint_progress: Notify::new(),
             target_partitions: AtomicU32::new(reduce_partitions),
             generation: AtomicU64::new(0),
+            lost_work,
+            retaining: AtomicBool::new(lost_work),
+            retained_since: AtomicU64::new(0),
             released: AtomicU64::new(released),
             last_sent_rows: AtomicU64::new(0),
             acked: Arc::clone(&acked),
@@ -1439,11 +1509,6 @@ impl Runtime {
         mut map_done: mpsc::UnboundedReceiver<pb::MapOutputReady>,
     ) -> Result<()> {
         let cancel = &query.cancel;
-        // Re-running only lost work needs map outputs kept until a checkpoint
-        // covers them, and workers that trigger batches on their own.
-        let lost_work = self.state.recovery == Recovery::LostWork
-            && query.scheduling == Scheduling::Drizzle
-            && self.state.checkpoints.is_some();
         let mut carry: Option<Carry> = None;
         let mut rolling_back = false;
         // Workers that may hold the query: told to drop it when it ends.
@@ -1500,7 +1565,7 @@ impl Runtime {
                     };
                     query.status.recoveries.fetch_add(1, Ordering::Relaxed);
                     let from = query.last_checkpoint.lock().as_ref().map(|m| m.batch);
-                    if lost_work {
+                    if query.can_recover_lost_work() {
                         tracing::warn!(query = %query.id, attempt, "worker {who} lost; re-running its work from checkpoint {from:?}");
                         carry = launched;
                     } else {
@@ -1684,10 +1749,8 @@ impl Runtime {
             Scheduling::Drizzle => SchedulingMode::Drizzle,
             Scheduling::GroupOnly | Scheduling::Bsp => SchedulingMode::Bsp,
         };
-        // Map outputs are kept for lost-work recovery (see `coordinate`).
-        let retain_blocks = self.state.recovery == Recovery::LostWork
-            && query.scheduling == Scheduling::Drizzle
-            && self.state.checkpoints.is_some();
+        // Ten checkpoint intervals without a checkpoint: the store is failing.
+        let stall = (self.state.checkpoint_interval * 10).max(Duration::from_secs(2));
         let restore = resume.as_ref().map(|m| pb::Restore {
             batch: m.batch,
             reduce_partitions: m.reduce_partitions,
@@ -1785,6 +1848,10 @@ impl Runtime {
                 // it moved, every batch since the checkpoint (the survivors
                 // skip what they already ran).
                 let from = if group == 0 { first_batch } else { next_batch };
+                // Map outputs are kept for lost-work recovery (see `coordinate`)
+                // while checkpoints keep releasing them.
+                query.check_retention(stall, from);
+                let retain_blocks = query.retaining.load(Ordering::Acquire);
                 let batches: Vec<pb::BatchParams> = (from..next_batch + g)
                     .map(|b| pb::BatchParams {
                         batch: b,

@@ -207,12 +207,37 @@ enum Fault {
     RestartServer,
     /// `ALTER MATERIALIZED VIEW ... SET parallelism = n` on every view.
     Parallelism(u32),
+    /// Make checkpoint writes fail (the store's directory becomes a file;
+    /// the checkpoints written so far are kept aside).
+    BreakCheckpoints,
+    /// Put the checkpoint directory back.
+    RepairCheckpoints,
+}
+
+/// Every query's `recovery` mode (SHOW QUERIES) starts with `mode`.
+async fn all_recover_by(admin: &Client, mode: &str) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(30), || async {
+        let q = show(admin, "SHOW QUERIES").await?;
+        Ok(q.iter()
+            .all(|r| r["recovery"].starts_with(mode))
+            .then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(format!("queries did not switch to {mode} recovery")))
+}
+
+/// Shuffle blocks held by all workers.
+async fn blocks_held(admin: &Client) -> anyhow::Result<u64> {
+    let w = show(admin, "SHOW WORKERS").await?;
+    Ok(w.iter().map(|w| num(w, "blocks_held")).sum())
 }
 
 /// What a scenario observed, for case-specific checks.
 struct Observed {
     queries: Vec<HashMap<String, String>>,
     workers: Vec<HashMap<String, String>>,
+    /// Blocks the workers gained while checkpoints were broken.
+    stalled_growth: Option<i64>,
 }
 
 /// Runs the workload on a cluster of `workers` workers and on an oracle
@@ -292,6 +317,10 @@ async fn run(
     faults.sort_by_key(|(at, _)| *at);
     let mut faults = faults.into_iter().peekable();
     let mut server_restarted = false;
+    let mut stalled_blocks: Option<u64> = None;
+    let mut stalled_growth: Option<i64> = None;
+    let checkpoints = cluster.server.data_dir.join("checkpoints");
+    let aside = checkpoints.with_extension("aside");
     for i in 0..STATEMENTS {
         while faults.peek().is_some_and(|(at, _)| *at == i) {
             let Some((_, fault)) = faults.next() else {
@@ -351,6 +380,22 @@ async fn run(
                             "view resumed without its checkpoint: {r:?}"
                         );
                     }
+                }
+                Fault::BreakCheckpoints => {
+                    std::fs::rename(&checkpoints, &aside)?;
+                    std::fs::write(&checkpoints, b"not a directory")?;
+                    // Ten intervals without a checkpoint: retention stops.
+                    all_recover_by(&admin, "rollback (checkpoints stalled)").await?;
+                    eprintln!("checkpoints stalled; map outputs no longer retained");
+                    stalled_blocks = Some(blocks_held(&admin).await?);
+                }
+                Fault::RepairCheckpoints => {
+                    let now = blocks_held(&admin).await? as i64;
+                    stalled_growth = stalled_blocks.map(|b| now - b as i64);
+                    std::fs::remove_file(&checkpoints)?;
+                    std::fs::rename(&aside, &checkpoints)?;
+                    all_recover_by(&admin, "lost-work").await?;
+                    eprintln!("checkpoints repaired; lost-work recovery again");
                 }
                 Fault::Parallelism(n) => {
                     for view in ["win", "joined", "totals"] {
@@ -432,6 +477,7 @@ async fn run(
     Ok(Observed {
         queries: show(&admin, "SHOW QUERIES").await?,
         workers,
+        stalled_growth,
     })
 }
 
@@ -463,6 +509,36 @@ fn kill9_of_a_worker_with_rollback_recovery() {
     }
     let adopted = adopted(&seen);
     assert_eq!(adopted, 0, "nothing adopted in a rollback");
+}
+
+#[test]
+fn a_failing_checkpoint_store_stops_block_retention_until_it_recovers() {
+    // Retained map outputs are released by checkpoints: when the store
+    // fails, workers stop retaining (their memory stays bounded while the
+    // input keeps coming) and a loss would roll back; once checkpoints are
+    // back, lost-work recovery is too, and a kill recovers that way.
+    let (_cluster, seen) = scenario(
+        3,
+        &[],
+        vec![
+            (10, Fault::BreakCheckpoints),
+            (35, Fault::RepairCheckpoints),
+            (45, Fault::Kill(1)),
+        ],
+        false,
+    );
+    let growth = seen.stalled_growth.expect("measured while stalled");
+    // 25 statements fed per stream while stalled: retained, their blocks
+    // would number in the hundreds; released once read, only those in
+    // flight remain.
+    assert!(
+        growth < 30,
+        "blocks grew by {growth} while checkpoints failed"
+    );
+    for q in &seen.queries {
+        assert_eq!(last_recovery(q).0, "lost work", "{q:?}");
+        assert_eq!(q["recovery"], "lost-work", "{q:?}");
+    }
 }
 
 #[test]
