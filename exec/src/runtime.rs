@@ -1238,13 +1238,16 @@ impl Runtime {
         self.state.launch_messages.load(Ordering::Relaxed)
     }
 
-    /// Status of every running query.
+    /// Status of every running query. A query that ended is not listed,
+    /// even while its coordinator still winds down: its client has seen the
+    /// end already (the collector marks it ended before closing the stream).
     pub fn queries(&self) -> Vec<Arc<QueryStatus>> {
         let mut v: Vec<_> = self
             .state
             .queries
             .lock()
             .values()
+            .filter(|q| q.status.ended.lock().is_none())
             .map(|q| Arc::clone(&q.status))
             .collect();
         v.sort_by_key(|s| s.id);

@@ -22,6 +22,9 @@
 //! the 3 s before the kill), the peak latency after the kill, and the time
 //! from the kill until latency is back within 1.5x of steady state (the
 //! first batch from which the median of the next 20 batches is).
+//! `--recovery lost-work` (the default) re-runs only the dead worker's
+//! partitions; `--recovery rollback` restarts every partition from the
+//! checkpoint, for comparison.
 //!
 //! Both run the engine in this process; with `remote_workers > 0` it has no
 //! in-process workers and the benchmark starts that many `drizzle worker`
