@@ -332,6 +332,9 @@ pub async fn run_recovery(cfg: RecoveryConfig) -> Result<String, PgError> {
         }
     }
     let status = std::sync::Arc::clone(&handle.status);
+    // Read before the teardown, which stops the other workers too.
+    let recoveries = status.recoveries.load(Ordering::Relaxed);
+    let last_recovery = status.last_recovery.lock().clone().unwrap_or_default();
     handle.cancel();
     engine.runtime.shutdown();
     drop(workers);
@@ -381,8 +384,8 @@ pub async fn run_recovery(cfg: RecoveryConfig) -> Result<String, PgError> {
         steady,
         peak,
         recovered.map_or("never".to_string(), |s| format!("{s:.2} s")),
-        status.recoveries.load(Ordering::Relaxed),
-        status.last_recovery.lock().clone().unwrap_or_default(),
+        recoveries,
+        last_recovery,
         timeline.len(),
         cfg.timeline.display()
     ))

@@ -205,122 +205,83 @@ fn main() -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?;
             runtime.block_on(run_worker(args))
         }
-        Command::Bench(args) => {
-            let scheduling: drizzle_exec::Scheduling = args
-                .scheduling
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--scheduling: {e}"))?;
-            if args.workload == "sched" {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-                    .context("cannot start the async runtime")?;
-                let cfg = drizzle_server::bench::SchedConfig {
-                    workers: args.remote_workers.max(1),
-                    scheduling,
-                    group_size: args.group_size,
-                    duration: Duration::from_secs(args.seconds),
-                };
-                if args.header {
-                    println!("{}", drizzle_server::bench::sched_header());
-                }
-                let line = runtime
-                    .block_on(drizzle_server::bench::run_sched(cfg))
-                    .map_err(|e| anyhow::anyhow!("benchmark failed: {e}"))?;
-                println!("{line}");
-                return Ok(());
-            }
-            if args.workload == "recovery" {
-                let interval_us =
-                    drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
-                        .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?;
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-                    .context("cannot start the async runtime")?;
-                let remote = args.remote_workers.max(2);
-                let cfg = drizzle_server::bench::RecoveryConfig {
-                    ysb: drizzle_server::bench::YsbConfig {
-                        rate: args.rate,
-                        duration: Duration::from_secs(args.seconds),
-                        batch_interval: Duration::from_micros(interval_us),
-                        workers: remote,
-                        group_size: args.group_size,
-                        remote_workers: remote,
-                        scheduling,
-                        window_seconds: args.window_seconds,
-                    },
-                    kill_after: Duration::from_secs(args.kill_after),
-                    timeline: args.timeline.clone(),
-                    recovery: args
-                        .recovery
-                        .parse()
-                        .map_err(|e| anyhow::anyhow!("--recovery: {e}"))?,
-                };
-                let line = runtime
-                    .block_on(drizzle_server::bench::run_recovery(cfg))
-                    .map_err(|e| anyhow::anyhow!("benchmark failed: {e}"))?;
-                println!("{line}");
-                return Ok(());
-            }
-            if args.workload == "adaptive" {
-                let interval_us =
-                    drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
-                        .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?;
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-                    .context("cannot start the async runtime")?;
-                let cfg = drizzle_server::bench::AdaptiveConfig {
-                    phases: drizzle_server::bench::parse_phases(&args.phases)
-                        .map_err(|e| anyhow::anyhow!("--phases: {e}"))?,
-                    batch_interval: Duration::from_micros(interval_us),
-                    remote_workers: args.remote_workers.max(1),
-                    timeline: args.timeline.clone(),
-                };
-                let line = runtime
-                    .block_on(drizzle_server::bench::run_adaptive(cfg))
-                    .map_err(|e| anyhow::anyhow!("benchmark failed: {e}"))?;
-                println!("{line}");
-                return Ok(());
-            }
-            if args.workload != "ysb" {
-                anyhow::bail!(
-                    "unknown workload {} (try ysb, sched, recovery or adaptive)",
-                    args.workload
-                );
-            }
-            let interval_us =
-                drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
-                    .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            let cfg = drizzle_server::bench::YsbConfig {
-                rate: args.rate,
-                duration: Duration::from_secs(args.seconds),
-                batch_interval: Duration::from_micros(interval_us),
-                workers: args.workers.unwrap_or_else(|| {
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(2)
-                }),
-                group_size: args.group_size,
-                remote_workers: args.remote_workers,
-                scheduling,
-                window_seconds: args.window_seconds,
-            };
-            if args.header {
-                println!("{}", drizzle_server::bench::header());
-            }
-            let line = runtime
-                .block_on(drizzle_server::bench::run_ysb(cfg))
-                .map_err(|e| anyhow::anyhow!("benchmark failed: {e}"))?;
-            println!("{line}");
-            Ok(())
-        }
+        Command::Bench(args) => run_bench(args),
     }
+}
+
+/// `drizzle bench WORKLOAD`: runs one benchmark on an embedded engine and
+/// prints its line of figures.
+fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    use drizzle_server::bench;
+    let scheduling: drizzle_exec::Scheduling = args
+        .scheduling
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--scheduling: {e}"))?;
+    let batch_interval = Duration::from_micros(
+        drizzle_planner::statement::parse_duration_setting_us(&args.batch_interval)
+            .map_err(|e| anyhow::anyhow!("--batch-interval: {e}"))?,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let ysb = |workers: usize, remote_workers: usize| bench::YsbConfig {
+        rate: args.rate,
+        duration: Duration::from_secs(args.seconds),
+        batch_interval,
+        workers,
+        group_size: args.group_size,
+        remote_workers,
+        scheduling,
+        window_seconds: args.window_seconds,
+    };
+    let line = match args.workload.as_str() {
+        "sched" => {
+            if args.header {
+                println!("{}", bench::sched_header());
+            }
+            runtime.block_on(bench::run_sched(bench::SchedConfig {
+                workers: args.remote_workers.max(1),
+                scheduling,
+                group_size: args.group_size,
+                duration: Duration::from_secs(args.seconds),
+            }))
+        }
+        "recovery" => {
+            let remote = args.remote_workers.max(2);
+            runtime.block_on(bench::run_recovery(bench::RecoveryConfig {
+                ysb: ysb(remote, remote),
+                kill_after: Duration::from_secs(args.kill_after),
+                timeline: args.timeline.clone(),
+                recovery: args
+                    .recovery
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--recovery: {e}"))?,
+            }))
+        }
+        "adaptive" => runtime.block_on(bench::run_adaptive(bench::AdaptiveConfig {
+            phases: bench::parse_phases(&args.phases)
+                .map_err(|e| anyhow::anyhow!("--phases: {e}"))?,
+            batch_interval,
+            remote_workers: args.remote_workers.max(1),
+            timeline: args.timeline.clone(),
+        })),
+        "ysb" => {
+            if args.header {
+                println!("{}", bench::header());
+            }
+            let workers = args.workers.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            });
+            runtime.block_on(bench::run_ysb(ysb(workers, args.remote_workers)))
+        }
+        other => anyhow::bail!("unknown workload {other} (try ysb, sched, recovery or adaptive)"),
+    }
+    .map_err(|e| anyhow::anyhow!("benchmark failed: {e}"))?;
+    println!("{line}");
+    Ok(())
 }
 
 async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
