@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+# openssl makes the CA and certificates of the TLS tests.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# JDBC: a JDK (javac) and Debian's PostgreSQL JDBC driver.
+command -v javac >/dev/null 2>&1 || need_apt+=(default-jdk-headless)
+[ -f /usr/share/java/postgresql.jar ] || need_apt+=(libpostgresql-jdbc-java)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   SUDO=""
@@ -15,10 +20,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# psycopg 3 for the Python driver test (a wheel from PyPI).
+# Python drivers for the driver tests (wheels from PyPI).
 if ! python3 -c "import psycopg" >/dev/null 2>&1; then
   echo "installing: psycopg[binary]"
-  python3 -m pip install -q "psycopg[binary]"
+  python3 -m pip install -q "psycopg[binary]" || python3 -m pip install -q --break-system-packages "psycopg[binary]"
+fi
+if ! python3 -c "import asyncpg" >/dev/null 2>&1; then
+  echo "installing: asyncpg"
+  python3 -m pip install -q asyncpg || python3 -m pip install -q --break-system-packages asyncpg
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -1,5 +1,16 @@
 //! The cluster protocol (`proto/drizzle.proto`, compiled by `build.rs`) and
-//! the helpers both ends share: connections, Arrow IPC payloads, versions.
+//! the helpers both ends share: connections, Arrow IPC payloads, versions,
+//! and proof of membership.
+//!
+//! # Membership
+//! Every gRPC and Arrow Flight call between the coordinator and the workers
+//! carries a token derived from the cluster secret ([`ClusterSecret`],
+//! `--cluster-secret-file` / `DRIZZLE_CLUSTER_SECRET`; an embedded server
+//! makes a random one at each start) in the `x-drizzle-cluster-token`
+//! header, and every endpoint refuses a call without the right token
+//! (`UNAUTHENTICATED`) before any service code runs ([`MembershipCheck`]).
+//! The token is an HMAC of the secret, so the secret itself never travels;
+//! it is compared in constant time.
 
 #[allow(
     missing_docs,
@@ -17,6 +28,9 @@ use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{ExecError, Result};
@@ -26,6 +40,113 @@ pub const PROTOCOL_VERSION: u32 = pb::ProtocolVersion::Current as u32;
 
 /// Largest control message accepted (results and table sides travel as IPC).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// The metadata header that carries the membership token.
+pub const TOKEN_HEADER: &str = "x-drizzle-cluster-token";
+
+/// The cluster's shared secret, held as the token derived from it. Attached
+/// to every outgoing call by its [`Interceptor`] implementation.
+#[derive(Clone)]
+pub struct ClusterSecret {
+    token: MetadataValue<Ascii>,
+}
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(<redacted>)")
+    }
+}
+
+impl ClusterSecret {
+    /// The membership token of `secret` (at least 16 bytes: a secret short
+    /// enough to guess is refused).
+    pub fn new(secret: &str) -> Result<Self> {
+        let secret = secret.trim();
+        if secret.len() < 16 {
+            return Err(ExecError::invalid(
+                "the cluster secret must be at least 16 characters",
+            ));
+        }
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        let tag = ring::hmac::sign(&key, b"drizzle cluster membership v1");
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let token = MetadataValue::try_from(hex)
+            .map_err(|e| ExecError::invalid(format!("cluster token: {e}")))?;
+        Ok(Self { token })
+    }
+
+    /// A random secret (an embedded server's, at each start).
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 32];
+        // Only fails without OS randomness; the process then cannot be
+        // joined by anyone who lacks these (zero) bytes either way.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+        let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        match Self::new(&secret) {
+            Ok(s) => s,
+            Err(_) => Self {
+                token: MetadataValue::from_static("unusable"),
+            },
+        }
+    }
+
+    /// The token as sent in [`TOKEN_HEADER`].
+    pub fn token(&self) -> &MetadataValue<Ascii> {
+        &self.token
+    }
+
+    /// The server-side check for this secret.
+    pub fn check(&self) -> MembershipCheck {
+        MembershipCheck {
+            secret: self.clone(),
+        }
+    }
+}
+
+impl Interceptor for ClusterSecret {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert(TOKEN_HEADER, self.token.clone());
+        Ok(request)
+    }
+}
+
+/// Refuses any call that does not carry the cluster's token.
+#[derive(Clone, Debug)]
+pub struct MembershipCheck {
+    secret: ClusterSecret,
+}
+
+impl Interceptor for MembershipCheck {
+    fn call(
+        &mut self,
+        request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        let expected = self.secret.token.as_bytes();
+        let ok = request
+            .metadata()
+            .get(TOKEN_HEADER)
+            .is_some_and(|got| constant_time_eq(got.as_bytes(), expected));
+        if ok {
+            Ok(request)
+        } else {
+            Err(tonic::Status::unauthenticated(
+                "not a member of this cluster: the cluster secret is missing or wrong",
+            ))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A channel whose calls carry the cluster token.
+pub type ClusterChannel = InterceptedService<Channel, ClusterSecret>;
 
 /// A lazily connecting channel to `host:port`.
 pub fn channel(address: &str) -> Result<Channel> {
@@ -51,22 +172,39 @@ pub fn server_builder() -> tonic::transport::Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
 }
 
-/// A client of the coordinator service.
+/// A client of the coordinator service whose calls carry `secret`'s token.
 pub fn coordinator_client(
     address: &str,
-) -> Result<pb::coordinator_client::CoordinatorClient<Channel>> {
+    secret: &ClusterSecret,
+) -> Result<pb::coordinator_client::CoordinatorClient<ClusterChannel>> {
+    Ok(pb::coordinator_client::CoordinatorClient::with_interceptor(
+        channel(address)?,
+        secret.clone(),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A client of a worker's control service whose calls carry `secret`'s token.
+pub fn worker_client(
+    address: &str,
+    secret: &ClusterSecret,
+) -> Result<pb::worker_client::WorkerClient<ClusterChannel>> {
     Ok(
-        pb::coordinator_client::CoordinatorClient::new(channel(address)?)
+        pb::worker_client::WorkerClient::with_interceptor(channel(address)?, secret.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     )
 }
 
-/// A client of a worker's control service.
-pub fn worker_client(address: &str) -> Result<pb::worker_client::WorkerClient<Channel>> {
-    Ok(pb::worker_client::WorkerClient::new(channel(address)?)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+/// An Arrow Flight client of a peer's block store whose calls carry
+/// `secret`'s token.
+pub fn flight_client(channel: Channel, secret: &ClusterSecret) -> arrow_flight::FlightClient {
+    let mut client = arrow_flight::FlightClient::new(channel);
+    client
+        .metadata_mut()
+        .insert(TOKEN_HEADER, secret.token.clone());
+    client
 }
 
 /// Rows as an Arrow IPC stream (empty bytes for no batches).

@@ -42,6 +42,13 @@ pub mod source;
 pub mod worker;
 
 pub use error::{ExecError, Result};
+
+/// Stack size of every thread that plans or evaluates user SQL: the async
+/// runtimes' threads (their blocking pools included) and workers' task
+/// threads. Sized for `drizzle_planner::statement::MAX_EXPRESSION_DEPTH`
+/// (about 2 KiB per level in a debug build, with a wide margin); only the
+/// pages a thread touches are ever committed.
+pub const THREAD_STACK_BYTES: usize = 32 << 20;
 pub use ops::TableEvaluator;
 pub use runtime::{
     AdaptiveGroupSize, Durability, EmittedBatch, GroupId, InputSpec, QueryHandle, QuerySpec,

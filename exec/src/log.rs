@@ -15,8 +15,24 @@
 //! Offsets count rows. An append is one frame, written and then `fdatasync`ed
 //! before [`PartitionLog::append`] returns, so an acknowledged `INSERT` or
 //! `COPY` survives `kill -9`; a statement is one frame, so it is all or
-//! nothing. On open, a torn or corrupt tail (a crash mid-append) is cut off:
-//! those rows were never acknowledged.
+//! nothing.
+//!
+//! # Damage
+//! On open, a torn tail (an incomplete or unreadable last frame, with no
+//! whole frame after it: a crash mid-append) is cut off: those rows were
+//! never acknowledged. Any other damage (a bad frame with good frames after
+//! it) is never cut: [`PartitionLog::open`] refuses the file with
+//! [`ExecError::Corrupt`], naming the file and byte offset, and
+//! [`PartitionLog::repair`] (`drizzle repair`) moves each damaged region to a
+//! quarantine file beside the log and puts a *gap* frame in its place:
+//!
+//! ```text
+//! gap := magic "DRZG" | 0 u32 | 0 u32 | base_offset u64 | rows u32 | append_time_us i64
+//! ```
+//!
+//! A gap stands for rows that were lost; it keeps every later row at its
+//! offset (so replayable batch ranges, view start offsets and checkpointed
+//! source positions stay valid) and reads as no rows.
 //!
 //! # Invariants
 //! * Appends to one partition are serialised by its file mutex; the index and
@@ -46,6 +62,7 @@ use crate::error::{ExecError, Result};
 
 const MAGIC_V1: &[u8; 4] = b"DRZ1";
 const MAGIC: &[u8; 4] = b"DRZ2";
+const MAGIC_GAP: &[u8; 4] = b"DRZG";
 const HEADER_V1: usize = 4 + 4 + 4 + 8 + 4;
 const HEADER: usize = HEADER_V1 + 8;
 /// Bytes of decoded batches a stream partition keeps cached (tables keep all).
@@ -59,6 +76,121 @@ struct Frame {
     ts: i64,
     pos: u64,
     len: u32,
+    /// Lost rows (a repaired region): read as nothing.
+    gap: bool,
+}
+
+/// A frame found while scanning a file.
+struct Scanned {
+    frame: Frame,
+    /// Byte offset one past the frame.
+    next: usize,
+}
+
+/// Reads the frame starting at byte `pos` of `data`, if it is whole and its
+/// checksum matches.
+fn frame_at(data: &[u8], pos: usize) -> Option<Scanned> {
+    let h = data.get(pos..pos + HEADER_V1)?;
+    let header = match &h[0..4] {
+        m if (m == MAGIC || m == MAGIC_GAP) && pos + HEADER <= data.len() => HEADER,
+        m if m == MAGIC_V1 => HEADER_V1,
+        _ => return None,
+    };
+    let gap = &h[0..4] == MAGIC_GAP;
+    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+    let crc = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    let base = u64::from_le_bytes(h[12..20].try_into().ok()?);
+    let rows = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
+    let ts = if header == HEADER {
+        i64::from_le_bytes(data[pos + 24..pos + 32].try_into().ok()?)
+    } else {
+        0
+    };
+    let start = pos + header;
+    let end = start.checked_add(len)?;
+    if end > data.len() || (gap && len != 0) || crc32fast::hash(&data[start..end]) != crc {
+        return None;
+    }
+    Some(Scanned {
+        frame: Frame {
+            base,
+            rows,
+            ts,
+            pos: start as u64,
+            len: len as u32,
+            gap,
+        },
+        next: end,
+    })
+}
+
+/// Whether `tail` is a frame cut short by a crash mid-append: too short
+/// for a header, or shorter than its header says.
+fn incomplete(tail: &[u8]) -> bool {
+    if tail.len() < HEADER_V1 {
+        return true;
+    }
+    let header = match &tail[0..4] {
+        m if m == MAGIC || m == MAGIC_GAP => HEADER,
+        m if m == MAGIC_V1 => HEADER_V1,
+        _ => return false,
+    };
+    let len = u32::from_le_bytes([tail[4], tail[5], tail[6], tail[7]]) as usize;
+    tail.len() < header.saturating_add(len)
+}
+
+/// The first whole frame that starts after byte `from`, if any.
+fn next_whole_frame(data: &[u8], from: usize) -> Option<(usize, Scanned)> {
+    let mut at = from;
+    while at + 4 <= data.len() {
+        let found = data[at..]
+            .windows(3)
+            .position(|w| w == b"DRZ")
+            .map(|i| at + i)?;
+        if let Some(f) = frame_at(data, found) {
+            return Some((found, f));
+        }
+        at = found + 1;
+    }
+    None
+}
+
+/// The frames of a log file up to the first damage; `Ok` holds them and the
+/// end of the last good one.
+struct Scan {
+    frames: Vec<Frame>,
+    end_rows: u64,
+    valid_to: usize,
+}
+
+fn scan(data: &[u8]) -> Scan {
+    let mut frames = Vec::new();
+    let mut pos = 0usize;
+    let mut end = 0u64;
+    while let Some(f) = frame_at(data, pos) {
+        if f.frame.base != end {
+            break;
+        }
+        end += f.frame.rows as u64;
+        pos = f.next;
+        frames.push(f.frame);
+    }
+    Scan {
+        frames,
+        end_rows: end,
+        valid_to: pos,
+    }
+}
+
+/// What [`PartitionLog::repair`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Damaged regions moved aside: (byte offset, length, quarantine file).
+    pub quarantined: Vec<(u64, u64, PathBuf)>,
+    /// Rows the damaged regions held (now gaps).
+    pub lost_rows: u64,
+    /// A torn tail that was cut (bytes).
+    pub torn_tail: u64,
 }
 
 /// One partition of a log.
@@ -111,6 +243,9 @@ impl Cache {
 
 impl PartitionLog {
     /// Opens (creating if needed) a partition file and recovers its index.
+    ///
+    /// A torn tail is cut; any other damage fails with
+    /// [`ExecError::Corrupt`] (see the module docs) and changes nothing.
     pub fn open(path: PathBuf, schema: SchemaRef, cache_all: bool) -> Result<Self> {
         let mut file = OpenOptions::new()
             .read(true)
@@ -121,43 +256,36 @@ impl PartitionLog {
         let mut data = Vec::new();
         file.read_to_end(&mut data)
             .map_err(|e| ExecError::io(&path, e))?;
-        let mut frames = Vec::new();
-        let mut pos = 0usize;
-        let mut end = 0u64;
-        while pos + HEADER_V1 <= data.len() {
-            let h = &data[pos..pos + HEADER_V1];
-            let header = match &h[0..4] {
-                m if m == MAGIC && pos + HEADER <= data.len() => HEADER,
-                m if m == MAGIC_V1 => HEADER_V1,
-                _ => break,
-            };
-            let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
-            let crc = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-            let base = u64::from_le_bytes(h[12..20].try_into().unwrap_or_default());
-            let rows = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
-            let ts = if header == HEADER {
-                i64::from_le_bytes(data[pos + 24..pos + 32].try_into().unwrap_or_default())
-            } else {
-                0
-            };
-            let start = pos + header;
-            if start + len > data.len()
-                || crc32fast::hash(&data[start..start + len]) != crc
-                || base != end
-            {
-                break;
-            }
-            frames.push(Frame {
-                base,
-                rows,
-                ts,
-                pos: start as u64,
-                len: len as u32,
-            });
-            end += rows as u64;
-            pos = start + len;
-        }
+        let Scan {
+            frames,
+            end_rows: end,
+            valid_to: pos,
+        } = scan(&data);
         if pos < data.len() {
+            if let Some((at, _)) = next_whole_frame(&data, pos + 1) {
+                return Err(ExecError::Corrupt {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "damaged frame at byte {pos} ({} bytes up to the next good frame, at \
+                         byte {at}, of {} in the file); refusing to open it, which would drop \
+                         every good frame after it. Stop the server and run `drizzle repair \
+                         --data-dir <dir>`: it moves the damaged bytes to a quarantine file \
+                         and keeps every good frame",
+                        at - pos,
+                        data.len()
+                    ),
+                });
+            }
+            if !incomplete(&data[pos..]) {
+                return Err(ExecError::Corrupt {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "the last frame, at byte {pos}, is whole but damaged (its rows were \
+                         acknowledged); refusing to cut it. Stop the server and run `drizzle \
+                         repair --data-dir <dir>` to move it to a quarantine file"
+                    ),
+                });
+            }
             tracing::warn!(path = %path.display(), valid = pos, total = data.len(), "truncating torn log tail");
             file.set_len(pos as u64)
                 .map_err(|e| ExecError::io(&path, e))?;
@@ -180,6 +308,84 @@ impl PartitionLog {
                 entries: Default::default(),
             }),
         })
+    }
+
+    /// Repairs a damaged partition file in place (the server must not be
+    /// running): each damaged region goes to `<file>.bad-<byte offset>`
+    /// beside it and is replaced by a gap frame for the rows it held, so
+    /// every good frame after it keeps its rows and offsets; a torn tail is
+    /// cut. The new file replaces the old one atomically.
+    pub fn repair(path: &Path) -> Result<RepairReport> {
+        let data = std::fs::read(path).map_err(|e| ExecError::io(path, e))?;
+        let mut report = RepairReport::default();
+        let mut out: Vec<u8> = Vec::with_capacity(data.len());
+        let mut pos = 0usize;
+        let mut end = 0u64;
+        let mut last_ts = 0i64;
+        while pos < data.len() {
+            match frame_at(&data, pos) {
+                Some(f) if f.frame.base == end => {
+                    out.extend_from_slice(&data[pos..f.next]);
+                    end += f.frame.rows as u64;
+                    last_ts = f.frame.ts;
+                    pos = f.next;
+                }
+                _ => {
+                    let Some((at, next)) = next_whole_frame(&data, pos + 1) else {
+                        // The tail: kept aside too, whole or torn.
+                        let quarantine = PathBuf::from(format!("{}.bad-{pos}", path.display()));
+                        write_synced(&quarantine, &data[pos..])?;
+                        report.torn_tail = (data.len() - pos) as u64;
+                        report.quarantined.push((
+                            pos as u64,
+                            (data.len() - pos) as u64,
+                            quarantine,
+                        ));
+                        break;
+                    };
+                    let quarantine = PathBuf::from(format!("{}.bad-{pos}", path.display()));
+                    write_synced(&quarantine, &data[pos..at])?;
+                    report
+                        .quarantined
+                        .push((pos as u64, (at - pos) as u64, quarantine));
+                    // The rows between the last good frame and the next one
+                    // are lost; a later frame with an earlier base (its own
+                    // header damaged) cannot be placed and is quarantined too.
+                    if next.frame.base > end {
+                        let lost = next.frame.base - end;
+                        let Ok(rows) = u32::try_from(lost) else {
+                            return Err(ExecError::Corrupt {
+                                path: path.display().to_string(),
+                                message: format!(
+                                    "a gap of {lost} rows at byte {pos} is too large to record"
+                                ),
+                            });
+                        };
+                        out.extend_from_slice(MAGIC_GAP);
+                        out.extend_from_slice(&0u32.to_le_bytes());
+                        out.extend_from_slice(&crc32fast::hash(&[]).to_le_bytes());
+                        out.extend_from_slice(&end.to_le_bytes());
+                        out.extend_from_slice(&rows.to_le_bytes());
+                        out.extend_from_slice(&last_ts.to_le_bytes());
+                        report.lost_rows += lost;
+                        end = next.frame.base;
+                    }
+                    pos = at;
+                }
+            }
+        }
+        if report.quarantined.is_empty() && report.torn_tail == 0 {
+            return Ok(report);
+        }
+        let tmp = PathBuf::from(format!("{}.repair", path.display()));
+        write_synced(&tmp, &out)?;
+        std::fs::rename(&tmp, path).map_err(|e| ExecError::io(path, e))?;
+        if let Some(dir) = path.parent() {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(report)
     }
 
     /// The row schema.
@@ -234,6 +440,7 @@ impl PartitionLog {
             ts,
             pos: pos + HEADER as u64,
             len: payload.len() as u32,
+            gap: false,
         });
         let idx = frames.len() - 1;
         self.cache.lock().put(idx, batch.clone());
@@ -275,6 +482,9 @@ impl PartitionLog {
         };
         let mut out = Vec::with_capacity(frames.len());
         for (idx, f) in frames {
+            if f.gap {
+                continue;
+            }
             let batch = self.frame_batch(idx, &f)?;
             let lo = from.saturating_sub(f.base) as usize;
             let hi = ((to - f.base) as usize).min(f.rows as usize);
@@ -309,6 +519,13 @@ impl PartitionLog {
         self.cache.lock().put(idx, batch.clone());
         Ok(batch)
     }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| ExecError::io(path, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| ExecError::io(path, e))
 }
 
 fn unix_us() -> i64 {
@@ -428,6 +645,105 @@ mod tests {
         let log = Log::open(dir.path(), schema, 1, false).unwrap();
         assert_eq!(log.row_count(), 6);
         assert_eq!(log.read_all().unwrap().len(), 3);
+    }
+
+    fn values(log: &PartitionLog, from: u64, to: u64) -> Vec<i64> {
+        log.read(from, to)
+            .unwrap()
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    }
+
+    /// Damage in the middle is refused, never cut; repair keeps every good
+    /// frame after it at its offsets.
+    #[test]
+    fn corruption_in_the_middle_is_refused_then_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let path = dir.path().join("p0.log");
+        let frame_starts: Vec<u64>;
+        {
+            let log = PartitionLog::open(path.clone(), Arc::clone(&schema), false).unwrap();
+            let mut starts = Vec::new();
+            for i in 0..5 {
+                starts.push(std::fs::metadata(&path).unwrap().len());
+                log.append(&batch(&schema, vec![i * 10, i * 10 + 1]))
+                    .unwrap();
+            }
+            frame_starts = starts;
+        }
+        let good = std::fs::read(&path).unwrap();
+        // 16 bytes overwritten inside the third frame's payload.
+        let mut bad = good.clone();
+        let at = frame_starts[2] as usize + HEADER + 8;
+        bad[at..at + 16].copy_from_slice(&[0xAB; 16]);
+        std::fs::write(&path, &bad).unwrap();
+        let err = PartitionLog::open(path.clone(), Arc::clone(&schema), false).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("byte {}", frame_starts[2])) && msg.contains("drizzle repair"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bad, "nothing was cut");
+        let report = PartitionLog::repair(&path).unwrap();
+        assert_eq!(report.lost_rows, 2);
+        assert_eq!(report.quarantined.len(), 1);
+        let (offset, len, quarantine) = &report.quarantined[0];
+        assert_eq!(*offset, frame_starts[2]);
+        assert_eq!(*len, frame_starts[3] - frame_starts[2]);
+        assert_eq!(
+            std::fs::read(quarantine).unwrap(),
+            bad[frame_starts[2] as usize..frame_starts[3] as usize]
+        );
+        let log = PartitionLog::open(path.clone(), Arc::clone(&schema), false).unwrap();
+        assert_eq!(log.end_offset(), 10, "offsets are kept");
+        assert_eq!(values(&log, 0, 10), vec![0, 1, 10, 11, 30, 31, 40, 41]);
+        assert_eq!(
+            values(&log, 6, 8),
+            vec![30, 31],
+            "later rows keep their offsets"
+        );
+        log.append(&batch(&schema, vec![50])).unwrap();
+        drop(log);
+        let log = PartitionLog::open(path, schema, false).unwrap();
+        assert_eq!(values(&log, 10, 11), vec![50]);
+    }
+
+    /// A whole last frame that is damaged held acknowledged rows: it is
+    /// refused, not cut, and repair keeps it aside.
+    #[test]
+    fn a_damaged_last_whole_frame_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let path = dir.path().join("p0.log");
+        {
+            let log = PartitionLog::open(path.clone(), Arc::clone(&schema), false).unwrap();
+            log.append(&batch(&schema, vec![1])).unwrap();
+            log.append(&batch(&schema, vec![2])).unwrap();
+        }
+        let mut data = std::fs::read(&path).unwrap();
+        let n = data.len();
+        data[n - 3] ^= 0xff;
+        std::fs::write(&path, &data).unwrap();
+        assert!(PartitionLog::open(path.clone(), Arc::clone(&schema), false).is_err());
+        let report = PartitionLog::repair(&path).unwrap();
+        assert_eq!(
+            report.quarantined.len(),
+            1,
+            "the damaged frame is kept aside"
+        );
+        let log = PartitionLog::open(path, schema, false).unwrap();
+        assert_eq!(values(&log, 0, 5), vec![1]);
     }
 
     #[test]

@@ -85,7 +85,6 @@ use drizzle_planner::{BatchOp, EmitMode, LookupJoinSpec, StreamingPlan};
 use drizzle_shuffle::{BatchId, QueryId};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch, Notify};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::checkpoint::{CheckpointStore, Manifest, MapCheckpoint, StateFile};
@@ -378,6 +377,8 @@ pub struct RuntimeConfig {
     pub checkpoint_interval: Duration,
     /// Recovery of lost workers.
     pub recovery: Recovery,
+    /// Proof of membership on every cluster call, both ways.
+    pub cluster_secret: crate::cluster::ClusterSecret,
 }
 
 /// How `group_size = 'auto'` adapts: at every group boundary the coordinator
@@ -442,7 +443,7 @@ struct WorkerEntry {
     id: WorkerId,
     address: String,
     epoch: u64,
-    client: pb::worker_client::WorkerClient<Channel>,
+    client: pb::worker_client::WorkerClient<crate::cluster::ClusterChannel>,
     last_heartbeat: Instant,
     counters: pb::WorkerCounters,
     launches_sent: u64,
@@ -637,6 +638,8 @@ struct State {
     recovery: Recovery,
     /// Workers each running query is placed on.
     placements: Mutex<HashMap<QueryId, Vec<WorkerId>>>,
+    /// Attached to every call to a worker.
+    secret: crate::cluster::ClusterSecret,
 }
 
 impl State {
@@ -801,7 +804,7 @@ impl CoordinatorService {
             ));
         }
         let epoch = req.epoch;
-        let client = worker_client(&req.address).map_err(internal)?;
+        let client = worker_client(&req.address, &self.state.secret).map_err(internal)?;
         let id = WorkerId(self.state.next_worker.fetch_add(1, Ordering::Relaxed));
         {
             let mut workers = self.state.workers.write();
@@ -1166,13 +1169,17 @@ impl Runtime {
             checkpoint_interval: config.checkpoint_interval,
             recovery: config.recovery,
             placements: Mutex::new(HashMap::new()),
+            secret: config.cluster_secret.clone(),
         });
         let (stop, stop_rx) = watch::channel(false);
-        let service = CoordinatorServer::new(CoordinatorService {
-            state: Arc::clone(&state),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let service = tonic::service::interceptor::InterceptedService::new(
+            CoordinatorServer::new(CoordinatorService {
+                state: Arc::clone(&state),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            config.cluster_secret.check(),
+        );
         crate::cluster::spawn_server(
             crate::cluster::server_builder().add_service(service),
             listener,
@@ -1202,6 +1209,7 @@ impl Runtime {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 advertise: None,
                 classify: Arc::clone(&config.classify),
+                cluster_secret: config.cluster_secret.clone(),
             })
             .await?;
             runtime.local_workers.lock().push(worker);
@@ -2174,7 +2182,7 @@ const LAUNCH_TIMEOUT: Duration = Duration::from_secs(5);
 struct Placed {
     id: WorkerId,
     address: String,
-    client: pb::worker_client::WorkerClient<Channel>,
+    client: pb::worker_client::WorkerClient<crate::cluster::ClusterChannel>,
     epoch: u64,
 }
 

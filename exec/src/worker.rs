@@ -53,7 +53,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use arrow_flight::flight_service_server::FlightServiceServer;
-use arrow_flight::FlightClient;
 use datafusion::execution::TaskContext;
 use drizzle_planner::{LookupJoinSpec, StreamInput, StreamingPlan};
 use drizzle_shuffle::{
@@ -90,6 +89,8 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     /// Turns a task's error into (SQLSTATE, message) for the client.
     pub classify: ErrorClassifier,
+    /// Proof of membership on every cluster call, both ways.
+    pub cluster_secret: crate::cluster::ClusterSecret,
 }
 
 /// Turns a task error into the (SQLSTATE, message) a client will see; the
@@ -163,7 +164,9 @@ enum Msg {
 /// What the worker's threads and RPC handlers share.
 struct Shared {
     address: String,
-    coordinator: pb::coordinator_client::CoordinatorClient<Channel>,
+    coordinator: pb::coordinator_client::CoordinatorClient<crate::cluster::ClusterChannel>,
+    /// Attached to every call to the coordinator and to peers.
+    secret: crate::cluster::ClusterSecret,
     counters: WorkerCounters,
     store: Arc<BlockStore>,
     inbox: Mutex<std_mpsc::Sender<Msg>>,
@@ -227,7 +230,10 @@ impl Shared {
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(notice);
         streams.insert(peer.to_string(), tx);
-        let mut client = pb::worker_client::WorkerClient::new(self.peer(peer)?);
+        let mut client = pb::worker_client::WorkerClient::with_interceptor(
+            self.peer(peer)?,
+            self.secret.clone(),
+        );
         let peer = peer.to_string();
         self.handle.spawn(async move {
             if let Err(s) = client.notices(stream_of(rx)).await {
@@ -400,7 +406,8 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
     let store = Arc::new(BlockStore::new());
     let shared = Arc::new(Shared {
         address: address.clone(),
-        coordinator: coordinator_client(&config.coordinator)?,
+        coordinator: coordinator_client(&config.coordinator, &config.cluster_secret)?,
+        secret: config.cluster_secret.clone(),
         counters: WorkerCounters::default(),
         store: Arc::clone(&store),
         inbox: Mutex::new(tx),
@@ -414,14 +421,21 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
         notice_streams: Mutex::new(HashMap::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let service = WorkerServer::new(WorkerService {
-        shared: Arc::clone(&shared),
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let flight = FlightServiceServer::new(BlockFlightService::new(Arc::clone(&store)))
+    // Both services refuse calls without the cluster token.
+    let service = tonic::service::interceptor::InterceptedService::new(
+        WorkerServer::new(WorkerService {
+            shared: Arc::clone(&shared),
+        })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        config.cluster_secret.check(),
+    );
+    let flight = tonic::service::interceptor::InterceptedService::new(
+        FlightServiceServer::new(BlockFlightService::new(Arc::clone(&store)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        config.cluster_secret.check(),
+    );
     let router = crate::cluster::server_builder()
         .add_service(service)
         .add_service(flight);
@@ -429,6 +443,7 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
     let thread_shared = Arc::clone(&shared);
     let thread = std::thread::Builder::new()
         .name("drizzle-tasks".into())
+        .stack_size(crate::THREAD_STACK_BYTES)
         .spawn(move || Scheduler::new(thread_shared).run(rx))
         .map_err(|e| ExecError::io("task thread", e))?;
     register(&shared).await?;
@@ -1507,7 +1522,8 @@ impl Scheduler {
             .counters
             .blocks_fetched_remote
             .fetch_add(1, Ordering::Relaxed);
-        let mut client = FlightClient::new(self.shared.peer(&n.location)?);
+        let mut client =
+            crate::cluster::flight_client(self.shared.peer(&n.location)?, &self.shared.secret);
         let location = n.location.clone();
         Ok(self.shared.handle.block_on(async move {
             // A producer cut off by a partition never answers: bound the wait.

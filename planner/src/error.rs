@@ -53,6 +53,18 @@ pub enum PlanError {
         /// How to get the result another way, may be empty.
         hint: String,
     },
+    /// Text that is not valid in the server encoding, e.g. a NUL byte (22021).
+    #[error("{message}")]
+    InvalidText {
+        /// What is wrong.
+        message: String,
+    },
+    /// A statement nested deeper than Drizzle plans (54001).
+    #[error("statement too complex: {message}")]
+    TooComplex {
+        /// What is too deep and the limit.
+        message: String,
+    },
     /// A plan fragment that cannot be encoded or decoded (XX000).
     #[error("internal error: {message}")]
     Internal {
@@ -111,7 +123,14 @@ impl From<datafusion::sql::sqlparser::parser::ParserError> for PlanError {
         let message = match e {
             datafusion::sql::sqlparser::parser::ParserError::ParserError(m)
             | datafusion::sql::sqlparser::parser::ParserError::TokenizerError(m) => m,
-            other => other.to_string(),
+            datafusion::sql::sqlparser::parser::ParserError::RecursionLimitExceeded => {
+                return PlanError::TooComplex {
+                    message: format!(
+                        "expressions nest more than {} levels deep",
+                        crate::statement::MAX_NESTING
+                    ),
+                }
+            }
         };
         PlanError::Syntax { message }
     }

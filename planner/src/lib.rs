@@ -26,6 +26,7 @@
 pub mod catalog;
 pub mod codec;
 pub mod error;
+pub mod functions;
 pub mod lower;
 pub mod plan;
 pub mod providers;
@@ -43,7 +44,9 @@ pub use plan::{
     WindowJoinPlan,
 };
 pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
-pub use statement::{parse_statements, CopyOptions, DrizzleStatement, ObjectKind};
+pub use statement::{
+    parse_statements, CopyOptions, DrizzleStatement, ObjectKind, RoleOptions, Secret,
+};
 
 /// Builds the DataFusion session state Drizzle plans with: default functions,
 /// and the optimiser without the rules that would change the shape of a
@@ -57,5 +60,6 @@ pub fn new_session_context() -> datafusion::prelude::SessionContext {
     // A LIMIT on a continuous query ends it; it must stay at the top, not be
     // copied into the stream side of a join.
     ctx.remove_optimizer_rule("push_down_limit");
+    functions::register(&ctx);
     ctx
 }

@@ -185,17 +185,69 @@ pub enum DrizzleStatement {
         /// The query.
         query: Box<Query>,
     },
-    /// `FETCH [n|ALL|NEXT] [FROM|IN] name`.
+    /// `FETCH [n|ALL|NEXT] [FROM|IN] name [WITH (timeout = 'duration')]`.
     Fetch {
         /// Cursor name.
         name: String,
         /// How many rows at most (`None` = ALL).
         count: Option<u64>,
+        /// Return what arrived after this long (µs), as Materialize's
+        /// `FETCH ... WITH (timeout = ...)`; `None`: the session's
+        /// `cursor_fetch_timeout`.
+        timeout_us: Option<u64>,
     },
     /// `CLOSE name` / `CLOSE ALL`.
     CloseCursor(Option<String>),
-    /// `DISCARD ALL` and other no-op statements drivers send.
+    /// `DEALLOCATE [PREPARE] name` (`Some`) or `DEALLOCATE [PREPARE] ALL` (`None`).
+    Deallocate(Option<String>),
+    /// `DISCARD ALL`: drops prepared statements, cursors and portals and resets settings.
+    DiscardAll,
+    /// No-op statements drivers send.
     NoOp(&'static str),
+    /// `CREATE USER|ROLE name [WITH] option ...` (`USER` logs in by default).
+    CreateRole {
+        /// Role name.
+        name: String,
+        /// `CREATE USER` (may log in unless `NOLOGIN`) rather than `CREATE ROLE`.
+        user: bool,
+        /// The options given.
+        options: RoleOptions,
+    },
+    /// `ALTER USER|ROLE name [WITH] option ...`.
+    AlterRole {
+        /// Role name.
+        name: String,
+        /// The options given.
+        options: RoleOptions,
+    },
+    /// `DROP USER|ROLE [IF EXISTS] name [, ...]`.
+    DropRole {
+        /// Role names.
+        names: Vec<String>,
+        /// `IF EXISTS` was given.
+        if_exists: bool,
+    },
+}
+
+/// A password as written in SQL; never shown by `Debug`.
+#[derive(Clone, PartialEq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Options of `CREATE/ALTER USER|ROLE`; `None` where not given.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoleOptions {
+    /// `PASSWORD 'text'` (`Some(Some)`) or `PASSWORD NULL` (`Some(None)`).
+    pub password: Option<Option<Secret>>,
+    /// `SUPERUSER` / `NOSUPERUSER`.
+    pub superuser: Option<bool>,
+    /// `LOGIN` / `NOLOGIN`.
+    pub login: Option<bool>,
 }
 
 impl DrizzleStatement {
@@ -218,16 +270,142 @@ impl DrizzleStatement {
             DrizzleStatement::Rollback => "ROLLBACK",
             DrizzleStatement::DeclareCursor { .. } => "DECLARE CURSOR",
             DrizzleStatement::CloseCursor(_) => "CLOSE CURSOR",
+            DrizzleStatement::Deallocate(None) => "DEALLOCATE ALL",
+            DrizzleStatement::Deallocate(Some(_)) => "DEALLOCATE",
+            DrizzleStatement::DiscardAll => "DISCARD ALL",
             DrizzleStatement::NoOp(tag) => tag,
+            DrizzleStatement::CreateRole { .. } => "CREATE ROLE",
+            DrizzleStatement::AlterRole { .. } => "ALTER ROLE",
+            DrizzleStatement::DropRole { .. } => "DROP ROLE",
             _ => "SELECT",
         }
     }
 }
 
+/// How deep parentheses, subqueries and `CASE`s may nest (sqlparser's
+/// recursion limit).
+pub const MAX_NESTING: usize = 64;
+
+/// How deep an expression tree may grow: the operators of a chain such as
+/// `a + b + ... ` or `x = 1 OR x = 2 OR ...` each add a level, and every
+/// nested parenthesis adds those of its own chains. Deeper statements are
+/// refused with 54001 before they are planned: planning, optimising and
+/// evaluating walk the tree recursively. Threads that plan and run user SQL
+/// have stacks sized for this depth (see `drizzle_exec::THREAD_STACK_BYTES`).
+pub const MAX_EXPRESSION_DEPTH: usize = 2_000;
+
+/// Refuses a statement whose expression tree would be deeper than
+/// [`MAX_EXPRESSION_DEPTH`], from its tokens alone (no tree is built, so this
+/// check itself uses constant stack).
+///
+/// The estimate is an upper bound: within one parenthesis level every
+/// operator token counts a level, a comma starts a new operand, and a nested
+/// level adds to the levels of the one around it.
+fn check_expression_depth<'a>(tokens: impl IntoIterator<Item = &'a Token>) -> Result<()> {
+    let mut outer: Vec<usize> = Vec::new();
+    let mut around = 0usize;
+    let mut current = 0usize;
+    for token in tokens {
+        match token {
+            Token::LParen | Token::LBracket => {
+                outer.push(current);
+                around += current;
+                current = 0;
+                if outer.len() > MAX_NESTING {
+                    return Err(PlanError::TooComplex {
+                        message: format!("parentheses nest more than {MAX_NESTING} levels deep"),
+                    });
+                }
+            }
+            Token::RParen | Token::RBracket => {
+                current = outer.pop().unwrap_or(0);
+                around = around.saturating_sub(current);
+            }
+            Token::Comma | Token::SemiColon => current = 0,
+            Token::EscapedStringLiteral(text) if text.contains('\0') => {
+                return Err(PlanError::InvalidText {
+                    message: "invalid byte sequence for encoding \"UTF8\": 0x00".into(),
+                })
+            }
+            Token::Word(w)
+                if matches!(
+                    w.keyword,
+                    Keyword::AND
+                        | Keyword::OR
+                        | Keyword::NOT
+                        | Keyword::IS
+                        | Keyword::LIKE
+                        | Keyword::ILIKE
+                        | Keyword::BETWEEN
+                        | Keyword::IN
+                        | Keyword::CASE
+                        | Keyword::WHEN
+                ) && w.quote_style.is_none() =>
+            {
+                current += 1
+            }
+            Token::Plus
+            | Token::Minus
+            | Token::Mul
+            | Token::Div
+            | Token::Mod
+            | Token::StringConcat
+            | Token::Eq
+            | Token::DoubleEq
+            | Token::Neq
+            | Token::Lt
+            | Token::Gt
+            | Token::LtEq
+            | Token::GtEq
+            | Token::Caret
+            | Token::Ampersand
+            | Token::Pipe
+            | Token::ShiftLeft
+            | Token::ShiftRight
+            | Token::DoubleColon
+            | Token::Tilde
+            | Token::ExclamationMark => current += 1,
+            _ => {}
+        }
+        if around + current > MAX_EXPRESSION_DEPTH {
+            return Err(PlanError::TooComplex {
+                message: format!(
+                    "an expression is more than {MAX_EXPRESSION_DEPTH} operators deep"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Parses a string holding zero or more `;`-separated statements.
+///
+/// Statements nested deeper than [`MAX_NESTING`] or with expressions deeper
+/// than [`MAX_EXPRESSION_DEPTH`] are refused (54001).
 pub fn parse_statements(sql: &str) -> Result<Vec<DrizzleStatement>> {
     let dialect = PostgreSqlDialect {};
-    let mut parser = Parser::new(&dialect).try_with_sql(sql)?;
+    let tokens = datafusion::sql::sqlparser::tokenizer::Tokenizer::new(&dialect, sql)
+        .tokenize_with_location()
+        .map_err(|e| {
+            // sqlparser stops at an escape for a NUL byte (E'\x00', E'\000',
+            // E'\u0000'); Postgres refuses NUL in text with 22021.
+            let lower = sql.to_ascii_lowercase();
+            if e.message.contains("Unterminated encoded string literal")
+                && ["\\x00", "\\000", "\\u0000"]
+                    .iter()
+                    .any(|n| lower.contains(n))
+            {
+                PlanError::InvalidText {
+                    message: "invalid byte sequence for encoding \"UTF8\": 0x00".into(),
+                }
+            } else {
+                PlanError::syntax(e.to_string())
+            }
+        })?;
+    check_expression_depth(tokens.iter().map(|t| &t.token))?;
+    let mut parser = Parser::new(&dialect)
+        .with_recursion_limit(MAX_NESTING)
+        .with_tokens_with_locations(tokens);
     let mut out = Vec::new();
     loop {
         while parser.consume_token(&Token::SemiColon) {}
@@ -291,8 +469,59 @@ fn parse_if_not_exists(p: &mut Parser<'_>) -> bool {
     p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS])
 }
 
+/// `[WITH] option ...` of `CREATE/ALTER USER|ROLE`.
+fn parse_role_options(p: &mut Parser<'_>) -> Result<RoleOptions> {
+    let _ = p.parse_keyword(Keyword::WITH);
+    let mut o = RoleOptions::default();
+    loop {
+        if p.parse_keyword(Keyword::PASSWORD) {
+            if p.parse_keyword(Keyword::NULL) {
+                o.password = Some(None);
+            } else {
+                o.password = Some(Some(Secret(p.parse_literal_string()?)));
+            }
+        } else if eat_word(p, "ENCRYPTED") {
+            p.expect_keyword(Keyword::PASSWORD)?;
+            o.password = Some(Some(Secret(p.parse_literal_string()?)));
+        } else if eat_word(p, "SUPERUSER") {
+            o.superuser = Some(true);
+        } else if eat_word(p, "NOSUPERUSER") {
+            o.superuser = Some(false);
+        } else if eat_word(p, "LOGIN") {
+            o.login = Some(true);
+        } else if eat_word(p, "NOLOGIN") {
+            o.login = Some(false);
+        } else {
+            match &p.peek_token().token {
+                Token::SemiColon | Token::EOF => return Ok(o),
+                Token::Word(w) => {
+                    return Err(PlanError::unsupported_hint(
+                        format!("role option {}", w.value.to_uppercase()),
+                        "PASSWORD, SUPERUSER, NOSUPERUSER, LOGIN and NOLOGIN are supported",
+                    ))
+                }
+                other => {
+                    return Err(PlanError::syntax(format!(
+                        "expected a role option, found: {other}"
+                    )))
+                }
+            }
+        }
+    }
+}
+
 fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
     if p.parse_keyword(Keyword::CREATE) {
+        let user = p.parse_keyword(Keyword::USER);
+        if user || p.parse_keyword(Keyword::ROLE) {
+            let name = normalize_ident(&p.parse_identifier()?);
+            let options = parse_role_options(p)?;
+            return Ok(DrizzleStatement::CreateRole {
+                name,
+                user,
+                options,
+            });
+        }
         if eat_word(p, "STREAM") {
             return parse_create_stream(p);
         }
@@ -333,6 +562,18 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
         )));
     }
     if p.parse_keyword(Keyword::ALTER) {
+        if p.parse_keyword(Keyword::USER) || p.parse_keyword(Keyword::ROLE) {
+            let name = if p.parse_keyword(Keyword::CURRENT_USER)
+                || p.parse_keyword(Keyword::SESSION_USER)
+            {
+                // Resolved by the session.
+                String::new()
+            } else {
+                normalize_ident(&p.parse_identifier()?)
+            };
+            let options = parse_role_options(p)?;
+            return Ok(DrizzleStatement::AlterRole { name, options });
+        }
         if !p.parse_keywords(&[Keyword::MATERIALIZED, Keyword::VIEW]) {
             return Err(PlanError::unsupported_hint(
                 "this ALTER",
@@ -359,6 +600,14 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
         return Ok(DrizzleStatement::AlterViewParallelism { name, parallelism });
     }
     if p.parse_keyword(Keyword::DROP) {
+        if p.parse_keyword(Keyword::USER) || p.parse_keyword(Keyword::ROLE) {
+            let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+            let mut names = vec![normalize_ident(&p.parse_identifier()?)];
+            while p.consume_token(&Token::Comma) {
+                names.push(normalize_ident(&p.parse_identifier()?));
+            }
+            return Ok(DrizzleStatement::DropRole { names, if_exists });
+        }
         let kind = parse_object_kind(p)?;
         let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
         let name = parse_name(p)?;
@@ -473,7 +722,22 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
         };
         let _ = p.parse_one_of_keywords(&[Keyword::FROM, Keyword::IN]);
         let name = normalize_ident(&p.parse_identifier()?);
-        return Ok(DrizzleStatement::Fetch { name, count });
+        let mut timeout_us = None;
+        if p.parse_keyword(Keyword::WITH) {
+            p.expect_token(&Token::LParen)?;
+            expect_word(p, "timeout")?;
+            if !p.consume_token(&Token::Eq) {
+                p.expect_keyword(Keyword::TO)?;
+            }
+            let value = parse_setting_value(p)?;
+            p.expect_token(&Token::RParen)?;
+            timeout_us = Some(parse_duration_setting_us(&value)?);
+        }
+        return Ok(DrizzleStatement::Fetch {
+            name,
+            count,
+            timeout_us,
+        });
     }
     if p.parse_keyword(Keyword::CLOSE) {
         if p.parse_keyword(Keyword::ALL) {
@@ -483,8 +747,32 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
         return Ok(DrizzleStatement::CloseCursor(Some(name)));
     }
     if p.parse_keyword(Keyword::DISCARD) {
-        skip_to_end(p);
-        return Ok(DrizzleStatement::NoOp("DISCARD ALL"));
+        if p.parse_keyword(Keyword::ALL) {
+            return Ok(DrizzleStatement::DiscardAll);
+        }
+        // DISCARD PLANS | SEQUENCES | TEMP: nothing of the kind is cached.
+        for (word, tag) in [
+            ("PLANS", "DISCARD PLANS"),
+            ("SEQUENCES", "DISCARD SEQUENCES"),
+            ("TEMP", "DISCARD TEMP"),
+            ("TEMPORARY", "DISCARD TEMP"),
+        ] {
+            if eat_word(p, word) {
+                return Ok(DrizzleStatement::NoOp(tag));
+            }
+        }
+        return Err(PlanError::syntax(format!(
+            "expected ALL, PLANS, SEQUENCES or TEMP after DISCARD, found: {}",
+            p.peek_token()
+        )));
+    }
+    if p.parse_keyword(Keyword::DEALLOCATE) {
+        let _ = p.parse_keyword(Keyword::PREPARE);
+        if p.parse_keyword(Keyword::ALL) {
+            return Ok(DrizzleStatement::Deallocate(None));
+        }
+        let name = normalize_ident(&p.parse_identifier()?);
+        return Ok(DrizzleStatement::Deallocate(Some(name)));
     }
     match p.peek_token().token {
         Token::Word(ref w)

@@ -125,6 +125,21 @@ pub struct RecoveryConfig {
     pub recovery: drizzle_exec::Recovery,
 }
 
+/// The cluster secret of this benchmark run's engine and worker processes.
+fn bench_secret() -> &'static str {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| {
+        crate::auth::random_key()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    })
+}
+
+fn bench_cluster_secret() -> Result<drizzle_exec::cluster::ClusterSecret, PgError> {
+    drizzle_exec::cluster::ClusterSecret::new(bench_secret()).map_err(PgError::from)
+}
+
 impl RemoteWorkers {
     /// Starts `n` `drizzle worker` processes registered with `coordinator`.
     fn start(n: usize, coordinator: &str, dir: &std::path::Path) -> Result<Self, PgError> {
@@ -144,6 +159,7 @@ impl RemoteWorkers {
                 .arg("--data-dir")
                 .arg(dir.join(format!("worker{i}")))
                 .env("RUST_LOG", "warn")
+                .env("DRIZZLE_CLUSTER_SECRET", bench_secret())
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .map_err(|e| PgError::internal(format!("cannot start a worker: {e}")))?;
@@ -213,6 +229,7 @@ pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
             group_size: cfg.group_size,
             parallelism: 0,
             scheduling: cfg.scheduling,
+            cluster_secret: bench_cluster_secret()?,
             ..EngineConfig::default()
         },
     )
@@ -296,6 +313,7 @@ pub async fn run_recovery(cfg: RecoveryConfig) -> Result<String, PgError> {
             group_size: ysb.group_size,
             scheduling: ysb.scheduling,
             recovery: cfg.recovery,
+            cluster_secret: bench_cluster_secret()?,
             ..EngineConfig::default()
         },
     )
@@ -460,6 +478,7 @@ pub async fn run_sched(cfg: SchedConfig) -> Result<String, PgError> {
             group_size: cfg.group_size.max(1),
             parallelism: 0,
             scheduling: cfg.scheduling,
+            cluster_secret: bench_cluster_secret()?,
             ..EngineConfig::default()
         },
     )
@@ -559,6 +578,7 @@ pub async fn run_adaptive(cfg: AdaptiveConfig) -> Result<String, PgError> {
         EngineConfig {
             batch_interval: cfg.batch_interval,
             group_size: 0,
+            cluster_secret: bench_cluster_secret()?,
             ..EngineConfig::default()
         },
     )

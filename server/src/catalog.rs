@@ -4,6 +4,19 @@
 //! The catalog file is replaced atomically (write a temporary file, fsync,
 //! rename, fsync the directory), so a crash leaves either the old or the new
 //! catalog, never a torn one.
+//!
+//! # Names never reach the filesystem
+//! Every object has an object id ([`Oid`], from 16384 as in Postgres, never
+//! reused): its files live in `streams/<oid>`, `tables/<oid>` or
+//! `views/<oid>`, and a view's checkpoints under `views/<oid>`. Any Postgres
+//! identifier (`"../x"`, `"/etc"`, spaces, unicode) is just a key in the JSON
+//! file. The next id is kept in the file and is also raised past every id
+//! directory found at start, so an object created after a crash (files
+//! written, catalog not) never takes over another object's files.
+//!
+//! A data directory with object files but no catalog is refused at start:
+//! starting empty would hide the data and let a new object of the same name
+//! bring old rows back.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,14 +28,44 @@ use drizzle_planner::{Relation, RelationResolver, StreamDef, TableDef, ViewDef};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::RoleDef;
 use crate::errors::PgError;
 use crate::providers::{TableLogProvider, ViewProvider, ViewStore};
+
+/// A dropped view: its id (its files and checkpoints are named by it) and
+/// its store (to stop).
+pub struct DroppedView {
+    /// The view's object id.
+    pub oid: Oid,
+    /// Its store, if it was attached.
+    pub store: Option<Arc<ViewStore>>,
+}
+
+/// An object id: names a catalog object's files and, for Postgres tools, the
+/// object itself.
+pub type Oid = u32;
+
+/// The first object id handed out (Postgres's `FirstNormalObjectId`).
+pub const FIRST_OID: Oid = 16384;
+
+/// Folders of object files, one per kind.
+const KIND_DIRS: [&str; 3] = ["streams", "tables", "views"];
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct CatalogFile {
     streams: BTreeMap<String, StreamDef>,
     tables: BTreeMap<String, TableDef>,
     views: BTreeMap<String, ViewDef>,
+    /// Each object's id, by name (absent in catalogs written before ids:
+    /// those are migrated at open).
+    #[serde(default)]
+    oids: BTreeMap<String, Oid>,
+    /// The next id to hand out.
+    #[serde(default)]
+    next_oid: Oid,
+    /// Roles (users), by name.
+    #[serde(default)]
+    roles: BTreeMap<String, RoleDef>,
 }
 
 /// A catalog object with its storage.
@@ -43,21 +86,48 @@ struct State {
 
 impl Catalog {
     /// Opens the catalog in `dir`, with the logs of every stream and table.
+    ///
+    /// Refuses a directory that holds object files but no catalog file.
     pub fn open(dir: &Path) -> Result<Self, PgError> {
         std::fs::create_dir_all(dir).map_err(|e| PgError::io(dir, e))?;
         let path = dir.join("catalog.json");
-        let file: CatalogFile = match std::fs::read(&path) {
+        let mut file: CatalogFile = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                PgError::internal(format!("catalog {} is damaged: {e}", path.display()))
+                PgError::internal(format!(
+                    "catalog {} is damaged: {e}; stop here and run `drizzle repair --data-dir \
+                     {}` to restore its previous version",
+                    path.display(),
+                    dir.display()
+                ))
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => CatalogFile::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(found) = object_files(dir)? {
+                    return Err(PgError::internal(format!(
+                        "data directory {} holds object files ({}) but no catalog.json: \
+                         refusing to start empty, which would hide that data. Restore \
+                         catalog.json from a backup, or move the directory away to start \
+                         a new server",
+                        dir.display(),
+                        found.display()
+                    )));
+                }
+                CatalogFile::default()
+            }
             Err(e) => return Err(PgError::io(&path, e)),
         };
+        let mut catalog = Self {
+            dir: dir.to_path_buf(),
+            inner: RwLock::new(State::default()),
+            data_version: Arc::new(AtomicU64::new(1)),
+        };
+        if catalog.assign_missing_oids(&mut file)? {
+            catalog.persist(&file)?;
+        }
         let mut state = State::default();
         for (name, def) in &file.streams {
             if def.connector().is_none() {
                 let log = Log::open(
-                    &dir.join("streams").join(name),
+                    &catalog.object_dir("streams", file.oids[name]),
                     def.schema(),
                     def.partitions,
                     false,
@@ -66,15 +136,73 @@ impl Catalog {
             }
         }
         for (name, def) in &file.tables {
-            let log = Log::open(&dir.join("tables").join(name), def.schema(), 1, true)?;
+            let log = Log::open(
+                &catalog.object_dir("tables", file.oids[name]),
+                def.schema(),
+                1,
+                true,
+            )?;
             state.table_logs.insert(name.clone(), Arc::new(log));
         }
         state.file = file;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            inner: RwLock::new(state),
-            data_version: Arc::new(AtomicU64::new(1)),
-        })
+        catalog.inner = RwLock::new(state);
+        Ok(catalog)
+    }
+
+    /// Gives every object an id (catalogs written before ids), moving its
+    /// files from the folder named after it when that name is a plain file
+    /// name, and raises `next_oid` past every id in use or on disk. Returns
+    /// whether the file changed.
+    fn assign_missing_oids(&self, file: &mut CatalogFile) -> Result<bool, PgError> {
+        let mut changed = false;
+        let mut next = file.next_oid.max(FIRST_OID);
+        next = next.max(file.oids.values().map(|o| o + 1).max().unwrap_or(0));
+        for kind in KIND_DIRS {
+            next = next.max(max_oid_dir(&self.dir.join(kind))?.map_or(0, |o| o + 1));
+        }
+        let names: Vec<(&str, String)> = file
+            .streams
+            .keys()
+            .map(|n| ("streams", n.clone()))
+            .chain(file.tables.keys().map(|n| ("tables", n.clone())))
+            .chain(file.views.keys().map(|n| ("views", n.clone())))
+            .collect();
+        for (kind, name) in names {
+            if file.oids.contains_key(&name) {
+                continue;
+            }
+            let oid = next;
+            next += 1;
+            if is_plain_file_name(&name) {
+                let legacy = self.dir.join(kind).join(&name);
+                if legacy.is_dir() {
+                    let to = self.object_dir(kind, oid);
+                    std::fs::rename(&legacy, &to).map_err(|e| PgError::io(&legacy, e))?;
+                    tracing::info!(object = %name, to = %to.display(), "moved to its object id");
+                }
+            }
+            file.oids.insert(name, oid);
+            changed = true;
+        }
+        if next != file.next_oid {
+            file.next_oid = next;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// The folder of an object's files.
+    fn object_dir(&self, kind: &str, oid: Oid) -> PathBuf {
+        self.dir.join(kind).join(oid.to_string())
+    }
+
+    /// Hands out a new object id (kept in the file by the next persist; an id
+    /// handed out and not persisted is skipped at the next start if its
+    /// folder was made).
+    fn allocate_oid(file: &mut CatalogFile) -> Oid {
+        let oid = file.next_oid.max(FIRST_OID);
+        file.next_oid = oid + 1;
+        oid
     }
 
     fn persist(&self, file: &CatalogFile) -> Result<(), PgError> {
@@ -87,6 +215,11 @@ impl Catalog {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
+            // The version being replaced stays as catalog.json.prev, for
+            // `drizzle repair` should the new one ever be damaged.
+            if path.exists() {
+                let _ = std::fs::copy(&path, self.dir.join("catalog.json.prev"));
+            }
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(&self.dir)?.sync_all()
         };
@@ -114,15 +247,17 @@ impl Catalog {
         if Self::name_taken(&state, &def.name) {
             return Self::already_exists(&def.name, if_not_exists);
         }
+        let oid = Self::allocate_oid(&mut state.file);
         if def.connector().is_none() {
             let log = Log::open(
-                &self.dir.join("streams").join(&def.name),
+                &self.object_dir("streams", oid),
                 def.schema(),
                 def.partitions,
                 false,
             )?;
             state.stream_logs.insert(def.name.clone(), Arc::new(log));
         }
+        state.file.oids.insert(def.name.clone(), oid);
         state.file.streams.insert(def.name.clone(), def);
         self.persist(&state.file)?;
         Ok(true)
@@ -134,27 +269,45 @@ impl Catalog {
         if Self::name_taken(&state, &def.name) {
             return Self::already_exists(&def.name, if_not_exists);
         }
-        let log = Log::open(
-            &self.dir.join("tables").join(&def.name),
-            def.schema(),
-            1,
-            true,
-        )?;
+        let oid = Self::allocate_oid(&mut state.file);
+        let log = Log::open(&self.object_dir("tables", oid), def.schema(), 1, true)?;
         state.table_logs.insert(def.name.clone(), Arc::new(log));
+        state.file.oids.insert(def.name.clone(), oid);
         state.file.tables.insert(def.name.clone(), def);
         self.persist(&state.file)?;
         Ok(true)
     }
 
-    /// Adds a view definition with its store.
-    pub fn create_view(&self, def: ViewDef, store: Arc<ViewStore>) -> Result<(), PgError> {
+    /// A new view's id and the folder for its files (the view is added by
+    /// [`Catalog::create_view`] once its store is open there).
+    pub fn new_view_dir(&self) -> (Oid, PathBuf) {
+        let oid = Self::allocate_oid(&mut self.inner.write().file);
+        (oid, self.object_dir("views", oid))
+    }
+
+    /// Adds a view definition with its store, under the id from
+    /// [`Catalog::new_view_dir`].
+    pub fn create_view(
+        &self,
+        def: ViewDef,
+        oid: Oid,
+        store: Arc<ViewStore>,
+    ) -> Result<(), PgError> {
         let mut state = self.inner.write();
         if Self::name_taken(&state, &def.name) {
             return Err(PgError::duplicate(&def.name));
         }
-        state.views.insert(def.name.clone(), store);
-        state.file.views.insert(def.name.clone(), def);
-        self.persist(&state.file)
+        let name = def.name.clone();
+        state.views.insert(name.clone(), store);
+        state.file.oids.insert(name.clone(), oid);
+        state.file.views.insert(name.clone(), def);
+        if let Err(e) = self.persist(&state.file) {
+            state.views.remove(&name);
+            state.file.views.remove(&name);
+            state.file.oids.remove(&name);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Registers a view's store at startup (definition already persisted).
@@ -197,6 +350,7 @@ impl Catalog {
             )
             .with_hint("drop the materialized view first"));
         }
+        state.file.oids.remove(name);
         let log = if what == "stream" {
             state.file.streams.remove(name);
             state.stream_logs.remove(name)
@@ -212,16 +366,105 @@ impl Catalog {
         Ok(true)
     }
 
-    /// Removes a view definition; returns its store so the caller stops it.
-    pub fn drop_view(&self, name: &str) -> Result<Option<Arc<ViewStore>>, PgError> {
+    /// Removes a view definition; returns its id (the caller deletes its
+    /// files and checkpoints) and its store (the caller stops it).
+    pub fn drop_view(&self, name: &str) -> Result<Option<DroppedView>, PgError> {
         let mut state = self.inner.write();
         if state.file.views.remove(name).is_none() {
             return Ok(None);
         }
+        let oid = state.file.oids.remove(name);
         let store = state.views.remove(name);
         self.persist(&state.file)?;
         self.data_version.fetch_add(1, Ordering::AcqRel);
-        Ok(store)
+        Ok(oid.map(|oid| DroppedView { oid, store }))
+    }
+
+    /// An object's id.
+    pub fn oid(&self, name: &str) -> Option<Oid> {
+        self.inner.read().file.oids.get(name).copied()
+    }
+
+    /// A role's definition.
+    pub fn role(&self, name: &str) -> Option<RoleDef> {
+        self.inner.read().file.roles.get(name).cloned()
+    }
+
+    /// Every role, by name.
+    pub fn roles(&self) -> Vec<(String, RoleDef)> {
+        let state = self.inner.read();
+        state
+            .file
+            .roles
+            .iter()
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect()
+    }
+
+    /// Adds a role (42710 if it exists).
+    pub fn create_role(&self, name: &str, def: RoleDef) -> Result<(), PgError> {
+        let mut state = self.inner.write();
+        if state.file.roles.contains_key(name) {
+            return Err(PgError::new(
+                "42710",
+                format!("role \"{name}\" already exists"),
+            ));
+        }
+        state.file.roles.insert(name.to_string(), def);
+        if let Err(e) = self.persist(&state.file) {
+            state.file.roles.remove(name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Changes a role (42704 if it does not exist), or creates it when
+    /// `create` (the start-up superuser).
+    pub fn alter_role(
+        &self,
+        name: &str,
+        create: bool,
+        change: impl FnOnce(&mut RoleDef),
+    ) -> Result<(), PgError> {
+        let mut state = self.inner.write();
+        let old = state.file.roles.get(name).cloned();
+        let mut def = match (&old, create) {
+            (Some(r), _) => r.clone(),
+            (None, true) => RoleDef {
+                superuser: false,
+                login: true,
+                verifier: None,
+            },
+            (None, false) => {
+                return Err(PgError::new(
+                    "42704",
+                    format!("role \"{name}\" does not exist"),
+                ))
+            }
+        };
+        change(&mut def);
+        state.file.roles.insert(name.to_string(), def);
+        if let Err(e) = self.persist(&state.file) {
+            match old {
+                Some(r) => state.file.roles.insert(name.to_string(), r),
+                None => state.file.roles.remove(name),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes a role; `Ok(false)` if it did not exist.
+    pub fn drop_role(&self, name: &str) -> Result<bool, PgError> {
+        let mut state = self.inner.write();
+        let Some(old) = state.file.roles.remove(name) else {
+            return Ok(false);
+        };
+        if let Err(e) = self.persist(&state.file) {
+            state.file.roles.insert(name.to_string(), old);
+            return Err(e);
+        }
+        Ok(true)
     }
 
     /// A stream's definition.
@@ -250,9 +493,9 @@ impl Catalog {
         Ok(true)
     }
 
-    /// Where a view keeps its durable output log.
-    pub fn view_dir(&self, name: &str) -> PathBuf {
-        self.dir.join("views").join(name)
+    /// Where the view with id `oid` keeps its durable output log.
+    pub fn view_dir(&self, oid: Oid) -> PathBuf {
+        self.object_dir("views", oid)
     }
 
     /// A view's store.
@@ -289,6 +532,55 @@ impl Catalog {
     pub fn bump_data_version(&self) {
         self.data_version.fetch_add(1, Ordering::AcqRel);
     }
+}
+
+/// Whether a legacy object folder named after the object can be trusted as
+/// one plain folder name inside its kind's folder.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && name.len() <= 255
+}
+
+/// The first object file or folder under `dir`'s kind folders, if any.
+fn object_files(dir: &Path) -> Result<Option<PathBuf>, PgError> {
+    for kind in KIND_DIRS {
+        let folder = dir.join(kind);
+        match std::fs::read_dir(&folder) {
+            Ok(mut entries) => {
+                if let Some(entry) = entries.next() {
+                    let entry = entry.map_err(|e| PgError::io(&folder, e))?;
+                    return Ok(Some(entry.path()));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(PgError::io(&folder, e)),
+        }
+    }
+    Ok(None)
+}
+
+/// The largest numeric folder name under `folder` (object ids on disk).
+fn max_oid_dir(folder: &Path) -> Result<Option<Oid>, PgError> {
+    let entries = match std::fs::read_dir(folder) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(PgError::io(folder, e)),
+    };
+    let mut max = None;
+    for entry in entries {
+        let entry = entry.map_err(|e| PgError::io(folder, e))?;
+        if let Some(oid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<Oid>().ok())
+        {
+            max = max.max(Some(oid));
+        }
+    }
+    Ok(max)
 }
 
 /// Whether SQL text mentions an identifier (dependency check for DROP).

@@ -22,13 +22,15 @@ pub fn parse_records(text: &str, o: &CopyOptions, width: usize) -> Result<Vec<Re
     if o.csv {
         parse_csv(text, o, width, &mut out)?;
     } else {
-        for (i, raw) in text.split('\n').enumerate() {
+        // The text after the last newline is a record only when non-empty.
+        let body = text.strip_suffix('\n').unwrap_or(text);
+        for (i, raw) in body.split('\n').enumerate() {
+            if text.is_empty() {
+                break;
+            }
             let line = raw.strip_suffix('\r').unwrap_or(raw);
             if line == "\\." {
                 break;
-            }
-            if line.is_empty() && i + 1 == text.split('\n').count() {
-                continue;
             }
             if i == 0 && o.header {
                 continue;
@@ -190,7 +192,30 @@ fn csv_value(field: String, quoted: bool, o: &CopyOptions) -> Option<String> {
 }
 
 /// Appends the COPY TO form of every row of `batch` (one line each).
-pub fn format_rows(out: &mut BytesMut, batch: &RecordBatch, o: &CopyOptions) {
+/// Formats a batch as COPY lines: one `Bytes` per row (Postgres sends each row
+/// in its own CopyData message, and drivers such as psycopg 3 read one row per
+/// message). The rows share one buffer.
+pub fn format_rows(batch: &RecordBatch, o: &CopyOptions) -> Vec<bytes::Bytes> {
+    let mut out = BytesMut::new();
+    let mut ends = Vec::with_capacity(batch.num_rows());
+    format_rows_into(&mut out, batch, o, &mut ends);
+    let all = out.freeze();
+    let mut start = 0;
+    ends.into_iter()
+        .map(|end| {
+            let row = all.slice(start..end);
+            start = end;
+            row
+        })
+        .collect()
+}
+
+fn format_rows_into(
+    out: &mut BytesMut,
+    batch: &RecordBatch,
+    o: &CopyOptions,
+    ends: &mut Vec<usize>,
+) {
     let mut value = BytesMut::new();
     for row in 0..batch.num_rows() {
         for (i, col) in batch.columns().iter().enumerate() {
@@ -233,6 +258,7 @@ pub fn format_rows(out: &mut BytesMut, batch: &RecordBatch, o: &CopyOptions) {
             }
         }
         out.put_u8(b'\n');
+        ends.push(out.len());
     }
 }
 

@@ -26,7 +26,7 @@ use drizzle_planner::{
 };
 use parking_lot::Mutex;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Oid};
 use crate::errors::{from_datafusion, PgError};
 use crate::providers::ViewStore;
 
@@ -58,6 +58,9 @@ pub struct EngineConfig {
     pub checkpoint_interval: Duration,
     /// Recovery of lost workers: re-run only their work, or roll back.
     pub recovery: drizzle_exec::Recovery,
+    /// The cluster's shared secret (default: a random one, which only this
+    /// process's in-process workers know).
+    pub cluster_secret: drizzle_exec::cluster::ClusterSecret,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +78,7 @@ impl Default for EngineConfig {
             checkpoint_location: None,
             checkpoint_interval: Duration::from_secs(1),
             recovery: drizzle_exec::Recovery::default(),
+            cluster_secret: drizzle_exec::cluster::ClusterSecret::random(),
         }
     }
 }
@@ -92,8 +96,11 @@ pub struct Settings {
     pub scheduling: Scheduling,
     /// `stream_start = 'latest'`.
     pub start_latest: bool,
-    /// `cursor_fetch_timeout`.
-    pub fetch_timeout: Duration,
+    /// `cursor_fetch_timeout`: how long a `FETCH n` or a row-limited
+    /// `Execute` of a continuous query waits for `n` rows before it returns
+    /// fewer. `None` (the default, `0`): until `n` rows or the query's end,
+    /// since drivers take a short batch for the end of the results.
+    pub fetch_timeout: Option<Duration>,
     /// Other Postgres settings drivers set; stored and echoed by SHOW.
     pub other: BTreeMap<String, String>,
 }
@@ -227,6 +234,7 @@ impl Engine {
                 ),
                 checkpoint_interval: config.checkpoint_interval,
                 recovery: config.recovery,
+                cluster_secret: config.cluster_secret.clone(),
                 classify: Arc::new(|e: drizzle_exec::ExecError| {
                     let pg = PgError::from(e);
                     (pg.code.to_string(), pg.message)
@@ -243,8 +251,24 @@ impl Engine {
             views: Mutex::new(BTreeMap::new()),
         });
         for view in engine.catalog.views() {
-            if let Err(e) = engine.resume_view(&view).await {
+            // A view that cannot resume is kept, marked failed (SHOW
+            // MATERIALIZED VIEWS and SELECT say why): it never stops the
+            // server from starting.
+            let resumed = std::panic::AssertUnwindSafe(engine.resume_view(&view));
+            let error = match futures::FutureExt::catch_unwind(resumed).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.message),
+                Err(_) => Some("internal error while resuming (see the server log)".to_string()),
+            };
+            if let Some(e) = error {
                 tracing::error!(view = %view.name, "cannot resume materialized view: {e}");
+                if engine.catalog.view_store(&view.name).is_none() {
+                    let failed = ViewStore::append(Arc::new(Schema::empty()));
+                    engine.catalog.attach_view(&view.name, Arc::new(failed));
+                }
+                if let Some(store) = engine.catalog.view_store(&view.name) {
+                    *store.error.lock() = Some(format!("cannot resume: {e}"));
+                }
             }
         }
         Ok(engine)
@@ -258,7 +282,7 @@ impl Engine {
             parallelism: self.config.parallelism,
             scheduling: self.config.scheduling,
             start_latest: false,
-            fetch_timeout: Duration::from_secs(5),
+            fetch_timeout: None,
             other: BTreeMap::new(),
         }
     }
@@ -510,15 +534,14 @@ impl Engine {
                     group_size: settings.group_size,
                     origin_unix_us: Some(now_ms() * 1000),
                 };
-                // Leftovers of an earlier view of that name go first.
-                self.remove_view_data(&name).await;
-                let store = Arc::new(
-                    new_view_store(&plan)?
-                        .with_log(self.catalog.view_dir(&name).join("output.log"))?,
-                );
-                self.catalog.create_view(def.clone(), Arc::clone(&store))?;
-                if let Err(e) = self.launch_view(&def, plan, store, None) {
+                // A fresh id: a view never sees an earlier object's files.
+                let (oid, dir) = self.catalog.new_view_dir();
+                let store = Arc::new(new_view_store(&plan)?.with_log(dir.join("output.log"))?);
+                self.catalog
+                    .create_view(def.clone(), oid, Arc::clone(&store))?;
+                if let Err(e) = self.launch_view(&def, oid, plan, store, None) {
                     let _ = self.catalog.drop_view(&name);
+                    self.remove_view_data(oid).await;
                     return Err(e);
                 }
                 Ok(Outcome::Command("CREATE MATERIALIZED VIEW".into()))
@@ -532,16 +555,16 @@ impl Engine {
                     ObjectKind::Stream => self.catalog.drop_stream(&name)?,
                     ObjectKind::Table => self.catalog.drop_table(&name)?,
                     ObjectKind::MaterializedView => {
-                        let store = self.catalog.drop_view(&name)?;
+                        let dropped = self.catalog.drop_view(&name)?;
                         let running = self.views.lock().remove(&name);
                         if let Some((task, id)) = running {
                             task.abort();
                             self.runtime.cancel(id);
                         }
-                        if store.is_some() {
-                            self.remove_view_data(&name).await;
+                        if let Some(view) = &dropped {
+                            self.remove_view_data(view.oid).await;
                         }
-                        store.is_some()
+                        dropped.is_some()
                     }
                 };
                 if !dropped {
@@ -850,6 +873,7 @@ impl Engine {
         let (schema, log, is_table) = self.insert_target(&target.name)?;
         let text = std::str::from_utf8(data)
             .map_err(|e| PgError::new("22021", format!("COPY data is not valid UTF-8: {e}")))?;
+        crate::session::reject_nul(text)?;
         let records = crate::copy::parse_records(text, &target.options, target.columns.len())?;
         let rows = records.len();
         let mut columns = Vec::with_capacity(target.columns.len());
@@ -919,7 +943,7 @@ impl Engine {
                     .collect(),
             ),
             ObjectKind::MaterializedView => text_batch(
-                &["name", "query", "last_batch", "status"],
+                &["name", "query", "last_batch", "status", "error"],
                 self.catalog
                     .views()
                     .into_iter()
@@ -929,15 +953,14 @@ impl Engine {
                             .as_ref()
                             .and_then(|s| *s.last_batch.lock())
                             .map(|b| b.to_string());
-                        let status = match store.as_ref().and_then(|s| s.error.lock().clone()) {
-                            Some(e) => format!("failed: {e}"),
-                            None => "running".into(),
-                        };
+                        let error = store.as_ref().and_then(|s| s.error.lock().clone());
+                        let status = if error.is_some() { "failed" } else { "running" };
                         vec![
                             Some(v.name.clone()),
                             Some(v.query.clone()),
                             last,
-                            Some(status),
+                            Some(status.to_string()),
+                            error,
                         ]
                     })
                     .collect(),
@@ -1148,16 +1171,16 @@ impl Engine {
     }
 
     /// Deletes a view's output log and checkpoints.
-    async fn remove_view_data(&self, name: &str) {
-        let dir = self.catalog.view_dir(name);
+    async fn remove_view_data(&self, oid: Oid) {
+        let dir = self.catalog.view_dir(oid);
         if dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(view = %name, "cannot delete {}: {e}", dir.display());
+                tracing::warn!(view = oid, "cannot delete {}: {e}", dir.display());
             }
         }
         if let Some(store) = self.runtime.checkpoints() {
-            if let Err(e) = store.remove(&view_key(name)).await {
-                tracing::warn!(view = %name, "cannot delete its checkpoints: {e}");
+            if let Err(e) = store.remove(&view_key(oid)).await {
+                tracing::warn!(view = oid, "cannot delete its checkpoints: {e}");
             }
         }
     }
@@ -1176,28 +1199,33 @@ impl Engine {
                 return Err(PgError::internal("view query is not continuous"))
             }
         };
+        let oid = self
+            .catalog
+            .oid(&def.name)
+            .ok_or_else(|| PgError::internal(format!("view {} has no object id", def.name)))?;
         if def.origin_unix_us.is_none() {
             // Made before origins existed: no stable batch ids, so the view
             // is rebuilt from the start of its input.
-            self.remove_view_data(&def.name).await;
+            self.remove_view_data(oid).await;
         }
         let store = Arc::new(
-            new_view_store(&plan)?.with_log(self.catalog.view_dir(&def.name).join("output.log"))?,
+            new_view_store(&plan)?.with_log(self.catalog.view_dir(oid).join("output.log"))?,
         );
         self.catalog.attach_view(&def.name, Arc::clone(&store));
         let resume = match (self.runtime.checkpoints(), def.origin_unix_us) {
-            (Some(cs), Some(_)) => cs.latest(&view_key(&def.name)).await?,
+            (Some(cs), Some(_)) => cs.latest(&view_key(oid)).await?,
             _ => None,
         };
         if let Some(m) = &resume {
             tracing::info!(view = %def.name, batch = m.batch, "resuming from checkpoint");
         }
-        self.launch_view(def, plan, store, resume)
+        self.launch_view(def, oid, plan, store, resume)
     }
 
     fn launch_view(
         &self,
         def: &ViewDef,
+        oid: Oid,
         plan: StreamingPlan,
         store: Arc<ViewStore>,
         resume: Option<drizzle_exec::checkpoint::Manifest>,
@@ -1238,7 +1266,7 @@ impl Engine {
             reduce_partitions: def.parallelism.max(1),
             label: format!("MATERIALIZED VIEW {}", def.name),
             durability: drizzle_exec::Durability {
-                key: Some(view_key(&def.name)),
+                key: Some(view_key(oid)),
                 skip_through: if stable {
                     *store.last_batch.lock()
                 } else {
@@ -1258,8 +1286,19 @@ impl Engine {
                 match next {
                     Ok(batch) => {
                         let id = batch.batch;
-                        if let Err(e) = store.apply(id.0, batch.rows) {
-                            *store.error.lock() = Some(e.to_string());
+                        let applied =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                store.apply(id.0, batch.rows)
+                            }));
+                        let failed = match applied {
+                            Ok(Ok(())) => None,
+                            Ok(Err(e)) => Some(e.to_string()),
+                            Err(_) => Some("internal error applying a batch".to_string()),
+                        };
+                        if let Some(e) = failed {
+                            tracing::error!(view = %name, "materialized view failed: {e}");
+                            *store.error.lock() = Some(e);
+                            handle.cancel();
                             break;
                         }
                         // Durable: a checkpoint may now cover this batch.
@@ -1279,9 +1318,9 @@ impl Engine {
     }
 }
 
-/// A view's key in the checkpoint store.
-fn view_key(name: &str) -> String {
-    format!("views/{name}")
+/// A view's key in the checkpoint store: its object id, never its name.
+fn view_key(oid: Oid) -> String {
+    format!("views/{oid}")
 }
 
 fn new_view_store(plan: &StreamingPlan) -> Result<ViewStore, PgError> {
@@ -1331,7 +1370,10 @@ fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> {
             "earliest"
         }
         .into(),
-        "cursor_fetch_timeout" => format!("{}ms", settings.fetch_timeout.as_millis()),
+        "cursor_fetch_timeout" => match settings.fetch_timeout {
+            Some(t) => format!("{}ms", t.as_millis()),
+            None => "0".into(),
+        },
         "server_version" => crate::SERVER_VERSION.into(),
         "transaction_isolation" | "transaction isolation level" => "read committed".into(),
         other => match settings.other.get(other) {
@@ -1425,7 +1467,7 @@ fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(),
         }
         "cursor_fetch_timeout" => {
             let us = drizzle_planner::statement::parse_duration_setting_us(value)?;
-            settings.fetch_timeout = Duration::from_micros(us);
+            settings.fetch_timeout = (us > 0).then(|| Duration::from_micros(us));
         }
         other if PASSTHROUGH.contains(&other) => {
             settings.other.insert(other.to_string(), value.to_string());

@@ -83,6 +83,9 @@ impl From<PlanError> for PgError {
     fn from(e: PlanError) -> Self {
         match e {
             PlanError::Syntax { .. } => PgError::new("42601", e.to_string()),
+            PlanError::InvalidText { .. } => PgError::new("22021", e.to_string()),
+            PlanError::TooComplex { .. } => PgError::new("54001", e.to_string())
+                .with_hint("split the expression, or use IN (...) instead of a chain of OR"),
             PlanError::UnknownRelation { .. } => PgError::new("42P01", e.to_string()),
             PlanError::DuplicateRelation { .. } => PgError::new("42P07", e.to_string()),
             PlanError::UnknownColumn { .. } => PgError::new("42703", e.to_string()),

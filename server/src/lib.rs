@@ -15,6 +15,7 @@
 //! Types to read first: [`engine::Engine`], [`session::serve`],
 //! [`catalog::Catalog`], [`providers::ViewStore`].
 
+pub mod auth;
 pub mod bench;
 pub mod catalog;
 pub mod copy;
@@ -22,7 +23,10 @@ pub mod encode;
 pub mod engine;
 pub mod errors;
 pub mod providers;
+pub mod repair;
 pub mod session;
+pub mod tls;
+pub mod wire;
 
 /// The version reported to clients as `server_version`.
 pub const SERVER_VERSION: &str = "16.0 (Drizzle 0.1.0)";

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start a server: pgwire front end, coordinator and in-process workers.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Start a worker process that joins a server's cluster.
     Worker(WorkerArgs),
     /// Exit 0 when something accepts TCP connections at ADDR (container health checks).
@@ -37,6 +37,13 @@ enum Command {
     },
     /// Run a benchmark on an embedded engine and print its figures.
     Bench(BenchArgs),
+    /// Repair a damaged data directory (the server must be stopped): damaged
+    /// log frames go to quarantine files and every good frame is kept.
+    Repair {
+        /// The server's data directory.
+        #[arg(long, env = "DRIZZLE_DATA_DIR", default_value = "./drizzle-data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -148,6 +155,141 @@ struct ServerArgs {
     /// last checkpoint. BSP and group scheduling always roll back.
     #[arg(long, env = "DRIZZLE_RECOVERY", default_value = "lost-work")]
     recovery: String,
+    /// Client authentication: `trust` (any user, no password) or
+    /// `scram-sha-256`. Default: trust while --listen is a loopback address,
+    /// scram-sha-256 otherwise (a server listening elsewhere without a
+    /// password refuses to start).
+    #[arg(long, env = "DRIZZLE_AUTH")]
+    auth: Option<String>,
+    /// The superuser whose password --password-file / DRIZZLE_PASSWORD sets
+    /// (created at start if missing).
+    #[arg(long, env = "DRIZZLE_SUPERUSER", default_value = "drizzle")]
+    superuser: String,
+    /// A file holding the superuser's password (its first line).
+    #[arg(long, env = "DRIZZLE_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for pgwire; with --tls-key, SSLRequest is
+    /// answered `S`.
+    #[arg(long, env = "DRIZZLE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for pgwire.
+    #[arg(long, env = "DRIZZLE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Refuse sessions that do not use TLS.
+    #[arg(long, env = "DRIZZLE_TLS_REQUIRED", requires = "tls_cert")]
+    tls_required: bool,
+    /// A file holding the cluster secret (its first line, 16 characters or
+    /// more) that workers must prove they know; DRIZZLE_CLUSTER_SECRET gives
+    /// it directly. Without one, a random secret is made at each start and
+    /// only in-process workers can join.
+    #[arg(long, env = "DRIZZLE_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
+}
+
+/// The cluster secret from `file` or DRIZZLE_CLUSTER_SECRET, if any.
+fn cluster_secret(
+    file: Option<&PathBuf>,
+) -> anyhow::Result<Option<drizzle_exec::cluster::ClusterSecret>> {
+    let text = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --cluster-secret-file {}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        ),
+        None => std::env::var("DRIZZLE_CLUSTER_SECRET")
+            .ok()
+            .filter(|s| !s.is_empty()),
+    };
+    text.map(|t| drizzle_exec::cluster::ClusterSecret::new(&t).map_err(|e| anyhow::anyhow!("{e}")))
+        .transpose()
+}
+
+/// The superuser's password from --password-file or DRIZZLE_PASSWORD.
+fn superuser_password(args: &ServerArgs) -> anyhow::Result<Option<String>> {
+    if let Some(path) = &args.password_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --password-file {}", path.display()))?;
+        let password = text.lines().next().unwrap_or("").to_string();
+        if password.is_empty() {
+            anyhow::bail!("--password-file {} holds no password", path.display());
+        }
+        return Ok(Some(password));
+    }
+    match std::env::var("DRIZZLE_PASSWORD") {
+        Ok(p) if !p.is_empty() => Ok(Some(p)),
+        _ => Ok(None),
+    }
+}
+
+/// Client authentication and TLS, checked before anything listens.
+fn security(
+    args: &ServerArgs,
+    engine: &Engine,
+) -> anyhow::Result<drizzle_server::session::Security> {
+    use drizzle_server::auth::AuthMethod;
+    let loopback = args.listen.ip().is_loopback();
+    let auth = match &args.auth {
+        Some(a) => a
+            .parse::<AuthMethod>()
+            .map_err(|e| anyhow::anyhow!("--auth: {e}"))?,
+        None if loopback => AuthMethod::Trust,
+        None => AuthMethod::ScramSha256,
+    };
+    if let Some(password) = superuser_password(args)? {
+        let verifier =
+            drizzle_server::auth::make_verifier(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+        engine
+            .catalog
+            .alter_role(&args.superuser, true, |r| {
+                r.superuser = true;
+                r.login = true;
+                r.verifier = Some(verifier);
+            })
+            .map_err(|e| anyhow::anyhow!("cannot set the superuser's password: {e}"))?;
+    }
+    if auth == AuthMethod::ScramSha256
+        && !engine
+            .catalog
+            .roles()
+            .iter()
+            .any(|(_, r)| r.superuser && r.login && r.verifier.is_some())
+    {
+        anyhow::bail!(
+            "{}: no superuser has a password, so nobody could log in. Set one with \
+             DRIZZLE_PASSWORD or --password-file (for the superuser '{}'), or listen on \
+             loopback only (--listen 127.0.0.1:5433), where --auth trust is the default",
+            if loopback {
+                "--auth scram-sha-256".to_string()
+            } else {
+                format!(
+                    "listening on {} (not loopback) requires password authentication",
+                    args.listen
+                )
+            },
+            args.superuser
+        );
+    }
+    if auth == AuthMethod::Trust && !loopback {
+        tracing::warn!(
+            listen = %args.listen,
+            "--auth trust on a non-loopback address: anyone who reaches it is a superuser"
+        );
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(drizzle_server::tls::load(cert, key).map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
+        _ => None,
+    };
+    Ok(drizzle_server::session::Security {
+        auth,
+        tls,
+        tls_required: args.tls_required,
+        decoy_key: drizzle_server::auth::random_key(),
+    })
 }
 
 #[derive(clap::Args)]
@@ -172,6 +314,10 @@ struct WorkerArgs {
     /// of its own, on the listen port plus its index (port 0: any free port).
     #[arg(long, env = "DRIZZLE_WORKER_SLOTS", default_value_t = 1)]
     slots: u16,
+    /// A file holding the cluster secret (the server's); DRIZZLE_CLUSTER_SECRET
+    /// gives it directly. Required.
+    #[arg(long, env = "DRIZZLE_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -188,9 +334,13 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("drizzle-io")
+                .thread_stack_size(drizzle_exec::THREAD_STACK_BYTES)
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(run_server(args))
+            let result = runtime.block_on(run_server(*args));
+            // Tasks still parked (connections, timers) are not waited for.
+            runtime.shutdown_timeout(Duration::from_secs(2));
+            result
         }
         Command::Healthcheck { addr } => {
             std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
@@ -201,11 +351,30 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("drizzle-io")
+                .thread_stack_size(drizzle_exec::THREAD_STACK_BYTES)
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(run_worker(args))
         }
         Command::Bench(args) => run_bench(args),
+        Command::Repair { data_dir } => {
+            let repaired = drizzle_server::repair::repair(&data_dir)
+                .map_err(|e| anyhow::anyhow!("repair of {} failed: {e}", data_dir.display()))?;
+            for line in &repaired.lines {
+                println!("{line}");
+            }
+            println!(
+                "checked {} log files in {}: {}",
+                repaired.logs_checked,
+                data_dir.display(),
+                if repaired.lines.is_empty() {
+                    "nothing to repair"
+                } else {
+                    "repaired"
+                }
+            );
+            Ok(())
+        }
     }
 }
 
@@ -223,6 +392,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(drizzle_exec::THREAD_STACK_BYTES)
         .build()
         .context("cannot start the async runtime")?;
     let ysb = |workers: usize, remote_workers: usize| bench::YsbConfig {
@@ -284,7 +454,36 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises the soft limit on open file descriptors to the hard limit: logs
+/// keep a descriptor per partition, and sessions and cluster connections one
+/// each.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let before = limit.rlim_cur;
+        let target = limit.rlim_max.min(1 << 20);
+        if limit.rlim_cur < target {
+            limit.rlim_cur = target;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                tracing::debug!(
+                    from = before,
+                    to = limit.rlim_cur,
+                    "raised the descriptor limit"
+                );
+            }
+        }
+    }
+}
+
 async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -330,6 +529,15 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
             .recovery
             .parse()
             .map_err(|e| anyhow::anyhow!("--recovery: {e}"))?,
+        cluster_secret: match cluster_secret(args.cluster_secret_file.as_ref())? {
+            Some(secret) => secret,
+            None if workers == 0 => anyhow::bail!(
+                "--workers 0 waits for worker processes, which must prove they belong to this \
+                 cluster: give the server and every worker the same secret with \
+                 --cluster-secret-file or DRIZZLE_CLUSTER_SECRET"
+            ),
+            None => drizzle_exec::cluster::ClusterSecret::random(),
+        },
     };
     let engine = Engine::open(&args.data_dir, workers, config)
         .await
@@ -339,6 +547,8 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
                 args.data_dir.display()
             )
         })?;
+    let security = Arc::new(security(&args, &engine)?);
+    tracing::info!(auth = ?security.auth, tls = security.tls.is_some(), "client authentication");
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -356,28 +566,97 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         workers,
         "drizzle server ready"
     );
+    let mut signals = Signals::new()?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
                     tracing::debug!(%peer, "connection");
-                    tokio::spawn(serve(Arc::clone(&engine), Arc::clone(&registry), socket));
+                    tokio::spawn(serve(
+                        Arc::clone(&engine),
+                        Arc::clone(&registry),
+                        Arc::clone(&security),
+                        socket,
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("shutting down");
-                engine.runtime.shutdown();
-                return Ok(());
+            signal = signals.next() => {
+                tracing::warn!("{signal}: shutting down (a second signal exits at once)");
+                break;
             }
+        }
+    }
+    // Graceful shutdown: accept nothing more; sessions finish the statement
+    // they run (an INSERT or COPY is acknowledged), then get 57P01, and a
+    // running continuous query ends with 57P01; views keep their durable
+    // output logs and checkpoints and resume at the next start.
+    drop(listener);
+    registry.begin_shutdown();
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_TIMEOUT;
+    loop {
+        let open = registry.open_sessions();
+        if open == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            tracing::warn!(
+                open,
+                "sessions still open after {SHUTDOWN_TIMEOUT:?}: closing anyway"
+            );
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            signal = signals.next() => {
+                tracing::warn!("{signal} again: exiting now");
+                std::process::exit(1);
+            }
+        }
+    }
+    engine.runtime.shutdown();
+    tracing::warn!("drizzle server stopped");
+    Ok(())
+}
+
+/// How long a shutdown waits for sessions to finish their statements.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// SIGINT and SIGTERM.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
     }
 }
 
 async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let secret = cluster_secret(args.cluster_secret_file.as_ref())?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "a worker needs the cluster secret of its server: --cluster-secret-file or \
+             DRIZZLE_CLUSTER_SECRET"
+        )
+    })?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     let classify: drizzle_exec::ErrorClassifier = Arc::new(|e: drizzle_exec::ExecError| {
@@ -403,6 +682,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             listen,
             advertise,
             classify: Arc::clone(&classify),
+            cluster_secret: secret.clone(),
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the worker: {e}"))?;

@@ -197,6 +197,12 @@ impl ViewStore {
                     v.push(batch);
                 }
             }
+            ViewRows::Upsert(u) if u.keys.is_empty() => {
+                // A global aggregate (no GROUP BY): one row, the latest.
+                if batch.num_rows() > 0 {
+                    u.batches = vec![batch.slice(batch.num_rows() - 1, 1)];
+                }
+            }
             ViewRows::Upsert(u) => {
                 if batch.num_rows() > 0 {
                     let cols: Vec<_> = u
@@ -243,6 +249,13 @@ fn snapshot_upsert(
     u: &UpsertRows,
     schema: &SchemaRef,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
+    if u.keys.is_empty() {
+        return Ok(u
+            .batches
+            .last()
+            .cloned()
+            .unwrap_or_else(|| RecordBatch::new_empty(Arc::clone(schema))));
+    }
     if u.order.is_empty() {
         return Ok(RecordBatch::new_empty(Arc::clone(schema)));
     }

@@ -20,10 +20,10 @@ use std::time::Duration;
 
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use datafusion::common::ScalarValue;
 use drizzle_exec::QueryHandle;
-use drizzle_planner::{parse_statements, CopyOptions, DrizzleStatement, PlannedQuery};
+use drizzle_planner::{parse_statements, CopyOptions, DrizzleStatement, PlannedQuery, RoleOptions};
 use parking_lot::Mutex;
 use pgwire::messages::copy::{CopyData, CopyDone, CopyInResponse, CopyOutResponse};
 use pgwire::messages::data::{FieldDescription, NoData, ParameterDescription, RowDescription};
@@ -37,11 +37,11 @@ use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus,
 use pgwire::messages::{
     DecodeContext, PgWireBackendMessage, PgWireFrontendMessage, SslNegotiationMetaMessage,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::{AuthMethod, Identity, RoleDef, ScramExchange, ScramStep};
 use crate::engine::{Engine, Outcome, Settings};
 use crate::errors::PgError;
 
@@ -52,11 +52,22 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest COPY FROM STDIN payload held for one statement.
 pub const MAX_COPY_BYTES: usize = 1 << 30;
 
-/// Sessions by backend pid, for CancelRequest.
-#[derive(Default)]
+/// Sessions by backend pid, for CancelRequest, and the server's shutdown
+/// signal.
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<i32, (i32, watch::Sender<u64>)>>,
     next_pid: AtomicI32,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Default for SessionRegistry {
+    fn default() -> Self {
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            next_pid: AtomicI32::new(0),
+            shutdown: watch::channel(false).0,
+        }
+    }
 }
 
 impl SessionRegistry {
@@ -76,6 +87,23 @@ impl SessionRegistry {
         self.sessions.lock().remove(&pid);
     }
 
+    /// Tells every session the server is shutting down: an idle session is
+    /// closed, a running continuous query ends with 57P01, and a statement
+    /// in progress (an `INSERT`, a `COPY`) finishes and is acknowledged
+    /// first.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Sessions still open.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
     fn cancel(&self, pid: i32, secret: &SecretKey) {
         let sessions = self.sessions.lock();
         if let Some((s, tx)) = sessions.get(&pid) {
@@ -88,75 +116,361 @@ impl SessionRegistry {
 
 enum Inbound {
     Msg(PgWireFrontendMessage),
+    /// A well-framed message with content that is refused (not UTF-8): an
+    /// error for that message, the session goes on.
+    Invalid {
+        error: PgError,
+        /// From the extended protocol: skip to the next Sync.
+        extended: bool,
+    },
     Closed,
     Bad(String),
 }
 
-/// Serves one connection until it closes. Never panics on client input.
-pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: TcpStream) {
-    let _ = socket.set_nodelay(true);
-    let (mut rd, mut wr) = socket.into_split();
-    let mut buf = BytesMut::with_capacity(8192);
-    let mut ctx = DecodeContext::default();
-    // Start-up: SSL/GSS refusal, then StartupMessage or CancelRequest, within
-    // STARTUP_TIMEOUT (a stalled half-open client must not hold a task forever).
-    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
-    let startup = loop {
-        match PgWireFrontendMessage::decode(&mut buf, &ctx) {
-            Ok(Some(PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::None))) => {
+/// How the pgwire endpoint checks its clients (see `docs/security.md`).
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// Password checking.
+    pub auth: AuthMethod,
+    /// TLS, when a certificate is configured.
+    pub tls: Option<crate::tls::TlsSettings>,
+    /// Refuse sessions that did not negotiate TLS.
+    pub tls_required: bool,
+    /// Salts the decoy SCRAM verifier of unknown users.
+    pub decoy_key: [u8; 32],
+}
+
+impl Security {
+    /// No passwords, no TLS (tests and benchmarks on loopback).
+    pub fn trust() -> Self {
+        Self {
+            auth: AuthMethod::Trust,
+            tls: None,
+            tls_required: false,
+            decoy_key: crate::auth::random_key(),
+        }
+    }
+}
+
+/// A client connection: plain TCP or TLS over it.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+type BoxConn = Box<dyn Conn>;
+
+/// What opens a connection.
+enum Opening {
+    SslRequest,
+    Startup(pgwire::messages::startup::Startup),
+    Close,
+}
+
+/// Reads until an SSLRequest, a StartupMessage or a CancelRequest (which is
+/// served here) arrives, within `deadline`.
+async fn read_opening<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    ctx: &mut DecodeContext,
+    deadline: tokio::time::Instant,
+    registry: &SessionRegistry,
+) -> Opening {
+    loop {
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            PgWireFrontendMessage::decode(buf, ctx)
+        }));
+        match decoded {
+            Ok(Ok(Some(PgWireFrontendMessage::SslNegotiation(
+                SslNegotiationMetaMessage::None,
+            )))) => {
                 ctx.awaiting_frontend_ssl = false;
                 continue;
             }
-            Ok(Some(PgWireFrontendMessage::SslNegotiation(_))) => {
-                if wr.write_all(b"N").await.is_err() {
-                    return;
+            Ok(Ok(Some(PgWireFrontendMessage::SslNegotiation(
+                SslNegotiationMetaMessage::PostgresSsl(_),
+            )))) => {
+                ctx.awaiting_frontend_ssl = false;
+                return Opening::SslRequest;
+            }
+            Ok(Ok(Some(PgWireFrontendMessage::SslNegotiation(_)))) => {
+                // GSSAPI encryption: not offered.
+                if s.write_all(b"N").await.is_err() {
+                    return Opening::Close;
                 }
                 continue;
             }
-            Ok(Some(PgWireFrontendMessage::CancelRequest(c))) => {
+            Ok(Ok(Some(PgWireFrontendMessage::CancelRequest(c)))) => {
                 registry.cancel(c.pid, &c.secret_key);
-                return;
+                return Opening::Close;
             }
-            Ok(Some(PgWireFrontendMessage::Startup(s))) => break s,
-            Ok(Some(_)) => return,
-            Ok(None) => {}
-            Err(e) => {
+            Ok(Ok(Some(PgWireFrontendMessage::Startup(st)))) => return Opening::Startup(st),
+            Ok(Ok(Some(_))) => return Opening::Close,
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
                 let _ = send_fatal(
-                    &mut wr,
+                    s,
                     PgError::new("08P01", format!("invalid startup packet: {e}")),
                 )
                 .await;
-                return;
+                return Opening::Close;
+            }
+            Err(_) => {
+                let _ = send_fatal(s, PgError::new("08P01", "invalid startup packet")).await;
+                return Opening::Close;
             }
         }
         if buf.len() > 1 << 16 {
-            return;
+            return Opening::Close;
         }
-        match tokio::time::timeout_at(deadline, rd.read_buf(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+        match tokio::time::timeout_at(deadline, s.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Opening::Close,
             Ok(Ok(_)) => {}
         }
+    }
+}
+
+/// Reads one whole message (during authentication) within `deadline`.
+async fn read_auth_message<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+) -> Option<(u8, Vec<u8>)> {
+    loop {
+        if buf.len() >= 5 {
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+            if !(4..=(1 << 16)).contains(&len) {
+                return None;
+            }
+            let total = len as usize + 1;
+            if buf.len() >= total {
+                let frame = buf.split_to(total);
+                return Some((frame[0], frame[5..].to_vec()));
+            }
+        }
+        match tokio::time::timeout_at(deadline, s.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Writes backend messages now.
+async fn send_now<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    msgs: Vec<PgWireBackendMessage>,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    for m in msgs {
+        let _ = m.encode(&mut out);
+    }
+    s.write_all(&out).await?;
+    s.flush().await
+}
+
+/// Runs the SCRAM-SHA-256 exchange for `user`. `Err` has been sent.
+async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+    exchange: &mut ScramExchange,
+) -> Result<(), ()> {
+    let sasl = Authentication::SASL(vec![crate::auth::SCRAM_SHA_256.to_string()]);
+    if send_now(s, vec![PgWireBackendMessage::Authentication(sasl)])
+        .await
+        .is_err()
+    {
+        return Err(());
+    }
+    let bad = || PgError::new("08P01", "expected a SASL response").fatal();
+    let step = match read_auth_message(s, buf, deadline).await {
+        Some((b'p', body)) => match crate::auth::parse_initial_response(&body) {
+            Some((mechanism, data)) => exchange.on_initial(&mechanism, &data),
+            None => Err(bad()),
+        },
+        Some(_) => Err(bad()),
+        None => return Err(()),
     };
+    let first = match step {
+        Ok(ScramStep::Continue(first)) => first,
+        Ok(ScramStep::Final(_)) => return Err(()),
+        Err(e) => {
+            let _ = send_fatal(s, e).await;
+            return Err(());
+        }
+    };
+    let cont = Authentication::SASLContinue(Bytes::from(first.into_bytes()));
+    if send_now(s, vec![PgWireBackendMessage::Authentication(cont)])
+        .await
+        .is_err()
+    {
+        return Err(());
+    }
+    let step = match read_auth_message(s, buf, deadline).await {
+        Some((b'p', body)) => exchange.on_response(&body),
+        Some(_) => Err(bad()),
+        None => return Err(()),
+    };
+    match step {
+        Ok(ScramStep::Final(last)) => {
+            let fin = Authentication::SASLFinal(Bytes::from(last.into_bytes()));
+            send_now(s, vec![PgWireBackendMessage::Authentication(fin)])
+                .await
+                .map_err(|_| ())
+        }
+        Ok(ScramStep::Continue(_)) => Err(()),
+        Err(e) => {
+            let _ = send_fatal(s, e).await;
+            Err(())
+        }
+    }
+}
+
+/// Serves one connection until it closes. Never panics on client input.
+///
+/// Start-up: an optional SSLRequest (answered `S` and a TLS handshake when a
+/// certificate is configured, else `N`), the StartupMessage (or a
+/// CancelRequest), then authentication by [`Security::auth`], all within
+/// [`STARTUP_TIMEOUT`] (a stalled half-open client must not hold a task
+/// forever).
+pub async fn serve(
+    engine: Arc<Engine>,
+    registry: Arc<SessionRegistry>,
+    security: Arc<Security>,
+    mut socket: TcpStream,
+) {
+    let _ = socket.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut ctx = DecodeContext::default();
+    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
+    let (mut conn, startup, encrypted): (BoxConn, _, bool) =
+        match read_opening(&mut socket, &mut buf, &mut ctx, deadline, &registry).await {
+            Opening::Close => return,
+            Opening::Startup(st) => (Box::new(socket), st, false),
+            Opening::SslRequest => match &security.tls {
+                Some(tls) => {
+                    if !buf.is_empty() {
+                        // Bytes sent before the handshake would be taken as
+                        // if they came over TLS (CVE-2021-23214).
+                        let _ = send_fatal(
+                            &mut socket,
+                            PgError::new("08P01", "received unencrypted data after SSL request"),
+                        )
+                        .await;
+                        return;
+                    }
+                    if socket.write_all(b"S").await.is_err() {
+                        return;
+                    }
+                    let mut stream = match tokio::time::timeout_at(
+                        deadline,
+                        tls.acceptor.accept(socket),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!("TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    match read_opening(&mut stream, &mut buf, &mut ctx, deadline, &registry).await {
+                        Opening::Startup(st) => (Box::new(stream), st, true),
+                        _ => return,
+                    }
+                }
+                None => {
+                    if socket.write_all(b"N").await.is_err() {
+                        return;
+                    }
+                    match read_opening(&mut socket, &mut buf, &mut ctx, deadline, &registry).await {
+                        Opening::Startup(st) => (Box::new(socket), st, false),
+                        _ => return,
+                    }
+                }
+            },
+        };
     ctx.awaiting_frontend_startup = false;
     if startup.protocol_number_major != 3 {
         let _ = send_fatal(
-            &mut wr,
+            &mut conn,
             PgError::new("0A000", "unsupported frontend protocol"),
         )
         .await;
         return;
     }
+    if security.tls_required && !encrypted {
+        let _ = send_fatal(
+            &mut conn,
+            PgError::new("28000", "this server accepts TLS connections only")
+                .with_hint("connect with sslmode=require"),
+        )
+        .await;
+        return;
+    }
+    let Some(user) = startup.parameters.get("user").cloned() else {
+        let _ = send_fatal(
+            &mut conn,
+            PgError::new(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            ),
+        )
+        .await;
+        return;
+    };
+    let role = engine.catalog.role(&user);
+    let identity = match security.auth {
+        AuthMethod::Trust => {
+            if role.as_ref().is_some_and(|r| !r.login) {
+                let _ = send_fatal(
+                    &mut conn,
+                    PgError::new(
+                        "28000",
+                        format!("role \"{user}\" is not permitted to log in"),
+                    ),
+                )
+                .await;
+                return;
+            }
+            // Trust: an unknown user name is let in with every right.
+            Identity {
+                superuser: role.as_ref().is_none_or(|r| r.superuser),
+                user,
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            let mut exchange = ScramExchange::new(&user, role.as_ref(), &security.decoy_key);
+            if scram(&mut conn, &mut buf, deadline, &mut exchange)
+                .await
+                .is_err()
+            {
+                tracing::info!(%user, "password authentication failed");
+                return;
+            }
+            Identity {
+                superuser: role.as_ref().is_some_and(|r| r.superuser),
+                user,
+            }
+        }
+    };
+    if *registry.shutdown.borrow() {
+        let _ = send_fatal(&mut conn, shutting_down()).await;
+        return;
+    }
     let (pid, secret, cancel) = registry.register();
+    let (rd, wr) = tokio::io::split(conn);
     let (tx, rx) = mpsc::channel(64);
     let reader = tokio::spawn(read_loop(rd, buf, ctx, tx));
+    let superuser = identity.superuser;
     let mut session = Session {
         settings: engine.default_settings(),
         engine,
+        identity,
         out: BytesMut::with_capacity(64 * 1024),
         wr,
         rx,
         pending: VecDeque::new(),
         cancel,
+        shutdown: registry.shutdown_signal(),
         in_txn: false,
         txn_failed: false,
         cursors: HashMap::new(),
@@ -171,6 +485,7 @@ pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: 
             .insert("application_name".into(), app.clone());
     }
     session.push(PgWireBackendMessage::Authentication(Authentication::Ok));
+    let session_authorization = session.identity.user.clone();
     for (k, v) in [
         ("server_version", crate::SERVER_VERSION),
         ("server_encoding", "UTF8"),
@@ -180,7 +495,8 @@ pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: 
         ("integer_datetimes", "on"),
         ("standard_conforming_strings", "on"),
         ("IntervalStyle", "postgres"),
-        ("is_superuser", "on"),
+        ("is_superuser", if superuser { "on" } else { "off" }),
+        ("session_authorization", session_authorization.as_str()),
     ] {
         session.push(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(
             k.into(),
@@ -199,42 +515,51 @@ pub async fn serve(engine: Arc<Engine>, registry: Arc<SessionRegistry>, socket: 
     reader.abort();
 }
 
-async fn send_fatal(wr: &mut OwnedWriteHalf, e: PgError) -> std::io::Result<()> {
+/// What a session gets when the server shuts down.
+fn shutting_down() -> PgError {
+    PgError::new(
+        "57P01",
+        "terminating connection due to administrator command",
+    )
+}
+
+/// Resolves once the server shuts down (never, if its registry is gone).
+async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn send_fatal<S: AsyncWrite + Unpin>(wr: &mut S, e: PgError) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     let _ = PgWireBackendMessage::ErrorResponse(error_response(&e.fatal())).encode(&mut out);
-    wr.write_all(&out).await
+    wr.write_all(&out).await?;
+    wr.flush().await
 }
 
 async fn read_loop(
-    mut rd: OwnedReadHalf,
+    mut rd: tokio::io::ReadHalf<BoxConn>,
     mut buf: BytesMut,
     ctx: DecodeContext,
     tx: mpsc::Sender<Inbound>,
 ) {
     loop {
         loop {
-            if buf.len() >= 5 {
-                let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-                if len < 4 || len as usize > MAX_MESSAGE_BYTES {
-                    let _ = tx
-                        .send(Inbound::Bad(format!(
-                            "message of {len} bytes refused (the limit is {MAX_MESSAGE_BYTES})"
-                        )))
-                        .await;
-                    return;
-                }
-            }
-            match PgWireFrontendMessage::decode(&mut buf, &ctx) {
-                Ok(Some(m)) => {
-                    if tx.send(Inbound::Msg(m)).await.is_err() {
-                        return;
-                    }
-                }
+            let inbound = match next_frame(&mut buf, &ctx) {
+                Ok(Some(inbound)) => inbound,
                 Ok(None) => break,
-                Err(e) => {
-                    let _ = tx.send(Inbound::Bad(format!("invalid message: {e}"))).await;
+                Err(reason) => {
+                    let _ = tx.send(Inbound::Bad(reason)).await;
                     return;
                 }
+            };
+            if tx.send(inbound).await.is_err() {
+                return;
             }
         }
         match rd.read_buf(&mut buf).await {
@@ -245,6 +570,92 @@ async fn read_loop(
             Ok(_) => {}
         }
     }
+}
+
+/// Takes the next complete frontend message off `buf` (after start-up).
+///
+/// `Ok(None)`: more bytes are needed. `Err`: the stream cannot be trusted any
+/// more (bad length, a body the decoder rejects); the connection ends with
+/// 08P01. A Query or Parse whose text is not UTF-8 is a well-framed message
+/// with bad content: it becomes [`Inbound::Invalid`] (22021), as in Postgres.
+///
+/// The body is checked against the message layout first
+/// ([`crate::wire::validate_frame`]); the decoder then works on exactly one
+/// frame, so a body can never read into the next message, and should the
+/// decoder still panic, the panic is caught and refused like any other
+/// malformed message.
+fn next_frame(buf: &mut BytesMut, ctx: &DecodeContext) -> Result<Option<Inbound>, String> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 || len as usize > MAX_MESSAGE_BYTES {
+        return Err(format!(
+            "message of {len} bytes refused (the limit is {MAX_MESSAGE_BYTES})"
+        ));
+    }
+    let total = len as usize + 1;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let mut frame = buf.split_to(total);
+    let tag = frame[0];
+    crate::wire::validate_frame(tag, &frame[5..])?;
+    if let Some(e) = invalid_text(tag, &frame[5..]) {
+        return Ok(Some(Inbound::Invalid {
+            error: e,
+            extended: tag != b'Q',
+        }));
+    }
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        PgWireFrontendMessage::decode(&mut frame, ctx)
+    }));
+    match decoded {
+        Ok(Ok(Some(m))) if frame.is_empty() => Ok(Some(Inbound::Msg(m))),
+        Ok(Ok(Some(_))) => Err(format!(
+            "invalid message format: '{}' message has {} bytes left over",
+            char::from(tag),
+            frame.len()
+        )),
+        Ok(Ok(None)) => Err(format!(
+            "invalid message format: '{}' message is incomplete",
+            char::from(tag)
+        )),
+        Ok(Err(e)) => Err(format!("invalid message: {e}")),
+        Err(_) => Err(format!(
+            "invalid message format: '{}' message is malformed",
+            char::from(tag)
+        )),
+    }
+}
+
+/// A Query ('Q') or Parse ('P') message whose SQL text is not UTF-8 or holds
+/// a NUL byte inside a string is answered 22021, as Postgres does.
+fn invalid_text(tag: u8, body: &[u8]) -> Option<PgError> {
+    let strings: usize = match tag {
+        b'Q' => 1,
+        b'P' => 2,
+        _ => return None,
+    };
+    let mut rest = body;
+    for _ in 0..strings {
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        if let Err(e) = std::str::from_utf8(&rest[..end]) {
+            let at = e.valid_up_to();
+            let bad = &rest[at..(at + e.error_len().unwrap_or(1)).min(end)];
+            let hex: Vec<String> = bad.iter().map(|b| format!("0x{b:02x}")).collect();
+            return Some(PgError::new(
+                "22021",
+                format!(
+                    "invalid byte sequence for encoding \"UTF8\": {}",
+                    hex.join(" ")
+                ),
+            ));
+        }
+        rest = rest.get(end + 1..).unwrap_or(&[]);
+    }
+    None
 }
 
 fn error_response(e: &PgError) -> ErrorResponse {
@@ -318,10 +729,13 @@ struct Session {
     engine: Arc<Engine>,
     settings: Settings,
     out: BytesMut,
-    wr: OwnedWriteHalf,
+    wr: tokio::io::WriteHalf<BoxConn>,
+    identity: Identity,
     rx: mpsc::Receiver<Inbound>,
-    pending: VecDeque<PgWireFrontendMessage>,
+    pending: VecDeque<Inbound>,
     cancel: watch::Receiver<u64>,
+    /// Turns true when the server shuts down.
+    shutdown: watch::Receiver<bool>,
     in_txn: bool,
     txn_failed: bool,
     cursors: HashMap<String, RowSource>,
@@ -356,7 +770,9 @@ impl Session {
         }
         let r = self.wr.write_all(&self.out).await;
         self.out.clear();
-        r.map_err(|_| Disconnect)
+        r.map_err(|_| Disconnect)?;
+        // TLS buffers records: push them out.
+        self.wr.flush().await.map_err(|_| Disconnect)
     }
 
     fn ready(&mut self) {
@@ -415,19 +831,49 @@ impl Session {
 
     async fn next_inbound(&mut self) -> Option<Inbound> {
         if let Some(m) = self.pending.pop_front() {
-            return Some(Inbound::Msg(m));
+            return Some(m);
         }
         self.rx.recv().await
     }
 
     async fn run(&mut self) {
         loop {
-            let msg = match self.next_inbound().await {
+            let mut stop = *self.shutdown.borrow();
+            let inbound = match self.pending.pop_front() {
+                Some(m) if !stop => Some(m),
+                _ if stop => None,
+                _ => tokio::select! {
+                    biased;
+                    _ = shutdown_requested(&mut self.shutdown) => {
+                        stop = true;
+                        None
+                    }
+                    inbound = self.rx.recv() => inbound,
+                },
+            };
+            if stop {
+                self.error(shutting_down().fatal());
+                let _ = self.flush().await;
+                return;
+            }
+            let msg = match inbound {
                 Some(Inbound::Msg(m)) => m,
                 Some(Inbound::Bad(reason)) => {
                     self.error(PgError::new("08P01", reason).fatal());
                     let _ = self.flush().await;
                     return;
+                }
+                Some(Inbound::Invalid { error, extended }) => {
+                    if extended {
+                        self.extended_error(error);
+                    } else {
+                        self.fail(error);
+                        self.ready();
+                    }
+                    if self.flush().await.is_err() {
+                        return;
+                    }
+                    continue;
                 }
                 Some(Inbound::Closed) | None => return,
             };
@@ -580,8 +1026,16 @@ impl Session {
                 self.complete("DECLARE CURSOR".into());
                 Ok(Ok(()))
             }
-            DrizzleStatement::Fetch { name, count } => {
-                let timeout = self.settings.fetch_timeout;
+            DrizzleStatement::Fetch {
+                name,
+                count,
+                timeout_us,
+            } => {
+                let timeout = match timeout_us {
+                    Some(0) => None,
+                    Some(us) => Some(Duration::from_micros(us)),
+                    None => self.settings.fetch_timeout,
+                };
                 let Some(mut source) = self.cursors.remove(&name) else {
                     return Ok(Err(PgError::new(
                         "34000",
@@ -618,6 +1072,61 @@ impl Session {
             }
             DrizzleStatement::CopyTo { query, options } => {
                 self.copy_to(&query, &options, params, sql).await
+            }
+            DrizzleStatement::Deallocate(name) => {
+                let tag = if name.is_none() {
+                    "DEALLOCATE ALL"
+                } else {
+                    "DEALLOCATE"
+                };
+                match name {
+                    None => self.statements.clear(),
+                    Some(n) => {
+                        if self.statements.remove(&n).is_none() {
+                            return Ok(Err(PgError::new(
+                                "26000",
+                                format!("prepared statement \"{n}\" does not exist"),
+                            )));
+                        }
+                    }
+                }
+                self.complete(tag.into());
+                Ok(Ok(()))
+            }
+            DrizzleStatement::CreateRole {
+                name,
+                user,
+                options,
+            } => Ok(self.create_role(&name, user, options).map(|()| {
+                self.complete("CREATE ROLE".into());
+            })),
+            DrizzleStatement::AlterRole { name, options } => {
+                Ok(self.alter_role(&name, options).map(|()| {
+                    self.complete("ALTER ROLE".into());
+                }))
+            }
+            DrizzleStatement::DropRole { names, if_exists } => {
+                Ok(self.drop_roles(&names, if_exists).map(|()| {
+                    self.complete("DROP ROLE".into());
+                }))
+            }
+            DrizzleStatement::DiscardAll => {
+                if self.in_txn {
+                    return Ok(Err(PgError::new(
+                        "25001",
+                        "DISCARD ALL cannot run inside a transaction block",
+                    )));
+                }
+                self.statements.clear();
+                self.portals.clear();
+                self.cursors.clear();
+                let app = self.settings.other.get("application_name").cloned();
+                self.settings = self.engine.default_settings();
+                if let Some(app) = app {
+                    self.settings.other.insert("application_name".into(), app);
+                }
+                self.complete("DISCARD ALL".into());
+                Ok(Ok(()))
             }
             other => {
                 let outcome = self
@@ -707,7 +1216,7 @@ impl Session {
                         Some(Inbound::Msg(
                             PgWireFrontendMessage::Sync(_) | PgWireFrontendMessage::Flush(_),
                         )) => {}
-                        Some(Inbound::Msg(_)) => {
+                        Some(Inbound::Msg(_)) | Some(Inbound::Invalid { .. }) => {
                             return Ok(Err(PgError::new(
                                 "08P01",
                                 "unexpected message during COPY FROM STDIN",
@@ -759,6 +1268,12 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
+                _ = shutdown_requested(&mut self.shutdown) => {
+                    handle.cancel();
+                    self.error(shutting_down().fatal());
+                    let _ = self.flush().await;
+                    return Err(Disconnect);
+                }
                 changed = self.cancel.changed() => {
                     if changed.is_ok() {
                         handle.cancel();
@@ -774,7 +1289,13 @@ impl Session {
                         if self.pending.len() > 1024 {
                             return Err(Disconnect);
                         }
-                        self.pending.push_back(m);
+                        self.pending.push_back(Inbound::Msg(m));
+                    }
+                    Some(invalid @ Inbound::Invalid { .. }) => {
+                        if self.pending.len() > 1024 {
+                            return Err(Disconnect);
+                        }
+                        self.pending.push_back(invalid);
                     }
                     Some(Inbound::Bad(_)) | Some(Inbound::Closed) | None => {
                         handle.cancel();
@@ -788,9 +1309,9 @@ impl Session {
                         match sink {
                             Sink::Rows(binary) => crate::encode::write_data_rows(&mut self.out, &batch.rows, binary),
                             Sink::Copy(options) => {
-                                let mut lines = BytesMut::new();
-                                crate::copy::format_rows(&mut lines, &batch.rows, options);
-                                self.push(PgWireBackendMessage::CopyData(CopyData::new(lines.freeze())));
+                                for row in crate::copy::format_rows(&batch.rows, options) {
+                                    self.push(PgWireBackendMessage::CopyData(CopyData::new(row)));
+                                }
                             }
                         }
                         sent += batch.rows.num_rows() as u64;
@@ -824,19 +1345,18 @@ impl Session {
                     n,
                     vec![0; n as usize],
                 )));
-                let mut lines = BytesMut::new();
                 if options.header {
-                    lines.put_slice(crate::copy::header_line(&schema, options).as_bytes());
+                    let header = crate::copy::header_line(&schema, options);
+                    self.push(PgWireBackendMessage::CopyData(CopyData::new(Bytes::from(
+                        header,
+                    ))));
                 }
                 let mut rows = 0;
                 for b in &batches {
-                    crate::copy::format_rows(&mut lines, b, options);
+                    for row in crate::copy::format_rows(b, options) {
+                        self.push(PgWireBackendMessage::CopyData(CopyData::new(row)));
+                    }
                     rows += b.num_rows();
-                }
-                if !lines.is_empty() {
-                    self.push(PgWireBackendMessage::CopyData(CopyData::new(
-                        lines.freeze(),
-                    )));
                 }
                 self.push(PgWireBackendMessage::CopyDone(CopyDone::new()));
                 self.complete(format!("COPY {rows}"));
@@ -904,12 +1424,12 @@ impl Session {
     }
 
     /// Up to `count` rows (None = all). A live source waits until `count`
-    /// rows arrived, the query ended, or `timeout` passed.
+    /// rows arrived or the query ended, or, if one is given, `timeout` passed.
     async fn fetch(
         &mut self,
         source: &mut RowSource,
         count: Option<usize>,
-        timeout: Duration,
+        timeout: Option<Duration>,
     ) -> Result<Result<Vec<RecordBatch>, PgError>, Disconnect> {
         let want = count.unwrap_or(usize::MAX);
         let mut out = Vec::new();
@@ -938,17 +1458,46 @@ impl Session {
             } => {
                 take_from(buffered, &mut out, &mut have);
                 self.cancel.borrow_and_update();
-                let deadline = tokio::time::Instant::now() + timeout;
+                let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+                let expired = async move {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::pin!(expired);
                 while have < want && !*done {
                     tokio::select! {
                         biased;
+                        _ = shutdown_requested(&mut self.shutdown) => {
+                            handle.cancel();
+                            self.error(shutting_down().fatal());
+                            let _ = self.flush().await;
+                            return Err(Disconnect);
+                        }
                         changed = self.cancel.changed() => {
                             if changed.is_ok() {
                                 handle.cancel();
                                 return Ok(Err(PgError::cancelled()));
                             }
                         }
-                        _ = tokio::time::sleep_until(deadline) => break,
+                        _ = &mut expired => break,
+                        // A client that goes away stops the wait.
+                        inbound = self.rx.recv() => match inbound {
+                            Some(Inbound::Msg(PgWireFrontendMessage::Terminate(_)))
+                            | Some(Inbound::Bad(_))
+                            | Some(Inbound::Closed)
+                            | None => {
+                                handle.cancel();
+                                return Err(Disconnect);
+                            }
+                            Some(other) => {
+                                if self.pending.len() > 1024 {
+                                    return Err(Disconnect);
+                                }
+                                self.pending.push_back(other);
+                            }
+                        },
                         next = handle.next() => match next {
                             None => *done = true,
                             Some(Err(e)) => return Ok(Err(e.into())),
@@ -962,6 +1511,83 @@ impl Session {
             }
         }
         Ok(Ok(out))
+    }
+
+    // ----- roles -----
+
+    fn require_superuser(&self, what: &str) -> Result<(), PgError> {
+        if self.identity.superuser {
+            Ok(())
+        } else {
+            Err(
+                PgError::new("42501", format!("permission denied to {what}"))
+                    .with_hint("only superusers may manage roles"),
+            )
+        }
+    }
+
+    fn create_role(&mut self, name: &str, user: bool, o: RoleOptions) -> Result<(), PgError> {
+        self.require_superuser("create role")?;
+        let verifier = match o.password {
+            Some(Some(p)) => Some(crate::auth::make_verifier(&p.0)?),
+            _ => None,
+        };
+        self.engine.catalog.create_role(
+            name,
+            RoleDef {
+                superuser: o.superuser.unwrap_or(false),
+                login: o.login.unwrap_or(user),
+                verifier,
+            },
+        )
+    }
+
+    fn alter_role(&mut self, name: &str, o: RoleOptions) -> Result<(), PgError> {
+        let name = if name.is_empty() {
+            self.identity.user.clone()
+        } else {
+            name.to_string()
+        };
+        let own_password_only =
+            name == self.identity.user && o.superuser.is_none() && o.login.is_none();
+        if !own_password_only {
+            self.require_superuser("alter role")?;
+        }
+        let verifier = match &o.password {
+            Some(Some(p)) => Some(Some(crate::auth::make_verifier(&p.0)?)),
+            Some(None) => Some(None),
+            None => None,
+        };
+        self.engine.catalog.alter_role(&name, false, |r| {
+            if let Some(v) = verifier {
+                r.verifier = v;
+            }
+            if let Some(s) = o.superuser {
+                r.superuser = s;
+            }
+            if let Some(l) = o.login {
+                r.login = l;
+            }
+        })
+    }
+
+    fn drop_roles(&mut self, names: &[String], if_exists: bool) -> Result<(), PgError> {
+        self.require_superuser("drop role")?;
+        if names.contains(&self.identity.user) {
+            return Err(PgError::new("55006", "current user cannot be dropped"));
+        }
+        if !if_exists {
+            if let Some(missing) = names.iter().find(|n| self.engine.catalog.role(n).is_none()) {
+                return Err(PgError::new(
+                    "42704",
+                    format!("role \"{missing}\" does not exist"),
+                ));
+            }
+        }
+        for name in names {
+            self.engine.catalog.drop_role(name)?;
+        }
+        Ok(())
     }
 
     // ----- extended protocol -----
@@ -1309,17 +1935,32 @@ fn decode_param(value: Option<&[u8]>, format: i16, oid: u32) -> Result<ScalarVal
                         .with_hint("send numeric parameters as text"),
                 )
             }
-            _ => ScalarValue::Utf8(Some(
-                String::from_utf8(bytes.to_vec()).map_err(|_| bad("not UTF-8"))?,
-            )),
+            _ => {
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|_| PgError::new("22021", "parameter is not valid UTF-8"))?;
+                reject_nul(text)?;
+                ScalarValue::Utf8(Some(text.to_string()))
+            }
         });
     }
     let text = std::str::from_utf8(bytes)
         .map_err(|_| PgError::new("22021", "parameter is not valid UTF-8"))?;
+    reject_nul(text)?;
     if target == DataType::Utf8 {
         return Ok(ScalarValue::Utf8(Some(text.to_string())));
     }
     let array =
         crate::encode::parse_column(&[Some(text)], &target, "parameter").map_err(|(_, e)| e)?;
     ScalarValue::try_from_array(&array, 0).map_err(crate::errors::from_datafusion)
+}
+
+/// Text values may not hold NUL bytes (Postgres: 22021).
+pub(crate) fn reject_nul(text: &str) -> Result<(), PgError> {
+    if text.as_bytes().contains(&0) {
+        return Err(PgError::new(
+            "22021",
+            "invalid byte sequence for encoding \"UTF8\": 0x00",
+        ));
+    }
+    Ok(())
 }

@@ -333,8 +333,11 @@ fn registration_checks_the_protocol_version() {
     .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
+        let secret =
+            drizzle_exec::cluster::ClusterSecret::new(drizzle_sql_tests::TEST_CLUSTER_SECRET)
+                .unwrap();
         let mut client =
-            drizzle_exec::cluster::coordinator_client(&server.cluster_address).unwrap();
+            drizzle_exec::cluster::coordinator_client(&server.cluster_address, &secret).unwrap();
         let err = client
             .register(drizzle_exec::cluster::pb::RegisterRequest {
                 protocol_version: drizzle_exec::cluster::PROTOCOL_VERSION + 1,

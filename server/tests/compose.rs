@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 /// One compose cluster at a time.
 static CLUSTERS: Mutex<()> = Mutex::new(());
 
+/// The superuser's password the test cluster is started with.
+const COMPOSE_PASSWORD: &str = "compose test password";
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -70,6 +73,8 @@ impl Cluster {
             .args(["-p", &self.project])
             .args(args)
             .env("DRIZZLE_PG_PORT", self.port.to_string())
+            .env("DRIZZLE_PASSWORD", COMPOSE_PASSWORD)
+            .env("DRIZZLE_CLUSTER_SECRET", "compose test cluster secret")
             .env("DRIZZLE_WORKER_TIMEOUT", self.worker_timeout.to_string());
         run(&mut cmd)
     }
@@ -97,7 +102,8 @@ impl Cluster {
             "-A",
             "-v",
             "ON_ERROR_STOP=1",
-        ]);
+        ])
+        .env("PGPASSWORD", COMPOSE_PASSWORD);
         cmd
     }
 

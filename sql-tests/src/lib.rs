@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The cluster secret every server and worker started here shares.
+pub const TEST_CLUSTER_SECRET: &str = "drizzle test cluster secret";
+
 /// Locates the `drizzle` binary: `$DRIZZLE_BIN`, else `target/<profile>/drizzle`
 /// next to the running test executable.
 pub fn drizzle_bin() -> PathBuf {
@@ -51,6 +54,22 @@ impl TestServer {
             cluster_address: String::new(),
             data_dir,
             _tmp: Some(tmp),
+            bin: bin.to_path_buf(),
+            args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts a server on a data directory the caller owns (its log is
+    /// `<data_dir>.log`, beside it).
+    pub fn start_in(bin: &Path, data_dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let mut server = Self {
+            child: None,
+            port: 0,
+            cluster_address: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            _tmp: None,
             bin: bin.to_path_buf(),
             args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
@@ -152,6 +171,11 @@ impl TestServer {
         self.spawn()
     }
 
+    /// Waits (bounded) for the server process to exit; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        wait_child_exit(&mut self.child, timeout, "the server")
+    }
+
     /// The server process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -181,6 +205,8 @@ fn spawn_drizzle(
     Command::new(bin)
         .arg(subcommand)
         .args(args)
+        // Servers and workers of a test cluster share this secret.
+        .env("DRIZZLE_CLUSTER_SECRET", TEST_CLUSTER_SECRET)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -189,6 +215,28 @@ fn spawn_drizzle(
         .stderr(log)
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", bin.display()))
+}
+
+/// Waits (bounded) for a child process to exit; its status.
+fn wait_child_exit(
+    slot: &mut Option<Child>,
+    timeout: Duration,
+    what: &str,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    let child = slot
+        .as_mut()
+        .ok_or_else(|| anyhow::anyhow!("{what} is not running"))?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            *slot = None;
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{what} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Collects the first `n` stdout lines of `child` on a thread (which keeps
@@ -319,21 +367,7 @@ impl TestWorker {
 
     /// Waits (bounded) for the process to exit; its exit status.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        let child = self
-            .child
-            .as_mut()
-            .ok_or_else(|| anyhow::anyhow!("the worker is not running"))?;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!("the worker did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child_exit(&mut self.child, timeout, "the worker")
     }
 }
 

@@ -1,0 +1,197 @@
+//! The cluster ports refuse anyone who cannot prove membership: real gRPC
+//! and Arrow Flight clients without the cluster secret, or with another one,
+//! try the attacks that used to work (register as a worker, read streams and
+//! tables, fetch shuffle blocks, cancel a query on a worker) while a
+//! continuous query runs; the query's results stay exact.
+
+use std::path::Path;
+use std::time::Duration;
+
+use drizzle_exec::cluster::{self, pb, ClusterSecret};
+use drizzle_sql_tests::{rows, TestCluster, TestServer, TEST_CLUSTER_SECRET};
+use tonic::Code;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_drizzle"))
+}
+
+/// Clients that lack the secret: none at all, and a wrong one.
+fn outsiders() -> Vec<Option<ClusterSecret>> {
+    vec![
+        None,
+        Some(ClusterSecret::new("not the secret of this cluster").unwrap()),
+    ]
+}
+
+async fn try_register(address: &str, secret: Option<&ClusterSecret>) -> tonic::Status {
+    let request = pb::RegisterRequest {
+        protocol_version: cluster::PROTOCOL_VERSION,
+        address: "127.0.0.1:9".into(),
+        epoch: 7,
+    };
+    match secret {
+        Some(s) => cluster::coordinator_client(address, s)
+            .unwrap()
+            .register(request)
+            .await
+            .unwrap_err(),
+        None => pb::coordinator_client::CoordinatorClient::new(cluster::channel(address).unwrap())
+            .register(request)
+            .await
+            .unwrap_err(),
+    }
+}
+
+#[test]
+fn outsiders_cannot_join_read_fetch_or_cancel() {
+    let cluster = TestCluster::start(bin(), 2, &[]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = cluster.server.client().await.unwrap();
+        c.batch_execute(
+            "CREATE STREAM s (k BIGINT, v BIGINT);
+             CREATE TABLE t (k BIGINT, name TEXT);
+             INSERT INTO t VALUES (1, 'one');
+             INSERT INTO s VALUES (1, 10), (2, 20);",
+        )
+        .await
+        .unwrap();
+        // A continuous query runs on the workers while the attacks go on.
+        let reader = cluster.server.client().await.unwrap();
+        let query = tokio::spawn(async move {
+            reader
+                .simple_query("SELECT k, v FROM s WHERE v > 0 LIMIT 4")
+                .await
+                .map(|m| rows(&m))
+        });
+        let coordinator = cluster.server.cluster_address.clone();
+        for outsider in outsiders() {
+            let o = outsider.as_ref();
+            // Register as a worker (to receive launches and forge results).
+            let status = try_register(&coordinator, o).await;
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            // Read a stream's log and a table through the coordinator.
+            let channel = cluster::channel(&coordinator).unwrap();
+            let (source, table) = match o {
+                Some(s) => {
+                    let mut client = cluster::coordinator_client(&coordinator, s).unwrap();
+                    (
+                        client
+                            .read_source(pb::ReadSourceRequest::default())
+                            .await
+                            .unwrap_err(),
+                        client
+                            .read_table(pb::ReadTableRequest::default())
+                            .await
+                            .unwrap_err(),
+                    )
+                }
+                None => {
+                    let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
+                    (
+                        client
+                            .read_source(pb::ReadSourceRequest::default())
+                            .await
+                            .unwrap_err(),
+                        client
+                            .read_table(pb::ReadTableRequest::default())
+                            .await
+                            .unwrap_err(),
+                    )
+                }
+            };
+            assert_eq!(source.code(), Code::Unauthenticated, "{source:?}");
+            assert_eq!(table.code(), Code::Unauthenticated, "{table:?}");
+            for worker in &cluster.workers {
+                // Cancel every query on a worker.
+                let channel = cluster::channel(&worker.address).unwrap();
+                let cancel = pb::CancelQueryRequest {
+                    query: 0,
+                    attempt: 0,
+                };
+                let status = match o {
+                    Some(s) => cluster::worker_client(&worker.address, s)
+                        .unwrap()
+                        .cancel_query(cancel)
+                        .await
+                        .unwrap_err(),
+                    None => pb::worker_client::WorkerClient::new(channel.clone())
+                        .cancel_query(cancel)
+                        .await
+                        .unwrap_err(),
+                };
+                assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+                // Fetch shuffle blocks over Flight with a guessed ticket.
+                let mut flight = match o {
+                    Some(s) => cluster::flight_client(channel, s),
+                    None => arrow_flight::FlightClient::new(channel),
+                };
+                let fetched = flight
+                    .do_get(arrow_flight::Ticket::new(b"q1/b0/s0/m0/r0".to_vec()))
+                    .await;
+                let Err(err) = fetched else {
+                    panic!("an outsider fetched from Flight");
+                };
+                assert!(
+                    err.to_string().contains("not a member of this cluster"),
+                    "{err}"
+                );
+            }
+        }
+        // The query was not disturbed: its rows arrive, exactly.
+        c.batch_execute("INSERT INTO s VALUES (3, 30), (4, 40)")
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(60), query)
+            .await
+            .expect("the query ended")
+            .unwrap()
+            .unwrap();
+        let mut got = got;
+        got.sort();
+        assert_eq!(got, vec!["1|10", "2|20", "3|30", "4|40"]);
+        // No outsider was ever registered.
+        let workers = drizzle_sql_tests::show(&c, "SHOW WORKERS").await.unwrap();
+        assert_eq!(workers.len(), 2, "{workers:?}");
+    });
+}
+
+#[test]
+fn an_embedded_server_refuses_its_loopback_cluster_port_to_outsiders() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "a secret only this server knows\n").unwrap();
+    let arg = secret_file.display().to_string();
+    let server =
+        TestServer::start(bin(), &["--workers", "1", "--cluster-secret-file", &arg]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The test harness's secret is not this server's.
+        let known = ClusterSecret::new(TEST_CLUSTER_SECRET).unwrap();
+        for outsider in [None, Some(known)] {
+            let status = try_register(&server.cluster_address, outsider.as_ref()).await;
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        }
+        // Its own worker works.
+        let c = server.client().await.unwrap();
+        c.batch_execute("CREATE STREAM s (a INT); INSERT INTO s VALUES (5)")
+            .await
+            .unwrap();
+        let got = rows(&c.simple_query("SELECT a FROM s LIMIT 1").await.unwrap());
+        assert_eq!(got, vec!["5"]);
+    });
+}
+
+#[test]
+fn a_worker_without_the_secret_does_not_start() {
+    let out = std::process::Command::new(bin())
+        .args(["worker", "--coordinator", "127.0.0.1:9", "--data-dir"])
+        .arg(tempfile::tempdir().unwrap().path())
+        .env_remove("DRIZZLE_CLUSTER_SECRET")
+        .env_remove("DRIZZLE_CLUSTER_SECRET_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster secret"), "{err}");
+}
