@@ -22,7 +22,9 @@ async fn connect(
     user: &str,
     password: &str,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let conn = format!("host=127.0.0.1 port={port} user={user} password={password} dbname=drizzle");
+    let password = password.replace('\\', "\\\\").replace('\'', "\\'");
+    let conn =
+        format!("host=127.0.0.1 port={port} user={user} password='{password}' dbname=drizzle");
     let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
@@ -232,7 +234,7 @@ fn a_server_listening_beyond_loopback_needs_a_password() {
     cmd.args([
         "server",
         "--workers",
-        "0",
+        "1",
         "--listen",
         "0.0.0.0:0",
         "--data-dir",
@@ -249,7 +251,7 @@ fn a_server_listening_beyond_loopback_needs_a_password() {
     cmd.args([
         "server",
         "--workers",
-        "0",
+        "1",
         "--listen",
         "127.0.0.1:0",
         "--auth",
