@@ -432,6 +432,10 @@ fn a_worker_process_with_two_slots_registers_two_workers() {
         ])
         .arg("--data-dir")
         .arg(&dir)
+        .env(
+            "DRIZZLE_CLUSTER_SECRET",
+            drizzle_sql_tests::TEST_CLUSTER_SECRET,
+        )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

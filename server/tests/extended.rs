@@ -112,8 +112,15 @@ fn parameters_binary_results_portals_and_cursors() {
             ("INSERT INTO u VALUES ('b', 1), ('c', 2)", "b\t11\nc\t2\n"),
         ] {
             client.batch_execute(stmt).await.unwrap();
-            let chunk = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.unwrap().unwrap().unwrap();
-            assert_eq!(String::from_utf8_lossy(&chunk), line);
+            // One CopyData message per row, as Postgres sends them.
+            let mut got = String::new();
+            for _ in 0..line.lines().count() {
+                let chunk = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.unwrap().unwrap().unwrap();
+                let text = String::from_utf8_lossy(&chunk).to_string();
+                assert_eq!(text.matches('\n').count(), 1, "one row per message: {text:?}");
+                got.push_str(&text);
+            }
+            assert_eq!(got, line);
         }
     });
 }

@@ -646,3 +646,58 @@ fn a_corrupt_log_is_refused_then_repaired_without_losing_good_rows() {
         assert!(got.iter().all(|r| all.contains(r)), "{got:?}");
     });
 }
+
+/// Integer overflow raises 22003 as in Postgres, in expressions and in
+/// `sum`, in finite and in continuous queries; a continuous query fails with
+/// that SQLSTATE.
+#[test]
+fn integer_overflow_is_an_error_not_a_wrap() {
+    let server = TestServer::start(bin(), &["--workers", "2"]).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let c = server.client().await.unwrap();
+        c.batch_execute(
+            "CREATE TABLE t (k BIGINT, a BIGINT, i INT);
+             INSERT INTO t VALUES (1, 9223372036854775807, 2147483647), (1, 1, 1);
+             CREATE STREAM s (k BIGINT, a BIGINT);",
+        )
+        .await
+        .unwrap();
+        let code = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_string());
+        for sql in [
+            "SELECT 9223372036854775807 + 1",
+            "SELECT a + 1 FROM t",
+            "SELECT a * 2 FROM t",
+            "SELECT -a - 2 FROM t",
+            "SELECT i + 1 FROM t WHERE i > 1",
+            "SELECT sum(a) FROM t",
+            "SELECT k, sum(a) FROM t GROUP BY k",
+        ] {
+            let err = c.simple_query(sql).await.unwrap_err();
+            assert_eq!(code(err).as_deref(), Some("22003"), "{sql}");
+        }
+        // In range: unchanged results and names.
+        let got = rows(
+            &c.simple_query("SELECT k + 1, sum(k * 2) FROM t GROUP BY k + 1")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(got, vec!["2|4"]);
+        // A continuous query fails with the SQLSTATE.
+        c.batch_execute("INSERT INTO s VALUES (1, 9223372036854775807), (1, 5)")
+            .await
+            .unwrap();
+        let err = c
+            .simple_query("SELECT a + 1 FROM s LIMIT 3")
+            .await
+            .unwrap_err();
+        assert_eq!(code(err).as_deref(), Some("22003"));
+        let err = c
+            .simple_query("SELECT k, sum(a) AS total FROM s GROUP BY k LIMIT 5")
+            .await
+            .unwrap_err();
+        assert_eq!(code(err).as_deref(), Some("22003"));
+        // The server and session go on.
+        assert_eq!(rows(&c.simple_query("SELECT 1 + 1").await.unwrap()), vec!["2"]);
+    });
+}

@@ -1,12 +1,15 @@
 //! SQL functions with Postgres names that behave as Postgres documents
 //! them, where DataFusion's differ: `to_char`, `to_timestamp` and `to_date`
-//! take Postgres template patterns ([`pg_format`]), not chrono's.
+//! take Postgres template patterns ([`pg_format`]), not chrono's; integer
+//! `+`, `-`, `*` and `sum` raise 22003 on overflow instead of wrapping
+//! ([`checked`]).
 //!
 //! [`register`] installs them in a `SessionContext`; every context Drizzle
 //! makes (planning, and the workers that decode plans) goes through
 //! [`crate::new_session_context`], so a plan names the same functions
 //! everywhere.
 
+pub mod checked;
 pub mod pg_format;
 
 use std::sync::Arc;
@@ -29,6 +32,13 @@ pub fn register(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(PgToChar::new()));
     ctx.register_udf(ScalarUDF::from(PgToTimestamp::new()));
     ctx.register_udf(ScalarUDF::from(PgToDate::new()));
+    for f in checked::CheckedArithmetic::all() {
+        ctx.register_udf(f);
+    }
+    ctx.register_udaf(datafusion::logical_expr::AggregateUDF::from(
+        checked::CheckedSum::new(),
+    ));
+    ctx.add_analyzer_rule(Arc::new(checked::CheckedIntegerArithmetic));
 }
 
 /// The template argument: one pattern for every row (a literal, the usual
