@@ -756,7 +756,11 @@ mod tests {
     /// Thousands of partitions hold no descriptors between operations.
     #[test]
     fn partitions_hold_no_descriptors() {
-        let open_fds = || std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+        let open_fds = || {
+            std::fs::read_dir("/proc/self/fd")
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
         let dir = tempfile::tempdir().unwrap();
         let schema: SchemaRef =
             Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));

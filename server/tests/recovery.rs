@@ -38,6 +38,9 @@ const KEYS: usize = 5;
 /// Rows the continuous SELECT and the COPY wait for (20 closed windows).
 const SELECT_ROWS: usize = 100;
 
+/// Scenarios take turns (see [`scenario`]).
+static SCENARIOS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const DDL: &str = "\
     SET batch_interval = '20ms'; \
     CREATE STREAM a (k BIGINT, v BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) WITH (partitions = 3); \
@@ -238,6 +241,8 @@ struct Observed {
     workers: Vec<HashMap<String, String>>,
     /// Blocks the workers gained while checkpoints were broken.
     stalled_growth: Option<i64>,
+    /// This scenario's turn, held until the test is done with its cluster.
+    _turn: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 /// Runs the workload on a cluster of `workers` workers and on an oracle
@@ -249,6 +254,10 @@ fn scenario(
     faults: Vec<(usize, Fault)>,
     clients: bool,
 ) -> (TestCluster, Observed) {
+    // One scenario at a time: a cluster, its oracle and their 20 ms views
+    // keep both cores of a CI machine busy, and two at once starve each
+    // other's clocks (batches fall behind their trigger times by seconds).
+    let turn = SCENARIOS.lock().unwrap_or_else(|e| e.into_inner());
     let mut args = vec!["--worker-timeout", "3"];
     if !server_args.contains(&"--checkpoint-interval-ms") {
         args.extend(["--checkpoint-interval-ms", "200"]);
@@ -259,7 +268,10 @@ fn scenario(
     let rt = tokio::runtime::Runtime::new().unwrap();
     let result = rt.block_on(run(&mut cluster, &oracle, faults, clients));
     match result {
-        Ok(observed) => (cluster, observed),
+        Ok(mut observed) => {
+            observed._turn = Some(turn);
+            (cluster, observed)
+        }
         Err(e) => panic!(
             "{e:#}\n{}\n--- oracle ---\n{}",
             cluster.logs(),
@@ -478,6 +490,7 @@ async fn run(
         queries: show(&admin, "SHOW QUERIES").await?,
         workers,
         stalled_growth,
+        _turn: None,
     })
 }
 

@@ -65,7 +65,9 @@ fn out_of_range(t: &DataType) -> DataFusionError {
         _ => "bigint",
     };
     DataFusionError::ArrowError(
-        Box::new(ArrowError::ArithmeticOverflow(format!("{name} out of range"))),
+        Box::new(ArrowError::ArithmeticOverflow(format!(
+            "{name} out of range"
+        ))),
         None,
     )
 }
@@ -144,17 +146,18 @@ impl AnalyzerRule for CheckedIntegerArithmetic {
                         Operator::Multiply => &mul,
                         _ => return Ok(Transformed::no(e)),
                     };
-                    let (Ok(lt), Ok(rt)) = (left.get_type(&schema), right.get_type(&schema))
-                    else {
+                    let (Ok(lt), Ok(rt)) = (left.get_type(&schema), right.get_type(&schema)) else {
                         return Ok(Transformed::no(e));
                     };
                     if !(lt.is_integer() && lt == rt) {
                         return Ok(Transformed::no(e));
                     }
-                    Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(
-                        Arc::clone(udf),
-                        vec![(**left).clone(), (**right).clone()],
-                    ))))
+                    Ok(Transformed::yes(Expr::ScalarFunction(
+                        ScalarFunction::new_udf(
+                            Arc::clone(udf),
+                            vec![(**left).clone(), (**right).clone()],
+                        ),
+                    )))
                 })?;
                 Ok(rewritten.update_data(|e| name.restore(e)))
             })?
@@ -257,7 +260,10 @@ impl CheckedSumAccumulator {
         let values = values.as_primitive::<Int64Type>();
         for v in values.iter().flatten() {
             let s = self.sum.unwrap_or(0);
-            self.sum = Some(s.checked_add(v).ok_or_else(|| out_of_range(&DataType::Int64))?);
+            self.sum = Some(
+                s.checked_add(v)
+                    .ok_or_else(|| out_of_range(&DataType::Int64))?,
+            );
         }
         Ok(())
     }
@@ -330,7 +336,10 @@ impl CheckedSumGroups {
 
     fn take(&mut self, emit_to: EmitTo) -> (Vec<i64>, Vec<bool>) {
         match emit_to {
-            EmitTo::All => (std::mem::take(&mut self.sums), std::mem::take(&mut self.seen)),
+            EmitTo::All => (
+                std::mem::take(&mut self.sums),
+                std::mem::take(&mut self.seen),
+            ),
             EmitTo::First(n) => {
                 let rest_sums = self.sums.split_off(n);
                 let rest_seen = self.seen.split_off(n);
