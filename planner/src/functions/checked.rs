@@ -1,35 +1,26 @@
-//! Integer arithmetic that raises 22003 on overflow, as Postgres does,
-//! instead of wrapping (DataFusion's `+`, `-` and `*` wrap, and its `sum`
-//! of integers wraps too).
+//! Integer arithmetic as Postgres does it: [`CheckedSum`] replaces `sum`
+//! with one whose integer accumulators raise 22003 on overflow instead of
+//! wrapping, and [`CheckedArithmetic::modulo`] is Postgres's `mod(a, b)`.
 //!
-//! [`CheckedIntegerArithmetic`] is an analyzer rule: after type coercion it
-//! rewrites every integer `a + b`, `a - b` and `a * b` in a plan into a call
-//! of [`CheckedArithmetic`] (`checked_add`, ...), keeping the expression's
-//! name, so the result schema is unchanged. Being functions, they travel in
-//! encoded plans to the workers, which resolve them by name.
-//! [`CheckedSum`] replaces `sum` with one whose integer accumulators check
-//! every addition.
+//! Integer `+`, `-` and `*` in expressions still wrap (DataFusion's
+//! `BinaryExpr`): rewriting them into nested function calls makes
+//! DataFusion's type inference exponential in the nesting depth, so the
+//! check belongs in the physical expressions (`fail_on_overflow`), which
+//! the plan codec does not carry yet.
 
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array};
 use arrow::datatypes::{DataType, Int64Type};
 use arrow::error::ArrowError;
-use datafusion::common::config::ConfigOptions;
-use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DataFusionError, Result, ScalarValue};
-use datafusion::logical_expr::expr::{BinaryExpr, ScalarFunction};
-use datafusion::logical_expr::expr_rewriter::NamePreserver;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
-use datafusion::logical_expr::utils::merge_schema;
 use datafusion::logical_expr::{
-    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, EmitTo, Expr, ExprSchemable,
-    GroupsAccumulator, LogicalPlan, Operator, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl,
-    Signature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, EmitTo, GroupsAccumulator,
+    ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use datafusion::optimizer::AnalyzerRule;
 
-/// `+`, `-` or `*` on integers, failing on overflow.
+/// Integer arithmetic with Postgres's errors (only `mod` is registered).
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct CheckedArithmetic {
     op: ArithOp,
@@ -38,22 +29,22 @@ pub struct CheckedArithmetic {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum ArithOp {
-    Add,
-    Sub,
-    Mul,
+    /// Postgres's `mod(a, b)`: the remainder, with the sign of `a`;
+    /// 22012 when `b` is zero.
+    Mod,
 }
 
 impl CheckedArithmetic {
     fn new(op: ArithOp) -> Self {
         Self {
             op,
-            signature: Signature::any(2, Volatility::Immutable),
+            signature: Signature::user_defined(Volatility::Immutable),
         }
     }
 
-    /// The three functions.
-    pub fn all() -> [ScalarUDF; 3] {
-        [ArithOp::Add, ArithOp::Sub, ArithOp::Mul].map(|op| ScalarUDF::from(Self::new(op)))
+    /// Postgres's `mod(a, b)` (DataFusion has no function of that name).
+    pub fn modulo() -> ScalarUDF {
+        ScalarUDF::from(Self::new(ArithOp::Mod))
     }
 }
 
@@ -75,9 +66,7 @@ fn out_of_range(t: &DataType) -> DataFusionError {
 impl ScalarUDFImpl for CheckedArithmetic {
     fn name(&self) -> &str {
         match self.op {
-            ArithOp::Add => "checked_add",
-            ArithOp::Sub => "checked_sub",
-            ArithOp::Mul => "checked_mul",
+            ArithOp::Mod => "mod",
         }
     }
 
@@ -87,6 +76,22 @@ impl ScalarUDFImpl for CheckedArithmetic {
 
     fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
         Ok(arg_types.first().cloned().unwrap_or(DataType::Int64))
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        // mod(a, b) takes two numbers of one type, as Postgres's overloads do.
+        let [a, b] = arg_types else {
+            return Err(DataFusionError::Plan(format!(
+                "{} takes two arguments",
+                self.name()
+            )));
+        };
+        let common = datafusion::logical_expr::type_coercion::binary::binary_numeric_coercion(a, b)
+            .filter(DataType::is_numeric)
+            .ok_or_else(|| {
+                DataFusionError::Plan(format!("function {}({a}, {b}) does not exist", self.name()))
+            })?;
+        Ok(vec![common.clone(), common])
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -100,9 +105,7 @@ impl ScalarUDFImpl for CheckedArithmetic {
         let n = if scalar { 1 } else { args.number_rows };
         let (a, b) = (a.to_array(n)?, b.to_array(n)?);
         let kernel = match self.op {
-            ArithOp::Add => arrow::compute::kernels::numeric::add,
-            ArithOp::Sub => arrow::compute::kernels::numeric::sub,
-            ArithOp::Mul => arrow::compute::kernels::numeric::mul,
+            ArithOp::Mod => arrow::compute::kernels::numeric::rem,
         };
         let out = match kernel(&a, &b) {
             Ok(out) => out,
@@ -114,56 +117,6 @@ impl ScalarUDFImpl for CheckedArithmetic {
         } else {
             Ok(ColumnarValue::Array(out))
         }
-    }
-}
-
-/// Rewrites integer `+`, `-`, `*` into the checked functions.
-#[derive(Debug, Default)]
-pub struct CheckedIntegerArithmetic;
-
-impl AnalyzerRule for CheckedIntegerArithmetic {
-    fn name(&self) -> &str {
-        "drizzle_checked_integer_arithmetic"
-    }
-
-    fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> Result<LogicalPlan> {
-        let [add, sub, mul] = CheckedArithmetic::all().map(Arc::new);
-        plan.transform_up_with_subqueries(|plan| {
-            if matches!(plan, LogicalPlan::TableScan(_)) {
-                return Ok(Transformed::no(plan));
-            }
-            let schema = merge_schema(&plan.inputs());
-            let names = NamePreserver::new(&plan);
-            plan.map_expressions(|expr| {
-                let name = names.save(&expr);
-                let rewritten = expr.transform_up(|e| {
-                    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = &e else {
-                        return Ok(Transformed::no(e));
-                    };
-                    let udf = match op {
-                        Operator::Plus => &add,
-                        Operator::Minus => &sub,
-                        Operator::Multiply => &mul,
-                        _ => return Ok(Transformed::no(e)),
-                    };
-                    let (Ok(lt), Ok(rt)) = (left.get_type(&schema), right.get_type(&schema)) else {
-                        return Ok(Transformed::no(e));
-                    };
-                    if !(lt.is_integer() && lt == rt) {
-                        return Ok(Transformed::no(e));
-                    }
-                    Ok(Transformed::yes(Expr::ScalarFunction(
-                        ScalarFunction::new_udf(
-                            Arc::clone(udf),
-                            vec![(**left).clone(), (**right).clone()],
-                        ),
-                    )))
-                })?;
-                Ok(rewritten.update_data(|e| name.restore(e)))
-            })?
-            .map_data(|plan| plan.recompute_schema())
-        })
-        .map(|t| t.data)
     }
 }
 

@@ -1,7 +1,7 @@
 //! SQL functions with Postgres names that behave as Postgres documents
 //! them, where DataFusion's differ: `to_char`, `to_timestamp` and `to_date`
-//! take Postgres template patterns ([`pg_format`]), not chrono's; integer
-//! `+`, `-`, `*` and `sum` raise 22003 on overflow instead of wrapping
+//! take Postgres template patterns ([`pg_format`]), not chrono's; `sum` of
+//! integers raises 22003 on overflow instead of wrapping, and `mod` exists
 //! ([`checked`]).
 //!
 //! [`register`] installs them in a `SessionContext`; every context Drizzle
@@ -32,13 +32,10 @@ pub fn register(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(PgToChar::new()));
     ctx.register_udf(ScalarUDF::from(PgToTimestamp::new()));
     ctx.register_udf(ScalarUDF::from(PgToDate::new()));
-    for f in checked::CheckedArithmetic::all() {
-        ctx.register_udf(f);
-    }
+    ctx.register_udf(checked::CheckedArithmetic::modulo());
     ctx.register_udaf(datafusion::logical_expr::AggregateUDF::from(
         checked::CheckedSum::new(),
     ));
-    ctx.add_analyzer_rule(Arc::new(checked::CheckedIntegerArithmetic));
 }
 
 /// The template argument: one pattern for every row (a literal, the usual
@@ -201,7 +198,14 @@ fn parse_with_template(
         match templates.get(row) {
             Some(t) if !text.is_null(row) => match t.parse_datetime(text.value(row)) {
                 Ok(ts) => emit(Some(ts)),
-                Err(e) => return exec_err!("{name}: {e}"),
+                Err(e) => {
+                    // A text the template cannot read: 22P02, as for any
+                    // invalid text representation.
+                    return Err(datafusion::error::DataFusionError::ArrowError(
+                        Box::new(arrow::error::ArrowError::ParseError(format!("{name}: {e}"))),
+                        None,
+                    ));
+                }
             },
             _ => emit(None),
         }
