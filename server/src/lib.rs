@@ -11,6 +11,11 @@
 //!                  ◀── rows flushed per micro-batch ──────────────┘
 //! ```
 //!
+//! The edge is hardened (see `docs/security.md` and `docs/operations.md`):
+//! [`auth`] (roles, SCRAM-SHA-256), [`tls`] (rustls), [`wire`] (frontend
+//! messages checked before they are decoded), and [`repair`] (`drizzle
+//! repair` for a damaged data directory).
+//!
 //! Errors from every crate are classified into SQLSTATE codes in [`errors`].
 //! Types to read first: [`engine::Engine`], [`session::serve`],
 //! [`catalog::Catalog`], [`providers::ViewStore`].
