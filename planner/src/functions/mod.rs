@@ -182,6 +182,17 @@ impl ScalarUDFImpl for PgToChar {
     }
 }
 
+/// `f(text, template)`, or the one-argument form DataFusion provides.
+fn text_and_template() -> Signature {
+    Signature::one_of(
+        vec![
+            TypeSignature::Exact(vec![DataType::Utf8, DataType::Utf8]),
+            TypeSignature::Any(1),
+        ],
+        Volatility::Immutable,
+    )
+}
+
 fn parse_with_template(
     name: &str,
     args: &[ColumnarValue],
@@ -230,13 +241,7 @@ impl PgToTimestamp {
     /// The function.
     pub fn new() -> Self {
         Self {
-            signature: Signature::one_of(
-                vec![
-                    TypeSignature::Exact(vec![DataType::Utf8, DataType::Utf8]),
-                    TypeSignature::Any(1),
-                ],
-                Volatility::Immutable,
-            ),
+            signature: text_and_template(),
         }
     }
 }
@@ -296,13 +301,7 @@ impl PgToDate {
     /// The function.
     pub fn new() -> Self {
         Self {
-            signature: Signature::one_of(
-                vec![
-                    TypeSignature::Exact(vec![DataType::Utf8, DataType::Utf8]),
-                    TypeSignature::Any(1),
-                ],
-                Volatility::Immutable,
-            ),
+            signature: text_and_template(),
         }
     }
 }
