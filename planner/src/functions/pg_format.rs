@@ -152,8 +152,13 @@ fn lookup(rest: &str) -> Option<(usize, Field)> {
             return Some((word.len(), *field));
         }
     }
-    // Numeric fields accept any case.
-    let upper: String = rest.chars().take(5).collect::<String>().to_uppercase();
+    // Numeric fields accept any case (ASCII only, so byte lengths match).
+    let upper: String = rest
+        .chars()
+        .take(5)
+        .take_while(char::is_ascii)
+        .collect::<String>()
+        .to_ascii_uppercase();
     for (word, field) in WORDS {
         let numeric = !matches!(
             field,
@@ -599,12 +604,14 @@ struct Parsed {
 impl Parsed {
     fn finish(self) -> Result<NaiveDateTime, String> {
         let date = if let Some(j) = self.julian {
-            NaiveDate::from_num_days_from_ce_opt((j - 1_721_425) as i32)
+            i32::try_from(j.saturating_sub(1_721_425))
+                .ok()
+                .and_then(NaiveDate::from_num_days_from_ce_opt)
                 .ok_or_else(|| format!("Julian day {j} is out of range"))?
         } else {
             let mut year = self.year.unwrap_or(1);
             if self.bc {
-                year = 1 - year;
+                year = 1i64.saturating_sub(year);
             }
             let year = i32::try_from(year).map_err(|_| format!("year {year} is out of range"))?;
             match (self.doy, self.month, self.day) {
@@ -740,7 +747,7 @@ fn parse_field<'a>(
             let (thousands, r) = take_number(input, 3, false)?;
             let r = r.strip_prefix(',').unwrap_or(r);
             let (rest, r) = take_number(r, 3, false)?;
-            p.year = Some(thousands * 1000 + rest);
+            p.year = Some(thousands.saturating_mul(1000).saturating_add(rest));
             r
         }
         Field::Yyyy | Field::Iyyy => {
@@ -773,7 +780,7 @@ fn parse_field<'a>(
         }
         Field::Y | Field::I => {
             let (n, r) = num(1)?;
-            p.year = Some(n + 2000);
+            p.year = Some(n.saturating_add(2000));
             r
         }
         Field::BcUpper | Field::BcLower | Field::BcDotUpper | Field::BcDotLower => {
@@ -821,7 +828,10 @@ fn parse_field<'a>(
             let mut found = None;
             for i in order {
                 let w = ROMAN[i];
-                if input.len() >= w.len() && input[..w.len()].eq_ignore_ascii_case(w) {
+                if input.len() >= w.len()
+                    && input.is_char_boundary(w.len())
+                    && input[..w.len()].eq_ignore_ascii_case(w)
+                {
                     found = Some((i, &input[w.len()..]));
                     break;
                 }
@@ -884,6 +894,35 @@ mod tests {
         assert_eq!(fmt(t, "yyyy-mm-dd hh24:mi"), "2002-04-20 17:31");
         assert_eq!(fmt(t, "Dy dy DY"), "Sat sat SAT");
         assert_eq!(fmt("2024-01-01 00:00:00", "HH12 AM"), "12 AM");
+    }
+
+    /// No template or input can panic (multi-byte text next to fields).
+    #[test]
+    fn odd_text_never_panics() {
+        let t = ts("2002-04-20 17:31:12");
+        for pattern in [
+            "Sſ", "ſS", "ıDDD", "KY", "é", "\\", "\"", "FM", "TH", "Y,", "FF9", "J", "Y",
+            "YYYY BC", "Y,YYY", "SSSS", "US",
+        ] {
+            let mut out = String::new();
+            Template::parse(pattern).format(&t, &mut out);
+            for input in [
+                "é",
+                "ı",
+                "2002ſ",
+                "IVé",
+                "",
+                "-",
+                "99999999999999999999",
+                "-9223372036854775807",
+                "9223372036854775807 BC",
+            ] {
+                let _ = Template::parse(pattern).parse_datetime(input);
+            }
+        }
+        for input in ["Ié", "é", "XIIé", "ⅩⅡ"] {
+            let _ = Template::parse("RM").parse_datetime(input);
+        }
     }
 
     #[test]
