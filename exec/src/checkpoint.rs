@@ -18,7 +18,19 @@
 //! location is an `s3://bucket/prefix` URL (credentials and endpoint from the
 //! usual `AWS_*` environment variables, see `docs/operations.md`).
 //! The last [`KEEP`] checkpoints of a key are kept; older ones, and state
-//! objects of checkpoints that never completed, are deleted.
+//! objects of checkpoints that never completed, are deleted, except the
+//! objects a kept checkpoint's deltas are laid over.
+//!
+//! **Incremental checkpoints.** Keyed aggregate state is written as a delta
+//! when it can be: only the groups changed since the previous complete
+//! checkpoint ([`StateObject::delta_base`]), so a checkpoint costs in
+//! proportion to the change, not to the state. A delta's [`StateFile::chain`]
+//! names the full snapshot and the deltas it is laid over; restoring loads
+//! them in order and the latest row of each key wins (windows closed by then
+//! are dropped). The coordinator compacts a chain, asking for a full
+//! snapshot, after 32 deltas or once the deltas add up to the full
+//! snapshot's size, and after a rescale. Window-join rows are always written
+//! in full.
 
 use std::sync::Arc;
 
@@ -57,6 +69,28 @@ pub struct StateFile {
     pub path: String,
     /// Size in bytes.
     pub bytes: u64,
+    /// For a delta (an incremental checkpoint of keyed state): the objects
+    /// it is laid over, the full snapshot first, then older deltas in
+    /// order. Empty for a full snapshot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
+    /// Bytes of the chain's objects (0 for a full snapshot).
+    #[serde(default)]
+    pub chain_bytes: u64,
+    /// Bytes of the chain's full snapshot (0 for a full snapshot).
+    #[serde(default)]
+    pub base_bytes: u64,
+}
+
+impl StateFile {
+    /// Bytes of the deltas laid over the full snapshot, this one included.
+    pub fn delta_bytes(&self) -> u64 {
+        if self.chain.is_empty() {
+            0
+        } else {
+            self.chain_bytes - self.base_bytes + self.bytes
+        }
+    }
 }
 
 /// The atomic record of one checkpoint.
@@ -165,6 +199,9 @@ impl CheckpointStore {
             partition,
             path,
             bytes: len,
+            chain: Vec::new(),
+            chain_bytes: 0,
+            base_bytes: 0,
         })
     }
 
@@ -221,11 +258,21 @@ impl CheckpointStore {
         if complete.len() < KEEP {
             return Ok(());
         }
-        // Everything older than the oldest kept checkpoint goes, complete or not.
+        // Everything older than the oldest kept checkpoint goes, complete or
+        // not, except the objects a kept checkpoint's deltas are laid over.
         let oldest_kept = complete[complete.len() - KEEP];
+        let mut referenced = std::collections::HashSet::new();
+        for batch in &complete[complete.len() - KEEP..] {
+            let path = format!("{}/{MANIFEST}", Self::dir(key, *batch));
+            let manifest: Manifest =
+                serde_json::from_slice(&self.get(&path).await?).map_err(|e| err(&path, e))?;
+            for s in manifest.states {
+                referenced.extend(s.chain);
+            }
+        }
         let mut emptied = std::collections::BTreeSet::new();
         for (batch, path) in all {
-            if batch < oldest_kept {
+            if batch < oldest_kept && !referenced.contains(path.as_ref()) {
                 if let Err(e) = self.store.delete(&path).await {
                     tracing::warn!(%path, "cannot delete an old checkpoint object: {e}");
                 }
@@ -279,6 +326,9 @@ impl CheckpointStore {
 pub struct StateObject {
     /// Windows with an end at or before this are closed (µs).
     pub closed_through: Option<i64>,
+    /// A delta: only the keys changed after the checkpoint of this batch
+    /// (whose state it is laid over). `None`: the full state.
+    pub delta_base: Option<u64>,
     /// Arrow IPC blocks (see `drizzle_shuffle::encode_block`).
     pub sections: Vec<Vec<u8>>,
 }
@@ -286,6 +336,8 @@ pub struct StateObject {
 #[derive(Serialize, Deserialize)]
 struct StateHeader {
     closed_through: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delta_base: Option<u64>,
     sections: Vec<u64>,
 }
 
@@ -294,6 +346,7 @@ impl StateObject {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let header = StateHeader {
             closed_through: self.closed_through,
+            delta_base: self.delta_base,
             sections: self.sections.iter().map(|s| s.len() as u64).collect(),
         };
         let header = serde_json::to_vec(&header).map_err(|e| err("state", e))?;
@@ -309,17 +362,28 @@ impl StateObject {
         Ok(out)
     }
 
-    /// The inverse of [`StateObject::encode`].
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
+    fn header(bytes: &[u8]) -> Result<(StateHeader, usize)> {
         let bad = |m: &str| err("state", format!("not a Drizzle state object: {m}"));
         if bytes.len() < 8 || &bytes[..4] != b"DZST" {
             return Err(bad("bad magic"));
         }
         let len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
         let header: StateHeader = bytes
-            .get(8..8 + len)
+            .get(8..8usize.saturating_add(len))
             .ok_or_else(|| bad("truncated header"))
             .and_then(|h| serde_json::from_slice(h).map_err(|e| err("state", e)))?;
+        Ok((header, len))
+    }
+
+    /// The batch a delta is laid over, read from the header alone.
+    pub fn peek_delta_base(bytes: &[u8]) -> Result<Option<u64>> {
+        Ok(Self::header(bytes)?.0.delta_base)
+    }
+
+    /// The inverse of [`StateObject::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let bad = |m: &str| err("state", format!("not a Drizzle state object: {m}"));
+        let (header, len) = Self::header(bytes)?;
         let mut pos = 8 + len;
         let mut sections = Vec::with_capacity(header.sections.len());
         for n in header.sections {
@@ -334,6 +398,7 @@ impl StateObject {
         }
         Ok(Self {
             closed_through: header.closed_through,
+            delta_base: header.delta_base,
             sections,
         })
     }
@@ -398,10 +463,16 @@ mod tests {
     fn state_objects_round_trip_and_reject_garbage() {
         let s = StateObject {
             closed_through: Some(42),
+            delta_base: Some(7),
             sections: vec![vec![1, 2], vec![], vec![3]],
         };
         let back = StateObject::decode(&s.encode().unwrap()).unwrap();
         assert_eq!(back.closed_through, Some(42));
+        assert_eq!(back.delta_base, Some(7));
+        assert_eq!(
+            StateObject::peek_delta_base(&s.encode().unwrap()).unwrap(),
+            Some(7)
+        );
         assert_eq!(back.sections, vec![vec![1, 2], vec![], vec![3]]);
         assert!(StateObject::decode(b"nope").is_err());
         let mut cut = s.encode().unwrap();

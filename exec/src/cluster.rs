@@ -11,6 +11,23 @@
 //! (`UNAUTHENTICATED`) before any service code runs ([`MembershipCheck`]).
 //! The token is an HMAC of the secret, so the secret itself never travels;
 //! it is compared in constant time.
+//!
+//! # Roles
+//! The secret proves membership, not which member is calling. On top of it,
+//! every call carries a role credential in [`CREDENTIAL_HEADER`]:
+//! - the coordinator gives each registration its own random credential,
+//!   known only to that worker and the coordinator;
+//! - a worker attaches it to every call to the coordinator, which knows the
+//!   caller by it (never by what a message says): reports, results and
+//!   checkpoint state count only from the worker that owns the task, reads
+//!   of sources, tables and checkpoints only from a worker the query runs
+//!   on, and a stale registration's credential is refused;
+//! - the coordinator attaches the worker's credential to its calls to that
+//!   worker, which accepts `LaunchGroup`, `LaunchReduce`, `CancelQuery` and
+//!   `TablesChanged` only with it (`PERMISSION_DENIED` otherwise), so no
+//!   other member can cancel or launch work on it;
+//! - between workers, notices and Flight tickets carry the query's shuffle
+//!   token, which only the workers placed on that query receive.
 
 #[allow(
     missing_docs,
@@ -44,11 +61,45 @@ pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 /// The metadata header that carries the membership token.
 pub const TOKEN_HEADER: &str = "x-drizzle-cluster-token";
 
+/// The metadata header that carries a role credential (see the module docs).
+pub const CREDENTIAL_HEADER: &str = "x-drizzle-credential";
+
+/// A role credential, shared by every clone of the [`ClusterSecret`] that
+/// carries it (a worker fills it in when it registers).
+pub type CredentialSlot = std::sync::Arc<parking_lot::RwLock<Option<MetadataValue<Ascii>>>>;
+
+/// A fresh random credential (32 hex digits).
+pub fn random_credential() -> String {
+    let mut bytes = [0u8; 16];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `request` carries `credential` in [`CREDENTIAL_HEADER`]
+/// (compared in constant time).
+pub fn has_credential<T>(request: &tonic::Request<T>, credential: &str) -> bool {
+    request
+        .metadata()
+        .get(CREDENTIAL_HEADER)
+        .is_some_and(|got| constant_time_eq(got.as_bytes(), credential.as_bytes()))
+}
+
+/// The credential a request carries, if any.
+pub fn credential_of<T>(request: &tonic::Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get(CREDENTIAL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 /// The cluster's shared secret, held as the token derived from it. Attached
-/// to every outgoing call by its [`Interceptor`] implementation.
+/// to every outgoing call by its [`Interceptor`] implementation, with the
+/// caller's role credential when it has one.
 #[derive(Clone)]
 pub struct ClusterSecret {
     token: MetadataValue<Ascii>,
+    credential: Option<CredentialSlot>,
 }
 
 impl std::fmt::Debug for ClusterSecret {
@@ -72,7 +123,25 @@ impl ClusterSecret {
         let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         let token = MetadataValue::try_from(hex)
             .map_err(|e| ExecError::invalid(format!("cluster token: {e}")))?;
-        Ok(Self { token })
+        Ok(Self {
+            token,
+            credential: None,
+        })
+    }
+
+    /// This secret, carrying the credential `slot` holds (when it holds one).
+    pub fn with_credential(&self, slot: CredentialSlot) -> Self {
+        Self {
+            token: self.token.clone(),
+            credential: Some(slot),
+        }
+    }
+
+    /// A slot holding `credential`.
+    pub fn credential_slot(credential: Option<&str>) -> CredentialSlot {
+        std::sync::Arc::new(parking_lot::RwLock::new(
+            credential.and_then(|c| MetadataValue::try_from(c).ok()),
+        ))
     }
 
     /// A random secret (an embedded server's, at each start).
@@ -86,6 +155,7 @@ impl ClusterSecret {
             Ok(s) => s,
             Err(_) => Self {
                 token: MetadataValue::from_static("unusable"),
+                credential: None,
             },
         }
     }
@@ -111,6 +181,13 @@ impl Interceptor for ClusterSecret {
         request
             .metadata_mut()
             .insert(TOKEN_HEADER, self.token.clone());
+        if let Some(c) = self
+            .credential
+            .as_ref()
+            .and_then(|slot| slot.read().clone())
+        {
+            request.metadata_mut().insert(CREDENTIAL_HEADER, c);
+        }
         Ok(request)
     }
 }

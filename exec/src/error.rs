@@ -86,6 +86,13 @@ pub enum ExecError {
         /// What failed.
         message: String,
     },
+    /// A query's state outgrew its memory budget, or the server's budget
+    /// (SQLSTATE 53200).
+    #[error("{message}")]
+    OutOfMemory {
+        /// Which budget, and the operator that holds the state.
+        message: String,
+    },
     /// The runtime is shutting down or a worker is gone.
     #[error("runtime unavailable: {message}")]
     Unavailable {

@@ -58,6 +58,34 @@ pub struct JoinCache {
     tables: HashMap<usize, BuiltTable>,
 }
 
+impl JoinCache {
+    /// Memory held by the built tables (rows and hash indexes).
+    pub fn size(&self) -> StateSize {
+        let mut size = StateSize::default();
+        for t in self.tables.values() {
+            let index = match &t.index {
+                KeyIndex::Int(m) => {
+                    m.capacity() * (size_of::<(i64, Vec<u32>)>() + 1)
+                        + m.values().map(|v| v.capacity() * 4).sum::<usize>()
+                }
+                KeyIndex::Rows { converter, index } => {
+                    converter.size()
+                        + index.capacity() * (size_of::<(Box<[u8]>, Vec<u32>)>() + 1)
+                        + index
+                            .iter()
+                            .map(|(k, v)| k.len() + v.capacity() * 4)
+                            .sum::<usize>()
+                }
+            };
+            size += StateSize {
+                bytes: t.batch.get_array_memory_size() as u64 + index as u64,
+                keys: t.batch.num_rows() as u64,
+            };
+        }
+        size
+    }
+}
+
 struct BuiltTable {
     version: u64,
     batch: RecordBatch,
@@ -460,6 +488,9 @@ struct GroupTable {
     accs: Vec<Box<dyn GroupsAccumulator>>,
     /// For a global aggregate (no GROUP BY): whether any row arrived.
     seen: bool,
+    /// Per group: the micro-batch that last changed it (incremental
+    /// checkpoints write the groups changed since the last one).
+    changed: Vec<u64>,
 }
 
 impl GroupTable {
@@ -472,7 +503,17 @@ impl GroupTable {
                 .map(new_accumulator)
                 .collect::<Result<Vec<_>>>()?,
             seen: false,
+            changed: Vec::new(),
         })
+    }
+
+    fn size(&self, plan: &AggregatePlan) -> StateSize {
+        StateSize {
+            bytes: (self.values.size()
+                + self.accs.iter().map(|a| a.size()).sum::<usize>()
+                + self.changed.capacity() * 8) as u64,
+            keys: self.len(plan) as u64,
+        }
     }
 
     fn len(&self, plan: &AggregatePlan) -> usize {
@@ -483,8 +524,14 @@ impl GroupTable {
         }
     }
 
-    /// Merges partial rows; returns the group index of each row.
-    fn merge(&mut self, plan: &AggregatePlan, partial: &RecordBatch) -> Result<Vec<usize>> {
+    /// Merges partial rows of micro-batch `stamp`; returns the group index
+    /// of each row.
+    fn merge(
+        &mut self,
+        plan: &AggregatePlan,
+        partial: &RecordBatch,
+        stamp: u64,
+    ) -> Result<Vec<usize>> {
         let k = plan.group_exprs.len();
         let mut groups = Vec::with_capacity(partial.num_rows());
         if k == 0 {
@@ -500,12 +547,19 @@ impl GroupTable {
             acc.merge_batch(&partial.columns()[col..col + width], &groups, total)?;
             col += width;
         }
+        if self.changed.len() < total {
+            self.changed.resize(total, stamp);
+        }
+        for &g in &groups {
+            self.changed[g] = stamp;
+        }
         Ok(groups)
     }
 
     /// The table as partial rows (group columns, then every aggregate's
-    /// state: `plan.partial_schema`), leaving the table as it was.
-    fn snapshot(&mut self, plan: &AggregatePlan) -> Result<RecordBatch> {
+    /// state: `plan.partial_schema`), leaving the table as it was; with
+    /// `since`, only the groups changed after that micro-batch.
+    fn snapshot(&mut self, plan: &AggregatePlan, since: Option<u64>) -> Result<RecordBatch> {
         let n = self.len(plan);
         if n == 0 {
             return Ok(RecordBatch::new_empty(Arc::clone(&plan.partial_schema)));
@@ -523,10 +577,23 @@ impl GroupTable {
             columns,
             &RecordBatchOptions::new().with_row_count(Some(n)),
         )?;
-        // Emitting drained the table: merge the rows back, in group order.
+        // Emitting drained the table: merge the rows back, in group order
+        // (so group indexes, and their change stamps, stay as they were).
+        let changed = std::mem::take(&mut self.changed);
         *self = GroupTable::new(plan)?;
-        self.merge(plan, &partial)?;
-        Ok(partial)
+        self.merge(plan, &partial, 0)?;
+        self.changed = changed;
+        let Some(since) = since else {
+            return Ok(partial);
+        };
+        let picked: Vec<u32> = (0..n)
+            .filter(|&g| self.changed.get(g).is_none_or(|&c| c > since))
+            .map(|g| g as u32)
+            .collect();
+        if picked.len() == n {
+            return Ok(partial);
+        }
+        Ok(take_record_batch(&partial, &UInt32Array::from(picked))?)
     }
 
     /// Emits every group's final row and empties the table.
@@ -622,6 +689,18 @@ impl AggregateFinalExec {
         }
     }
 
+    /// Memory held by the keyed state (every open window's groups).
+    pub fn state_size(&self) -> StateSize {
+        let mut size = StateSize::default();
+        if let Some(t) = &self.table {
+            size += t.size(&self.plan);
+        }
+        for t in self.windows.values() {
+            size += t.size(&self.plan);
+        }
+        size
+    }
+
     /// The schema of [`AggregateFinalExec::snapshot`]'s rows: the partial
     /// schema plus the window end (NULL for an upsert aggregate).
     pub fn snapshot_schema(&self) -> SchemaRef {
@@ -637,8 +716,10 @@ impl AggregateFinalExec {
 
     /// The keyed state as rows (see [`AggregateFinalExec::snapshot_schema`];
     /// the first columns are the group columns, which the shuffle hashes on)
-    /// and the closed-through bound; the state itself is unchanged.
-    pub fn snapshot(&mut self) -> Result<(Option<i64>, Vec<RecordBatch>)> {
+    /// and the closed-through bound; the state itself is unchanged. With
+    /// `since`, only the groups changed after that micro-batch: a delta that
+    /// [`overlay_state_rows`] lays over the state as of `since`.
+    pub fn snapshot(&mut self, since: Option<u64>) -> Result<(Option<i64>, Vec<RecordBatch>)> {
         let schema = self.snapshot_schema();
         let mut out = Vec::new();
         let mut tables: Vec<(Option<i64>, &mut GroupTable)> = Vec::new();
@@ -647,7 +728,7 @@ impl AggregateFinalExec {
         }
         tables.extend(self.windows.iter_mut().map(|(end, t)| (Some(*end), t)));
         for (end, table) in tables {
-            let partial = table.snapshot(&self.plan)?;
+            let partial = table.snapshot(&self.plan, since)?;
             if partial.num_rows() == 0 {
                 continue;
             }
@@ -658,9 +739,73 @@ impl AggregateFinalExec {
         Ok((self.closed_through, out))
     }
 
+    /// Lays checkpoint layers over each other (a full snapshot, then the
+    /// deltas written after it, in order): of the rows with one key (group
+    /// columns and window end) the last wins, and windows closed as of the
+    /// last layer are dropped. Returns the closed-through bound and rows
+    /// for [`AggregateFinalExec::restore`].
+    pub fn overlay(
+        &self,
+        layers: Vec<(Option<i64>, Vec<RecordBatch>)>,
+    ) -> Result<(Option<i64>, Vec<RecordBatch>)> {
+        let closed_through = layers.iter().filter_map(|(c, _)| *c).max();
+        let batches: Vec<RecordBatch> = layers
+            .into_iter()
+            .flat_map(|(_, rows)| rows)
+            .filter(|b| b.num_rows() > 0)
+            .collect();
+        if batches.len() <= 1 && closed_through.is_none() {
+            return Ok((closed_through, batches));
+        }
+        let k = self.plan.group_exprs.len();
+        let width = self.plan.partial_schema.fields().len();
+        let schema = self.snapshot_schema();
+        let mut key_fields: Vec<SortField> = schema.fields()[..k]
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        key_fields.push(SortField::new(DataType::Int64));
+        let converter = RowConverter::new(key_fields)?;
+        let mut seen: datafusion::common::HashSet<Box<[u8]>> = Default::default();
+        let mut kept: Vec<RecordBatch> = Vec::with_capacity(batches.len());
+        // Newest first, so the first row of a key seen is its latest.
+        for batch in batches.iter().rev() {
+            if batch.num_columns() != width + 1 {
+                return Err(ExecError::invalid(
+                    "checkpointed aggregate state does not match the query",
+                ));
+            }
+            let mut cols: Vec<ArrayRef> = batch.columns()[..k].to_vec();
+            cols.push(Arc::clone(batch.column(width)));
+            let rows = converter.convert_columns(&cols)?;
+            let ends = batch
+                .column(width)
+                .as_primitive_opt::<arrow::datatypes::Int64Type>()
+                .ok_or_else(|| ExecError::invalid("checkpointed window ends are not Int64"))?;
+            let mut pick = Vec::new();
+            for i in (0..batch.num_rows()).rev() {
+                let closed = ends.is_valid(i) && closed_through.is_some_and(|c| ends.value(i) <= c);
+                if seen.insert(rows.row(i).as_ref().into()) && !closed {
+                    pick.push(i as u32);
+                }
+            }
+            pick.reverse();
+            if !pick.is_empty() {
+                kept.push(take_record_batch(batch, &UInt32Array::from(pick))?);
+            }
+        }
+        kept.reverse();
+        Ok((closed_through, kept))
+    }
+
     /// Merges snapshot rows (of this partition, or re-partitioned by key)
-    /// into the state.
-    pub fn restore(&mut self, closed_through: Option<i64>, rows: &[RecordBatch]) -> Result<()> {
+    /// into the state, as of micro-batch `as_of` (the checkpoint's).
+    pub fn restore(
+        &mut self,
+        closed_through: Option<i64>,
+        rows: &[RecordBatch],
+        as_of: u64,
+    ) -> Result<()> {
         if let Some(c) = closed_through {
             self.closed_through = Some(self.closed_through.map_or(c, |o| o.max(c)));
         }
@@ -687,7 +832,7 @@ impl AggregateFinalExec {
                     self.table = Some(GroupTable::new(&self.plan)?);
                 }
                 if let Some(t) = self.table.as_mut() {
-                    t.merge(&self.plan, &partial)?;
+                    t.merge(&self.plan, &partial, as_of)?;
                 }
                 continue;
             }
@@ -708,7 +853,7 @@ impl AggregateFinalExec {
                         e.insert(GroupTable::new(&self.plan)?)
                     }
                 };
-                table.merge(&self.plan, &part)?;
+                table.merge(&self.plan, &part, as_of)?;
             }
         }
         Ok(())
@@ -718,16 +863,17 @@ impl AggregateFinalExec {
     /// (when `watermark_us` passed their end) or the changed groups.
     pub fn process(
         &mut self,
+        batch: u64,
         partials: &[RecordBatch],
         watermark_us: Option<i64>,
     ) -> Result<AggregateOutput> {
         match self.plan.window {
-            None => self.process_upsert(partials),
-            Some(w) => self.process_windowed(partials, w, watermark_us),
+            None => self.process_upsert(batch, partials),
+            Some(w) => self.process_windowed(batch, partials, w, watermark_us),
         }
     }
 
-    fn process_upsert(&mut self, partials: &[RecordBatch]) -> Result<AggregateOutput> {
+    fn process_upsert(&mut self, stamp: u64, partials: &[RecordBatch]) -> Result<AggregateOutput> {
         if self.table.is_none() {
             self.table = Some(GroupTable::new(&self.plan)?);
         }
@@ -742,7 +888,7 @@ impl AggregateFinalExec {
             if partial.num_rows() == 0 {
                 continue;
             }
-            let groups = table.merge(plan, partial)?;
+            let groups = table.merge(plan, partial, stamp)?;
             for (row, g) in groups.into_iter().enumerate() {
                 if let std::collections::btree_map::Entry::Vacant(e) = first_row.entry(g) {
                     e.insert((b, row));
@@ -779,6 +925,7 @@ impl AggregateFinalExec {
 
     fn process_windowed(
         &mut self,
+        stamp: u64,
         partials: &[RecordBatch],
         w: drizzle_planner::WindowGroup,
         watermark_us: Option<i64>,
@@ -814,7 +961,7 @@ impl AggregateFinalExec {
                         e.insert(GroupTable::new(&self.plan)?)
                     }
                 };
-                table.merge(&self.plan, &part)?;
+                table.merge(&self.plan, &part, stamp)?;
             }
         }
         let mut chunks = Vec::new();
@@ -835,6 +982,30 @@ impl AggregateFinalExec {
 
 /// Name of the window-end column of checkpointed aggregate state.
 pub const STATE_WINDOW_END: &str = "__drizzle_window_end";
+
+/// Memory held by an operator's state, for the query memory budget and
+/// `SHOW QUERIES`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateSize {
+    /// Bytes allocated (group keys, accumulators, held rows, hash tables).
+    pub bytes: u64,
+    /// Keys (groups) or, for a join, rows held.
+    pub keys: u64,
+}
+
+impl std::ops::AddAssign for StateSize {
+    fn add_assign(&mut self, o: Self) {
+        self.bytes += o.bytes;
+        self.keys += o.keys;
+    }
+}
+
+fn batches_bytes<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>) -> u64 {
+    batches
+        .into_iter()
+        .map(|b| b.get_array_memory_size() as u64)
+        .sum()
+}
 
 /// The reduce side of a window join: rows of both inputs per open window,
 /// joined once the watermark passes the window's end. State of a closed
@@ -860,6 +1031,18 @@ impl WindowJoinExec {
     /// Open windows held.
     pub fn open_windows(&self) -> usize {
         self.windows.len()
+    }
+
+    /// Memory held by the rows of open windows.
+    pub fn state_size(&self) -> StateSize {
+        let mut size = StateSize::default();
+        for (l, r) in self.windows.values() {
+            size += StateSize {
+                bytes: batches_bytes(l.iter().chain(r)),
+                keys: l.iter().chain(r).map(|b| b.num_rows() as u64).sum(),
+            };
+        }
+        size
     }
 
     /// Window ends of a side's rows.
@@ -1137,12 +1320,56 @@ mod tests {
             ]))],
         )
         .unwrap();
-        let out = agg.process(&[part], Some(15_000_000)).unwrap();
+        let out = agg.process(0, &[part], Some(15_000_000)).unwrap();
         assert_eq!(out.chunks.len(), 1, "only [0,10) closed");
         assert_eq!(agg.open_state(), 2);
-        let out = agg.process(&[], Some(30_000_000)).unwrap();
+        let out = agg.process(1, &[], Some(30_000_000)).unwrap();
         assert_eq!(out.chunks.len(), 2);
         assert_eq!(agg.open_state(), 0, "closed windows free their state");
+    }
+
+    #[test]
+    fn checkpoint_deltas_hold_changed_keys_and_overlay_to_the_full_state() {
+        let key = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let plan = AggregatePlan {
+            group_exprs: vec![(
+                Arc::new(datafusion::physical_expr::expressions::Column::new("k", 0)),
+                "k".into(),
+            )],
+            aggregates: vec![],
+            filters: vec![],
+            group_schema: Arc::clone(&key),
+            partial_schema: Arc::clone(&key),
+            output_schema: Arc::clone(&key),
+            window: None,
+        };
+        let keys = |k: &[i64]| {
+            RecordBatch::try_new(
+                Arc::clone(&key),
+                vec![Arc::new(Int64Array::from(k.to_vec()))],
+            )
+            .unwrap()
+        };
+        let rows = |b: &[RecordBatch]| b.iter().map(|b| b.num_rows()).sum::<usize>();
+        let mut agg = AggregateFinalExec::new(plan.clone());
+        agg.process(1, &[keys(&[1, 2, 3])], None).unwrap();
+        let (_, full) = agg.snapshot(None).unwrap();
+        assert_eq!(rows(&full), 3);
+        agg.process(2, &[keys(&[2, 4])], None).unwrap();
+        let (_, delta) = agg.snapshot(Some(1)).unwrap();
+        assert_eq!(rows(&delta), 2, "keys 2 and 4 changed after batch 1");
+        let (_, none) = agg.snapshot(Some(2)).unwrap();
+        assert_eq!(rows(&none), 0);
+        // Snapshots leave the state (and its change stamps) as they were.
+        let (_, again) = agg.snapshot(Some(1)).unwrap();
+        assert_eq!(rows(&again), 2);
+        let (c, laid) = agg.overlay(vec![(None, full), (None, delta)]).unwrap();
+        assert_eq!(rows(&laid), 4, "one row per key, the latest");
+        let mut back = AggregateFinalExec::new(plan);
+        back.restore(c, &laid, 2).unwrap();
+        assert_eq!(back.open_state(), 4);
+        let (_, since) = back.snapshot(Some(2)).unwrap();
+        assert_eq!(rows(&since), 0, "restored keys are as of the checkpoint");
     }
 
     #[test]

@@ -87,7 +87,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch, Notify};
 use tonic::{Request, Response, Status};
 
-use crate::checkpoint::{CheckpointStore, Manifest, MapCheckpoint, StateFile};
+use crate::checkpoint::{CheckpointStore, Manifest, MapCheckpoint, StateFile, StateObject};
 use crate::cluster::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use crate::cluster::pb::{self, SchedulingMode};
 use crate::cluster::{from_ipc, to_ipc, worker_client, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
@@ -196,6 +196,9 @@ pub struct QuerySpec {
     pub label: String,
     /// Checkpointing and resumption.
     pub durability: Durability,
+    /// The query's memory budget in bytes (0: none): keyed state, join
+    /// rows and lookup tables, over every worker.
+    pub memory_limit: u64,
 }
 
 /// How a query checkpoints and where it resumes.
@@ -280,6 +283,12 @@ pub struct QueryStatus {
     pub started: Instant,
     /// Set once the query ended, with the reason.
     pub ended: Mutex<Option<String>>,
+    /// State held over every worker (bytes), as last reported.
+    pub state_bytes: AtomicU64,
+    /// Keys (groups) or held join rows over every worker, as last reported.
+    pub state_keys: AtomicU64,
+    /// The query's memory budget (bytes, 0: none).
+    pub memory_limit: u64,
 }
 
 /// How many recent per-batch latencies a query keeps (for benchmarks and SHOW).
@@ -379,6 +388,10 @@ pub struct RuntimeConfig {
     pub recovery: Recovery,
     /// Proof of membership on every cluster call, both ways.
     pub cluster_secret: crate::cluster::ClusterSecret,
+    /// The server-wide memory budget for query state (bytes, 0: none): when
+    /// the state of all queries together exceeds it, the query holding the
+    /// most fails with 53200, so one query cannot starve the others.
+    pub server_memory_limit: u64,
 }
 
 /// How `group_size = 'auto'` adapts: at every group boundary the coordinator
@@ -447,6 +460,8 @@ struct WorkerEntry {
     last_heartbeat: Instant,
     counters: pb::WorkerCounters,
     launches_sent: u64,
+    /// The registration's credential (see `cluster`'s module docs).
+    credential: String,
 }
 
 /// A lookup join's finite side as shipped to workers: (version, Arrow IPC).
@@ -499,6 +514,60 @@ struct CompiledQuery {
     last_sent_rows: AtomicU64,
     /// Durable sink: 1 + the last batch it committed (0: none).
     acked: Arc<AtomicU64>,
+    /// State per worker as last reported: (bytes, keys).
+    state_by_worker: Mutex<HashMap<u32, (u64, u64)>>,
+    /// Failed for its memory budget: no longer counted.
+    over_budget: AtomicBool,
+    /// The complete checkpoints still kept in the store (the last
+    /// [`checkpoint::KEEP`], oldest first): what a delta can be laid over.
+    kept_checkpoints: Mutex<Vec<Manifest>>,
+    /// A delta could not be laid over its base: the next checkpoint of
+    /// keyed state is written in full.
+    full_checkpoint_next: AtomicBool,
+    /// The query's shuffle token, sent only to the workers that run it.
+    token: drizzle_shuffle::QueryToken,
+    /// Which worker runs which partition in the current attempt.
+    owners: Mutex<Owners>,
+}
+
+/// Which worker (id) runs each partition of an attempt: results, reports
+/// and checkpoint state count only from a partition's owner.
+#[derive(Debug, Default)]
+struct Owners {
+    workers: Vec<u32>,
+    /// Per input stage, per map partition.
+    maps: Vec<Vec<u32>>,
+    /// Per reduce partition.
+    reduces: Vec<u32>,
+}
+
+impl Owners {
+    fn of(layout: &Layout) -> Self {
+        let id = |slot: &usize| layout.workers[*slot].id.0;
+        Self {
+            workers: layout.workers.iter().map(|w| w.id.0).collect(),
+            maps: layout
+                .maps
+                .iter()
+                .map(|m| m.iter().map(id).collect())
+                .collect(),
+            reduces: layout.reduces.iter().map(id).collect(),
+        }
+    }
+
+    fn reduce(&self, r: u32) -> Option<u32> {
+        self.reduces.get(r as usize).copied()
+    }
+
+    /// The owner of final-stage task `p`: a reduce partition, or a map
+    /// partition of a plan without a shuffle.
+    fn final_task(&self, p: u32) -> Option<u32> {
+        if self.reduces.is_empty() {
+            self.maps.first()?.get(p as usize).copied()
+        } else {
+            self.reduce(p)
+        }
+    }
 }
 
 /// Pieces of one checkpoint gathered so far.
@@ -506,7 +575,66 @@ struct CompiledQuery {
 struct PendingCheckpoint {
     attempt: u64,
     maps: Vec<MapCheckpoint>,
-    states: Vec<StateFile>,
+    /// Each state object, and for a delta the checkpoint it is laid over.
+    states: Vec<(StateFile, Option<u64>)>,
+}
+
+/// At most this many deltas are laid over a full snapshot of keyed state;
+/// the next checkpoint compacts the chain (writes the state in full).
+const MAX_DELTAS: usize = 32;
+
+/// Deltas may add up to the full snapshot's size, or this much if larger,
+/// before the chain is compacted.
+const MIN_DELTA_BUDGET: u64 = 1 << 20;
+
+impl CompiledQuery {
+    /// The checkpoint a keyed-state snapshot may be a delta of: the latest
+    /// complete one, if it has the current reduce partitions, fewer than
+    /// [`MAX_DELTAS`] deltas, and deltas that add up to no more than the
+    /// full snapshot (or [`MIN_DELTA_BUDGET`]).
+    fn delta_base(&self) -> Option<u64> {
+        if self.plan.aggregate.is_none() || self.full_checkpoint_next.load(Ordering::Acquire) {
+            return None;
+        }
+        let last = self.last_checkpoint.lock();
+        let m = last.as_ref()?;
+        let partitions = self.status.reduce_partitions.load(Ordering::Acquire);
+        (m.reduce_partitions == partitions
+            && m.states.len() == partitions as usize
+            && m.states.iter().all(|s| {
+                let base = if s.chain.is_empty() {
+                    s.bytes
+                } else {
+                    s.base_bytes
+                };
+                s.chain.len() < MAX_DELTAS && s.delta_bytes() <= base.max(MIN_DELTA_BUDGET)
+            }))
+        .then_some(m.batch)
+    }
+
+    /// Resolves each delta's chain against the kept checkpoints; `None` when
+    /// a base is gone (the checkpoint is then dropped, and the next one is
+    /// written in full).
+    fn resolve_chains(&self, states: Vec<(StateFile, Option<u64>)>) -> Option<Vec<StateFile>> {
+        let kept = self.kept_checkpoints.lock();
+        let mut out = Vec::with_capacity(states.len());
+        for (mut file, base) in states {
+            if let Some(base) = base {
+                let m = kept.iter().find(|m| m.batch == base)?;
+                let prev = m.states.iter().find(|s| s.partition == file.partition)?;
+                file.chain = prev.chain.clone();
+                file.chain.push(prev.path.clone());
+                file.chain_bytes = prev.chain_bytes + prev.bytes;
+                file.base_bytes = if prev.chain.is_empty() {
+                    prev.bytes
+                } else {
+                    prev.base_bytes
+                };
+            }
+            out.push(file);
+        }
+        Some(out)
+    }
 }
 
 impl CompiledQuery {
@@ -640,6 +768,8 @@ struct State {
     placements: Mutex<HashMap<QueryId, Vec<WorkerId>>>,
     /// Attached to every call to a worker.
     secret: crate::cluster::ClusterSecret,
+    /// See [`RuntimeConfig::server_memory_limit`].
+    server_memory_limit: u64,
 }
 
 impl State {
@@ -729,14 +859,34 @@ impl State {
         }
     }
 
-    /// A final-stage task's output (or failure) for the query's collector.
-    fn on_output(&self, out: pb::TaskOutput) {
+    /// A final-stage task's output (or failure) for the query's collector,
+    /// from worker `worker`.
+    fn on_output(&self, worker: u32, out: pb::TaskOutput) {
         let Ok(q) = self.query(out.query) else {
             // The query ended; its late results have nowhere to go.
             return;
         };
         if out.attempt < q.generation.load(Ordering::Acquire) {
             return; // fenced: an older generation (its batches are re-run)
+        }
+        {
+            let owners = q.owners.lock();
+            let counts = match out.error {
+                Some(_) => owners.workers.contains(&worker),
+                None => owners.final_task(out.partition) == Some(worker),
+            };
+            if !counts {
+                tracing::warn!(
+                    query = %q.id,
+                    worker,
+                    partition = out.partition,
+                    "ignored a task output from a worker that does not own the task"
+                );
+                return;
+            }
+        }
+        if out.error.is_none() {
+            self.account_state(&q, worker, out.state_bytes, out.state_keys);
         }
         q.status.rows_in.fetch_add(out.rows_in, Ordering::Relaxed);
         q.status
@@ -783,8 +933,130 @@ impl State {
     }
 }
 
+/// The operator that holds most of a plan's state, for budget errors.
+fn state_operator(plan: &StreamingPlan) -> &'static str {
+    if plan.aggregate.is_some() {
+        "AggregateFinalExec"
+    } else if plan.join.is_some() {
+        "WindowJoinExec"
+    } else {
+        "LookupJoinExec (lookup tables)"
+    }
+}
+
+impl State {
+    /// Records what `worker` holds for query `q`, and enforces the query's
+    /// budget and the server's.
+    fn account_state(&self, q: &Arc<CompiledQuery>, worker: u32, bytes: u64, keys: u64) {
+        if q.over_budget.load(Ordering::Acquire) {
+            return;
+        }
+        let (total, total_keys) = {
+            let mut by = q.state_by_worker.lock();
+            by.insert(worker, (bytes, keys));
+            by.values()
+                .fold((0u64, 0u64), |(b, k), (x, y)| (b + x, k + y))
+        };
+        q.status.state_bytes.store(total, Ordering::Relaxed);
+        q.status.state_keys.store(total_keys, Ordering::Relaxed);
+        let limit = q.status.memory_limit;
+        if limit > 0 && total > limit {
+            q.over_budget.store(true, Ordering::Release);
+            let _ = q.sink.send(SinkMsg::Failed(ExecError::OutOfMemory {
+                message: format!(
+                    "query memory limit exceeded: {} holds {} of state \
+                     ({total_keys} keys or rows) over all workers, query_memory_limit is {}",
+                    state_operator(&q.plan),
+                    crate::worker::human_bytes(total),
+                    crate::worker::human_bytes(limit)
+                ),
+            }));
+            return;
+        }
+        let server_limit = self.server_memory_limit;
+        if server_limit == 0 {
+            return;
+        }
+        let queries: Vec<Arc<CompiledQuery>> = self.queries.lock().values().cloned().collect();
+        let all: u64 = queries
+            .iter()
+            .filter(|q| !q.over_budget.load(Ordering::Acquire))
+            .map(|q| q.status.state_bytes.load(Ordering::Relaxed))
+            .sum();
+        if all <= server_limit {
+            return;
+        }
+        // The largest holder fails, not whichever query grew last.
+        if let Some(big) = queries
+            .iter()
+            .filter(|q| !q.over_budget.load(Ordering::Acquire))
+            .max_by_key(|q| q.status.state_bytes.load(Ordering::Relaxed))
+        {
+            let held = big.status.state_bytes.load(Ordering::Relaxed);
+            let _ = big.sink.send(SinkMsg::Failed(ExecError::OutOfMemory {
+                message: format!(
+                    "server memory limit exceeded: queries hold {} of state together, \
+                     server_memory_limit is {}; this query's {} held the most ({})",
+                    crate::worker::human_bytes(all),
+                    crate::worker::human_bytes(server_limit),
+                    state_operator(&big.plan),
+                    crate::worker::human_bytes(held)
+                ),
+            }));
+            // Not counted again while it winds down.
+            big.over_budget.store(true, Ordering::Release);
+        }
+    }
+}
+
 struct CoordinatorService {
     state: Arc<State>,
+}
+
+/// The caller's credential is not a current registration's.
+fn stale_member() -> Status {
+    Status::permission_denied(
+        "not a registered worker of this coordinator (unknown or stale registration)",
+    )
+}
+
+impl State {
+    /// The current registration whose credential `request` carries.
+    fn member<T>(&self, request: &Request<T>) -> Option<(WorkerId, u64)> {
+        let credential = crate::cluster::credential_of(request)?;
+        self.workers
+            .read()
+            .values()
+            .find(|w| {
+                w.credential.len() == credential.len()
+                    && crate::cluster::has_credential(request, &w.credential)
+            })
+            .map(|w| (w.id, w.epoch))
+    }
+
+    /// Fails unless `caller` is a worker the query is placed on.
+    fn placed(
+        &self,
+        caller: Option<(WorkerId, u64)>,
+        q: &CompiledQuery,
+    ) -> std::result::Result<(), Status> {
+        let Some((id, _)) = caller else {
+            return Err(stale_member());
+        };
+        if self
+            .placements
+            .lock()
+            .get(&q.id)
+            .is_some_and(|p| p.contains(&id))
+        {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "worker {} does not run query {}",
+                id.0, q.id
+            )))
+        }
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -804,7 +1076,19 @@ impl CoordinatorService {
             ));
         }
         let epoch = req.epoch;
-        let client = worker_client(&req.address, &self.state.secret).map_err(internal)?;
+        // The registration's credential: the worker's proof of identity to
+        // the coordinator, and the coordinator's to the worker.
+        let credential = crate::cluster::random_credential();
+        let client = worker_client(
+            &req.address,
+            &self
+                .state
+                .secret
+                .with_credential(crate::cluster::ClusterSecret::credential_slot(Some(
+                    &credential,
+                ))),
+        )
+        .map_err(internal)?;
         let id = WorkerId(self.state.next_worker.fetch_add(1, Ordering::Relaxed));
         {
             let mut workers = self.state.workers.write();
@@ -821,6 +1105,7 @@ impl CoordinatorService {
                     last_heartbeat: Instant::now(),
                     counters: pb::WorkerCounters::default(),
                     launches_sent: 0,
+                    credential: credential.clone(),
                 },
             );
         }
@@ -831,6 +1116,7 @@ impl CoordinatorService {
             epoch,
             heartbeat_interval_ms: crate::worker::HEARTBEAT_INTERVAL.as_millis() as u64,
             tables_version: self.state.tables.version(),
+            member_credential: credential,
         }))
     }
 
@@ -838,11 +1124,12 @@ impl CoordinatorService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> std::result::Result<Response<pb::HeartbeatResponse>, Status> {
+        let caller = self.state.member(&request);
         let req = request.into_inner();
         crate::cluster::check_version(req.protocol_version, "the worker")?;
         let mut workers = self.state.workers.write();
         let known = match workers.get_mut(&WorkerId(req.worker_id)) {
-            Some(w) if w.epoch == req.epoch => {
+            Some(w) if w.epoch == req.epoch && caller == Some((w.id, w.epoch)) => {
                 w.last_heartbeat = Instant::now();
                 w.counters = req.counters.unwrap_or_default();
                 true
@@ -856,8 +1143,11 @@ impl CoordinatorService {
         &self,
         request: Request<tonic::Streaming<pb::WorkerEvent>>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let Some((id, epoch)) = self.state.member(&request) else {
+            return Err(stale_member());
+        };
         let mut events = request.into_inner();
-        let mut whose: Option<(u32, u64)> = None;
+        let mut whose: Option<(u32, u64)> = Some((id.0, epoch));
         let result = self.event_loop(&mut events, &mut whose).await;
         if let Some((id, epoch)) = whose {
             // The stream broke or ended: that incarnation is gone (a live
@@ -873,14 +1163,21 @@ impl CoordinatorService {
         &self,
         request: Request<pb::SaveStateRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let caller = self.state.member(&request);
         let req = request.into_inner();
         let q = self.state.query(req.query)?;
         if req.attempt != q.status.attempt.load(Ordering::Acquire) {
             return Ok(Response::new(pb::Ack {}));
         }
+        if caller.map(|(id, _)| id.0) != q.owners.lock().reduce(req.partition) {
+            return Err(Status::permission_denied(
+                "only the worker that owns a reduce partition saves its state",
+            ));
+        }
         let Some(store) = self.state.checkpoints.as_ref() else {
             return Err(Status::failed_precondition("checkpoints are disabled"));
         };
+        let base = StateObject::peek_delta_base(&req.state).map_err(internal)?;
         let file = store
             .put_state(&q.key, req.batch, req.partition, req.state)
             .await
@@ -888,7 +1185,7 @@ impl CoordinatorService {
         let mut pending = q.pending_checkpoints.lock();
         let entry = pending.entry(req.batch).or_default();
         entry.attempt = req.attempt;
-        entry.states.push(file);
+        entry.states.push((file, base));
         drop(pending);
         q.checkpoint_progress.notify_one();
         Ok(Response::new(pb::Ack {}))
@@ -898,8 +1195,10 @@ impl CoordinatorService {
         &self,
         request: Request<pb::LoadStateRequest>,
     ) -> std::result::Result<Response<pb::LoadStateResponse>, Status> {
+        let caller = self.state.member(&request);
         let req = request.into_inner();
         let q = self.state.query(req.query)?;
+        self.state.placed(caller, &q)?;
         if !req.path.starts_with(&format!("{}/", q.key)) {
             return Err(Status::permission_denied("not this query's checkpoint"));
         }
@@ -916,8 +1215,12 @@ impl CoordinatorService {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let caller = self.state.member(&request);
         let req = request.into_inner();
         let id = WorkerId(req.worker_id);
+        if caller != Some((id, req.epoch)) {
+            return Err(stale_member());
+        }
         {
             let mut workers = self.state.workers.write();
             match workers.get_mut(&id) {
@@ -954,7 +1257,13 @@ impl CoordinatorService {
         while let Some(event) = events.message().await? {
             let event = match event.event {
                 Some(pb::worker_event::Event::Hello(h)) => {
-                    *whose = Some((h.worker, h.epoch));
+                    // Who the stream is from is known by its credential;
+                    // a Hello claiming another identity is a forgery.
+                    if *whose != Some((h.worker, h.epoch)) {
+                        return Err(Status::permission_denied(
+                            "an event stream's Hello names another worker than its credential",
+                        ));
+                    }
                     continue;
                 }
                 Some(e) => e,
@@ -972,9 +1281,17 @@ impl CoordinatorService {
             if !registered {
                 continue;
             }
+            let sender = whose.map_or(0, |(id, _)| id);
             match event {
-                pb::worker_event::Event::GroupReport(report) => self.state.on_group_report(report),
-                pb::worker_event::Event::Output(output) => self.state.on_output(output),
+                pb::worker_event::Event::GroupReport(report) => {
+                    if report.worker == sender {
+                        self.state.on_group_report(report)
+                    }
+                }
+                pb::worker_event::Event::Output(output) => {
+                    let worker = whose.map_or(0, |(id, _)| id);
+                    self.state.on_output(worker, output)
+                }
                 pb::worker_event::Event::MapDone(notice) => {
                     if let Ok(q) = self.state.query(notice.query) {
                         let _ = q.map_done.send(notice);
@@ -1039,8 +1356,10 @@ impl CoordinatorRpc for CoordinatorService {
         &self,
         request: Request<pb::ReadSourceRequest>,
     ) -> std::result::Result<Response<pb::ReadSourceResponse>, Status> {
+        let caller = self.state.member(&request);
         let req = request.into_inner();
         let q = self.state.query(req.query)?;
+        self.state.placed(caller, &q)?;
         let source = q
             .inputs
             .get(req.stage as usize)
@@ -1080,8 +1399,10 @@ impl CoordinatorRpc for CoordinatorService {
         &self,
         request: Request<pb::ReadTableRequest>,
     ) -> std::result::Result<Response<pb::ReadTableResponse>, Status> {
+        let caller = self.state.member(&request);
         let req = request.into_inner();
         let q = self.state.query(req.query)?;
+        self.state.placed(caller, &q)?;
         let version = self.state.tables.version();
         if let Some((v, ipc)) = q.tables.lock().get(&req.join) {
             if *v == version {
@@ -1168,6 +1489,7 @@ impl Runtime {
                 .transpose()?,
             checkpoint_interval: config.checkpoint_interval,
             recovery: config.recovery,
+            server_memory_limit: config.server_memory_limit,
             placements: Mutex::new(HashMap::new()),
             secret: config.cluster_secret.clone(),
         });
@@ -1356,6 +1678,9 @@ impl Runtime {
             ),
             started: Instant::now(),
             ended: Mutex::new(None),
+            state_bytes: AtomicU64::new(0),
+            state_keys: AtomicU64::new(0),
+            memory_limit: spec.memory_limit,
         });
         let encoded_plan = drizzle_planner::encode_plan(&spec.plan)?;
         let (sink_tx, sink_rx) = mpsc::unbounded_channel();
@@ -1395,6 +1720,7 @@ impl Runtime {
                 .map_or(0, |b| b + 1),
         );
         let acked = Arc::new(AtomicU64::new(released));
+        let resumed = spec.durability.resume.clone();
         let query = Arc::new(CompiledQuery {
             key,
             ephemeral,
@@ -1410,6 +1736,18 @@ impl Runtime {
             released: AtomicU64::new(released),
             last_sent_rows: AtomicU64::new(0),
             acked: Arc::clone(&acked),
+            state_by_worker: Mutex::new(HashMap::new()),
+            over_budget: AtomicBool::new(false),
+            kept_checkpoints: Mutex::new(resumed.into_iter().collect()),
+            full_checkpoint_next: AtomicBool::new(false),
+            owners: Mutex::new(Owners::default()),
+            token: {
+                let mut t = [0u8; 16];
+                // Without OS randomness the token is zeros: still required,
+                // and the cluster secret still guards every call.
+                let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut t);
+                drizzle_shuffle::QueryToken(t)
+            },
             id,
             encoded_plan,
             scheduling: spec.scheduling,
@@ -1728,6 +2066,7 @@ impl Runtime {
             ));
         }
         let placement = &layout.workers;
+        *query.owners.lock() = Owners::of(&layout);
         self.state
             .placements
             .lock()
@@ -1771,6 +2110,7 @@ impl Runtime {
                 .map(|s| pb::StateRef {
                     partition: s.partition,
                     path: s.path.clone(),
+                    chain: s.chain.clone(),
                 })
                 .collect(),
         });
@@ -1872,6 +2212,7 @@ impl Runtime {
                     .collect();
                 let tables_version = self.state.tables.version();
                 let covered_through = query.last_checkpoint.lock().as_ref().map(|m| m.batch);
+                let delta_base = query.delta_base();
                 let mut sends = Vec::new();
                 let mut sent_to = Vec::new();
                 for (i, placed) in placement.iter().enumerate() {
@@ -1928,6 +2269,9 @@ impl Runtime {
                         map_owners: map_owners.clone(),
                         retain_blocks,
                         covered_through,
+                        memory_limit: query.status.memory_limit,
+                        delta_base,
+                        query_token: query.token.0.to_vec(),
                     };
                     plan_sent[i] = true;
                     sent_to.push(placed.id);
@@ -2123,8 +2467,19 @@ impl Runtime {
         };
         map_states.sort_by_key(|m| (m.stage, m.partition));
         map_states.dedup_by_key(|m| (m.stage, m.partition));
-        states.sort_by_key(|s| s.partition);
-        states.dedup_by_key(|s| s.partition);
+        states.sort_by_key(|(s, _)| s.partition);
+        states.dedup_by_key(|(s, _)| s.partition);
+        let Some(states) = query.resolve_chains(states) else {
+            tracing::warn!(
+                query = %query.id,
+                batch,
+                "a checkpoint delta's base is no longer kept: dropped; the next is written in full"
+            );
+            query.pending_checkpoints.lock().retain(|b, _| *b > batch);
+            query.full_checkpoint_next.store(true, Ordering::Release);
+            return Ok(());
+        };
+        let full = states.iter().all(|s| s.chain.is_empty());
         let manifest = Manifest {
             key: query.key.clone(),
             batch,
@@ -2138,7 +2493,16 @@ impl Runtime {
         };
         store.commit(&manifest).await?;
         query.pending_checkpoints.lock().retain(|b, _| *b > batch);
+        if full {
+            query.full_checkpoint_next.store(false, Ordering::Release);
+        }
         *query.status.last_checkpoint.lock() = Some((batch, Instant::now(), manifest.bytes()));
+        {
+            let mut kept = query.kept_checkpoints.lock();
+            kept.push(manifest.clone());
+            let excess = kept.len().saturating_sub(crate::checkpoint::KEEP);
+            kept.drain(..excess);
+        }
         *query.last_checkpoint.lock() = Some(manifest);
         Ok(())
     }

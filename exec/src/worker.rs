@@ -56,8 +56,8 @@ use arrow_flight::flight_service_server::FlightServiceServer;
 use datafusion::execution::TaskContext;
 use drizzle_planner::{LookupJoinSpec, StreamInput, StreamingPlan};
 use drizzle_shuffle::{
-    BatchId, BlockFlightService, BlockId, BlockStore, MapPartition, QueryId, ReducePartition,
-    StageId,
+    BatchId, BlockFlightService, BlockId, BlockStore, MapPartition, QueryId, QueryToken,
+    ReducePartition, StageId,
 };
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
@@ -72,8 +72,8 @@ use crate::cluster::{
 };
 use crate::error::{ExecError, Result};
 use crate::ops::{
-    apply_ops, partial_aggregate, AggregateFinalExec, JoinCache, TableEvaluator, WindowAssignExec,
-    WindowJoinExec,
+    apply_ops, partial_aggregate, AggregateFinalExec, JoinCache, StateSize, TableEvaluator,
+    WindowAssignExec, WindowJoinExec,
 };
 use crate::source::{DatagenSource, MAX_BATCH_ROWS};
 
@@ -180,6 +180,39 @@ struct Shared {
     events: Mutex<Option<mpsc::UnboundedSender<pb::WorkerEvent>>>,
     /// The open Notices stream to each peer.
     notice_streams: Mutex<HashMap<String, mpsc::UnboundedSender<pb::MapOutputReady>>>,
+    /// This registration's credential (known to this worker and the
+    /// coordinator only): attached to calls to the coordinator, and required
+    /// on the coordinator's launches and cancels.
+    credential: crate::cluster::CredentialSlot,
+}
+
+impl Shared {
+    /// Fails unless `request` comes from the coordinator this worker
+    /// registered with. A launch can overtake the registration's response:
+    /// until that arrives, wait for it (bounded).
+    async fn check_coordinator<T>(&self, request: &Request<T>) -> std::result::Result<(), Status> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let known = self
+                .credential
+                .read()
+                .as_ref()
+                .and_then(|c| c.to_str().ok().map(str::to_string));
+            if let Some(c) = known {
+                return if crate::cluster::has_credential(request, &c) {
+                    Ok(())
+                } else {
+                    Err(Status::permission_denied(
+                        "only the coordinator this worker is registered with may do this",
+                    ))
+                };
+            }
+            if Instant::now() > deadline {
+                return Err(Status::unavailable("this worker is not registered yet"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// A stream of the messages sent into `rx`, for a client-streaming RPC.
@@ -328,6 +361,7 @@ impl WorkerRpc for WorkerService {
         &self,
         request: Request<pb::LaunchGroupRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.shared.check_coordinator(&request).await?;
         let req = request.into_inner();
         crate::cluster::check_version(req.protocol_version, "the coordinator")?;
         let epoch = self.shared.identity.lock().1;
@@ -364,6 +398,7 @@ impl WorkerRpc for WorkerService {
         &self,
         request: Request<pb::LaunchReduceRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.shared.check_coordinator(&request).await?;
         self.shared.send(Msg::LaunchReduce(request.into_inner()));
         Ok(Response::new(pb::Ack {}))
     }
@@ -372,6 +407,7 @@ impl WorkerRpc for WorkerService {
         &self,
         request: Request<pb::CancelQueryRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.shared.check_coordinator(&request).await?;
         let req = request.into_inner();
         self.shared
             .send(Msg::Cancel(QueryId(req.query), req.attempt));
@@ -382,6 +418,7 @@ impl WorkerRpc for WorkerService {
         &self,
         request: Request<pb::TablesChangedRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.shared.check_coordinator(&request).await?;
         self.shared
             .tables_version
             .fetch_max(request.into_inner().version, Ordering::AcqRel);
@@ -404,9 +441,16 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
         .unwrap_or_else(|| bound.to_string());
     let (tx, rx) = std_mpsc::channel();
     let store = Arc::new(BlockStore::new());
+    let credential = crate::cluster::ClusterSecret::credential_slot(None);
     let shared = Arc::new(Shared {
         address: address.clone(),
-        coordinator: coordinator_client(&config.coordinator, &config.cluster_secret)?,
+        coordinator: coordinator_client(
+            &config.coordinator,
+            &config
+                .cluster_secret
+                .with_credential(Arc::clone(&credential)),
+        )?,
+        credential,
         secret: config.cluster_secret.clone(),
         counters: WorkerCounters::default(),
         store: Arc::clone(&store),
@@ -487,6 +531,8 @@ async fn register(shared: &Shared) -> Result<()> {
         match client.register(req).await {
             Ok(resp) => {
                 let resp = resp.into_inner();
+                *shared.credential.write() =
+                    tonic::metadata::MetadataValue::try_from(resp.member_credential.as_str()).ok();
                 *shared.identity.lock() = (resp.worker_id, resp.epoch);
                 shared
                     .tables_version
@@ -601,6 +647,35 @@ struct ReduceState {
     last_batch: Option<u64>,
 }
 
+impl ReduceState {
+    fn size(&self) -> StateSize {
+        let mut size = self.joins.size();
+        if let Some(a) = &self.agg {
+            size += a.state_size();
+        }
+        if let Some(j) = &self.join {
+            size += j.state_size();
+        }
+        size
+    }
+}
+
+/// `n` bytes for a message: `12.3 MB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 #[derive(Default)]
 struct PendingReduce {
     /// Set by the group's launch (Drizzle) or the coordinator (BSP).
@@ -681,9 +756,45 @@ struct WorkerQuery {
     produced: BTreeMap<(u64, u32, u32), pb::MapOutputReady>,
     rows_in: u64,
     late_rows: u64,
+    /// The query's memory budget (bytes, 0: none).
+    memory_limit: u64,
+    /// The complete checkpoint a keyed-state snapshot may be a delta of.
+    delta_base: Option<u64>,
+    /// The query's shuffle token: tickets and notices carry it.
+    token: QueryToken,
 }
 
 impl WorkerQuery {
+    /// The state this worker holds for the query: every reduce partition's
+    /// keyed state and join rows, and the lookup tables of every task.
+    fn state_size(&self) -> StateSize {
+        let mut size = StateSize::default();
+        for m in self.maps.values() {
+            size += m.joins.size();
+        }
+        for r in self.reduces.values() {
+            size += r.size();
+        }
+        size
+    }
+
+    /// Fails when the state outgrows the query's budget; `operator` names
+    /// what just grew.
+    fn check_budget(&self, operator: &str) -> Result<StateSize> {
+        let size = self.state_size();
+        if self.memory_limit > 0 && size.bytes > self.memory_limit {
+            return Err(ExecError::OutOfMemory {
+                message: format!(
+                    "query memory limit exceeded: {operator} holds {} of state \
+                     ({} keys or rows on this worker), query_memory_limit is {}",
+                    human_bytes(size.bytes),
+                    size.keys,
+                    human_bytes(self.memory_limit)
+                ),
+            });
+        }
+        Ok(size)
+    }
     /// Whether a notice is valid here: from this generation, and from the
     /// worker that owns its map partition (a lost worker's late notices, and
     /// a fenced incarnation's, are not).
@@ -896,8 +1007,10 @@ impl Scheduler {
             }
             return;
         };
-        if !wq.accepts(&notice) {
-            return; // fenced: an older generation, or not the partition's owner
+        if !wq.accepts(&notice) || !wq.token.matches(&notice.token) {
+            // fenced: an older generation, not the partition's owner, or
+            // not from a worker of this query
+            return;
         }
         for (r, state) in &wq.reduces {
             if state.last_batch.is_some_and(|l| notice.batch <= l) {
@@ -993,6 +1106,9 @@ impl Scheduler {
                     produced: BTreeMap::new(),
                     rows_in: 0,
                     late_rows: 0,
+                    memory_limit: 0,
+                    delta_base: None,
+                    token: QueryToken::default(),
                 },
             );
         }
@@ -1000,6 +1116,12 @@ impl Scheduler {
             return Ok(());
         };
         wq.generation = generation;
+        wq.memory_limit = req.memory_limit;
+        if let Some(token) = QueryToken::from_slice(&req.query_token) {
+            wq.token = token;
+            self.shared.store.set_token(qid, token);
+        }
+        wq.delta_base = req.delta_base;
         if !req.map_owners.is_empty() {
             wq.map_owners = req.map_owners.clone();
         }
@@ -1474,6 +1596,7 @@ impl Scheduler {
             location: self.shared.address.clone(),
             worker: self.shared.worker_id(),
             attempt: wq.attempt,
+            token: wq.token.0.to_vec(),
         };
         if wq.mode == SchedulingMode::Bsp {
             // BSP: the coordinator collects every map task's notice and
@@ -1525,11 +1648,16 @@ impl Scheduler {
         let mut client =
             crate::cluster::flight_client(self.shared.peer(&n.location)?, &self.shared.secret);
         let location = n.location.clone();
+        let token = self
+            .queries
+            .get(&qid)
+            .map(|wq| wq.token)
+            .unwrap_or_default();
         Ok(self.shared.handle.block_on(async move {
             // A producer cut off by a partition never answers: bound the wait.
             tokio::time::timeout(
                 FETCH_TIMEOUT,
-                drizzle_shuffle::fetch_block(&mut client, &location, id),
+                drizzle_shuffle::fetch_block(&mut client, &location, id, &token),
             )
             .await
             .unwrap_or_else(|_| {
@@ -1630,7 +1758,7 @@ impl Scheduler {
         let out = match (state.agg.as_mut(), state.join.as_mut()) {
             (Some(agg), _) => {
                 let batches: Vec<RecordBatch> = partials.into_iter().map(|(_, b)| b).collect();
-                agg.process(&batches, watermark)?
+                agg.process(b, &batches, watermark)?
             }
             (None, Some(join)) => {
                 let (left, right): (Vec<_>, Vec<_>) =
@@ -1646,10 +1774,18 @@ impl Scheduler {
             }
         };
         wq.late_rows += out.late;
+        let operator = match (&state.agg, &state.join) {
+            (Some(_), _) => format!("AggregateFinalExec (reduce partition {r})"),
+            _ => format!("WindowJoinExec (reduce partition {r})"),
+        };
+        wq.check_budget(&operator)?;
+        let Some(state) = wq.reduces.get_mut(&r) else {
+            return Ok(());
+        };
         let group = group_of(&wq.group_starts, b);
         if wq.group_ends.get(&group) == Some(&(b, true)) {
             // A checkpoint: snapshot on this thread, write asynchronously.
-            let bytes = snapshot_reduce(state)?;
+            let bytes = snapshot_reduce(state, wq.delta_base)?;
             let req = pb::SaveStateRequest {
                 query: qid.0,
                 attempt: wq.attempt,
@@ -1692,6 +1828,11 @@ impl Scheduler {
                 ipc: to_ipc(&batch.schema(), &[batch])?,
             });
         }
+        // What a map-only query holds is its lookup tables.
+        let state = match self.queries.get(&qid) {
+            Some(wq) => wq.check_budget("LookupJoinExec (lookup tables)")?,
+            None => StateSize::default(),
+        };
         let output = pb::TaskOutput {
             query: qid.0,
             batch: b.0,
@@ -1702,6 +1843,8 @@ impl Scheduler {
             rows_in,
             late_rows,
             attempt: self.queries.get(&qid).map_or(0, |wq| wq.attempt),
+            state_bytes: state.bytes,
+            state_keys: state.keys,
         };
         self.shared.event(pb::worker_event::Event::Output(output));
         let _ = qid;
@@ -1815,12 +1958,16 @@ fn decode_section(bytes: Vec<u8>) -> Result<Vec<RecordBatch>> {
 }
 
 /// A reduce partition's keyed state as a checkpoint object.
-fn snapshot_reduce(state: &mut ReduceState) -> Result<Vec<u8>> {
+/// A reduce partition's checkpoint object: keyed state as a delta of
+/// `delta_base` when there is one (the keys changed since), else in full;
+/// a window join's held rows always in full.
+fn snapshot_reduce(state: &mut ReduceState, delta_base: Option<u64>) -> Result<Vec<u8>> {
     let object = match (state.agg.as_mut(), state.join.as_ref()) {
         (Some(agg), _) => {
-            let (closed_through, rows) = agg.snapshot()?;
+            let (closed_through, rows) = agg.snapshot(delta_base)?;
             StateObject {
                 closed_through,
+                delta_base,
                 sections: vec![encode_section(&rows)?],
             }
         }
@@ -1828,6 +1975,7 @@ fn snapshot_reduce(state: &mut ReduceState) -> Result<Vec<u8>> {
             let (closed_through, left, right) = join.snapshot();
             StateObject {
                 closed_through,
+                delta_base: None,
                 sections: vec![encode_section(&left)?, encode_section(&right)?],
             }
         }
@@ -1849,48 +1997,56 @@ fn restore_reduce(
     state: &mut ReduceState,
 ) -> Result<()> {
     let same = restore.reduce_partitions == partitions;
+    // Keyed state: every object's layers (chain first), overlaid at the end.
+    let mut layers: Vec<(Option<i64>, Vec<RecordBatch>)> = Vec::new();
     for st in restore
         .states
         .iter()
         .filter(|st| !same || st.partition == r.0)
     {
-        let mut client = shared.coordinator.clone();
-        let req = pb::LoadStateRequest {
-            query: qid.0,
-            path: st.path.clone(),
-        };
-        let bytes = shared
-            .handle
-            .block_on(async move { client.load_state(req).await })
-            .map_err(|s| rpc_error("loading checkpoint state", s))?
-            .into_inner()
-            .state;
-        let object = StateObject::decode(&bytes)?;
-        let mut sections = object.sections.into_iter();
-        let mut next = |stage: u32| -> Result<Vec<RecordBatch>> {
-            let rows = decode_section(sections.next().unwrap_or_default())?;
-            if same {
-                return Ok(rows);
-            }
-            let by = shuffle_keys(plan, stage).unwrap_or_default();
-            let mut mine = Vec::with_capacity(rows.len());
-            for batch in &rows {
-                let mut parts = route(batch, &by, partitions as usize)?;
-                if (r.0 as usize) < parts.len() {
-                    mine.push(parts.swap_remove(r.0 as usize));
+        for path in st.chain.iter().chain(std::iter::once(&st.path)) {
+            let mut client = shared.coordinator.clone();
+            let req = pb::LoadStateRequest {
+                query: qid.0,
+                path: path.clone(),
+            };
+            let bytes = shared
+                .handle
+                .block_on(async move { client.load_state(req).await })
+                .map_err(|s| rpc_error("loading checkpoint state", s))?
+                .into_inner()
+                .state;
+            let object = StateObject::decode(&bytes)?;
+            let mut sections = object.sections.into_iter();
+            let mut next = |stage: u32| -> Result<Vec<RecordBatch>> {
+                let rows = decode_section(sections.next().unwrap_or_default())?;
+                if same {
+                    return Ok(rows);
                 }
+                let by = shuffle_keys(plan, stage).unwrap_or_default();
+                let mut mine = Vec::with_capacity(rows.len());
+                for batch in &rows {
+                    let mut parts = route(batch, &by, partitions as usize)?;
+                    if (r.0 as usize) < parts.len() {
+                        mine.push(parts.swap_remove(r.0 as usize));
+                    }
+                }
+                Ok(mine)
+            };
+            match (state.agg.as_mut(), state.join.as_mut()) {
+                (Some(_), _) => layers.push((object.closed_through, next(0)?)),
+                (None, Some(join)) => {
+                    let left = next(0)?;
+                    let right = next(1)?;
+                    join.restore(object.closed_through, &left, &right)?
+                }
+                (None, None) => {}
             }
-            Ok(mine)
-        };
-        match (state.agg.as_mut(), state.join.as_mut()) {
-            (Some(agg), _) => agg.restore(object.closed_through, &next(0)?)?,
-            (None, Some(join)) => {
-                let left = next(0)?;
-                let right = next(1)?;
-                join.restore(object.closed_through, &left, &right)?
-            }
-            (None, None) => {}
         }
+    }
+    if let Some(agg) = state.agg.as_mut() {
+        let (closed_through, rows) = agg.overlay(layers)?;
+        agg.restore(closed_through, &rows, restore.batch)?;
     }
     state.last_batch = Some(restore.batch);
     Ok(())

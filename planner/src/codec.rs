@@ -117,12 +117,9 @@ fn encode_expr(e: &Arc<dyn PhysicalExpr>) -> Result<Vec<u8>> {
 
 fn decode_expr(bytes: &[u8], ctx: &TaskContext, schema: &Schema) -> Result<Arc<dyn PhysicalExpr>> {
     let node = PhysicalExprNode::decode(bytes).map_err(codec_err)?;
-    Ok(parse_physical_expr(
-        &node,
-        ctx,
-        schema,
-        &DefaultPhysicalExtensionCodec {},
-    )?)
+    let e = parse_physical_expr(&node, ctx, schema, &DefaultPhysicalExtensionCodec {})?;
+    // `fail_on_overflow` is not on the wire.
+    Ok(crate::functions::overflow::check_overflow(e)?)
 }
 
 /// The schema the map ops start from: the stream's, plus window bounds.
@@ -281,10 +278,21 @@ fn decode_aggregate(wire: AggregateWire, ctx: &TaskContext) -> Result<AggregateP
     let exec = plan
         .downcast_ref::<AggregateExec>()
         .ok_or_else(|| codec_err("the aggregate fragment is not an AggregateExec"))?;
+    let mut group_exprs = exec.group_expr().expr().to_vec();
+    let mut aggregates = exec.aggr_expr().to_vec();
+    let mut filters = exec.filter_expr().to_vec();
+    // `fail_on_overflow` is not on the wire.
+    if let Some(checked) =
+        crate::functions::overflow::check_aggregate(&group_exprs, &aggregates, &filters)?
+    {
+        group_exprs = checked.group_exprs;
+        aggregates = checked.aggregates;
+        filters = checked.filters;
+    }
     Ok(AggregatePlan {
-        group_exprs: exec.group_expr().expr().to_vec(),
-        aggregates: exec.aggr_expr().to_vec(),
-        filters: exec.filter_expr().to_vec(),
+        group_exprs,
+        aggregates,
+        filters,
         group_schema: Arc::new(wire.group_schema),
         partial_schema: Arc::new(wire.partial_schema),
         output_schema: Arc::new(wire.output_schema),

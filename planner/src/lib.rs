@@ -33,6 +33,8 @@ pub mod providers;
 pub mod statement;
 pub mod types;
 
+use std::sync::Arc;
+
 pub use catalog::{ColumnDef, StreamDef, TableDef, ViewDef, WatermarkSpec};
 pub use codec::{decode_plan, encode_plan};
 pub use error::{PlanError, Result};
@@ -60,6 +62,19 @@ pub fn new_session_context() -> datafusion::prelude::SessionContext {
     // A LIMIT on a continuous query ends it; it must stay at the top, not be
     // copied into the stream side of a join.
     ctx.remove_optimizer_rule("push_down_limit");
+    // Integer overflow is 22003, as in Postgres: constant folding checked
+    // before DataFusion's (which wraps), and checked physical arithmetic.
+    let state = ctx.state();
+    let mut rules: Vec<Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>> =
+        vec![Arc::new(functions::overflow::FoldCheckedConstants)];
+    rules.extend(state.optimizers().iter().cloned());
+    let mut physical = state.physical_optimizers().to_vec();
+    physical.push(Arc::new(functions::overflow::CheckOverflowRule));
+    let state = datafusion::execution::SessionStateBuilder::new_from_existing(state)
+        .with_optimizer_rules(rules)
+        .with_physical_optimizer_rules(physical)
+        .build();
+    let ctx = datafusion::prelude::SessionContext::new_with_state(state);
     functions::register(&ctx);
     ctx
 }

@@ -465,12 +465,13 @@ fn physical(
     schema: &DFSchema,
     state_props: &datafusion::execution::context::ExecutionProps,
 ) -> Result<Arc<dyn PhysicalExpr>> {
-    Ok(create_physical_expr(
+    let e = create_physical_expr(
         expr,
         schema,
         state_props,
         &PhysicalPlanningContext::default(),
-    )?)
+    )?;
+    Ok(crate::functions::overflow::check_overflow(e)?)
 }
 
 /// Lowers an optimised logical plan that reads a stream.
@@ -762,6 +763,12 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
                     LoweredAggregateBuilder::new(e, input_schema, physical_input, &props, &ctx).build()?;
                 aggregates.push(lowered_agg.aggregate);
                 filters.push(lowered_agg.filter);
+            }
+            if let Some(checked) =
+                crate::functions::overflow::check_aggregate(&[], &aggregates, &filters)?
+            {
+                aggregates = checked.aggregates;
+                filters = checked.filters;
             }
             let group_fields: Vec<Field> = (0..group_exprs.len())
                 .map(|i| a.schema.field(i).as_ref().clone())

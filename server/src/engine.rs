@@ -61,6 +61,11 @@ pub struct EngineConfig {
     /// The cluster's shared secret (default: a random one, which only this
     /// process's in-process workers know).
     pub cluster_secret: drizzle_exec::cluster::ClusterSecret,
+    /// Default `query_memory_limit` (bytes, 0: none); materialized views
+    /// run with it.
+    pub query_memory_limit: u64,
+    /// The server-wide budget for the state of all queries (bytes, 0: none).
+    pub server_memory_limit: u64,
 }
 
 impl Default for EngineConfig {
@@ -79,8 +84,60 @@ impl Default for EngineConfig {
             checkpoint_interval: Duration::from_secs(1),
             recovery: drizzle_exec::Recovery::default(),
             cluster_secret: drizzle_exec::cluster::ClusterSecret::random(),
+            query_memory_limit: DEFAULT_QUERY_MEMORY_LIMIT,
+            server_memory_limit: default_server_memory_limit(),
         }
     }
+}
+
+/// Default `query_memory_limit`: 1 GiB.
+pub const DEFAULT_QUERY_MEMORY_LIMIT: u64 = 1 << 30;
+
+/// Default server-wide budget: half the machine's memory (`/proc/meminfo`),
+/// or 8 GiB where that cannot be read.
+pub fn default_server_memory_limit() -> u64 {
+    let total_kb = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    total_kb.map_or(8 << 30, |kb| kb * 1024 / 2)
+}
+
+/// A memory size as Postgres writes one: a number with a unit (`B`, `kB`,
+/// `MB`, `GB`, `TB`; case-insensitive, optional space), a bare number in kB
+/// as for Postgres's memory settings, or `0`, `-1` or `unlimited` for no
+/// limit (0).
+pub fn parse_memory_size(value: &str) -> Option<u64> {
+    let v = value.trim();
+    if v.eq_ignore_ascii_case("unlimited") || v == "-1" {
+        return Some(0);
+    }
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "kb" => 1 << 10,
+        "b" => 1,
+        "mb" => 1 << 20,
+        "gb" => 1 << 30,
+        "tb" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+/// A memory size for SHOW: the largest unit that divides it, as Postgres.
+pub fn format_memory_size(bytes: u64) -> String {
+    if bytes == 0 {
+        return "unlimited".into();
+    }
+    for (shift, unit) in [(40, "TB"), (30, "GB"), (20, "MB"), (10, "kB")] {
+        if bytes.is_multiple_of(1u64 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes}B")
 }
 
 /// Per-session settings (`SET`).
@@ -101,6 +158,8 @@ pub struct Settings {
     /// fewer. `None` (the default, `0`): until `n` rows or the query's end,
     /// since drivers take a short batch for the end of the results.
     pub fetch_timeout: Option<Duration>,
+    /// `query_memory_limit` (bytes, 0: none).
+    pub memory_limit: u64,
     /// Other Postgres settings drivers set; stored and echoed by SHOW.
     pub other: BTreeMap<String, String>,
 }
@@ -235,6 +294,7 @@ impl Engine {
                 checkpoint_interval: config.checkpoint_interval,
                 recovery: config.recovery,
                 cluster_secret: config.cluster_secret.clone(),
+                server_memory_limit: config.server_memory_limit,
                 classify: Arc::new(|e: drizzle_exec::ExecError| {
                     let pg = PgError::from(e);
                     (pg.code.to_string(), pg.message)
@@ -283,6 +343,7 @@ impl Engine {
             scheduling: self.config.scheduling,
             start_latest: false,
             fetch_timeout: None,
+            memory_limit: self.config.query_memory_limit,
             other: BTreeMap::new(),
         }
     }
@@ -423,6 +484,7 @@ impl Engine {
             reduce_partitions: self.reduce_partitions(settings),
             label,
             durability: drizzle_exec::Durability::default(),
+            memory_limit: settings.memory_limit,
         };
         Ok(self.runtime.start_query(spec)?)
     }
@@ -681,6 +743,7 @@ impl Engine {
                     "scheduling" => settings.scheduling = defaults.scheduling,
                     "stream_start" => settings.start_latest = false,
                     "cursor_fetch_timeout" => settings.fetch_timeout = defaults.fetch_timeout,
+                    "query_memory_limit" => settings.memory_limit = defaults.memory_limit,
                     other => {
                         settings.other.remove(other);
                     }
@@ -1012,6 +1075,9 @@ impl Engine {
                     checkpoint.map(|(b, _, _)| b.to_string()),
                     checkpoint.map(|(_, at, _)| format!("{:.1}", at.elapsed().as_secs_f64())),
                     checkpoint.map(|(_, _, bytes)| bytes.to_string()),
+                    Some(q.state_bytes.load(Ordering::Relaxed).to_string()),
+                    Some(q.state_keys.load(Ordering::Relaxed).to_string()),
+                    Some(format_memory_size(q.memory_limit)),
                 ]
             })
             .collect();
@@ -1040,6 +1106,9 @@ impl Engine {
                 "checkpoint_batch",
                 "checkpoint_age_s",
                 "checkpoint_bytes",
+                "state_bytes",
+                "state_keys",
+                "memory_limit",
             ],
             rows,
         );
@@ -1276,6 +1345,7 @@ impl Engine {
                 origin_unix_us: def.origin_unix_us,
                 durable_sink: true,
             },
+            memory_limit: self.config.query_memory_limit,
         };
         let mut handle = self.runtime.start_query(spec)?;
         let id = handle.id;
@@ -1374,6 +1444,7 @@ fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> {
             Some(t) => format!("{}ms", t.as_millis()),
             None => "0".into(),
         },
+        "query_memory_limit" => format_memory_size(settings.memory_limit),
         "server_version" => crate::SERVER_VERSION.into(),
         "transaction_isolation" | "transaction isolation level" => "read committed".into(),
         other => match settings.other.get(other) {
@@ -1469,6 +1540,10 @@ fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(),
             let us = drizzle_planner::statement::parse_duration_setting_us(value)?;
             settings.fetch_timeout = (us > 0).then(|| Duration::from_micros(us));
         }
+        "query_memory_limit" => {
+            settings.memory_limit = parse_memory_size(value)
+                .ok_or_else(|| invalid("a size such as '256MB' or '1GB', or 'unlimited'"))?;
+        }
         other if PASSTHROUGH.contains(&other) => {
             settings.other.insert(other.to_string(), value.to_string());
         }
@@ -1480,4 +1555,35 @@ fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_read_and_print_as_postgres_does() {
+        assert_eq!(parse_memory_size("256MB"), Some(256 << 20));
+        assert_eq!(parse_memory_size("1 GB"), Some(1 << 30));
+        assert_eq!(parse_memory_size("64kB"), Some(64 << 10));
+        assert_eq!(parse_memory_size("1024"), Some(1 << 20), "bare number: kB");
+        assert_eq!(parse_memory_size("10b"), Some(10));
+        for none in ["unlimited", "-1", "0"] {
+            assert_eq!(parse_memory_size(none), Some(0), "{none}");
+        }
+        for bad in [
+            "",
+            "lots",
+            "12XB",
+            "-5MB",
+            "99999999999999999999TB",
+            "1.5GB",
+        ] {
+            assert_eq!(parse_memory_size(bad), None, "{bad}");
+        }
+        assert_eq!(format_memory_size(1 << 30), "1GB");
+        assert_eq!(format_memory_size(4 << 20), "4MB");
+        assert_eq!(format_memory_size(1536), "1536B");
+        assert_eq!(format_memory_size(0), "unlimited");
+    }
 }

@@ -134,6 +134,7 @@ impl From<ExecError> for PgError {
             ExecError::Cancelled => PgError::cancelled(),
             ExecError::Remote { code, message } => PgError::new(intern_code(&code), message),
             ExecError::InvalidOption { .. } => PgError::new("22023", e.to_string()),
+            ExecError::OutOfMemory { .. } => PgError::new("53200", e.to_string()),
             ExecError::InvalidData { .. } => PgError::new("22P02", e.to_string()),
             ExecError::Io { .. } | ExecError::Corrupt { .. } | ExecError::Checkpoint { .. } => {
                 PgError::new("58030", e.to_string())
@@ -150,6 +151,10 @@ fn from_arrow(e: arrow::error::ArrowError) -> PgError {
     match &e {
         A::CastError(m) | A::ParseError(m) => PgError::new("22P02", m.clone()),
         A::DivideByZero => PgError::new("22012", "division by zero"),
+        // Arrow's checked kernels say "Overflow happened on: a + b".
+        A::ArithmeticOverflow(m) if m.starts_with("Overflow happened on") => {
+            PgError::new("22003", format!("integer out of range ({m})"))
+        }
         A::ArithmeticOverflow(m) => PgError::new("22003", m.clone()),
         A::ExternalError(inner) => {
             if let Some(ex) = inner.downcast_ref::<ExecError>() {
@@ -202,6 +207,12 @@ fn classify_message(m: &str, default: &'static str) -> PgError {
         default
     } else if lower.contains("divide by zero") || lower.contains("division by zero") {
         "22012"
+    } else if lower.contains("overflow happened on")
+        || ["bigint", "integer", "smallint"]
+            .iter()
+            .any(|t| lower.contains(&format!("{t} out of range")))
+    {
+        "22003"
     } else if lower.contains("cannot cast")
         || lower.contains("cast error")
         || lower.contains("invalid input syntax")

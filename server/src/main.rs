@@ -184,6 +184,16 @@ struct ServerArgs {
     /// only in-process workers can join.
     #[arg(long, env = "DRIZZLE_CLUSTER_SECRET_FILE")]
     cluster_secret_file: Option<PathBuf>,
+    /// Default memory budget of one query's state (keyed state, join rows,
+    /// lookup tables) over all workers, e.g. `512MB`; `unlimited` for none.
+    /// Sessions change theirs with `SET query_memory_limit`; materialized
+    /// views use this one. A query past it fails with SQLSTATE 53200.
+    #[arg(long, env = "DRIZZLE_QUERY_MEMORY_LIMIT", default_value = "1GB")]
+    query_memory_limit: String,
+    /// Budget of all queries' state together (default: half the machine's
+    /// memory); past it, the query holding the most fails with 53200.
+    #[arg(long, env = "DRIZZLE_SERVER_MEMORY_LIMIT")]
+    server_memory_limit: Option<String>,
 }
 
 /// The cluster secret from `file` or DRIZZLE_CLUSTER_SECRET, if any.
@@ -537,6 +547,21 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
                  --cluster-secret-file or DRIZZLE_CLUSTER_SECRET"
             ),
             None => drizzle_exec::cluster::ClusterSecret::random(),
+        },
+        query_memory_limit: drizzle_server::engine::parse_memory_size(&args.query_memory_limit)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--query-memory-limit {:?}: give a size such as 512MB or 2GB, or unlimited",
+                    args.query_memory_limit
+                )
+            })?,
+        server_memory_limit: match &args.server_memory_limit {
+            Some(v) => drizzle_server::engine::parse_memory_size(v).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--server-memory-limit {v:?}: give a size such as 8GB, or unlimited"
+                )
+            })?,
+            None => drizzle_server::engine::default_server_memory_limit(),
         },
     };
     let engine = Engine::open(&args.data_dir, workers, config)

@@ -42,20 +42,19 @@ async fn try_register(address: &str, secret: Option<&ClusterSecret>) -> tonic::S
     }
 }
 
+/// A stream with two rows and a table: what the attacks try to reach.
+const SEED: &str = "CREATE STREAM s (k BIGINT, v BIGINT);
+     CREATE TABLE t (k BIGINT, name TEXT);
+     INSERT INTO t VALUES (1, 'one');
+     INSERT INTO s VALUES (1, 10), (2, 20);";
+
 #[test]
 fn outsiders_cannot_join_read_fetch_or_cancel() {
     let cluster = TestCluster::start(bin(), 2, &[]).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = cluster.server.client().await.unwrap();
-        c.batch_execute(
-            "CREATE STREAM s (k BIGINT, v BIGINT);
-             CREATE TABLE t (k BIGINT, name TEXT);
-             INSERT INTO t VALUES (1, 'one');
-             INSERT INTO s VALUES (1, 10), (2, 20);",
-        )
-        .await
-        .unwrap();
+        c.batch_execute(SEED).await.unwrap();
         // A continuous query runs on the workers while the attacks go on.
         let reader = cluster.server.client().await.unwrap();
         let query = tokio::spawn(async move {
@@ -194,4 +193,175 @@ fn a_worker_without_the_secret_does_not_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cluster secret"), "{err}");
+}
+
+/// Asserts a call was refused with PERMISSION_DENIED.
+fn denied<T>(result: Result<tonic::Response<T>, tonic::Status>) {
+    match result {
+        Ok(_) => panic!("the call was accepted"),
+        Err(status) => assert_eq!(status.code(), Code::PermissionDenied, "{status:?}"),
+    }
+}
+
+/// A client that holds the cluster secret but whose registration is stale
+/// (it registered, never heartbeated and was declared lost) counts for
+/// nothing: its event stream (a forged Hello and forged rows for a running
+/// query) is refused, it cannot read a stream, a table or a checkpoint, and
+/// its heartbeats are answered "unknown". With the secret alone it cannot
+/// cancel work on a worker (that takes the worker's own credential) nor
+/// fetch shuffle blocks (that takes the query's token). The running query's
+/// results stay exact.
+#[test]
+fn a_stale_registration_or_the_secret_alone_counts_for_nothing() {
+    let cluster = TestCluster::start(bin(), 2, &["--worker-timeout", "3"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = cluster.server.client().await.unwrap();
+        c.batch_execute(SEED).await.unwrap();
+        let coordinator = cluster.server.cluster_address.clone();
+        let secret = ClusterSecret::new(TEST_CLUSTER_SECRET).unwrap();
+        // Register with the secret at an address nobody serves.
+        let registered = cluster::coordinator_client(&coordinator, &secret)
+            .unwrap()
+            .register(pb::RegisterRequest {
+                protocol_version: cluster::PROTOCOL_VERSION,
+                address: "127.0.0.1:9".into(),
+                epoch: 7,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!registered.member_credential.is_empty());
+        // No heartbeat: it is declared lost.
+        drizzle_sql_tests::eventually(Duration::from_secs(60), || async {
+            let workers = drizzle_sql_tests::show(&c, "SHOW WORKERS").await?;
+            Ok((workers.len() == 2
+                && workers
+                    .iter()
+                    .all(|w| !w.values().any(|v| v == "127.0.0.1:9")))
+            .then_some(()))
+        })
+        .await
+        .unwrap();
+        // A continuous query runs on the real workers meanwhile.
+        let reader = cluster.server.client().await.unwrap();
+        let query = tokio::spawn(async move {
+            reader
+                .simple_query("SELECT k, v FROM s WHERE v > 0 LIMIT 4")
+                .await
+                .map(|m| rows(&m))
+        });
+        let running = drizzle_sql_tests::eventually(Duration::from_secs(30), || async {
+            let q = drizzle_sql_tests::show(&c, "SHOW QUERIES").await?;
+            Ok(q.into_iter()
+                .find(|r| r["query"].contains("FROM s"))
+                .and_then(|r| r["id"].parse::<u64>().ok()))
+        })
+        .await
+        .unwrap();
+        let stale = secret.with_credential(ClusterSecret::credential_slot(Some(
+            &registered.member_credential,
+        )));
+        let mut as_stale = cluster::coordinator_client(&coordinator, &stale).unwrap();
+        // Forged rows on an event stream under the stale registration.
+        let forged = vec![
+            pb::WorkerEvent {
+                event: Some(pb::worker_event::Event::Hello(pb::Hello {
+                    worker: registered.worker_id,
+                    epoch: 7,
+                })),
+            },
+            pb::WorkerEvent {
+                event: Some(pb::worker_event::Event::Output(pb::TaskOutput {
+                    query: running,
+                    batch: 0,
+                    partition: 0,
+                    chunks: vec![pb::OutputChunk {
+                        window_end: None,
+                        ipc: b"forged".to_vec(),
+                    }],
+                    ..Default::default()
+                })),
+            },
+        ];
+        denied(as_stale.events(futures::stream::iter(forged)).await);
+        // Reads of a stream, a table and a checkpoint.
+        denied(
+            as_stale
+                .read_source(pb::ReadSourceRequest {
+                    query: running,
+                    ..Default::default()
+                })
+                .await,
+        );
+        denied(
+            as_stale
+                .read_table(pb::ReadTableRequest {
+                    query: running,
+                    join: 0,
+                })
+                .await,
+        );
+        denied(
+            as_stale
+                .load_state(pb::LoadStateRequest {
+                    query: running,
+                    path: String::new(),
+                })
+                .await,
+        );
+        // Heartbeats of the stale registration are not known.
+        let beat = as_stale
+            .heartbeat(pb::HeartbeatRequest {
+                protocol_version: cluster::PROTOCOL_VERSION,
+                worker_id: registered.worker_id,
+                epoch: 7,
+                counters: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!beat.known);
+        for worker in &cluster.workers {
+            // Cancel with the secret, and with the stale credential: only
+            // the worker's own credential (held by the coordinator) works.
+            for who in [&secret, &stale] {
+                denied(
+                    cluster::worker_client(&worker.address, who)
+                        .unwrap()
+                        .cancel_query(pb::CancelQueryRequest {
+                            query: running,
+                            attempt: 0,
+                        })
+                        .await,
+                );
+            }
+            // Fetch a block of the running query without its token.
+            let channel = cluster::channel(&worker.address).unwrap();
+            let mut flight = cluster::flight_client(channel, &secret);
+            let id = drizzle_shuffle::BlockId {
+                query: drizzle_shuffle::QueryId(running),
+                batch: drizzle_shuffle::BatchId(0),
+                stage: drizzle_shuffle::StageId(0),
+                map: drizzle_shuffle::MapPartition(0),
+                reduce: drizzle_shuffle::ReducePartition(0),
+            };
+            let guessed = id.to_ticket(&drizzle_shuffle::QueryToken([0; 16]));
+            let Err(err) = flight.do_get(arrow_flight::Ticket::new(guessed)).await else {
+                panic!("a block was served for a guessed ticket");
+            };
+            assert!(err.to_string().contains("token"), "{err}");
+        }
+        // The query was not disturbed: its rows arrive, exactly.
+        c.batch_execute("INSERT INTO s VALUES (3, 30), (4, 40)")
+            .await
+            .unwrap();
+        let mut got = tokio::time::timeout(Duration::from_secs(60), query)
+            .await
+            .expect("the query ended")
+            .unwrap()
+            .unwrap();
+        got.sort();
+        assert_eq!(got, vec!["1|10", "2|20", "3|30", "4|40"]);
+    });
 }

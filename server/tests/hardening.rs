@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use drizzle_sql_tests::{eventually, rows, TestServer};
+use drizzle_sql_tests::{eventually, rows, show, TestServer};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_drizzle"))
@@ -491,9 +491,7 @@ fn a_view_of_a_global_aggregate_survives_kill_9() {
     rt.block_on(async {
         let c = server.client().await.unwrap();
         c.batch_execute("INSERT INTO s VALUES (5)").await.unwrap();
-        let views = drizzle_sql_tests::show(&c, "SHOW MATERIALIZED VIEWS")
-            .await
-            .unwrap();
+        let views = show(&c, "SHOW MATERIALIZED VIEWS").await.unwrap();
         assert_eq!(views[0]["status"], "running", "{views:?}");
         assert_eq!(views[0]["error"], "", "{views:?}");
     });
@@ -536,7 +534,7 @@ fn sigterm_shuts_down_gracefully_and_a_second_signal_exits_at_once() {
     rt.block_on(async {
         let c = server.client().await.unwrap();
         eventually(Duration::from_secs(30), || async {
-            let q = drizzle_sql_tests::show(&c, "SHOW QUERIES").await?;
+            let q = show(&c, "SHOW QUERIES").await?;
             Ok((!q.is_empty()).then_some(()))
         })
         .await
@@ -648,6 +646,71 @@ fn a_corrupt_log_is_refused_then_repaired_without_losing_good_rows() {
     });
 }
 
+/// Integer `+`, `-` and `*` raise 22003 on overflow as in Postgres, in
+/// projections, filters, group keys, aggregate arguments and constants of
+/// finite queries, and in continuous queries on workers; in-range
+/// arithmetic is unchanged.
+#[test]
+fn integer_expression_overflow_is_an_error_not_a_wrap() {
+    let server = TestServer::start(bin(), &["--workers", "2"]).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let c = server.client().await.unwrap();
+        c.batch_execute(
+            "CREATE TABLE t (k BIGINT, a BIGINT, x INT);
+             INSERT INTO t VALUES (1, 9223372036854775807, 2147483647), (2, -9223372036854775807, 7);
+             CREATE STREAM s (k BIGINT, a BIGINT);",
+        )
+        .await
+        .unwrap();
+        let code = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_string());
+        for sql in [
+            "SELECT a + 1 FROM t WHERE k = 1",
+            "SELECT a - 2 FROM t WHERE k = 2",
+            "SELECT a * 2 FROM t",
+            "SELECT x + x FROM t WHERE k = 1",
+            "SELECT k FROM t WHERE a + 1 > 0",
+            "SELECT sum(a * 3) FROM t",
+            "SELECT a + 1 AS b, count(*) FROM t GROUP BY a + 1",
+            "SELECT 9223372036854775807 + 1",
+            "SELECT 4611686018427387904 * 2",
+            "SELECT -9223372036854775807 - 2",
+        ] {
+            let err = c.simple_query(sql).await.unwrap_err();
+            assert_eq!(code(err).as_deref(), Some("22003"), "{sql}");
+        }
+        let got = rows(
+            &c.simple_query("SELECT a - 1, x - 1, 9223372036854775806 + 1 FROM t WHERE k = 1")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            got,
+            vec!["9223372036854775806|2147483646|9223372036854775807"]
+        );
+        // A continuous query fails with the SQLSTATE (evaluated on a worker).
+        c.batch_execute("INSERT INTO s VALUES (1, 5), (2, 9223372036854775807)")
+            .await
+            .unwrap();
+        let err = c
+            .simple_query("SELECT k, a + 1 AS b FROM s LIMIT 5")
+            .await
+            .unwrap_err();
+        assert_eq!(code(err).as_deref(), Some("22003"));
+        let err = c
+            .simple_query("SELECT k, sum(a * 2) AS total FROM s GROUP BY k LIMIT 5")
+            .await
+            .unwrap_err();
+        assert_eq!(code(err).as_deref(), Some("22003"));
+        let got = rows(
+            &c.simple_query("SELECT k, a + 1 AS b FROM s WHERE k = 1 LIMIT 1")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(got, vec!["1|6"]);
+    });
+}
+
 /// `sum` of integers raises 22003 on overflow as in Postgres, in finite and
 /// in continuous queries (a continuous query fails with that SQLSTATE);
 /// in-range sums are unchanged.
@@ -687,6 +750,216 @@ fn integer_sum_overflow_is_an_error_not_a_wrap() {
         assert_eq!(
             rows(&c.simple_query("SELECT 1 + 1").await.unwrap()),
             vec!["2"]
+        );
+    });
+}
+
+/// Runs a `GROUP BY` over ever-new keys, which must fail with 53200;
+/// returns the error's message.
+async fn out_of_memory(c: &tokio_postgres::Client) -> String {
+    let err = tokio::time::timeout(
+        Duration::from_secs(180),
+        c.simple_query("SELECT k, count(*) AS n FROM keys GROUP BY k"),
+    )
+    .await
+    .expect("the query must fail, not run forever")
+    .unwrap_err();
+    let code = err.code().map(|c| c.code().to_string());
+    assert_eq!(code.as_deref(), Some("53200"), "{err:?}");
+    err.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default()
+}
+
+/// Item 17: keyed state has a budget. A `GROUP BY` over ever-new keys fails
+/// with 53200 naming its operator once past `SET query_memory_limit`;
+/// `SHOW QUERIES` shows each query's state bytes and keys; past the
+/// server-wide budget the largest query fails while a small one goes on.
+#[test]
+fn query_state_has_a_memory_budget() {
+    let server =
+        TestServer::start(bin(), &["--workers", "2", "--server-memory-limit", "24MB"]).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let c = server.client().await.unwrap();
+        c.batch_execute(
+            "CREATE STREAM keys (k BIGINT) WITH (connector = 'datagen', \
+               rows_per_second = '100000', partitions = '2', fields.k.kind = 'sequence');
+             CREATE MATERIALIZED VIEW small AS SELECT k % 100 AS g, count(*) AS n FROM keys GROUP BY k % 100;",
+        )
+        .await
+        .unwrap();
+        let code = |e: &tokio_postgres::Error| e.code().map(|c| c.code().to_string());
+        let setting = |m: Vec<tokio_postgres::SimpleQueryMessage>| rows(&m);
+        assert_eq!(
+            setting(c.simple_query("SHOW query_memory_limit").await.unwrap()),
+            vec!["1GB"]
+        );
+        let bad = c
+            .simple_query("SET query_memory_limit = 'lots'")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&bad).as_deref(), Some("22023"));
+        c.batch_execute("SET query_memory_limit = '4MB'").await.unwrap();
+        assert_eq!(
+            setting(c.simple_query("SHOW query_memory_limit").await.unwrap()),
+            vec!["4MB"]
+        );
+
+        // The view's state is shown: 100 keys, some bytes.
+        let view = eventually(Duration::from_secs(60), || async {
+            let rows = show(&c, "SHOW QUERIES").await?;
+            Ok(rows.into_iter().find(|r| {
+                r["query"].contains("small") && r["state_keys"] == "100" && r["state_bytes"] != "0"
+            }))
+        })
+        .await
+        .unwrap();
+        assert_eq!(view["memory_limit"], "1GB", "{view:?}");
+
+        // Ever-new keys under a 4 MB budget: 53200 naming the operator.
+        let message = out_of_memory(&c).await;
+        assert!(message.contains("query memory limit exceeded"), "{message}");
+        assert!(message.contains("AggregateFinalExec"), "{message}");
+        assert!(message.contains("4.0 MB"), "{message}");
+
+        // Unlimited for this query, but the server's 24 MB budget stops it;
+        // the small view keeps running.
+        c.batch_execute("SET query_memory_limit = 'unlimited'").await.unwrap();
+        let message = out_of_memory(&c).await;
+        assert!(message.contains("server memory limit exceeded"), "{message}");
+        let before = eventually(Duration::from_secs(10), || async {
+            let rows = show(&c, "SHOW QUERIES").await?;
+            Ok(rows.into_iter().find(|r| r["query"].contains("small")))
+        })
+        .await
+        .unwrap();
+        let batches = |r: &std::collections::HashMap<String, String>| r["batches"].parse::<u64>().unwrap();
+        eventually(Duration::from_secs(30), || async {
+            let rows = show(&c, "SHOW QUERIES").await?;
+            Ok(rows
+                .into_iter()
+                .find(|r| r["query"].contains("small") && batches(r) > batches(&before) + 5))
+        })
+        .await
+        .unwrap();
+        let status = rows(
+            &c.simple_query("SHOW MATERIALIZED VIEWS").await.unwrap(),
+        );
+        assert!(status.iter().any(|r| r.contains("small") && r.contains("running")), "{status:?}");
+        c.batch_execute("RESET query_memory_limit").await.unwrap();
+        assert_eq!(
+            setting(c.simple_query("SHOW query_memory_limit").await.unwrap()),
+            vec!["1GB"]
+        );
+    });
+}
+
+/// Item 17: keyed-state checkpoints are incremental. After a full
+/// checkpoint of 20,000 keys, checkpoints of a few changed keys are a small
+/// fraction of it; a restart restores the view from the chain (full
+/// snapshot plus deltas) with every count right.
+#[test]
+fn keyed_state_checkpoints_are_incremental() {
+    let insert = |rows: &mut dyn Iterator<Item = (i64, i64)>| {
+        let values: Vec<String> = rows.map(|(k, v)| format!("({k}, {v})")).collect();
+        format!("INSERT INTO ev VALUES {}", values.join(", "))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start_in(bin(), dir.path(), &["--workers", "2"]).unwrap();
+    let rt = runtime();
+    let checkpoint_bytes = |rows: &[std::collections::HashMap<String, String>]| {
+        rows.iter()
+            .find(|r| r["query"].contains("per_key"))
+            .and_then(|r| {
+                Some((
+                    r["checkpoint_batch"].parse::<u64>().ok()?,
+                    r["checkpoint_bytes"].parse::<u64>().ok()?,
+                ))
+            })
+    };
+    let full = rt.block_on(async {
+        let c = server.client().await.unwrap();
+        c.batch_execute(
+            "CREATE STREAM ev (k BIGINT, v BIGINT);
+             CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n, sum(v) AS total FROM ev GROUP BY k;",
+        )
+        .await
+        .unwrap();
+        c.batch_execute(&insert(&mut (1..=20000).map(|k| (k, k))))
+            .await
+            .unwrap();
+        // A checkpoint that holds all 20,000 keys.
+        let (batch, full) = eventually(Duration::from_secs(60), || async {
+            let rows = show(&c, "SHOW QUERIES").await?;
+            let q = rows.iter().find(|r| r["query"].contains("per_key")).cloned();
+            Ok(q.and_then(|q| {
+                (q["state_keys"] == "20000").then_some(())?;
+                checkpoint_bytes(&rows).filter(|(_, b)| *b > 200_000)
+            }))
+        })
+        .await
+        .unwrap();
+        // Ten changed keys: the next checkpoints hold the change, not the state.
+        c.batch_execute(&insert(&mut (1..=10).map(|k| (k, 1))))
+            .await
+            .unwrap();
+        // (Every 32nd checkpoint compacts the chain: look for a delta.)
+        let small = eventually(Duration::from_secs(60), || async {
+            let rows = show(&c, "SHOW QUERIES").await?;
+            Ok(checkpoint_bytes(&rows).filter(|(b, bytes)| *b > batch + 2 && bytes * 20 < full))
+        })
+        .await;
+        assert!(
+            small.is_ok(),
+            "no checkpoint after 10 changed keys was under 5% of the {full} bytes of 20,000 keys: {:?}",
+            checkpoint_bytes(&show(&c, "SHOW QUERIES").await.unwrap())
+        );
+        full
+    });
+    // More changes, then a crash: the view restarts from full + deltas.
+    rt.block_on(async {
+        let c = server.client().await.unwrap();
+        c.batch_execute(&insert(&mut (5..=15).map(|k| (k, 2))))
+            .await
+            .unwrap();
+        let mark = show(&c, "SHOW QUERIES").await.unwrap();
+        let (after, _) = checkpoint_bytes(&mark).unwrap();
+        eventually(Duration::from_secs(60), || async {
+            let rows = show(&c, "SHOW QUERIES").await?;
+            Ok(checkpoint_bytes(&rows).filter(|(b, _)| *b > after + 2))
+        })
+        .await
+        .unwrap();
+    });
+    server.kill9();
+    server.restart().unwrap();
+    rt.block_on(async {
+        let c = server.client().await.unwrap();
+        // The oracle, computed from the three inserts: 20,000 keys; keys
+        // 1-10 got one more row of 1, keys 5-15 one more of 2.
+        let want = vec!["20000|20021|200010032|200010165".to_string()];
+        let summary = "SELECT count(*), sum(n), sum(total), sum(n * k) FROM per_key";
+        let got = eventually(Duration::from_secs(60), || async {
+            let r = rows(&c.simple_query(summary).await?);
+            Ok((r == want).then_some(r))
+        })
+        .await;
+        assert!(
+            got.is_ok(),
+            "per_key after restart: {:?} (full checkpoint was {full} bytes)",
+            rows(&c.simple_query(summary).await.unwrap())
+        );
+        let fine = rows(
+            &c.simple_query(
+                "SELECT k, n, total FROM per_key WHERE k IN (1, 5, 10, 11, 15, 16) ORDER BY k",
+            )
+            .await
+            .unwrap(),
+        );
+        assert_eq!(
+            fine,
+            vec!["1|2|2", "5|3|8", "10|3|13", "11|2|13", "15|2|17", "16|1|16"]
         );
     });
 }

@@ -28,7 +28,7 @@ pub enum ShuffleError {
         /// The id of the block, rendered.
         block: String,
     },
-    /// A block ticket that is not 28 bytes long.
+    /// A block ticket of the wrong length (see `BlockId::TICKET_LEN`).
     #[error("malformed block ticket of {len} bytes")]
     BadTicket {
         /// The ticket's length.

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::block::decode_block;
 use crate::error::{Result, ShuffleError};
-use crate::ids::BlockId;
+use crate::ids::{BlockId, QueryToken};
 use crate::store::BlockStore;
 
 /// Serves a worker's shuffle blocks over Arrow Flight (`do_get` only).
@@ -104,8 +104,17 @@ impl FlightService for BlockFlightService {
         &self,
         request: Request<Ticket>,
     ) -> std::result::Result<Response<Self::DoGetStream>, Status> {
-        let id = BlockId::from_ticket(&request.get_ref().ticket)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ticket = &request.get_ref().ticket;
+        let id =
+            BlockId::from_ticket(ticket).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !self
+            .store
+            .authorizes(id.query, BlockId::ticket_token(ticket))
+        {
+            return Err(Status::permission_denied(
+                "the ticket does not carry its query's token",
+            ));
+        }
         let bytes = self
             .store
             .read(&id)
@@ -153,6 +162,7 @@ pub async fn fetch_block(
     client: &mut FlightClient,
     location: &str,
     id: BlockId,
+    token: &QueryToken,
 ) -> Result<Vec<RecordBatch>> {
     let fail = |message: String| ShuffleError::Fetch {
         block: id.to_string(),
@@ -160,7 +170,7 @@ pub async fn fetch_block(
         message,
     };
     let stream = client
-        .do_get(Ticket::new(id.to_ticket()))
+        .do_get(Ticket::new(id.to_ticket(token)))
         .await
         .map_err(|e| fail(e.to_string()))?;
     let stream: BoxStream<'_, _> = stream.boxed();
@@ -190,6 +200,8 @@ mod tests {
         )
         .unwrap();
         let store = Arc::new(BlockStore::new());
+        let token = QueryToken([9; 16]);
+        store.set_token(QueryId(1), token);
         let id = BlockId {
             query: QueryId(1),
             batch: BatchId(2),
@@ -215,13 +227,22 @@ mod tests {
             .await
             .unwrap();
         let mut client = FlightClient::new(channel);
-        let got = fetch_block(&mut client, &addr.to_string(), id)
+        // A ticket without the query's token is refused, and consumes nothing.
+        let mut near = [9u8; 16];
+        near[15] = 8;
+        for wrong in [QueryToken([0; 16]), QueryToken(near)] {
+            let err = fetch_block(&mut client, &addr.to_string(), id, &wrong)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("token"), "{err}");
+        }
+        let got = fetch_block(&mut client, &addr.to_string(), id, &token)
             .await
             .unwrap();
         assert_eq!(got, vec![batch.clone()]);
         // Consumed: the store no longer holds it, a second fetch fails.
         assert_eq!(store.usage(), (0, 0));
-        let err = fetch_block(&mut client, &addr.to_string(), id)
+        let err = fetch_block(&mut client, &addr.to_string(), id, &token)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
@@ -233,13 +254,13 @@ mod tests {
             crate::block::encode_block(&schema, std::slice::from_ref(&batch)).unwrap(),
         );
         for _ in 0..2 {
-            let got = fetch_block(&mut client, &addr.to_string(), id)
+            let got = fetch_block(&mut client, &addr.to_string(), id, &token)
                 .await
                 .unwrap();
             assert_eq!(got, vec![batch.clone()]);
         }
         store.drop_through(QueryId(1), 2);
-        assert!(fetch_block(&mut client, &addr.to_string(), id)
+        assert!(fetch_block(&mut client, &addr.to_string(), id, &token)
             .await
             .is_err());
     }

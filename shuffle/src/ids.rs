@@ -63,20 +63,56 @@ impl fmt::Display for BlockId {
     }
 }
 
+/// A query's shuffle ticket token: 16 random bytes the coordinator makes
+/// per query and ships only to the workers that run it. A Flight ticket
+/// must carry it, so a block cannot be fetched by guessing its id.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueryToken(pub [u8; 16]);
+
+impl fmt::Debug for QueryToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("QueryToken(<redacted>)")
+    }
+}
+
+impl QueryToken {
+    /// The token in a launch message (16 bytes), if it is one.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(QueryToken)
+    }
+
+    /// Compares in constant time.
+    pub fn matches(&self, other: &[u8]) -> bool {
+        other.len() == self.0.len()
+            && self
+                .0
+                .iter()
+                .zip(other)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
 impl BlockId {
-    /// Length of an encoded [`BlockId::to_ticket`].
-    pub const TICKET_LEN: usize = 28;
+    /// Length of an encoded [`BlockId::to_ticket`]: the id, then the token.
+    pub const TICKET_LEN: usize = 28 + 16;
 
     /// The Arrow Flight ticket naming this block: query, batch (u64 each),
-    /// stage, map, reduce (u32 each), big-endian.
-    pub fn to_ticket(&self) -> Vec<u8> {
+    /// stage, map, reduce (u32 each), big-endian, then the query's token.
+    pub fn to_ticket(&self, token: &QueryToken) -> Vec<u8> {
         let mut t = Vec::with_capacity(Self::TICKET_LEN);
         t.extend_from_slice(&self.query.0.to_be_bytes());
         t.extend_from_slice(&self.batch.0.to_be_bytes());
         t.extend_from_slice(&self.stage.0.to_be_bytes());
         t.extend_from_slice(&self.map.0.to_be_bytes());
         t.extend_from_slice(&self.reduce.0.to_be_bytes());
+        t.extend_from_slice(&token.0);
         t
+    }
+
+    /// The token part of a ticket written by [`BlockId::to_ticket`].
+    pub fn ticket_token(t: &[u8]) -> &[u8] {
+        t.get(28..).unwrap_or_default()
     }
 
     /// Parses a ticket written by [`BlockId::to_ticket`].
@@ -118,7 +154,11 @@ mod tests {
             map: MapPartition(3),
             reduce: ReducePartition(9),
         };
-        assert_eq!(BlockId::from_ticket(&id.to_ticket()).unwrap(), id);
+        let token = QueryToken([7; 16]);
+        let ticket = id.to_ticket(&token);
+        assert_eq!(BlockId::from_ticket(&ticket).unwrap(), id);
+        assert!(token.matches(BlockId::ticket_token(&ticket)));
+        assert!(!QueryToken([8; 16]).matches(BlockId::ticket_token(&ticket)));
         assert!(BlockId::from_ticket(&[0u8; 5]).is_err());
     }
 }

@@ -35,6 +35,6 @@ pub mod store;
 pub use block::{decode_block, encode_block};
 pub use error::{Result, ShuffleError};
 pub use flight::{fetch_block, BlockFlightService};
-pub use ids::{BatchId, BlockId, MapPartition, QueryId, ReducePartition, StageId};
+pub use ids::{BatchId, BlockId, MapPartition, QueryId, QueryToken, ReducePartition, StageId};
 pub use partition::hash_partition;
 pub use store::BlockStore;

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::error::{Result, ShuffleError};
-use crate::ids::{BlockId, QueryId};
+use crate::ids::{BlockId, QueryId, QueryToken};
 
 /// In-memory store of encoded shuffle blocks, keyed by [`BlockId`].
 #[derive(Debug, Default)]
@@ -30,6 +30,8 @@ pub struct BlockStore {
     blocks: Mutex<HashMap<BlockId, Bytes>>,
     /// Queries whose blocks are kept after they are read.
     retained: Mutex<HashSet<QueryId>>,
+    /// Each query's ticket token: a fetch must present it.
+    tokens: Mutex<HashMap<QueryId, QueryToken>>,
 }
 
 impl BlockStore {
@@ -58,6 +60,19 @@ impl BlockStore {
         })
     }
 
+    /// Sets the token a fetch of `query`'s blocks must present.
+    pub fn set_token(&self, query: QueryId, token: QueryToken) {
+        self.tokens.lock().insert(query, token);
+    }
+
+    /// Whether `token` is `query`'s (no query: no token is).
+    pub fn authorizes(&self, query: QueryId, token: &[u8]) -> bool {
+        self.tokens
+            .lock()
+            .get(&query)
+            .is_some_and(|t| t.matches(token))
+    }
+
     /// Sets whether `query`'s blocks survive being read (see the module docs).
     pub fn retain(&self, query: QueryId, retain: bool) {
         let mut retained = self.retained.lock();
@@ -79,6 +94,7 @@ impl BlockStore {
     /// Drops every block of a query (the query ended or was cancelled).
     pub fn drop_query(&self, query: QueryId) {
         self.retained.lock().remove(&query);
+        self.tokens.lock().remove(&query);
         self.blocks.lock().retain(|id, _| id.query != query);
     }
 

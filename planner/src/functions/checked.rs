@@ -2,11 +2,8 @@
 //! with one whose integer accumulators raise 22003 on overflow instead of
 //! wrapping, and [`CheckedArithmetic::modulo`] is Postgres's `mod(a, b)`.
 //!
-//! Integer `+`, `-` and `*` in expressions still wrap (DataFusion's
-//! `BinaryExpr`): rewriting them into nested function calls makes
-//! DataFusion's type inference exponential in the nesting depth, so the
-//! check belongs in the physical expressions (`fail_on_overflow`), which
-//! the plan codec does not carry yet.
+//! Integer `+`, `-` and `*` in expressions are checked by
+//! [`super::overflow`].
 
 use std::sync::Arc;
 

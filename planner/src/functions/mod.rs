@@ -2,7 +2,7 @@
 //! them, where DataFusion's differ: `to_char`, `to_timestamp` and `to_date`
 //! take Postgres template patterns ([`pg_format`]), not chrono's; `sum` of
 //! integers raises 22003 on overflow instead of wrapping, and `mod` exists
-//! ([`checked`]).
+//! ([`checked`]); integer `+`, `-` and `*` raise 22003 too ([`overflow`]).
 //!
 //! [`register`] installs them in a `SessionContext`; every context Drizzle
 //! makes (planning, and the workers that decode plans) goes through
@@ -10,6 +10,7 @@
 //! everywhere.
 
 pub mod checked;
+pub mod overflow;
 pub mod pg_format;
 
 use std::sync::Arc;
