@@ -2212,7 +2212,9 @@ impl Runtime {
                     .collect();
                 let tables_version = self.state.tables.version();
                 let covered_through = query.last_checkpoint.lock().as_ref().map(|m| m.batch);
-                let delta_base = query.delta_base();
+                // A rebalance's closing checkpoint is written in full: the
+                // attempt waits for it, so it must never depend on a base.
+                let delta_base = if rebalance { None } else { query.delta_base() };
                 let mut sends = Vec::new();
                 let mut sent_to = Vec::new();
                 for (i, placed) in placement.iter().enumerate() {

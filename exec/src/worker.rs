@@ -766,9 +766,13 @@ struct WorkerQuery {
 
 impl WorkerQuery {
     /// The state this worker holds for the query: every reduce partition's
-    /// keyed state and join rows, and the lookup tables of every task.
-    fn state_size(&self) -> StateSize {
-        let mut size = StateSize::default();
+    /// keyed state and join rows, the lookup tables of every task, and
+    /// `buffered` bytes of shuffle blocks.
+    fn state_size(&self, buffered: usize) -> StateSize {
+        let mut size = StateSize {
+            bytes: buffered as u64,
+            keys: 0,
+        };
         for m in self.maps.values() {
             size += m.joins.size();
         }
@@ -780,13 +784,14 @@ impl WorkerQuery {
 
     /// Fails when the state outgrows the query's budget; `operator` names
     /// what just grew.
-    fn check_budget(&self, operator: &str) -> Result<StateSize> {
-        let size = self.state_size();
+    fn check_budget(&self, operator: &str, buffered: usize) -> Result<StateSize> {
+        let size = self.state_size(buffered);
         if self.memory_limit > 0 && size.bytes > self.memory_limit {
             return Err(ExecError::OutOfMemory {
                 message: format!(
-                    "query memory limit exceeded: {operator} holds {} of state \
-                     ({} keys or rows on this worker), query_memory_limit is {}",
+                    "query memory limit exceeded: {operator}: the query holds {} of state \
+                     and shuffle buffers ({} keys or rows) on this worker, \
+                     query_memory_limit is {}",
                     human_bytes(size.bytes),
                     size.keys,
                     human_bytes(self.memory_limit)
@@ -1778,7 +1783,7 @@ impl Scheduler {
             (Some(_), _) => format!("AggregateFinalExec (reduce partition {r})"),
             _ => format!("WindowJoinExec (reduce partition {r})"),
         };
-        wq.check_budget(&operator)?;
+        wq.check_budget(&operator, self.shared.store.query_bytes(qid))?;
         let Some(state) = wq.reduces.get_mut(&r) else {
             return Ok(());
         };
@@ -1830,7 +1835,10 @@ impl Scheduler {
         }
         // What a map-only query holds is its lookup tables.
         let state = match self.queries.get(&qid) {
-            Some(wq) => wq.check_budget("LookupJoinExec (lookup tables)")?,
+            Some(wq) => wq.check_budget(
+                "LookupJoinExec (lookup tables)",
+                self.shared.store.query_bytes(qid),
+            )?,
             None => StateSize::default(),
         };
         let output = pb::TaskOutput {

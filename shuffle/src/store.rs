@@ -98,6 +98,16 @@ impl BlockStore {
         self.blocks.lock().retain(|id, _| id.query != query);
     }
 
+    /// Bytes of `query`'s blocks held (in flight, or retained for recovery).
+    pub fn query_bytes(&self, query: QueryId) -> usize {
+        self.blocks
+            .lock()
+            .iter()
+            .filter(|(id, _)| id.query == query)
+            .map(|(_, b)| b.len())
+            .sum()
+    }
+
     /// Number of blocks held and their total size in bytes.
     pub fn usage(&self) -> (usize, usize) {
         let blocks = self.blocks.lock();
