@@ -650,6 +650,25 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
     }
     if p.parse_keyword(Keyword::SET) {
         let _ = p.parse_one_of_keywords(&[Keyword::SESSION, Keyword::LOCAL]);
+        // SET [SESSION CHARACTERISTICS AS] TRANSACTION ...: one isolation
+        // level (read committed, as every statement is its own snapshot).
+        if eat_word(p, "CHARACTERISTICS") || p.parse_keyword(Keyword::TRANSACTION) {
+            while !matches!(p.peek_token().token, Token::SemiColon | Token::EOF) {
+                p.next_token();
+            }
+            return Ok(DrizzleStatement::NoOp("SET"));
+        }
+        if p.parse_keywords(&[Keyword::TIME, Keyword::ZONE]) {
+            let value = if p.parse_keyword(Keyword::LOCAL) || p.parse_keyword(Keyword::DEFAULT) {
+                "UTC".to_string()
+            } else {
+                parse_setting_value(p)?
+            };
+            return Ok(DrizzleStatement::Set {
+                name: "timezone".into(),
+                value,
+            });
+        }
         let name = parse_setting_name(p)?;
         if !p.consume_token(&Token::Eq) && !p.parse_keyword(Keyword::TO) {
             return Err(PlanError::syntax(format!(
@@ -836,6 +855,19 @@ fn parse_show(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
         let kind = parse_object_kind(p)?;
         let name = parse_name(p)?;
         return Ok(DrizzleStatement::ShowCreate { kind, name });
+    }
+    if p.parse_keyword(Keyword::TRANSACTION) {
+        expect_word(p, "ISOLATION")?;
+        expect_word(p, "LEVEL")?;
+        return Ok(DrizzleStatement::ShowVariable(
+            "transaction_isolation".into(),
+        ));
+    }
+    if p.parse_keywords(&[Keyword::TIME, Keyword::ZONE]) {
+        return Ok(DrizzleStatement::ShowVariable("timezone".into()));
+    }
+    if p.parse_keyword(Keyword::ALL) {
+        return Ok(DrizzleStatement::ShowVariable("all".into()));
     }
     let name = parse_setting_name(p)?;
     Ok(DrizzleStatement::ShowVariable(name))

@@ -58,6 +58,15 @@ pub fn pg_type(t: &DataType) -> u32 {
         DataType::Timestamp(_, None) => oid::TIMESTAMP,
         DataType::Timestamp(_, Some(_)) => oid::TIMESTAMPTZ,
         DataType::Binary | DataType::LargeBinary => oid::BYTEA,
+        DataType::List(f) | DataType::LargeList(f) => match pg_type(f.data_type()) {
+            oid::BOOL => 1000,
+            oid::INT2 => 1005,
+            oid::INT4 => 1007,
+            oid::INT8 => 1016,
+            oid::FLOAT4 => 1021,
+            oid::FLOAT8 => 1022,
+            _ => 1009,
+        },
         _ => oid::TEXT,
     }
 }
@@ -232,6 +241,8 @@ pub fn write_text(out: &mut BytesMut, array: &dyn Array, row: usize) {
             }
             out.put_slice(s.trim().as_bytes());
         }
+        DataType::List(_) => write_array_text(out, &array.as_list::<i32>().value(row)),
+        DataType::LargeList(_) => write_array_text(out, &array.as_list::<i64>().value(row)),
         _ => {
             let options = arrow::util::display::FormatOptions::default();
             match arrow::util::display::ArrayFormatter::try_new(array, &options) {
@@ -244,6 +255,40 @@ pub fn write_text(out: &mut BytesMut, array: &dyn Array, row: usize) {
             }
         }
     }
+}
+
+/// A list in Postgres's array text form: `{a,b,NULL,"x y"}`.
+fn write_array_text(out: &mut BytesMut, values: &ArrayRef) {
+    out.put_u8(b'{');
+    for i in 0..values.len() {
+        if i > 0 {
+            out.put_u8(b',');
+        }
+        if values.is_null(i) {
+            out.put_slice(b"NULL");
+            continue;
+        }
+        let mut element = BytesMut::new();
+        write_text(&mut element, values.as_ref(), i);
+        let needs_quotes = element.is_empty()
+            || element.eq_ignore_ascii_case(b"null")
+            || element
+                .iter()
+                .any(|b| matches!(b, b'{' | b'}' | b',' | b'"' | b'\\' | b' ' | b'\t' | b'\n'));
+        if needs_quotes {
+            out.put_u8(b'"');
+            for b in element.iter() {
+                if matches!(b, b'"' | b'\\') {
+                    out.put_u8(b'\\');
+                }
+                out.put_u8(*b);
+            }
+            out.put_u8(b'"');
+        } else {
+            out.put_slice(&element);
+        }
+    }
+    out.put_u8(b'}');
 }
 
 fn itoa_buf(v: i64) -> String {
@@ -280,7 +325,32 @@ pub fn write_binary(out: &mut BytesMut, array: &dyn Array, row: usize) {
             array.as_primitive::<Decimal128Type>().value(row),
             *scale,
         ),
+        DataType::List(_) => write_array_binary(out, &array.as_list::<i32>().value(row)),
+        DataType::LargeList(_) => write_array_binary(out, &array.as_list::<i64>().value(row)),
         _ => write_text(out, array, row),
+    }
+}
+
+/// A list in Postgres's binary array form: dimensions, a null flag, the
+/// element type, then each element with its length (-1 for NULL).
+fn write_array_binary(out: &mut BytesMut, values: &ArrayRef) {
+    let n = values.len();
+    out.put_i32(i32::from(n > 0));
+    out.put_i32(i32::from(values.null_count() > 0));
+    out.put_u32(pg_type(values.data_type()));
+    if n > 0 {
+        out.put_i32(n as i32);
+        out.put_i32(1);
+    }
+    for i in 0..n {
+        if values.is_null(i) {
+            out.put_i32(-1);
+            continue;
+        }
+        let mut element = BytesMut::new();
+        write_binary(&mut element, values.as_ref(), i);
+        out.put_i32(element.len() as i32);
+        out.put_slice(&element);
     }
 }
 

@@ -160,8 +160,23 @@ pub struct Settings {
     pub fetch_timeout: Option<Duration>,
     /// `query_memory_limit` (bytes, 0: none).
     pub memory_limit: u64,
+    /// `statement_timeout`: a statement (a continuous query's whole run
+    /// included) running longer ends with 57014. `None` (`0`): no limit.
+    pub statement_timeout: Option<Duration>,
     /// Other Postgres settings drivers set; stored and echoed by SHOW.
     pub other: BTreeMap<String, String>,
+}
+
+impl Settings {
+    /// Back to `defaults`, keeping what describes the session (its role).
+    pub fn reset_to(&mut self, defaults: Settings) {
+        let keep: Vec<(String, String)> = ["session_authorization", "is_superuser"]
+            .iter()
+            .filter_map(|k| self.other.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect();
+        *self = defaults;
+        self.other.extend(keep);
+    }
 }
 
 /// What a statement produced.
@@ -344,6 +359,7 @@ impl Engine {
             start_latest: false,
             fetch_timeout: None,
             memory_limit: self.config.query_memory_limit,
+            statement_timeout: None,
             other: BTreeMap::new(),
         }
     }
@@ -720,6 +736,14 @@ impl Engine {
             DrizzleStatement::ShowQueries => Ok(self.show_queries()),
             DrizzleStatement::ShowWorkers => Ok(self.show_workers()),
             DrizzleStatement::ShowCreate { kind, name } => self.show_create(kind, &name),
+            DrizzleStatement::ShowVariable(name) if name == "all" => {
+                let (schema, batches) = show_all(settings);
+                Ok(Outcome::Rows {
+                    schema,
+                    batches,
+                    tag: "SHOW",
+                })
+            }
             DrizzleStatement::ShowVariable(name) => {
                 let value = show_setting(settings, &name)?;
                 let (schema, batches) = text_batch(&[name.as_str()], vec![vec![Some(value)]]);
@@ -736,7 +760,7 @@ impl Engine {
             DrizzleStatement::Reset(name) => {
                 let defaults = self.default_settings();
                 match name.as_str() {
-                    "all" => *settings = defaults,
+                    "all" => settings.reset_to(defaults),
                     "batch_interval" => settings.batch_interval = defaults.batch_interval,
                     "group_size" => settings.group_size = defaults.group_size,
                     "parallelism" => settings.parallelism = defaults.parallelism,
@@ -744,6 +768,7 @@ impl Engine {
                     "stream_start" => settings.start_latest = false,
                     "cursor_fetch_timeout" => settings.fetch_timeout = defaults.fetch_timeout,
                     "query_memory_limit" => settings.memory_limit = defaults.memory_limit,
+                    "statement_timeout" => settings.statement_timeout = None,
                     other => {
                         settings.other.remove(other);
                     }
@@ -1425,7 +1450,8 @@ fn column_names(columns: &[drizzle_planner::ColumnDef]) -> String {
         .join(", ")
 }
 
-fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> {
+/// The value `SHOW name` prints.
+pub fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> {
     Ok(match name {
         "batch_interval" => format!("{}ms", settings.batch_interval.as_micros() as f64 / 1000.0),
         "group_size" => match settings.group_size {
@@ -1445,53 +1471,264 @@ fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> {
             None => "0".into(),
         },
         "query_memory_limit" => format_memory_size(settings.memory_limit),
-        "server_version" => crate::SERVER_VERSION.into(),
-        "transaction_isolation" | "transaction isolation level" => "read committed".into(),
+        "statement_timeout" => match settings.statement_timeout {
+            Some(t) if t.subsec_millis() == 0 => format!("{}s", t.as_secs()),
+            Some(t) => format!("{}ms", t.as_millis()),
+            None => "0".into(),
+        },
         other => match settings.other.get(other) {
             Some(v) => v.clone(),
-            None if PASSTHROUGH.contains(&other) => default_passthrough(other).into(),
-            None => {
-                return Err(PgError::new(
-                    "42704",
-                    format!("unrecognized configuration parameter \"{other}\""),
-                ))
-            }
+            None => match postgres_parameter(other) {
+                Some(p) => p.default.into(),
+                None => {
+                    return Err(PgError::new(
+                        "42704",
+                        format!("unrecognized configuration parameter \"{other}\""),
+                    ))
+                }
+            },
         },
     })
 }
 
-/// Postgres settings drivers set; accepted and echoed, no effect.
-const PASSTHROUGH: &[&str] = &[
-    "client_encoding",
-    "datestyle",
-    "timezone",
-    "application_name",
-    "extra_float_digits",
-    "search_path",
-    "statement_timeout",
-    "client_min_messages",
-    "intervalstyle",
-    "standard_conforming_strings",
-    "lock_timeout",
-    "idle_in_transaction_session_timeout",
-    "bytea_output",
-    "default_transaction_isolation",
-    "session_characteristics.isolation",
+/// Drizzle's own settings, for `SHOW ALL`: (name, description).
+const DRIZZLE_PARAMETERS: &[(&str, &str)] = &[
+    (
+        "batch_interval",
+        "Micro-batch interval of new continuous queries.",
+    ),
+    (
+        "group_size",
+        "Micro-batches per scheduling group ('auto' adapts).",
+    ),
+    (
+        "parallelism",
+        "Reduce partitions of new continuous queries (0: one per worker).",
+    ),
+    (
+        "scheduling",
+        "drizzle (group scheduling, pre-scheduled shuffles), group or bsp.",
+    ),
+    (
+        "stream_start",
+        "Where a continuous query starts reading a stream: earliest or latest.",
+    ),
+    (
+        "cursor_fetch_timeout",
+        "How long FETCH waits for its rows (0: until they arrive).",
+    ),
+    (
+        "query_memory_limit",
+        "Memory budget of a continuous query's state.",
+    ),
+    (
+        "statement_timeout",
+        "Cancel any statement running longer (0: no limit).",
+    ),
 ];
 
-fn default_passthrough(name: &str) -> &'static str {
-    match name {
-        "client_encoding" => "UTF8",
-        "datestyle" => "ISO, MDY",
-        "timezone" => "UTC",
-        "standard_conforming_strings" => "on",
-        "search_path" => "public",
-        "intervalstyle" => "postgres",
-        _ => "",
+/// A Postgres parameter Drizzle knows.
+struct PostgresParameter {
+    name: &'static str,
+    default: &'static str,
+    /// False for the read-only ones (SET gets 55P02).
+    settable: bool,
+    description: &'static str,
+}
+
+const fn param(
+    name: &'static str,
+    default: &'static str,
+    settable: bool,
+    description: &'static str,
+) -> PostgresParameter {
+    PostgresParameter {
+        name,
+        default,
+        settable,
+        description,
     }
 }
 
-fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(), PgError> {
+/// Postgres parameters drivers and tools read or set. The read-only ones
+/// describe the server; the settable ones are kept per session and shown
+/// back, with no effect on Drizzle unless the description says otherwise.
+const POSTGRES_PARAMETERS: &[PostgresParameter] = &[
+    param(
+        "server_version",
+        crate::SERVER_VERSION,
+        false,
+        "Postgres version Drizzle speaks (and its own).",
+    ),
+    param(
+        "server_version_num",
+        crate::SERVER_VERSION_NUM,
+        false,
+        "Postgres version as a number.",
+    ),
+    param("server_encoding", "UTF8", false, "Text is UTF-8."),
+    param(
+        "client_encoding",
+        "UTF8",
+        true,
+        "Accepted; text is always UTF-8.",
+    ),
+    param(
+        "datestyle",
+        "ISO, MDY",
+        true,
+        "Accepted; dates are always ISO.",
+    ),
+    param("timezone", "UTC", true, "Accepted; timestamps are UTC."),
+    param("intervalstyle", "postgres", true, "Accepted; no effect."),
+    param("integer_datetimes", "on", false, "Timestamps are integers."),
+    param(
+        "standard_conforming_strings",
+        "on",
+        true,
+        "Backslashes in '...' are literal.",
+    ),
+    param(
+        "is_superuser",
+        "off",
+        false,
+        "Whether the session's role is a superuser.",
+    ),
+    param("session_authorization", "", false, "The session's role."),
+    param(
+        "application_name",
+        "",
+        true,
+        "The client's name, shown nowhere yet.",
+    ),
+    param(
+        "extra_float_digits",
+        "1",
+        true,
+        "Accepted; floats print shortest-exact.",
+    ),
+    param(
+        "search_path",
+        "public",
+        true,
+        "Accepted; relations live in public.",
+    ),
+    param(
+        "client_min_messages",
+        "notice",
+        true,
+        "Accepted; no effect.",
+    ),
+    param(
+        "lock_timeout",
+        "0",
+        true,
+        "Accepted; Drizzle takes no user-visible locks.",
+    ),
+    param(
+        "idle_in_transaction_session_timeout",
+        "0",
+        true,
+        "Accepted; no effect.",
+    ),
+    param("idle_session_timeout", "0", true, "Accepted; no effect."),
+    param("bytea_output", "hex", true, "Accepted; no effect."),
+    param(
+        "default_transaction_isolation",
+        "read committed",
+        true,
+        "Accepted; every statement is its own snapshot.",
+    ),
+    param(
+        "transaction_isolation",
+        "read committed",
+        true,
+        "Accepted; every statement is its own snapshot.",
+    ),
+    param(
+        "default_transaction_read_only",
+        "off",
+        true,
+        "Accepted; no effect.",
+    ),
+    param("transaction_read_only", "off", true, "Accepted; no effect."),
+    param(
+        "max_identifier_length",
+        "63",
+        false,
+        "Identifiers are not truncated.",
+    ),
+    param("work_mem", "4MB", true, "Accepted; see query_memory_limit."),
+    param("maintenance_work_mem", "64MB", true, "Accepted; no effect."),
+    param("row_security", "on", true, "Accepted; no effect."),
+    param("xmloption", "content", true, "Accepted; no effect."),
+    param(
+        "synchronous_commit",
+        "on",
+        true,
+        "Accepted; writes are always synced.",
+    ),
+    param(
+        "in_hot_standby",
+        "off",
+        false,
+        "Drizzle is never a standby.",
+    ),
+    param("lc_messages", "C", true, "Accepted; messages are English."),
+    param("lc_monetary", "C", true, "Accepted; no effect."),
+    param("lc_numeric", "C", true, "Accepted; no effect."),
+    param("lc_time", "C", true, "Accepted; no effect."),
+    param("lc_collate", "C", false, "Text sorts bytewise."),
+    param("lc_ctype", "C", false, "Character classes are Unicode."),
+    param("jit", "off", true, "Accepted; no effect."),
+    param(
+        "block_size",
+        "8192",
+        false,
+        "Reported for tools; no meaning here.",
+    ),
+    param(
+        "max_connections",
+        "100",
+        false,
+        "Reported for tools; sessions are not capped.",
+    ),
+    param(
+        "session_characteristics.isolation",
+        "read committed",
+        true,
+        "Accepted; no effect.",
+    ),
+];
+
+fn postgres_parameter(name: &str) -> Option<&'static PostgresParameter> {
+    POSTGRES_PARAMETERS.iter().find(|p| p.name == name)
+}
+
+/// `SHOW ALL`: name, current setting and description of every parameter.
+fn show_all(settings: &Settings) -> (SchemaRef, Vec<RecordBatch>) {
+    let mut rows = Vec::new();
+    for (name, description) in DRIZZLE_PARAMETERS {
+        let value = show_setting(settings, name).ok();
+        rows.push(vec![
+            Some(name.to_string()),
+            value,
+            Some(description.to_string()),
+        ]);
+    }
+    for p in POSTGRES_PARAMETERS {
+        let value = show_setting(settings, p.name).ok();
+        rows.push(vec![
+            Some(p.name.to_string()),
+            value,
+            Some(p.description.to_string()),
+        ]);
+    }
+    text_batch(&["name", "setting", "description"], rows)
+}
+
+/// `SET name = value`.
+pub fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(), PgError> {
     let invalid = |what: &str| {
         PgError::new(
             "22023",
@@ -1540,19 +1777,37 @@ fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(),
             let us = drizzle_planner::statement::parse_duration_setting_us(value)?;
             settings.fetch_timeout = (us > 0).then(|| Duration::from_micros(us));
         }
+        "statement_timeout" => {
+            let v = value.trim();
+            settings.statement_timeout = if v == "0" || v.eq_ignore_ascii_case("default") {
+                None
+            } else {
+                Some(Duration::from_micros(
+                    drizzle_planner::statement::parse_duration_setting_us(v)?,
+                ))
+            };
+        }
         "query_memory_limit" => {
             settings.memory_limit = parse_memory_size(value)
                 .ok_or_else(|| invalid("a size such as '256MB' or '1GB', or 'unlimited'"))?;
         }
-        other if PASSTHROUGH.contains(&other) => {
-            settings.other.insert(other.to_string(), value.to_string());
-        }
-        other => {
-            return Err(PgError::new(
-                "42704",
-                format!("unrecognized configuration parameter \"{other}\""),
-            ))
-        }
+        other => match postgres_parameter(other) {
+            Some(p) if p.settable => {
+                settings.other.insert(other.to_string(), value.to_string());
+            }
+            Some(_) => {
+                return Err(PgError::new(
+                    "55P02",
+                    format!("parameter \"{other}\" cannot be changed"),
+                ))
+            }
+            None => {
+                return Err(PgError::new(
+                    "42704",
+                    format!("unrecognized configuration parameter \"{other}\""),
+                ))
+            }
+        },
     }
     Ok(())
 }

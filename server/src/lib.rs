@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod bench;
 pub mod catalog;
+pub mod compat;
 pub mod copy;
 pub mod encode;
 pub mod engine;
@@ -35,3 +36,6 @@ pub mod wire;
 
 /// The version reported to clients as `server_version`.
 pub const SERVER_VERSION: &str = "16.0 (Drizzle 0.1.0)";
+
+/// [`SERVER_VERSION`] as `server_version_num` says it.
+pub const SERVER_VERSION_NUM: &str = "160000";

@@ -55,9 +55,21 @@ pub const MAX_COPY_BYTES: usize = 1 << 30;
 /// Sessions by backend pid, for CancelRequest, and the server's shutdown
 /// signal.
 pub struct SessionRegistry {
-    sessions: Mutex<HashMap<i32, (i32, watch::Sender<u64>)>>,
+    sessions: Mutex<HashMap<i32, Registered>>,
     next_pid: AtomicI32,
     shutdown: watch::Sender<bool>,
+}
+
+/// A session as the registry knows it.
+struct Registered {
+    /// Its cancel key.
+    secret: i32,
+    /// Bumped to cancel its running statement.
+    cancel: watch::Sender<u64>,
+    /// Set to end the session (server shutdown, `pg_terminate_backend`).
+    terminate: watch::Sender<bool>,
+    /// Its role, for `pg_cancel_backend` and `pg_terminate_backend`.
+    user: String,
 }
 
 impl Default for SessionRegistry {
@@ -71,7 +83,7 @@ impl Default for SessionRegistry {
 }
 
 impl SessionRegistry {
-    fn register(&self) -> (i32, i32, watch::Receiver<u64>) {
+    fn register(&self, user: &str) -> (i32, i32, watch::Receiver<u64>, watch::Receiver<bool>) {
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) + 1000;
         let secret = (std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -79,8 +91,17 @@ impl SessionRegistry {
             .unwrap_or(7) as i32)
             ^ pid.wrapping_mul(0x5bd1_e995);
         let (tx, rx) = watch::channel(0);
-        self.sessions.lock().insert(pid, (secret, tx));
-        (pid, secret, rx)
+        let (terminate, ended) = watch::channel(*self.shutdown.borrow());
+        self.sessions.lock().insert(
+            pid,
+            Registered {
+                secret,
+                cancel: tx,
+                terminate,
+                user: user.to_string(),
+            },
+        );
+        (pid, secret, rx, ended)
     }
 
     fn unregister(&self, pid: i32) {
@@ -93,6 +114,41 @@ impl SessionRegistry {
     /// first.
     pub fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
+        for s in self.sessions.lock().values() {
+            s.terminate.send_replace(true);
+        }
+    }
+
+    /// `pg_cancel_backend(pid)` (`terminate`: `pg_terminate_backend`) from
+    /// a session of `user`: a superuser may signal any session, a role its
+    /// own. False when there is no such session; 42501 when not allowed.
+    pub fn signal(
+        &self,
+        pid: i32,
+        user: &str,
+        superuser: bool,
+        terminate: bool,
+    ) -> Result<bool, PgError> {
+        let sessions = self.sessions.lock();
+        let Some(s) = sessions.get(&pid) else {
+            return Ok(false);
+        };
+        if !superuser && s.user != user {
+            return Err(PgError::new(
+                "42501",
+                format!(
+                    "permission denied to {} backend {pid}",
+                    if terminate { "terminate" } else { "cancel" }
+                ),
+            )
+            .with_hint("only superusers may signal other roles' sessions"));
+        }
+        if terminate {
+            s.terminate.send_replace(true);
+        } else {
+            s.cancel.send_modify(|v| *v += 1);
+        }
+        Ok(true)
     }
 
     /// Sessions still open.
@@ -100,15 +156,11 @@ impl SessionRegistry {
         self.sessions.lock().len()
     }
 
-    fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
     fn cancel(&self, pid: i32, secret: &SecretKey) {
         let sessions = self.sessions.lock();
-        if let Some((s, tx)) = sessions.get(&pid) {
-            if secret.eq_value(&SecretKey::I32(*s)) {
-                tx.send_modify(|v| *v += 1);
+        if let Some(s) = sessions.get(&pid) {
+            if secret.eq_value(&SecretKey::I32(s.secret)) {
+                s.cancel.send_modify(|v| *v += 1);
             }
         }
     }
@@ -456,11 +508,12 @@ pub async fn serve(
         let _ = send_fatal(&mut conn, shutting_down()).await;
         return;
     }
-    let (pid, secret, cancel) = registry.register();
+    let (pid, secret, cancel, ended) = registry.register(&identity.user);
     let (rd, wr) = tokio::io::split(conn);
     let (tx, rx) = mpsc::channel(64);
     let reader = tokio::spawn(read_loop(rd, buf, ctx, tx));
     let superuser = identity.superuser;
+    let identity_user = identity.user.clone();
     let mut session = Session {
         settings: engine.default_settings(),
         engine,
@@ -470,7 +523,15 @@ pub async fn serve(
         rx,
         pending: VecDeque::new(),
         cancel,
-        shutdown: registry.shutdown_signal(),
+        deadline: None,
+        shutdown: ended,
+        registry: Arc::clone(&registry),
+        pid,
+        database: startup
+            .parameters
+            .get("database")
+            .cloned()
+            .unwrap_or_else(|| identity_user.clone()),
         in_txn: false,
         txn_failed: false,
         cursors: HashMap::new(),
@@ -478,6 +539,15 @@ pub async fn serve(
         portals: HashMap::new(),
         skip_until_sync: false,
     };
+    // Read-only parameters that describe the session (SHOW, current_setting).
+    session.settings.other.insert(
+        "session_authorization".into(),
+        session.identity.user.clone(),
+    );
+    session.settings.other.insert(
+        "is_superuser".into(),
+        if superuser { "on" } else { "off" }.into(),
+    );
     if let Some(app) = startup.parameters.get("application_name") {
         session
             .settings
@@ -742,6 +812,40 @@ struct Session {
     statements: HashMap<String, Prepared>,
     portals: HashMap<String, Portal>,
     skip_until_sync: bool,
+    /// Every session, for `pg_cancel_backend` and `pg_terminate_backend`.
+    registry: Arc<SessionRegistry>,
+    /// This session's backend pid.
+    pid: i32,
+    /// The database the client asked for (`current_database()`).
+    database: String,
+    /// When the running statement passes `statement_timeout`.
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// 57014, as Postgres says it.
+fn statement_timeout() -> PgError {
+    PgError::new("57014", "canceling statement due to statement timeout")
+}
+
+/// Resolves when `deadline` passes (never without one).
+async fn deadline_passed(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs `work` under the statement's deadline: 57014 when it passes.
+async fn bounded<T>(
+    deadline: Option<tokio::time::Instant>,
+    work: impl std::future::Future<Output = Result<T, PgError>>,
+) -> Result<T, PgError> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, work)
+            .await
+            .unwrap_or_else(|_| Err(statement_timeout())),
+        None => work.await,
+    }
 }
 
 /// The session ends (client gone or protocol violation).
@@ -987,6 +1091,19 @@ impl Session {
         mode: Mode,
         sql: &str,
     ) -> Result<Result<(), PgError>, Disconnect> {
+        self.start_deadline();
+        let mut stmt = stmt;
+        let facts = crate::compat::SessionFacts {
+            user: &self.identity.user,
+            superuser: self.identity.superuser,
+            database: &self.database,
+            pid: self.pid,
+            registry: &self.registry,
+            dry: false,
+        };
+        if let Err(e) = crate::compat::rewrite_statement(&mut stmt, &facts, &mut self.settings) {
+            return Ok(Err(e));
+        }
         match stmt {
             DrizzleStatement::Begin => {
                 self.in_txn = true;
@@ -1121,7 +1238,8 @@ impl Session {
                 self.portals.clear();
                 self.cursors.clear();
                 let app = self.settings.other.get("application_name").cloned();
-                self.settings = self.engine.default_settings();
+                let defaults = self.engine.default_settings();
+                self.settings.reset_to(defaults);
                 if let Some(app) = app {
                     self.settings.other.insert("application_name".into(), app);
                 }
@@ -1129,10 +1247,11 @@ impl Session {
                 Ok(Ok(()))
             }
             other => {
-                let outcome = self
-                    .engine
-                    .execute(other, &mut self.settings, params, sql)
-                    .await;
+                let outcome = bounded(
+                    self.deadline,
+                    self.engine.execute(other, &mut self.settings, params, sql),
+                )
+                .await;
                 let outcome = match outcome {
                     Ok(o) => o,
                     Err(e) => return Ok(Err(e)),
@@ -1280,6 +1399,10 @@ impl Session {
                         return Ok(Err(PgError::cancelled()));
                     }
                 }
+                _ = deadline_passed(self.deadline) => {
+                    handle.cancel();
+                    return Ok(Err(statement_timeout()));
+                }
                 inbound = self.rx.recv() => match inbound {
                     Some(Inbound::Msg(m)) => {
                         if matches!(m, PgWireFrontendMessage::Terminate(_)) {
@@ -1335,10 +1458,11 @@ impl Session {
         };
         match planned {
             PlannedQuery::Finite(plan) => {
-                let (schema, batches) = match self.engine.run_finite(plan).await {
-                    Ok(r) => r,
-                    Err(e) => return Ok(Err(e)),
-                };
+                let (schema, batches) =
+                    match bounded(self.deadline, self.engine.run_finite(plan)).await {
+                        Ok(r) => r,
+                        Err(e) => return Ok(Err(e)),
+                    };
                 let n = schema.fields().len() as i16;
                 self.push(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(
                     0,
@@ -1404,7 +1528,8 @@ impl Session {
     ) -> Result<RowSource, PgError> {
         match self.engine.plan(query, params)? {
             PlannedQuery::Finite(plan) => {
-                let (schema, batches) = self.engine.run_finite(plan).await?;
+                let (schema, batches) =
+                    bounded(self.deadline, self.engine.run_finite(plan)).await?;
                 Ok(RowSource::Finite {
                     schema,
                     batches: batches.into(),
@@ -1480,6 +1605,10 @@ impl Session {
                                 handle.cancel();
                                 return Ok(Err(PgError::cancelled()));
                             }
+                        }
+                        _ = deadline_passed(self.deadline) => {
+                            handle.cancel();
+                            return Ok(Err(statement_timeout()));
                         }
                         _ = &mut expired => break,
                         // A client that goes away stops the wait.
@@ -1605,7 +1734,11 @@ impl Session {
         }
         let stmt = stmts.into_iter().next();
         let mut param_types = declared;
-        let described = match stmt.as_ref() {
+        let rewritten = match stmt.as_ref().map(|s| self.dry_rewrite(s)).transpose() {
+            Ok(r) => r,
+            Err(e) => return self.extended_error(e),
+        };
+        let described = match rewritten.as_ref() {
             Some(DrizzleStatement::Insert {
                 target,
                 columns,
@@ -1748,7 +1881,10 @@ impl Session {
     ) -> Result<Option<SchemaRef>, PgError> {
         let Some(stmt) = stmt else { return Ok(None) };
         match stmt {
-            DrizzleStatement::Query(q) => Ok(Some(self.engine.describe_query(q)?.0)),
+            DrizzleStatement::Query(_) => match self.dry_rewrite(stmt)? {
+                DrizzleStatement::Query(q) => Ok(Some(self.engine.describe_query(&q)?.0)),
+                _ => Ok(None),
+            },
             DrizzleStatement::Fetch { name, .. } => Ok(self.cursors.get(name).map(|c| c.schema())),
             DrizzleStatement::Explain(_)
             | DrizzleStatement::ShowObjects(_)
@@ -1770,7 +1906,33 @@ impl Session {
         }
     }
 
+    /// `stmt` as it will run (session functions replaced by their values),
+    /// for describing it: nothing is signalled or set.
+    fn dry_rewrite(&self, stmt: &DrizzleStatement) -> Result<DrizzleStatement, PgError> {
+        let mut stmt = stmt.clone();
+        let mut settings = self.settings.clone();
+        let facts = crate::compat::SessionFacts {
+            user: &self.identity.user,
+            superuser: self.identity.superuser,
+            database: &self.database,
+            pid: self.pid,
+            registry: &self.registry,
+            dry: true,
+        };
+        crate::compat::rewrite_statement(&mut stmt, &facts, &mut settings)?;
+        Ok(stmt)
+    }
+
+    /// The running statement's deadline, from `statement_timeout`.
+    fn start_deadline(&mut self) {
+        self.deadline = self
+            .settings
+            .statement_timeout
+            .and_then(|t| tokio::time::Instant::now().checked_add(t));
+    }
+
     async fn on_execute(&mut self, name: String, max_rows: i32) -> Result<(), Disconnect> {
+        self.start_deadline();
         let Some(mut portal) = self.portals.remove(&name) else {
             self.extended_error(PgError::new(
                 "34000",

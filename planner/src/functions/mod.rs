@@ -2,13 +2,15 @@
 //! them, where DataFusion's differ: `to_char`, `to_timestamp` and `to_date`
 //! take Postgres template patterns ([`pg_format`]), not chrono's; `sum` of
 //! integers raises 22003 on overflow instead of wrapping, and `mod` exists
-//! ([`checked`]); integer `+`, `-` and `*` raise 22003 too ([`overflow`]).
+//! ([`checked`]); integer `+`, `-` and `*` raise 22003 too ([`overflow`]);
+//! the catalog and information functions clients call ([`catalog`]).
 //!
 //! [`register`] installs them in a `SessionContext`; every context Drizzle
 //! makes (planning, and the workers that decode plans) goes through
 //! [`crate::new_session_context`], so a plan names the same functions
 //! everywhere.
 
+pub mod catalog;
 pub mod checked;
 pub mod overflow;
 pub mod pg_format;
@@ -30,6 +32,7 @@ use pg_format::Template;
 
 /// Installs Drizzle's functions, replacing DataFusion's of the same names.
 pub fn register(ctx: &SessionContext) {
+    catalog::register(ctx);
     ctx.register_udf(ScalarUDF::from(PgToChar::new()));
     ctx.register_udf(ScalarUDF::from(PgToTimestamp::new()));
     ctx.register_udf(ScalarUDF::from(PgToDate::new()));

@@ -1,0 +1,494 @@
+//! The catalog and information functions Postgres clients and tools call
+//! (`version()`, `format_type()`, `has_table_privilege()`, ...), with
+//! Postgres's names and results. Functions whose value depends on the
+//! session (`current_user`, `current_setting()`, `pg_backend_pid()`) are
+//! not here: the server replaces them by their values before planning.
+//!
+//! Drizzle has no object privileges yet (every role that can log in may do
+//! everything, see `docs/security.md`), so the `has_*_privilege` family
+//! answers true; comments are not stored, so the `*_description`
+//! functions answer NULL.
+
+use std::sync::{Arc, LazyLock, OnceLock};
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, ListBuilder, StringArray, StringBuilder,
+};
+use arrow::datatypes::{DataType, Field, Int64Type, TimeUnit};
+use datafusion::common::{Result, ScalarValue};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
+    Volatility,
+};
+use datafusion::prelude::SessionContext;
+
+type Body = fn(&[ArrayRef], usize) -> Result<ArrayRef>;
+
+/// One catalog function: a name, a signature, a return type and a body
+/// over the arguments as arrays of the batch's length.
+#[derive(Debug)]
+struct CatalogFn {
+    name: &'static str,
+    signature: Signature,
+    returns: DataType,
+    body: Body,
+}
+
+// Functions are told apart by name (each name has one body).
+impl PartialEq for CatalogFn {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.signature == other.signature
+            && self.returns == other.returns
+    }
+}
+
+impl Eq for CatalogFn {}
+
+impl std::hash::Hash for CatalogFn {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+        self.returns.hash(state);
+    }
+}
+
+impl ScalarUDFImpl for CatalogFn {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(self.returns.clone())
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let scalar = args
+            .args
+            .iter()
+            .all(|a| matches!(a, ColumnarValue::Scalar(_)));
+        let n = if scalar { 1 } else { args.number_rows };
+        let arrays = args
+            .args
+            .iter()
+            .map(|a| a.to_array(n))
+            .collect::<Result<Vec<_>>>()?;
+        let out = (self.body)(&arrays, n)?;
+        if scalar {
+            Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(&out, 0)?))
+        } else {
+            Ok(ColumnarValue::Array(out))
+        }
+    }
+}
+
+fn function(
+    name: &'static str,
+    signature: TypeSignature,
+    volatility: Volatility,
+    returns: DataType,
+    body: Body,
+) -> ScalarUDF {
+    ScalarUDF::from(CatalogFn {
+        name,
+        signature: Signature::new(signature, volatility),
+        returns,
+        body,
+    })
+}
+
+/// The `version()` text, in Postgres's format.
+pub fn version_text() -> String {
+    format!(
+        "PostgreSQL 16.0 (Drizzle {}) on {}-unknown-linux-gnu, compiled by rustc, 64-bit",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH
+    )
+}
+
+/// When this process started (`pg_postmaster_start_time()`), Unix µs.
+static STARTED_US: LazyLock<i64> = LazyLock::new(|| {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+});
+
+/// The bootstrap superuser's name, which `pg_get_userbyid(10)` answers
+/// (every object is owned by OID 10).
+static OWNER: OnceLock<String> = OnceLock::new();
+
+/// Sets the name behind OID 10 (the server does this at start).
+pub fn set_owner_name(name: &str) {
+    let _ = OWNER.set(name.to_string());
+}
+
+fn texts(n: usize, value: Option<&str>) -> ArrayRef {
+    Arc::new(StringArray::from(vec![value; n]))
+}
+
+fn oids(a: &ArrayRef) -> Result<ArrayRef> {
+    Ok(arrow::compute::cast(a, &DataType::Int64)?)
+}
+
+/// A type's name as Postgres's `format_type` writes it.
+pub fn type_name(oid: i64, typmod: Option<i64>) -> Option<String> {
+    let base = match oid {
+        16 => "boolean",
+        17 => "bytea",
+        18 => "\"char\"",
+        19 => "name",
+        20 => "bigint",
+        21 => "smallint",
+        23 => "integer",
+        25 => "text",
+        26 => "oid",
+        114 => "json",
+        700 => "real",
+        701 => "double precision",
+        1042 => "character",
+        1043 => "character varying",
+        1082 => "date",
+        1083 => "time without time zone",
+        1114 => "timestamp without time zone",
+        1184 => "timestamp with time zone",
+        1186 => "interval",
+        1700 => "numeric",
+        2950 => "uuid",
+        3802 => "jsonb",
+        1000 => "boolean[]",
+        1001 => "bytea[]",
+        1005 => "smallint[]",
+        1007 => "integer[]",
+        1009 => "text[]",
+        1015 => "character varying[]",
+        1016 => "bigint[]",
+        1021 => "real[]",
+        1022 => "double precision[]",
+        1115 => "timestamp without time zone[]",
+        1182 => "date[]",
+        1231 => "numeric[]",
+        _ => return Some("???".into()),
+    };
+    Some(match (oid, typmod) {
+        (1043 | 1042, Some(m)) if m >= 4 => format!("{base}({})", m - 4),
+        (1700, Some(m)) if m >= 4 => {
+            let m = m - 4;
+            format!("{base}({},{})", (m >> 16) & 0xffff, m & 0xffff)
+        }
+        _ => base.to_string(),
+    })
+}
+
+/// Postgres's reserved key words: `quote_ident` quotes them.
+const RESERVED: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "column",
+    "constraint",
+    "create",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "from",
+    "grant",
+    "group",
+    "having",
+    "in",
+    "initially",
+    "intersect",
+    "into",
+    "lateral",
+    "leading",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "not",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "select",
+    "session_user",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
+/// `s` as an identifier, quoted when Postgres's `quote_ident` would.
+pub fn quote_ident(s: &str) -> String {
+    let plain = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !RESERVED.contains(&s);
+    if plain {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+fn map_text(a: &ArrayRef, f: impl Fn(&str) -> Option<String>) -> Result<ArrayRef> {
+    let a = arrow::compute::cast(a, &DataType::Utf8)?;
+    let a = a.as_string::<i32>();
+    let mut b = StringBuilder::with_capacity(a.len(), a.len() * 8);
+    for i in 0..a.len() {
+        b.append_option(if a.is_null(i) { None } else { f(a.value(i)) });
+    }
+    Ok(Arc::new(b.finish()))
+}
+
+fn map_oid(a: &ArrayRef, mut f: impl FnMut(i64) -> Option<String>) -> Result<ArrayRef> {
+    let a = oids(a)?;
+    let a = a.as_primitive::<Int64Type>();
+    let mut b = StringBuilder::with_capacity(a.len(), a.len() * 8);
+    for i in 0..a.len() {
+        b.append_option(if a.is_null(i) { None } else { f(a.value(i)) });
+    }
+    Ok(Arc::new(b.finish()))
+}
+
+fn all_true(_args: &[ArrayRef], n: usize) -> Result<ArrayRef> {
+    Ok(Arc::new(BooleanArray::from(vec![true; n])))
+}
+
+fn null_text(_args: &[ArrayRef], n: usize) -> Result<ArrayRef> {
+    Ok(texts(n, None))
+}
+
+/// Installs the catalog functions in `ctx`.
+pub fn register(ctx: &SessionContext) {
+    LazyLock::force(&STARTED_US);
+    let privileges = [
+        "has_table_privilege",
+        "has_schema_privilege",
+        "has_database_privilege",
+        "has_column_privilege",
+        "has_any_column_privilege",
+        "has_function_privilege",
+        "has_sequence_privilege",
+        "has_type_privilege",
+        "has_language_privilege",
+        "has_tablespace_privilege",
+        "has_server_privilege",
+        "has_foreign_data_wrapper_privilege",
+    ];
+    for name in privileges {
+        ctx.register_udf(function(
+            name,
+            TypeSignature::VariadicAny,
+            Volatility::Stable,
+            DataType::Boolean,
+            all_true,
+        ));
+    }
+    for name in [
+        "pg_table_is_visible",
+        "pg_type_is_visible",
+        "pg_function_is_visible",
+    ] {
+        ctx.register_udf(function(
+            name,
+            TypeSignature::Any(1),
+            Volatility::Stable,
+            DataType::Boolean,
+            all_true,
+        ));
+    }
+    for name in [
+        "obj_description",
+        "col_description",
+        "shobj_description",
+        "pg_get_expr",
+        "pg_get_indexdef",
+        "pg_get_constraintdef",
+        "pg_get_triggerdef",
+    ] {
+        ctx.register_udf(function(
+            name,
+            TypeSignature::VariadicAny,
+            Volatility::Stable,
+            DataType::Utf8,
+            null_text,
+        ));
+    }
+    ctx.register_udf(function(
+        "version",
+        TypeSignature::Nullary,
+        Volatility::Stable,
+        DataType::Utf8,
+        |_, n| Ok(texts(n, Some(&version_text()))),
+    ));
+    ctx.register_udf(function(
+        "pg_postmaster_start_time",
+        TypeSignature::Nullary,
+        Volatility::Stable,
+        DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
+        |_, n| {
+            Ok(Arc::new(
+                arrow::array::TimestampMicrosecondArray::from(vec![*STARTED_US; n])
+                    .with_timezone("+00:00"),
+            ))
+        },
+    ));
+    ctx.register_udf(function(
+        "current_schema",
+        TypeSignature::Nullary,
+        Volatility::Stable,
+        DataType::Utf8,
+        |_, n| Ok(texts(n, Some("public"))),
+    ));
+    ctx.register_udf(function(
+        "current_schemas",
+        TypeSignature::Any(1),
+        Volatility::Stable,
+        DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+        |args, n| {
+            let implicit = arrow::compute::cast(&args[0], &DataType::Boolean)?;
+            let implicit = implicit.as_boolean();
+            let mut b = ListBuilder::new(StringBuilder::new());
+            for i in 0..n {
+                if implicit.is_valid(i) && implicit.value(i) {
+                    b.values().append_value("pg_catalog");
+                }
+                b.values().append_value("public");
+                b.append(true);
+            }
+            Ok(Arc::new(b.finish()))
+        },
+    ));
+    ctx.register_udf(function(
+        "format_type",
+        TypeSignature::Any(2),
+        Volatility::Stable,
+        DataType::Utf8,
+        |args, _| {
+            let typmods = oids(&args[1])?;
+            let typmods = typmods.as_primitive::<Int64Type>().clone();
+            let mut i = 0usize;
+            map_oid(&args[0], |oid| {
+                let m = (typmods.is_valid(i)).then(|| typmods.value(i));
+                i += 1;
+                type_name(oid, m.filter(|m| *m >= 0))
+            })
+        },
+    ));
+    ctx.register_udf(function(
+        "pg_get_userbyid",
+        TypeSignature::Any(1),
+        Volatility::Stable,
+        DataType::Utf8,
+        |args, _| {
+            map_oid(&args[0], |oid| {
+                Some(if oid == 10 {
+                    OWNER.get().cloned().unwrap_or_else(|| "drizzle".into())
+                } else {
+                    format!("unknown (OID={oid})")
+                })
+            })
+        },
+    ));
+    ctx.register_udf(function(
+        "pg_encoding_to_char",
+        TypeSignature::Any(1),
+        Volatility::Stable,
+        DataType::Utf8,
+        |args, _| {
+            map_oid(&args[0], |e| {
+                Some(
+                    match e {
+                        0 => "SQL_ASCII",
+                        6 => "UTF8",
+                        _ => "",
+                    }
+                    .into(),
+                )
+            })
+        },
+    ));
+    ctx.register_udf(function(
+        "quote_ident",
+        TypeSignature::Any(1),
+        Volatility::Immutable,
+        DataType::Utf8,
+        |args, _| map_text(&args[0], |s| Some(quote_ident(s))),
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_quoting_follow_postgres() {
+        assert_eq!(type_name(23, None).as_deref(), Some("integer"));
+        assert_eq!(
+            type_name(1043, Some(14)).as_deref(),
+            Some("character varying(10)")
+        );
+        assert_eq!(
+            type_name(1700, Some((10 << 16 | 2) + 4)).as_deref(),
+            Some("numeric(10,2)")
+        );
+        assert_eq!(type_name(99999, None).as_deref(), Some("???"));
+        assert_eq!(quote_ident("abc_1"), "abc_1");
+        assert_eq!(quote_ident("Abc"), "\"Abc\"");
+        assert_eq!(quote_ident("select"), "\"select\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_ident(""), "\"\"");
+        assert!(version_text().starts_with("PostgreSQL 16.0 (Drizzle "));
+    }
+}

@@ -1,0 +1,290 @@
+//! What Postgres clients and tools call on connect, through the real wire
+//! protocol (tokio-postgres, simple and extended): the session and catalog
+//! functions, the parameters they SHOW and SET, `statement_timeout`, and
+//! `pg_cancel_backend` / `pg_terminate_backend`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use drizzle_sql_tests::{rows, show, TestServer};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_drizzle"))
+}
+
+fn code(e: &tokio_postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_string())
+}
+
+async fn connect(server: &TestServer, user: &str) -> tokio_postgres::Client {
+    let conn = format!(
+        "host=127.0.0.1 port={} user={user} dbname=analytics application_name=clients-test",
+        server.port
+    );
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// One text value from a one-row, one-column query (simple protocol).
+async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
+    let r = rows(
+        &c.simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}")),
+    );
+    assert_eq!(r.len(), 1, "{sql}: {r:?}");
+    r[0].clone()
+}
+
+#[test]
+fn session_and_catalog_functions_answer_as_postgres() {
+    let server = TestServer::start(bin(), &["--workers", "1"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = connect(&server, "alice").await;
+        // version() in Postgres's format, named `version`, qualified or not
+        // (SQLAlchemy's first query), in both protocols.
+        let v = one(&c, "SELECT pg_catalog.version()").await;
+        assert!(v.starts_with("PostgreSQL 16.0 (Drizzle "), "{v}");
+        let row = c.query_one("SELECT version()", &[]).await.unwrap();
+        assert_eq!(row.columns()[0].name(), "version");
+        assert_eq!(row.get::<_, String>(0), v);
+        // The session's own facts.
+        assert_eq!(
+            one(
+                &c,
+                "SELECT current_user, session_user, current_database(), current_schema, \
+                 current_catalog"
+            )
+            .await,
+            "alice|alice|analytics|public|analytics"
+        );
+        let row = c
+            .query_one("SELECT current_user, pg_backend_pid()", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.columns()[0].name(), "current_user");
+        assert_eq!(row.get::<_, String>(0), "alice");
+        assert!(row.get::<_, i64>(1) > 0);
+        assert_eq!(one(&c, "SELECT current_schema()").await, "public");
+        assert_eq!(
+            one(&c, "SELECT pg_catalog.current_schemas(true)").await,
+            "{pg_catalog,public}"
+        );
+        // current_setting / set_config, and what SHOW then says.
+        assert_eq!(
+            one(&c, "SELECT current_setting('application_name')").await,
+            "clients-test"
+        );
+        assert_eq!(
+            one(&c, "SELECT set_config('work_mem', '64MB', false)").await,
+            "64MB"
+        );
+        assert_eq!(one(&c, "SHOW work_mem").await, "64MB");
+        assert_eq!(
+            one(&c, "SELECT current_setting('no_such_thing', true) IS NULL").await,
+            "t"
+        );
+        let err = c
+            .simple_query("SELECT current_setting('no_such_thing')")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("42704"));
+        // Catalog functions.
+        assert_eq!(
+            one(
+                &c,
+                "SELECT format_type(23, -1), format_type(1043, 14), format_type(1114, NULL), \
+                 pg_catalog.pg_get_userbyid(10) IS NOT NULL, quote_ident('Order'), \
+                 quote_ident('plain'), pg_encoding_to_char(6), \
+                 has_table_privilege('t', 'SELECT'), has_schema_privilege('public', 'USAGE'), \
+                 pg_table_is_visible(16384), obj_description(16384, 'pg_class') IS NULL, \
+                 pg_postmaster_start_time() <= now()"
+            )
+            .await,
+            "integer|character varying(10)|timestamp without time zone|t|\"Order\"|plain|UTF8|t|t|t|t|t"
+        );
+        // Parameters clients read at connect.
+        for (name, want) in [
+            ("server_version_num", "160000"),
+            ("server_encoding", "UTF8"),
+            ("client_encoding", "UTF8"),
+            ("integer_datetimes", "on"),
+            ("is_superuser", "on"),
+            ("session_authorization", "alice"),
+            ("max_identifier_length", "63"),
+            ("transaction_isolation", "read committed"),
+            ("standard_conforming_strings", "on"),
+            ("DateStyle", "ISO, MDY"),
+            ("TimeZone", "UTC"),
+            ("row_security", "on"),
+        ] {
+            assert_eq!(one(&c, &format!("SHOW {name}")).await, want, "{name}");
+        }
+        assert_eq!(
+            one(&c, "SHOW TRANSACTION ISOLATION LEVEL").await,
+            "read committed"
+        );
+        let all = show(&c, "SHOW ALL").await.unwrap();
+        for name in ["server_version", "statement_timeout", "batch_interval", "work_mem"] {
+            assert!(all.iter().any(|r| r["name"] == name), "SHOW ALL lacks {name}");
+        }
+        // Statements tools send.
+        c.batch_execute(
+            "SET TIME ZONE 'UTC'; SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+             SET xmloption = content; SET row_security = off; SET extra_float_digits = 3",
+        )
+        .await
+        .unwrap();
+        assert_eq!(one(&c, "SHOW row_security").await, "off");
+        let err = c
+            .simple_query("SET server_version = '9.6'")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("55P02"));
+        let err = c.simple_query("SET no_such_thing = 1").await.unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("42704"));
+        // RESET ALL keeps what describes the session.
+        c.batch_execute("RESET ALL").await.unwrap();
+        assert_eq!(one(&c, "SHOW work_mem").await, "4MB");
+        assert_eq!(one(&c, "SHOW session_authorization").await, "alice");
+    });
+}
+
+#[test]
+fn statement_timeout_ends_statements_with_57014() {
+    let server = TestServer::start(bin(), &["--workers", "1"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = server.client().await.unwrap();
+        c.batch_execute("CREATE STREAM s (a BIGINT); INSERT INTO s VALUES (1)")
+            .await
+            .unwrap();
+        assert_eq!(one(&c, "SHOW statement_timeout").await, "0");
+        c.batch_execute("SET statement_timeout = 700")
+            .await
+            .unwrap();
+        assert_eq!(one(&c, "SHOW statement_timeout").await, "700ms");
+        // A continuous query that would run for ever, in both protocols and
+        // through COPY TO STDOUT and a cursor.
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(60), c.simple_query("SELECT a FROM s"))
+            .await
+            .expect("the statement must end")
+            .unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("57014"), "{err:?}");
+        assert!(started.elapsed() >= Duration::from_millis(700));
+        let err = tokio::time::timeout(Duration::from_secs(60), c.query("SELECT a FROM s", &[]))
+            .await
+            .expect("the statement must end")
+            .unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("57014"), "{err:?}");
+        c.batch_execute("BEGIN; DECLARE cur CURSOR FOR SELECT a FROM s")
+            .await
+            .unwrap();
+        let err = c.simple_query("FETCH 5 FROM cur").await.unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("57014"), "{err:?}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+        // The session goes on; short statements are not affected.
+        assert_eq!(one(&c, "SELECT 1 + 1").await, "2");
+        assert_eq!(one(&c, "SELECT a FROM s LIMIT 1").await, "1");
+        // 0 is no limit.
+        c.batch_execute("SET statement_timeout = 0").await.unwrap();
+        let reader = server.client().await.unwrap();
+        reader
+            .batch_execute("SET statement_timeout = '10min'")
+            .await
+            .unwrap();
+        let q = tokio::spawn(async move {
+            reader
+                .simple_query("SELECT a FROM s LIMIT 2")
+                .await
+                .map(|m| rows(&m))
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        c.batch_execute("INSERT INTO s VALUES (2)").await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(60), q)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, vec!["1", "2"]);
+        let err = c
+            .simple_query("SET statement_timeout = 'soon'")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("22023"));
+    });
+}
+
+#[test]
+fn pg_cancel_backend_and_pg_terminate_backend_reach_other_sessions() {
+    let server = TestServer::start(bin(), &["--workers", "1"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let admin = server.client().await.unwrap();
+        admin
+            .batch_execute("CREATE STREAM s (a BIGINT); CREATE USER bob WITH PASSWORD 'pw-of-bob'")
+            .await
+            .unwrap();
+        let victim = server.client().await.unwrap();
+        let pid: i64 = victim
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        // Cancel: the running statement ends with 57014, the session stays.
+        let running = tokio::spawn(async move {
+            let r = victim.simple_query("SELECT a FROM s").await;
+            (victim, r)
+        });
+        drizzle_sql_tests::eventually(Duration::from_secs(30), || async {
+            let q = show(&admin, "SHOW QUERIES").await?;
+            Ok((!q.is_empty()).then_some(()))
+        })
+        .await
+        .unwrap();
+        // Another role may not signal it.
+        let bob = connect(&server, "bob").await;
+        let err = bob
+            .simple_query(&format!("SELECT pg_cancel_backend({pid})"))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("42501"));
+        assert_eq!(
+            one(&admin, &format!("SELECT pg_cancel_backend({pid})")).await,
+            "t"
+        );
+        let (victim, r) = tokio::time::timeout(Duration::from_secs(30), running)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(code(&r.unwrap_err()).as_deref(), Some("57014"));
+        assert_eq!(one(&victim, "SELECT 7").await, "7");
+        // No such backend: false.
+        assert_eq!(one(&admin, "SELECT pg_cancel_backend(999999)").await, "f");
+        // Terminate: 57P01 and the connection is closed.
+        let running = tokio::spawn(async move { victim.simple_query("SELECT a FROM s").await });
+        drizzle_sql_tests::eventually(Duration::from_secs(30), || async {
+            let q = show(&admin, "SHOW QUERIES").await?;
+            Ok((!q.is_empty()).then_some(()))
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            one(&admin, &format!("SELECT pg_terminate_backend({pid})")).await,
+            "t"
+        );
+        let err = tokio::time::timeout(Duration::from_secs(30), running)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("57P01"), "{err:?}");
+    });
+}
