@@ -47,6 +47,11 @@ pub enum Relation {
 pub trait RelationResolver: Send + Sync {
     /// The relation called `name` (already normalised), if any.
     fn resolve(&self, name: &str) -> Option<Relation>;
+
+    /// A system relation: `schema` is `pg_catalog` or `information_schema`.
+    fn resolve_system(&self, _schema: &str, _name: &str) -> Option<Relation> {
+        None
+    }
 }
 
 /// A planned query.
@@ -80,10 +85,20 @@ impl ContextProvider for DrizzleContextProvider<'_> {
         &self,
         name: TableReference,
     ) -> datafusion::error::Result<Arc<dyn TableSource>> {
-        if name.schema().is_some_and(|s| s != "public") {
-            return Err(df_plan_err(format!("table '{name}' not found")));
-        }
-        match self.resolver.resolve(name.table()) {
+        let found = match name.schema() {
+            Some(schema @ ("pg_catalog" | "information_schema")) => {
+                self.resolver.resolve_system(schema, name.table())
+            }
+            Some("public") => self.resolver.resolve(name.table()),
+            Some(_) => None,
+            // Unqualified: the user's relations, then pg_catalog's (which
+            // Postgres searches implicitly).
+            None => self
+                .resolver
+                .resolve(name.table())
+                .or_else(|| self.resolver.resolve_system("pg_catalog", name.table())),
+        };
+        match found {
             Some(Relation::Stream(def)) => {
                 Ok(provider_as_source(Arc::new(StreamProvider::new(def))))
             }

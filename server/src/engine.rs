@@ -168,9 +168,30 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Defaults, for unit tests that need settings without an engine.
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        Settings {
+            batch_interval: Duration::from_millis(100),
+            group_size: 0,
+            parallelism: 0,
+            scheduling: Scheduling::Drizzle,
+            start_latest: false,
+            fetch_timeout: None,
+            memory_limit: 0,
+            statement_timeout: None,
+            other: BTreeMap::new(),
+        }
+    }
+
+    /// The database the session asked for.
+    pub fn database(&self) -> &str {
+        self.other.get("database").map_or("drizzle", String::as_str)
+    }
+
     /// Back to `defaults`, keeping what describes the session (its role).
     pub fn reset_to(&mut self, defaults: Settings) {
-        let keep: Vec<(String, String)> = ["session_authorization", "is_superuser"]
+        let keep: Vec<(String, String)> = ["session_authorization", "is_superuser", "database"]
             .iter()
             .filter_map(|k| self.other.get(*k).map(|v| (k.to_string(), v.clone())))
             .collect();
@@ -374,20 +395,39 @@ impl Engine {
 
     /// Plans a query (continuous or finite) with parameter values.
     pub fn plan(&self, query: &Query, params: &[ScalarValue]) -> Result<PlannedQuery, PgError> {
-        Ok(plan_query(
-            &self.ctx.state(),
-            self.catalog.as_ref(),
-            query,
-            params,
-        )?)
+        self.plan_in(query, params, &self.default_settings())
+    }
+
+    /// [`Engine::plan`] for a session: `pg_catalog` and
+    /// `information_schema` answer with its database and settings.
+    pub fn plan_in(
+        &self,
+        query: &Query,
+        params: &[ScalarValue],
+        settings: &Settings,
+    ) -> Result<PlannedQuery, PgError> {
+        let resolver = self.resolver(settings);
+        Ok(plan_query(&self.ctx.state(), &resolver, query, params)?)
+    }
+
+    fn resolver<'a>(&'a self, settings: &'a Settings) -> crate::system_catalog::SystemResolver<'a> {
+        crate::system_catalog::SystemResolver {
+            catalog: self.catalog.as_ref(),
+            asker: crate::system_catalog::Asker {
+                database: settings.database(),
+                settings,
+            },
+        }
     }
 
     /// The result schema and parameter types of a query, without running it.
     pub fn describe_query(
         &self,
         query: &Query,
+        settings: &Settings,
     ) -> Result<(SchemaRef, Vec<Option<DataType>>), PgError> {
-        let plan = sql_to_unoptimized(&self.ctx.state(), self.catalog.as_ref(), query)?;
+        let resolver = self.resolver(settings);
+        let plan = sql_to_unoptimized(&self.ctx.state(), &resolver, query)?;
         let mut types = plan.get_parameter_types().map_err(from_datafusion)?;
         // Like Postgres, `$1::type` gives the parameter that type.
         let _ = plan.apply_with_subqueries(|node| {
@@ -678,7 +718,7 @@ impl Engine {
                     options,
                 }))
             }
-            DrizzleStatement::Query(query) => match self.plan(&query, params)? {
+            DrizzleStatement::Query(query) => match self.plan_in(&query, params, settings)? {
                 PlannedQuery::Finite(plan) => {
                     let (schema, batches) = self.run_finite(plan).await?;
                     Ok(Outcome::Rows {
@@ -694,7 +734,7 @@ impl Engine {
                 )?)),
             },
             DrizzleStatement::Explain(query) => {
-                let lines = match self.plan(&query, params)? {
+                let lines = match self.plan_in(&query, params, settings)? {
                     PlannedQuery::Continuous(plan) => {
                         plan.explain(self.reduce_partitions(settings) as usize)
                     }
@@ -1705,25 +1745,29 @@ fn postgres_parameter(name: &str) -> Option<&'static PostgresParameter> {
     POSTGRES_PARAMETERS.iter().find(|p| p.name == name)
 }
 
-/// `SHOW ALL`: name, current setting and description of every parameter.
+/// Every parameter: name, current setting and description (`SHOW ALL`,
+/// `pg_settings`).
+pub fn all_settings(settings: &Settings) -> Vec<(String, Option<String>, String)> {
+    let drizzle = DRIZZLE_PARAMETERS.iter().map(|(n, d)| (*n, *d));
+    let postgres = POSTGRES_PARAMETERS.iter().map(|p| (p.name, p.description));
+    drizzle
+        .chain(postgres)
+        .map(|(name, description)| {
+            (
+                name.to_string(),
+                show_setting(settings, name).ok(),
+                description.to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `SHOW ALL`.
 fn show_all(settings: &Settings) -> (SchemaRef, Vec<RecordBatch>) {
-    let mut rows = Vec::new();
-    for (name, description) in DRIZZLE_PARAMETERS {
-        let value = show_setting(settings, name).ok();
-        rows.push(vec![
-            Some(name.to_string()),
-            value,
-            Some(description.to_string()),
-        ]);
-    }
-    for p in POSTGRES_PARAMETERS {
-        let value = show_setting(settings, p.name).ok();
-        rows.push(vec![
-            Some(p.name.to_string()),
-            value,
-            Some(p.description.to_string()),
-        ]);
-    }
+    let rows = all_settings(settings)
+        .into_iter()
+        .map(|(n, v, d)| vec![Some(n), v, Some(d)])
+        .collect();
     text_batch(&["name", "setting", "description"], rows)
 }
 

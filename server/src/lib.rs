@@ -31,6 +31,7 @@ pub mod errors;
 pub mod providers;
 pub mod repair;
 pub mod session;
+pub mod system_catalog;
 pub mod tls;
 pub mod wire;
 

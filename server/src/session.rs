@@ -544,6 +544,10 @@ pub async fn serve(
         "session_authorization".into(),
         session.identity.user.clone(),
     );
+    session
+        .settings
+        .other
+        .insert("database".into(), session.database.clone());
     session.settings.other.insert(
         "is_superuser".into(),
         if superuser { "on" } else { "off" }.into(),
@@ -1452,7 +1456,7 @@ impl Session {
         params: &[ScalarValue],
         sql: &str,
     ) -> Result<Result<(), PgError>, Disconnect> {
-        let planned = match self.engine.plan(query, params) {
+        let planned = match self.engine.plan_in(query, params, &self.settings) {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
@@ -1526,7 +1530,7 @@ impl Session {
         params: &[ScalarValue],
         sql: &str,
     ) -> Result<RowSource, PgError> {
-        match self.engine.plan(query, params)? {
+        match self.engine.plan_in(query, params, &self.settings)? {
             PlannedQuery::Finite(plan) => {
                 let (schema, batches) =
                     bounded(self.deadline, self.engine.run_finite(plan)).await?;
@@ -1750,7 +1754,7 @@ impl Session {
             Some(other) => match statement_query(other) {
                 Some(query) => self
                     .engine
-                    .describe_query(query)
+                    .describe_query(query, &self.settings)
                     .map(|(s, t)| Some((Some(s), t))),
                 None => Ok(None),
             },
@@ -1882,7 +1886,9 @@ impl Session {
         let Some(stmt) = stmt else { return Ok(None) };
         match stmt {
             DrizzleStatement::Query(_) => match self.dry_rewrite(stmt)? {
-                DrizzleStatement::Query(q) => Ok(Some(self.engine.describe_query(&q)?.0)),
+                DrizzleStatement::Query(q) => {
+                    Ok(Some(self.engine.describe_query(&q, &self.settings)?.0))
+                }
                 _ => Ok(None),
             },
             DrizzleStatement::Fetch { name, .. } => Ok(self.cursors.get(name).map(|c| c.schema())),

@@ -288,3 +288,210 @@ fn pg_cancel_backend_and_pg_terminate_backend_reach_other_sessions() {
         assert_eq!(code(&err).as_deref(), Some("57P01"), "{err:?}");
     });
 }
+
+const OBJECTS: &str =
+    "CREATE STREAM clicks (k BIGINT, url TEXT, ts TIMESTAMP) WITH (partitions = 2);
+     CREATE TABLE users (id INT NOT NULL, name TEXT);
+     CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n FROM clicks GROUP BY k;";
+
+/// Runs psql's meta-commands against the server; fails on any error.
+fn psql(server: &TestServer, commands: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("psql");
+    cmd.arg(format!(
+        "host=127.0.0.1 port={} user=alice dbname=analytics",
+        server.port
+    ))
+    .args(["-X", "-v", "ON_ERROR_STOP=1"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.output().expect("psql runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success() && !stderr.contains("ERROR"),
+        "psql {commands:?} failed:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
+#[test]
+fn psql_lists_and_describes_streams_tables_and_views() {
+    let server = TestServer::start(bin(), &["--workers", "1"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = server.client().await.unwrap();
+        c.batch_execute(OBJECTS).await.unwrap();
+    });
+    let out = psql(&server, &["\\l"]);
+    assert!(out.contains("analytics") && out.contains("UTF8"), "{out}");
+    let out = psql(&server, &["\\dn"]);
+    assert!(out.contains("public"), "{out}");
+    let out = psql(&server, &["\\dt"]);
+    assert!(
+        out.contains("clicks") && out.contains("users") && !out.contains("per_key"),
+        "{out}"
+    );
+    let out = psql(&server, &["\\dm"]);
+    assert!(
+        out.contains("per_key") && out.contains("materialized view"),
+        "{out}"
+    );
+    let out = psql(&server, &["\\d"]);
+    for name in ["clicks", "users", "per_key"] {
+        assert!(out.contains(name), "{out}");
+    }
+    let out = psql(&server, &["\\d users"]);
+    assert!(out.contains("Table \"public.users\""), "{out}");
+    assert!(
+        out.contains("id     | integer |           | not null"),
+        "{out}"
+    );
+    let out = psql(&server, &["\\d clicks"]);
+    assert!(
+        out.contains("ts     | timestamp without time zone"),
+        "{out}"
+    );
+    let out = psql(&server, &["\\d per_key"]);
+    assert!(
+        out.contains("Materialized view \"public.per_key\""),
+        "{out}"
+    );
+    assert!(out.contains("n      | bigint"), "{out}");
+    let out = psql(&server, &["\\d+ users", "\\dt+", "\\du", "\\df", "\\dv"]);
+    assert!(out.contains("Access method: heap"), "{out}");
+    let out = psql(&server, &["\\conninfo"]);
+    assert!(
+        out.contains("database \"analytics\" as user \"alice\""),
+        "{out}"
+    );
+}
+
+#[test]
+fn catalog_tables_reflect_the_live_catalog_with_stable_oids() {
+    let mut server = TestServer::start(bin(), &["--workers", "1"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let relations = "SELECT c.oid, n.nspname, c.relname, c.relkind, c.relnatts \
+                     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON c.relnamespace = n.oid \
+                     ORDER BY c.oid";
+    let before = rt.block_on(async {
+        let c = connect(&server, "alice").await;
+        c.batch_execute(OBJECTS).await.unwrap();
+        let got = rows(&c.simple_query(relations).await.unwrap());
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].ends_with("|public|clicks|r|3"), "{got:?}");
+        assert!(got[1].ends_with("|public|users|r|2"), "{got:?}");
+        assert!(got[2].ends_with("|public|per_key|m|2"), "{got:?}");
+        // Columns and their types, as JDBC's getColumns joins them.
+        let cols = rows(
+            &c.simple_query(
+                "SELECT c.relname, a.attnum, a.attname, t.typname, \
+                 pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull \
+                 FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_class c ON a.attrelid = c.oid \
+                 JOIN pg_catalog.pg_type t ON a.atttypid = t.oid \
+                 WHERE a.attnum > 0 AND NOT a.attisdropped ORDER BY c.oid, a.attnum",
+            )
+            .await
+            .unwrap(),
+        );
+        assert_eq!(
+            cols,
+            vec![
+                "clicks|1|k|int8|bigint|f",
+                "clicks|2|url|text|text|f",
+                "clicks|3|ts|timestamp|timestamp without time zone|f",
+                "users|1|id|int4|integer|t",
+                "users|2|name|text|text|f",
+                "per_key|1|k|int8|bigint|f",
+                "per_key|2|n|int8|bigint|t",
+            ]
+        );
+        // information_schema, as SQLAlchemy's and Metabase's inspectors read it.
+        assert_eq!(
+            rows(
+                &c.simple_query(
+                    "SELECT table_catalog, table_schema, table_name, table_type \
+                     FROM information_schema.tables ORDER BY table_name"
+                )
+                .await
+                .unwrap()
+            ),
+            vec![
+                "analytics|public|clicks|BASE TABLE",
+                "analytics|public|per_key|VIEW",
+                "analytics|public|users|BASE TABLE",
+            ]
+        );
+        assert_eq!(
+            rows(
+                &c.simple_query(
+                    "SELECT column_name, ordinal_position, data_type, is_nullable, udt_name \
+                     FROM information_schema.columns WHERE table_name = 'users' \
+                     ORDER BY ordinal_position"
+                )
+                .await
+                .unwrap()
+            ),
+            vec!["id|1|integer|NO|int4", "name|2|text|YES|text"]
+        );
+        assert_eq!(
+            rows(
+                &c.simple_query(
+                    "SELECT schema_name FROM information_schema.schemata ORDER BY 1"
+                )
+                .await
+                .unwrap()
+            ),
+            vec!["information_schema", "pg_catalog", "public"]
+        );
+        // Streams are told apart from tables.
+        assert_eq!(
+            rows(
+                &c.simple_query(
+                    "SELECT relname, kind, partitions FROM pg_catalog.drizzle_relations ORDER BY oid"
+                )
+                .await
+                .unwrap()
+            ),
+            vec!["clicks|stream|2", "users|table|NULL", "per_key|materialized view|NULL"]
+        );
+        assert_eq!(
+            one(&c, "SELECT datname FROM pg_database").await,
+            "analytics"
+        );
+        assert_eq!(
+            one(&c, "SELECT count(*) FROM pg_matviews WHERE matviewname = 'per_key'").await,
+            "1"
+        );
+        // psycopg2's hstore probe finds nothing; the extended protocol
+        // describes catalog queries too.
+        let hstore = c
+            .query("SELECT oid, typarray FROM pg_type WHERE typname = $1", &[&"hstore"])
+            .await
+            .unwrap();
+        assert!(hstore.is_empty());
+        let row = c
+            .query_one(
+                "SELECT setting FROM pg_settings WHERE name = $1",
+                &[&"statement_timeout"],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "0");
+        // A dropped relation is gone.
+        c.batch_execute("DROP TABLE users").await.unwrap();
+        assert_eq!(
+            one(&c, "SELECT count(*) FROM pg_class WHERE relname = 'users'").await,
+            "0"
+        );
+        rows(&c.simple_query(relations).await.unwrap())
+    });
+    // OIDs are the catalog's: the same after a restart.
+    server.restart().unwrap();
+    let after = rt.block_on(async {
+        let c = connect(&server, "alice").await;
+        rows(&c.simple_query(relations).await.unwrap())
+    });
+    assert_eq!(before, after);
+}

@@ -183,6 +183,19 @@ pub fn type_name(oid: i64, typmod: Option<i64>) -> Option<String> {
     })
 }
 
+/// `pg_size_pretty`: bytes, or kB/MB/GB/TB once past 10 of the unit
+/// below, rounded as Postgres rounds.
+pub fn size_pretty(bytes: i64) -> String {
+    let mut v = bytes;
+    for unit in ["bytes", "kB", "MB", "GB", "TB"] {
+        if v.abs() < 10 * 1024 || unit == "TB" {
+            return format!("{v} {unit}");
+        }
+        v = (v + if v < 0 { -512 } else { 512 }) / 1024;
+    }
+    format!("{v} PB")
+}
+
 /// Postgres's reserved key words: `quote_ident` quotes them.
 const RESERVED: &[&str] = &[
     "all",
@@ -356,6 +369,16 @@ pub fn register(ctx: &SessionContext) {
         "pg_get_indexdef",
         "pg_get_constraintdef",
         "pg_get_triggerdef",
+        "pg_get_statisticsobjdef_columns",
+        "pg_get_partkeydef",
+        "pg_get_ruledef",
+        "pg_get_viewdef",
+        "pg_get_functiondef",
+        "pg_get_function_arguments",
+        "pg_get_function_result",
+        "pg_get_function_identity_arguments",
+        "pg_get_partition_constraintdef",
+        "pg_get_serial_sequence",
     ] {
         ctx.register_udf(function(
             name,
@@ -365,6 +388,34 @@ pub fn register(ctx: &SessionContext) {
             null_text,
         ));
     }
+    ctx.register_udf(function(
+        "pg_relation_is_publishable",
+        TypeSignature::Any(1),
+        Volatility::Stable,
+        DataType::Boolean,
+        |_, n| Ok(Arc::new(BooleanArray::from(vec![false; n]))),
+    ));
+    for name in [
+        "pg_relation_size",
+        "pg_total_relation_size",
+        "pg_table_size",
+        "pg_indexes_size",
+    ] {
+        ctx.register_udf(function(
+            name,
+            TypeSignature::VariadicAny,
+            Volatility::Volatile,
+            DataType::Int64,
+            |_, n| Ok(Arc::new(arrow::array::Int64Array::from(vec![0i64; n]))),
+        ));
+    }
+    ctx.register_udf(function(
+        "pg_size_pretty",
+        TypeSignature::Any(1),
+        Volatility::Immutable,
+        DataType::Utf8,
+        |args, _| map_oid(&args[0], |b| Some(size_pretty(b))),
+    ));
     ctx.register_udf(function(
         "version",
         TypeSignature::Nullary,
@@ -490,5 +541,9 @@ mod tests {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_ident(""), "\"\"");
         assert!(version_text().starts_with("PostgreSQL 16.0 (Drizzle "));
+        assert_eq!(size_pretty(0), "0 bytes");
+        assert_eq!(size_pretty(10 * 1024 - 1), "10239 bytes");
+        assert_eq!(size_pretty(10 * 1024), "10 kB");
+        assert_eq!(size_pretty(5 << 30), "5120 MB");
     }
 }
