@@ -532,6 +532,9 @@ fn unique_names(body: &mut SetExpr) {
 
 /// The type a Postgres-only or `pg_catalog.`-qualified type name stands for.
 fn plain_type(t: &DataType) -> Option<DataType> {
+    if matches!(t, DataType::Regclass) {
+        return Some(DataType::BigInt(None));
+    }
     let DataType::Custom(name, _) = t else {
         return None;
     };

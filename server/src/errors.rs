@@ -185,7 +185,7 @@ pub fn from_datafusion(e: DataFusionError) -> PgError {
         },
         DataFusionError::SQL(p, _) => PgError::new("42601", format!("syntax error: {p}")),
         DataFusionError::NotImplemented(m) => {
-            PgError::new("0A000", format!("{m} is not supported"))
+            PgError::new("0A000", format!("{} is not supported", strip_debug(&m)))
         }
         DataFusionError::External(inner) => match inner.downcast::<ExecError>() {
             Ok(ex) => (*ex).into(),
@@ -236,16 +236,53 @@ fn classify_message(m: &str, default: &'static str) -> PgError {
     } else {
         default
     };
-    let message = m
-        .trim_start_matches("Error during planning: ")
-        .trim_start_matches("Execution error: ")
-        .to_string();
+    let message = strip_debug(
+        m.trim_start_matches("Error during planning: ")
+            .trim_start_matches("Execution error: "),
+    );
     PgError::new(code, message)
+}
+
+/// A message without the Rust debug dumps some DataFusion errors carry
+/// (`Identifier(Ident { value: .., span: .. })`): every `{ ... }` block is
+/// dropped, so a client reads `Identifier(Ident)`.
+pub fn strip_debug(m: &str) -> String {
+    let mut out = String::with_capacity(m.len());
+    let mut depth = 0usize;
+    for c in m.chars() {
+        match c {
+            '{' if out.ends_with(' ')
+                && out.trim_end().ends_with(|p: char| p.is_alphanumeric()) =>
+            {
+                depth += 1;
+                // Drop the space before the block.
+                out.pop();
+            }
+            '{' if depth > 0 => depth += 1,
+            '}' if depth > 0 => depth -= 1,
+            _ if depth > 0 => {}
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_dumps_are_stripped_from_messages() {
+        assert_eq!(
+            strip_debug("Dot access not supported for non-string expr: Identifier(Ident { value: \"x\", span: Span(Location(1,14)..Location(1,15)) })"),
+            "Dot access not supported for non-string expr: Identifier(Ident)"
+        );
+        assert_eq!(
+            strip_debug("Collate { expr: Value(V { v: 1 }) } is"),
+            "Collate is"
+        );
+        assert_eq!(strip_debug("bad array '{1,2}'"), "bad array '{1,2}'");
+    }
 
     #[test]
     fn plan_errors_map_to_postgres_codes() {

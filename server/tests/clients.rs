@@ -149,6 +149,19 @@ fn session_and_catalog_functions_answer_as_postgres() {
         assert_eq!(code(&err).as_deref(), Some("55P02"));
         let err = c.simple_query("SET no_such_thing = 1").await.unwrap_err();
         assert_eq!(code(&err).as_deref(), Some("42704"));
+        // Statements Drizzle cannot serve get a SQLSTATE and a message
+        // without internal structures.
+        c.batch_execute("CREATE TABLE t (a INT, b TEXT)").await.unwrap();
+        for sql in ["SELECT (t.a).x FROM t", "SELECT a.b.c.d FROM t"] {
+            let err = c.simple_query(sql).await.unwrap_err();
+            let db = err.as_db_error().expect("a server error");
+            assert!(!db.code().code().is_empty());
+            assert!(
+                !db.message().contains("span") && !db.message().contains("Ident {"),
+                "{sql}: {}",
+                db.message()
+            );
+        }
         // RESET ALL keeps what describes the session.
         c.batch_execute("RESET ALL").await.unwrap();
         assert_eq!(one(&c, "SHOW work_mem").await, "4MB");
