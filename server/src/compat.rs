@@ -44,6 +44,47 @@ pub struct SessionFacts<'a> {
     pub registry: &'a SessionRegistry,
     /// Describing, not running: signal nobody (`settings` is a copy).
     pub dry: bool,
+    /// Relation OIDs, for `'name'::regclass`.
+    pub catalog: &'a crate::catalog::Catalog,
+}
+
+/// OIDs of the system catalogs, as Postgres numbers them.
+const SYSTEM_OIDS: &[(&str, i64)] = &[
+    ("pg_type", 1247),
+    ("pg_attribute", 1249),
+    ("pg_proc", 1255),
+    ("pg_class", 1259),
+    ("pg_authid", 1260),
+    ("pg_database", 1262),
+    ("pg_constraint", 2606),
+    ("pg_description", 2609),
+    ("pg_index", 2610),
+    ("pg_namespace", 2615),
+    ("pg_am", 2601),
+    ("pg_roles", 1260),
+];
+
+/// `'name'::regclass`: the relation's OID (42P01 when there is none).
+fn regclass(name: &str, facts: &SessionFacts<'_>) -> Result<i64, PgError> {
+    if let Ok(oid) = name.trim().parse::<i64>() {
+        return Ok(oid);
+    }
+    let bare = name
+        .trim()
+        .trim_start_matches("pg_catalog.")
+        .trim_start_matches("public.");
+    let bare = match bare.strip_prefix('"').and_then(|b| b.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => bare.to_lowercase(),
+    };
+    if let Some((_, oid)) = SYSTEM_OIDS.iter().find(|(n, _)| *n == bare) {
+        return Ok(*oid);
+    }
+    facts
+        .catalog
+        .oid(&bare)
+        .map(i64::from)
+        .ok_or_else(|| PgError::undefined_table(&bare))
 }
 
 /// Session functions that may appear without parentheses.
@@ -271,6 +312,26 @@ fn rewrite_query(
                 };
                 if let Some(plain) = plain {
                     *op = plain;
+                }
+            }
+        }
+        // 'name'::regclass is the relation's OID.
+        if let Expr::Cast {
+            expr, data_type, ..
+        } = e
+        {
+            let is_regclass = matches!(data_type, DataType::Regclass)
+                || matches!(plain_type_name(data_type).as_deref(), Some("regclass"));
+            if let (true, Expr::Value(v)) = (is_regclass, expr.as_ref()) {
+                if let Value::SingleQuotedString(name) = &v.value {
+                    match regclass(name, facts) {
+                        Ok(oid) => *e = number(oid),
+                        Err(err) => {
+                            failed = Some(err);
+                            return ControlFlow::Break(());
+                        }
+                    }
+                    return ControlFlow::Continue(());
                 }
             }
         }
@@ -530,11 +591,8 @@ fn unique_names(body: &mut SetExpr) {
     }
 }
 
-/// The type a Postgres-only or `pg_catalog.`-qualified type name stands for.
-fn plain_type(t: &DataType) -> Option<DataType> {
-    if matches!(t, DataType::Regclass) {
-        return Some(DataType::BigInt(None));
-    }
+/// The name of a custom (`pg_catalog.`-qualified or Postgres-only) type.
+fn plain_type_name(t: &DataType) -> Option<String> {
     let DataType::Custom(name, _) = t else {
         return None;
     };
@@ -546,12 +604,20 @@ fn plain_type(t: &DataType) -> Option<DataType> {
             _ => None,
         })
         .collect();
-    let base = match parts.as_slice() {
-        [schema, base] if schema == "pg_catalog" => base.as_str(),
-        [base] => base.as_str(),
-        _ => return None,
-    };
-    Some(match base {
+    match parts.as_slice() {
+        [schema, base] if schema == "pg_catalog" => Some(base.clone()),
+        [base] => Some(base.clone()),
+        _ => None,
+    }
+}
+
+/// The type a Postgres-only or `pg_catalog.`-qualified type name stands for.
+fn plain_type(t: &DataType) -> Option<DataType> {
+    if matches!(t, DataType::Regclass) {
+        return Some(DataType::BigInt(None));
+    }
+    let base = plain_type_name(t)?;
+    Some(match base.as_str() {
         "text" | "name" | "char" | "bpchar" | "varchar" => DataType::Text,
         "bool" | "boolean" => DataType::Boolean,
         "int2" | "smallint" => DataType::SmallInt(None),
@@ -746,7 +812,10 @@ mod tests {
             .next()
             .unwrap();
         let registry = SessionRegistry::default();
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = crate::catalog::Catalog::open(dir.path()).unwrap();
         let facts = SessionFacts {
+            catalog: &catalog,
             user: "u",
             superuser: true,
             database: "d",
@@ -776,5 +845,12 @@ mod tests {
         );
         assert!(out.contains("'u' AS current_user"), "{out}");
         assert!(out.contains("x.a ~ 'b'"), "{out}");
+        let out = rewritten(
+            "SELECT 'pg_class'::regclass, '16384'::pg_catalog.regclass, 1::pg_catalog.text",
+        );
+        assert!(
+            out.contains("1259") && out.contains("16384") && out.contains("1::TEXT"),
+            "{out}"
+        );
     }
 }

@@ -1104,6 +1104,7 @@ impl Session {
             pid: self.pid,
             registry: &self.registry,
             dry: false,
+            catalog: &self.engine.catalog,
         };
         if let Err(e) = crate::compat::rewrite_statement(&mut stmt, &facts, &mut self.settings) {
             return Ok(Err(e));
@@ -1924,6 +1925,7 @@ impl Session {
             pid: self.pid,
             registry: &self.registry,
             dry: true,
+            catalog: &self.engine.catalog,
         };
         crate::compat::rewrite_statement(&mut stmt, &facts, &mut settings)?;
         Ok(stmt)

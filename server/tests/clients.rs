@@ -508,3 +508,61 @@ fn catalog_tables_reflect_the_live_catalog_with_stable_oids() {
     });
     assert_eq!(before, after);
 }
+
+const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+#[test]
+fn jdbc_metadata_lists_schemas_tables_and_columns() {
+    let classes = tempfile::tempdir().unwrap();
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/java/JdbcMetadata.java");
+    let javac = std::process::Command::new("javac")
+        .args(["-cp", JDBC_JAR, "-d"])
+        .arg(classes.path())
+        .arg(source)
+        .output()
+        .expect("javac runs (scripts/test.sh installs a JDK)");
+    assert!(
+        javac.status.success(),
+        "javac: {}",
+        String::from_utf8_lossy(&javac.stderr)
+    );
+    let server = TestServer::start(bin(), &["--workers", "1"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = server.client().await.unwrap();
+        c.batch_execute(OBJECTS).await.unwrap();
+        c.batch_execute("INSERT INTO users VALUES (1, 'ann'), (2, 'bob')")
+            .await
+            .unwrap();
+    });
+    let out = std::process::Command::new("java")
+        .arg("-cp")
+        .arg(format!("{JDBC_JAR}:{}", classes.path().display()))
+        .arg("JdbcMetadata")
+        .arg(server.port.to_string())
+        .output()
+        .expect("java runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("product PostgreSQL 16.0 (Drizzle "),
+        "{stdout}"
+    );
+    for want in [
+        "schema public",
+        "schema pg_catalog",
+        "table clicks TABLE",
+        "table users TABLE",
+        "table per_key MATERIALIZED VIEW",
+        "column users.id int4 1 NO",
+        "column users.name text 2 YES",
+        "row bob",
+    ] {
+        assert!(lines.contains(&want), "missing {want:?} in:\n{stdout}");
+    }
+}
