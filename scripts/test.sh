@@ -25,6 +25,10 @@ if ! python3 -c "import psycopg" >/dev/null 2>&1; then
   echo "installing: psycopg[binary]"
   python3 -m pip install -q "psycopg[binary]" || python3 -m pip install -q --break-system-packages "psycopg[binary]"
 fi
+if ! python3 -c "import sqlalchemy, psycopg2, pandas" >/dev/null 2>&1; then
+  echo "installing: sqlalchemy psycopg2-binary pandas"
+  python3 -m pip install -q sqlalchemy psycopg2-binary pandas || python3 -m pip install -q --break-system-packages sqlalchemy psycopg2-binary pandas
+fi
 if ! python3 -c "import asyncpg" >/dev/null 2>&1; then
   echo "installing: asyncpg"
   python3 -m pip install -q asyncpg || python3 -m pip install -q --break-system-packages asyncpg

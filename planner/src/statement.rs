@@ -204,6 +204,9 @@ pub enum DrizzleStatement {
     DiscardAll,
     /// No-op statements drivers send.
     NoOp(&'static str),
+    /// `ROLLBACK TO SAVEPOINT name`: the transaction block goes on (a
+    /// failed one is usable again); nothing is undone.
+    RollbackToSavepoint,
     /// `CREATE USER|ROLE name [WITH] option ...` (`USER` logs in by default).
     CreateRole {
         /// Role name.
@@ -267,7 +270,7 @@ impl DrizzleStatement {
             DrizzleStatement::CancelQuery(_) => "CANCEL QUERY",
             DrizzleStatement::Begin => "BEGIN",
             DrizzleStatement::Commit => "COMMIT",
-            DrizzleStatement::Rollback => "ROLLBACK",
+            DrizzleStatement::Rollback | DrizzleStatement::RollbackToSavepoint => "ROLLBACK",
             DrizzleStatement::DeclareCursor { .. } => "DECLARE CURSOR",
             DrizzleStatement::CloseCursor(_) => "CLOSE CURSOR",
             DrizzleStatement::Deallocate(None) => "DEALLOCATE ALL",
@@ -695,7 +698,23 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
     }
     if p.parse_keyword(Keyword::ROLLBACK) || eat_word(p, "ABORT") {
         let _ = p.parse_one_of_keywords(&[Keyword::WORK, Keyword::TRANSACTION]);
+        if p.parse_keyword(Keyword::TO) {
+            let _ = p.parse_keyword(Keyword::SAVEPOINT);
+            p.parse_identifier()?;
+            return Ok(DrizzleStatement::RollbackToSavepoint);
+        }
         return Ok(DrizzleStatement::Rollback);
+    }
+    // Savepoints: statements apply as they run (a transaction block only
+    // groups them), so there is nothing to mark or release.
+    if p.parse_keyword(Keyword::SAVEPOINT) {
+        p.parse_identifier()?;
+        return Ok(DrizzleStatement::NoOp("SAVEPOINT"));
+    }
+    if p.parse_keyword(Keyword::RELEASE) {
+        let _ = p.parse_keyword(Keyword::SAVEPOINT);
+        p.parse_identifier()?;
+        return Ok(DrizzleStatement::NoOp("RELEASE"));
     }
     if p.parse_keyword(Keyword::DECLARE) {
         let name = normalize_ident(&p.parse_identifier()?);

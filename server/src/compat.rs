@@ -48,6 +48,47 @@ pub struct SessionFacts<'a> {
     pub catalog: &'a crate::catalog::Catalog,
 }
 
+fn call(name: &str, args: Vec<Expr>) -> Expr {
+    Expr::Function(datafusion::sql::sqlparser::ast::Function {
+        name: ObjectName::from(vec![Ident::new(name)]),
+        uses_odbc_syntax: false,
+        parameters: FunctionArguments::None,
+        args: FunctionArguments::List(datafusion::sql::sqlparser::ast::FunctionArgumentList {
+            duplicate_treatment: None,
+            args: args
+                .into_iter()
+                .map(|a| FunctionArg::Unnamed(FunctionArgExpr::Expr(a)))
+                .collect(),
+            clauses: vec![],
+        }),
+        filter: None,
+        null_treatment: None,
+        over: None,
+        within_group: vec![],
+    })
+}
+
+/// A LIKE pattern with escape character `escape`, rewritten for
+/// DataFusion's backslash escapes: literal backslashes doubled, then
+/// `<escape>c` made `\c`. As SQL, so it works for parameters too.
+fn rebase_escapes(pattern: &mut Expr, escape: char) {
+    let doubled = call("replace", vec![pattern.clone(), text("\\"), text("\\\\")]);
+    let escape_re = if escape.is_alphanumeric() {
+        escape.to_string()
+    } else {
+        format!("\\{escape}")
+    };
+    *pattern = call(
+        "regexp_replace",
+        vec![
+            doubled,
+            text(&format!("{escape_re}(.)")),
+            text("\\${1}"),
+            text("g"),
+        ],
+    );
+}
+
 /// OIDs of the system catalogs, as Postgres numbers them.
 const SYSTEM_OIDS: &[(&str, i64)] = &[
     ("pg_type", 1247),
@@ -313,6 +354,28 @@ fn rewrite_query(
                 if let Some(plain) = plain {
                     *op = plain;
                 }
+            }
+        }
+        // LIKE ... ESCAPE '/' (SQLAlchemy's): the literal parts of the
+        // pattern are rewritten to DataFusion's backslash escapes.
+        if let Expr::Like {
+            pattern,
+            escape_char,
+            ..
+        }
+        | Expr::ILike {
+            pattern,
+            escape_char,
+            ..
+        } = e
+        {
+            let escape = escape_char.as_ref().and_then(|v| match &v.value {
+                Value::SingleQuotedString(c) if c.chars().count() == 1 => c.chars().next(),
+                _ => None,
+            });
+            if let Some(escape) = escape.filter(|c| *c != '\\') {
+                rebase_escapes(pattern, escape);
+                *escape_char = None;
             }
         }
         // 'name'::regclass is the relation's OID.

@@ -222,7 +222,7 @@ fn format_rows_into(
             if i > 0 {
                 out.put_u8(o.delimiter as u8);
             }
-            if col.is_null(row) {
+            if col.is_null(row) || col.data_type().is_null() {
                 out.put_slice(o.null.as_bytes());
                 continue;
             }

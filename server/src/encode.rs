@@ -405,7 +405,7 @@ pub fn write_data_rows(out: &mut BytesMut, batch: &RecordBatch, binary: &[bool])
         out.put_i32(0);
         out.put_i16(cols.len() as i16);
         for (i, col) in cols.iter().enumerate() {
-            if col.is_null(row) {
+            if col.is_null(row) || col.data_type().is_null() {
                 out.put_i32(-1);
                 continue;
             }

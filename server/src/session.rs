@@ -1058,7 +1058,12 @@ impl Session {
         let implicit = !self.in_txn && stmts.len() > 1;
         for stmt in stmts {
             if self.txn_failed
-                && !matches!(stmt, DrizzleStatement::Commit | DrizzleStatement::Rollback)
+                && !matches!(
+                    stmt,
+                    DrizzleStatement::Commit
+                        | DrizzleStatement::Rollback
+                        | DrizzleStatement::RollbackToSavepoint
+                )
             {
                 self.error(PgError::new(
                     "25P02",
@@ -1110,6 +1115,17 @@ impl Session {
             return Ok(Err(e));
         }
         match stmt {
+            DrizzleStatement::RollbackToSavepoint => {
+                if !self.in_txn {
+                    return Ok(Err(PgError::new(
+                        "25P01",
+                        "ROLLBACK TO SAVEPOINT can only be used in transaction blocks",
+                    )));
+                }
+                self.txn_failed = false;
+                self.complete("ROLLBACK".into());
+                Ok(Ok(()))
+            }
             DrizzleStatement::Begin => {
                 self.in_txn = true;
                 self.complete("BEGIN".into());
@@ -1948,7 +1964,15 @@ impl Session {
             ));
             return Ok(());
         };
-        if self.txn_failed {
+        let ends_failure = matches!(
+            portal.stmt,
+            Some(
+                DrizzleStatement::Commit
+                    | DrizzleStatement::Rollback
+                    | DrizzleStatement::RollbackToSavepoint
+            )
+        );
+        if self.txn_failed && !ends_failure {
             self.extended_error(PgError::new(
                 "25P02",
                 "current transaction is aborted, commands ignored until end of transaction block",

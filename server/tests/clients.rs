@@ -162,6 +162,20 @@ fn session_and_catalog_functions_answer_as_postgres() {
                 db.message()
             );
         }
+        // Savepoints (SQLAlchemy with psycopg 3 uses them): ROLLBACK TO
+        // makes a failed transaction block usable again.
+        c.batch_execute("BEGIN; SAVEPOINT s1; RELEASE SAVEPOINT s1; SAVEPOINT s2")
+            .await
+            .unwrap();
+        let err = c.simple_query("SELECT 1 / 0").await.unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("22012"));
+        let err = c.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("25P02"));
+        c.batch_execute("ROLLBACK TO SAVEPOINT s2").await.unwrap();
+        assert_eq!(one(&c, "SELECT 1").await, "1");
+        c.batch_execute("COMMIT").await.unwrap();
+        let err = c.simple_query("ROLLBACK TO s2").await.unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("25P01"));
         // RESET ALL keeps what describes the session.
         c.batch_execute("RESET ALL").await.unwrap();
         assert_eq!(one(&c, "SHOW work_mem").await, "4MB");
@@ -565,4 +579,30 @@ fn jdbc_metadata_lists_schemas_tables_and_columns() {
     ] {
         assert!(lines.contains(&want), "missing {want:?} in:\n{stdout}");
     }
+}
+
+#[test]
+fn sqlalchemy_and_pandas_inspect_and_read() {
+    let server = TestServer::start(bin(), &["--workers", "1"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = server.client().await.unwrap();
+        c.batch_execute(OBJECTS).await.unwrap();
+        c.batch_execute("INSERT INTO users VALUES (1, 'ann'), (2, 'bob')")
+            .await
+            .unwrap();
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sqlalchemy_check.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(server.port.to_string())
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "{stdout}\n{}\n--- server log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
 }

@@ -183,6 +183,30 @@ pub fn type_name(oid: i64, typmod: Option<i64>) -> Option<String> {
     })
 }
 
+/// The OID of a built-in type named as SQL or as `pg_type` names it
+/// (`to_regtype`); `None` for a type Drizzle does not have.
+pub fn type_oid(name: &str) -> Option<i64> {
+    let n = name.trim().trim_start_matches("pg_catalog.").to_lowercase();
+    Some(match n.as_str() {
+        "bool" | "boolean" => 16,
+        "bytea" => 17,
+        "int8" | "bigint" => 20,
+        "int2" | "smallint" => 21,
+        "int4" | "int" | "integer" => 23,
+        "text" => 25,
+        "oid" => 26,
+        "float4" | "real" => 700,
+        "float8" | "double precision" => 701,
+        "varchar" | "character varying" => 1043,
+        "date" => 1082,
+        "timestamp" | "timestamp without time zone" => 1114,
+        "timestamptz" | "timestamp with time zone" => 1184,
+        "interval" => 1186,
+        "numeric" | "decimal" => 1700,
+        _ => return None,
+    })
+}
+
 /// `pg_size_pretty`: bytes, or kB/MB/GB/TB once past 10 of the unit
 /// below, rounded as Postgres rounds.
 pub fn size_pretty(bytes: i64) -> String {
@@ -409,6 +433,27 @@ pub fn register(ctx: &SessionContext) {
             |_, n| Ok(Arc::new(arrow::array::Int64Array::from(vec![0i64; n]))),
         ));
     }
+    ctx.register_udf(function(
+        "to_regtype",
+        TypeSignature::Any(1),
+        Volatility::Stable,
+        DataType::Int64,
+        |args, _| {
+            let names = arrow::compute::cast(&args[0], &DataType::Utf8)?;
+            let names = names.as_string::<i32>();
+            Ok(Arc::new(
+                (0..names.len())
+                    .map(|i| {
+                        if names.is_null(i) {
+                            None
+                        } else {
+                            type_oid(names.value(i))
+                        }
+                    })
+                    .collect::<arrow::array::Int64Array>(),
+            ))
+        },
+    ));
     ctx.register_udf(function(
         "pg_size_pretty",
         TypeSignature::Any(1),
