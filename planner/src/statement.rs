@@ -53,6 +53,8 @@ pub struct CopyOptions {
     pub delimiter: char,
     /// The string that stands for NULL.
     pub null: String,
+    /// Postgres's binary COPY format (`FORMAT binary`).
+    pub binary: bool,
 }
 
 impl Default for CopyOptions {
@@ -62,6 +64,7 @@ impl Default for CopyOptions {
             header: false,
             delimiter: '\t',
             null: "\\N".into(),
+            binary: false,
         }
     }
 }
@@ -1229,16 +1232,33 @@ fn parse_copy_options(p: &mut Parser<'_>) -> Result<CopyOptions> {
             break;
         }
         if p.parse_keyword(Keyword::FORMAT) {
+            // asyncpg writes the format quoted: FORMAT 'csv'.
+            if let Token::SingleQuotedString(f) = &p.peek_token().token {
+                let f = f.to_lowercase();
+                if matches!(f.as_str(), "csv" | "text" | "binary") {
+                    p.next_token();
+                    o.csv = f == "csv";
+                    o.binary = f == "binary";
+                    if parenthesised && !p.consume_token(&Token::Comma) {
+                        break;
+                    }
+                    continue;
+                }
+            }
             if eat_word(p, "csv") {
                 o.csv = true;
             } else if eat_word(p, "text") {
                 o.csv = false;
+            } else if eat_word(p, "binary") {
+                o.binary = true;
             } else {
                 return Err(PlanError::unsupported_hint(
                     format!("COPY format {}", p.peek_token()),
-                    "use text or csv",
+                    "use text, csv or binary",
                 ));
             }
+        } else if eat_word(p, "binary") {
+            o.binary = true;
         } else if eat_word(p, "csv") {
             o.csv = true;
         } else if p.parse_keyword(Keyword::HEADER) {
@@ -1279,6 +1299,11 @@ fn parse_copy_options(p: &mut Parser<'_>) -> Result<CopyOptions> {
     if parenthesised {
         p.expect_token(&Token::RParen)?;
     }
+    if o.binary && (o.csv || o.header || delimiter_set || null_set) {
+        return Err(PlanError::invalid(
+            "COPY in binary format takes no CSV, HEADER, DELIMITER or NULL option",
+        ));
+    }
     if o.csv {
         if !delimiter_set {
             o.delimiter = ',';
@@ -1307,10 +1332,29 @@ fn parse_copy(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
     let target = parse_name(p)?;
     let columns = parse_optional_column_list(p)?;
     if p.parse_keyword(Keyword::TO) {
-        return Err(PlanError::unsupported_hint(
-            "COPY name TO",
-            "use COPY (SELECT ... FROM name) TO STDOUT",
-        ));
+        // COPY name [(cols)] TO STDOUT is COPY (SELECT cols FROM name) TO STDOUT.
+        if !p.parse_keyword(Keyword::STDOUT) {
+            return Err(PlanError::unsupported_hint(
+                "COPY TO a file",
+                "use COPY ... TO STDOUT (psql: \\copy)",
+            ));
+        }
+        let options = parse_copy_options(p)?;
+        let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
+        let list = if columns.is_empty() {
+            "*".to_string()
+        } else {
+            columns
+                .iter()
+                .map(|c| quote(c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let sql = format!("SELECT {list} FROM {}", quote(&target));
+        let query = Parser::new(&PostgreSqlDialect {})
+            .try_with_sql(&sql)?
+            .parse_query()?;
+        return Ok(DrizzleStatement::CopyTo { query, options });
     }
     p.expect_keyword(Keyword::FROM)?;
     if !p.parse_keyword(Keyword::STDIN) {

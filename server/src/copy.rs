@@ -295,6 +295,7 @@ mod tests {
             header: true,
             delimiter: ',',
             null: String::new(),
+            binary: false,
         };
         let r = parse_records("id,name\n1,\"a,b\"\n2,\n3,\"say \"\"hi\"\"\"\n", &o, 2).unwrap();
         assert_eq!(r.len(), 3);

@@ -999,6 +999,23 @@ impl Engine {
     /// Parses and appends `COPY ... FROM STDIN` data; all or nothing.
     pub fn copy_in(&self, target: &CopyInTarget, data: &[u8]) -> Result<usize, PgError> {
         let (schema, log, is_table) = self.insert_target(&target.name)?;
+        if target.options.binary {
+            let types: Vec<(DataType, String)> = target
+                .columns
+                .iter()
+                .map(|&c| {
+                    let f = schema.field(c);
+                    (f.data_type().clone(), f.name().clone())
+                })
+                .collect();
+            let (columns, rows) = crate::copy_binary::parse(data, &types)?;
+            let batch = self.conform(&schema, &target.columns, columns, rows)?;
+            log.append(&batch)?;
+            if is_table {
+                self.catalog.bump_data_version();
+            }
+            return Ok(rows);
+        }
         let text = std::str::from_utf8(data)
             .map_err(|e| PgError::new("22021", format!("COPY data is not valid UTF-8: {e}")))?;
         crate::session::reject_nul(text)?;

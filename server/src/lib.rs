@@ -25,6 +25,7 @@ pub mod bench;
 pub mod catalog;
 pub mod compat;
 pub mod copy;
+pub mod copy_binary;
 pub mod encode;
 pub mod engine;
 pub mod errors;

@@ -1325,10 +1325,11 @@ impl Session {
             }
             Outcome::CopyIn(target) => {
                 let n = target.columns.len() as i16;
+                let format = i8::from(target.options.binary);
                 self.push(PgWireBackendMessage::CopyInResponse(CopyInResponse::new(
-                    0,
+                    format,
                     n,
-                    vec![0; n as usize],
+                    vec![format as i16; n as usize],
                 )));
                 self.flush().await?;
                 let mut data = BytesMut::new();
@@ -1453,7 +1454,12 @@ impl Session {
                         match sink {
                             Sink::Rows(binary) => crate::encode::write_data_rows(&mut self.out, &batch.rows, binary),
                             Sink::Copy(options) => {
-                                for row in crate::copy::format_rows(&batch.rows, options) {
+                                let rows = if options.binary {
+                                    crate::copy_binary::rows(&batch.rows)
+                                } else {
+                                    crate::copy::format_rows(&batch.rows, options)
+                                };
+                                for row in rows {
                                     self.push(PgWireBackendMessage::CopyData(CopyData::new(row)));
                                 }
                             }
@@ -1484,26 +1490,20 @@ impl Session {
                         Ok(r) => r,
                         Err(e) => return Ok(Err(e)),
                     };
-                let n = schema.fields().len() as i16;
-                self.push(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(
-                    0,
-                    n,
-                    vec![0; n as usize],
-                )));
-                if options.header {
-                    let header = crate::copy::header_line(&schema, options);
-                    self.push(PgWireBackendMessage::CopyData(CopyData::new(Bytes::from(
-                        header,
-                    ))));
-                }
+                self.copy_out_start(&schema, options);
                 let mut rows = 0;
                 for b in &batches {
-                    for row in crate::copy::format_rows(b, options) {
+                    let lines = if options.binary {
+                        crate::copy_binary::rows(b)
+                    } else {
+                        crate::copy::format_rows(b, options)
+                    };
+                    for row in lines {
                         self.push(PgWireBackendMessage::CopyData(CopyData::new(row)));
                     }
                     rows += b.num_rows();
                 }
-                self.push(PgWireBackendMessage::CopyDone(CopyDone::new()));
+                self.copy_out_end(options);
                 self.complete(format!("COPY {rows}"));
                 Ok(Ok(()))
             }
@@ -1516,22 +1516,12 @@ impl Session {
                     Ok(h) => h,
                     Err(e) => return Ok(Err(e)),
                 };
-                let n = handle.schema.fields().len() as i16;
-                self.push(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(
-                    0,
-                    n,
-                    vec![0; n as usize],
-                )));
-                if options.header {
-                    let header = crate::copy::header_line(&handle.schema, options);
-                    self.push(PgWireBackendMessage::CopyData(CopyData::new(Bytes::from(
-                        header,
-                    ))));
-                }
+                let schema = Arc::clone(&handle.schema);
+                self.copy_out_start(&schema, options);
                 self.flush().await?;
                 match self.stream(&mut handle, Sink::Copy(options)).await? {
                     Ok(rows) => {
-                        self.push(PgWireBackendMessage::CopyDone(CopyDone::new()));
+                        self.copy_out_end(options);
                         self.complete(format!("COPY {rows}"));
                         Ok(Ok(()))
                     }
@@ -1539,6 +1529,37 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// CopyOutResponse, then the header line (CSV) or the binary header.
+    fn copy_out_start(&mut self, schema: &SchemaRef, options: &CopyOptions) {
+        let n = schema.fields().len() as i16;
+        let format = i8::from(options.binary);
+        self.push(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(
+            format,
+            n,
+            vec![format as i16; n as usize],
+        )));
+        if options.binary {
+            self.push(PgWireBackendMessage::CopyData(CopyData::new(
+                crate::copy_binary::header(),
+            )));
+        } else if options.header {
+            let header = crate::copy::header_line(schema, options);
+            self.push(PgWireBackendMessage::CopyData(CopyData::new(Bytes::from(
+                header,
+            ))));
+        }
+    }
+
+    /// The binary trailer, then CopyDone.
+    fn copy_out_end(&mut self, options: &CopyOptions) {
+        if options.binary {
+            self.push(PgWireBackendMessage::CopyData(CopyData::new(
+                crate::copy_binary::trailer(),
+            )));
+        }
+        self.push(PgWireBackendMessage::CopyDone(CopyDone::new()));
     }
 
     async fn open_rows(

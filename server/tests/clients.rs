@@ -606,3 +606,30 @@ fn sqlalchemy_and_pandas_inspect_and_read() {
         server.log()
     );
 }
+
+#[test]
+fn asyncpg_copy_in_and_out_text_csv_and_binary() {
+    let server = TestServer::start(bin(), &["--workers", "1"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = server.client().await.unwrap();
+        c.batch_execute(
+            "CREATE TABLE items (id INT NOT NULL, name TEXT, price DOUBLE PRECISION, at TIMESTAMP)",
+        )
+        .await
+        .unwrap();
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/asyncpg_copy_check.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(server.port.to_string())
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "{stdout}\n{}\n--- server log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+}
