@@ -241,6 +241,8 @@ pub struct Engine {
     pub config: EngineConfig,
     /// Running views: the task feeding the store, and the query.
     views: Mutex<BTreeMap<String, (tokio::task::JoinHandle<()>, drizzle_shuffle::QueryId)>>,
+    /// Every client session (cancel keys, `pg_stat_activity`, shutdown).
+    pub sessions: Arc<crate::session::SessionRegistry>,
 }
 
 /// Lets lookup joins evaluate their finite side from worker threads.
@@ -345,6 +347,7 @@ impl Engine {
             ctx,
             config,
             views: Mutex::new(BTreeMap::new()),
+            sessions: Arc::new(crate::session::SessionRegistry::default()),
         });
         for view in engine.catalog.views() {
             // A view that cannot resume is kept, marked failed (SHOW
@@ -416,6 +419,7 @@ impl Engine {
             asker: crate::system_catalog::Asker {
                 database: settings.database(),
                 settings,
+                sessions: &self.sessions,
             },
         }
     }

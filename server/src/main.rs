@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use drizzle_server::engine::{Engine, EngineConfig};
-use drizzle_server::session::{serve, SessionRegistry};
+use drizzle_server::session::serve;
 
 #[derive(Parser)]
 #[command(
@@ -577,7 +577,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let registry = Arc::new(SessionRegistry::default());
+    let registry = Arc::clone(&engine.sessions);
     let bound = listener.local_addr().unwrap_or(args.listen);
     // One line on stdout with the bound address (useful with --listen 127.0.0.1:0).
     println!(

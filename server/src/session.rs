@@ -70,6 +70,36 @@ struct Registered {
     terminate: watch::Sender<bool>,
     /// Its role, for `pg_cancel_backend` and `pg_terminate_backend`.
     user: String,
+    /// What it is doing, for `pg_stat_activity`.
+    activity: Mutex<Activity>,
+}
+
+/// A session as `pg_stat_activity` shows it.
+#[derive(Debug, Clone)]
+pub struct Activity {
+    /// Backend pid.
+    pub pid: i32,
+    /// Role.
+    pub user: String,
+    /// Database asked for.
+    pub database: String,
+    /// `application_name` at connect.
+    pub application_name: String,
+    /// Connected at (Unix µs).
+    pub backend_start_us: i64,
+    /// `active` while a statement runs, else `idle`.
+    pub state: &'static str,
+    /// The running (or last) statement's text.
+    pub query: String,
+    /// When it started (Unix µs).
+    pub query_start_us: Option<i64>,
+}
+
+fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 impl Default for SessionRegistry {
@@ -83,7 +113,12 @@ impl Default for SessionRegistry {
 }
 
 impl SessionRegistry {
-    fn register(&self, user: &str) -> (i32, i32, watch::Receiver<u64>, watch::Receiver<bool>) {
+    fn register(
+        &self,
+        user: &str,
+        database: &str,
+        application_name: &str,
+    ) -> (i32, i32, watch::Receiver<u64>, watch::Receiver<bool>) {
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) + 1000;
         let secret = (std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -99,6 +134,16 @@ impl SessionRegistry {
                 cancel: tx,
                 terminate,
                 user: user.to_string(),
+                activity: Mutex::new(Activity {
+                    pid,
+                    user: user.to_string(),
+                    database: database.to_string(),
+                    application_name: application_name.to_string(),
+                    backend_start_us: unix_us(),
+                    state: "idle",
+                    query: String::new(),
+                    query_start_us: None,
+                }),
             },
         );
         (pid, secret, rx, ended)
@@ -149,6 +194,34 @@ impl SessionRegistry {
             s.cancel.send_modify(|v| *v += 1);
         }
         Ok(true)
+    }
+
+    /// Every session's activity, by pid.
+    pub fn activity(&self) -> Vec<Activity> {
+        let mut all: Vec<Activity> = self
+            .sessions
+            .lock()
+            .values()
+            .map(|s| s.activity.lock().clone())
+            .collect();
+        all.sort_by_key(|a| a.pid);
+        all
+    }
+
+    /// Marks session `pid` running `query` (`Some`) or idle (`None`).
+    fn set_activity(&self, pid: i32, query: Option<&str>) {
+        if let Some(s) = self.sessions.lock().get(&pid) {
+            let mut a = s.activity.lock();
+            match query {
+                Some(q) => {
+                    a.state = "active";
+                    // Bounded: a statement can be 1 GiB of COPY text.
+                    a.query = q.chars().take(1024).collect();
+                    a.query_start_us = Some(unix_us());
+                }
+                None => a.state = "idle",
+            }
+        }
     }
 
     /// Sessions still open.
@@ -508,7 +581,18 @@ pub async fn serve(
         let _ = send_fatal(&mut conn, shutting_down()).await;
         return;
     }
-    let (pid, secret, cancel, ended) = registry.register(&identity.user);
+    let database_asked = startup
+        .parameters
+        .get("database")
+        .cloned()
+        .unwrap_or_else(|| identity.user.clone());
+    let application_name = startup
+        .parameters
+        .get("application_name")
+        .cloned()
+        .unwrap_or_default();
+    let (pid, secret, cancel, ended) =
+        registry.register(&identity.user, &database_asked, &application_name);
     let (rd, wr) = tokio::io::split(conn);
     let (tx, rx) = mpsc::channel(64);
     let reader = tokio::spawn(read_loop(rd, buf, ctx, tx));
@@ -1082,6 +1166,7 @@ impl Session {
             self.flush().await?;
         }
         let _ = implicit;
+        self.registry.set_activity(self.pid, None);
         Ok(())
     }
 
@@ -1101,6 +1186,7 @@ impl Session {
         sql: &str,
     ) -> Result<Result<(), PgError>, Disconnect> {
         self.start_deadline();
+        self.registry.set_activity(self.pid, Some(sql));
         let mut stmt = stmt;
         let facts = crate::compat::SessionFacts {
             user: &self.identity.user,
@@ -2065,6 +2151,7 @@ impl Session {
             Ok(()) => {}
             Err(e) => self.extended_error(e),
         }
+        self.registry.set_activity(self.pid, None);
         Ok(())
     }
 }

@@ -64,7 +64,7 @@ struct Table {
 impl Table {
     fn new(columns: &str) -> Self {
         // "name:type, ..." with i (int8), t (text), b (bool), f (float4),
-        // a (text[], for ACLs and options, always NULL here).
+        // a (text[], for ACLs and options, always NULL here), z (timestamptz).
         let fields = columns
             .split(',')
             .map(|c| {
@@ -74,6 +74,10 @@ impl Table {
                     "b" => DataType::Boolean,
                     "f" => DataType::Float32,
                     "a" => DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+                    "z" => DataType::Timestamp(
+                        arrow::datatypes::TimeUnit::Microsecond,
+                        Some("+00:00".into()),
+                    ),
                     _ => DataType::Utf8,
                 };
                 // Column names are static text of this module.
@@ -135,6 +139,17 @@ impl Table {
                     Arc::new(b.finish())
                 }
                 DataType::List(_) => arrow::array::new_null_array(t, self.rows.len()),
+                DataType::Timestamp(_, _) => {
+                    let mut b =
+                        arrow::array::TimestampMicrosecondBuilder::new().with_timezone("+00:00");
+                    for r in &self.rows {
+                        match cell(r, i) {
+                            V::I(v) => b.append_value(*v),
+                            _ => b.append_null(),
+                        }
+                    }
+                    Arc::new(b.finish())
+                }
                 _ => {
                     let mut b = StringBuilder::new();
                     for r in &self.rows {
@@ -207,6 +222,8 @@ pub struct Asker<'a> {
     pub database: &'a str,
     /// The session's settings.
     pub settings: &'a Settings,
+    /// Every session (`pg_stat_activity`).
+    pub sessions: &'a crate::session::SessionRegistry,
 }
 
 /// Resolves user relations through the catalog and system relations
@@ -601,6 +618,42 @@ impl SystemResolver<'_> {
                 t.build()
             }
             "pg_views" => Table::new("schemaname, viewname, viewowner, definition").build(),
+            "pg_stat_activity" => {
+                let mut t = Table::new(
+                    "datid:i, datname, pid:i, leader_pid:i, usesysid:i, usename, \
+                     application_name, client_addr, client_hostname, client_port:i, \
+                     backend_start:z, xact_start:z, query_start:z, state_change:z, \
+                     wait_event_type, wait_event, state, backend_xid, backend_xmin, \
+                     query_id:i, query, backend_type",
+                );
+                for a in self.asker.sessions.activity() {
+                    t.row(vec![
+                        V::I(DATABASE_OID),
+                        s(a.database),
+                        V::I(i64::from(a.pid)),
+                        V::N,
+                        V::N,
+                        s(a.user),
+                        s(a.application_name),
+                        V::N,
+                        V::N,
+                        V::N,
+                        V::I(a.backend_start_us),
+                        V::N,
+                        a.query_start_us.map_or(V::N, V::I),
+                        a.query_start_us.map_or(V::N, V::I),
+                        V::N,
+                        V::N,
+                        s(a.state),
+                        V::N,
+                        V::N,
+                        V::N,
+                        s(a.query),
+                        s("client backend"),
+                    ]);
+                }
+                t.build()
+            }
             "drizzle_relations" => {
                 let mut t = Table::new("oid:i, relname, kind, partitions:i, definition");
                 let streams = self.catalog.streams();

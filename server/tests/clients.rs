@@ -276,6 +276,27 @@ fn pg_cancel_backend_and_pg_terminate_backend_reach_other_sessions() {
         })
         .await
         .unwrap();
+        // pg_stat_activity shows it running, and the asking session too.
+        let activity = show(
+            &admin,
+            "SELECT pid, usename, datname, state, query, backend_type FROM pg_stat_activity",
+        )
+        .await
+        .unwrap();
+        let running_row = activity
+            .iter()
+            .find(|r| r["pid"] == pid.to_string())
+            .unwrap_or_else(|| panic!("{activity:?}"));
+        assert_eq!(running_row["state"], "active", "{running_row:?}");
+        assert_eq!(running_row["query"], "SELECT a FROM s", "{running_row:?}");
+        assert_eq!(running_row["usename"], "test", "{running_row:?}");
+        assert_eq!(running_row["backend_type"], "client backend");
+        assert!(
+            activity
+                .iter()
+                .any(|r| r["query"].contains("pg_stat_activity") && r["state"] == "active"),
+            "{activity:?}"
+        );
         // Another role may not signal it.
         let bob = connect(&server, "bob").await;
         let err = bob
