@@ -109,6 +109,15 @@ fn session_and_catalog_functions_answer_as_postgres() {
             .await,
             "integer|character varying(10)|timestamp without time zone|t|\"Order\"|plain|UTF8|t|t|t|t|t"
         );
+        assert_eq!(
+            one(
+                &c,
+                "SELECT array_upper(make_array(1, 2, 3), 1), array_lower(make_array(1, 2, 3), 1), \
+                 to_regtype('integer'), to_regtype('hstore') IS NULL, pg_size_pretty(20480)"
+            )
+            .await,
+            "3|1|23|t|20 kB"
+        );
         // Parameters clients read at connect.
         for (name, want) in [
             ("server_version_num", "160000"),

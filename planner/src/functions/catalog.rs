@@ -183,6 +183,30 @@ pub fn type_name(oid: i64, typmod: Option<i64>) -> Option<String> {
     })
 }
 
+fn array_bound(a: &ArrayRef, upper: bool) -> Result<ArrayRef> {
+    let lengths: Vec<Option<i64>> = match a.data_type() {
+        DataType::List(_) => {
+            let l = a.as_list::<i32>();
+            (0..l.len())
+                .map(|i| (l.is_valid(i)).then(|| l.value_length(i) as i64))
+                .collect()
+        }
+        DataType::LargeList(_) => {
+            let l = a.as_list::<i64>();
+            (0..l.len())
+                .map(|i| (l.is_valid(i)).then(|| l.value_length(i)))
+                .collect()
+        }
+        _ => vec![None; a.len()],
+    };
+    Ok(Arc::new(
+        lengths
+            .into_iter()
+            .map(|n| n.filter(|n| *n > 0).map(|n| if upper { n } else { 1 }))
+            .collect::<arrow::array::Int64Array>(),
+    ))
+}
+
 /// The OID of a built-in type named as SQL or as `pg_type` names it
 /// (`to_regtype`); `None` for a type Drizzle does not have.
 pub fn type_oid(name: &str) -> Option<i64> {
@@ -431,6 +455,22 @@ pub fn register(ctx: &SessionContext) {
             Volatility::Volatile,
             DataType::Int64,
             |_, n| Ok(Arc::new(arrow::array::Int64Array::from(vec![0i64; n]))),
+        ));
+    }
+    // array_lower / array_upper of dimension 1 (Drizzle's arrays are
+    // one-dimensional, 1-based): NULL for an empty or NULL array.
+    for (name, upper) in [("array_lower", false), ("array_upper", true)] {
+        let body: Body = if upper {
+            |args, _| array_bound(&args[0], true)
+        } else {
+            |args, _| array_bound(&args[0], false)
+        };
+        ctx.register_udf(function(
+            name,
+            TypeSignature::Any(2),
+            Volatility::Immutable,
+            DataType::Int64,
+            body,
         ));
     }
     ctx.register_udf(function(
