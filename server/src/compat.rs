@@ -460,9 +460,151 @@ fn rewrite_query(
     if let Some(e) = failed {
         return Err(e);
     }
+    let mut wildcards = ExpandWildcards { facts, settings };
+    let _ = datafusion::sql::sqlparser::ast::VisitMut::visit(q, &mut wildcards);
     let mut names = UniqueNames;
     let _ = datafusion::sql::sqlparser::ast::VisitMut::visit(q, &mut names);
     Ok(())
+}
+
+/// `SELECT n.oid, n.* FROM pg_namespace n` (DBeaver's way): Postgres
+/// returns `oid` twice, DataFusion refuses two columns of one name. The
+/// wildcard is expanded to the relation's other columns, so each column
+/// comes once (clients read them by name).
+struct ExpandWildcards<'a, 'b> {
+    facts: &'a SessionFacts<'b>,
+    settings: &'a Settings,
+}
+
+impl datafusion::sql::sqlparser::ast::VisitorMut for ExpandWildcards<'_, '_> {
+    type Break = ();
+
+    fn post_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
+        if let SetExpr::Select(select) = q.body.as_mut() {
+            self.expand(select);
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl ExpandWildcards<'_, '_> {
+    /// The column names of the relation `alias` stands for in `from`.
+    fn columns_of(
+        &self,
+        from: &[datafusion::sql::sqlparser::ast::TableWithJoins],
+        alias: &str,
+    ) -> Option<Vec<String>> {
+        use datafusion::sql::sqlparser::ast::TableFactor;
+        let factors = from
+            .iter()
+            .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)));
+        for f in factors {
+            let TableFactor::Table { name, alias: a, .. } = f else {
+                continue;
+            };
+            let table = last_name(name)?;
+            let called = a
+                .as_ref()
+                .map_or(table.clone(), |a| a.name.value.to_lowercase());
+            if called != alias {
+                continue;
+            }
+            let schema = match name.0.len() {
+                2 => name.0.first().and_then(|p| match p {
+                    ObjectNamePart::Identifier(i) => Some(i.value.to_lowercase()),
+                    _ => None,
+                }),
+                _ => None,
+            };
+            let resolver = crate::system_catalog::SystemResolver {
+                catalog: self.facts.catalog,
+                asker: crate::system_catalog::Asker {
+                    database: self.facts.database,
+                    settings: self.settings,
+                    sessions: self.facts.registry,
+                },
+            };
+            use drizzle_planner::RelationResolver;
+            let relation = match schema.as_deref() {
+                Some(s @ ("pg_catalog" | "information_schema")) => {
+                    resolver.resolve_system(s, &table)
+                }
+                _ => resolver
+                    .resolve(&table)
+                    .or_else(|| resolver.resolve_system("pg_catalog", &table)),
+            }?;
+            let fields = match relation {
+                drizzle_planner::Relation::Finite(p) => p
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect(),
+                drizzle_planner::Relation::Stream(def) => {
+                    def.columns.iter().map(|c| c.name.clone()).collect()
+                }
+            };
+            return Some(fields);
+        }
+        None
+    }
+
+    fn expand(&self, select: &mut datafusion::sql::sqlparser::ast::Select) {
+        let explicit: Vec<(String, String)> = select
+            .projection
+            .iter()
+            .filter_map(|i| match i {
+                SelectItem::UnnamedExpr(Expr::CompoundIdentifier(p)) if p.len() == 2 => {
+                    Some((p[0].value.to_lowercase(), p[1].value.to_lowercase()))
+                }
+                _ => None,
+            })
+            .collect();
+        if explicit.is_empty() {
+            return;
+        }
+        let mut out = Vec::with_capacity(select.projection.len());
+        for item in std::mem::take(&mut select.projection) {
+            let SelectItem::QualifiedWildcard(kind, options) = &item else {
+                out.push(item);
+                continue;
+            };
+            let alias = match kind {
+                datafusion::sql::sqlparser::ast::SelectItemQualifiedWildcardKind::ObjectName(n) => {
+                    last_name(n)
+                }
+                _ => None,
+            };
+            let plain_options = options.opt_exclude.is_none()
+                && options.opt_except.is_none()
+                && options.opt_replace.is_none()
+                && options.opt_rename.is_none();
+            let repeats = alias
+                .as_ref()
+                .is_some_and(|a| explicit.iter().any(|(q, _)| q == a));
+            let columns = match (&alias, plain_options && repeats) {
+                (Some(a), true) => self.columns_of(&select.from, a),
+                _ => None,
+            };
+            let (Some(alias), Some(columns)) = (alias, columns) else {
+                out.push(item);
+                continue;
+            };
+            for c in columns {
+                if explicit
+                    .iter()
+                    .any(|(q, e)| *q == alias && *e == c.to_lowercase())
+                {
+                    continue;
+                }
+                out.push(SelectItem::UnnamedExpr(Expr::CompoundIdentifier(vec![
+                    Ident::new(alias.clone()),
+                    Ident::with_quote('"', c),
+                ])));
+            }
+        }
+        select.projection = out;
+    }
 }
 
 /// A `SELECT` (without aggregates) over an inner join with an

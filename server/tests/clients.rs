@@ -521,6 +521,22 @@ fn catalog_tables_reflect_the_live_catalog_with_stable_oids() {
             one(&c, "SELECT count(*) FROM pg_matviews WHERE matviewname = 'per_key'").await,
             "1"
         );
+        // DBeaver's form: a column and its relation's wildcard; each
+        // column comes once.
+        let nsp = show(
+            &c,
+            "select n.oid,n.*,d.description from pg_catalog.pg_namespace n \
+             left outer join pg_catalog.pg_description d on d.objoid=n.oid and d.objsubid=0 \
+             and d.classoid='pg_namespace'::regclass order by nspname",
+        )
+        .await
+        .unwrap();
+        assert_eq!(nsp.len(), 3, "{nsp:?}");
+        assert_eq!(nsp[2]["nspname"], "public");
+        assert_eq!(nsp[2]["oid"], "2200");
+        let stmt = c.prepare("SELECT u.id, u.* FROM users u").await.unwrap();
+        let names: Vec<&str> = stmt.columns().iter().map(|c| c.name()).collect();
+        assert_eq!(names, vec!["id", "name"]);
         // psycopg2's hstore probe finds nothing; the extended protocol
         // describes catalog queries too.
         let hstore = c
