@@ -758,8 +758,10 @@ struct WorkerQuery {
     late_rows: u64,
     /// The query's memory budget (bytes, 0: none).
     memory_limit: u64,
-    /// The complete checkpoint a keyed-state snapshot may be a delta of.
-    delta_base: Option<u64>,
+    /// Per group: the complete checkpoint its closing snapshot of keyed
+    /// state may be a delta of (from that group's own launch, whatever
+    /// order launches arrive in).
+    delta_bases: BTreeMap<u64, Option<u64>>,
     /// The query's shuffle token: tickets and notices carry it.
     token: QueryToken,
 }
@@ -1112,7 +1114,7 @@ impl Scheduler {
                     rows_in: 0,
                     late_rows: 0,
                     memory_limit: 0,
-                    delta_base: None,
+                    delta_bases: BTreeMap::new(),
                     token: QueryToken::default(),
                 },
             );
@@ -1126,7 +1128,6 @@ impl Scheduler {
             wq.token = token;
             self.shared.store.set_token(qid, token);
         }
-        wq.delta_base = req.delta_base;
         if !req.map_owners.is_empty() {
             wq.map_owners = req.map_owners.clone();
         }
@@ -1148,6 +1149,7 @@ impl Scheduler {
             wq.groups.clear();
             wq.group_starts.clear();
             wq.group_ends.clear();
+            wq.delta_bases.clear();
             let owners = (
                 wq.generation,
                 wq.map_owners.clone(),
@@ -1275,6 +1277,7 @@ impl Scheduler {
             }
             if let Some((last, _)) = batches.last() {
                 wq.group_ends.insert(req.group, (*last, req.checkpoint));
+                wq.delta_bases.insert(req.group, req.delta_base);
             }
             wq.groups.insert(
                 req.group,
@@ -1422,6 +1425,7 @@ impl Scheduler {
         let progress = wq.groups.remove(&group).unwrap_or_default();
         wq.group_starts.retain(|_, g| *g != group);
         wq.group_ends.remove(&group);
+        wq.delta_bases.remove(&group);
         let report = pb::GroupReport {
             attempt: wq.attempt,
             maps: progress.maps,
@@ -1790,7 +1794,8 @@ impl Scheduler {
         let group = group_of(&wq.group_starts, b);
         if wq.group_ends.get(&group) == Some(&(b, true)) {
             // A checkpoint: snapshot on this thread, write asynchronously.
-            let bytes = snapshot_reduce(state, wq.delta_base)?;
+            let base = wq.delta_bases.get(&group).copied().flatten();
+            let bytes = snapshot_reduce(state, base)?;
             let req = pb::SaveStateRequest {
                 query: qid.0,
                 attempt: wq.attempt,
