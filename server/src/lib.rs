@@ -16,6 +16,12 @@
 //! messages checked before they are decoded), and [`repair`] (`drizzle
 //! repair` for a damaged data directory).
 //!
+//! What Postgres clients and tools expect (see `docs/clients.md`):
+//! [`system_catalog`] (`pg_catalog` and `information_schema` built from the
+//! live catalog), [`compat`] (session functions replaced by their values,
+//! and the rewrites psql's and tools' catalog SQL needs), [`copy`] and
+//! [`copy_binary`] (COPY in text, CSV and Postgres's binary format).
+//!
 //! Errors from every crate are classified into SQLSTATE codes in [`errors`].
 //! Types to read first: [`engine::Engine`], [`session::serve`],
 //! [`catalog::Catalog`], [`providers::ViewStore`].
