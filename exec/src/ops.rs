@@ -718,7 +718,7 @@ impl AggregateFinalExec {
     /// the first columns are the group columns, which the shuffle hashes on)
     /// and the closed-through bound; the state itself is unchanged. With
     /// `since`, only the groups changed after that micro-batch: a delta that
-    /// [`overlay_state_rows`] lays over the state as of `since`.
+    /// [`AggregateFinalExec::overlay`] lays over the state as of `since`.
     pub fn snapshot(&mut self, since: Option<u64>) -> Result<(Option<i64>, Vec<RecordBatch>)> {
         let schema = self.snapshot_schema();
         let mut out = Vec::new();
