@@ -21,8 +21,8 @@ use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
     visit_expressions_mut, BinaryOperator, DataType, Expr, FunctionArg, FunctionArgExpr,
-    FunctionArguments, Ident, ObjectName, ObjectNamePart, Query, SelectItem, SetExpr, TimezoneInfo,
-    Value, ValueWithSpan,
+    FunctionArguments, Ident, ObjectName, ObjectNamePart, Query, Select, SelectItem, SetExpr,
+    TimezoneInfo, Value, ValueWithSpan,
 };
 use drizzle_planner::DrizzleStatement;
 
@@ -549,7 +549,7 @@ impl ExpandWildcards<'_, '_> {
         None
     }
 
-    fn expand(&self, select: &mut datafusion::sql::sqlparser::ast::Select) {
+    fn expand(&self, select: &mut Select) {
         let explicit: Vec<(String, String)> = select
             .projection
             .iter()
@@ -618,7 +618,7 @@ impl datafusion::sql::sqlparser::ast::VisitorMut for EmptySelects {
     type Break = ();
 
     fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
-        empty_selects(q.body.as_mut());
+        each_select(q.body.as_mut(), &mut empty_selects);
         ControlFlow::Continue(())
     }
 }
@@ -638,21 +638,27 @@ fn is_aggregate(name: &str) -> bool {
     )
 }
 
-fn empty_selects(body: &mut SetExpr) {
-    let select = match body {
-        SetExpr::Select(select) => select,
+/// Calls `f` on every `SELECT` of a query body (both sides of a UNION).
+fn each_select(body: &mut SetExpr, f: &mut dyn FnMut(&mut Select)) {
+    match body {
+        SetExpr::Select(select) => f(select),
         SetExpr::SetOperation { left, right, .. } => {
-            empty_selects(left);
-            empty_selects(right);
-            return;
+            each_select(left, f);
+            each_select(right, f);
         }
-        _ => return,
-    };
-    let grouped = !matches!(
+        _ => {}
+    }
+}
+
+fn is_grouped(select: &Select) -> bool {
+    !matches!(
         &select.group_by,
         datafusion::sql::sqlparser::ast::GroupByExpr::Expressions(e, _) if e.is_empty()
-    );
-    if grouped || select.having.is_some() || !from_is_empty(&select.from) {
+    )
+}
+
+fn empty_selects(select: &mut Select) {
+    if is_grouped(select) || select.having.is_some() || !from_is_empty(&select.from) {
         return;
     }
     let mut finder = AggregateFinder {
@@ -748,21 +754,12 @@ impl datafusion::sql::sqlparser::ast::VisitorMut for UniqueNames {
     type Break = ();
 
     fn post_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
-        unique_names(q.body.as_mut());
+        each_select(q.body.as_mut(), &mut unique_names);
         ControlFlow::Continue(())
     }
 }
 
-fn unique_names(body: &mut SetExpr) {
-    let select = match body {
-        SetExpr::Select(select) => select,
-        SetExpr::SetOperation { left, right, .. } => {
-            unique_names(left);
-            unique_names(right);
-            return;
-        }
-        _ => return,
-    };
+fn unique_names(select: &mut Select) {
     {
         let name_of = |item: &SelectItem| -> Option<String> {
             match item {
@@ -922,11 +919,7 @@ fn aggregate_catalog_lookup(sub: &mut Query) {
         let name = name.to_lowercase();
         name.starts_with("pg_") || name.starts_with("information_schema.")
     });
-    let grouped = !matches!(
-        &select.group_by,
-        datafusion::sql::sqlparser::ast::GroupByExpr::Expressions(e, _) if e.is_empty()
-    );
-    if !reads_catalog || grouped || select.projection.len() != 1 {
+    if !reads_catalog || is_grouped(select) || select.projection.len() != 1 {
         return;
     }
     let item = &mut select.projection[0];

@@ -1188,16 +1188,12 @@ impl Session {
         self.start_deadline();
         self.registry.set_activity(self.pid, Some(sql));
         let mut stmt = stmt;
-        let facts = crate::compat::SessionFacts {
-            user: &self.identity.user,
-            superuser: self.identity.superuser,
-            database: &self.database,
-            pid: self.pid,
-            registry: &self.registry,
-            dry: false,
-            catalog: &self.engine.catalog,
-        };
-        if let Err(e) = crate::compat::rewrite_statement(&mut stmt, &facts, &mut self.settings) {
+        // set_config() changes the settings the statement runs with.
+        let mut settings = self.settings.clone();
+        let rewritten =
+            crate::compat::rewrite_statement(&mut stmt, &self.facts(false), &mut settings);
+        self.settings = settings;
+        if let Err(e) = rewritten {
             return Ok(Err(e));
         }
         match stmt {
@@ -2041,17 +2037,21 @@ impl Session {
     fn dry_rewrite(&self, stmt: &DrizzleStatement) -> Result<DrizzleStatement, PgError> {
         let mut stmt = stmt.clone();
         let mut settings = self.settings.clone();
-        let facts = crate::compat::SessionFacts {
+        crate::compat::rewrite_statement(&mut stmt, &self.facts(true), &mut settings)?;
+        Ok(stmt)
+    }
+
+    /// What the session functions answer from; `dry` when describing.
+    fn facts(&self, dry: bool) -> crate::compat::SessionFacts<'_> {
+        crate::compat::SessionFacts {
             user: &self.identity.user,
             superuser: self.identity.superuser,
             database: &self.database,
             pid: self.pid,
             registry: &self.registry,
-            dry: true,
+            dry,
             catalog: &self.engine.catalog,
-        };
-        crate::compat::rewrite_statement(&mut stmt, &facts, &mut settings)?;
-        Ok(stmt)
+        }
     }
 
     /// The running statement's deadline, from `statement_timeout`.

@@ -569,23 +569,12 @@ fn catalog_tables_reflect_the_live_catalog_with_stable_oids() {
     assert_eq!(before, after);
 }
 
-const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
-
 #[test]
 fn jdbc_metadata_lists_schemas_tables_and_columns() {
-    let classes = tempfile::tempdir().unwrap();
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/java/JdbcMetadata.java");
-    let javac = std::process::Command::new("javac")
-        .args(["-cp", JDBC_JAR, "-d"])
-        .arg(classes.path())
-        .arg(source)
-        .output()
-        .expect("javac runs (scripts/test.sh installs a JDK)");
-    assert!(
-        javac.status.success(),
-        "javac: {}",
-        String::from_utf8_lossy(&javac.stderr)
-    );
+    let classes = drizzle_sql_tests::compile_java(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/java/JdbcMetadata.java"
+    )));
     let server = TestServer::start(bin(), &["--workers", "1"]).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -597,7 +586,11 @@ fn jdbc_metadata_lists_schemas_tables_and_columns() {
     });
     let out = std::process::Command::new("java")
         .arg("-cp")
-        .arg(format!("{JDBC_JAR}:{}", classes.path().display()))
+        .arg(format!(
+            "{}:{}",
+            drizzle_sql_tests::JDBC_JAR,
+            classes.path().display()
+        ))
         .arg("JdbcMetadata")
         .arg(server.port.to_string())
         .output()
@@ -639,18 +632,7 @@ fn sqlalchemy_and_pandas_inspect_and_read() {
             .unwrap();
     });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sqlalchemy_check.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg(server.port.to_string())
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success() && stdout.contains("all checks passed"),
-        "{stdout}\n{}\n--- server log ---\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
+    run_python_check(&server, script);
 }
 
 #[test]
@@ -666,6 +648,12 @@ fn asyncpg_copy_in_and_out_text_csv_and_binary() {
         .unwrap();
     });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/asyncpg_copy_check.py");
+    run_python_check(&server, script);
+}
+
+/// Runs a Python client check against `server`; it must print "all
+/// checks passed".
+fn run_python_check(server: &TestServer, script: &str) {
     let out = std::process::Command::new("python3")
         .arg(script)
         .arg(server.port.to_string())

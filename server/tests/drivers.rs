@@ -8,24 +8,13 @@ use std::process::Command;
 
 use drizzle_sql_tests::TestServer;
 
-const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
-
 #[test]
 fn drivers_read_continuous_queries_to_the_end() {
     // JdbcFetch, compiled by the JDK's javac.
-    let classes = tempfile::tempdir().unwrap();
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/java/JdbcFetch.java");
-    let javac = Command::new("javac")
-        .args(["-cp", JDBC_JAR, "-d"])
-        .arg(classes.path())
-        .arg(source)
-        .output()
-        .expect("javac runs (scripts/test.sh installs a JDK)");
-    assert!(
-        javac.status.success() && Path::new(JDBC_JAR).exists(),
-        "javac: {}",
-        String::from_utf8_lossy(&javac.stderr)
-    );
+    let classes = drizzle_sql_tests::compile_java(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/java/JdbcFetch.java"
+    )));
     let server = TestServer::start(
         Path::new(env!("CARGO_BIN_EXE_drizzle")),
         &["--workers", "2", "--batch-interval", "20ms"],

@@ -576,3 +576,24 @@ impl sqllogictest::AsyncDB for SltClient {
         tokio::time::sleep(dur).await;
     }
 }
+
+/// Debian's PostgreSQL JDBC driver (`scripts/test.sh` installs it).
+pub const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+/// Compiles a Java client against the JDBC driver with the JDK's javac;
+/// returns the directory holding its classes.
+pub fn compile_java(source: &Path) -> tempfile::TempDir {
+    let classes = tempfile::tempdir().expect("a temporary directory");
+    let javac = Command::new("javac")
+        .args(["-cp", JDBC_JAR, "-d"])
+        .arg(classes.path())
+        .arg(source)
+        .output()
+        .expect("javac runs (scripts/test.sh installs a JDK)");
+    assert!(
+        javac.status.success() && Path::new(JDBC_JAR).exists(),
+        "javac: {}",
+        String::from_utf8_lossy(&javac.stderr)
+    );
+    classes
+}
