@@ -57,7 +57,7 @@ fn s(v: impl Into<String>) -> V {
 
 /// A catalog table under construction: its columns, then rows.
 struct Table {
-    fields: Vec<(&'static str, DataType)>,
+    fields: Vec<(String, DataType)>,
     rows: Vec<Vec<V>>,
 }
 
@@ -80,9 +80,7 @@ impl Table {
                     ),
                     _ => DataType::Utf8,
                 };
-                // Column names are static text of this module.
-                let name: &'static str = Box::leak(name.to_string().into_boxed_str());
-                (name, t)
+                (name.to_string(), t)
             })
             .collect();
         Self {
@@ -99,7 +97,7 @@ impl Table {
         let schema: SchemaRef = Arc::new(Schema::new(
             self.fields
                 .iter()
-                .map(|(n, t)| Field::new(*n, t.clone(), true))
+                .map(|(n, t)| Field::new(n.as_str(), t.clone(), true))
                 .collect::<Vec<_>>(),
         ));
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.fields.len());
