@@ -323,8 +323,15 @@ fn rewrite_query(
     facts: &SessionFacts<'_>,
     settings: &mut Settings,
 ) -> Result<(), PgError> {
+    let mut functions = FunctionsInFrom;
+    let _ = datafusion::sql::sqlparser::ast::VisitMut::visit(q, &mut functions);
+    hide_system_columns(q);
     let mut empty = EmptySelects;
     let _ = datafusion::sql::sqlparser::ast::VisitMut::visit(q, &mut empty);
+    let mut sorted = SortBySubqueries;
+    let _ = datafusion::sql::sqlparser::ast::VisitMut::visit(q, &mut sorted);
+    let mut memberships = MembershipInSelectItems;
+    let _ = datafusion::sql::sqlparser::ast::VisitMut::visit(q, &mut memberships);
     name_select_items(q);
     let mut failed: Option<PgError> = None;
     let _ = visit_expressions_mut(q, |e| {
@@ -398,6 +405,39 @@ fn rewrite_query(
                 }
             }
         }
+        // 'pg_catalog.array_in'::regproc is the function's name (the
+        // catalogs' regproc columns hold names here).
+        if let Expr::Cast {
+            expr, data_type, ..
+        } = e
+        {
+            let is_regproc = matches!(plain_type_name(data_type).as_deref(), Some("regproc"));
+            if let (true, Expr::Value(v)) = (is_regproc, expr.as_ref()) {
+                if let Value::SingleQuotedString(name) = &v.value {
+                    let name = name.strip_prefix("pg_catalog.").unwrap_or(name).to_string();
+                    *e = text(&name);
+                    return ControlFlow::Continue(());
+                }
+            }
+        }
+        // Comments are not stored: obj_description(...) and kin are NULL,
+        // whatever their arguments (often casts Drizzle cannot evaluate,
+        // such as a computed name to regclass).
+        if let Some((name, _)) = session_call(e) {
+            if matches!(
+                name.as_str(),
+                "obj_description" | "col_description" | "shobj_description"
+            ) {
+                *e = Expr::Cast {
+                    kind: datafusion::sql::sqlparser::ast::CastKind::DoubleColon,
+                    expr: Box::new(null()),
+                    data_type: DataType::Text,
+                    array: false,
+                    format: None,
+                };
+                return ControlFlow::Continue(());
+            }
+        }
         // ::pg_catalog.text is ::text; ::regclass and kin are OIDs.
         if let Expr::Cast { data_type, .. } = e {
             if let Some(t) = plain_type(data_type) {
@@ -443,6 +483,11 @@ fn rewrite_query(
                 aggregate_catalog_lookup(sub);
             }
         }
+        // pg_get_viewdef(oid): a view's definition, from the catalog.
+        if let Some(def) = viewdef_lookup(e) {
+            *e = def;
+            return ControlFlow::Continue(());
+        }
         // COLLATE "C" / pg_catalog.default: text compares bytewise here.
         if let Expr::Collate { expr, .. } = e {
             *e = (**expr).clone();
@@ -465,6 +510,328 @@ fn rewrite_query(
     let mut names = UniqueNames;
     let _ = datafusion::sql::sqlparser::ast::VisitMut::visit(q, &mut names);
     Ok(())
+}
+
+/// Parses one table factor or expression written by a rewrite (its parts
+/// are rendered from a parsed statement, so it parses).
+fn parse_sql<T>(
+    sql: &str,
+    f: impl FnOnce(
+        &mut datafusion::sql::sqlparser::parser::Parser<'_>,
+    ) -> Result<T, datafusion::sql::sqlparser::parser::ParserError>,
+) -> Option<T> {
+    let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
+    let mut parser = datafusion::sql::sqlparser::parser::Parser::new(&dialect)
+        .try_with_sql(sql)
+        .ok()?;
+    f(&mut parser).ok()
+}
+
+/// Functions in FROM, as Postgres reads them (Grafana's and pgjdbc's
+/// catalog queries use both forms):
+/// - `generate_series(a, b) AS s(r)` is the rows `a..=b` in column `r`
+///   (`(SELECT unnest(generate_series(a, b)) AS r) AS s`);
+/// - any other (scalar) function, `string_to_array(...) s`, is one row
+///   whose column is named after the alias (`(SELECT f(...) AS s) AS s`).
+///
+/// `TUMBLE` and `HOP` stay (Drizzle's window table functions), and so does
+/// `unnest` (DataFusion plans it in FROM).
+struct FunctionsInFrom;
+
+impl datafusion::sql::sqlparser::ast::VisitorMut for FunctionsInFrom {
+    type Break = ();
+
+    fn pre_visit_table_factor(
+        &mut self,
+        t: &mut datafusion::sql::sqlparser::ast::TableFactor,
+    ) -> ControlFlow<()> {
+        let datafusion::sql::sqlparser::ast::TableFactor::Table {
+            name,
+            alias,
+            args: Some(args),
+            with_ordinality: false,
+            ..
+        } = t
+        else {
+            return ControlFlow::Continue(());
+        };
+        let Some(function) = last_name(name) else {
+            return ControlFlow::Continue(());
+        };
+        let function = function.to_lowercase();
+        if matches!(function.as_str(), "tumble" | "hop" | "session" | "unnest") || name.0.len() > 2
+        {
+            return ControlFlow::Continue(());
+        }
+        let rendered = args
+            .args
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let table = alias
+            .as_ref()
+            .map_or_else(|| Ident::new(&function).to_string(), |a| a.name.to_string());
+        let column = alias
+            .as_ref()
+            .and_then(|a| a.columns.first())
+            .map_or_else(|| table.clone(), |c| c.name.to_string());
+        let value = if function == "generate_series" {
+            format!("unnest(generate_series({rendered}))")
+        } else {
+            format!("{}({rendered})", Ident::new(&function))
+        };
+        let sql = format!("(SELECT {value} AS {column}) AS {table}");
+        if let Some(derived) = parse_sql(&sql, |p| p.parse_table_factor()) {
+            *t = derived;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// `pg_get_viewdef(oid [, pretty])` is the view's definition, read from
+/// `drizzle_relations` (a catalog lookup, so it plans correlated).
+fn viewdef_lookup(e: &Expr) -> Option<Expr> {
+    let (name, args) = session_call(e)?;
+    if name != "pg_get_viewdef" || args.is_empty() || args.len() > 2 {
+        return None;
+    }
+    let sql = format!(
+        "(SELECT max(definition) FROM pg_catalog.drizzle_relations WHERE oid = {})",
+        args[0]
+    );
+    parse_sql(&sql, |p| p.parse_expr())
+}
+
+/// `xmin`, the system column DataGrip reads from every catalog (to load
+/// only what changed): catalog rows have no transaction ids in Drizzle, so
+/// it is 1 (with `age(xid)` 0, every row counts as new). A column named
+/// `xmin` is replaced only where it names a catalog's: qualified by the
+/// alias of a `pg_*` table, or bare in a query that reads only catalogs.
+fn hide_system_columns(q: &mut Query) {
+    let mut catalogs = Vec::new();
+    let mut user_tables = false;
+    let _ = datafusion::sql::sqlparser::ast::visit_relations(&*q, |name| {
+        let last = last_name(name).unwrap_or_default().to_lowercase();
+        if last.starts_with("pg_") {
+            catalogs.push(last);
+        } else {
+            user_tables = true;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    if catalogs.is_empty() {
+        return;
+    }
+    let mut aliases = CatalogAliases(catalogs);
+    let _ = datafusion::sql::sqlparser::ast::Visit::visit(&*q, &mut aliases);
+    let aliases = aliases.0;
+    let _ = visit_expressions_mut(q, |e| {
+        let is_xmin = match e {
+            Expr::Identifier(i) => !user_tables && i.value.eq_ignore_ascii_case("xmin"),
+            Expr::CompoundIdentifier(parts) => match parts.as_slice() {
+                [.., table, column] => {
+                    column.value.eq_ignore_ascii_case("xmin")
+                        && aliases.contains(&table.value.to_lowercase())
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if is_xmin {
+            *e = number(1);
+        }
+        ControlFlow::<()>::Continue(())
+    });
+}
+
+/// `ORDER BY CASE WHEN x IN (SELECT ...) ...` (Grafana's table list):
+/// DataFusion plans subqueries in projections and filters but not in a
+/// sort, so the select is wrapped and sorts by columns it computes:
+/// `SELECT a, b FROM (SELECT a, b, <key> AS "?sort?1" ...) ORDER BY "?sort?1"`.
+struct SortBySubqueries;
+
+impl datafusion::sql::sqlparser::ast::VisitorMut for SortBySubqueries {
+    type Break = ();
+
+    fn post_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
+        sort_by_subqueries(q);
+        ControlFlow::Continue(())
+    }
+}
+
+fn contains_subquery(e: &Expr) -> bool {
+    let mut found = false;
+    let _ = datafusion::sql::sqlparser::ast::visit_expressions(e, |e| {
+        if matches!(
+            e,
+            Expr::Subquery(_) | Expr::InSubquery { .. } | Expr::Exists { .. }
+        ) {
+            found = true;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
+    found
+}
+
+fn sort_by_subqueries(q: &mut Query) {
+    use datafusion::sql::sqlparser::ast::OrderByKind;
+    let Some(order_by) = q.order_by.as_mut() else {
+        return;
+    };
+    let OrderByKind::Expressions(keys) = &mut order_by.kind else {
+        return;
+    };
+    if !keys.iter().any(|k| contains_subquery(&k.expr)) {
+        return;
+    }
+    let SetExpr::Select(select) = q.body.as_mut() else {
+        return;
+    };
+    if select.distinct.is_some() || is_grouped(select) || has_aggregate(select) {
+        return;
+    }
+    let mut names: Vec<Ident> = Vec::new();
+    for item in &select.projection {
+        let name = match item {
+            SelectItem::ExprWithAlias { alias, .. } => alias.clone(),
+            SelectItem::UnnamedExpr(Expr::Identifier(i)) => i.clone(),
+            SelectItem::UnnamedExpr(Expr::CompoundIdentifier(p)) => match p.last() {
+                Some(i) => i.clone(),
+                None => return,
+            },
+            _ => return,
+        };
+        if names.iter().any(|n| n.value == name.value) {
+            return;
+        }
+        names.push(name);
+    }
+    let mut inner = select.as_ref().clone();
+    for (k, key) in keys.iter_mut().enumerate() {
+        let position = match &key.expr {
+            Expr::Value(v) => match &v.value {
+                Value::Number(n, _) => n.parse::<usize>().ok(),
+                _ => None,
+            },
+            _ => None,
+        };
+        let column = match position {
+            Some(p) if p >= 1 && p <= names.len() => names[p - 1].clone(),
+            Some(_) => return,
+            None => {
+                let alias = Ident::with_quote('"', format!("?sort?{}", k + 1));
+                inner.projection.push(SelectItem::ExprWithAlias {
+                    expr: key.expr.clone(),
+                    alias: alias.clone(),
+                });
+                alias
+            }
+        };
+        key.expr = Expr::Identifier(column);
+    }
+    let outer = format!(
+        "SELECT {} FROM ({inner}) AS \"?sorted?\"",
+        names
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(body) = parse_sql(&outer, |p| p.parse_query()) {
+        q.body = body.body;
+    }
+}
+
+/// `CASE WHEN x IN (SELECT y ...) ...` in a select item: DataFusion plans
+/// `IN (subquery)` in filters only, so in select items it becomes a
+/// membership test of the aggregated subquery,
+/// `coalesce(array_has((SELECT array_agg(y) ...), x), false)` (NULL when
+/// `x` is; a NULL among the subquery's values does not make it NULL).
+struct MembershipInSelectItems;
+
+impl datafusion::sql::sqlparser::ast::VisitorMut for MembershipInSelectItems {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
+        each_select(q.body.as_mut(), &mut |select| {
+            for item in &mut select.projection {
+                if let SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } = item
+                {
+                    let _ = visit_expressions_mut(e, |e| {
+                        if let Some(test) = membership_test(e) {
+                            *e = test;
+                        }
+                        ControlFlow::<()>::Continue(())
+                    });
+                }
+            }
+        });
+        ControlFlow::Continue(())
+    }
+}
+
+fn membership_test(e: &Expr) -> Option<Expr> {
+    let Expr::InSubquery {
+        expr,
+        subquery,
+        negated,
+    } = e
+    else {
+        return None;
+    };
+    let mut sub = subquery.as_ref().clone();
+    if sub.order_by.is_some() || sub.limit_clause.is_some() || sub.with.is_some() {
+        return None;
+    }
+    let SetExpr::Select(select) = sub.body.as_mut() else {
+        return None;
+    };
+    if select.projection.len() != 1
+        || select.distinct.is_some()
+        || is_grouped(select)
+        || has_aggregate(select)
+    {
+        return None;
+    }
+    let (SelectItem::UnnamedExpr(item) | SelectItem::ExprWithAlias { expr: item, .. }) =
+        select.projection[0].clone()
+    else {
+        return None;
+    };
+    select.projection[0] = SelectItem::UnnamedExpr(call("array_agg", vec![item]));
+    // NULL IN (...) is NULL; an empty subquery contains nothing.
+    let test = format!(
+        "CASE WHEN ({expr}) IS NULL THEN NULL ELSE {}coalesce(array_has(({sub}), {expr}), false) END",
+        if *negated { "NOT " } else { "" }
+    );
+    parse_sql(&test, |p| p.parse_expr())
+}
+
+/// Collects the aliases of `pg_*` tables (after their names).
+struct CatalogAliases(Vec<String>);
+
+impl datafusion::sql::sqlparser::ast::Visitor for CatalogAliases {
+    type Break = ();
+
+    fn pre_visit_table_factor(
+        &mut self,
+        t: &datafusion::sql::sqlparser::ast::TableFactor,
+    ) -> ControlFlow<()> {
+        if let datafusion::sql::sqlparser::ast::TableFactor::Table {
+            name,
+            alias: Some(alias),
+            args: None,
+            ..
+        } = t
+        {
+            if last_name(name).is_some_and(|n| n.starts_with("pg_")) {
+                self.0.push(alias.name.value.to_lowercase());
+            }
+        }
+        ControlFlow::Continue(())
+    }
 }
 
 /// `SELECT n.oid, n.* FROM pg_namespace n` (DBeaver's way): Postgres
@@ -618,7 +985,17 @@ impl datafusion::sql::sqlparser::ast::VisitorMut for EmptySelects {
     type Break = ();
 
     fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
-        each_select(q.body.as_mut(), &mut empty_selects);
+        if let SetExpr::Select(select) = q.body.as_mut() {
+            // No rows: no order either (and the sort keys, which may name
+            // columns the NULLs replaced, go with it).
+            if empty_selects(select) {
+                q.order_by = None;
+            }
+        } else {
+            each_select(q.body.as_mut(), &mut |s| {
+                empty_selects(s);
+            });
+        }
         ControlFlow::Continue(())
     }
 }
@@ -657,21 +1034,22 @@ fn is_grouped(select: &Select) -> bool {
     )
 }
 
-fn empty_selects(select: &mut Select) {
-    if is_grouped(select) || select.having.is_some() || !from_is_empty(&select.from) {
-        return;
-    }
-    let mut finder = AggregateFinder {
-        depth: 0,
-        found: false,
-    };
-    for item in &select.projection {
-        if let SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } = item {
-            let _ = datafusion::sql::sqlparser::ast::Visit::visit(e, &mut finder);
-        }
-    }
-    if finder.found {
-        return;
+/// Replaces the items of a select over an empty join by NULLs (named as
+/// before) and drops its filter; true when it did.
+fn empty_selects(select: &mut Select) -> bool {
+    let wildcard = select.projection.iter().any(|i| {
+        matches!(
+            i,
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(_, _)
+        )
+    });
+    if wildcard
+        || is_grouped(select)
+        || select.having.is_some()
+        || has_aggregate(select)
+        || !from_is_empty(&select.from)
+    {
+        return false;
     }
     for (i, item) in select.projection.iter_mut().enumerate() {
         let alias = match item {
@@ -690,6 +1068,7 @@ fn empty_selects(select: &mut Select) {
         };
     }
     select.selection = None;
+    true
 }
 
 /// Finds an aggregate call outside subqueries.
@@ -723,26 +1102,59 @@ impl datafusion::sql::sqlparser::ast::Visitor for AggregateFinder {
 }
 
 fn from_is_empty(from: &[datafusion::sql::sqlparser::ast::TableWithJoins]) -> bool {
-    let empty = |f: &datafusion::sql::sqlparser::ast::TableFactor| match f {
-        datafusion::sql::sqlparser::ast::TableFactor::Table { name, .. } => {
-            last_name(name).is_some_and(|n| EMPTY_CATALOGS.contains(&n.as_str()))
+    use datafusion::sql::sqlparser::ast::{JoinOperator, TableFactor};
+    fn empty(f: &TableFactor) -> bool {
+        match f {
+            TableFactor::Table {
+                name, args: None, ..
+            } => last_name(name).is_some_and(|n| EMPTY_CATALOGS.contains(&n.as_str())),
+            // A derived table over an empty join (not aggregated: an
+            // aggregate answers a row even over nothing).
+            TableFactor::Derived { subquery, .. } => match subquery.body.as_ref() {
+                SetExpr::Select(select) => {
+                    !is_grouped(select) && !has_aggregate(select) && from_is_empty(&select.from)
+                }
+                _ => false,
+            },
+            _ => false,
         }
-        _ => false,
-    };
-    let inner_only = from.iter().all(|t| {
-        t.joins.iter().all(|j| {
+    }
+    // With only inner, cross and left joins, the result is empty when the
+    // first relation or any inner-joined one is.
+    from.iter().any(|t| {
+        let keeps_left = t.joins.iter().all(|j| {
             matches!(
                 j.join_operator,
-                datafusion::sql::sqlparser::ast::JoinOperator::Inner(_)
-                    | datafusion::sql::sqlparser::ast::JoinOperator::Join(_)
-                    | datafusion::sql::sqlparser::ast::JoinOperator::CrossJoin(_)
+                JoinOperator::Inner(_)
+                    | JoinOperator::Join(_)
+                    | JoinOperator::CrossJoin(_)
+                    | JoinOperator::Left(_)
+                    | JoinOperator::LeftOuter(_)
             )
-        })
-    });
-    inner_only
-        && from
-            .iter()
-            .any(|t| empty(&t.relation) || t.joins.iter().any(|j| empty(&j.relation)))
+        });
+        keeps_left
+            && (empty(&t.relation)
+                || t.joins.iter().any(|j| {
+                    matches!(
+                        j.join_operator,
+                        JoinOperator::Inner(_) | JoinOperator::Join(_) | JoinOperator::CrossJoin(_)
+                    ) && empty(&j.relation)
+                }))
+    })
+}
+
+/// True when a select item calls an aggregate (outside subqueries).
+fn has_aggregate(select: &Select) -> bool {
+    let mut finder = AggregateFinder {
+        depth: 0,
+        found: false,
+    };
+    for item in &select.projection {
+        if let SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } = item {
+            let _ = datafusion::sql::sqlparser::ast::Visit::visit(e, &mut finder);
+        }
+    }
+    finder.found
 }
 
 /// Gives unnamed select items that would share a name (two NULLs, two
@@ -858,6 +1270,7 @@ const EMPTY_CATALOGS: &[&str] = &[
     "pg_attrdef",
     "pg_collation",
     "pg_constraint",
+    "pg_depend",
     "pg_description",
     "pg_enum",
     "pg_event_trigger",
@@ -865,6 +1278,8 @@ const EMPTY_CATALOGS: &[&str] = &[
     "pg_foreign_table",
     "pg_index",
     "pg_inherits",
+    "pg_locks",
+    "pg_opclass",
     "pg_partitioned_table",
     "pg_policy",
     "pg_proc",
@@ -874,6 +1289,8 @@ const EMPTY_CATALOGS: &[&str] = &[
     "pg_rewrite",
     "pg_sequence",
     "pg_shdescription",
+    "pg_stat_all_tables",
+    "pg_stat_user_tables",
     "pg_statistic_ext",
     "pg_trigger",
     "pg_views",

@@ -64,7 +64,8 @@ struct Table {
 impl Table {
     fn new(columns: &str) -> Self {
         // "name:type, ..." with i (int8), t (text), b (bool), f (float4),
-        // a (text[], for ACLs and options, always NULL here), z (timestamptz).
+        // a (text[], for ACLs and options, always NULL here), v (int8[], for
+        // int2vector and oidvector columns), z (timestamptz).
         let fields = columns
             .split(',')
             .map(|c| {
@@ -74,6 +75,8 @@ impl Table {
                     "b" => DataType::Boolean,
                     "f" => DataType::Float32,
                     "a" => DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+                    // int2vector / oidvector (index keys): always empty here.
+                    "v" => DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true))),
                     "z" => DataType::Timestamp(
                         arrow::datatypes::TimeUnit::Microsecond,
                         Some("+00:00".into()),
@@ -703,15 +706,16 @@ impl SystemResolver<'_> {
                 "indexrelid:i, indrelid:i, indnatts:i, indnkeyatts:i, indisunique:b, \
                  indnullsnotdistinct:b, indisprimary:b, indisexclusion:b, indimmediate:b, \
                  indisclustered:b, indisvalid:b, indcheckxmin:b, indisready:b, indislive:b, \
-                 indisreplident:b, indkey, indcollation, indclass, indoption, indexprs, indpred",
+                 indisreplident:b, indkey:v, indcollation:v, indclass:v, indoption:v, indexprs, \
+                 indpred",
             )
             .build(),
             "pg_constraint" => Table::new(
                 "oid:i, conname, connamespace:i, contype, condeferrable:b, condeferred:b, \
                  convalidated:b, conrelid:i, contypid:i, conindid:i, conparentid:i, \
                  confrelid:i, confupdtype, confdeltype, confmatchtype, conislocal:b, \
-                 coninhcount:i, connoinherit:b, conkey, confkey, conpfeqop, conppeqop, \
-                 conffeqop, confdelsetcols, conexclop, conbin",
+                 coninhcount:i, connoinherit:b, conkey:v, confkey:v, conpfeqop:v, conppeqop:v, \
+                 conffeqop:v, confdelsetcols:v, conexclop:v, conbin",
             )
             .build(),
             "pg_description" => Table::new("objoid:i, classoid:i, objsubid:i, description").build(),
@@ -782,6 +786,28 @@ impl SystemResolver<'_> {
                 Table::new("oid:i, prpubid:i, prrelid:i, prqual, prattrs").build()
             }
             "pg_publication_namespace" => Table::new("oid:i, pnpubid:i, pnnspid:i").build(),
+            "pg_depend" => Table::new(
+                "classid:i, objid:i, objsubid:i, refclassid:i, refobjid:i, refobjsubid:i, deptype",
+            )
+            .build(),
+            "pg_opclass" => Table::new(
+                "oid:i, opcmethod:i, opcname, opcnamespace:i, opcowner:i, opcfamily:i, \
+                 opcintype:i, opcdefault:b, opckeytype:i",
+            )
+            .build(),
+            "pg_locks" => Table::new(
+                "locktype, database:i, relation:i, page:i, tuple:i, virtualxid, \
+                 transactionid:i, classid:i, objid:i, objsubid:i, virtualtransaction, pid:i, \
+                 mode, granted:b, fastpath:b, waitstart:z",
+            )
+            .build(),
+            "pg_stat_user_tables" | "pg_stat_all_tables" => Table::new(
+                "relid:i, schemaname, relname, seq_scan:i, seq_tup_read:i, idx_scan:i, \
+                 idx_tup_fetch:i, n_tup_ins:i, n_tup_upd:i, n_tup_del:i, n_tup_hot_upd:i, \
+                 n_live_tup:i, n_dead_tup:i, last_vacuum:z, last_autovacuum:z, \
+                 last_analyze:z, last_autoanalyze:z",
+            )
+            .build(),
             "pg_event_trigger" => {
                 Table::new("oid:i, evtname, evtevent, evtowner:i, evtfoid:i, evtenabled, evttags")
                     .build()
@@ -836,53 +862,52 @@ impl SystemResolver<'_> {
                      user_defined_type_catalog, user_defined_type_schema, \
                      user_defined_type_name, is_insertable_into, is_typed, commit_action",
                 );
-                for r in self.relations() {
-                    // Postgres lists materialized views nowhere here; tools
-                    // that list through information_schema expect them as
-                    // views.
-                    let (kind, insertable) = match r.relkind {
-                        "m" => ("VIEW", "NO"),
-                        _ => ("BASE TABLE", "YES"),
-                    };
+                // Materialized views are not in information_schema (as in
+                // Postgres: tools that list them read pg_class or
+                // pg_matviews, and add them to what they read here).
+                for r in self.relations().into_iter().filter(|r| r.relkind != "m") {
                     t.row(vec![
                         s(database),
                         s("public"),
                         s(r.name),
-                        s(kind),
+                        s("BASE TABLE"),
                         V::N,
                         V::N,
                         V::N,
                         V::N,
                         V::N,
-                        s(insertable),
+                        s("YES"),
                         s("NO"),
                         V::N,
                     ]);
                 }
                 t.build()
             }
-            "views" => {
-                let mut t = Table::new(
-                    "table_catalog, table_schema, table_name, view_definition, check_option, \
-                     is_updatable, is_insertable_into, is_trigger_updatable, \
-                     is_trigger_deletable, is_trigger_insertable_into",
-                );
-                for v in self.catalog.views() {
-                    t.row(vec![
-                        s(database),
-                        s("public"),
-                        s(v.name),
-                        s(v.query),
-                        s("NONE"),
-                        s("NO"),
-                        s("NO"),
-                        s("NO"),
-                        s("NO"),
-                        s("NO"),
-                    ]);
-                }
-                t.build()
-            }
+            // Drizzle's views are all materialized, and so not listed here.
+            "views" => Table::new(
+                "table_catalog, table_schema, table_name, view_definition, check_option, \
+                 is_updatable, is_insertable_into, is_trigger_updatable, \
+                 is_trigger_deletable, is_trigger_insertable_into",
+            )
+            .build(),
+            "table_constraints" => Table::new(
+                "constraint_catalog, constraint_schema, constraint_name, table_catalog, \
+                 table_schema, table_name, constraint_type, is_deferrable, initially_deferred, \
+                 enforced, nulls_distinct",
+            )
+            .build(),
+            "key_column_usage" => Table::new(
+                "constraint_catalog, constraint_schema, constraint_name, table_catalog, \
+                 table_schema, table_name, column_name, ordinal_position:i, \
+                 position_in_unique_constraint:i",
+            )
+            .build(),
+            "referential_constraints" => Table::new(
+                "constraint_catalog, constraint_schema, constraint_name, \
+                 unique_constraint_catalog, unique_constraint_schema, unique_constraint_name, \
+                 match_option, update_rule, delete_rule",
+            )
+            .build(),
             "columns" => {
                 let mut t = Table::new(
                     "table_catalog, table_schema, table_name, column_name, ordinal_position:i, \
@@ -892,7 +917,7 @@ impl SystemResolver<'_> {
                      udt_catalog, udt_schema, udt_name, is_identity, is_generated, \
                      is_updatable",
                 );
-                for r in self.relations() {
+                for r in self.relations().into_iter().filter(|r| r.relkind != "m") {
                     for (i, (name, dt, nullable)) in r.columns.iter().enumerate() {
                         let typ = pg_type(dt) as i64;
                         let udt = TYPES.iter().find(|t| t.0 == typ).map_or("text", |t| t.1);

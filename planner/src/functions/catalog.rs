@@ -370,6 +370,115 @@ fn null_text(_args: &[ArrayRef], n: usize) -> Result<ArrayRef> {
     Ok(texts(n, None))
 }
 
+/// Splits a qualified identifier as Postgres's `parse_ident` does: parts
+/// separated by dots, unquoted parts folded to lower case, `"quoted"` parts
+/// kept as written (`""` is a quote).
+pub fn parse_ident(s: &str) -> std::result::Result<Vec<String>, &'static str> {
+    let mut parts = Vec::new();
+    let mut chars = s.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => return Err("unclosed double quote"),
+                }
+            }
+            if part.is_empty() {
+                return Err("empty quoted identifier");
+            }
+        } else {
+            while let Some(c) = chars.peek().copied() {
+                if c == '.' || c.is_whitespace() {
+                    break;
+                }
+                part.extend(c.to_lowercase());
+                chars.next();
+            }
+            if part.is_empty() {
+                return Err("no valid identifier");
+            }
+        }
+        parts.push(part);
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        match chars.next() {
+            None => return Ok(parts),
+            Some('.') => {
+                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                    chars.next();
+                }
+            }
+            Some(_) => return Err("extra characters after the identifier"),
+        }
+    }
+}
+
+/// Postgres's `format()`: `%s` (text, NULL as empty), `%I` (an identifier,
+/// quoted where needed), `%L` (a literal, NULL as `NULL`), `%%`, and
+/// positions (`%2$s`).
+pub fn format_text(
+    template: &str,
+    values: &[Option<&str>],
+) -> std::result::Result<String, &'static str> {
+    let mut out = String::with_capacity(template.len());
+    let mut chars = template.chars().peekable();
+    let mut next = 0usize;
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&'%') {
+            chars.next();
+            out.push('%');
+            continue;
+        }
+        let mut digits = String::new();
+        while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+            digits.push(d);
+            chars.next();
+        }
+        let index = if digits.is_empty() {
+            next
+        } else if chars.next() == Some('$') {
+            match digits.parse::<usize>() {
+                Ok(p) if p >= 1 => p - 1,
+                _ => return Err("format specifies argument 0, but arguments are numbered from 1"),
+            }
+        } else {
+            return Err("widths in format() are not supported");
+        };
+        next = index + 1;
+        let kind = chars.next().ok_or("unterminated format() type specifier")?;
+        let value = *values.get(index).ok_or("too few arguments for format()")?;
+        match kind {
+            's' => out.push_str(value.unwrap_or("")),
+            'I' => out.push_str(&quote_ident(
+                value.ok_or("null values cannot be formatted as an SQL identifier")?,
+            )),
+            'L' => match value {
+                None => out.push_str("NULL"),
+                Some(v) => {
+                    out.push('\'');
+                    out.push_str(&v.replace('\'', "''"));
+                    out.push('\'');
+                }
+            },
+            _ => return Err("unrecognized format() type specifier"),
+        }
+    }
+    Ok(out)
+}
+
 /// Installs the catalog functions in `ctx`.
 pub fn register(ctx: &SessionContext) {
     LazyLock::force(&STARTED_US);
@@ -595,6 +704,102 @@ pub fn register(ctx: &SessionContext) {
             })
         },
     ));
+    // Drizzle has no transaction ids; every catalog row's xmin is 1.
+    ctx.register_udf(function(
+        "txid_current",
+        TypeSignature::Nullary,
+        Volatility::Volatile,
+        DataType::Int64,
+        |_, n| Ok(Arc::new(arrow::array::Int64Array::from(vec![1i64; n]))),
+    ));
+    ctx.register_udf(function(
+        "pg_is_in_recovery",
+        TypeSignature::Nullary,
+        Volatility::Stable,
+        DataType::Boolean,
+        |_, n| Ok(Arc::new(BooleanArray::from(vec![false; n]))),
+    ));
+    // age(xid): transactions since xid. Drizzle has no transaction ids (every
+    // row's xmin is 1 and no transaction is older), so it is 0.
+    ctx.register_udf(function(
+        "age",
+        TypeSignature::Any(1),
+        Volatility::Stable,
+        DataType::Int64,
+        |args, n| {
+            if !args[0].data_type().is_integer() && !args[0].data_type().is_null() {
+                return Err(datafusion::error::DataFusionError::NotImplemented(format!(
+                    "age({}) is not supported; age(xid) is",
+                    args[0].data_type()
+                )));
+            }
+            Ok(Arc::new(arrow::array::Int64Array::from(vec![0i64; n])))
+        },
+    ));
+    ctx.register_udf(function(
+        "parse_ident",
+        TypeSignature::Any(1),
+        Volatility::Immutable,
+        DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+        |args, _| {
+            let names = arrow::compute::cast(&args[0], &DataType::Utf8)?;
+            let names = names.as_string::<i32>();
+            let mut b = ListBuilder::new(StringBuilder::new());
+            for i in 0..names.len() {
+                if names.is_null(i) {
+                    b.append(false);
+                    continue;
+                }
+                for part in parse_ident(names.value(i)).map_err(|e| {
+                    datafusion::error::DataFusionError::Execution(format!(
+                        "string is not a valid identifier: \"{}\" ({e})",
+                        names.value(i)
+                    ))
+                })? {
+                    b.values().append_value(part);
+                }
+                b.append(true);
+            }
+            Ok(Arc::new(b.finish()))
+        },
+    ));
+    ctx.register_udf(function(
+        "format",
+        TypeSignature::VariadicAny,
+        Volatility::Stable,
+        DataType::Utf8,
+        |args, n| {
+            let Some((template, values)) = args.split_first() else {
+                return Err(datafusion::error::DataFusionError::Plan(
+                    "format() takes a format string and values".into(),
+                ));
+            };
+            let template = arrow::compute::cast(template, &DataType::Utf8)?;
+            let template = template.as_string::<i32>();
+            let values = values
+                .iter()
+                .map(|v| arrow::compute::cast(v, &DataType::Utf8))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let mut out = StringBuilder::new();
+            for row in 0..n {
+                if template.is_null(row) {
+                    out.append_null();
+                    continue;
+                }
+                let cells: Vec<Option<&str>> = values
+                    .iter()
+                    .map(|v| {
+                        let v = v.as_string::<i32>();
+                        v.is_valid(row).then(|| v.value(row))
+                    })
+                    .collect();
+                let text = format_text(template.value(row), &cells)
+                    .map_err(|e| datafusion::error::DataFusionError::Execution(e.into()))?;
+                out.append_value(text);
+            }
+            Ok(Arc::new(out.finish()))
+        },
+    ));
     ctx.register_udf(function(
         "quote_ident",
         TypeSignature::Any(1),
@@ -607,6 +812,36 @@ pub fn register(ctx: &SessionContext) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn format_follows_postgres() {
+        assert_eq!(
+            format_text("%s.%I = %L %%", &[Some("a"), Some("My T"), Some("it's")]),
+            Ok("a.\"My T\" = 'it''s' %".into())
+        );
+        assert_eq!(
+            format_text("%2$s %1$s %s", &[Some("x"), Some("y")]),
+            Ok("y x y".into())
+        );
+        assert_eq!(format_text("[%s] %L", &[None, None]), Ok("[] NULL".into()));
+        assert!(format_text("%s %s", &[Some("x")]).is_err());
+        assert!(format_text("%I", &[None]).is_err());
+    }
+
+    #[test]
+    fn parse_ident_splits_and_folds_like_postgres() {
+        assert_eq!(
+            parse_ident("public.Bids"),
+            Ok(vec!["public".into(), "bids".into()])
+        );
+        assert_eq!(
+            parse_ident("\"My \"\"T\"\" \" . x"),
+            Ok(vec!["My \"T\" ".into(), "x".into()])
+        );
+        assert!(parse_ident("a.").is_err());
+        assert!(parse_ident("\"a").is_err());
+        assert!(parse_ident("a b").is_err());
+    }
 
     #[test]
     fn names_and_quoting_follow_postgres() {
