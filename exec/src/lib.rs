@@ -12,7 +12,7 @@
 //!                   projection) ─▶ collector ─▶ session / materialized view
 //! ```
 //!
-//! Execution follows the Drizzle design (see `runtime` for the invariants):
+//! Execution follows the Drizzle design (see `coordinator` for the invariants):
 //! the coordinator plans a group of micro-batches at once and sends each
 //! worker one launch message per group; shuffles are pre-scheduled, and a
 //! worker-local scheduler starts a reduce task when notices from all its map
@@ -26,19 +26,19 @@
 //! that a worker reads its own blocks without the network.
 //!
 //! Modules: [`log`] (durable partitioned log behind built-in streams and
-//! tables), [`source`] (log and datagen sources), [`ops`] (operators and
-//! keyed state), [`runtime`] (the coordinator and the result collector),
+//! tables), [`sources`] (log and datagen sources), [`operators`] (operators and
+//! keyed state), [`coordinator`] (the coordinator and the result collector),
 //! [`worker`] (a worker and its local scheduler), [`cluster`] (the protocol).
 //! Types to read first: [`Runtime`], [`QuerySpec`], [`QueryHandle`],
-//! [`worker::start_worker`], [`ops::AggregateFinalExec`], [`log::PartitionLog`].
+//! [`worker::start_worker`], [`operators::AggregateFinalExec`], [`log::PartitionLog`].
 
 pub mod checkpoint;
 pub mod cluster;
+pub mod coordinator;
 pub mod error;
 pub mod log;
-pub mod ops;
-pub mod runtime;
-pub mod source;
+pub mod operators;
+pub mod sources;
 pub mod worker;
 
 pub use error::{ExecError, Result};
@@ -49,9 +49,9 @@ pub use error::{ExecError, Result};
 /// (about 2 KiB per level in a debug build, with a wide margin); only the
 /// pages a thread touches are ever committed.
 pub const THREAD_STACK_BYTES: usize = 32 << 20;
-pub use ops::TableEvaluator;
-pub use runtime::{
+pub use coordinator::{
     AdaptiveGroupSize, Durability, EmittedBatch, GroupId, InputSpec, QueryHandle, QuerySpec,
     QueryStatus, Recovery, Runtime, RuntimeConfig, Scheduling, WorkerId, WorkerInfo,
 };
+pub use operators::TableEvaluator;
 pub use worker::{start_worker, ErrorClassifier, WorkerConfig, WorkerHandle};

@@ -17,8 +17,8 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::ast::Query;
-use drizzle_exec::runtime::{InputSpec, QuerySpec};
-use drizzle_exec::source::open_source;
+use drizzle_exec::coordinator::{InputSpec, QuerySpec};
+use drizzle_exec::sources::open_source;
 use drizzle_exec::{QueryHandle, Runtime, RuntimeConfig, Scheduling, TableEvaluator};
 use drizzle_planner::{
     plan_query, sql_to_unoptimized, CopyOptions, DrizzleStatement, EmitMode, ObjectKind,
@@ -553,7 +553,7 @@ impl Engine {
         &self,
         stream: &StreamDef,
         latest: bool,
-    ) -> Result<(Vec<drizzle_exec::source::SourcePartition>, Vec<u64>), PgError> {
+    ) -> Result<(Vec<drizzle_exec::sources::SourcePartition>, Vec<u64>), PgError> {
         let log = self.catalog.stream_log(&stream.name);
         let sources = open_source(stream, log.as_ref())?;
         let now_us = now_ms() * 1000;
@@ -561,7 +561,7 @@ impl Engine {
             .iter()
             .map(|s| match s {
                 // Generated rows exist from the moment a query looks at them.
-                drizzle_exec::source::SourcePartition::Datagen(..) => s.available(now_us),
+                drizzle_exec::sources::SourcePartition::Datagen(..) => s.available(now_us),
                 _ if latest => s.available(now_us),
                 _ => 0,
             })
@@ -1403,7 +1403,7 @@ impl Engine {
             };
             offsets.resize(sources.len(), 0);
             for (o, s) in offsets.iter_mut().zip(&sources) {
-                if !stable && matches!(s, drizzle_exec::source::SourcePartition::Datagen(..)) {
+                if !stable && matches!(s, drizzle_exec::sources::SourcePartition::Datagen(..)) {
                     *o = s.available(now_us);
                 }
             }

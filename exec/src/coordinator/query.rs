@@ -1,0 +1,181 @@
+//! A compiled query: placement owners, and the checkpoints it keeps and resolves.
+
+use super::*;
+
+impl Owners {
+    pub(super) fn of(layout: &Layout) -> Self {
+        let id = |slot: &usize| layout.workers[*slot].id.0;
+        Self {
+            workers: layout.workers.iter().map(|w| w.id.0).collect(),
+            maps: layout
+                .maps
+                .iter()
+                .map(|m| m.iter().map(id).collect())
+                .collect(),
+            reduces: layout.reduces.iter().map(id).collect(),
+        }
+    }
+
+    pub(super) fn reduce(&self, r: u32) -> Option<u32> {
+        self.reduces.get(r as usize).copied()
+    }
+
+    /// The owner of final-stage task `p`: a reduce partition, or a map
+    /// partition of a plan without a shuffle.
+    pub(super) fn final_task(&self, p: u32) -> Option<u32> {
+        if self.reduces.is_empty() {
+            self.maps.first()?.get(p as usize).copied()
+        } else {
+            self.reduce(p)
+        }
+    }
+}
+
+impl CompiledQuery {
+    /// The checkpoint a keyed-state snapshot may be a delta of: the latest
+    /// complete one, if it has the current reduce partitions, fewer than
+    /// [`MAX_DELTAS`] deltas, and deltas that add up to no more than the
+    /// full snapshot (or [`MIN_DELTA_BUDGET`]).
+    pub(super) fn delta_base(&self) -> Option<u64> {
+        if self.plan.aggregate.is_none() || self.full_checkpoint_next.load(Ordering::Acquire) {
+            return None;
+        }
+        let last = self.last_checkpoint.lock();
+        let m = last.as_ref()?;
+        let partitions = self.status.reduce_partitions.load(Ordering::Acquire);
+        (m.reduce_partitions == partitions
+            && m.states.len() == partitions as usize
+            && m.states.iter().all(|s| {
+                let base = if s.chain.is_empty() {
+                    s.bytes
+                } else {
+                    s.base_bytes
+                };
+                s.chain.len() < MAX_DELTAS && s.delta_bytes() <= base.max(MIN_DELTA_BUDGET)
+            }))
+        .then_some(m.batch)
+    }
+
+    /// Resolves each delta's chain against the kept checkpoints; `None` when
+    /// a base is gone (the checkpoint is then dropped, and the next one is
+    /// written in full).
+    pub(super) fn resolve_chains(
+        &self,
+        states: Vec<(StateFile, Option<u64>)>,
+    ) -> Option<Vec<StateFile>> {
+        let kept = self.kept_checkpoints.lock();
+        let mut out = Vec::with_capacity(states.len());
+        for (mut file, base) in states {
+            if let Some(base) = base {
+                let m = kept.iter().find(|m| m.batch == base)?;
+                let prev = m.states.iter().find(|s| s.partition == file.partition)?;
+                file.chain = prev.chain.clone();
+                file.chain.push(prev.path.clone());
+                file.chain_bytes = prev.chain_bytes + prev.bytes;
+                file.base_bytes = if prev.chain.is_empty() {
+                    prev.bytes
+                } else {
+                    prev.base_bytes
+                };
+            }
+            out.push(file);
+        }
+        Some(out)
+    }
+}
+
+impl CompiledQuery {
+    /// Whether a loss now can re-run only the lost work: every map output
+    /// since the last checkpoint is retained.
+    pub(super) fn can_recover_lost_work(&self) -> bool {
+        if !self.lost_work || !self.retaining.load(Ordering::Acquire) {
+            return false;
+        }
+        let since = self.retained_since.load(Ordering::Acquire);
+        self.last_checkpoint
+            .lock()
+            .as_ref()
+            .map_or(since == 0, |m| m.batch + 1 >= since)
+    }
+
+    /// At a group boundary: stops retaining map outputs once no checkpoint
+    /// was written for `stall` (the store is failing: retained blocks would
+    /// grow without bound), and retains again from batch `from` on once
+    /// checkpoints are back. Updates the recovery mode SHOW QUERIES shows.
+    pub(super) fn check_retention(&self, stall: Duration, from: u64) {
+        if !self.lost_work {
+            return;
+        }
+        let age = self
+            .status
+            .last_checkpoint
+            .lock()
+            .map_or_else(|| self.status.started.elapsed(), |(_, at, _)| at.elapsed());
+        let retaining = self.retaining.load(Ordering::Acquire);
+        if retaining && age > stall {
+            self.retaining.store(false, Ordering::Release);
+            tracing::warn!(query = %self.id, "no checkpoint for {age:?}: map outputs are no longer retained, a lost worker now rolls the query back");
+        } else if !retaining && age < stall {
+            self.retained_since.store(from, Ordering::Release);
+            self.retaining.store(true, Ordering::Release);
+            tracing::info!(query = %self.id, "checkpoints are back: map outputs retained again from batch {from}");
+        }
+        let mode = if !self.retaining.load(Ordering::Acquire) {
+            "rollback (checkpoints stalled)"
+        } else if self.can_recover_lost_work() {
+            "lost-work"
+        } else {
+            "rollback (until the next checkpoint)"
+        };
+        let mut shown = self.status.recovery.lock();
+        if *shown != mode {
+            *shown = mode.to_string();
+        }
+    }
+
+    /// Every batch up to the returned one was committed by the sink.
+    pub(super) fn committed_through(&self) -> Option<u64> {
+        let released = self.released.load(Ordering::Acquire);
+        if !self.durability.durable_sink {
+            return released.checked_sub(1);
+        }
+        let sent = self.last_sent_rows.load(Ordering::Acquire);
+        let acked = self.acked.load(Ordering::Acquire);
+        if acked >= sent {
+            released.checked_sub(1)
+        } else {
+            acked.checked_sub(1)
+        }
+    }
+
+    pub(super) fn trigger_at(&self, b: BatchId) -> Instant {
+        self.start + self.offset_of(b)
+    }
+
+    pub(super) fn offset_of(&self, b: BatchId) -> Duration {
+        Duration::from_nanos((self.interval.as_nanos() as u64).saturating_mul(b.0 + 1))
+    }
+
+    /// Map partitions of input stage `s`.
+    pub(super) fn partitions(&self, s: usize) -> u32 {
+        self.inputs.get(s).map_or(0, |i| i.sources.len() as u32)
+    }
+
+    /// Map partitions over every input stage.
+    pub(super) fn total_map_partitions(&self) -> u32 {
+        (0..self.inputs.len()).map(|s| self.partitions(s)).sum()
+    }
+
+    pub(super) fn join(&self, id: u32) -> Option<&LookupJoinSpec> {
+        let right = self.plan.join.iter().flat_map(|j| j.right.map_ops.iter());
+        self.plan
+            .map_ops
+            .iter()
+            .chain(right)
+            .chain(&self.plan.post_ops)
+            .find_map(|op| match op {
+                BatchOp::LookupJoin(spec) if spec.id == id => Some(spec.as_ref()),
+                _ => None,
+            })
+    }
+}

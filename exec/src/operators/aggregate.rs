@@ -1,0 +1,574 @@
+//! Aggregation: the map-side partial half and `AggregateFinalExec`, the
+//! reduce-side keyed state (per window when windowed).
+
+use super::*;
+
+pub(super) fn new_accumulator(
+    agg: &Arc<AggregateFunctionExpr>,
+) -> Result<Box<dyn GroupsAccumulator>> {
+    if agg.groups_accumulator_supported() {
+        Ok(agg.create_groups_accumulator()?)
+    } else {
+        let agg = Arc::clone(agg);
+        Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+            agg.create_accumulator()
+        })))
+    }
+}
+
+/// The map-side half of an aggregation: one row per group of `batch`, the
+/// group columns followed by every aggregate's partial state.
+pub fn partial_aggregate(plan: &AggregatePlan, batch: &RecordBatch) -> Result<RecordBatch> {
+    if batch.num_rows() == 0 {
+        return Ok(RecordBatch::new_empty(Arc::clone(&plan.partial_schema)));
+    }
+    let group_cols = plan
+        .group_exprs
+        .iter()
+        .map(|(e, _)| eval(e, batch))
+        .collect::<Result<Vec<_>>>()?;
+    let mut values = new_group_values(Arc::clone(&plan.group_schema), &GroupOrdering::None)?;
+    let mut groups = Vec::with_capacity(batch.num_rows());
+    if group_cols.is_empty() {
+        groups.resize(batch.num_rows(), 0);
+    } else {
+        values.intern(&group_cols, &mut groups)?;
+    }
+    let n = if group_cols.is_empty() {
+        1
+    } else {
+        values.len()
+    };
+    let mut columns = if group_cols.is_empty() {
+        Vec::new()
+    } else {
+        values.emit(EmitTo::All)?
+    };
+    for (agg, filter) in plan.aggregates.iter().zip(&plan.filters) {
+        let mut acc = new_accumulator(agg)?;
+        let args = agg
+            .expressions()
+            .iter()
+            .map(|e| eval(e, batch))
+            .collect::<Result<Vec<_>>>()?;
+        let mask = match filter {
+            Some(f) => Some(as_mask(&eval(f, batch)?)?),
+            None => None,
+        };
+        acc.update_batch(&args, &groups, mask.as_ref(), n)?;
+        columns.extend(acc.state(EmitTo::All)?);
+    }
+    Ok(RecordBatch::try_new_with_options(
+        Arc::clone(&plan.partial_schema),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(n)),
+    )?)
+}
+
+pub(super) struct GroupTable {
+    values: Box<dyn GroupValues>,
+    accs: Vec<Box<dyn GroupsAccumulator>>,
+    /// For a global aggregate (no GROUP BY): whether any row arrived.
+    seen: bool,
+    /// Per group: the micro-batch that last changed it (incremental
+    /// checkpoints write the groups changed since the last one).
+    changed: Vec<u64>,
+}
+
+impl GroupTable {
+    pub(super) fn new(plan: &AggregatePlan) -> Result<Self> {
+        Ok(Self {
+            values: new_group_values(Arc::clone(&plan.group_schema), &GroupOrdering::None)?,
+            accs: plan
+                .aggregates
+                .iter()
+                .map(new_accumulator)
+                .collect::<Result<Vec<_>>>()?,
+            seen: false,
+            changed: Vec::new(),
+        })
+    }
+
+    pub(super) fn size(&self, plan: &AggregatePlan) -> StateSize {
+        StateSize {
+            bytes: (self.values.size()
+                + self.accs.iter().map(|a| a.size()).sum::<usize>()
+                + self.changed.capacity() * 8) as u64,
+            keys: self.len(plan) as u64,
+        }
+    }
+
+    pub(super) fn len(&self, plan: &AggregatePlan) -> usize {
+        if plan.group_exprs.is_empty() {
+            usize::from(self.seen)
+        } else {
+            self.values.len()
+        }
+    }
+
+    /// Merges partial rows of micro-batch `stamp`; returns the group index
+    /// of each row.
+    pub(super) fn merge(
+        &mut self,
+        plan: &AggregatePlan,
+        partial: &RecordBatch,
+        stamp: u64,
+    ) -> Result<Vec<usize>> {
+        let k = plan.group_exprs.len();
+        let mut groups = Vec::with_capacity(partial.num_rows());
+        if k == 0 {
+            groups.resize(partial.num_rows(), 0);
+            self.seen |= partial.num_rows() > 0;
+        } else {
+            self.values.intern(&partial.columns()[..k], &mut groups)?;
+        }
+        let total = self.len(plan).max(1);
+        let mut col = k;
+        for (acc, agg) in self.accs.iter_mut().zip(&plan.aggregates) {
+            let width = agg.state_fields()?.len();
+            acc.merge_batch(&partial.columns()[col..col + width], &groups, total)?;
+            col += width;
+        }
+        if self.changed.len() < total {
+            self.changed.resize(total, stamp);
+        }
+        for &g in &groups {
+            self.changed[g] = stamp;
+        }
+        Ok(groups)
+    }
+
+    /// The table as partial rows (group columns, then every aggregate's
+    /// state: `plan.partial_schema`), leaving the table as it was; with
+    /// `since`, only the groups changed after that micro-batch.
+    pub(super) fn snapshot(
+        &mut self,
+        plan: &AggregatePlan,
+        since: Option<u64>,
+    ) -> Result<RecordBatch> {
+        let n = self.len(plan);
+        if n == 0 {
+            return Ok(RecordBatch::new_empty(Arc::clone(&plan.partial_schema)));
+        }
+        let mut columns = if plan.group_exprs.is_empty() {
+            Vec::new()
+        } else {
+            self.values.emit(EmitTo::All)?
+        };
+        for acc in &mut self.accs {
+            columns.extend(acc.state(EmitTo::All)?);
+        }
+        let partial = RecordBatch::try_new_with_options(
+            Arc::clone(&plan.partial_schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(n)),
+        )?;
+        // Emitting drained the table: merge the rows back, in group order
+        // (so group indexes, and their change stamps, stay as they were).
+        let changed = std::mem::take(&mut self.changed);
+        *self = GroupTable::new(plan)?;
+        self.merge(plan, &partial, 0)?;
+        self.changed = changed;
+        let Some(since) = since else {
+            return Ok(partial);
+        };
+        let picked: Vec<u32> = (0..n)
+            .filter(|&g| self.changed.get(g).is_none_or(|&c| c > since))
+            .map(|g| g as u32)
+            .collect();
+        if picked.len() == n {
+            return Ok(partial);
+        }
+        Ok(take_record_batch(&partial, &UInt32Array::from(picked))?)
+    }
+
+    /// Emits every group's final row and empties the table.
+    pub(super) fn emit_all(&mut self, plan: &AggregatePlan) -> Result<RecordBatch> {
+        let n = self.len(plan);
+        if n == 0 {
+            return Ok(RecordBatch::new_empty(Arc::clone(&plan.output_schema)));
+        }
+        let mut columns = if plan.group_exprs.is_empty() {
+            Vec::new()
+        } else {
+            self.values.emit(EmitTo::All)?
+        };
+        for acc in &mut self.accs {
+            columns.push(acc.evaluate(EmitTo::All)?);
+        }
+        Ok(RecordBatch::try_new_with_options(
+            Arc::clone(&plan.output_schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(n)),
+        )?)
+    }
+
+    /// The current rows of `changed` groups, leaving the state in place.
+    /// `keys` holds the group columns of rows whose group index is `key_groups`.
+    pub(super) fn emit_changed(
+        &mut self,
+        plan: &AggregatePlan,
+        changed: &[usize],
+        keys: &[ArrayRef],
+    ) -> Result<RecordBatch> {
+        let total = self.len(plan);
+        let mut columns: Vec<ArrayRef> = keys.to_vec();
+        let local: Vec<usize> = (0..changed.len()).collect();
+        let idx = UInt32Array::from(changed.iter().map(|&g| g as u32).collect::<Vec<_>>());
+        for (acc, agg) in self.accs.iter_mut().zip(&plan.aggregates) {
+            // GroupsAccumulator emits destructively: take the states, put them
+            // back, and evaluate a scratch accumulator over the changed groups.
+            let states = acc.state(EmitTo::All)?;
+            let identity: Vec<usize> = (0..total).collect();
+            acc.merge_batch(&states, &identity, total)?;
+            let picked = states
+                .iter()
+                .map(|s| take(s.as_ref(), &idx, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let mut scratch = new_accumulator(agg)?;
+            scratch.merge_batch(&picked, &local, changed.len())?;
+            columns.push(scratch.evaluate(EmitTo::All)?);
+        }
+        Ok(RecordBatch::try_new_with_options(
+            Arc::clone(&plan.output_schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(changed.len())),
+        )?)
+    }
+}
+
+/// Output of one reduce task for one micro-batch.
+pub struct AggregateOutput {
+    /// Closed windows (by window end, µs) or, for upserts, one chunk keyed `None`.
+    pub chunks: Vec<(Option<i64>, RecordBatch)>,
+    /// Rows that arrived for a window that had already closed.
+    pub late: u64,
+}
+
+/// The reduce-side half of an aggregation; the keyed state of one reduce partition.
+pub struct AggregateFinalExec {
+    plan: AggregatePlan,
+    /// Upsert (no window) state.
+    table: Option<GroupTable>,
+    /// Windowed state: window end (µs) → groups of that window.
+    windows: BTreeMap<i64, GroupTable>,
+    /// Windows with end ≤ this are closed (µs).
+    closed_through: Option<i64>,
+}
+
+impl AggregateFinalExec {
+    /// Empty state for `plan`.
+    pub fn new(plan: AggregatePlan) -> Self {
+        Self {
+            plan,
+            table: None,
+            windows: BTreeMap::new(),
+            closed_through: None,
+        }
+    }
+
+    /// Number of open windows (windowed) or groups (upsert).
+    pub fn open_state(&self) -> usize {
+        match &self.table {
+            Some(t) => t.len(&self.plan),
+            None => self.windows.len(),
+        }
+    }
+
+    /// Memory held by the keyed state (every open window's groups).
+    pub fn state_size(&self) -> StateSize {
+        let mut size = StateSize::default();
+        if let Some(t) = &self.table {
+            size += t.size(&self.plan);
+        }
+        for t in self.windows.values() {
+            size += t.size(&self.plan);
+        }
+        size
+    }
+
+    /// The schema of [`AggregateFinalExec::snapshot`]'s rows: the partial
+    /// schema plus the window end (NULL for an upsert aggregate).
+    pub fn snapshot_schema(&self) -> SchemaRef {
+        let mut fields: Vec<arrow::datatypes::FieldRef> =
+            self.plan.partial_schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            STATE_WINDOW_END,
+            DataType::Int64,
+            true,
+        )));
+        Arc::new(arrow::datatypes::Schema::new(fields))
+    }
+
+    /// The keyed state as rows (see [`AggregateFinalExec::snapshot_schema`];
+    /// the first columns are the group columns, which the shuffle hashes on)
+    /// and the closed-through bound; the state itself is unchanged. With
+    /// `since`, only the groups changed after that micro-batch: a delta that
+    /// [`AggregateFinalExec::overlay`] lays over the state as of `since`.
+    pub fn snapshot(&mut self, since: Option<u64>) -> Result<(Option<i64>, Vec<RecordBatch>)> {
+        let schema = self.snapshot_schema();
+        let mut out = Vec::new();
+        let mut tables: Vec<(Option<i64>, &mut GroupTable)> = Vec::new();
+        if let Some(t) = self.table.as_mut() {
+            tables.push((None, t));
+        }
+        tables.extend(self.windows.iter_mut().map(|(end, t)| (Some(*end), t)));
+        for (end, table) in tables {
+            let partial = table.snapshot(&self.plan, since)?;
+            if partial.num_rows() == 0 {
+                continue;
+            }
+            let mut columns = partial.columns().to_vec();
+            columns.push(Arc::new(Int64Array::from(vec![end; partial.num_rows()])));
+            out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
+        }
+        Ok((self.closed_through, out))
+    }
+
+    /// Lays checkpoint layers over each other (a full snapshot, then the
+    /// deltas written after it, in order): of the rows with one key (group
+    /// columns and window end) the last wins, and windows closed as of the
+    /// last layer are dropped. Returns the closed-through bound and rows
+    /// for [`AggregateFinalExec::restore`].
+    pub fn overlay(
+        &self,
+        layers: Vec<(Option<i64>, Vec<RecordBatch>)>,
+    ) -> Result<(Option<i64>, Vec<RecordBatch>)> {
+        let closed_through = layers.iter().filter_map(|(c, _)| *c).max();
+        let batches: Vec<RecordBatch> = layers
+            .into_iter()
+            .flat_map(|(_, rows)| rows)
+            .filter(|b| b.num_rows() > 0)
+            .collect();
+        if batches.len() <= 1 && closed_through.is_none() {
+            return Ok((closed_through, batches));
+        }
+        let k = self.plan.group_exprs.len();
+        let width = self.plan.partial_schema.fields().len();
+        let schema = self.snapshot_schema();
+        let mut key_fields: Vec<SortField> = schema.fields()[..k]
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        key_fields.push(SortField::new(DataType::Int64));
+        let converter = RowConverter::new(key_fields)?;
+        let mut seen: datafusion::common::HashSet<Box<[u8]>> = Default::default();
+        let mut kept: Vec<RecordBatch> = Vec::with_capacity(batches.len());
+        // Newest first, so the first row of a key seen is its latest.
+        for batch in batches.iter().rev() {
+            if batch.num_columns() != width + 1 {
+                return Err(ExecError::invalid(
+                    "checkpointed aggregate state does not match the query",
+                ));
+            }
+            let mut cols: Vec<ArrayRef> = batch.columns()[..k].to_vec();
+            cols.push(Arc::clone(batch.column(width)));
+            let rows = converter.convert_columns(&cols)?;
+            let ends = batch
+                .column(width)
+                .as_primitive_opt::<arrow::datatypes::Int64Type>()
+                .ok_or_else(|| ExecError::invalid("checkpointed window ends are not Int64"))?;
+            let mut pick = Vec::new();
+            for i in (0..batch.num_rows()).rev() {
+                let closed = ends.is_valid(i) && closed_through.is_some_and(|c| ends.value(i) <= c);
+                if seen.insert(rows.row(i).as_ref().into()) && !closed {
+                    pick.push(i as u32);
+                }
+            }
+            pick.reverse();
+            if !pick.is_empty() {
+                kept.push(take_record_batch(batch, &UInt32Array::from(pick))?);
+            }
+        }
+        kept.reverse();
+        Ok((closed_through, kept))
+    }
+
+    /// Merges snapshot rows (of this partition, or re-partitioned by key)
+    /// into the state, as of micro-batch `as_of` (the checkpoint's).
+    pub fn restore(
+        &mut self,
+        closed_through: Option<i64>,
+        rows: &[RecordBatch],
+        as_of: u64,
+    ) -> Result<()> {
+        if let Some(c) = closed_through {
+            self.closed_through = Some(self.closed_through.map_or(c, |o| o.max(c)));
+        }
+        let width = self.plan.partial_schema.fields().len();
+        for batch in rows {
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            if batch.num_columns() != width + 1 {
+                return Err(ExecError::invalid(
+                    "checkpointed aggregate state does not match the query",
+                ));
+            }
+            let partial = RecordBatch::try_new(
+                Arc::clone(&self.plan.partial_schema),
+                batch.columns()[..width].to_vec(),
+            )?;
+            let ends = batch
+                .column(width)
+                .as_primitive_opt::<arrow::datatypes::Int64Type>()
+                .ok_or_else(|| ExecError::invalid("checkpointed window ends are not Int64"))?;
+            if self.plan.window.is_none() {
+                if self.table.is_none() {
+                    self.table = Some(GroupTable::new(&self.plan)?);
+                }
+                if let Some(t) = self.table.as_mut() {
+                    t.merge(&self.plan, &partial, as_of)?;
+                }
+                continue;
+            }
+            let mut by_window: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+            for row in 0..ends.len() {
+                if ends.is_valid(row) {
+                    by_window
+                        .entry(ends.value(row))
+                        .or_default()
+                        .push(row as u32);
+                }
+            }
+            for (end, rows) in by_window {
+                let part = take_record_batch(&partial, &UInt32Array::from(rows))?;
+                let table = match self.windows.entry(end) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(GroupTable::new(&self.plan)?)
+                    }
+                };
+                table.merge(&self.plan, &part, as_of)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges the partial blocks of one micro-batch, then emits: closed windows
+    /// (when `watermark_us` passed their end) or the changed groups.
+    pub fn process(
+        &mut self,
+        batch: u64,
+        partials: &[RecordBatch],
+        watermark_us: Option<i64>,
+    ) -> Result<AggregateOutput> {
+        match self.plan.window {
+            None => self.process_upsert(batch, partials),
+            Some(w) => self.process_windowed(batch, partials, w, watermark_us),
+        }
+    }
+
+    pub(super) fn process_upsert(
+        &mut self,
+        stamp: u64,
+        partials: &[RecordBatch],
+    ) -> Result<AggregateOutput> {
+        if self.table.is_none() {
+            self.table = Some(GroupTable::new(&self.plan)?);
+        }
+        let plan = &self.plan;
+        let Some(table) = self.table.as_mut() else {
+            return Err(ExecError::invalid("aggregate state missing"));
+        };
+        let k = plan.group_exprs.len();
+        let mut first_row: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+        let mut order: Vec<usize> = Vec::new();
+        for (b, partial) in partials.iter().enumerate() {
+            if partial.num_rows() == 0 {
+                continue;
+            }
+            let groups = table.merge(plan, partial, stamp)?;
+            for (row, g) in groups.into_iter().enumerate() {
+                if let std::collections::btree_map::Entry::Vacant(e) = first_row.entry(g) {
+                    e.insert((b, row));
+                    order.push(g);
+                }
+            }
+        }
+        if order.is_empty() {
+            return Ok(AggregateOutput {
+                chunks: vec![],
+                late: 0,
+            });
+        }
+        // Key values of the changed groups, taken from the rows that changed them.
+        let keys: Vec<ArrayRef> = (0..k)
+            .map(|c| {
+                let parts: Vec<ArrayRef> = order
+                    .iter()
+                    .map(|g| {
+                        let (b, row) = first_row[g];
+                        partials[b].column(c).slice(row, 1)
+                    })
+                    .collect();
+                let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+                arrow::compute::concat(&refs)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let out = table.emit_changed(plan, &order, &keys)?;
+        Ok(AggregateOutput {
+            chunks: vec![(None, out)],
+            late: 0,
+        })
+    }
+
+    pub(super) fn process_windowed(
+        &mut self,
+        stamp: u64,
+        partials: &[RecordBatch],
+        w: drizzle_planner::WindowGroup,
+        watermark_us: Option<i64>,
+    ) -> Result<AggregateOutput> {
+        let mut late = 0u64;
+        for partial in partials {
+            if partial.num_rows() == 0 {
+                continue;
+            }
+            let col = partial.column(w.group_index);
+            let ts = col
+                .as_primitive_opt::<TimestampMicrosecondType>()
+                .ok_or_else(|| ExecError::invalid("window column is not a timestamp"))?;
+            let mut by_window: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+            for row in 0..ts.len() {
+                let v = ts.value(row);
+                let end = if w.is_end { v } else { v + w.size_us };
+                by_window.entry(end).or_default().push(row as u32);
+            }
+            for (end, rows) in by_window {
+                if self.closed_through.is_some_and(|c| end <= c) {
+                    late += rows.len() as u64;
+                    continue;
+                }
+                let part = if rows.len() == partial.num_rows() {
+                    partial.clone()
+                } else {
+                    take_record_batch(partial, &UInt32Array::from(rows))?
+                };
+                let table = match self.windows.entry(end) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(GroupTable::new(&self.plan)?)
+                    }
+                };
+                table.merge(&self.plan, &part, stamp)?;
+            }
+        }
+        let mut chunks = Vec::new();
+        if let Some(wm) = watermark_us {
+            while let Some(entry) = self.windows.first_entry() {
+                if *entry.key() > wm {
+                    break;
+                }
+                let end = *entry.key();
+                let mut table = entry.remove();
+                chunks.push((Some(end), table.emit_all(&self.plan)?));
+            }
+            self.closed_through = Some(self.closed_through.map_or(wm, |c| c.max(wm)));
+        }
+        Ok(AggregateOutput { chunks, late })
+    }
+}
+
+/// Name of the window-end column of checkpointed aggregate state.
+pub const STATE_WINDOW_END: &str = "__drizzle_window_end";

@@ -1,0 +1,394 @@
+//! The operators a task runs over one micro-batch.
+//!
+//! * [`apply_ops`]: the stateless kernels (`FilterExec`, `ProjectionExec`,
+//!   `LookupJoinExec`) of a stage.
+//! * [`WindowAssignExec`]: assigns `TUMBLE`/`HOP` windows and drops late rows,
+//!   judging lateness row by row against the watermark *before* that row
+//!   (the largest event time seen earlier in the partition minus the delay),
+//!   exactly as a record-at-a-time engine would; its only state is that
+//!   maximum, so results do not depend on how rows fall into micro-batches.
+//! * [`partial_aggregate`]: the map-side half of an aggregation, producing one
+//!   row of partial states per group of the batch.
+//! * [`AggregateFinalExec`]: the reduce-side half, keyed state kept as
+//!   DataFusion `GroupsAccumulator`s (Arrow arrays of partial states). A
+//!   windowed aggregation keeps one group table per open window and drops it
+//!   when the window closes, so memory is bounded by the open windows.
+//! * [`WindowJoinExec`]: the reduce side of a window join of two streams:
+//!   each open window's rows of both inputs, hash-joined and dropped when the
+//!   watermark passes the window's end.
+
+use std::collections::BTreeMap;
+
+// hashbrown with a fast non-cryptographic hasher (the join probe is on the hot path).
+use datafusion::common::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatchOptions,
+    TimestampMicrosecondArray, UInt32Array,
+};
+use arrow::compute::{filter_record_batch, take, take_record_batch};
+use arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, SortField};
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator, JoinType};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
+use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+use drizzle_planner::{
+    AggregatePlan, BatchOp, LookupJoinSpec, WindowJoinPlan, WindowKind, WindowSpec,
+};
+
+use crate::error::{ExecError, Result};
+
+mod aggregate;
+mod lookup_join;
+mod window_assign;
+mod window_join;
+#[allow(unused_imports)]
+pub use self::aggregate::*;
+#[allow(unused_imports)]
+pub use self::lookup_join::*;
+#[allow(unused_imports)]
+pub use self::window_assign::*;
+#[allow(unused_imports)]
+pub use self::window_join::*;
+
+/// Evaluates the finite side of a lookup join (a table, a view, or a query
+/// over them) and says when any table changed.
+pub trait TableEvaluator: Send + Sync {
+    /// A number that changes whenever any table or view changes.
+    fn version(&self) -> u64;
+    /// The rows of a lookup join's finite side (its `table_plan` run to
+    /// completion, or fetched from the coordinator by the join's id).
+    fn evaluate(&self, spec: &LookupJoinSpec) -> Result<Vec<RecordBatch>>;
+}
+
+fn eval(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<ArrayRef> {
+    Ok(expr.evaluate(batch)?.into_array(batch.num_rows())?)
+}
+
+fn as_mask(array: &ArrayRef) -> Result<BooleanArray> {
+    match array.data_type() {
+        DataType::Boolean => Ok(array.as_boolean().clone()),
+        DataType::Null => Ok(BooleanArray::from(vec![false; array.len()])),
+        other => Err(ExecError::invalid(format!(
+            "predicate evaluated to {other}, not boolean"
+        ))),
+    }
+}
+
+/// Applies stateless kernels in order.
+pub fn apply_ops(
+    ops: &[BatchOp],
+    mut batch: RecordBatch,
+    joins: &mut JoinCache,
+    tables: &dyn TableEvaluator,
+) -> Result<RecordBatch> {
+    for (i, op) in ops.iter().enumerate() {
+        if batch.num_rows() == 0 {
+            // Still give the batch the right schema.
+            batch = match op {
+                BatchOp::Filter { .. } => batch,
+                BatchOp::Project { schema, .. } => RecordBatch::new_empty(Arc::clone(schema)),
+                BatchOp::LookupJoin(spec) => RecordBatch::new_empty(Arc::clone(&spec.schema)),
+            };
+            continue;
+        }
+        batch = match op {
+            BatchOp::Filter { predicate } => {
+                let mask = as_mask(&eval(predicate, &batch)?)?;
+                filter_record_batch(&batch, &mask)?
+            }
+            BatchOp::Project { exprs, schema } => {
+                let columns = exprs
+                    .iter()
+                    .map(|e| eval(e, &batch))
+                    .collect::<Result<Vec<_>>>()?;
+                RecordBatch::try_new_with_options(
+                    Arc::clone(schema),
+                    columns,
+                    &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+                )?
+            }
+            BatchOp::LookupJoin(spec) => lookup_join(i, spec, &batch, joins, tables)?,
+        };
+    }
+    Ok(batch)
+}
+
+/// Memory held by an operator's state, for the query memory budget and
+/// `SHOW QUERIES`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateSize {
+    /// Bytes allocated (group keys, accumulators, held rows, hash tables).
+    pub bytes: u64,
+    /// Keys (groups) or, for a join, rows held.
+    pub keys: u64,
+}
+
+impl std::ops::AddAssign for StateSize {
+    fn add_assign(&mut self, o: Self) {
+        self.bytes += o.bytes;
+        self.keys += o.keys;
+    }
+}
+
+fn batches_bytes<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>) -> u64 {
+    batches
+        .into_iter()
+        .map(|b| b.get_array_memory_size() as u64)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Schema, TimeUnit};
+
+    fn spec(kind: WindowKind, slide_s: i64, size_s: i64, delay_s: i64) -> WindowSpec {
+        WindowSpec {
+            kind,
+            time_column: 0,
+            time_column_name: "ts".into(),
+            size_ms: size_s * 1000,
+            slide_ms: slide_s * 1000,
+            watermark_delay_ms: delay_s * 1000,
+        }
+    }
+
+    fn batch(ts_s: &[i64]) -> (SchemaRef, RecordBatch) {
+        let t = DataType::Timestamp(TimeUnit::Microsecond, None);
+        let input = Arc::new(Schema::new(vec![Field::new("ts", t.clone(), true)]));
+        let b = RecordBatch::try_new(
+            input,
+            vec![Arc::new(TimestampMicrosecondArray::from(
+                ts_s.iter().map(|s| s * 1_000_000).collect::<Vec<_>>(),
+            ))],
+        )
+        .unwrap();
+        let out = Arc::new(Schema::new(vec![
+            Field::new("ts", t.clone(), true),
+            Field::new("window_start", t.clone(), false),
+            Field::new("window_end", t, false),
+        ]));
+        (out, b)
+    }
+
+    #[test]
+    fn lateness_is_judged_per_row_whatever_the_batching() {
+        let rows = [1, 12, 5, 15, 4, 25, 19, 35];
+        let s = spec(WindowKind::Tumble, 10, 10, 2);
+        // All at once.
+        let (schema, b) = batch(&rows);
+        let mut one = WindowAssignExec::default();
+        let all = one.assign(&s, &schema, &b).unwrap();
+        // One row per batch.
+        let mut many = WindowAssignExec::default();
+        let mut late = 0;
+        let mut kept = 0;
+        for r in rows {
+            let (schema, b) = batch(&[r]);
+            let out = many.assign(&s, &schema, &b).unwrap();
+            late += out.late;
+            kept += out.batch.num_rows();
+        }
+        assert_eq!(all.late, 3);
+        assert_eq!((late, kept), (all.late, all.batch.num_rows()));
+        assert_eq!(one.watermark_us(&s), Some(33_000_000));
+    }
+
+    #[test]
+    fn hop_assigns_every_overlapping_window() {
+        let s = spec(WindowKind::Hop, 5, 10, 0);
+        let (schema, b) = batch(&[7]);
+        let out = WindowAssignExec::default().assign(&s, &schema, &b).unwrap();
+        let starts = out
+            .batch
+            .column(1)
+            .as_primitive::<TimestampMicrosecondType>();
+        let mut v: Vec<i64> = starts.values().iter().map(|x| x / 1_000_000).collect();
+        v.sort();
+        assert_eq!(v, vec![0, 5]);
+    }
+
+    #[test]
+    fn window_state_is_dropped_when_the_window_closes() {
+        // The end-to-end behaviour is covered by sql-tests/slt/streaming/window.slt;
+        // here we check the bookkeeping of AggregateFinalExec directly.
+        let t = DataType::Timestamp(TimeUnit::Microsecond, None);
+        let group_schema = Arc::new(Schema::new(vec![Field::new(
+            "window_start",
+            t.clone(),
+            false,
+        )]));
+        let plan = AggregatePlan {
+            group_exprs: vec![(
+                Arc::new(datafusion::physical_expr::expressions::Column::new(
+                    "window_start",
+                    0,
+                )),
+                "window_start".into(),
+            )],
+            aggregates: vec![],
+            filters: vec![],
+            group_schema: Arc::clone(&group_schema),
+            partial_schema: Arc::clone(&group_schema),
+            output_schema: Arc::clone(&group_schema),
+            window: Some(drizzle_planner::WindowGroup {
+                group_index: 0,
+                is_end: false,
+                size_us: 10_000_000,
+            }),
+        };
+        let mut agg = AggregateFinalExec::new(plan);
+        let part = RecordBatch::try_new(
+            Arc::clone(&group_schema),
+            vec![Arc::new(TimestampMicrosecondArray::from(vec![
+                0, 10_000_000, 20_000_000,
+            ]))],
+        )
+        .unwrap();
+        let out = agg.process(0, &[part], Some(15_000_000)).unwrap();
+        assert_eq!(out.chunks.len(), 1, "only [0,10) closed");
+        assert_eq!(agg.open_state(), 2);
+        let out = agg.process(1, &[], Some(30_000_000)).unwrap();
+        assert_eq!(out.chunks.len(), 2);
+        assert_eq!(agg.open_state(), 0, "closed windows free their state");
+    }
+
+    #[test]
+    fn checkpoint_deltas_hold_changed_keys_and_overlay_to_the_full_state() {
+        let key = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let plan = AggregatePlan {
+            group_exprs: vec![(
+                Arc::new(datafusion::physical_expr::expressions::Column::new("k", 0)),
+                "k".into(),
+            )],
+            aggregates: vec![],
+            filters: vec![],
+            group_schema: Arc::clone(&key),
+            partial_schema: Arc::clone(&key),
+            output_schema: Arc::clone(&key),
+            window: None,
+        };
+        let keys = |k: &[i64]| {
+            RecordBatch::try_new(
+                Arc::clone(&key),
+                vec![Arc::new(Int64Array::from(k.to_vec()))],
+            )
+            .unwrap()
+        };
+        let rows = |b: &[RecordBatch]| b.iter().map(|b| b.num_rows()).sum::<usize>();
+        let mut agg = AggregateFinalExec::new(plan.clone());
+        agg.process(1, &[keys(&[1, 2, 3])], None).unwrap();
+        let (_, full) = agg.snapshot(None).unwrap();
+        assert_eq!(rows(&full), 3);
+        agg.process(2, &[keys(&[2, 4])], None).unwrap();
+        let (_, delta) = agg.snapshot(Some(1)).unwrap();
+        assert_eq!(rows(&delta), 2, "keys 2 and 4 changed after batch 1");
+        let (_, none) = agg.snapshot(Some(2)).unwrap();
+        assert_eq!(rows(&none), 0);
+        // Snapshots leave the state (and its change stamps) as they were.
+        let (_, again) = agg.snapshot(Some(1)).unwrap();
+        assert_eq!(rows(&again), 2);
+        let (c, laid) = agg.overlay(vec![(None, full), (None, delta)]).unwrap();
+        assert_eq!(rows(&laid), 4, "one row per key, the latest");
+        let mut back = AggregateFinalExec::new(plan);
+        back.restore(c, &laid, 2).unwrap();
+        assert_eq!(back.open_state(), 4);
+        let (_, since) = back.snapshot(Some(2)).unwrap();
+        assert_eq!(rows(&since), 0, "restored keys are as of the checkpoint");
+    }
+
+    #[test]
+    fn window_join_emits_closed_windows_once_and_counts_late_rows() {
+        use arrow::datatypes::{Field, Schema, TimeUnit};
+        use datafusion::physical_expr::expressions::Column;
+        let side = |name: &str| {
+            Arc::new(Schema::new(vec![
+                Field::new(name, DataType::Int64, true),
+                Field::new(
+                    "window_start",
+                    DataType::Timestamp(TimeUnit::Microsecond, None),
+                    false,
+                ),
+            ]))
+        };
+        let (ls, rs) = (side("a"), side("b"));
+        let joined = Arc::new(Schema::new(
+            ls.fields()
+                .iter()
+                .chain(rs.fields().iter())
+                .map(|f| f.as_ref().clone())
+                .collect::<Vec<_>>(),
+        ));
+        let plan = WindowJoinPlan {
+            right: drizzle_planner::StreamInput {
+                stream: drizzle_planner::StreamDef {
+                    name: "r".into(),
+                    columns: vec![],
+                    watermark: None,
+                    options: Default::default(),
+                    partitions: 1,
+                    created_at_ms: 0,
+                },
+                window: None,
+                map_ops: vec![],
+            },
+            left_keys: vec![Arc::new(Column::new("a", 0))],
+            right_keys: vec![Arc::new(Column::new("b", 0))],
+            left_window: 1,
+            right_window: 1,
+            window_is_end: false,
+            size_us: 10,
+            filter: None,
+            schema: joined,
+            display: String::new(),
+        };
+        let batch = |schema: &SchemaRef, keys: Vec<Option<i64>>, starts: Vec<i64>| {
+            RecordBatch::try_new(
+                Arc::clone(schema),
+                vec![
+                    Arc::new(Int64Array::from(keys)),
+                    Arc::new(TimestampMicrosecondArray::from(starts)),
+                ],
+            )
+            .unwrap()
+        };
+        let mut exec = WindowJoinExec::new(plan);
+        // Window [0,10): keys 1, 1, NULL on the left; 1 and 2 on the right.
+        let out = exec
+            .process(
+                &[batch(&ls, vec![Some(1), Some(1), None], vec![0, 0, 0])],
+                &[batch(&rs, vec![Some(1), Some(2)], vec![0, 10])],
+                Some(5),
+            )
+            .unwrap();
+        assert!(out.chunks.is_empty(), "the watermark has not passed 10");
+        assert_eq!(exec.open_windows(), 2);
+        let out = exec.process(&[], &[], Some(10)).unwrap();
+        assert_eq!(out.chunks.len(), 1);
+        let (end, rows) = &out.chunks[0];
+        assert_eq!(*end, Some(10));
+        assert_eq!(
+            rows.num_rows(),
+            2,
+            "two left rows with key 1 match one right row; NULL never matches"
+        );
+        assert_eq!(exec.open_windows(), 1);
+        // A row for the closed window is late; the open one still joins.
+        let out = exec
+            .process(
+                &[batch(&ls, vec![Some(1), Some(2)], vec![0, 10])],
+                &[],
+                Some(20),
+            )
+            .unwrap();
+        assert_eq!(out.late, 1);
+        assert_eq!(out.chunks.len(), 1);
+        assert_eq!(out.chunks[0].1.num_rows(), 1);
+        assert_eq!(exec.open_windows(), 0);
+    }
+}

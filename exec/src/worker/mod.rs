@@ -1,0 +1,701 @@
+//! A worker: the task runtime, its block store, its Arrow Flight endpoint and
+//! its local scheduler. Runs inside `drizzle worker` or, for the embedded
+//! server, inside `drizzle server` (same protocol, over loopback).
+//!
+//! ```text
+//!  gRPC Worker service ──▶ inbox ──▶ task thread (Scheduler)
+//!     LaunchGroup              │        map task (b, p) at its trigger time
+//!     MapOutputReady (peers)   │        reduce task (b, r) once every map
+//!     LaunchReduce (BSP)       │        partition's notice for b is in
+//!                              ▼
+//!  BlockStore ◀── map outputs; served to peers by Flight do_get, read
+//!                 directly when the consumer is on this worker
+//! ```
+//!
+//! # Invariants
+//! * The task thread alone owns task state (source cursors, watermarks,
+//!   keyed aggregate state); partitions stay here for the life of the query.
+//! * In Drizzle mode a reduce task is pre-scheduled by the group's launch and
+//!   becomes runnable from notices alone: no coordinator message between a
+//!   map task finishing and its consumers starting.
+//! * Runnable tasks run earliest batch first, consumers before producers of
+//!   the same batch; a map partition runs its batches in order.
+//! * The worker reports to the coordinator once per group (plus heartbeats
+//!   and the final stage's results, which are data, keyed by batch).
+//! * A map task reads the source range its batch's trigger time fixes
+//!   ([`SourcePartition::available_at`](crate::sources::SourcePartition::available_at)),
+//!   so any batch can be re-run and reads the same rows.
+//! * Checkpoint groups: after the group's last batch a map task records its
+//!   position (in the group report) and a reduce task snapshots its keyed
+//!   state, sent to the coordinator asynchronously (the task thread moves on).
+//! * Every query is at one attempt of one *generation*. A launch of a newer
+//!   attempt of the same generation (lost-work recovery) keeps every
+//!   partition this worker holds, with its state, and its retained map
+//!   outputs: it adds the partitions it adopts (restored from the named
+//!   checkpoint), drops notices from producers that moved, skips batches a
+//!   partition already ran, and announces its retained outputs again to
+//!   every consumer. A launch of a newer generation replaces the query's
+//!   state. Notices are accepted from the current generation and only from
+//!   the worker that owns their map partition.
+//! * Map outputs are kept until a checkpoint covers them when the query
+//!   retains them for recovery (otherwise a block goes once it is read).
+//! * A block that cannot be pulled from its producer (dead, cut off: 5 s) does
+//!   not fail the query: the reduce task waits again, the producer's notices
+//!   are forgotten, and the coordinator hears `FetchFailed`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use arrow_flight::flight_service_server::FlightServiceServer;
+use datafusion::execution::TaskContext;
+use drizzle_planner::{LookupJoinSpec, StreamInput, StreamingPlan};
+use drizzle_shuffle::{
+    BatchId, BlockFlightService, BlockId, BlockStore, MapPartition, QueryId, QueryToken,
+    ReducePartition, StageId,
+};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::checkpoint::StateObject;
+use crate::cluster::pb::worker_server::{Worker as WorkerRpc, WorkerServer};
+use crate::cluster::pb::{self, SchedulingMode};
+use crate::cluster::{
+    coordinator_client, from_ipc, rpc_error, to_ipc, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+};
+use crate::error::{ExecError, Result};
+use crate::operators::{
+    apply_ops, partial_aggregate, AggregateFinalExec, JoinCache, StateSize, TableEvaluator,
+    WindowAssignExec, WindowJoinExec,
+};
+use crate::sources::{DatagenSource, MAX_BATCH_ROWS};
+
+mod scheduler;
+mod service;
+mod tasks;
+#[allow(unused_imports)]
+use self::scheduler::*;
+#[allow(unused_imports)]
+use self::service::*;
+#[allow(unused_imports)]
+use self::tasks::*;
+
+/// How to start a worker.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    /// The coordinator's cluster address (`host:port`).
+    pub coordinator: String,
+    /// Where to listen for the control service and Flight.
+    pub listen: SocketAddr,
+    /// The address peers and the coordinator use to reach this worker;
+    /// defaults to the bound address.
+    pub advertise: Option<String>,
+    /// Turns a task's error into (SQLSTATE, message) for the client.
+    pub classify: ErrorClassifier,
+    /// Proof of membership on every cluster call, both ways.
+    pub cluster_secret: crate::cluster::ClusterSecret,
+}
+
+/// Turns a task error into the (SQLSTATE, message) a client will see; the
+/// binary provides it, so the code travels with a remote task's failure.
+pub type ErrorClassifier = Arc<dyn Fn(ExecError) -> (String, String) + Send + Sync>;
+
+/// Scheduling counters of one worker (also sent in heartbeats).
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Launch messages received.
+    pub launches_received: AtomicU64,
+    /// `MapOutputReady` notices received (from peers or this worker).
+    pub notices_received: AtomicU64,
+    /// Notices sent.
+    pub notices_sent: AtomicU64,
+    /// Map tasks run.
+    pub map_tasks_run: AtomicU64,
+    /// Reduce tasks run.
+    pub reduce_tasks_run: AtomicU64,
+    /// Reduce tasks made runnable by notices alone.
+    pub reduces_started_by_notices: AtomicU64,
+    /// Reduce tasks launched by the coordinator (BSP).
+    pub reduces_started_by_coordinator: AtomicU64,
+    /// Blocks pulled from other workers over Flight.
+    pub blocks_fetched_remote: AtomicU64,
+    /// Blocks read from this worker's own store.
+    pub blocks_read_local: AtomicU64,
+    /// Reduce tasks that ran before an earlier batch of the same partition.
+    pub out_of_order_reduces: AtomicU64,
+    /// Coordinator messages other than launches received while a group ran.
+    pub coordinator_messages_in_group: AtomicU64,
+    /// Partitions taken over from a lost worker.
+    pub partitions_adopted: AtomicU64,
+    /// Blocks that could not be pulled from their producer.
+    pub fetch_failures: AtomicU64,
+}
+
+impl WorkerCounters {
+    fn to_proto(&self, store: &BlockStore) -> pb::WorkerCounters {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (blocks, bytes) = store.usage();
+        pb::WorkerCounters {
+            launches_received: g(&self.launches_received),
+            notices_received: g(&self.notices_received),
+            notices_sent: g(&self.notices_sent),
+            map_tasks_run: g(&self.map_tasks_run),
+            reduce_tasks_run: g(&self.reduce_tasks_run),
+            reduces_started_by_notices: g(&self.reduces_started_by_notices),
+            reduces_started_by_coordinator: g(&self.reduces_started_by_coordinator),
+            blocks_fetched_remote: g(&self.blocks_fetched_remote),
+            blocks_read_local: g(&self.blocks_read_local),
+            out_of_order_reduces: g(&self.out_of_order_reduces),
+            blocks_held: blocks as u64,
+            block_bytes_held: bytes as u64,
+            coordinator_messages_in_group: g(&self.coordinator_messages_in_group),
+            partitions_adopted: g(&self.partitions_adopted),
+            fetch_failures: g(&self.fetch_failures),
+        }
+    }
+}
+
+enum Msg {
+    Launch(Box<pb::LaunchGroupRequest>),
+    Notice(pb::MapOutputReady),
+    LaunchReduce(pb::LaunchReduceRequest),
+    /// Cancel the query's attempts up to this one (0: all).
+    Cancel(QueryId, u64),
+    Shutdown,
+}
+
+/// What the worker's threads and RPC handlers share.
+struct Shared {
+    address: String,
+    coordinator: pb::coordinator_client::CoordinatorClient<crate::cluster::ClusterChannel>,
+    /// Attached to every call to the coordinator and to peers.
+    secret: crate::cluster::ClusterSecret,
+    counters: WorkerCounters,
+    store: Arc<BlockStore>,
+    inbox: Mutex<std_mpsc::Sender<Msg>>,
+    handle: tokio::runtime::Handle,
+    identity: Mutex<(u32, u64)>,
+    tables_version: AtomicU64,
+    peers: Mutex<HashMap<String, Channel>>,
+    task_ctx: Arc<TaskContext>,
+    classify: ErrorClassifier,
+    /// The open Events stream to the coordinator.
+    events: Mutex<Option<mpsc::UnboundedSender<pb::WorkerEvent>>>,
+    /// The open Notices stream to each peer.
+    notice_streams: Mutex<HashMap<String, mpsc::UnboundedSender<pb::MapOutputReady>>>,
+    /// This registration's credential (known to this worker and the
+    /// coordinator only): attached to calls to the coordinator, and required
+    /// on the coordinator's launches and cancels.
+    credential: crate::cluster::CredentialSlot,
+}
+
+impl Shared {
+    /// Fails unless `request` comes from the coordinator this worker
+    /// registered with. A launch can overtake the registration's response:
+    /// until that arrives, wait for it (bounded).
+    async fn check_coordinator<T>(&self, request: &Request<T>) -> std::result::Result<(), Status> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let known = self
+                .credential
+                .read()
+                .as_ref()
+                .and_then(|c| c.to_str().ok().map(str::to_string));
+            if let Some(c) = known {
+                return if crate::cluster::has_credential(request, &c) {
+                    Ok(())
+                } else {
+                    Err(Status::permission_denied(
+                        "only the coordinator this worker is registered with may do this",
+                    ))
+                };
+            }
+            if Instant::now() > deadline {
+                return Err(Status::unavailable("this worker is not registered yet"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A stream of the messages sent into `rx`, for a client-streaming RPC.
+fn stream_of<T: Send + 'static>(
+    rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+}
+
+impl Shared {
+    /// Reports to the coordinator on the long-lived Events stream (opened,
+    /// or reopened after a failure, on demand).
+    fn event(&self, event: pb::worker_event::Event) {
+        let mut msg = pb::WorkerEvent { event: Some(event) };
+        let mut slot = self.events.lock();
+        if let Some(tx) = slot.as_ref() {
+            match tx.send(msg) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => msg = back,
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        // A stream opens with whose it is: its end tells the coordinator.
+        let (worker, epoch) = *self.identity.lock();
+        let _ = tx.send(pb::WorkerEvent {
+            event: Some(pb::worker_event::Event::Hello(pb::Hello { worker, epoch })),
+        });
+        let _ = tx.send(msg);
+        *slot = Some(tx);
+        let mut client = self.coordinator.clone();
+        self.handle.spawn(async move {
+            if let Err(s) = client.events(stream_of(rx)).await {
+                tracing::warn!("event stream to the coordinator ended: {}", s.message());
+            }
+        });
+    }
+
+    /// Pushes a notice to a peer on its long-lived Notices stream.
+    fn notify(&self, peer: &str, notice: pb::MapOutputReady) -> Result<()> {
+        let mut streams = self.notice_streams.lock();
+        let mut notice = notice;
+        if let Some(tx) = streams.get(peer) {
+            match tx.send(notice) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(back)) => notice = back,
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(notice);
+        streams.insert(peer.to_string(), tx);
+        let mut client = pb::worker_client::WorkerClient::with_interceptor(
+            self.peer(peer)?,
+            self.secret.clone(),
+        );
+        let peer = peer.to_string();
+        self.handle.spawn(async move {
+            if let Err(s) = client.notices(stream_of(rx)).await {
+                tracing::warn!("notice stream to {peer} ended: {}", s.message());
+            }
+        });
+        Ok(())
+    }
+
+    fn send(&self, msg: Msg) {
+        let _ = self.inbox.lock().send(msg);
+    }
+
+    fn peer(&self, address: &str) -> Result<Channel> {
+        let mut peers = self.peers.lock();
+        if let Some(c) = peers.get(address) {
+            return Ok(c.clone());
+        }
+        let c = crate::cluster::channel(address)?;
+        peers.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn worker_id(&self) -> u32 {
+        self.identity.lock().0
+    }
+
+    /// (Re)opens the Events stream under the current identity.
+    fn open_events(&self) {
+        self.events.lock().take();
+        let (worker, epoch) = *self.identity.lock();
+        self.event(pb::worker_event::Event::Hello(pb::Hello { worker, epoch }));
+    }
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    /// The address peers reach it at.
+    pub address: String,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl WorkerHandle {
+    /// This worker's scheduling counters.
+    pub fn counters(&self) -> pb::WorkerCounters {
+        self.shared.counters.to_proto(&self.shared.store)
+    }
+
+    /// Stops serving and joins the task thread.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        self.shared.send(Msg::Shutdown);
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Resolves when the worker was told to stop.
+    pub async fn stopped(&self) {
+        crate::cluster::stopped(self.stop.subscribe()).await
+    }
+
+    /// Drains the worker (SIGTERM): asks the coordinator to move every query
+    /// off it at the next group boundary (state travels through a
+    /// checkpoint) and returns once the coordinator says none runs here.
+    pub async fn drain(&self) -> Result<()> {
+        let (worker_id, epoch) = *self.shared.identity.lock();
+        let mut client = self.shared.coordinator.clone();
+        client
+            .drain(pb::DrainRequest { worker_id, epoch })
+            .await
+            .map_err(|s| rpc_error("draining", s))?;
+        Ok(())
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct WorkerService {
+    shared: Arc<Shared>,
+}
+
+/// Starts a worker: binds, serves, registers with the coordinator (retrying
+/// until it answers) and heartbeats. Must be called inside a tokio runtime.
+pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ExecError::io(config.listen.to_string(), e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| ExecError::io(config.listen.to_string(), e))?;
+    let address = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+    let (tx, rx) = std_mpsc::channel();
+    let store = Arc::new(BlockStore::new());
+    let credential = crate::cluster::ClusterSecret::credential_slot(None);
+    let shared = Arc::new(Shared {
+        address: address.clone(),
+        coordinator: coordinator_client(
+            &config.coordinator,
+            &config
+                .cluster_secret
+                .with_credential(Arc::clone(&credential)),
+        )?,
+        credential,
+        secret: config.cluster_secret.clone(),
+        counters: WorkerCounters::default(),
+        store: Arc::clone(&store),
+        inbox: Mutex::new(tx),
+        handle: tokio::runtime::Handle::current(),
+        identity: Mutex::new((0, 0)),
+        tables_version: AtomicU64::new(0),
+        peers: Mutex::new(HashMap::new()),
+        task_ctx: drizzle_planner::new_session_context().task_ctx(),
+        classify: Arc::clone(&config.classify),
+        events: Mutex::new(None),
+        notice_streams: Mutex::new(HashMap::new()),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Both services refuse calls without the cluster token.
+    let service = tonic::service::interceptor::InterceptedService::new(
+        WorkerServer::new(WorkerService {
+            shared: Arc::clone(&shared),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        config.cluster_secret.check(),
+    );
+    let flight = tonic::service::interceptor::InterceptedService::new(
+        FlightServiceServer::new(BlockFlightService::new(Arc::clone(&store)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        config.cluster_secret.check(),
+    );
+    let router = crate::cluster::server_builder()
+        .add_service(service)
+        .add_service(flight);
+    crate::cluster::spawn_server(router, listener, stop_rx.clone(), "worker");
+    let thread_shared = Arc::clone(&shared);
+    let thread = std::thread::Builder::new()
+        .name("drizzle-tasks".into())
+        .stack_size(crate::THREAD_STACK_BYTES)
+        .spawn(move || Scheduler::new(thread_shared).run(rx))
+        .map_err(|e| ExecError::io("task thread", e))?;
+    register(&shared).await?;
+    tokio::spawn(heartbeat_loop(Arc::clone(&shared), stop_rx));
+    tracing::info!(%address, coordinator = %config.coordinator, "worker registered");
+    Ok(Arc::new(WorkerHandle {
+        address,
+        shared,
+        thread: Mutex::new(Some(thread)),
+        stop: stop_tx,
+    }))
+}
+
+/// How often a worker heartbeats.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The finite side of lookup joins, fetched from the coordinator.
+struct RemoteTables {
+    shared: Arc<Shared>,
+    query: QueryId,
+}
+
+/// Where a map partition reads its rows.
+enum TaskSource {
+    /// Generated on the worker (row n is a pure function of n).
+    Datagen(Arc<DatagenSource>, u32),
+    /// A built-in stream's log, read from the coordinator by range:
+    /// (input stage, partition).
+    Log(u32, u32),
+}
+
+struct MapState {
+    source: TaskSource,
+    /// The last batch this partition ran (or its checkpoint covers).
+    last_batch: Option<u64>,
+    next_offset: u64,
+    window: WindowAssignExec,
+    joins: JoinCache,
+}
+
+struct ReduceState {
+    agg: Option<AggregateFinalExec>,
+    join: Option<WindowJoinExec>,
+    joins: JoinCache,
+    last_batch: Option<u64>,
+}
+
+impl ReduceState {
+    fn size(&self) -> StateSize {
+        let mut size = self.joins.size();
+        if let Some(a) = &self.agg {
+            size += a.state_size();
+        }
+        if let Some(j) = &self.join {
+            size += j.state_size();
+        }
+        size
+    }
+}
+
+/// `n` bytes for a message: `12.3 MB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[derive(Default)]
+struct PendingReduce {
+    /// Set by the group's launch (Drizzle) or the coordinator (BSP).
+    launched: bool,
+    trigger: Option<Instant>,
+    notices: Vec<pb::MapOutputReady>,
+}
+
+/// One query as this worker knows it.
+struct WorkerQuery {
+    plan: StreamingPlan,
+    /// The stream inputs (map stages) and their window-assigned schemas.
+    inputs: Vec<(StreamInput, Option<SchemaRef>)>,
+    mode: SchedulingMode,
+    /// Map partitions per shuffle input of the reduce stage.
+    shuffle_inputs: Vec<u32>,
+    reduce_partitions: u32,
+    reduce_placement: Vec<String>,
+    tables: RemoteTables,
+    maps: BTreeMap<(u32, MapPartition), MapState>,
+    reduces: BTreeMap<ReducePartition, ReduceState>,
+    /// Map tasks waiting for their trigger time (instant, Unix µs).
+    pending_maps: BTreeMap<(u64, u32, MapPartition), (Instant, i64)>,
+    /// Reduce tasks pre-scheduled, with the notices received so far.
+    pending_reduces: BTreeMap<(u64, ReducePartition), PendingReduce>,
+    /// Per group: tasks left, source ranges read.
+    groups: BTreeMap<u64, GroupProgress>,
+    /// First batch of each group → group.
+    group_starts: BTreeMap<u64, u64>,
+    /// Group → (its last batch, checkpoint after it).
+    group_ends: BTreeMap<u64, (u64, bool)>,
+    /// The attempt this worker runs.
+    attempt: u64,
+    /// The attempt that started the query's generation: state, notices and
+    /// map outputs of any attempt since are valid (lost-work recovery).
+    generation: u64,
+    /// Worker id owning each map partition (stages in order); empty: any.
+    map_owners: Vec<u32>,
+    /// Map outputs are kept until a checkpoint covers them.
+    retain: bool,
+    /// Notices of this worker's retained map outputs, by (batch, stage, map):
+    /// sent again to the consumers when a recovery moves reduce partitions.
+    produced: BTreeMap<(u64, u32, u32), pb::MapOutputReady>,
+    rows_in: u64,
+    late_rows: u64,
+    /// The query's memory budget (bytes, 0: none).
+    memory_limit: u64,
+    /// Per group: the complete checkpoint its closing snapshot of keyed
+    /// state may be a delta of (from that group's own launch, whatever
+    /// order launches arrive in).
+    delta_bases: BTreeMap<u64, Option<u64>>,
+    /// The query's shuffle token: tickets and notices carry it.
+    token: QueryToken,
+}
+
+#[derive(Default)]
+struct GroupProgress {
+    left: usize,
+    tasks: u64,
+    ranges: Vec<pb::SourceRange>,
+    maps: Vec<pb::MapState>,
+}
+
+enum Task {
+    Map(QueryId, u64, u32, MapPartition),
+    Reduce(QueryId, u64, ReducePartition),
+}
+
+fn unix_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A Unix-µs trigger time on this worker's monotonic clock.
+fn instant_of(trigger_unix_us: i64) -> Instant {
+    let now = Instant::now();
+    let delta = trigger_unix_us - unix_us();
+    if delta > 0 {
+        now + Duration::from_micros(delta as u64)
+    } else {
+        now
+    }
+}
+
+/// The worker-local scheduler, on the task thread.
+struct Scheduler {
+    shared: Arc<Shared>,
+    queries: HashMap<QueryId, WorkerQuery>,
+    /// Notices for queries whose launch has not arrived yet.
+    early: HashMap<QueryId, Vec<pb::MapOutputReady>>,
+}
+
+/// How long pulling one block may take before its producer counts as lost.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice(stage: u32, map: u32) -> pb::MapOutputReady {
+        pb::MapOutputReady {
+            query: 1,
+            batch: 0,
+            stage,
+            map,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_reduce_task_waits_for_every_partition_of_every_input() {
+        // A join: input 0 has 3 map partitions, input 1 has 2.
+        let inputs = [3, 2];
+        let mut p = PendingReduce {
+            launched: true,
+            ..Default::default()
+        };
+        for m in 0..3 {
+            p.notices.push(notice(0, m));
+        }
+        assert!(!p.runnable(&inputs), "the second input is missing");
+        p.notices.push(notice(1, 0));
+        p.notices.push(notice(1, 0));
+        assert!(!p.runnable(&inputs), "a repeated notice counts once");
+        p.notices.push(notice(1, 1));
+        assert!(p.runnable(&inputs));
+        p.launched = false;
+        assert!(
+            !p.runnable(&inputs),
+            "not before the launch pre-scheduled it"
+        );
+    }
+
+    #[test]
+    fn a_join_acts_on_a_watermark_only_once_both_inputs_have_one() {
+        let with = |stage, map, wm| pb::MapOutputReady {
+            watermark_us: wm,
+            ..notice(stage, map)
+        };
+        let left_only = [with(0, 0, Some(50)), with(0, 1, None)];
+        assert_eq!(watermark_of(&left_only, 2), None);
+        assert_eq!(watermark_of(&left_only, 1), Some(50));
+        let both = [with(0, 0, Some(50)), with(1, 0, Some(30)), with(1, 1, None)];
+        assert_eq!(watermark_of(&both, 2), Some(30));
+    }
+
+    #[test]
+    fn notices_are_accepted_from_the_generation_and_the_partition_s_owner() {
+        // A join: stage 0 has 2 partitions, stage 1 has 1; owners by worker id.
+        let owners = [7, 8, 9];
+        let inputs = [2, 1];
+        let from = |stage, map, worker, attempt| pb::MapOutputReady {
+            worker,
+            attempt,
+            ..notice(stage, map)
+        };
+        assert!(accepts_notice(&from(0, 1, 8, 3), 3, &owners, &inputs));
+        assert!(accepts_notice(&from(1, 0, 9, 4), 3, &owners, &inputs));
+        assert!(
+            accepts_notice(&from(0, 0, 7, 3), 3, &owners, &inputs),
+            "an older attempt of the same generation"
+        );
+        assert!(
+            !accepts_notice(&from(0, 0, 7, 2), 3, &owners, &inputs),
+            "an older generation"
+        );
+        assert!(
+            !accepts_notice(&from(0, 1, 5, 3), 3, &owners, &inputs),
+            "a lost worker that no longer owns the partition"
+        );
+        assert!(!accepts_notice(&from(1, 1, 9, 3), 3, &owners, &inputs));
+        assert!(accepts_notice(&from(0, 0, 5, 3), 3, &[], &inputs));
+    }
+
+    #[test]
+    fn a_repeated_notice_is_kept_once() {
+        let mut p = PendingReduce::default();
+        p.add(notice(0, 1));
+        p.add(notice(0, 1));
+        p.add(notice(1, 1));
+        assert_eq!(p.notices.len(), 2, "one per (stage, map partition)");
+    }
+
+    #[test]
+    fn notices_from_one_input_alone_never_start_a_two_input_task() {
+        let p = PendingReduce {
+            launched: true,
+            notices: (0..10).map(|m| notice(0, m)).collect(),
+            ..Default::default()
+        };
+        assert!(p.runnable(&[10]));
+        assert!(!p.runnable(&[10, 1]));
+    }
+}

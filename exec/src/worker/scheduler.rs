@@ -1,0 +1,714 @@
+//! The worker-local scheduler: group launches, `MapOutputReady` notices,
+//! dependency tracking over every input, and the run queue (earliest batch
+//! first).
+
+use super::*;
+
+impl PendingReduce {
+    /// Adds a notice unless one for the same map partition is in (a notice
+    /// repeated by a recovery describes the same, deterministic, blocks).
+    pub(super) fn add(&mut self, notice: pb::MapOutputReady) {
+        if !self
+            .notices
+            .iter()
+            .any(|n| n.stage == notice.stage && n.map == notice.map)
+        {
+            self.notices.push(notice);
+        }
+    }
+
+    /// True when there is a notice from every map partition of every shuffle
+    /// input (`inputs[s]` = map partitions of input stage `s`).
+    pub(super) fn has_all_inputs(&self, inputs: &[u32]) -> bool {
+        inputs.iter().enumerate().all(|(stage, &partitions)| {
+            let mut seen: Vec<u32> = self
+                .notices
+                .iter()
+                .filter(|n| n.stage as usize == stage)
+                .map(|n| n.map)
+                .collect();
+            seen.sort_unstable();
+            seen.dedup();
+            seen.len() as u32 >= partitions
+        })
+    }
+
+    /// Runnable: launched and every input is in.
+    pub(super) fn runnable(&self, inputs: &[u32]) -> bool {
+        self.launched && self.has_all_inputs(inputs)
+    }
+}
+
+impl WorkerQuery {
+    /// The state this worker holds for the query: every reduce partition's
+    /// keyed state and join rows, the lookup tables of every task, and
+    /// `buffered` bytes of shuffle blocks.
+    pub(super) fn state_size(&self, buffered: usize) -> StateSize {
+        let mut size = StateSize {
+            bytes: buffered as u64,
+            keys: 0,
+        };
+        for m in self.maps.values() {
+            size += m.joins.size();
+        }
+        for r in self.reduces.values() {
+            size += r.size();
+        }
+        size
+    }
+
+    /// Fails when the state outgrows the query's budget; `operator` names
+    /// what just grew.
+    pub(super) fn check_budget(&self, operator: &str, buffered: usize) -> Result<StateSize> {
+        let size = self.state_size(buffered);
+        if self.memory_limit > 0 && size.bytes > self.memory_limit {
+            return Err(ExecError::OutOfMemory {
+                message: format!(
+                    "query memory limit exceeded: {operator}: the query holds {} of state \
+                     and shuffle buffers ({} keys or rows) on this worker, \
+                     query_memory_limit is {}",
+                    human_bytes(size.bytes),
+                    size.keys,
+                    human_bytes(self.memory_limit)
+                ),
+            });
+        }
+        Ok(size)
+    }
+    /// Whether a notice is valid here: from this generation, and from the
+    /// worker that owns its map partition (a lost worker's late notices, and
+    /// a fenced incarnation's, are not).
+    pub(super) fn accepts(&self, notice: &pb::MapOutputReady) -> bool {
+        accepts_notice(
+            notice,
+            self.generation,
+            &self.map_owners,
+            &self.shuffle_inputs,
+        )
+    }
+
+    /// The earliest runnable reduce task that is next in its partition.
+    pub(super) fn next_reduce(&self) -> Option<(&(u64, ReducePartition), &PendingReduce)> {
+        let mut blocked: Vec<ReducePartition> = Vec::new();
+        for (key, p) in &self.pending_reduces {
+            let (b, r) = key;
+            if blocked.contains(r) {
+                continue;
+            }
+            let in_order = self
+                .reduces
+                .get(r)
+                .and_then(|s| s.last_batch)
+                .is_none_or(|last| *b == last + 1);
+            if in_order && p.runnable(&self.shuffle_inputs) {
+                return Some((key, p));
+            }
+            blocked.push(*r);
+        }
+        None
+    }
+}
+
+impl Scheduler {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            queries: HashMap::new(),
+            early: HashMap::new(),
+        }
+    }
+
+    pub(super) fn run(mut self, rx: std_mpsc::Receiver<Msg>) {
+        // Lazily connecting channels need the runtime's context; `block_on`
+        // calls below still run on this (non-runtime) thread.
+        let handle = self.shared.handle.clone();
+        let _context = handle.enter();
+        loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        if !self.handle(msg) {
+                            return;
+                        }
+                    }
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            let now = Instant::now();
+            match self.next_task(now) {
+                Ok(task) => self.run_task(task),
+                Err(wait) => {
+                    let msg = match wait {
+                        Some(deadline) => {
+                            match rx.recv_timeout(deadline.saturating_duration_since(now)) {
+                                Ok(m) => Some(m),
+                                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                            }
+                        }
+                        None => match rx.recv() {
+                            Ok(m) => Some(m),
+                            Err(_) => return,
+                        },
+                    };
+                    if let Some(msg) = msg {
+                        if !self.handle(msg) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn in_group(&self) -> bool {
+        self.queries
+            .values()
+            .any(|q| !q.pending_maps.is_empty() || !q.pending_reduces.is_empty())
+    }
+
+    /// Returns false on shutdown.
+    pub(super) fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Shutdown => return false,
+            Msg::Cancel(QueryId(u64::MAX), _) => {
+                for q in std::mem::take(&mut self.queries).into_keys() {
+                    self.shared.store.drop_query(q);
+                }
+                self.early.clear();
+            }
+            Msg::Cancel(q, attempt) => {
+                if self.in_group() {
+                    self.shared
+                        .counters
+                        .coordinator_messages_in_group
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                let newer = self
+                    .queries
+                    .get(&q)
+                    .is_some_and(|wq| attempt != 0 && wq.attempt > attempt);
+                if !newer {
+                    self.queries.remove(&q);
+                    self.early.remove(&q);
+                    self.shared.store.drop_query(q);
+                }
+            }
+            Msg::Launch(launch) => {
+                let id = QueryId(launch.query);
+                if let Err(e) = self.launch(*launch) {
+                    self.fail(id, BatchId(0), e);
+                }
+            }
+            Msg::Notice(notice) => {
+                self.shared
+                    .counters
+                    .notices_received
+                    .fetch_add(1, Ordering::Relaxed);
+                self.add_notice(notice);
+            }
+            Msg::LaunchReduce(req) => {
+                if self.in_group() {
+                    self.shared
+                        .counters
+                        .coordinator_messages_in_group
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                let Some(wq) = self.queries.get_mut(&QueryId(req.query)) else {
+                    return true;
+                };
+                let reduces: Vec<ReducePartition> = wq.reduces.keys().copied().collect();
+                for r in reduces {
+                    let entry = wq.pending_reduces.entry((req.batch, r)).or_default();
+                    entry.launched = true;
+                    entry.trigger.get_or_insert_with(Instant::now);
+                    entry.notices = req.notices.clone();
+                    self.shared
+                        .counters
+                        .reduces_started_by_coordinator
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        true
+    }
+
+    pub(super) fn add_notice(&mut self, notice: pb::MapOutputReady) {
+        let qid = QueryId(notice.query);
+        let Some(wq) = self
+            .queries
+            .get_mut(&qid)
+            .filter(|wq| notice.attempt <= wq.attempt)
+        else {
+            // The launch of this group (or attempt) may still be on its way.
+            let early = self.early.entry(qid).or_default();
+            if early.len() < 1 << 16 {
+                early.push(notice);
+            }
+            return;
+        };
+        if !wq.accepts(&notice) || !wq.token.matches(&notice.token) {
+            // fenced: an older generation, not the partition's owner, or
+            // not from a worker of this query
+            return;
+        }
+        for (r, state) in &wq.reduces {
+            if state.last_batch.is_some_and(|l| notice.batch <= l) {
+                continue; // this partition is past that batch (a recovery's replay)
+            }
+            let entry = wq.pending_reduces.entry((notice.batch, *r)).or_default();
+            let before = entry.runnable(&wq.shuffle_inputs);
+            entry.add(notice.clone());
+            if !before && entry.runnable(&wq.shuffle_inputs) {
+                self.shared
+                    .counters
+                    .reduces_started_by_notices
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(super) fn launch(&mut self, req: pb::LaunchGroupRequest) -> Result<()> {
+        let qid = QueryId(req.query);
+        let mode = SchedulingMode::try_from(req.mode).unwrap_or(SchedulingMode::Drizzle);
+        // The generation's first attempt: 0 from a coordinator that does not say.
+        let generation = if req.generation == 0 {
+            req.attempt
+        } else {
+            req.generation
+        };
+        let mut continued = false;
+        match self.queries.get(&qid).map(|wq| wq.attempt) {
+            Some(a) if a > req.attempt => return Ok(()), // stale
+            Some(a) if a < req.attempt && a >= generation => {
+                // Recovery of lost work: this worker keeps its partitions,
+                // their state and its retained map outputs.
+                continued = true;
+            }
+            Some(a) if a < req.attempt => {
+                // A new generation (a rebalance, or a rollback): start over
+                // from its checkpoint.
+                self.queries.remove(&qid);
+                self.shared.store.drop_query(qid);
+            }
+            _ => {}
+        }
+        // Partitions created by this launch are adopted from a lost worker
+        // when the attempt continues a generation.
+        let adopting = req.attempt > generation;
+        let fresh = !self.queries.contains_key(&qid);
+        if fresh {
+            if req.plan.is_empty() {
+                return Err(ExecError::Unavailable {
+                    message: format!("launch of query {qid} arrived without its plan"),
+                });
+            }
+            let plan = drizzle_planner::decode_plan(&req.plan, &self.shared.task_ctx)?;
+            let inputs = plan
+                .inputs()
+                .into_iter()
+                .map(|input| {
+                    let schema = input
+                        .window
+                        .as_ref()
+                        .map(|w| drizzle_planner::codec::input_schema(&input.stream, Some(w)));
+                    (input, schema)
+                })
+                .collect();
+            self.queries.insert(
+                qid,
+                WorkerQuery {
+                    plan,
+                    inputs,
+                    mode,
+                    shuffle_inputs: if req.shuffle_inputs.is_empty() {
+                        vec![req.map_partitions]
+                    } else {
+                        req.shuffle_inputs.clone()
+                    },
+                    reduce_partitions: req.reduce_partitions,
+                    reduce_placement: req.reduce_placement.clone(),
+                    tables: RemoteTables {
+                        shared: Arc::clone(&self.shared),
+                        query: qid,
+                    },
+                    maps: BTreeMap::new(),
+                    reduces: BTreeMap::new(),
+                    pending_maps: BTreeMap::new(),
+                    pending_reduces: BTreeMap::new(),
+                    groups: BTreeMap::new(),
+                    group_starts: BTreeMap::new(),
+                    group_ends: BTreeMap::new(),
+                    attempt: req.attempt,
+                    generation,
+                    map_owners: Vec::new(),
+                    retain: false,
+                    produced: BTreeMap::new(),
+                    rows_in: 0,
+                    late_rows: 0,
+                    memory_limit: 0,
+                    delta_bases: BTreeMap::new(),
+                    token: QueryToken::default(),
+                },
+            );
+        }
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
+        wq.generation = generation;
+        wq.memory_limit = req.memory_limit;
+        if let Some(token) = QueryToken::from_slice(&req.query_token) {
+            wq.token = token;
+            self.shared.store.set_token(qid, token);
+        }
+        if !req.map_owners.is_empty() {
+            wq.map_owners = req.map_owners.clone();
+        }
+        if !req.reduce_placement.is_empty() {
+            wq.reduce_placement = req.reduce_placement.clone();
+        }
+        wq.retain = req.retain_blocks;
+        self.shared.store.retain(qid, req.retain_blocks);
+        if let Some(covered) = req.covered_through {
+            // A checkpoint covers these batches: no recovery reads them again.
+            self.shared.store.drop_through(qid, covered);
+            wq.produced = wq.produced.split_off(&(covered.saturating_add(1), 0, 0));
+        }
+        if continued {
+            // The attempt's launch replaces every task not yet run; a lost
+            // worker's notices are void (its partitions run elsewhere now).
+            wq.attempt = req.attempt;
+            wq.pending_maps.clear();
+            wq.groups.clear();
+            wq.group_starts.clear();
+            wq.group_ends.clear();
+            wq.delta_bases.clear();
+            let owners = (
+                wq.generation,
+                wq.map_owners.clone(),
+                wq.shuffle_inputs.clone(),
+            );
+            let reduces = &wq.reduces;
+            wq.pending_reduces.retain(|(b, r), p| {
+                p.notices
+                    .retain(|n| accepts_notice(n, owners.0, &owners.1, &owners.2));
+                reduces
+                    .get(r)
+                    .is_some_and(|s| s.last_batch.is_none_or(|l| *b > l))
+            });
+        }
+        // A partition created here starts after the checkpoint it restores
+        // from (or at the query's start).
+        let restored_batch = req.restore.as_ref().map(|r| r.batch);
+        let mut tasks = 0usize;
+        let batches: Vec<(u64, (Instant, i64))> = req
+            .batches
+            .iter()
+            .map(|b| (b.batch, (instant_of(b.trigger_unix_us), b.trigger_unix_us)))
+            .collect();
+        for spec in &req.map_tasks {
+            let p = MapPartition(spec.partition);
+            let key = (spec.stage, p);
+            if !wq.maps.contains_key(&key) {
+                let Some(start) = spec.start_offset else {
+                    return Err(ExecError::invalid(format!(
+                        "map partition {p} of stage {} arrived without its start",
+                        spec.stage
+                    )));
+                };
+                let Some((input, _)) = wq.inputs.get(spec.stage as usize) else {
+                    return Err(ExecError::invalid(format!(
+                        "map stage {} does not exist",
+                        spec.stage
+                    )));
+                };
+                let source = match input.stream.connector() {
+                    Some("datagen") => TaskSource::Datagen(
+                        Arc::new(DatagenSource::new(&input.stream)?),
+                        spec.partition,
+                    ),
+                    _ => TaskSource::Log(spec.stage, spec.partition),
+                };
+                if adopting {
+                    self.shared
+                        .counters
+                        .partitions_adopted
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                wq.maps.insert(
+                    key,
+                    MapState {
+                        source,
+                        last_batch: restored_batch,
+                        next_offset: start,
+                        window: WindowAssignExec {
+                            max_event_us: spec.max_event_us,
+                        },
+                        joins: JoinCache::default(),
+                    },
+                );
+            }
+            let last = wq.maps.get(&key).and_then(|m| m.last_batch);
+            for (b, at) in &batches {
+                if last.is_none_or(|l| *b > l) {
+                    wq.pending_maps.insert((*b, spec.stage, p), *at);
+                    tasks += 1;
+                }
+            }
+        }
+        for r in &req.reduce_tasks {
+            let r = ReducePartition(*r);
+            if !wq.reduces.contains_key(&r) {
+                let mut state = ReduceState {
+                    agg: wq.plan.aggregate.clone().map(AggregateFinalExec::new),
+                    join: wq.plan.join.clone().map(WindowJoinExec::new),
+                    joins: JoinCache::default(),
+                    last_batch: None,
+                };
+                if adopting {
+                    self.shared
+                        .counters
+                        .partitions_adopted
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(restore) = &req.restore {
+                    restore_reduce(
+                        &self.shared,
+                        qid,
+                        &wq.plan,
+                        restore,
+                        r,
+                        wq.reduce_partitions,
+                        &mut state,
+                    )?;
+                }
+                wq.reduces.insert(r, state);
+            }
+            let last = wq.reduces.get(&r).and_then(|s| s.last_batch);
+            for (b, (at, _)) in &batches {
+                if last.is_some_and(|l| *b <= l) {
+                    continue;
+                }
+                tasks += 1;
+                let entry = wq.pending_reduces.entry((*b, r)).or_default();
+                entry.trigger = Some(*at);
+                if mode == SchedulingMode::Drizzle {
+                    // Pre-scheduled: runnable once every notice is in.
+                    entry.launched = true;
+                    if entry.runnable(&wq.shuffle_inputs) {
+                        self.shared
+                            .counters
+                            .reduces_started_by_notices
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        if tasks > 0 {
+            if let Some((first, _)) = batches.first() {
+                wq.group_starts.insert(*first, req.group);
+            }
+            if let Some((last, _)) = batches.last() {
+                wq.group_ends.insert(req.group, (*last, req.checkpoint));
+                wq.delta_bases.insert(req.group, req.delta_base);
+            }
+            wq.groups.insert(
+                req.group,
+                GroupProgress {
+                    left: tasks,
+                    tasks: tasks as u64,
+                    ranges: Vec::new(),
+                    maps: Vec::new(),
+                },
+            );
+        }
+        if continued {
+            // Reduce partitions restored elsewhere need this worker's map
+            // outputs of every batch since the checkpoint: announce them again
+            // to every consumer (a consumer past a batch ignores its notice).
+            let mut targets = wq.reduce_placement.clone();
+            targets.sort();
+            targets.dedup();
+            let again: Vec<pb::MapOutputReady> = wq
+                .produced
+                .values()
+                .map(|n| pb::MapOutputReady {
+                    attempt: req.attempt,
+                    ..n.clone()
+                })
+                .collect();
+            for n in again {
+                for t in &targets {
+                    self.send_notice(t, n.clone())?;
+                }
+            }
+        }
+        if let Some(early) = self.early.remove(&qid) {
+            for n in early {
+                // Older generations' notices are dropped by add_notice;
+                // newer attempts' wait in `early` again.
+                self.add_notice(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a notice to the consumer worker at `target` (this worker's own
+    /// consumers get it directly).
+    pub(super) fn send_notice(&mut self, target: &str, notice: pb::MapOutputReady) -> Result<()> {
+        self.shared
+            .counters
+            .notices_sent
+            .fetch_add(1, Ordering::Relaxed);
+        if target == self.shared.address {
+            self.shared
+                .counters
+                .notices_received
+                .fetch_add(1, Ordering::Relaxed);
+            self.add_notice(notice);
+            Ok(())
+        } else {
+            self.shared.notify(target, notice)
+        }
+    }
+
+    /// The next runnable task, or how long to wait (None = until a message).
+    pub(super) fn next_task(&self, now: Instant) -> std::result::Result<Task, Option<Instant>> {
+        let mut best: Option<(Instant, u8, Task)> = None;
+        let mut wake: Option<Instant> = None;
+        for (qid, wq) in &self.queries {
+            // Ready consumers: launched, every input's notices in, and the
+            // partition's previous batch done (notices of later batches can
+            // overtake earlier ones on the network; reduce state must see
+            // batches in order).
+            if let Some(((b, r), p)) = wq.next_reduce() {
+                let at = p.trigger.unwrap_or(now);
+                if best.as_ref().is_none_or(|(t, k, _)| (at, 0) < (*t, *k)) {
+                    best = Some((at, 0, Task::Reduce(*qid, *b, *r)));
+                }
+            }
+            if let Some(((b, s, p), (at, _))) = wq.pending_maps.iter().next() {
+                if *at <= now {
+                    if best.as_ref().is_none_or(|(t, k, _)| (*at, 1) < (*t, *k)) {
+                        best = Some((*at, 1, Task::Map(*qid, *b, *s, *p)));
+                    }
+                } else {
+                    wake = Some(wake.map_or(*at, |w: Instant| w.min(*at)));
+                }
+            }
+        }
+        match best {
+            Some((_, _, t)) => Ok(t),
+            None => Err(wake),
+        }
+    }
+
+    pub(super) fn fail(&mut self, qid: QueryId, batch: BatchId, e: ExecError) {
+        tracing::warn!(query = %qid, batch = batch.0, "task failed: {e}");
+        let (code, message) = (self.shared.classify)(e);
+        let output = pb::TaskOutput {
+            query: qid.0,
+            batch: batch.0,
+            error: Some(message),
+            error_code: code,
+            attempt: self.queries.get(&qid).map_or(0, |wq| wq.attempt),
+            ..Default::default()
+        };
+        self.shared.event(pb::worker_event::Event::Output(output));
+        self.queries.remove(&qid);
+        self.shared.store.drop_query(qid);
+    }
+
+    pub(super) fn run_task(&mut self, task: Task) {
+        let (qid, b) = match &task {
+            Task::Map(q, b, _, _) | Task::Reduce(q, b, _) => (*q, *b),
+        };
+        // A panic in an operator fails the query, never the worker.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match task {
+            Task::Map(q, b, s, p) => self.run_map(q, b, s, p),
+            Task::Reduce(q, b, r) => self.run_reduce(q, b, r),
+        }))
+        .unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(query = %qid, batch = b, "task panicked: {message}");
+            Err(ExecError::Unavailable {
+                message: format!("a task of query {qid} failed internally: {message}"),
+            })
+        });
+        if let Err(e) = result {
+            self.fail(qid, BatchId(b), e);
+            return;
+        }
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        // Per-group report once all of this worker's tasks of the group are done.
+        let group = group_of(&wq.group_starts, b);
+        let Some(progress) = wq.groups.get_mut(&group) else {
+            return;
+        };
+        progress.left = progress.left.saturating_sub(1);
+        if progress.left > 0 {
+            return;
+        }
+        let progress = wq.groups.remove(&group).unwrap_or_default();
+        wq.group_starts.retain(|_, g| *g != group);
+        wq.group_ends.remove(&group);
+        wq.delta_bases.remove(&group);
+        let report = pb::GroupReport {
+            attempt: wq.attempt,
+            maps: progress.maps,
+            query: qid.0,
+            group,
+            worker: self.shared.worker_id(),
+            epoch: self.shared.identity.lock().1,
+            ranges: progress.ranges,
+            rows_in: std::mem::take(&mut wq.rows_in),
+            late_rows: std::mem::take(&mut wq.late_rows),
+            tasks: progress.tasks,
+        };
+        self.shared
+            .event(pb::worker_event::Event::GroupReport(report));
+    }
+}
+
+/// Whether `notice` is valid for a query at `generation` whose map
+/// partitions are owned as `owners` says (worker ids, input stages in order,
+/// `inputs[s]` partitions in stage `s`; empty: any owner).
+pub(super) fn accepts_notice(
+    notice: &pb::MapOutputReady,
+    generation: u64,
+    owners: &[u32],
+    inputs: &[u32],
+) -> bool {
+    if notice.attempt < generation {
+        return false;
+    }
+    if owners.is_empty() {
+        return true;
+    }
+    let before: u32 = inputs.iter().take(notice.stage as usize).sum();
+    owners.get((before + notice.map) as usize) == Some(&notice.worker)
+}
+
+/// The watermark a reduce task may act on: per input, the minimum over the
+/// map partitions that have seen rows; over inputs, the minimum, and none
+/// until every input has one (a join must not close a window before the
+/// other side has spoken).
+pub(super) fn watermark_of(notices: &[pb::MapOutputReady], inputs: usize) -> Option<i64> {
+    let mut overall: Option<i64> = None;
+    for stage in 0..inputs.max(1) {
+        let w = notices
+            .iter()
+            .filter(|n| n.stage as usize == stage)
+            .filter_map(|n| n.watermark_us)
+            .min()?;
+        overall = Some(overall.map_or(w, |o| o.min(w)));
+    }
+    overall
+}

@@ -1,0 +1,604 @@
+//! Map and reduce tasks: reading sources, running operators, routing rows
+//! to reduce partitions, pulling blocks, delivering outputs, and keyed
+//! state snapshots.
+
+use super::*;
+
+impl Scheduler {
+    /// The rows of the batch triggered at `until_us`, from `from` on.
+    pub(super) fn read_source(
+        shared: &Shared,
+        qid: QueryId,
+        source: &TaskSource,
+        from: u64,
+        until_us: i64,
+    ) -> Result<(u64, Vec<RecordBatch>)> {
+        match source {
+            TaskSource::Datagen(g, p) => {
+                let to = g
+                    .available(*p, until_us)
+                    .min(from.saturating_add(MAX_BATCH_ROWS))
+                    .max(from);
+                if to == from {
+                    return Ok((to, Vec::new()));
+                }
+                Ok((to, vec![g.generate(*p, from, to)?]))
+            }
+            TaskSource::Log(stage, p) => {
+                let mut client = shared.coordinator.clone();
+                let req = pb::ReadSourceRequest {
+                    query: qid.0,
+                    stage: *stage,
+                    partition: *p,
+                    from,
+                    max_rows: MAX_BATCH_ROWS,
+                    until_unix_us: until_us,
+                };
+                let resp = shared
+                    .handle
+                    .block_on(async move { client.read_source(req).await })
+                    .map_err(|s| rpc_error("reading the stream log", s))?
+                    .into_inner();
+                Ok((resp.to.max(from), from_ipc(resp.ipc)?))
+            }
+        }
+    }
+
+    pub(super) fn run_map(
+        &mut self,
+        qid: QueryId,
+        b: u64,
+        stage: u32,
+        p: MapPartition,
+    ) -> Result<()> {
+        self.shared
+            .counters
+            .map_tasks_run
+            .fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::clone(&self.shared);
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
+        let until = wq
+            .pending_maps
+            .remove(&(b, stage, p))
+            .map_or_else(unix_us, |(_, t)| t);
+        let Some(state) = wq.maps.get_mut(&(stage, p)) else {
+            return Err(ExecError::invalid(format!(
+                "map partition {p} of stage {stage} not on this worker"
+            )));
+        };
+        let from = state.next_offset;
+        let (to, pieces) = Self::read_source(&shared, qid, &state.source, from, until)?;
+        state.next_offset = to;
+        state.last_batch = Some(b);
+        wq.rows_in += to - from;
+        let plan = &wq.plan;
+        let Some((input, window_schema)) = wq.inputs.get(stage as usize) else {
+            return Err(ExecError::invalid(format!(
+                "map stage {stage} does not exist"
+            )));
+        };
+        let mut outputs = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            let mut batch = piece;
+            if let (Some(spec), Some(schema)) = (&input.window, window_schema) {
+                let assigned = state.window.assign(spec, schema, &batch)?;
+                wq.late_rows += assigned.late;
+                batch = assigned.batch;
+            }
+            let mut out = apply_ops(&input.map_ops, batch, &mut state.joins, &wq.tables)?;
+            if let Some(agg) = &plan.aggregate {
+                out = partial_aggregate(agg, &out)?;
+            }
+            if out.num_rows() > 0 {
+                outputs.push(out);
+            }
+        }
+        let watermark_us = input
+            .window
+            .as_ref()
+            .and_then(|spec| state.window.watermark_us(spec));
+        let group = group_of(&wq.group_starts, b);
+        let checkpoint = wq.group_ends.get(&group) == Some(&(b, true));
+        if let Some(progress) = wq.groups.get_mut(&group) {
+            progress.ranges.push(pb::SourceRange {
+                batch: b,
+                partition: p.0,
+                from,
+                to,
+                stage,
+            });
+            if checkpoint {
+                progress.maps.push(pb::MapState {
+                    batch: b,
+                    stage,
+                    partition: p.0,
+                    next_offset: to,
+                    max_event_us: state.window.max_event_us,
+                });
+            }
+        }
+        // What the shuffle hashes on.
+        let by: Vec<ShuffleKey> = match shuffle_keys(plan, stage) {
+            Some(by) => by,
+            None => {
+                // Map-only plan: this is the final stage.
+                let schema = outputs
+                    .first()
+                    .map(|o| o.schema())
+                    .unwrap_or_else(|| Arc::clone(&plan.output_schema));
+                let batch = arrow::compute::concat_batches(&schema, &outputs)?;
+                let out = apply_ops(&plan.post_ops, batch, &mut state.joins, &wq.tables)?;
+                let chunks = vec![(None, out)];
+                let (rows_in, late) = (
+                    std::mem::take(&mut wq.rows_in),
+                    std::mem::take(&mut wq.late_rows),
+                );
+                return self.deliver(qid, BatchId(b), p.0, chunks, rows_in, late);
+            }
+        };
+        let parts_n = wq.reduce_partitions as usize;
+        let mut per_reduce: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts_n];
+        for out in &outputs {
+            let parts = route(out, &by, parts_n)?;
+            for (r, part) in parts.into_iter().enumerate() {
+                if part.num_rows() > 0 {
+                    per_reduce[r].push(part);
+                }
+            }
+        }
+        let mut rows = vec![0u32; parts_n];
+        for (r, parts) in per_reduce.iter().enumerate() {
+            let Some(first) = parts.first() else {
+                continue;
+            };
+            rows[r] = parts.iter().map(|b| b.num_rows() as u32).sum();
+            let bytes = drizzle_shuffle::encode_block(&first.schema(), parts)?;
+            let id = BlockId {
+                query: qid,
+                batch: BatchId(b),
+                stage: StageId(stage),
+                map: p,
+                reduce: ReducePartition(r as u32),
+            };
+            self.shared.store.put(id, bytes);
+        }
+        let notice = pb::MapOutputReady {
+            query: qid.0,
+            batch: b,
+            stage,
+            map: p.0,
+            rows,
+            watermark_us,
+            location: self.shared.address.clone(),
+            worker: self.shared.worker_id(),
+            attempt: wq.attempt,
+            token: wq.token.0.to_vec(),
+        };
+        if wq.mode == SchedulingMode::Bsp {
+            // BSP: the coordinator collects every map task's notice and
+            // launches the reduce tasks itself.
+            self.shared.event(pb::worker_event::Event::MapDone(notice));
+            return Ok(());
+        }
+        if wq.retain {
+            // Kept with the blocks, to announce again after a recovery.
+            wq.produced.insert((b, stage, p.0), notice.clone());
+        }
+        // One notice per consumer worker, pushed directly (no coordinator).
+        let mut targets = wq.reduce_placement.clone();
+        targets.sort();
+        targets.dedup();
+        for t in targets {
+            self.send_notice(&t, notice.clone())?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn fetch(
+        &self,
+        qid: QueryId,
+        b: u64,
+        r: ReducePartition,
+        n: &pb::MapOutputReady,
+    ) -> Result<Vec<RecordBatch>> {
+        let id = BlockId {
+            query: qid,
+            batch: BatchId(b),
+            stage: StageId(n.stage),
+            map: MapPartition(n.map),
+            reduce: r,
+        };
+        if n.location == self.shared.address {
+            // Our own block: no network.
+            self.shared
+                .counters
+                .blocks_read_local
+                .fetch_add(1, Ordering::Relaxed);
+            let bytes = self.shared.store.read(&id)?;
+            return Ok(drizzle_shuffle::decode_block(&bytes)?);
+        }
+        self.shared
+            .counters
+            .blocks_fetched_remote
+            .fetch_add(1, Ordering::Relaxed);
+        let mut client =
+            crate::cluster::flight_client(self.shared.peer(&n.location)?, &self.shared.secret);
+        let location = n.location.clone();
+        let token = self
+            .queries
+            .get(&qid)
+            .map(|wq| wq.token)
+            .unwrap_or_default();
+        Ok(self.shared.handle.block_on(async move {
+            // A producer cut off by a partition never answers: bound the wait.
+            tokio::time::timeout(
+                FETCH_TIMEOUT,
+                drizzle_shuffle::fetch_block(&mut client, &location, id, &token),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(drizzle_shuffle::ShuffleError::Fetch {
+                    block: id.to_string(),
+                    location: location.clone(),
+                    message: format!("no answer within {FETCH_TIMEOUT:?}"),
+                })
+            })
+        })?)
+    }
+
+    /// A block of `failed`'s producer could not be pulled: the producer's
+    /// outputs are lost. The task goes back to waiting, every notice of that
+    /// producer is forgotten, and the coordinator hears of it: it re-runs
+    /// the producer's partitions elsewhere, whose notices then come again.
+    pub(super) fn fetch_failed(
+        &mut self,
+        qid: QueryId,
+        b: u64,
+        r: ReducePartition,
+        mut pending: PendingReduce,
+        failed: &pb::MapOutputReady,
+        e: ExecError,
+    ) {
+        tracing::warn!(query = %qid, batch = b, producer = failed.worker, location = %failed.location, "fetch failed: {e}");
+        self.shared
+            .counters
+            .fetch_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        pending.notices.retain(|n| n.worker != failed.worker);
+        wq.pending_reduces.insert((b, r), pending);
+        for p in wq.pending_reduces.values_mut() {
+            p.notices.retain(|n| n.worker != failed.worker);
+        }
+        let event = pb::FetchFailed {
+            query: qid.0,
+            attempt: wq.attempt,
+            batch: b,
+            producer: failed.worker,
+            location: failed.location.clone(),
+            message: e.to_string(),
+        };
+        self.shared
+            .event(pb::worker_event::Event::FetchFailed(event));
+    }
+
+    pub(super) fn run_reduce(&mut self, qid: QueryId, b: u64, r: ReducePartition) -> Result<()> {
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
+        let mut pending = wq.pending_reduces.remove(&(b, r)).unwrap_or_default();
+        pending.notices.sort_by_key(|n| (n.stage, n.map));
+        let mut partials = Vec::new();
+        let mut failed = None;
+        for n in &pending.notices {
+            if n.rows.get(r.0 as usize).copied().unwrap_or(0) == 0 {
+                continue;
+            }
+            let stage = n.stage;
+            match self.fetch(qid, b, r, n) {
+                Ok(batches) => partials.extend(batches.into_iter().map(|b| (stage, b))),
+                // Another worker's block: its producer is gone, not the query.
+                Err(e) if n.location != self.shared.address => {
+                    failed = Some((n.clone(), e));
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some((n, e)) = failed {
+            self.fetch_failed(qid, b, r, pending, &n, e);
+            return Ok(());
+        }
+        self.shared
+            .counters
+            .reduce_tasks_run
+            .fetch_add(1, Ordering::Relaxed);
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
+        let Some(state) = wq.reduces.get_mut(&r) else {
+            return Err(ExecError::invalid(format!(
+                "reduce partition {r} not on this worker"
+            )));
+        };
+        if state.last_batch.is_some_and(|l| l >= b) {
+            self.shared
+                .counters
+                .out_of_order_reduces
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        state.last_batch = Some(b);
+        let watermark = watermark_of(&pending.notices, wq.shuffle_inputs.len());
+        let out = match (state.agg.as_mut(), state.join.as_mut()) {
+            (Some(agg), _) => {
+                let batches: Vec<RecordBatch> = partials.into_iter().map(|(_, b)| b).collect();
+                agg.process(b, &batches, watermark)?
+            }
+            (None, Some(join)) => {
+                let (left, right): (Vec<_>, Vec<_>) =
+                    partials.into_iter().partition(|(stage, _)| *stage == 0);
+                let left: Vec<RecordBatch> = left.into_iter().map(|(_, b)| b).collect();
+                let right: Vec<RecordBatch> = right.into_iter().map(|(_, b)| b).collect();
+                join.process(&left, &right, watermark)?
+            }
+            (None, None) => {
+                return Err(ExecError::invalid(
+                    "reduce task of a plan without aggregate or join",
+                ))
+            }
+        };
+        wq.late_rows += out.late;
+        let operator = match (&state.agg, &state.join) {
+            (Some(_), _) => format!("AggregateFinalExec (reduce partition {r})"),
+            _ => format!("WindowJoinExec (reduce partition {r})"),
+        };
+        wq.check_budget(&operator, self.shared.store.query_bytes(qid))?;
+        let Some(state) = wq.reduces.get_mut(&r) else {
+            return Ok(());
+        };
+        let group = group_of(&wq.group_starts, b);
+        if wq.group_ends.get(&group) == Some(&(b, true)) {
+            // A checkpoint: snapshot on this thread, write asynchronously.
+            let base = wq.delta_bases.get(&group).copied().flatten();
+            let bytes = snapshot_reduce(state, base)?;
+            let req = pb::SaveStateRequest {
+                query: qid.0,
+                attempt: wq.attempt,
+                batch: b,
+                partition: r.0,
+                state: bytes,
+            };
+            let mut client = self.shared.coordinator.clone();
+            self.shared.handle.spawn(async move {
+                if let Err(s) = client.save_state(req).await {
+                    tracing::warn!("saving checkpoint state failed: {}", s.message());
+                }
+            });
+        }
+        let mut chunks = Vec::with_capacity(out.chunks.len());
+        for (w, batch) in out.chunks {
+            chunks.push((
+                w,
+                apply_ops(&wq.plan.post_ops, batch, &mut state.joins, &wq.tables)?,
+            ));
+        }
+        let late = std::mem::take(&mut wq.late_rows);
+        self.deliver(qid, BatchId(b), r.0, chunks, 0, late)
+    }
+
+    /// Sends a final-stage task's output to the coordinator's collector.
+    pub(super) fn deliver(
+        &self,
+        qid: QueryId,
+        b: BatchId,
+        partition: u32,
+        chunks: Vec<(Option<i64>, RecordBatch)>,
+        rows_in: u64,
+        late_rows: u64,
+    ) -> Result<()> {
+        let mut out = Vec::with_capacity(chunks.len());
+        for (window_end, batch) in chunks {
+            out.push(pb::OutputChunk {
+                window_end,
+                ipc: to_ipc(&batch.schema(), &[batch])?,
+            });
+        }
+        // What a map-only query holds is its lookup tables.
+        let state = match self.queries.get(&qid) {
+            Some(wq) => wq.check_budget(
+                "LookupJoinExec (lookup tables)",
+                self.shared.store.query_bytes(qid),
+            )?,
+            None => StateSize::default(),
+        };
+        let output = pb::TaskOutput {
+            query: qid.0,
+            batch: b.0,
+            partition,
+            chunks: out,
+            error: None,
+            error_code: String::new(),
+            rows_in,
+            late_rows,
+            attempt: self.queries.get(&qid).map_or(0, |wq| wq.attempt),
+            state_bytes: state.bytes,
+            state_keys: state.keys,
+        };
+        self.shared.event(pb::worker_event::Event::Output(output));
+        let _ = qid;
+        Ok(())
+    }
+}
+
+/// What a map stage's shuffle hashes on.
+pub(super) enum ShuffleKey {
+    /// The first n columns (an aggregation's group columns).
+    Columns(usize),
+    /// One column (a window join without other keys: the window bound).
+    Column(usize),
+    /// An expression (a window join key).
+    Expr(Arc<dyn datafusion::physical_expr::PhysicalExpr>),
+}
+
+/// What stage `stage`'s shuffle hashes on; `None` for a map-only plan.
+pub(super) fn shuffle_keys(plan: &StreamingPlan, stage: u32) -> Option<Vec<ShuffleKey>> {
+    match (&plan.aggregate, &plan.join) {
+        (Some(agg), _) => Some(vec![ShuffleKey::Columns(agg.group_exprs.len())]),
+        (None, Some(j)) => {
+            let (keys, window) = if stage == 0 {
+                (&j.left_keys, j.left_window)
+            } else {
+                (&j.right_keys, j.right_window)
+            };
+            Some(if keys.is_empty() {
+                vec![ShuffleKey::Column(window)]
+            } else {
+                keys.iter()
+                    .map(|k| ShuffleKey::Expr(Arc::clone(k)))
+                    .collect()
+            })
+        }
+        (None, None) => None,
+    }
+}
+
+/// Splits `batch` into `n` reduce partitions by the shuffle keys (no keys:
+/// everything to partition 0). Map tasks and re-partitioned state restores
+/// route rows the same way.
+pub(super) fn route(batch: &RecordBatch, by: &[ShuffleKey], n: usize) -> Result<Vec<RecordBatch>> {
+    let mut keys = Vec::new();
+    for k in by {
+        match k {
+            ShuffleKey::Columns(c) => keys.extend(batch.columns()[..*c].iter().cloned()),
+            ShuffleKey::Column(i) => keys.push(Arc::clone(batch.column(*i))),
+            ShuffleKey::Expr(e) => keys.push(e.evaluate(batch)?.into_array(batch.num_rows())?),
+        }
+    }
+    if keys.is_empty() {
+        let mut v = vec![batch.clone()];
+        v.extend((1..n).map(|_| batch.slice(0, 0)));
+        return Ok(v);
+    }
+    Ok(drizzle_shuffle::hash_partition(batch, &keys, n)?)
+}
+
+pub(super) fn encode_section(batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    match batches.first() {
+        Some(first) => Ok(drizzle_shuffle::encode_block(&first.schema(), batches)?.to_vec()),
+        None => Ok(Vec::new()),
+    }
+}
+
+pub(super) fn decode_section(bytes: Vec<u8>) -> Result<Vec<RecordBatch>> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(drizzle_shuffle::decode_block(&bytes::Bytes::from(bytes))?)
+}
+
+/// A reduce partition's keyed state as a checkpoint object.
+/// A reduce partition's checkpoint object: keyed state as a delta of
+/// `delta_base` when there is one (the keys changed since), else in full;
+/// a window join's held rows always in full.
+pub(super) fn snapshot_reduce(state: &mut ReduceState, delta_base: Option<u64>) -> Result<Vec<u8>> {
+    let object = match (state.agg.as_mut(), state.join.as_ref()) {
+        (Some(agg), _) => {
+            let (closed_through, rows) = agg.snapshot(delta_base)?;
+            StateObject {
+                closed_through,
+                delta_base,
+                sections: vec![encode_section(&rows)?],
+            }
+        }
+        (None, Some(join)) => {
+            let (closed_through, left, right) = join.snapshot();
+            StateObject {
+                closed_through,
+                delta_base: None,
+                sections: vec![encode_section(&left)?, encode_section(&right)?],
+            }
+        }
+        (None, None) => StateObject::default(),
+    };
+    object.encode()
+}
+
+/// Loads reduce partition `r`'s state from a checkpoint: its own object
+/// when the partition count is unchanged, else every object's rows whose
+/// key routes to `r` under the new count.
+pub(super) fn restore_reduce(
+    shared: &Shared,
+    qid: QueryId,
+    plan: &StreamingPlan,
+    restore: &pb::Restore,
+    r: ReducePartition,
+    partitions: u32,
+    state: &mut ReduceState,
+) -> Result<()> {
+    let same = restore.reduce_partitions == partitions;
+    // Keyed state: every object's layers (chain first), overlaid at the end.
+    let mut layers: Vec<(Option<i64>, Vec<RecordBatch>)> = Vec::new();
+    for st in restore
+        .states
+        .iter()
+        .filter(|st| !same || st.partition == r.0)
+    {
+        for path in st.chain.iter().chain(std::iter::once(&st.path)) {
+            let mut client = shared.coordinator.clone();
+            let req = pb::LoadStateRequest {
+                query: qid.0,
+                path: path.clone(),
+            };
+            let bytes = shared
+                .handle
+                .block_on(async move { client.load_state(req).await })
+                .map_err(|s| rpc_error("loading checkpoint state", s))?
+                .into_inner()
+                .state;
+            let object = StateObject::decode(&bytes)?;
+            let mut sections = object.sections.into_iter();
+            let mut next = |stage: u32| -> Result<Vec<RecordBatch>> {
+                let rows = decode_section(sections.next().unwrap_or_default())?;
+                if same {
+                    return Ok(rows);
+                }
+                let by = shuffle_keys(plan, stage).unwrap_or_default();
+                let mut mine = Vec::with_capacity(rows.len());
+                for batch in &rows {
+                    let mut parts = route(batch, &by, partitions as usize)?;
+                    if (r.0 as usize) < parts.len() {
+                        mine.push(parts.swap_remove(r.0 as usize));
+                    }
+                }
+                Ok(mine)
+            };
+            match (state.agg.as_mut(), state.join.as_mut()) {
+                (Some(_), _) => layers.push((object.closed_through, next(0)?)),
+                (None, Some(join)) => {
+                    let left = next(0)?;
+                    let right = next(1)?;
+                    join.restore(object.closed_through, &left, &right)?
+                }
+                (None, None) => {}
+            }
+        }
+    }
+    if let Some(agg) = state.agg.as_mut() {
+        let (closed_through, rows) = agg.overlay(layers)?;
+        agg.restore(closed_through, &rows, restore.batch)?;
+    }
+    state.last_batch = Some(restore.batch);
+    Ok(())
+}
+
+pub(super) fn group_of(starts: &BTreeMap<u64, u64>, b: u64) -> u64 {
+    starts
+        .range(..=b)
+        .next_back()
+        .map(|(_, g)| *g)
+        .unwrap_or_default()
+}
