@@ -11,7 +11,8 @@
 //!                            DrizzleContextProvider, DataFusion optimiser)
 //!      ──lower─────────────▶ StreamingPlan: source ▶ map ops ▶ [partial agg
 //!                            ▶ shuffle ▶ final agg] ▶ post ops ▶ sink
-//!      ──stages────────────▶ Stage 0 (map) / Stage 1 (reduce), see EXPLAIN
+//!      ──graph─────────────▶ StageGraph: stages cut at every shuffle, each a
+//!                            chain of operators (see EXPLAIN)
 //! ```
 //!
 //! DataFusion stays a library of *stateless per-batch kernels* here: the
@@ -21,12 +22,14 @@
 //! the shuffle) and a final half holding partial states as Arrow arrays.
 //!
 //! Types to read first: [`DrizzleStatement`], [`StreamingPlan`],
-//! [`BatchOp`], [`AggregatePlan`], [`WindowSpec`], [`PlanError`].
+//! [`graph::StageGraph`], [`BatchOp`], [`AggregatePlan`], [`WindowSpec`],
+//! [`PlanError`].
 
 pub mod catalog;
 pub mod codec;
 pub mod error;
 pub mod functions;
+pub mod graph;
 pub mod lower;
 pub mod plan;
 pub mod providers;
@@ -38,6 +41,7 @@ use std::sync::Arc;
 pub use catalog::{ColumnDef, StreamDef, TableDef, ViewDef, WatermarkSpec};
 pub use codec::{decode_plan, encode_plan};
 pub use error::{PlanError, Result};
+pub use graph::{Operator, Partitioning, Stage, StageGraph, StageInput, StageOutput};
 pub use lower::{
     plan_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation, RelationResolver,
 };

@@ -942,6 +942,63 @@ mod tests {
     }
 
     #[test]
+    fn every_plan_is_a_stage_graph_cut_at_its_shuffles() {
+        use crate::graph::{Operator, Partitioning, StageId, StageInput, StageOutput};
+        // No shuffle: one source stage writing the sink.
+        let g = continuous("SELECT ad_id FROM events WHERE ad_id > 3").graph();
+        assert_eq!((g.stages.len(), g.shuffles()), (1, 0));
+        assert!(matches!(g.sink().input, StageInput::Source(_)));
+        assert!(matches!(
+            g.sink().output,
+            StageOutput::Sink(EmitMode::Append)
+        ));
+        // An aggregation: partial half, hash on the group columns, final half.
+        let g = continuous(
+            "SELECT kind, window_start, count(*) FROM TUMBLE(events, ts, INTERVAL '1' SECOND) \
+             GROUP BY kind, window_start",
+        )
+        .graph();
+        assert_eq!((g.stages.len(), g.shuffles()), (2, 1));
+        let StageOutput::Shuffle {
+            to,
+            partitioning: Partitioning::Hash(keys),
+        } = &g.stages[0].output
+        else {
+            panic!("stage 0 shuffles");
+        };
+        assert_eq!((*to, keys.len()), (StageId(1), 2));
+        assert!(matches!(
+            g.stages[0].operators.last(),
+            Some(Operator::AggregatePartial(_))
+        ));
+        assert!(matches!(&g.stages[1].input, StageInput::Shuffle(i) if i == &[StageId(0)]));
+        assert!(matches!(
+            g.stages[1].operators.first(),
+            Some(Operator::AggregateFinal(_))
+        ));
+        assert!(g.stages[1].is_stateful() && !g.stages[0].is_stateful());
+        assert_eq!((g.stages[0].tasks(4), g.stages[1].tasks(4)), (2, 4));
+        // A window join: two source stages into one join stage, left first.
+        let g = continuous(
+            "SELECT e.ad_id, c.kind FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+             JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c \
+             ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
+        )
+        .graph();
+        assert_eq!(
+            (g.stages.len(), g.shuffles(), g.sources().count()),
+            (3, 2, 2)
+        );
+        assert!(
+            matches!(&g.sink().input, StageInput::Shuffle(i) if i == &[StageId(0), StageId(1)])
+        );
+        assert!(matches!(
+            g.sink().operators.first(),
+            Some(Operator::WindowJoin(_))
+        ));
+    }
+
+    #[test]
     fn window_join_of_two_streams_has_two_map_stages_and_survives_the_wire() {
         let sql = "SELECT e.ad_id, c.kind, e.window_start \
              FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \

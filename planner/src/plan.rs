@@ -22,7 +22,7 @@ use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::PhysicalExpr;
 
 use crate::catalog::StreamDef;
-use crate::providers::{WindowKind, WindowSpec};
+use crate::providers::WindowSpec;
 
 /// A stateless kernel applied to every batch.
 #[derive(Debug, Clone)]
@@ -206,113 +206,23 @@ impl StreamingPlan {
         v
     }
 
-    /// The stages of the plan, for EXPLAIN and the scheduler.
+    /// The stages of the plan as EXPLAIN shows them (from [`Self::graph`]).
     pub fn stages(&self, reduce_partitions: usize) -> Vec<StageDesc> {
-        let mut map_ops = describe_input(&self.stream, self.window.as_ref(), &self.map_ops);
-        let mut stages = Vec::new();
-        if let Some(j) = &self.join {
-            let keys = |k: &[Arc<dyn PhysicalExpr>]| {
-                k.iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let shuffle = |k: String| {
-                format!("ShuffleWriteExec: hash([{k}]) into {reduce_partitions} partitions")
-            };
-            map_ops.push(shuffle(keys(&j.left_keys)));
-            stages.push(StageDesc {
-                id: 0,
-                name: "map, left".into(),
-                tasks: self.stream.partitions.to_string(),
-                operators: map_ops,
-            });
-            let mut right =
-                describe_input(&j.right.stream, j.right.window.as_ref(), &j.right.map_ops);
-            right.push(shuffle(keys(&j.right_keys)));
-            stages.push(StageDesc {
-                id: 1,
-                name: "map, right".into(),
-                tasks: j.right.stream.partitions.to_string(),
-                operators: right,
-            });
-            let mut reduce_ops = vec![
-                "ShuffleReadExec: from stages 0 and 1, pre-scheduled, waits for both".to_string(),
-                format!(
-                    "WindowJoinExec: inner, on=[{}]{}, state=rows per open window, emitted when the watermark passes the window end",
-                    j.display,
-                    j.filter.as_ref().map(|f| format!(", filter={f}")).unwrap_or_default()
-                ),
-            ];
-            reduce_ops.extend(self.post_ops.iter().map(describe_op));
-            reduce_ops.push(format!("SinkExec: emit={}", self.emit));
-            stages.push(StageDesc {
-                id: 2,
-                name: "reduce".into(),
-                tasks: reduce_partitions.to_string(),
-                operators: reduce_ops,
-            });
-            return stages;
-        }
-        match &self.aggregate {
-            None => {
-                map_ops.extend(self.post_ops.iter().map(describe_op));
-                map_ops.push(format!("SinkExec: emit={}", self.emit));
-                stages.push(StageDesc {
-                    id: 0,
-                    name: "map".into(),
-                    tasks: self.stream.partitions.to_string(),
-                    operators: map_ops,
-                });
-            }
-            Some(agg) => {
-                let keys: Vec<&str> = agg.group_exprs.iter().map(|(_, n)| n.as_str()).collect();
-                let aggs: Vec<&str> = agg.aggregates.iter().map(|a| a.name()).collect();
-                map_ops.push(format!(
-                    "AggregatePartialExec: group=[{}], aggr=[{}]",
-                    keys.join(", "),
-                    aggs.join(", ")
-                ));
-                map_ops.push(format!(
-                    "ShuffleWriteExec: hash([{}]) into {} partitions",
-                    keys.join(", "),
-                    reduce_partitions
-                ));
-                stages.push(StageDesc {
-                    id: 0,
-                    name: "map".into(),
-                    tasks: self.stream.partitions.to_string(),
-                    operators: map_ops,
-                });
-                let mut reduce_ops = vec![
-                    format!("ShuffleReadExec: from stage 0, pre-scheduled"),
-                    format!(
-                        "AggregateFinalExec: group=[{}], aggr=[{}], state=keyed{}",
-                        keys.join(", "),
-                        aggs.join(", "),
-                        if agg.window.is_some() {
-                            " per window"
-                        } else {
-                            ""
-                        }
-                    ),
-                ];
-                reduce_ops.extend(self.post_ops.iter().map(describe_op));
-                reduce_ops.push(format!("SinkExec: emit={}", self.emit));
-                stages.push(StageDesc {
-                    id: 1,
-                    name: "reduce".into(),
-                    tasks: reduce_partitions.to_string(),
-                    operators: reduce_ops,
-                });
-            }
-        }
-        stages
+        let graph = self.graph();
+        graph
+            .stages
+            .iter()
+            .map(|stage| StageDesc {
+                id: stage.id.0,
+                tasks: stage.tasks(reduce_partitions as u32).to_string(),
+                operators: crate::graph::describe(stage, reduce_partitions as u32),
+            })
+            .collect()
     }
 
     /// EXPLAIN text, one line per row.
     pub fn explain(&self, reduce_partitions: usize) -> Vec<String> {
-        let mut lines = vec![format!(
+        let header = format!(
             "StreamingQuery: emit={}, output=[{}]{}",
             self.emit,
             self.output_schema
@@ -324,17 +234,8 @@ impl StreamingPlan {
             self.limit
                 .map(|l| format!(", limit={l}"))
                 .unwrap_or_default()
-        )];
-        for stage in self.stages(reduce_partitions).iter().rev() {
-            lines.push(format!(
-                "  Stage {} ({}, {} tasks per micro-batch):",
-                stage.id, stage.name, stage.tasks
-            ));
-            for (i, op) in stage.operators.iter().rev().enumerate() {
-                lines.push(format!("    {}{}", "  ".repeat(i), op));
-            }
-        }
-        lines
+        );
+        self.graph().explain(header, reduce_partitions as u32)
     }
 }
 
@@ -343,50 +244,8 @@ impl StreamingPlan {
 pub struct StageDesc {
     /// Stage id.
     pub id: u32,
-    /// "map" or "reduce".
-    pub name: String,
     /// How many tasks run per micro-batch.
     pub tasks: String,
     /// Operators, source first.
     pub operators: Vec<String>,
-}
-
-fn describe_input(stream: &StreamDef, window: Option<&WindowSpec>, ops: &[BatchOp]) -> Vec<String> {
-    let mut out = vec![format!(
-        "StreamScanExec: stream={}, partitions={}, source={}",
-        stream.name,
-        stream.partitions,
-        stream.connector().unwrap_or("log")
-    )];
-    if let Some(w) = window {
-        let kind = match w.kind {
-            WindowKind::Tumble => format!("TUMBLE(size={}ms)", w.size_ms),
-            WindowKind::Hop => format!("HOP(slide={}ms, size={}ms)", w.slide_ms, w.size_ms),
-        };
-        out.push(format!(
-            "WindowAssignExec: {kind} on {}, watermark={} - {}ms, late rows dropped",
-            w.time_column_name, w.time_column_name, w.watermark_delay_ms
-        ));
-    }
-    out.extend(ops.iter().map(describe_op));
-    out
-}
-
-fn describe_op(op: &BatchOp) -> String {
-    match op {
-        BatchOp::Filter { predicate } => format!("FilterExec: {predicate}"),
-        BatchOp::Project { exprs, schema } => format!(
-            "ProjectionExec: [{}]",
-            exprs
-                .iter()
-                .zip(schema.fields())
-                .map(|(e, f)| format!("{e} AS {}", f.name()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        BatchOp::LookupJoin(j) => format!(
-            "LookupJoinExec: {:?}, on=[{}], table side re-read when tables change",
-            j.join_type, j.display
-        ),
-    }
 }

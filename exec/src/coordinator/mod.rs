@@ -39,7 +39,7 @@
 //!   a checkpoint group; after its last batch `C` reduce tasks send their
 //!   state (SaveState) and map tasks report their positions; once all are in
 //!   and the sink has committed every batch up to `C`, the coordinator
-//!   writes the [`Manifest`](crate::checkpoint::Manifest).
+//!   writes the [`Manifest`].
 //! * A lost worker (its Events stream broke, no heartbeat for
 //!   `worker_timeout`, or a peer could not pull its blocks: `FetchFailed`)
 //!   ends the query's attempt. With [`Recovery::LostWork`] (the default) the

@@ -2,7 +2,7 @@
 //!
 //! A micro-batch reads a fixed, replayable range of each source partition:
 //! `[from, to)` in row offsets. For a built-in stream the range indexes the
-//! partition's durable [`Log`](crate::log::Log); for `datagen` it indexes the
+//! partition's durable [`Log`]; for `datagen` it indexes the
 //! generated sequence (row `n` of a generator is a pure function of `n`), and
 //! `to` is how many rows the configured rate has produced by the trigger time.
 

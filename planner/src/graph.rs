@@ -1,0 +1,387 @@
+//! The stage graph: a continuous query as the Drizzle scheduler sees it.
+//!
+//! A [`StageGraph`] is a list of [`Stage`]s in topological order (every
+//! stage after the stages it reads). A stage is a chain of [`Operator`]s
+//! run by one task per partition and micro-batch; it reads either a
+//! stream's partitions ([`StageInput::Source`]) or the shuffled outputs of
+//! upstream stages ([`StageInput::Shuffle`]), and writes either a shuffle
+//! into the next stage ([`StageOutput::Shuffle`], partitioned by
+//! [`Partitioning`]) or the query's results ([`StageOutput::Sink`]). The
+//! graph is cut at every exchange, as Ballista cuts DataFusion plans:
+//!
+//! ```text
+//!  Stage 0: StreamScan ─ WindowAssign ─ Filter ─ AggregatePartial ─┐ hash(keys)
+//!  Stage 1: ShuffleRead(0) ─ AggregateFinal ─ Projection ─ Sink ◀──┘
+//! ```
+//!
+//! The scheduler places every stage's partitions before a group starts,
+//! consumers first; a task of a shuffle stage runs once every partition of
+//! every input stage has announced its output for the micro-batch.
+//! EXPLAIN is derived from the graph ([`StageGraph::explain`]).
+
+use std::sync::Arc;
+
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_expr::PhysicalExpr;
+
+use crate::catalog::StreamDef;
+use crate::plan::{AggregatePlan, BatchOp, EmitMode, StreamingPlan, WindowJoinPlan};
+use crate::providers::{WindowKind, WindowSpec};
+
+/// A stage's number within its graph (its index in [`StageGraph::stages`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StageId(pub u32);
+
+impl std::fmt::Display for StageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Where a stage's rows come from.
+#[derive(Debug, Clone)]
+pub enum StageInput {
+    /// A stream: one task per stream partition.
+    Source(StreamDef),
+    /// The shuffled outputs of upstream stages, in the order the first
+    /// operator takes them (a join's left input, then its right one): one
+    /// task per partition of this stage.
+    Shuffle(Vec<StageId>),
+}
+
+/// How a shuffle spreads rows over the consuming stage's partitions.
+#[derive(Debug, Clone)]
+pub enum Partitioning {
+    /// By the hash of these expressions over the producing stage's output;
+    /// with no expressions, every row goes to partition 0 (a global
+    /// aggregate).
+    Hash(Vec<Arc<dyn PhysicalExpr>>),
+}
+
+/// Where a stage's rows go.
+#[derive(Debug, Clone)]
+pub enum StageOutput {
+    /// Into stage `to`, partitioned.
+    Shuffle {
+        /// The consuming stage.
+        to: StageId,
+        /// How rows are spread over its partitions.
+        partitioning: Partitioning,
+    },
+    /// The query's results.
+    Sink(EmitMode),
+}
+
+/// One operator of a stage's chain.
+#[derive(Debug, Clone)]
+pub enum Operator {
+    /// `TUMBLE`/`HOP` window assignment, late rows dropped against the
+    /// watermark (state: the largest event time seen).
+    WindowAssign(WindowSpec),
+    /// A stateless kernel (filter, projection, lookup join).
+    Kernel(BatchOp),
+    /// The map-side half of an aggregation (no state across batches).
+    AggregatePartial(Arc<AggregatePlan>),
+    /// The reduce-side half: keyed state, per window when windowed.
+    AggregateFinal(Arc<AggregatePlan>),
+    /// A window join of the stage's two shuffle inputs (state: each open
+    /// window's rows of both sides).
+    WindowJoin(Arc<WindowJoinPlan>),
+}
+
+/// A chain of operators run by one task per partition and micro-batch.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// Its number.
+    pub id: StageId,
+    /// What it reads.
+    pub input: StageInput,
+    /// Its operators, in the order rows pass them.
+    pub operators: Vec<Operator>,
+    /// What it writes.
+    pub output: StageOutput,
+}
+
+impl Stage {
+    /// Tasks per micro-batch: the stream's partitions for a source stage,
+    /// `reduce_partitions` for a shuffle stage.
+    pub fn tasks(&self, reduce_partitions: u32) -> u32 {
+        match &self.input {
+            StageInput::Source(stream) => stream.partitions,
+            StageInput::Shuffle(_) => reduce_partitions,
+        }
+    }
+
+    /// True when an operator keeps state across micro-batches that a
+    /// checkpoint must save (window assignment's watermark aside).
+    pub fn is_stateful(&self) -> bool {
+        self.operators
+            .iter()
+            .any(|o| matches!(o, Operator::AggregateFinal(_) | Operator::WindowJoin(_)))
+    }
+}
+
+/// A continuous query as stages and the shuffles between them.
+#[derive(Debug, Clone)]
+pub struct StageGraph {
+    /// The stages, every one after the stages it reads; the last one is the
+    /// only one with a [`StageOutput::Sink`].
+    pub stages: Vec<Stage>,
+}
+
+impl StageGraph {
+    /// The stage writing the results.
+    pub fn sink(&self) -> &Stage {
+        self.stages
+            .last()
+            .expect("a stage graph has at least one stage")
+    }
+
+    /// The source stages, in order.
+    pub fn sources(&self) -> impl Iterator<Item = &Stage> {
+        self.stages
+            .iter()
+            .filter(|s| matches!(s.input, StageInput::Source(_)))
+    }
+
+    /// Stage `id`.
+    pub fn stage(&self, id: StageId) -> Option<&Stage> {
+        self.stages.get(id.0 as usize)
+    }
+
+    /// The number of shuffles (edges) in the graph.
+    pub fn shuffles(&self) -> usize {
+        self.stages
+            .iter()
+            .filter(|s| matches!(s.output, StageOutput::Shuffle { .. }))
+            .count()
+    }
+
+    /// EXPLAIN: one header line, then each stage from the sink down, its
+    /// operators from the last to the first (as DataFusion indents a plan).
+    pub fn explain(&self, header: String, reduce_partitions: u32) -> Vec<String> {
+        let mut lines = vec![header];
+        let sources = self.sources().count();
+        for stage in self.stages.iter().rev() {
+            let name = match &stage.input {
+                StageInput::Source(_) if sources == 1 => "map".to_string(),
+                StageInput::Source(_) => match self.sources().position(|s| s.id == stage.id) {
+                    Some(0) => "map, left".to_string(),
+                    Some(1) => "map, right".to_string(),
+                    Some(i) => format!("map, input {i}"),
+                    None => "map".to_string(),
+                },
+                StageInput::Shuffle(_) => "reduce".to_string(),
+            };
+            lines.push(format!(
+                "  Stage {} ({name}, {} tasks per micro-batch):",
+                stage.id,
+                stage.tasks(reduce_partitions)
+            ));
+            for (i, op) in describe(stage, reduce_partitions).iter().rev().enumerate() {
+                lines.push(format!("    {}{}", "  ".repeat(i), op));
+            }
+        }
+        lines
+    }
+}
+
+/// A stage's operators as EXPLAIN shows them, first to last.
+pub fn describe(stage: &Stage, reduce_partitions: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    match &stage.input {
+        StageInput::Source(stream) => out.push(format!(
+            "StreamScanExec: stream={}, partitions={}, source={}",
+            stream.name,
+            stream.partitions,
+            stream.connector().unwrap_or("log")
+        )),
+        StageInput::Shuffle(inputs) => out.push(match inputs.as_slice() {
+            [one] => format!("ShuffleReadExec: from stage {one}, pre-scheduled"),
+            [a, b] => {
+                format!("ShuffleReadExec: from stages {a} and {b}, pre-scheduled, waits for both")
+            }
+            many => format!(
+                "ShuffleReadExec: from stages {}, pre-scheduled, waits for all",
+                many.iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+    for op in &stage.operators {
+        out.push(describe_operator(op));
+    }
+    out.push(match &stage.output {
+        StageOutput::Shuffle {
+            partitioning: Partitioning::Hash(keys),
+            ..
+        } => format!(
+            "ShuffleWriteExec: hash([{}]) into {reduce_partitions} partitions",
+            keys.iter()
+                .map(|k| match k.downcast_ref::<Column>() {
+                    Some(c) => c.name().to_string(),
+                    None => k.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        StageOutput::Sink(emit) => format!("SinkExec: emit={emit}"),
+    });
+    out
+}
+
+fn names(agg: &AggregatePlan) -> (String, String) {
+    let keys: Vec<&str> = agg.group_exprs.iter().map(|(_, n)| n.as_str()).collect();
+    let aggs: Vec<&str> = agg.aggregates.iter().map(|a| a.name()).collect();
+    (keys.join(", "), aggs.join(", "))
+}
+
+fn describe_operator(op: &Operator) -> String {
+    match op {
+        Operator::WindowAssign(w) => {
+            let kind = match w.kind {
+                WindowKind::Tumble => format!("TUMBLE(size={}ms)", w.size_ms),
+                WindowKind::Hop => format!("HOP(slide={}ms, size={}ms)", w.slide_ms, w.size_ms),
+            };
+            format!(
+                "WindowAssignExec: {kind} on {}, watermark={} - {}ms, late rows dropped",
+                w.time_column_name, w.time_column_name, w.watermark_delay_ms
+            )
+        }
+        Operator::Kernel(BatchOp::Filter { predicate }) => format!("FilterExec: {predicate}"),
+        Operator::Kernel(BatchOp::Project { exprs, schema }) => format!(
+            "ProjectionExec: [{}]",
+            exprs
+                .iter()
+                .zip(schema.fields())
+                .map(|(e, f)| format!("{e} AS {}", f.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Operator::Kernel(BatchOp::LookupJoin(j)) => format!(
+            "LookupJoinExec: {:?}, on=[{}], table side re-read when tables change",
+            j.join_type, j.display
+        ),
+        Operator::AggregatePartial(agg) => {
+            let (keys, aggs) = names(agg);
+            format!("AggregatePartialExec: group=[{keys}], aggr=[{aggs}]")
+        }
+        Operator::AggregateFinal(agg) => {
+            let (keys, aggs) = names(agg);
+            format!(
+                "AggregateFinalExec: group=[{keys}], aggr=[{aggs}], state=keyed{}",
+                if agg.window.is_some() {
+                    " per window"
+                } else {
+                    ""
+                }
+            )
+        }
+        Operator::WindowJoin(j) => format!(
+            "WindowJoinExec: inner, on=[{}]{}, state=rows per open window, emitted when the watermark passes the window end",
+            j.display,
+            j.filter
+                .as_ref()
+                .map(|f| format!(", filter={f}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// The shuffle keys of a window join input: its equi-join keys, or (none)
+/// the window bound column.
+fn join_keys(keys: &[Arc<dyn PhysicalExpr>], window: usize, is_end: bool) -> Partitioning {
+    Partitioning::Hash(if keys.is_empty() {
+        let name = if is_end { "window_end" } else { "window_start" };
+        vec![Arc::new(Column::new(name, window))]
+    } else {
+        keys.to_vec()
+    })
+}
+
+impl StreamingPlan {
+    /// The plan's stage graph.
+    pub fn graph(&self) -> StageGraph {
+        let source = |id: u32, stream: &StreamDef, window: Option<&WindowSpec>, ops: &[BatchOp]| {
+            let mut operators: Vec<Operator> = window
+                .map(|w| Operator::WindowAssign(w.clone()))
+                .into_iter()
+                .collect();
+            operators.extend(ops.iter().cloned().map(Operator::Kernel));
+            Stage {
+                id: StageId(id),
+                input: StageInput::Source(stream.clone()),
+                operators,
+                output: StageOutput::Sink(self.emit),
+            }
+        };
+        let post = self.post_ops.iter().cloned().map(Operator::Kernel);
+        let mut first = source(0, &self.stream, self.window.as_ref(), &self.map_ops);
+        if let Some(j) = &self.join {
+            let mut right = source(
+                1,
+                &j.right.stream,
+                j.right.window.as_ref(),
+                &j.right.map_ops,
+            );
+            first.output = StageOutput::Shuffle {
+                to: StageId(2),
+                partitioning: join_keys(&j.left_keys, j.left_window, j.window_is_end),
+            };
+            right.output = StageOutput::Shuffle {
+                to: StageId(2),
+                partitioning: join_keys(&j.right_keys, j.right_window, j.window_is_end),
+            };
+            let mut operators = vec![Operator::WindowJoin(Arc::new(j.clone()))];
+            operators.extend(post);
+            let reduce = Stage {
+                id: StageId(2),
+                input: StageInput::Shuffle(vec![StageId(0), StageId(1)]),
+                operators,
+                output: StageOutput::Sink(self.emit),
+            };
+            return StageGraph {
+                stages: vec![first, right, reduce],
+            };
+        }
+        match &self.aggregate {
+            None => {
+                first.operators.extend(post);
+                StageGraph {
+                    stages: vec![first],
+                }
+            }
+            Some(agg) => {
+                let agg = Arc::new(agg.clone());
+                first
+                    .operators
+                    .push(Operator::AggregatePartial(Arc::clone(&agg)));
+                // The partial rows start with the group columns.
+                let keys = agg.partial_schema.fields()[..agg.group_exprs.len()]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| Arc::new(Column::new(f.name(), i)) as Arc<dyn PhysicalExpr>)
+                    .collect();
+                first.output = StageOutput::Shuffle {
+                    to: StageId(1),
+                    partitioning: Partitioning::Hash(keys),
+                };
+                let mut operators = vec![Operator::AggregateFinal(agg)];
+                operators.extend(post);
+                StageGraph {
+                    stages: vec![
+                        first,
+                        Stage {
+                            id: StageId(1),
+                            input: StageInput::Shuffle(vec![StageId(0)]),
+                            operators,
+                            output: StageOutput::Sink(self.emit),
+                        },
+                    ],
+                }
+            }
+        }
+    }
+}
