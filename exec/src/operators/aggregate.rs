@@ -237,14 +237,6 @@ impl GroupTable {
     }
 }
 
-/// Output of one reduce task for one micro-batch.
-pub struct AggregateOutput {
-    /// Closed windows (by window end, µs) or, for upserts, one chunk keyed `None`.
-    pub chunks: Vec<(Option<i64>, RecordBatch)>,
-    /// Rows that arrived for a window that had already closed.
-    pub late: u64,
-}
-
 /// The reduce-side half of an aggregation; the keyed state of one reduce partition.
 pub struct AggregateFinalExec {
     plan: AggregatePlan,
@@ -452,7 +444,7 @@ impl AggregateFinalExec {
         batch: u64,
         partials: &[RecordBatch],
         watermark_us: Option<i64>,
-    ) -> Result<AggregateOutput> {
+    ) -> Result<OperatorOutput> {
         match self.plan.window {
             None => self.process_upsert(batch, partials),
             Some(w) => self.process_windowed(batch, partials, w, watermark_us),
@@ -463,7 +455,7 @@ impl AggregateFinalExec {
         &mut self,
         stamp: u64,
         partials: &[RecordBatch],
-    ) -> Result<AggregateOutput> {
+    ) -> Result<OperatorOutput> {
         if self.table.is_none() {
             self.table = Some(GroupTable::new(&self.plan)?);
         }
@@ -487,7 +479,7 @@ impl AggregateFinalExec {
             }
         }
         if order.is_empty() {
-            return Ok(AggregateOutput {
+            return Ok(OperatorOutput {
                 chunks: vec![],
                 late: 0,
             });
@@ -507,7 +499,7 @@ impl AggregateFinalExec {
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let out = table.emit_changed(plan, &order, &keys)?;
-        Ok(AggregateOutput {
+        Ok(OperatorOutput {
             chunks: vec![(None, out)],
             late: 0,
         })
@@ -519,7 +511,7 @@ impl AggregateFinalExec {
         partials: &[RecordBatch],
         w: drizzle_planner::WindowGroup,
         watermark_us: Option<i64>,
-    ) -> Result<AggregateOutput> {
+    ) -> Result<OperatorOutput> {
         let mut late = 0u64;
         for partial in partials {
             if partial.num_rows() == 0 {
@@ -566,9 +558,55 @@ impl AggregateFinalExec {
             }
             self.closed_through = Some(self.closed_through.map_or(wm, |c| c.max(wm)));
         }
-        Ok(AggregateOutput { chunks, late })
+        Ok(OperatorOutput { chunks, late })
     }
 }
 
 /// Name of the window-end column of checkpointed aggregate state.
 pub const STATE_WINDOW_END: &str = "__drizzle_window_end";
+
+impl StatefulOperator for AggregateFinalExec {
+    fn name(&self) -> &'static str {
+        "AggregateFinalExec"
+    }
+
+    fn process(
+        &mut self,
+        batch: u64,
+        inputs: &[Vec<RecordBatch>],
+        watermark_us: Option<i64>,
+    ) -> Result<OperatorOutput> {
+        match inputs {
+            [partials] => AggregateFinalExec::process(self, batch, partials, watermark_us),
+            _ => Err(ExecError::invalid(format!(
+                "AggregateFinalExec reads one input, not {}",
+                inputs.len()
+            ))),
+        }
+    }
+
+    fn state_size(&self) -> StateSize {
+        AggregateFinalExec::state_size(self)
+    }
+
+    fn snapshot(&mut self, delta_base: Option<u64>) -> Result<OperatorSnapshot> {
+        let (closed_through, rows) = AggregateFinalExec::snapshot(self, delta_base)?;
+        Ok(OperatorSnapshot {
+            closed_through,
+            delta_base,
+            sections: vec![rows],
+        })
+    }
+
+    fn restore(&mut self, layers: Vec<OperatorSnapshot>, batch: u64) -> Result<()> {
+        let layers = layers
+            .into_iter()
+            .map(|l| {
+                let rows = l.sections.into_iter().next().unwrap_or_default();
+                (l.closed_through, rows)
+            })
+            .collect();
+        let (closed_through, rows) = self.overlay(layers)?;
+        AggregateFinalExec::restore(self, closed_through, &rows, batch)
+    }
+}

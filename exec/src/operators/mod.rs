@@ -16,6 +16,12 @@
 //! * [`WindowJoinExec`]: the reduce side of a window join of two streams:
 //!   each open window's rows of both inputs, hash-joined and dropped when the
 //!   watermark passes the window's end.
+//!
+//! Stateful operators keep one contract, [`StatefulOperator`]: a
+//! micro-batch's rows per input and the input watermark in, batches out,
+//! state size for the memory budget, snapshot and restore for checkpoints.
+//! [`stateful_operator`] is the registry that builds one from a stage
+//! graph's [`Operator`]; adding an operator is its file plus a line there.
 
 use std::collections::BTreeMap;
 
@@ -37,7 +43,7 @@ use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use drizzle_planner::{
-    AggregatePlan, BatchOp, LookupJoinSpec, WindowJoinPlan, WindowKind, WindowSpec,
+    AggregatePlan, BatchOp, LookupJoinSpec, Operator, WindowJoinPlan, WindowKind, WindowSpec,
 };
 
 use crate::error::{ExecError, Result};
@@ -116,6 +122,69 @@ pub fn apply_ops(
         };
     }
     Ok(batch)
+}
+
+/// What a stateful operator emits for one micro-batch.
+pub struct OperatorOutput {
+    /// Batches, each tagged with the window it closes (its end, µs; `None`
+    /// for upserts), in window order.
+    pub chunks: Vec<(Option<i64>, RecordBatch)>,
+    /// Rows that arrived for a window that had already closed.
+    pub late: u64,
+}
+
+/// A checkpoint of one stateful operator of one partition.
+#[derive(Debug, Default)]
+pub struct OperatorSnapshot {
+    /// Windows ending at or before this (µs) are closed.
+    pub closed_through: Option<i64>,
+    /// Set when the rows are a delta: the keys changed after this batch's
+    /// complete checkpoint.
+    pub delta_base: Option<u64>,
+    /// The rows, one section per input of the operator (as shuffled to the
+    /// partition, so a restore can re-partition them by the same keys).
+    pub sections: Vec<Vec<RecordBatch>>,
+}
+
+/// The contract of every stateful operator (stateless kernels stay
+/// DataFusion `PhysicalExpr`s, see [`apply_ops`]).
+pub trait StatefulOperator: Send {
+    /// Its name, as EXPLAIN and errors show it.
+    fn name(&self) -> &'static str;
+
+    /// Consumes micro-batch `batch`: `inputs[i]` holds its rows from input
+    /// `i`; `watermark_us` is the minimum of the inputs' watermarks.
+    fn process(
+        &mut self,
+        batch: u64,
+        inputs: &[Vec<RecordBatch>],
+        watermark_us: Option<i64>,
+    ) -> Result<OperatorOutput>;
+
+    /// The state held now.
+    fn state_size(&self) -> StateSize;
+
+    /// A checkpoint of the state, a delta of the keys changed after
+    /// `delta_base`'s checkpoint where the operator supports it.
+    fn snapshot(&mut self, delta_base: Option<u64>) -> Result<OperatorSnapshot>;
+
+    /// Restores from checkpoint layers, oldest first: a delta chain (full
+    /// snapshot first), or every old partition's snapshot when the partition
+    /// count changed (sections already re-partitioned to this partition).
+    /// `batch` is the checkpoint's micro-batch.
+    fn restore(&mut self, layers: Vec<OperatorSnapshot>, batch: u64) -> Result<()>;
+}
+
+/// The registry: the stateful operator a graph operator runs as, if it is
+/// one.
+pub fn stateful_operator(op: &Operator) -> Option<Box<dyn StatefulOperator>> {
+    match op {
+        Operator::AggregateFinal(plan) => {
+            Some(Box::new(AggregateFinalExec::new(plan.as_ref().clone())))
+        }
+        Operator::WindowJoin(plan) => Some(Box::new(WindowJoinExec::new(plan.as_ref().clone()))),
+        Operator::WindowAssign(_) | Operator::Kernel(_) | Operator::AggregatePartial(_) => None,
+    }
 }
 
 /// Memory held by an operator's state, for the query memory budget and

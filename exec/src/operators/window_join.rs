@@ -185,7 +185,7 @@ impl WindowJoinExec {
         left: &[RecordBatch],
         right: &[RecordBatch],
         watermark_us: Option<i64>,
-    ) -> Result<AggregateOutput> {
+    ) -> Result<OperatorOutput> {
         let mut late = 0;
         for b in left {
             late += self.add(b, true)?;
@@ -207,6 +207,51 @@ impl WindowJoinExec {
             // rows or without.
             self.closed_through = Some(self.closed_through.map_or(wm, |c| c.max(wm)));
         }
-        Ok(AggregateOutput { chunks, late })
+        Ok(OperatorOutput { chunks, late })
+    }
+}
+
+impl StatefulOperator for WindowJoinExec {
+    fn name(&self) -> &'static str {
+        "WindowJoinExec"
+    }
+
+    fn process(
+        &mut self,
+        _batch: u64,
+        inputs: &[Vec<RecordBatch>],
+        watermark_us: Option<i64>,
+    ) -> Result<OperatorOutput> {
+        match inputs {
+            [left, right] => WindowJoinExec::process(self, left, right, watermark_us),
+            _ => Err(ExecError::invalid(format!(
+                "WindowJoinExec reads two inputs, not {}",
+                inputs.len()
+            ))),
+        }
+    }
+
+    fn state_size(&self) -> StateSize {
+        WindowJoinExec::state_size(self)
+    }
+
+    /// Always in full: the held rows of both inputs.
+    fn snapshot(&mut self, _delta_base: Option<u64>) -> Result<OperatorSnapshot> {
+        let (closed_through, left, right) = WindowJoinExec::snapshot(self);
+        Ok(OperatorSnapshot {
+            closed_through,
+            delta_base: None,
+            sections: vec![left, right],
+        })
+    }
+
+    fn restore(&mut self, layers: Vec<OperatorSnapshot>, _batch: u64) -> Result<()> {
+        for layer in layers {
+            let mut sections = layer.sections.into_iter();
+            let left = sections.next().unwrap_or_default();
+            let right = sections.next().unwrap_or_default();
+            WindowJoinExec::restore(self, layer.closed_through, &left, &right)?;
+        }
+        Ok(())
     }
 }

@@ -54,7 +54,10 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use datafusion::execution::TaskContext;
-use drizzle_planner::{LookupJoinSpec, StreamInput, StreamingPlan};
+use drizzle_planner::graph::StageId as GraphStage;
+use drizzle_planner::{
+    LookupJoinSpec, Partitioning, StageGraph, StageInput, StageOutput, StreamInput, StreamingPlan,
+};
 use drizzle_shuffle::{
     BatchId, BlockFlightService, BlockId, BlockStore, MapPartition, QueryId, QueryToken,
     ReducePartition, StageId,
@@ -72,8 +75,8 @@ use crate::cluster::{
 };
 use crate::error::{ExecError, Result};
 use crate::operators::{
-    apply_ops, partial_aggregate, AggregateFinalExec, JoinCache, StateSize, TableEvaluator,
-    WindowAssignExec, WindowJoinExec,
+    apply_ops, partial_aggregate, stateful_operator, JoinCache, OperatorSnapshot, StateSize,
+    StatefulOperator, TableEvaluator, WindowAssignExec,
 };
 use crate::sources::{DatagenSource, MAX_BATCH_ROWS};
 
@@ -467,9 +470,10 @@ struct MapState {
     joins: JoinCache,
 }
 
+/// A reduce partition: the shuffle stage's stateful operator and the
+/// lookup tables of the kernels after it.
 struct ReduceState {
-    agg: Option<AggregateFinalExec>,
-    join: Option<WindowJoinExec>,
+    operator: Box<dyn StatefulOperator>,
     joins: JoinCache,
     last_batch: Option<u64>,
 }
@@ -477,12 +481,7 @@ struct ReduceState {
 impl ReduceState {
     fn size(&self) -> StateSize {
         let mut size = self.joins.size();
-        if let Some(a) = &self.agg {
-            size += a.state_size();
-        }
-        if let Some(j) = &self.join {
-            size += j.state_size();
-        }
+        size += self.operator.state_size();
         size
     }
 }
@@ -514,6 +513,9 @@ struct PendingReduce {
 /// One query as this worker knows it.
 struct WorkerQuery {
     plan: StreamingPlan,
+    /// The plan's stages: what each shuffle hashes on, what the reduce
+    /// stage runs.
+    graph: StageGraph,
     /// The stream inputs (map stages) and their window-assigned schemas.
     inputs: Vec<(StreamInput, Option<SchemaRef>)>,
     mode: SchedulingMode,

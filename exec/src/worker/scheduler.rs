@@ -316,10 +316,12 @@ impl Scheduler {
                     (input, schema)
                 })
                 .collect();
+            let graph = plan.graph();
             self.queries.insert(
                 qid,
                 WorkerQuery {
                     plan,
+                    graph,
                     inputs,
                     mode,
                     shuffle_inputs: if req.shuffle_inputs.is_empty() {
@@ -460,9 +462,19 @@ impl Scheduler {
         for r in &req.reduce_tasks {
             let r = ReducePartition(*r);
             if !wq.reduces.contains_key(&r) {
+                let Some(operator) = wq
+                    .graph
+                    .sink()
+                    .operators
+                    .first()
+                    .and_then(stateful_operator)
+                else {
+                    return Err(ExecError::invalid(
+                        "a reduce partition of a stage without a stateful operator",
+                    ));
+                };
                 let mut state = ReduceState {
-                    agg: wq.plan.aggregate.clone().map(AggregateFinalExec::new),
-                    join: wq.plan.join.clone().map(WindowJoinExec::new),
+                    operator,
                     joins: JoinCache::default(),
                     last_batch: None,
                 };
@@ -476,7 +488,7 @@ impl Scheduler {
                     restore_reduce(
                         &self.shared,
                         qid,
-                        &wq.plan,
+                        &wq.graph,
                         restore,
                         r,
                         wq.reduce_partitions,

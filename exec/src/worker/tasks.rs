@@ -120,7 +120,7 @@ impl Scheduler {
             }
         }
         // What the shuffle hashes on.
-        let by: Vec<ShuffleKey> = match shuffle_keys(plan, stage) {
+        let by = match shuffle_keys(&wq.graph, GraphStage(stage)) {
             Some(by) => by,
             None => {
                 // Map-only plan: this is the final stage.
@@ -333,29 +333,19 @@ impl Scheduler {
         }
         state.last_batch = Some(b);
         let watermark = watermark_of(&pending.notices, wq.shuffle_inputs.len());
-        let out = match (state.agg.as_mut(), state.join.as_mut()) {
-            (Some(agg), _) => {
-                let batches: Vec<RecordBatch> = partials.into_iter().map(|(_, b)| b).collect();
-                agg.process(b, &batches, watermark)?
-            }
-            (None, Some(join)) => {
-                let (left, right): (Vec<_>, Vec<_>) =
-                    partials.into_iter().partition(|(stage, _)| *stage == 0);
-                let left: Vec<RecordBatch> = left.into_iter().map(|(_, b)| b).collect();
-                let right: Vec<RecordBatch> = right.into_iter().map(|(_, b)| b).collect();
-                join.process(&left, &right, watermark)?
-            }
-            (None, None) => {
-                return Err(ExecError::invalid(
-                    "reduce task of a plan without aggregate or join",
-                ))
-            }
+        // Rows per input of the stage, in its input order (a join: left, right).
+        let order: Vec<u32> = match &wq.graph.sink().input {
+            StageInput::Shuffle(inputs) => inputs.iter().map(|s| s.0).collect(),
+            StageInput::Source(_) => Vec::new(),
         };
+        let mut inputs: Vec<Vec<RecordBatch>> = vec![Vec::new(); order.len().max(1)];
+        for (stage, batch) in partials {
+            let i = order.iter().position(|s| *s == stage).unwrap_or(0);
+            inputs[i].push(batch);
+        }
+        let out = state.operator.process(b, &inputs, watermark)?;
         wq.late_rows += out.late;
-        let operator = match (&state.agg, &state.join) {
-            (Some(_), _) => format!("AggregateFinalExec (reduce partition {r})"),
-            _ => format!("WindowJoinExec (reduce partition {r})"),
-        };
+        let operator = format!("{} (reduce partition {r})", state.operator.name());
         wq.check_budget(&operator, self.shared.store.query_bytes(qid))?;
         let Some(state) = wq.reduces.get_mut(&r) else {
             return Ok(());
@@ -434,49 +424,31 @@ impl Scheduler {
     }
 }
 
-/// What a map stage's shuffle hashes on.
-pub(super) enum ShuffleKey {
-    /// The first n columns (an aggregation's group columns).
-    Columns(usize),
-    /// One column (a window join without other keys: the window bound).
-    Column(usize),
-    /// An expression (a window join key).
-    Expr(Arc<dyn datafusion::physical_expr::PhysicalExpr>),
-}
-
-/// What stage `stage`'s shuffle hashes on; `None` for a map-only plan.
-pub(super) fn shuffle_keys(plan: &StreamingPlan, stage: u32) -> Option<Vec<ShuffleKey>> {
-    match (&plan.aggregate, &plan.join) {
-        (Some(agg), _) => Some(vec![ShuffleKey::Columns(agg.group_exprs.len())]),
-        (None, Some(j)) => {
-            let (keys, window) = if stage == 0 {
-                (&j.left_keys, j.left_window)
-            } else {
-                (&j.right_keys, j.right_window)
-            };
-            Some(if keys.is_empty() {
-                vec![ShuffleKey::Column(window)]
-            } else {
-                keys.iter()
-                    .map(|k| ShuffleKey::Expr(Arc::clone(k)))
-                    .collect()
-            })
-        }
-        (None, None) => None,
+/// What stage `stage`'s shuffle hashes on; `None` when it writes the sink.
+pub(super) fn shuffle_keys(
+    graph: &StageGraph,
+    stage: GraphStage,
+) -> Option<Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>> {
+    match &graph.stage(stage)?.output {
+        StageOutput::Shuffle {
+            partitioning: Partitioning::Hash(keys),
+            ..
+        } => Some(keys.clone()),
+        StageOutput::Sink(_) => None,
     }
 }
 
 /// Splits `batch` into `n` reduce partitions by the shuffle keys (no keys:
 /// everything to partition 0). Map tasks and re-partitioned state restores
 /// route rows the same way.
-pub(super) fn route(batch: &RecordBatch, by: &[ShuffleKey], n: usize) -> Result<Vec<RecordBatch>> {
-    let mut keys = Vec::new();
+pub(super) fn route(
+    batch: &RecordBatch,
+    by: &[Arc<dyn datafusion::physical_expr::PhysicalExpr>],
+    n: usize,
+) -> Result<Vec<RecordBatch>> {
+    let mut keys = Vec::with_capacity(by.len());
     for k in by {
-        match k {
-            ShuffleKey::Columns(c) => keys.extend(batch.columns()[..*c].iter().cloned()),
-            ShuffleKey::Column(i) => keys.push(Arc::clone(batch.column(*i))),
-            ShuffleKey::Expr(e) => keys.push(e.evaluate(batch)?.into_array(batch.num_rows())?),
-        }
+        keys.push(k.evaluate(batch)?.into_array(batch.num_rows())?);
     }
     if keys.is_empty() {
         let mut v = vec![batch.clone()];
@@ -505,26 +477,17 @@ pub(super) fn decode_section(bytes: Vec<u8>) -> Result<Vec<RecordBatch>> {
 /// `delta_base` when there is one (the keys changed since), else in full;
 /// a window join's held rows always in full.
 pub(super) fn snapshot_reduce(state: &mut ReduceState, delta_base: Option<u64>) -> Result<Vec<u8>> {
-    let object = match (state.agg.as_mut(), state.join.as_ref()) {
-        (Some(agg), _) => {
-            let (closed_through, rows) = agg.snapshot(delta_base)?;
-            StateObject {
-                closed_through,
-                delta_base,
-                sections: vec![encode_section(&rows)?],
-            }
-        }
-        (None, Some(join)) => {
-            let (closed_through, left, right) = join.snapshot();
-            StateObject {
-                closed_through,
-                delta_base: None,
-                sections: vec![encode_section(&left)?, encode_section(&right)?],
-            }
-        }
-        (None, None) => StateObject::default(),
-    };
-    object.encode()
+    let snapshot = state.operator.snapshot(delta_base)?;
+    StateObject {
+        closed_through: snapshot.closed_through,
+        delta_base: snapshot.delta_base,
+        sections: snapshot
+            .sections
+            .iter()
+            .map(|rows| encode_section(rows))
+            .collect::<Result<Vec<_>>>()?,
+    }
+    .encode()
 }
 
 /// Loads reduce partition `r`'s state from a checkpoint: its own object
@@ -533,15 +496,20 @@ pub(super) fn snapshot_reduce(state: &mut ReduceState, delta_base: Option<u64>) 
 pub(super) fn restore_reduce(
     shared: &Shared,
     qid: QueryId,
-    plan: &StreamingPlan,
+    graph: &StageGraph,
     restore: &pb::Restore,
     r: ReducePartition,
     partitions: u32,
     state: &mut ReduceState,
 ) -> Result<()> {
     let same = restore.reduce_partitions == partitions;
-    // Keyed state: every object's layers (chain first), overlaid at the end.
-    let mut layers: Vec<(Option<i64>, Vec<RecordBatch>)> = Vec::new();
+    // Section i holds rows of the stage's input i, routed by that input's keys.
+    let inputs: Vec<GraphStage> = match &graph.sink().input {
+        StageInput::Shuffle(inputs) => inputs.clone(),
+        StageInput::Source(_) => Vec::new(),
+    };
+    // Every object's layers (a delta chain first), restored at the end.
+    let mut layers = Vec::new();
     for st in restore
         .states
         .iter()
@@ -560,13 +528,17 @@ pub(super) fn restore_reduce(
                 .into_inner()
                 .state;
             let object = StateObject::decode(&bytes)?;
-            let mut sections = object.sections.into_iter();
-            let mut next = |stage: u32| -> Result<Vec<RecordBatch>> {
-                let rows = decode_section(sections.next().unwrap_or_default())?;
+            let mut sections = Vec::with_capacity(object.sections.len());
+            for (i, section) in object.sections.into_iter().enumerate() {
+                let rows = decode_section(section)?;
                 if same {
-                    return Ok(rows);
+                    sections.push(rows);
+                    continue;
                 }
-                let by = shuffle_keys(plan, stage).unwrap_or_default();
+                let by = inputs
+                    .get(i)
+                    .and_then(|s| shuffle_keys(graph, *s))
+                    .unwrap_or_default();
                 let mut mine = Vec::with_capacity(rows.len());
                 for batch in &rows {
                     let mut parts = route(batch, &by, partitions as usize)?;
@@ -574,23 +546,16 @@ pub(super) fn restore_reduce(
                         mine.push(parts.swap_remove(r.0 as usize));
                     }
                 }
-                Ok(mine)
-            };
-            match (state.agg.as_mut(), state.join.as_mut()) {
-                (Some(_), _) => layers.push((object.closed_through, next(0)?)),
-                (None, Some(join)) => {
-                    let left = next(0)?;
-                    let right = next(1)?;
-                    join.restore(object.closed_through, &left, &right)?
-                }
-                (None, None) => {}
+                sections.push(mine);
             }
+            layers.push(OperatorSnapshot {
+                closed_through: object.closed_through,
+                delta_base: object.delta_base,
+                sections,
+            });
         }
     }
-    if let Some(agg) = state.agg.as_mut() {
-        let (closed_through, rows) = agg.overlay(layers)?;
-        agg.restore(closed_through, &rows, restore.batch)?;
-    }
+    state.operator.restore(layers, restore.batch)?;
     state.last_batch = Some(restore.batch);
     Ok(())
 }
