@@ -315,11 +315,61 @@ pub fn sql_to_unoptimized(
 ) -> Result<LogicalPlan> {
     let provider = DrizzleContextProvider::new(state, resolver);
     let sql_to_rel = SqlToRel::new(&provider);
+    let mut query = query.clone();
+    let _ = datafusion::sql::sqlparser::ast::VisitMut::visit(&mut query, &mut WindowAliases);
     Ok(
         sql_to_rel.sql_statement_to_plan(datafusion::sql::sqlparser::ast::Statement::Query(
-            Box::new(query.clone()),
+            Box::new(query),
         ))?,
     )
+}
+
+/// `FROM HOP(bid, ...)` without an alias is named after its stream, as in
+/// Flink and RisingWave, so `bid.auction` resolves (Nexmark writes it so).
+struct WindowAliases;
+
+impl datafusion::sql::sqlparser::ast::VisitorMut for WindowAliases {
+    type Break = ();
+
+    fn pre_visit_table_factor(
+        &mut self,
+        t: &mut datafusion::sql::sqlparser::ast::TableFactor,
+    ) -> std::ops::ControlFlow<()> {
+        use datafusion::sql::sqlparser::ast::{
+            Expr as SqlExpr, FunctionArg, FunctionArgExpr, ObjectNamePart, TableAlias, TableFactor,
+        };
+        if let TableFactor::Table {
+            name,
+            alias: alias @ None,
+            args: Some(args),
+            ..
+        } = t
+        {
+            let is_window = matches!(
+                name.0.last(),
+                Some(ObjectNamePart::Identifier(i))
+                    if i.value.eq_ignore_ascii_case("tumble") || i.value.eq_ignore_ascii_case("hop")
+            );
+            let stream = match args.args.first() {
+                Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(SqlExpr::Identifier(i)))) => {
+                    Some(i.clone())
+                }
+                Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(SqlExpr::CompoundIdentifier(
+                    parts,
+                )))) => parts.last().cloned(),
+                _ => None,
+            };
+            if let (true, Some(stream)) = (is_window, stream) {
+                *alias = Some(TableAlias {
+                    explicit: true,
+                    name: stream,
+                    columns: vec![],
+                    at: None,
+                });
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    }
 }
 
 /// True when any scan in the plan reads a stream (or a window over one).
@@ -939,6 +989,33 @@ mod tests {
             }
         }
         assert!(crate::codec::decode_plan(b"not a plan", &ctx).is_err());
+    }
+
+    #[test]
+    fn a_window_without_alias_is_named_after_its_stream() {
+        // Nexmark q5's inner query, as RisingWave and Flink write it.
+        let p = continuous(
+            "SELECT events.ad_id, count(*) AS num, window_start AS starttime \
+             FROM HOP(events, ts, INTERVAL '2' SECOND, INTERVAL '10' SECOND) \
+             GROUP BY window_start, events.ad_id",
+        );
+        assert_eq!(p.emit, EmitMode::OnWindowClose);
+        let names: Vec<&str> = p
+            .output_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(names, ["ad_id", "num", "starttime"]);
+        // An explicit alias still wins.
+        let p = continuous(
+            "SELECT e.ad_id FROM TUMBLE(events, ts, INTERVAL '1' SECOND) AS e WHERE e.ad_id > 1",
+        );
+        assert_eq!(p.output_schema.fields().len(), 1);
+        assert!(matches!(
+            plan("SELECT events.ad_id FROM TUMBLE(events, ts, INTERVAL '1' SECOND) AS e"),
+            Err(_)
+        ));
     }
 
     #[test]
