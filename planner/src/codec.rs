@@ -1,5 +1,7 @@
-//! Wire form of a [`StreamingPlan`]: the plan fragment the coordinator ships
-//! to a worker once per query, inside its first launch message.
+//! Wire form of a [`StageGraph`] ([`encode_graph`], [`decode_graph`]): the
+//! plan fragment of every stage, which the coordinator ships to a worker
+//! once per query, inside its first launch message. ([`encode_plan`] is the
+//! same for a whole [`StreamingPlan`], for tests and tools.)
 //!
 //! Expressions and aggregate functions are DataFusion's own protobuf forms
 //! (`datafusion-proto`); everything Drizzle-specific (windows, emit mode,
@@ -30,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::StreamDef;
 use crate::error::{PlanError, Result};
+use crate::graph::{Operator, Partitioning, Stage, StageGraph, StageId, StageInput, StageOutput};
 use crate::plan::{
     AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamInput, StreamingPlan, WindowGroup,
     WindowJoinPlan,
@@ -401,5 +404,205 @@ pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> Result<StreamingPlan> {
         output_schema: Arc::new(wire.output_schema),
         emit: wire.emit,
         upsert_keys: wire.upsert_keys,
+    })
+}
+
+// ---- The stage graph on the wire ----
+
+#[derive(Serialize, Deserialize)]
+struct GraphWire {
+    stages: Vec<StageWire>,
+    output_schema: Schema,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StageWire {
+    input: InputWire,
+    operators: Vec<OperatorWire>,
+    output: OutputWire,
+}
+
+#[derive(Serialize, Deserialize)]
+enum InputWire {
+    Source(StreamDef),
+    Shuffle(Vec<u32>),
+}
+
+#[derive(Serialize, Deserialize)]
+enum OperatorWire {
+    WindowAssign(WindowSpec),
+    Kernel(OpWire),
+    AggregatePartial(AggregateWire),
+    AggregateFinal(AggregateWire),
+    WindowJoin(Box<JoinWire>),
+}
+
+#[derive(Serialize, Deserialize)]
+enum OutputWire {
+    Shuffle {
+        to: u32,
+        /// The schema the keys are over (the stage's output).
+        input: Schema,
+        keys: Vec<Vec<u8>>,
+    },
+    Sink(EmitMode),
+}
+
+/// Encodes a stage graph for a worker: the plan fragment of every stage.
+pub fn encode_graph(graph: &StageGraph) -> Result<Vec<u8>> {
+    // Per stage: its output schema, and the input of its partial
+    // aggregation (which the final half's fragment is encoded over).
+    let mut outputs: Vec<SchemaRef> = Vec::with_capacity(graph.stages.len());
+    let mut pre_partial: Vec<Option<SchemaRef>> = Vec::with_capacity(graph.stages.len());
+    let mut stages = Vec::with_capacity(graph.stages.len());
+    for stage in &graph.stages {
+        let (input, mut schema) = match &stage.input {
+            StageInput::Source(stream) => (InputWire::Source(stream.clone()), stream.schema()),
+            StageInput::Shuffle(inputs) => {
+                let first = inputs
+                    .first()
+                    .and_then(|s| outputs.get(s.0 as usize))
+                    .cloned()
+                    .ok_or_else(|| codec_err("a shuffle stage before its inputs"))?;
+                (
+                    InputWire::Shuffle(inputs.iter().map(|s| s.0).collect()),
+                    first,
+                )
+            }
+        };
+        let mut partial_input = None;
+        let mut operators = Vec::with_capacity(stage.operators.len());
+        for op in &stage.operators {
+            let wire = match op {
+                Operator::WindowAssign(spec) => {
+                    if let StageInput::Source(stream) = &stage.input {
+                        schema = input_schema(stream, Some(spec));
+                    }
+                    OperatorWire::WindowAssign(spec.clone())
+                }
+                Operator::Kernel(k) => {
+                    let (mut wires, next) = encode_ops(std::slice::from_ref(k), schema)?;
+                    schema = next;
+                    OperatorWire::Kernel(
+                        wires
+                            .pop()
+                            .ok_or_else(|| codec_err("a kernel encoded to nothing"))?,
+                    )
+                }
+                Operator::AggregatePartial(agg) => {
+                    partial_input = Some(Arc::clone(&schema));
+                    let wire = encode_aggregate(agg, Arc::clone(&schema))?;
+                    schema = Arc::clone(&agg.partial_schema);
+                    OperatorWire::AggregatePartial(wire)
+                }
+                Operator::AggregateFinal(agg) => {
+                    let over = match &stage.input {
+                        StageInput::Shuffle(inputs) => inputs
+                            .first()
+                            .and_then(|s| pre_partial.get(s.0 as usize).cloned().flatten()),
+                        StageInput::Source(_) => None,
+                    }
+                    .ok_or_else(|| codec_err("a final aggregate without its partial half"))?;
+                    schema = Arc::clone(&agg.output_schema);
+                    OperatorWire::AggregateFinal(encode_aggregate(agg, over)?)
+                }
+                Operator::WindowJoin(j) => {
+                    let wire = encode_join(j, Arc::clone(&schema))?;
+                    schema = Arc::clone(&j.schema);
+                    OperatorWire::WindowJoin(Box::new(wire))
+                }
+            };
+            operators.push(wire);
+        }
+        let output = match &stage.output {
+            StageOutput::Shuffle {
+                to,
+                partitioning: Partitioning::Hash(keys),
+            } => OutputWire::Shuffle {
+                to: to.0,
+                input: schema.as_ref().clone(),
+                keys: keys.iter().map(encode_expr).collect::<Result<_>>()?,
+            },
+            StageOutput::Sink(emit) => OutputWire::Sink(*emit),
+        };
+        outputs.push(schema);
+        pre_partial.push(partial_input);
+        stages.push(StageWire {
+            input,
+            operators,
+            output,
+        });
+    }
+    serde_json::to_vec(&GraphWire {
+        stages,
+        output_schema: graph.output_schema.as_ref().clone(),
+    })
+    .map_err(codec_err)
+}
+
+/// Decodes a graph shipped by [`encode_graph`]; functions resolve against
+/// `ctx`.
+pub fn decode_graph(bytes: &[u8], ctx: &TaskContext) -> Result<StageGraph> {
+    let wire: GraphWire = serde_json::from_slice(bytes).map_err(codec_err)?;
+    let mut stages = Vec::with_capacity(wire.stages.len());
+    for (i, s) in wire.stages.into_iter().enumerate() {
+        let input = match s.input {
+            InputWire::Source(stream) => StageInput::Source(stream),
+            InputWire::Shuffle(inputs) => {
+                if inputs.iter().any(|&u| u as usize >= i) {
+                    return Err(codec_err("a stage reads a stage after it"));
+                }
+                StageInput::Shuffle(inputs.into_iter().map(StageId).collect())
+            }
+        };
+        let mut operators = Vec::with_capacity(s.operators.len());
+        for op in s.operators {
+            operators.push(match op {
+                OperatorWire::WindowAssign(spec) => Operator::WindowAssign(spec),
+                OperatorWire::Kernel(k) => Operator::Kernel(
+                    decode_ops(vec![k], ctx)?
+                        .pop()
+                        .ok_or_else(|| codec_err("a kernel decoded to nothing"))?,
+                ),
+                OperatorWire::AggregatePartial(a) => {
+                    Operator::AggregatePartial(Arc::new(decode_aggregate(a, ctx)?))
+                }
+                OperatorWire::AggregateFinal(a) => {
+                    Operator::AggregateFinal(Arc::new(decode_aggregate(a, ctx)?))
+                }
+                OperatorWire::WindowJoin(j) => {
+                    Operator::WindowJoin(Arc::new(decode_join(*j, ctx)?))
+                }
+            });
+        }
+        let output = match s.output {
+            OutputWire::Shuffle { to, input, keys } => {
+                if to as usize <= i {
+                    return Err(codec_err("a stage writes a stage before it"));
+                }
+                StageOutput::Shuffle {
+                    to: StageId(to),
+                    partitioning: Partitioning::Hash(
+                        keys.iter()
+                            .map(|k| decode_expr(k, ctx, &input))
+                            .collect::<Result<_>>()?,
+                    ),
+                }
+            }
+            OutputWire::Sink(emit) => StageOutput::Sink(emit),
+        };
+        stages.push(Stage {
+            id: StageId(i as u32),
+            input,
+            operators,
+            output,
+        });
+    }
+    if stages.is_empty() {
+        return Err(codec_err("a stage graph without stages"));
+    }
+    Ok(StageGraph {
+        stages,
+        output_schema: Arc::new(wire.output_schema),
     })
 }

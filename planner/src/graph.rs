@@ -21,6 +21,7 @@
 
 use std::sync::Arc;
 
+use arrow::datatypes::SchemaRef;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -127,6 +128,8 @@ pub struct StageGraph {
     /// The stages, every one after the stages it reads; the last one is the
     /// only one with a [`StageOutput::Sink`].
     pub stages: Vec<Stage>,
+    /// The schema of the rows the sink stage delivers.
+    pub output_schema: SchemaRef,
 }
 
 impl StageGraph {
@@ -344,6 +347,7 @@ impl StreamingPlan {
             };
             return StageGraph {
                 stages: vec![first, right, reduce],
+                output_schema: Arc::clone(&self.output_schema),
             };
         }
         match &self.aggregate {
@@ -351,6 +355,7 @@ impl StreamingPlan {
                 first.operators.extend(post);
                 StageGraph {
                     stages: vec![first],
+                    output_schema: Arc::clone(&self.output_schema),
                 }
             }
             Some(agg) => {
@@ -380,6 +385,7 @@ impl StreamingPlan {
                             output: StageOutput::Sink(self.emit),
                         },
                     ],
+                    output_schema: Arc::clone(&self.output_schema),
                 }
             }
         }

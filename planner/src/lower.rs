@@ -966,6 +966,19 @@ mod tests {
              INTERVAL '5' SECOND) GROUP BY window_start, window_end",
         ] {
             let p = continuous(sql);
+            // The stage graph, as workers get it: the same stages.
+            let graph = p.graph();
+            let back = crate::codec::decode_graph(
+                &crate::codec::encode_graph(&graph).unwrap(),
+                &ctx,
+            )
+            .unwrap();
+            assert_eq!(
+                back.explain(String::new(), 3),
+                graph.explain(String::new(), 3),
+                "{sql}"
+            );
+            assert_eq!(back.output_schema, graph.output_schema, "{sql}");
             let bytes = crate::codec::encode_plan(&p).unwrap();
             let back = crate::codec::decode_plan(&bytes, &ctx).unwrap();
             let ops = |p: &StreamingPlan| -> Vec<Vec<String>> {
@@ -989,6 +1002,7 @@ mod tests {
             }
         }
         assert!(crate::codec::decode_plan(b"not a plan", &ctx).is_err());
+        assert!(crate::codec::decode_graph(b"not a graph", &ctx).is_err());
     }
 
     #[test]
@@ -1101,6 +1115,13 @@ mod tests {
             "filter pushed into the right input"
         );
         let ctx = crate::new_session_context().task_ctx();
+        let graph = p.graph();
+        let wire =
+            crate::codec::decode_graph(&crate::codec::encode_graph(&graph).unwrap(), &ctx).unwrap();
+        assert_eq!(
+            wire.explain(String::new(), 3),
+            graph.explain(String::new(), 3)
+        );
         let back =
             crate::codec::decode_plan(&crate::codec::encode_plan(&p).unwrap(), &ctx).unwrap();
         let ops = |p: &StreamingPlan| -> Vec<Vec<String>> {

@@ -81,7 +81,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use drizzle_planner::{BatchOp, EmitMode, LookupJoinSpec, StreamingPlan};
+use drizzle_planner::graph::StageId as GraphStage;
+use drizzle_planner::{
+    BatchOp, EmitMode, LookupJoinSpec, Operator, StageGraph, StageInput, StreamingPlan,
+};
 use drizzle_shuffle::{BatchId, QueryId};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch, Notify};
@@ -487,6 +490,8 @@ type EncodedTable = (u64, Arc<Vec<u8>>);
 struct CompiledQuery {
     id: QueryId,
     plan: StreamingPlan,
+    /// The plan's stages: what workers run (shipped as `encoded_plan`).
+    graph: StageGraph,
     encoded_plan: Vec<u8>,
     scheduling: Scheduling,
     inputs: Vec<InputSpec>,
@@ -863,7 +868,9 @@ impl Runtime {
             state_keys: AtomicU64::new(0),
             memory_limit: spec.memory_limit,
         });
-        let encoded_plan = drizzle_planner::encode_plan(&spec.plan)?;
+        // Workers get the stage graph (each stage's fragment), not the plan.
+        let graph = spec.plan.graph();
+        let encoded_plan = drizzle_planner::encode_graph(&graph)?;
         let (sink_tx, sink_rx) = mpsc::unbounded_channel();
         let (report_tx, report_rx) = mpsc::unbounded_channel();
         let (map_done_tx, map_done_rx) = mpsc::unbounded_channel();
@@ -943,6 +950,7 @@ impl Runtime {
             interval: spec.batch_interval,
             tables: Mutex::new(HashMap::new()),
             plan: spec.plan,
+            graph,
         });
         let schema = Arc::clone(&query.plan.output_schema);
         let emit = query.plan.emit;

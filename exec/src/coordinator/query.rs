@@ -167,14 +167,12 @@ impl CompiledQuery {
     }
 
     pub(super) fn join(&self, id: u32) -> Option<&LookupJoinSpec> {
-        let right = self.plan.join.iter().flat_map(|j| j.right.map_ops.iter());
-        self.plan
-            .map_ops
+        self.graph
+            .stages
             .iter()
-            .chain(right)
-            .chain(&self.plan.post_ops)
+            .flat_map(|s| &s.operators)
             .find_map(|op| match op {
-                BatchOp::LookupJoin(spec) if spec.id == id => Some(spec.as_ref()),
+                Operator::Kernel(BatchOp::LookupJoin(spec)) if spec.id == id => Some(spec.as_ref()),
                 _ => None,
             })
     }

@@ -317,9 +317,9 @@ impl CoordinatorRpc for CoordinatorService {
             .and_then(|i| i.sources.get(req.partition as usize))
             .cloned()
             .ok_or_else(|| Status::invalid_argument("no such source partition"))?;
-        let schema = match (req.stage, &q.plan.join) {
-            (1, Some(j)) => j.right.stream.schema(),
-            _ => q.plan.stream.schema(),
+        let schema = match q.graph.stage(GraphStage(req.stage)).map(|s| &s.input) {
+            Some(StageInput::Source(stream)) => stream.schema(),
+            _ => return Err(Status::invalid_argument("no such source stage")),
         };
         // The batch's range ends at what was appended by its trigger time:
         // wait until that time has passed here (clocks differ), then ask.

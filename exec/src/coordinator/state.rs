@@ -164,15 +164,15 @@ impl State {
     }
 }
 
-/// The operator that holds most of a plan's state, for budget errors.
-pub(super) fn state_operator(plan: &StreamingPlan) -> &'static str {
-    if plan.aggregate.is_some() {
-        "AggregateFinalExec"
-    } else if plan.join.is_some() {
-        "WindowJoinExec"
-    } else {
-        "LookupJoinExec (lookup tables)"
-    }
+/// The operator that holds most of a query's state, for budget errors: its
+/// first stateful operator, else its lookup tables.
+pub(super) fn state_operator(graph: &StageGraph) -> &'static str {
+    graph
+        .stages
+        .iter()
+        .flat_map(|s| &s.operators)
+        .find_map(|op| crate::operators::stateful_operator(op).map(|o| o.name()))
+        .unwrap_or("LookupJoinExec (lookup tables)")
 }
 
 impl State {
@@ -197,7 +197,7 @@ impl State {
                 message: format!(
                     "query memory limit exceeded: {} holds {} of state \
                      ({total_keys} keys or rows) over all workers, query_memory_limit is {}",
-                    state_operator(&q.plan),
+                    state_operator(&q.graph),
                     crate::worker::human_bytes(total),
                     crate::worker::human_bytes(limit)
                 ),
@@ -230,7 +230,7 @@ impl State {
                      server_memory_limit is {}; this query's {} held the most ({})",
                     crate::worker::human_bytes(all),
                     crate::worker::human_bytes(server_limit),
-                    state_operator(&big.plan),
+                    state_operator(&big.graph),
                     crate::worker::human_bytes(held)
                 ),
             }));

@@ -43,17 +43,21 @@ use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use drizzle_planner::{
-    AggregatePlan, BatchOp, LookupJoinSpec, Operator, WindowJoinPlan, WindowKind, WindowSpec,
+    AggregatePlan, BatchOp, LookupJoinSpec, Operator, Stage, StageInput, WindowJoinPlan,
+    WindowKind, WindowSpec,
 };
 
 use crate::error::{ExecError, Result};
 
 mod aggregate;
+mod chain;
 mod lookup_join;
 mod window_assign;
 mod window_join;
 #[allow(unused_imports)]
 pub use self::aggregate::*;
+#[allow(unused_imports)]
+pub use self::chain::*;
 #[allow(unused_imports)]
 pub use self::lookup_join::*;
 #[allow(unused_imports)]

@@ -50,14 +50,11 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use datafusion::execution::TaskContext;
 use drizzle_planner::graph::StageId as GraphStage;
-use drizzle_planner::{
-    LookupJoinSpec, Partitioning, StageGraph, StageInput, StageOutput, StreamInput, StreamingPlan,
-};
+use drizzle_planner::{LookupJoinSpec, Partitioning, StageGraph, StageInput, StageOutput};
 use drizzle_shuffle::{
     BatchId, BlockFlightService, BlockId, BlockStore, MapPartition, QueryId, QueryToken,
     ReducePartition, StageId,
@@ -75,8 +72,8 @@ use crate::cluster::{
 };
 use crate::error::{ExecError, Result};
 use crate::operators::{
-    apply_ops, partial_aggregate, stateful_operator, JoinCache, OperatorSnapshot, StateSize,
-    StatefulOperator, TableEvaluator, WindowAssignExec,
+    run_steps, stateful_operator, steps, ChainState, OperatorSnapshot, StateSize, StatefulOperator,
+    Step, TableEvaluator, WindowAssignExec,
 };
 use crate::sources::{DatagenSource, MAX_BATCH_ROWS};
 
@@ -466,21 +463,22 @@ struct MapState {
     /// The last batch this partition ran (or its checkpoint covers).
     last_batch: Option<u64>,
     next_offset: u64,
-    window: WindowAssignExec,
-    joins: JoinCache,
+    /// The source stage's window assigner and lookup tables.
+    chain: ChainState,
 }
 
 /// A reduce partition: the shuffle stage's stateful operator and the
 /// lookup tables of the kernels after it.
 struct ReduceState {
     operator: Box<dyn StatefulOperator>,
-    joins: JoinCache,
+    /// The lookup tables of the kernels after the operator.
+    chain: ChainState,
     last_batch: Option<u64>,
 }
 
 impl ReduceState {
     fn size(&self) -> StateSize {
-        let mut size = self.joins.size();
+        let mut size = self.chain.size();
         size += self.operator.state_size();
         size
     }
@@ -512,12 +510,11 @@ struct PendingReduce {
 
 /// One query as this worker knows it.
 struct WorkerQuery {
-    plan: StreamingPlan,
-    /// The plan's stages: what each shuffle hashes on, what the reduce
-    /// stage runs.
+    /// The query's stages, as shipped: what each task runs, what each
+    /// shuffle hashes on.
     graph: StageGraph,
-    /// The stream inputs (map stages) and their window-assigned schemas.
-    inputs: Vec<(StreamInput, Option<SchemaRef>)>,
+    /// Each stage's chain of steps (by stage id).
+    steps: Vec<Vec<Step>>,
     mode: SchedulingMode,
     /// Map partitions per shuffle input of the reduce stage.
     shuffle_inputs: Vec<u32>,

@@ -49,7 +49,7 @@ impl WorkerQuery {
             keys: 0,
         };
         for m in self.maps.values() {
-            size += m.joins.size();
+            size += m.chain.size();
         }
         for r in self.reduces.values() {
             size += r.size();
@@ -304,25 +304,13 @@ impl Scheduler {
                     message: format!("launch of query {qid} arrived without its plan"),
                 });
             }
-            let plan = drizzle_planner::decode_plan(&req.plan, &self.shared.task_ctx)?;
-            let inputs = plan
-                .inputs()
-                .into_iter()
-                .map(|input| {
-                    let schema = input
-                        .window
-                        .as_ref()
-                        .map(|w| drizzle_planner::codec::input_schema(&input.stream, Some(w)));
-                    (input, schema)
-                })
-                .collect();
-            let graph = plan.graph();
+            let graph = drizzle_planner::decode_graph(&req.plan, &self.shared.task_ctx)?;
+            let steps = graph.stages.iter().map(steps).collect();
             self.queries.insert(
                 qid,
                 WorkerQuery {
-                    plan,
                     graph,
-                    inputs,
+                    steps,
                     mode,
                     shuffle_inputs: if req.shuffle_inputs.is_empty() {
                         vec![req.map_partitions]
@@ -419,17 +407,18 @@ impl Scheduler {
                         spec.stage
                     )));
                 };
-                let Some((input, _)) = wq.inputs.get(spec.stage as usize) else {
+                let Some(StageInput::Source(stream)) =
+                    wq.graph.stage(GraphStage(spec.stage)).map(|s| &s.input)
+                else {
                     return Err(ExecError::invalid(format!(
-                        "map stage {} does not exist",
+                        "source stage {} does not exist",
                         spec.stage
                     )));
                 };
-                let source = match input.stream.connector() {
-                    Some("datagen") => TaskSource::Datagen(
-                        Arc::new(DatagenSource::new(&input.stream)?),
-                        spec.partition,
-                    ),
+                let source = match stream.connector() {
+                    Some("datagen") => {
+                        TaskSource::Datagen(Arc::new(DatagenSource::new(stream)?), spec.partition)
+                    }
                     _ => TaskSource::Log(spec.stage, spec.partition),
                 };
                 if adopting {
@@ -444,10 +433,12 @@ impl Scheduler {
                         source,
                         last_batch: restored_batch,
                         next_offset: start,
-                        window: WindowAssignExec {
-                            max_event_us: spec.max_event_us,
+                        chain: ChainState {
+                            window: WindowAssignExec {
+                                max_event_us: spec.max_event_us,
+                            },
+                            joins: Vec::new(),
                         },
-                        joins: JoinCache::default(),
                     },
                 );
             }
@@ -475,7 +466,7 @@ impl Scheduler {
                 };
                 let mut state = ReduceState {
                     operator,
-                    joins: JoinCache::default(),
+                    chain: ChainState::default(),
                     last_batch: None,
                 };
                 if adopting {

@@ -73,32 +73,23 @@ impl Scheduler {
         state.next_offset = to;
         state.last_batch = Some(b);
         wq.rows_in += to - from;
-        let plan = &wq.plan;
-        let Some((input, window_schema)) = wq.inputs.get(stage as usize) else {
+        let Some(steps) = wq.steps.get(stage as usize) else {
             return Err(ExecError::invalid(format!(
-                "map stage {stage} does not exist"
+                "source stage {stage} does not exist"
             )));
         };
         let mut outputs = Vec::with_capacity(pieces.len());
         for piece in pieces {
-            let mut batch = piece;
-            if let (Some(spec), Some(schema)) = (&input.window, window_schema) {
-                let assigned = state.window.assign(spec, schema, &batch)?;
-                wq.late_rows += assigned.late;
-                batch = assigned.batch;
-            }
-            let mut out = apply_ops(&input.map_ops, batch, &mut state.joins, &wq.tables)?;
-            if let Some(agg) = &plan.aggregate {
-                out = partial_aggregate(agg, &out)?;
-            }
+            let (out, late) = run_steps(steps, piece, &mut state.chain, &wq.tables)?;
+            wq.late_rows += late;
             if out.num_rows() > 0 {
                 outputs.push(out);
             }
         }
-        let watermark_us = input
-            .window
-            .as_ref()
-            .and_then(|spec| state.window.watermark_us(spec));
+        let watermark_us = steps.iter().find_map(|s| match s {
+            Step::Window(spec, _) => state.chain.window.watermark_us(spec),
+            _ => None,
+        });
         let group = group_of(&wq.group_starts, b);
         let checkpoint = wq.group_ends.get(&group) == Some(&(b, true));
         if let Some(progress) = wq.groups.get_mut(&group) {
@@ -115,7 +106,7 @@ impl Scheduler {
                     stage,
                     partition: p.0,
                     next_offset: to,
-                    max_event_us: state.window.max_event_us,
+                    max_event_us: state.chain.window.max_event_us,
                 });
             }
         }
@@ -123,13 +114,12 @@ impl Scheduler {
         let by = match shuffle_keys(&wq.graph, GraphStage(stage)) {
             Some(by) => by,
             None => {
-                // Map-only plan: this is the final stage.
+                // A source stage writing the sink (a plan without shuffles).
                 let schema = outputs
                     .first()
                     .map(|o| o.schema())
-                    .unwrap_or_else(|| Arc::clone(&plan.output_schema));
-                let batch = arrow::compute::concat_batches(&schema, &outputs)?;
-                let out = apply_ops(&plan.post_ops, batch, &mut state.joins, &wq.tables)?;
+                    .unwrap_or_else(|| Arc::clone(&wq.graph.output_schema));
+                let out = arrow::compute::concat_batches(&schema, &outputs)?;
                 let chunks = vec![(None, out)];
                 let (rows_in, late) = (
                     std::mem::take(&mut wq.rows_in),
@@ -369,12 +359,16 @@ impl Scheduler {
                 }
             });
         }
+        // The steps after the stateful operator (the stage's first).
+        let after = wq
+            .steps
+            .get(wq.graph.sink().id.0 as usize)
+            .map_or(&[][..], |s| s.get(1..).unwrap_or_default());
         let mut chunks = Vec::with_capacity(out.chunks.len());
         for (w, batch) in out.chunks {
-            chunks.push((
-                w,
-                apply_ops(&wq.plan.post_ops, batch, &mut state.joins, &wq.tables)?,
-            ));
+            let (batch, late) = run_steps(after, batch, &mut state.chain, &wq.tables)?;
+            wq.late_rows += late;
+            chunks.push((w, batch));
         }
         let late = std::mem::take(&mut wq.late_rows);
         self.deliver(qid, BatchId(b), r.0, chunks, 0, late)

@@ -1,0 +1,95 @@
+//! A stage's operator chain as a task runs it: the graph's operators
+//! grouped into [`Step`]s (a run of stateless kernels is one step, with one
+//! lookup-table cache), built once per query by [`steps`].
+
+use super::*;
+
+/// One step of a stage's chain.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// `TUMBLE`/`HOP` assignment over the stream's rows (their schema given).
+    Window(WindowSpec, SchemaRef),
+    /// A run of stateless kernels.
+    Kernels(Vec<BatchOp>),
+    /// The map-side half of an aggregation.
+    Partial(Arc<AggregatePlan>),
+    /// The stage's stateful operator (the task state holds it).
+    Stateful,
+}
+
+/// The steps of `stage`, in order.
+pub fn steps(stage: &Stage) -> Vec<Step> {
+    let mut out: Vec<Step> = Vec::new();
+    for op in &stage.operators {
+        match op {
+            Operator::WindowAssign(spec) => {
+                let schema = match &stage.input {
+                    StageInput::Source(stream) => {
+                        drizzle_planner::codec::input_schema(stream, Some(spec))
+                    }
+                    StageInput::Shuffle(_) => Arc::new(arrow::datatypes::Schema::empty()),
+                };
+                out.push(Step::Window(spec.clone(), schema));
+            }
+            Operator::Kernel(k) => match out.last_mut() {
+                Some(Step::Kernels(run)) => run.push(k.clone()),
+                _ => out.push(Step::Kernels(vec![k.clone()])),
+            },
+            Operator::AggregatePartial(agg) => out.push(Step::Partial(Arc::clone(agg))),
+            Operator::AggregateFinal(_) | Operator::WindowJoin(_) => out.push(Step::Stateful),
+        }
+    }
+    out
+}
+
+/// The per-partition state of a chain's stateless steps: the window
+/// assigner's largest event time and each kernel run's lookup tables.
+#[derive(Default)]
+pub struct ChainState {
+    /// Window assignment state (the watermark source of a source stage).
+    pub window: WindowAssignExec,
+    /// One cache per step (only kernel runs use theirs).
+    pub joins: Vec<JoinCache>,
+}
+
+impl ChainState {
+    /// The lookup tables held.
+    pub fn size(&self) -> StateSize {
+        let mut size = StateSize::default();
+        for j in &self.joins {
+            size += j.size();
+        }
+        size
+    }
+}
+
+/// Runs `steps` (none of them [`Step::Stateful`]) over `batch`; returns
+/// the output and the rows dropped as late.
+pub fn run_steps(
+    steps: &[Step],
+    mut batch: RecordBatch,
+    state: &mut ChainState,
+    tables: &dyn TableEvaluator,
+) -> Result<(RecordBatch, u64)> {
+    let mut late = 0;
+    if state.joins.len() < steps.len() {
+        state.joins.resize_with(steps.len(), JoinCache::default);
+    }
+    for (i, step) in steps.iter().enumerate() {
+        batch = match step {
+            Step::Window(spec, schema) => {
+                let assigned = state.window.assign(spec, schema, &batch)?;
+                late += assigned.late;
+                assigned.batch
+            }
+            Step::Kernels(ops) => apply_ops(ops, batch, &mut state.joins[i], tables)?,
+            Step::Partial(agg) => partial_aggregate(agg, &batch)?,
+            Step::Stateful => {
+                return Err(ExecError::invalid(
+                    "a stateful operator inside a stateless run of steps",
+                ))
+            }
+        };
+    }
+    Ok((batch, late))
+}
