@@ -4,13 +4,19 @@
 //!
 //! ```text
 //!  gRPC Worker service ──▶ inbox ──▶ task thread (Scheduler)
-//!     LaunchGroup              │        map task (b, p) at its trigger time
-//!     MapOutputReady (peers)   │        reduce task (b, r) once every map
-//!     LaunchReduce (BSP)       │        partition's notice for b is in
+//!     LaunchGroup              │        source-stage task (b, s, p) at its
+//!     MapOutputReady (peers)   │        trigger time; shuffle-stage task
+//!     LaunchReduce (BSP)       │        (b, s, r) once every partition of
+//!                              │        every input stage of s announced b
 //!                              ▼
 //!  BlockStore ◀── map outputs; served to peers by Flight do_get, read
 //!                 directly when the consumer is on this worker
 //! ```
+//!
+//! Tasks run the query's [`StageGraph`] as shipped (`decode_graph`): each
+//! runs its stage's steps (`operators::steps`). Reduce-side state, pending
+//! tasks and their dependencies are keyed by (stage, partition); a reduce
+//! partition `r` is partition `r` of every shuffle stage.
 //!
 //! # Invariants
 //! * The task thread alone owns task state (source cursors, watermarks,
@@ -522,11 +528,16 @@ struct WorkerQuery {
     reduce_placement: Vec<String>,
     tables: RemoteTables,
     maps: BTreeMap<(u32, MapPartition), MapState>,
-    reduces: BTreeMap<ReducePartition, ReduceState>,
+    /// Partitions of shuffle stages, by (stage, partition).
+    reduces: BTreeMap<(u32, ReducePartition), ReduceState>,
     /// Map tasks waiting for their trigger time (instant, Unix µs).
     pending_maps: BTreeMap<(u64, u32, MapPartition), (Instant, i64)>,
     /// Reduce tasks pre-scheduled, with the notices received so far.
-    pending_reduces: BTreeMap<(u64, ReducePartition), PendingReduce>,
+    pending_reduces: BTreeMap<(u64, u32, ReducePartition), PendingReduce>,
+    /// Per stage (by id): the stages it reads and their partitions; empty
+    /// for a source stage. A task of the stage runs once it has a notice
+    /// from every partition of every one of them.
+    stage_inputs: Vec<Vec<(u32, u32)>>,
     /// Per group: tasks left, source ranges read.
     groups: BTreeMap<u64, GroupProgress>,
     /// First batch of each group → group.
@@ -567,7 +578,8 @@ struct GroupProgress {
 
 enum Task {
     Map(QueryId, u64, u32, MapPartition),
-    Reduce(QueryId, u64, ReducePartition),
+    /// (query, batch, shuffle stage, partition).
+    Reduce(QueryId, u64, u32, ReducePartition),
 }
 
 fn unix_us() -> i64 {
@@ -615,8 +627,8 @@ mod tests {
 
     #[test]
     fn a_reduce_task_waits_for_every_partition_of_every_input() {
-        // A join: input 0 has 3 map partitions, input 1 has 2.
-        let inputs = [3, 2];
+        // A join: input stage 0 has 3 partitions, input stage 1 has 2.
+        let inputs = [(0, 3), (1, 2)];
         let mut p = PendingReduce {
             launched: true,
             ..Default::default()
@@ -644,10 +656,17 @@ mod tests {
             ..notice(stage, map)
         };
         let left_only = [with(0, 0, Some(50)), with(0, 1, None)];
-        assert_eq!(watermark_of(&left_only, 2), None);
-        assert_eq!(watermark_of(&left_only, 1), Some(50));
+        assert_eq!(watermark_of(&left_only, &[(0, 2), (1, 2)]), None);
+        assert_eq!(watermark_of(&left_only, &[(0, 2)]), Some(50));
         let both = [with(0, 0, Some(50)), with(1, 0, Some(30)), with(1, 1, None)];
-        assert_eq!(watermark_of(&both, 2), Some(30));
+        assert_eq!(watermark_of(&both, &[(0, 2), (1, 2)]), Some(30));
+        // A stage reading a shuffle stage (stage 2) counts only that input.
+        let deeper = [
+            with(2, 0, Some(40)),
+            with(2, 1, Some(45)),
+            with(0, 0, Some(10)),
+        ];
+        assert_eq!(watermark_of(&deeper, &[(2, 2)]), Some(40));
     }
 
     #[test]
@@ -694,7 +713,25 @@ mod tests {
             notices: (0..10).map(|m| notice(0, m)).collect(),
             ..Default::default()
         };
-        assert!(p.runnable(&[10]));
-        assert!(!p.runnable(&[10, 1]));
+        assert!(p.runnable(&[(0, 10)]));
+        assert!(!p.runnable(&[(0, 10), (1, 1)]));
+    }
+
+    #[test]
+    fn a_task_of_a_later_stage_waits_for_its_own_input_stage_only() {
+        // Stage 2 reads stage 1 (4 partitions), which read stage 0.
+        let mut p = PendingReduce {
+            launched: true,
+            notices: (0..3).map(|m| notice(0, m)).collect(),
+            ..Default::default()
+        };
+        assert!(
+            !p.runnable(&[(1, 4)]),
+            "the source stage's notices do not count"
+        );
+        for m in 0..4 {
+            p.add(notice(1, m));
+        }
+        assert!(p.runnable(&[(1, 4)]));
     }
 }

@@ -17,14 +17,14 @@ impl PendingReduce {
         }
     }
 
-    /// True when there is a notice from every map partition of every shuffle
-    /// input (`inputs[s]` = map partitions of input stage `s`).
-    pub(super) fn has_all_inputs(&self, inputs: &[u32]) -> bool {
-        inputs.iter().enumerate().all(|(stage, &partitions)| {
+    /// True when there is a notice from every partition of every input
+    /// (`inputs`: (producing stage, its partitions)).
+    pub(super) fn has_all_inputs(&self, inputs: &[(u32, u32)]) -> bool {
+        inputs.iter().all(|&(stage, partitions)| {
             let mut seen: Vec<u32> = self
                 .notices
                 .iter()
-                .filter(|n| n.stage as usize == stage)
+                .filter(|n| n.stage == stage)
                 .map(|n| n.map)
                 .collect();
             seen.sort_unstable();
@@ -34,7 +34,7 @@ impl PendingReduce {
     }
 
     /// Runnable: launched and every input is in.
-    pub(super) fn runnable(&self, inputs: &[u32]) -> bool {
+    pub(super) fn runnable(&self, inputs: &[(u32, u32)]) -> bool {
         self.launched && self.has_all_inputs(inputs)
     }
 }
@@ -88,24 +88,39 @@ impl WorkerQuery {
     }
 
     /// The earliest runnable reduce task that is next in its partition.
-    pub(super) fn next_reduce(&self) -> Option<(&(u64, ReducePartition), &PendingReduce)> {
-        let mut blocked: Vec<ReducePartition> = Vec::new();
+    pub(super) fn next_reduce(&self) -> Option<(&(u64, u32, ReducePartition), &PendingReduce)> {
+        let mut blocked: Vec<(u32, ReducePartition)> = Vec::new();
         for (key, p) in &self.pending_reduces {
-            let (b, r) = key;
-            if blocked.contains(r) {
+            let (b, stage, r) = key;
+            if blocked.contains(&(*stage, *r)) {
                 continue;
             }
             let in_order = self
                 .reduces
-                .get(r)
+                .get(&(*stage, *r))
                 .and_then(|s| s.last_batch)
                 .is_none_or(|last| *b == last + 1);
-            if in_order && p.runnable(&self.shuffle_inputs) {
+            if in_order && p.runnable(self.inputs_of(*stage)) {
                 return Some((key, p));
             }
-            blocked.push(*r);
+            blocked.push((*stage, *r));
         }
         None
+    }
+
+    /// The inputs of `stage`: (producing stage, its partitions).
+    pub(super) fn inputs_of(&self, stage: u32) -> &[(u32, u32)] {
+        self.stage_inputs
+            .get(stage as usize)
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// The stage reading `stage`'s shuffle output, if it writes one.
+    pub(super) fn consumer_of(&self, stage: u32) -> Option<u32> {
+        match &self.graph.stage(GraphStage(stage))?.output {
+            StageOutput::Shuffle { to, .. } => Some(to.0),
+            StageOutput::Sink(_) => None,
+        }
     }
 }
 
@@ -218,9 +233,19 @@ impl Scheduler {
                 let Some(wq) = self.queries.get_mut(&QueryId(req.query)) else {
                     return true;
                 };
-                let reduces: Vec<ReducePartition> = wq.reduces.keys().copied().collect();
+                // The stage the coordinator's barrier released: the one
+                // reading the notices' stage.
+                let Some(stage) = req.notices.first().and_then(|n| wq.consumer_of(n.stage)) else {
+                    return true;
+                };
+                let reduces: Vec<ReducePartition> = wq
+                    .reduces
+                    .keys()
+                    .filter(|(s, _)| *s == stage)
+                    .map(|(_, r)| *r)
+                    .collect();
                 for r in reduces {
-                    let entry = wq.pending_reduces.entry((req.batch, r)).or_default();
+                    let entry = wq.pending_reduces.entry((req.batch, stage, r)).or_default();
                     entry.launched = true;
                     entry.trigger.get_or_insert_with(Instant::now);
                     entry.notices = req.notices.clone();
@@ -253,14 +278,21 @@ impl Scheduler {
             // not from a worker of this query
             return;
         }
-        for (r, state) in &wq.reduces {
-            if state.last_batch.is_some_and(|l| notice.batch <= l) {
-                continue; // this partition is past that batch (a recovery's replay)
+        let Some(consumer) = wq.consumer_of(notice.stage) else {
+            return;
+        };
+        let inputs = wq.inputs_of(consumer).to_vec();
+        for ((stage, r), state) in &wq.reduces {
+            if *stage != consumer || state.last_batch.is_some_and(|l| notice.batch <= l) {
+                continue; // another stage, or past that batch (a recovery's replay)
             }
-            let entry = wq.pending_reduces.entry((notice.batch, *r)).or_default();
-            let before = entry.runnable(&wq.shuffle_inputs);
+            let entry = wq
+                .pending_reduces
+                .entry((notice.batch, consumer, *r))
+                .or_default();
+            let before = entry.runnable(&inputs);
             entry.add(notice.clone());
-            if !before && entry.runnable(&wq.shuffle_inputs) {
+            if !before && entry.runnable(&inputs) {
                 self.shared
                     .counters
                     .reduces_started_by_notices
@@ -306,17 +338,40 @@ impl Scheduler {
             }
             let graph = drizzle_planner::decode_graph(&req.plan, &self.shared.task_ctx)?;
             let steps = graph.stages.iter().map(steps).collect();
+            // Partitions per source stage (in stage order), then what each
+            // shuffle stage waits for.
+            let sources: Vec<u32> = if req.shuffle_inputs.is_empty() {
+                vec![req.map_partitions]
+            } else {
+                req.shuffle_inputs.clone()
+            };
+            let stage_inputs = graph
+                .stages
+                .iter()
+                .map(|stage| match &stage.input {
+                    StageInput::Source(_) => Vec::new(),
+                    StageInput::Shuffle(inputs) => inputs
+                        .iter()
+                        .map(|i| {
+                            let partitions = match graph.stage(*i).map(|s| &s.input) {
+                                Some(StageInput::Source(_)) => {
+                                    sources.get(i.0 as usize).copied().unwrap_or(0)
+                                }
+                                _ => req.reduce_partitions,
+                            };
+                            (i.0, partitions)
+                        })
+                        .collect(),
+                })
+                .collect();
             self.queries.insert(
                 qid,
                 WorkerQuery {
                     graph,
                     steps,
                     mode,
-                    shuffle_inputs: if req.shuffle_inputs.is_empty() {
-                        vec![req.map_partitions]
-                    } else {
-                        req.shuffle_inputs.clone()
-                    },
+                    shuffle_inputs: sources,
+                    stage_inputs,
                     reduce_partitions: req.reduce_partitions,
                     reduce_placement: req.reduce_placement.clone(),
                     tables: RemoteTables {
@@ -380,11 +435,11 @@ impl Scheduler {
                 wq.shuffle_inputs.clone(),
             );
             let reduces = &wq.reduces;
-            wq.pending_reduces.retain(|(b, r), p| {
+            wq.pending_reduces.retain(|(b, stage, r), p| {
                 p.notices
                     .retain(|n| accepts_notice(n, owners.0, &owners.1, &owners.2));
                 reduces
-                    .get(r)
+                    .get(&(*stage, *r))
                     .is_some_and(|s| s.last_batch.is_none_or(|l| *b > l))
             });
         }
@@ -450,19 +505,29 @@ impl Scheduler {
                 }
             }
         }
-        for r in &req.reduce_tasks {
-            let r = ReducePartition(*r);
-            if !wq.reduces.contains_key(&r) {
+        // A reduce partition is that partition of every shuffle stage.
+        let shuffle_stages: Vec<u32> = wq
+            .graph
+            .stages
+            .iter()
+            .filter(|s| matches!(s.input, StageInput::Shuffle(_)))
+            .map(|s| s.id.0)
+            .collect();
+        for (stage, r) in shuffle_stages.iter().flat_map(|s| {
+            req.reduce_tasks
+                .iter()
+                .map(move |r| (*s, ReducePartition(*r)))
+        }) {
+            if !wq.reduces.contains_key(&(stage, r)) {
                 let Some(operator) = wq
                     .graph
-                    .sink()
-                    .operators
-                    .first()
+                    .stage(GraphStage(stage))
+                    .and_then(|s| s.operators.first())
                     .and_then(stateful_operator)
                 else {
-                    return Err(ExecError::invalid(
-                        "a reduce partition of a stage without a stateful operator",
-                    ));
+                    return Err(ExecError::invalid(format!(
+                        "shuffle stage {stage} does not start with a stateful operator"
+                    )));
                 };
                 let mut state = ReduceState {
                     operator,
@@ -480,26 +545,28 @@ impl Scheduler {
                         &self.shared,
                         qid,
                         &wq.graph,
+                        GraphStage(stage),
                         restore,
                         r,
                         wq.reduce_partitions,
                         &mut state,
                     )?;
                 }
-                wq.reduces.insert(r, state);
+                wq.reduces.insert((stage, r), state);
             }
-            let last = wq.reduces.get(&r).and_then(|s| s.last_batch);
+            let last = wq.reduces.get(&(stage, r)).and_then(|s| s.last_batch);
+            let inputs = wq.inputs_of(stage).to_vec();
             for (b, (at, _)) in &batches {
                 if last.is_some_and(|l| *b <= l) {
                     continue;
                 }
                 tasks += 1;
-                let entry = wq.pending_reduces.entry((*b, r)).or_default();
+                let entry = wq.pending_reduces.entry((*b, stage, r)).or_default();
                 entry.trigger = Some(*at);
                 if mode == SchedulingMode::Drizzle {
                     // Pre-scheduled: runnable once every notice is in.
                     entry.launched = true;
-                    if entry.runnable(&wq.shuffle_inputs) {
+                    if entry.runnable(&inputs) {
                         self.shared
                             .counters
                             .reduces_started_by_notices
@@ -585,10 +652,10 @@ impl Scheduler {
             // partition's previous batch done (notices of later batches can
             // overtake earlier ones on the network; reduce state must see
             // batches in order).
-            if let Some(((b, r), p)) = wq.next_reduce() {
+            if let Some(((b, stage, r), p)) = wq.next_reduce() {
                 let at = p.trigger.unwrap_or(now);
                 if best.as_ref().is_none_or(|(t, k, _)| (at, 0) < (*t, *k)) {
-                    best = Some((at, 0, Task::Reduce(*qid, *b, *r)));
+                    best = Some((at, 0, Task::Reduce(*qid, *b, *stage, *r)));
                 }
             }
             if let Some(((b, s, p), (at, _))) = wq.pending_maps.iter().next() {
@@ -625,12 +692,12 @@ impl Scheduler {
 
     pub(super) fn run_task(&mut self, task: Task) {
         let (qid, b) = match &task {
-            Task::Map(q, b, _, _) | Task::Reduce(q, b, _) => (*q, *b),
+            Task::Map(q, b, _, _) | Task::Reduce(q, b, _, _) => (*q, *b),
         };
         // A panic in an operator fails the query, never the worker.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match task {
             Task::Map(q, b, s, p) => self.run_map(q, b, s, p),
-            Task::Reduce(q, b, r) => self.run_reduce(q, b, r),
+            Task::Reduce(q, b, stage, r) => self.run_reduce(q, b, stage, r),
         }))
         .unwrap_or_else(|panic| {
             let message = panic
@@ -703,12 +770,12 @@ pub(super) fn accepts_notice(
 /// map partitions that have seen rows; over inputs, the minimum, and none
 /// until every input has one (a join must not close a window before the
 /// other side has spoken).
-pub(super) fn watermark_of(notices: &[pb::MapOutputReady], inputs: usize) -> Option<i64> {
+pub(super) fn watermark_of(notices: &[pb::MapOutputReady], inputs: &[(u32, u32)]) -> Option<i64> {
     let mut overall: Option<i64> = None;
-    for stage in 0..inputs.max(1) {
+    for &(stage, _) in inputs {
         let w = notices
             .iter()
-            .filter(|n| n.stage as usize == stage)
+            .filter(|n| n.stage == stage)
             .filter_map(|n| n.watermark_us)
             .min()?;
         overall = Some(overall.map_or(w, |o| o.min(w)));

@@ -245,8 +245,7 @@ impl Scheduler {
     pub(super) fn fetch_failed(
         &mut self,
         qid: QueryId,
-        b: u64,
-        r: ReducePartition,
+        (b, stage, r): (u64, u32, ReducePartition),
         mut pending: PendingReduce,
         failed: &pb::MapOutputReady,
         e: ExecError,
@@ -260,7 +259,7 @@ impl Scheduler {
             return;
         };
         pending.notices.retain(|n| n.worker != failed.worker);
-        wq.pending_reduces.insert((b, r), pending);
+        wq.pending_reduces.insert((b, stage, r), pending);
         for p in wq.pending_reduces.values_mut() {
             p.notices.retain(|n| n.worker != failed.worker);
         }
@@ -276,11 +275,20 @@ impl Scheduler {
             .event(pb::worker_event::Event::FetchFailed(event));
     }
 
-    pub(super) fn run_reduce(&mut self, qid: QueryId, b: u64, r: ReducePartition) -> Result<()> {
+    pub(super) fn run_reduce(
+        &mut self,
+        qid: QueryId,
+        b: u64,
+        stage: u32,
+        r: ReducePartition,
+    ) -> Result<()> {
         let Some(wq) = self.queries.get_mut(&qid) else {
             return Ok(());
         };
-        let mut pending = wq.pending_reduces.remove(&(b, r)).unwrap_or_default();
+        let mut pending = wq
+            .pending_reduces
+            .remove(&(b, stage, r))
+            .unwrap_or_default();
         pending.notices.sort_by_key(|n| (n.stage, n.map));
         let mut partials = Vec::new();
         let mut failed = None;
@@ -300,7 +308,7 @@ impl Scheduler {
             }
         }
         if let Some((n, e)) = failed {
-            self.fetch_failed(qid, b, r, pending, &n, e);
+            self.fetch_failed(qid, (b, stage, r), pending, &n, e);
             return Ok(());
         }
         self.shared
@@ -310,9 +318,9 @@ impl Scheduler {
         let Some(wq) = self.queries.get_mut(&qid) else {
             return Ok(());
         };
-        let Some(state) = wq.reduces.get_mut(&r) else {
+        let Some(state) = wq.reduces.get_mut(&(stage, r)) else {
             return Err(ExecError::invalid(format!(
-                "reduce partition {r} not on this worker"
+                "partition {r} of stage {stage} not on this worker"
             )));
         };
         if state.last_batch.is_some_and(|l| l >= b) {
@@ -322,22 +330,25 @@ impl Scheduler {
                 .fetch_add(1, Ordering::Relaxed);
         }
         state.last_batch = Some(b);
-        let watermark = watermark_of(&pending.notices, wq.shuffle_inputs.len());
+        let stage_inputs = wq
+            .stage_inputs
+            .get(stage as usize)
+            .map_or(&[][..], Vec::as_slice);
+        let watermark = watermark_of(&pending.notices, stage_inputs);
         // Rows per input of the stage, in its input order (a join: left, right).
-        let order: Vec<u32> = match &wq.graph.sink().input {
-            StageInput::Shuffle(inputs) => inputs.iter().map(|s| s.0).collect(),
-            StageInput::Source(_) => Vec::new(),
-        };
-        let mut inputs: Vec<Vec<RecordBatch>> = vec![Vec::new(); order.len().max(1)];
-        for (stage, batch) in partials {
-            let i = order.iter().position(|s| *s == stage).unwrap_or(0);
+        let mut inputs: Vec<Vec<RecordBatch>> = vec![Vec::new(); stage_inputs.len().max(1)];
+        for (from, batch) in partials {
+            let i = stage_inputs
+                .iter()
+                .position(|(s, _)| *s == from)
+                .unwrap_or(0);
             inputs[i].push(batch);
         }
         let out = state.operator.process(b, &inputs, watermark)?;
         wq.late_rows += out.late;
-        let operator = format!("{} (reduce partition {r})", state.operator.name());
+        let operator = format!("{} (partition {r} of stage {stage})", state.operator.name());
         wq.check_budget(&operator, self.shared.store.query_bytes(qid))?;
-        let Some(state) = wq.reduces.get_mut(&r) else {
+        let Some(state) = wq.reduces.get_mut(&(stage, r)) else {
             return Ok(());
         };
         let group = group_of(&wq.group_starts, b);
@@ -362,13 +373,20 @@ impl Scheduler {
         // The steps after the stateful operator (the stage's first).
         let after = wq
             .steps
-            .get(wq.graph.sink().id.0 as usize)
+            .get(stage as usize)
             .map_or(&[][..], |s| s.get(1..).unwrap_or_default());
         let mut chunks = Vec::with_capacity(out.chunks.len());
         for (w, batch) in out.chunks {
             let (batch, late) = run_steps(after, batch, &mut state.chain, &wq.tables)?;
             wq.late_rows += late;
             chunks.push((w, batch));
+        }
+        if wq.consumer_of(stage).is_some() {
+            // Checkpoints and the coordinator's placement cover one stateful
+            // shuffle stage so far; the planner makes no other graph.
+            return Err(ExecError::invalid(format!(
+                "stage {stage} writes a shuffle into another stage, which this worker cannot run yet"
+            )));
         }
         let late = std::mem::take(&mut wq.late_rows);
         self.deliver(qid, BatchId(b), r.0, chunks, 0, late)
@@ -487,10 +505,12 @@ pub(super) fn snapshot_reduce(state: &mut ReduceState, delta_base: Option<u64>) 
 /// Loads reduce partition `r`'s state from a checkpoint: its own object
 /// when the partition count is unchanged, else every object's rows whose
 /// key routes to `r` under the new count.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn restore_reduce(
     shared: &Shared,
     qid: QueryId,
     graph: &StageGraph,
+    stage: GraphStage,
     restore: &pb::Restore,
     r: ReducePartition,
     partitions: u32,
@@ -498,9 +518,9 @@ pub(super) fn restore_reduce(
 ) -> Result<()> {
     let same = restore.reduce_partitions == partitions;
     // Section i holds rows of the stage's input i, routed by that input's keys.
-    let inputs: Vec<GraphStage> = match &graph.sink().input {
-        StageInput::Shuffle(inputs) => inputs.clone(),
-        StageInput::Source(_) => Vec::new(),
+    let inputs: Vec<GraphStage> = match graph.stage(stage).map(|s| &s.input) {
+        Some(StageInput::Shuffle(inputs)) => inputs.clone(),
+        _ => Vec::new(),
     };
     // Every object's layers (a delta chain first), restored at the end.
     let mut layers = Vec::new();
