@@ -63,6 +63,11 @@ pub struct MapCheckpoint {
 /// One reduce partition's state object.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StateFile {
+    /// The shuffle stage whose partition this is; absent in checkpoints
+    /// written before plans had more than one (it is then the plan's only
+    /// stateful stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<u32>,
     /// Reduce partition.
     pub partition: u32,
     /// Object path in the checkpoint store.
@@ -186,16 +191,17 @@ impl CheckpointStore {
         &self,
         key: &str,
         batch: u64,
-        partition: u32,
+        (stage, partition): (u32, u32),
         bytes: Vec<u8>,
     ) -> Result<StateFile> {
-        let path = format!("{}/r{partition}.state", Self::dir(key, batch));
+        let path = format!("{}/s{stage}r{partition}.state", Self::dir(key, batch));
         let len = bytes.len() as u64;
         self.store
             .put(&Path::from(path.as_str()), PutPayload::from(bytes))
             .await
             .map_err(|e| err(&path, e))?;
         Ok(StateFile {
+            stage: Some(stage),
             partition,
             path,
             bytes: len,
@@ -434,7 +440,7 @@ mod tests {
         assert_eq!(store.latest("views/v").await.unwrap(), None);
         for batch in [9u64, 19, 29] {
             let state = store
-                .put_state("views/v", batch, 0, vec![1, 2, 3])
+                .put_state("views/v", batch, (1, 0), vec![1, 2, 3])
                 .await
                 .unwrap();
             store
@@ -443,7 +449,10 @@ mod tests {
                 .unwrap();
         }
         // A checkpoint that wrote its state but never its manifest does not exist.
-        store.put_state("views/v", 39, 0, vec![4, 5]).await.unwrap();
+        store
+            .put_state("views/v", 39, (1, 0), vec![4, 5])
+            .await
+            .unwrap();
         let latest = store.latest("views/v").await.unwrap().unwrap();
         assert_eq!(latest.batch, 29);
         assert_eq!(latest.bytes(), 3);

@@ -258,6 +258,11 @@ impl Runtime {
             .map(|&slot| placement[slot].address.clone())
             .collect();
         let map_owners = layout.map_owners();
+        let reduce_owners: Vec<u32> = layout
+            .reduces
+            .iter()
+            .map(|&slot| placement[slot].id.0)
+            .collect();
         let mode = match query.scheduling {
             Scheduling::Drizzle => SchedulingMode::Drizzle,
             Scheduling::GroupOnly | Scheduling::Bsp => SchedulingMode::Bsp,
@@ -271,6 +276,7 @@ impl Runtime {
                 .states
                 .iter()
                 .map(|s| pb::StateRef {
+                    stage: query.stage_of(s),
                     partition: s.partition,
                     path: s.path.clone(),
                     chain: s.chain.clone(),
@@ -308,7 +314,7 @@ impl Runtime {
         // The checkpoint that ends this attempt (a rebalance), once launched.
         let mut closing: Option<u64> = None;
         // BSP: notices per batch, collected by the coordinator.
-        let mut barrier: BTreeMap<u64, Vec<pb::MapOutputReady>> = BTreeMap::new();
+        let mut barrier = ShuffleBarrier::new(&query.graph, &map_partitions, reduce_partitions);
         let reduce_workers: Vec<usize> = {
             let mut v = layout.reduces.clone();
             v.sort();
@@ -432,6 +438,7 @@ impl Runtime {
                         restore: if plan_sent[i] { None } else { restore.clone() },
                         generation,
                         map_owners: map_owners.clone(),
+                        reduce_owners: reduce_owners.clone(),
                         retain_blocks,
                         covered_through,
                         memory_limit: query.status.memory_limit,
@@ -542,11 +549,10 @@ impl Runtime {
                             continue;
                         }
                         let t0 = Instant::now();
-                        let batch = notice.batch;
-                        let list = barrier.entry(batch).or_default();
-                        list.push(notice);
-                        if list.len() as u32 >= query.total_map_partitions() {
-                            let notices = barrier.remove(&batch).unwrap_or_default();
+                        // The consuming stage's tasks of the batch start
+                        // once all its producers reported (the worker tells
+                        // the stage from the notices).
+                        if let Some((batch, _stage, notices)) = barrier.add(notice) {
                             let mut sends = Vec::new();
                             for &i in &reduce_workers {
                                 let mut client = placement[i].client.clone();
@@ -618,6 +624,7 @@ impl Runtime {
         };
         let maps = query.total_map_partitions() as usize;
         let reduces = query.status.reduce_partitions.load(Ordering::Acquire) as usize;
+        let objects = query.state_objects(reduces as u32);
         let ready = {
             let pending = query.pending_checkpoints.lock();
             pending
@@ -627,7 +634,7 @@ impl Runtime {
                     **b <= committed
                         && p.attempt == attempt
                         && p.maps.len() >= maps
-                        && p.states.len() >= reduces
+                        && p.states.len() >= objects
                 })
                 .map(|(b, p)| (*b, p.maps.clone(), p.states.clone()))
         };
@@ -636,8 +643,8 @@ impl Runtime {
         };
         map_states.sort_by_key(|m| (m.stage, m.partition));
         map_states.dedup_by_key(|m| (m.stage, m.partition));
-        states.sort_by_key(|(s, _)| s.partition);
-        states.dedup_by_key(|(s, _)| s.partition);
+        states.sort_by_key(|(s, _)| (query.stage_of(s), s.partition));
+        states.dedup_by_key(|(s, _)| (query.stage_of(s), s.partition));
         let Some(states) = query.resolve_chains(states) else {
             tracing::warn!(
                 query = %query.id,

@@ -100,12 +100,15 @@ use crate::sources::SourcePartition;
 use crate::worker::{start_worker, ErrorClassifier, WorkerConfig, WorkerHandle};
 
 mod attempt;
+mod barrier;
 mod collector;
 mod query;
 mod service;
 mod state;
 #[allow(unused_imports)]
 use self::attempt::*;
+#[allow(unused_imports)]
+use self::barrier::*;
 #[allow(unused_imports)]
 use self::collector::*;
 #[allow(unused_imports)]

@@ -37,14 +37,20 @@ impl CompiledQuery {
     /// [`MAX_DELTAS`] deltas, and deltas that add up to no more than the
     /// full snapshot (or [`MIN_DELTA_BUDGET`]).
     pub(super) fn delta_base(&self) -> Option<u64> {
-        if self.plan.aggregate.is_none() || self.full_checkpoint_next.load(Ordering::Acquire) {
+        let keyed = self
+            .graph
+            .stages
+            .iter()
+            .flat_map(|s| &s.operators)
+            .any(|op| matches!(op, Operator::AggregateFinal(_)));
+        if !keyed || self.full_checkpoint_next.load(Ordering::Acquire) {
             return None;
         }
         let last = self.last_checkpoint.lock();
         let m = last.as_ref()?;
         let partitions = self.status.reduce_partitions.load(Ordering::Acquire);
         (m.reduce_partitions == partitions
-            && m.states.len() == partitions as usize
+            && m.states.len() == self.state_objects(partitions)
             && m.states.iter().all(|s| {
                 let base = if s.chain.is_empty() {
                     s.bytes
@@ -68,7 +74,9 @@ impl CompiledQuery {
         for (mut file, base) in states {
             if let Some(base) = base {
                 let m = kept.iter().find(|m| m.batch == base)?;
-                let prev = m.states.iter().find(|s| s.partition == file.partition)?;
+                let prev = m.states.iter().find(|s| {
+                    self.stage_of(s) == self.stage_of(&file) && s.partition == file.partition
+                })?;
                 file.chain = prev.chain.clone();
                 file.chain.push(prev.path.clone());
                 file.chain_bytes = prev.chain_bytes + prev.bytes;
@@ -81,6 +89,32 @@ impl CompiledQuery {
             out.push(file);
         }
         Some(out)
+    }
+}
+
+impl CompiledQuery {
+    /// The shuffle stages whose partitions keep state (and checkpoint it).
+    pub(super) fn stateful_stages(&self) -> Vec<u32> {
+        self.graph
+            .stages
+            .iter()
+            .filter(|s| s.is_stateful())
+            .map(|s| s.id.0)
+            .collect()
+    }
+
+    /// State objects a complete checkpoint holds with `partitions` reduce
+    /// partitions: one per partition of every stateful stage.
+    pub(super) fn state_objects(&self, partitions: u32) -> usize {
+        partitions as usize * self.stateful_stages().len()
+    }
+
+    /// The stage of a checkpoint's state object (objects written before
+    /// plans had several are the only stateful stage's).
+    pub(super) fn stage_of(&self, file: &StateFile) -> u32 {
+        file.stage
+            .or_else(|| self.stateful_stages().first().copied())
+            .unwrap_or(0)
     }
 }
 

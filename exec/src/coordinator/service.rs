@@ -130,7 +130,7 @@ impl CoordinatorService {
         };
         let base = StateObject::peek_delta_base(&req.state).map_err(internal)?;
         let file = store
-            .put_state(&q.key, req.batch, req.partition, req.state)
+            .put_state(&q.key, req.batch, (req.stage, req.partition), req.state)
             .await
             .map_err(internal)?;
         let mut pending = q.pending_checkpoints.lock();

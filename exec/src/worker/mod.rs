@@ -551,6 +551,8 @@ struct WorkerQuery {
     generation: u64,
     /// Worker id owning each map partition (stages in order); empty: any.
     map_owners: Vec<u32>,
+    /// Worker id owning each reduce partition (of every shuffle stage).
+    reduce_owners: Vec<u32>,
     /// Map outputs are kept until a checkpoint covers them.
     retain: bool,
     /// Notices of this worker's retained map outputs, by (batch, stage, map):
@@ -674,27 +676,34 @@ mod tests {
         // A join: stage 0 has 2 partitions, stage 1 has 1; owners by worker id.
         let owners = [7, 8, 9];
         let inputs = [2, 1];
+        let owners = owners_by_stage(&owners, &inputs, &[], &[0, 0]);
         let from = |stage, map, worker, attempt| pb::MapOutputReady {
             worker,
             attempt,
             ..notice(stage, map)
         };
-        assert!(accepts_notice(&from(0, 1, 8, 3), 3, &owners, &inputs));
-        assert!(accepts_notice(&from(1, 0, 9, 4), 3, &owners, &inputs));
+        assert!(accepts_notice(&from(0, 1, 8, 3), 3, &owners));
+        assert!(accepts_notice(&from(1, 0, 9, 4), 3, &owners));
         assert!(
-            accepts_notice(&from(0, 0, 7, 3), 3, &owners, &inputs),
+            accepts_notice(&from(0, 0, 7, 3), 3, &owners),
             "an older attempt of the same generation"
         );
         assert!(
-            !accepts_notice(&from(0, 0, 7, 2), 3, &owners, &inputs),
+            !accepts_notice(&from(0, 0, 7, 2), 3, &owners),
             "an older generation"
         );
         assert!(
-            !accepts_notice(&from(0, 1, 5, 3), 3, &owners, &inputs),
+            !accepts_notice(&from(0, 1, 5, 3), 3, &owners),
             "a lost worker that no longer owns the partition"
         );
-        assert!(!accepts_notice(&from(1, 1, 9, 3), 3, &owners, &inputs));
-        assert!(accepts_notice(&from(0, 0, 5, 3), 3, &[], &inputs));
+        assert!(!accepts_notice(&from(1, 1, 9, 3), 3, &owners));
+        assert!(accepts_notice(&from(0, 0, 5, 3), 3, &[]));
+        // Stage 2 (a shuffle stage, 2 partitions on workers 8 and 7) feeds
+        // stage 3: its notices count from the partition's owner only.
+        let owners = owners_by_stage(&[7, 8, 9], &[2, 1], &[8, 7], &[0, 0, 1, 1]);
+        assert!(accepts_notice(&from(2, 0, 8, 3), 3, &owners));
+        assert!(accepts_notice(&from(2, 1, 7, 3), 3, &owners));
+        assert!(!accepts_notice(&from(2, 1, 8, 3), 3, &owners));
     }
 
     #[test]

@@ -79,11 +79,22 @@ impl WorkerQuery {
     /// worker that owns its map partition (a lost worker's late notices, and
     /// a fenced incarnation's, are not).
     pub(super) fn accepts(&self, notice: &pb::MapOutputReady) -> bool {
-        accepts_notice(
-            notice,
-            self.generation,
+        accepts_notice(notice, self.generation, &self.owners())
+    }
+
+    /// Worker ids owning each stage's partitions (empty: any owner).
+    pub(super) fn owners(&self) -> Vec<Vec<u32>> {
+        let kinds: Vec<u8> = self
+            .graph
+            .stages
+            .iter()
+            .map(|s| u8::from(matches!(s.input, StageInput::Shuffle(_))))
+            .collect();
+        owners_by_stage(
             &self.map_owners,
             &self.shuffle_inputs,
+            &self.reduce_owners,
+            &kinds,
         )
     }
 
@@ -388,6 +399,7 @@ impl Scheduler {
                     attempt: req.attempt,
                     generation,
                     map_owners: Vec::new(),
+                    reduce_owners: Vec::new(),
                     retain: false,
                     produced: BTreeMap::new(),
                     rows_in: 0,
@@ -410,6 +422,9 @@ impl Scheduler {
         if !req.map_owners.is_empty() {
             wq.map_owners = req.map_owners.clone();
         }
+        if !req.reduce_owners.is_empty() {
+            wq.reduce_owners = req.reduce_owners.clone();
+        }
         if !req.reduce_placement.is_empty() {
             wq.reduce_placement = req.reduce_placement.clone();
         }
@@ -429,15 +444,10 @@ impl Scheduler {
             wq.group_starts.clear();
             wq.group_ends.clear();
             wq.delta_bases.clear();
-            let owners = (
-                wq.generation,
-                wq.map_owners.clone(),
-                wq.shuffle_inputs.clone(),
-            );
+            let (generation, owners) = (wq.generation, wq.owners());
             let reduces = &wq.reduces;
             wq.pending_reduces.retain(|(b, stage, r), p| {
-                p.notices
-                    .retain(|n| accepts_notice(n, owners.0, &owners.1, &owners.2));
+                p.notices.retain(|n| accepts_notice(n, generation, &owners));
                 reduces
                     .get(&(*stage, *r))
                     .is_some_and(|s| s.last_batch.is_none_or(|l| *b > l))
@@ -747,14 +757,13 @@ impl Scheduler {
     }
 }
 
-/// Whether `notice` is valid for a query at `generation` whose map
-/// partitions are owned as `owners` says (worker ids, input stages in order,
-/// `inputs[s]` partitions in stage `s`; empty: any owner).
+/// Whether `notice` is valid for a query at `generation` whose partitions
+/// are owned as `owners` says (worker ids per stage, by partition; empty:
+/// any owner).
 pub(super) fn accepts_notice(
     notice: &pb::MapOutputReady,
     generation: u64,
-    owners: &[u32],
-    inputs: &[u32],
+    owners: &[Vec<u32>],
 ) -> bool {
     if notice.attempt < generation {
         return false;
@@ -762,8 +771,40 @@ pub(super) fn accepts_notice(
     if owners.is_empty() {
         return true;
     }
-    let before: u32 = inputs.iter().take(notice.stage as usize).sum();
-    owners.get((before + notice.map) as usize) == Some(&notice.worker)
+    owners
+        .get(notice.stage as usize)
+        .and_then(|o| o.get(notice.map as usize))
+        == Some(&notice.worker)
+}
+
+/// Owners per stage: source stages take their partitions' owners from
+/// `map_owners` in order (`sources[i]` partitions in the i-th source stage),
+/// shuffle stages (`kinds[s]` = 1) all have `reduce_owners`. No owners at
+/// all (a plan fresh from an old coordinator) means any.
+pub(super) fn owners_by_stage(
+    map_owners: &[u32],
+    sources: &[u32],
+    reduce_owners: &[u32],
+    kinds: &[u8],
+) -> Vec<Vec<u32>> {
+    if map_owners.is_empty() {
+        return Vec::new();
+    }
+    let mut next = 0usize;
+    let mut source = 0usize;
+    kinds
+        .iter()
+        .map(|kind| {
+            if *kind == 1 {
+                return reduce_owners.to_vec();
+            }
+            let n = sources.get(source).copied().unwrap_or(0) as usize;
+            source += 1;
+            let owned = map_owners.get(next..next + n).unwrap_or_default().to_vec();
+            next += n;
+            owned
+        })
+        .collect()
 }
 
 /// The watermark a reduce task may act on: per input, the minimum over the

@@ -128,10 +128,32 @@ impl Scheduler {
                 return self.deliver(qid, BatchId(b), p.0, chunks, rows_in, late);
             }
         };
+        self.shuffle_out(qid, b, stage, p.0, &outputs, &by, watermark_us)
+    }
+
+    /// Writes a task's output as the shuffle into the next stage: routes
+    /// rows to the consumer partitions by `by`, stores the blocks, and
+    /// announces them to every consumer's worker (Drizzle) or to the
+    /// coordinator (BSP). `producer` is the task's partition in `stage`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn shuffle_out(
+        &mut self,
+        qid: QueryId,
+        b: u64,
+        stage: u32,
+        producer: u32,
+        outputs: &[RecordBatch],
+        by: &[Arc<dyn datafusion::physical_expr::PhysicalExpr>],
+        watermark_us: Option<i64>,
+    ) -> Result<()> {
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
+        let p = MapPartition(producer);
         let parts_n = wq.reduce_partitions as usize;
         let mut per_reduce: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts_n];
-        for out in &outputs {
-            let parts = route(out, &by, parts_n)?;
+        for out in outputs {
+            let parts = route(out, by, parts_n)?;
             for (r, part) in parts.into_iter().enumerate() {
                 if part.num_rows() > 0 {
                     per_reduce[r].push(part);
@@ -360,6 +382,7 @@ impl Scheduler {
                 query: qid.0,
                 attempt: wq.attempt,
                 batch: b,
+                stage,
                 partition: r.0,
                 state: bytes,
             };
@@ -381,12 +404,15 @@ impl Scheduler {
             wq.late_rows += late;
             chunks.push((w, batch));
         }
-        if wq.consumer_of(stage).is_some() {
-            // Checkpoints and the coordinator's placement cover one stateful
-            // shuffle stage so far; the planner makes no other graph.
-            return Err(ExecError::invalid(format!(
-                "stage {stage} writes a shuffle into another stage, which this worker cannot run yet"
-            )));
+        if let Some(by) = shuffle_keys(&wq.graph, GraphStage(stage)) {
+            // Into the next stage: the operator has consumed its inputs up
+            // to their watermark, so that is its output's.
+            let outputs: Vec<RecordBatch> = chunks
+                .into_iter()
+                .map(|(_, batch)| batch)
+                .filter(|batch| batch.num_rows() > 0)
+                .collect();
+            return self.shuffle_out(qid, b, stage, r.0, &outputs, &by, watermark);
         }
         let late = std::mem::take(&mut wq.late_rows);
         self.deliver(qid, BatchId(b), r.0, chunks, 0, late)
@@ -527,7 +553,7 @@ pub(super) fn restore_reduce(
     for st in restore
         .states
         .iter()
-        .filter(|st| !same || st.partition == r.0)
+        .filter(|st| st.stage == stage.0 && (!same || st.partition == r.0))
     {
         for path in st.chain.iter().chain(std::iter::once(&st.path)) {
             let mut client = shared.coordinator.clone();
