@@ -1,7 +1,7 @@
 //! Wire form of a [`StageGraph`] ([`encode_graph`], [`decode_graph`]): the
 //! plan fragment of every stage, which the coordinator ships to a worker
-//! once per query, inside its first launch message. ([`encode_plan`] is the
-//! same for a whole [`StreamingPlan`], for tests and tools.)
+//! once per query, inside its first launch message. ([`encode_plan`] adds
+//! a [`StreamingPlan`]'s emit mode, limit and keys.)
 //!
 //! Expressions and aggregate functions are DataFusion's own protobuf forms
 //! (`datafusion-proto`); everything Drizzle-specific (windows, emit mode,
@@ -34,20 +34,14 @@ use crate::catalog::StreamDef;
 use crate::error::{PlanError, Result};
 use crate::graph::{Operator, Partitioning, Stage, StageGraph, StageId, StageInput, StageOutput};
 use crate::plan::{
-    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamInput, StreamingPlan, WindowGroup,
-    WindowJoinPlan,
+    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup, WindowJoinPlan,
 };
 use crate::providers::{WindowProvider, WindowSpec};
 
 #[derive(Serialize, Deserialize)]
 struct PlanWire {
-    stream: StreamDef,
-    window: Option<WindowSpec>,
-    map_ops: Vec<OpWire>,
-    aggregate: Option<AggregateWire>,
-    #[serde(default)]
-    join: Option<JoinWire>,
-    post_ops: Vec<OpWire>,
+    /// [`encode_graph`]'s bytes.
+    graph: Vec<u8>,
     limit: Option<usize>,
     output_schema: Schema,
     emit: EmitMode,
@@ -81,9 +75,6 @@ enum OpWire {
 
 #[derive(Serialize, Deserialize)]
 struct JoinWire {
-    right_stream: StreamDef,
-    right_windowing: Option<WindowSpec>,
-    right_map_ops: Vec<OpWire>,
     left_input: Schema,
     right_input: Schema,
     left_keys: Vec<Vec<u8>>,
@@ -123,11 +114,6 @@ fn decode_expr(bytes: &[u8], ctx: &TaskContext, schema: &Schema) -> Result<Arc<d
     let e = parse_physical_expr(&node, ctx, schema, &DefaultPhysicalExtensionCodec {})?;
     // `fail_on_overflow` is not on the wire.
     Ok(crate::functions::overflow::check_overflow(e)?)
-}
-
-/// The schema the map ops start from: the stream's, plus window bounds.
-pub fn map_input_schema(plan: &StreamingPlan) -> SchemaRef {
-    input_schema(&plan.stream, plan.window.as_ref())
 }
 
 /// The schema a stream input's map ops start from.
@@ -304,16 +290,9 @@ fn decode_aggregate(wire: AggregateWire, ctx: &TaskContext) -> Result<AggregateP
 }
 
 fn encode_join(j: &WindowJoinPlan, left_input: SchemaRef) -> Result<JoinWire> {
-    let (right_map_ops, right_input) = encode_ops(
-        &j.right.map_ops,
-        input_schema(&j.right.stream, j.right.window.as_ref()),
-    )?;
     Ok(JoinWire {
-        right_stream: j.right.stream.clone(),
-        right_windowing: j.right.window.clone(),
-        right_map_ops,
         left_input: left_input.as_ref().clone(),
-        right_input: right_input.as_ref().clone(),
+        right_input: j.right_input.as_ref().clone(),
         left_keys: j.left_keys.iter().map(encode_expr).collect::<Result<_>>()?,
         right_keys: j
             .right_keys
@@ -335,11 +314,6 @@ fn decode_join(w: JoinWire, ctx: &TaskContext) -> Result<WindowJoinPlan> {
         k.iter().map(|e| decode_expr(e, ctx, schema)).collect()
     };
     Ok(WindowJoinPlan {
-        right: StreamInput {
-            stream: w.right_stream,
-            window: w.right_windowing,
-            map_ops: decode_ops(w.right_map_ops, ctx)?,
-        },
         left_keys: keys(&w.left_keys, &w.left_input)?,
         right_keys: keys(&w.right_keys, &w.right_input)?,
         left_window: w.left_window,
@@ -350,35 +324,17 @@ fn decode_join(w: JoinWire, ctx: &TaskContext) -> Result<WindowJoinPlan> {
             .filter
             .map(|f| decode_expr(&f, ctx, &w.schema))
             .transpose()?,
+        right_input: Arc::new(w.right_input),
         schema: Arc::new(w.schema),
         display: w.display,
     })
 }
 
-/// Encodes a plan for a worker.
+/// Encodes a whole plan: its graph ([`encode_graph`]) and how results
+/// leave it.
 pub fn encode_plan(plan: &StreamingPlan) -> Result<Vec<u8>> {
-    let (map_ops, after_map) = encode_ops(&plan.map_ops, map_input_schema(plan))?;
-    let join = plan
-        .join
-        .as_ref()
-        .map(|j| encode_join(j, Arc::clone(&after_map)))
-        .transpose()?;
-    let (aggregate, post_input) = match (&plan.aggregate, &plan.join) {
-        (Some(agg), _) => (
-            Some(encode_aggregate(agg, after_map)?),
-            Arc::clone(&agg.output_schema),
-        ),
-        (None, Some(j)) => (None, Arc::clone(&j.schema)),
-        (None, None) => (None, after_map),
-    };
-    let (post_ops, _) = encode_ops(&plan.post_ops, post_input)?;
     let wire = PlanWire {
-        stream: plan.stream.clone(),
-        window: plan.window.clone(),
-        map_ops,
-        aggregate,
-        join,
-        post_ops,
+        graph: encode_graph(&plan.graph)?,
         limit: plan.limit,
         output_schema: plan.output_schema.as_ref().clone(),
         emit: plan.emit,
@@ -387,19 +343,11 @@ pub fn encode_plan(plan: &StreamingPlan) -> Result<Vec<u8>> {
     serde_json::to_vec(&wire).map_err(codec_err)
 }
 
-/// Decodes a plan shipped by [`encode_plan`]; functions resolve against `ctx`.
+/// Decodes a plan written by [`encode_plan`]; functions resolve against `ctx`.
 pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> Result<StreamingPlan> {
     let wire: PlanWire = serde_json::from_slice(bytes).map_err(codec_err)?;
     Ok(StreamingPlan {
-        stream: wire.stream,
-        window: wire.window,
-        map_ops: decode_ops(wire.map_ops, ctx)?,
-        aggregate: wire
-            .aggregate
-            .map(|a| decode_aggregate(a, ctx))
-            .transpose()?,
-        join: wire.join.map(|j| decode_join(j, ctx)).transpose()?,
-        post_ops: decode_ops(wire.post_ops, ctx)?,
+        graph: decode_graph(&wire.graph, ctx)?,
         limit: wire.limit,
         output_schema: Arc::new(wire.output_schema),
         emit: wire.emit,

@@ -26,7 +26,7 @@ use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::PhysicalExpr;
 
 use crate::catalog::StreamDef;
-use crate::plan::{AggregatePlan, BatchOp, EmitMode, StreamingPlan, WindowJoinPlan};
+use crate::plan::{AggregatePlan, BatchOp, EmitMode, WindowJoinPlan};
 use crate::providers::{WindowKind, WindowSpec};
 
 /// A stage's number within its graph (its index in [`StageGraph::stages`]).
@@ -290,104 +290,5 @@ fn describe_operator(op: &Operator) -> String {
                 .map(|f| format!(", filter={f}"))
                 .unwrap_or_default()
         ),
-    }
-}
-
-/// The shuffle keys of a window join input: its equi-join keys, or (none)
-/// the window bound column.
-fn join_keys(keys: &[Arc<dyn PhysicalExpr>], window: usize, is_end: bool) -> Partitioning {
-    Partitioning::Hash(if keys.is_empty() {
-        let name = if is_end { "window_end" } else { "window_start" };
-        vec![Arc::new(Column::new(name, window))]
-    } else {
-        keys.to_vec()
-    })
-}
-
-impl StreamingPlan {
-    /// The plan's stage graph.
-    pub fn graph(&self) -> StageGraph {
-        let source = |id: u32, stream: &StreamDef, window: Option<&WindowSpec>, ops: &[BatchOp]| {
-            let mut operators: Vec<Operator> = window
-                .map(|w| Operator::WindowAssign(w.clone()))
-                .into_iter()
-                .collect();
-            operators.extend(ops.iter().cloned().map(Operator::Kernel));
-            Stage {
-                id: StageId(id),
-                input: StageInput::Source(stream.clone()),
-                operators,
-                output: StageOutput::Sink(self.emit),
-            }
-        };
-        let post = self.post_ops.iter().cloned().map(Operator::Kernel);
-        let mut first = source(0, &self.stream, self.window.as_ref(), &self.map_ops);
-        if let Some(j) = &self.join {
-            let mut right = source(
-                1,
-                &j.right.stream,
-                j.right.window.as_ref(),
-                &j.right.map_ops,
-            );
-            first.output = StageOutput::Shuffle {
-                to: StageId(2),
-                partitioning: join_keys(&j.left_keys, j.left_window, j.window_is_end),
-            };
-            right.output = StageOutput::Shuffle {
-                to: StageId(2),
-                partitioning: join_keys(&j.right_keys, j.right_window, j.window_is_end),
-            };
-            let mut operators = vec![Operator::WindowJoin(Arc::new(j.clone()))];
-            operators.extend(post);
-            let reduce = Stage {
-                id: StageId(2),
-                input: StageInput::Shuffle(vec![StageId(0), StageId(1)]),
-                operators,
-                output: StageOutput::Sink(self.emit),
-            };
-            return StageGraph {
-                stages: vec![first, right, reduce],
-                output_schema: Arc::clone(&self.output_schema),
-            };
-        }
-        match &self.aggregate {
-            None => {
-                first.operators.extend(post);
-                StageGraph {
-                    stages: vec![first],
-                    output_schema: Arc::clone(&self.output_schema),
-                }
-            }
-            Some(agg) => {
-                let agg = Arc::new(agg.clone());
-                first
-                    .operators
-                    .push(Operator::AggregatePartial(Arc::clone(&agg)));
-                // The partial rows start with the group columns.
-                let keys = agg.partial_schema.fields()[..agg.group_exprs.len()]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, f)| Arc::new(Column::new(f.name(), i)) as Arc<dyn PhysicalExpr>)
-                    .collect();
-                first.output = StageOutput::Shuffle {
-                    to: StageId(1),
-                    partitioning: Partitioning::Hash(keys),
-                };
-                let mut operators = vec![Operator::AggregateFinal(agg)];
-                operators.extend(post);
-                StageGraph {
-                    stages: vec![
-                        first,
-                        Stage {
-                            id: StageId(1),
-                            input: StageInput::Shuffle(vec![StageId(0)]),
-                            operators,
-                            output: StageOutput::Sink(self.emit),
-                        },
-                    ],
-                    output_schema: Arc::clone(&self.output_schema),
-                }
-            }
-        }
     }
 }

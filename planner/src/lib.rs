@@ -9,10 +9,9 @@
 //!  SQL ──parse_statements──▶ DrizzleStatement
 //!      ──plan_query────────▶ DataFusion LogicalPlan (name resolution via
 //!                            DrizzleContextProvider, DataFusion optimiser)
-//!      ──lower─────────────▶ StreamingPlan: source ▶ map ops ▶ [partial agg
-//!                            ▶ shuffle ▶ final agg] ▶ post ops ▶ sink
-//!      ──graph─────────────▶ StageGraph: stages cut at every shuffle, each a
-//!                            chain of operators (see EXPLAIN)
+//!      ──lower─────────────▶ StreamingPlan: a StageGraph (stages cut at every
+//!                            aggregation and stream join, each a chain of
+//!                            operators; see EXPLAIN) and how results leave
 //! ```
 //!
 //! DataFusion stays a library of *stateless per-batch kernels* here: the
@@ -46,8 +45,7 @@ pub use lower::{
     plan_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation, RelationResolver,
 };
 pub use plan::{
-    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamInput, StreamingPlan, WindowGroup,
-    WindowJoinPlan,
+    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup, WindowJoinPlan,
 };
 pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
 pub use statement::{

@@ -28,9 +28,9 @@ use datafusion::sql::sqlparser::ast::Query;
 
 use crate::catalog::StreamDef;
 use crate::error::{PlanError, Result};
+use crate::graph::{Operator, Partitioning, Stage, StageGraph, StageId, StageInput, StageOutput};
 use crate::plan::{
-    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamInput, StreamingPlan, WindowGroup,
-    WindowJoinPlan,
+    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup, WindowJoinPlan,
 };
 use crate::providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
 
@@ -395,41 +395,135 @@ pub fn reads_stream(plan: &LogicalPlan) -> bool {
     found
 }
 
-struct Lowered {
-    stream: StreamDef,
-    window: Option<WindowSpec>,
-    map_ops: Vec<BatchOp>,
-    aggregate: Option<AggregatePlan>,
-    join: Option<WindowJoinPlan>,
-    post_ops: Vec<BatchOp>,
+/// A window bound column of a flow's rows: `window_start` or `window_end`
+/// of windows `size_us` long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WindowCol {
+    is_end: bool,
+    size_us: i64,
 }
 
-impl Lowered {
+/// The stage under construction for a subtree of the plan, and what its
+/// rows are.
+struct Flow {
+    input: StageInput,
+    operators: Vec<Operator>,
+    /// Per output column: the window bound it is, if one.
+    windows: Vec<Option<WindowCol>>,
+    /// The rows are an upsert aggregate's (they change): nothing stateful
+    /// may consume them until changelogs exist.
+    upsert: bool,
+    /// The rows come out when windows close (a windowed aggregate or a
+    /// window join upstream).
+    closes_windows: bool,
+}
+
+impl Flow {
     fn push(&mut self, op: BatchOp) {
-        if self.aggregate.is_some() || self.join.is_some() {
-            self.post_ops.push(op);
-        } else {
-            self.map_ops.push(op);
+        self.operators.push(Operator::Kernel(op));
+    }
+}
+
+/// The stages finished so far; each flow is cut into one at a shuffle.
+#[derive(Default)]
+struct Stages {
+    stages: Vec<Stage>,
+}
+
+/// Placeholder consumer of a shuffle, set once the consumer is placed.
+const UNPLACED: StageId = StageId(u32::MAX);
+
+impl Stages {
+    /// Cuts `flow` into a stage that shuffles its rows by `keys` into the
+    /// stage reading it.
+    fn cut(&mut self, flow: Flow, keys: Vec<Arc<dyn PhysicalExpr>>) -> StageId {
+        let id = StageId(self.stages.len() as u32);
+        self.stages.push(Stage {
+            id,
+            input: flow.input,
+            operators: flow.operators,
+            output: StageOutput::Shuffle {
+                to: UNPLACED,
+                partitioning: Partitioning::Hash(keys),
+            },
+        });
+        id
+    }
+
+    /// The graph with `flow` as its sink stage, every shuffle pointed at
+    /// its consumer.
+    fn finish(mut self, flow: Flow, emit: EmitMode, output_schema: SchemaRef) -> StageGraph {
+        let id = StageId(self.stages.len() as u32);
+        self.stages.push(Stage {
+            id,
+            input: flow.input,
+            operators: flow.operators,
+            output: StageOutput::Sink(emit),
+        });
+        // Source stages first (0..k, in the order their streams are read;
+        // the runtime numbers a query's inputs so), then the others in the
+        // order they were cut: still every stage after those it reads.
+        let (mut order, rest): (Vec<Stage>, Vec<Stage>) = self
+            .stages
+            .into_iter()
+            .partition(|s| matches!(s.input, StageInput::Source(_)));
+        order.extend(rest);
+        let renumber: std::collections::HashMap<StageId, StageId> = order
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id, StageId(i as u32)))
+            .collect();
+        for stage in &mut order {
+            stage.id = renumber[&stage.id];
+            if let StageInput::Shuffle(inputs) = &mut stage.input {
+                for i in inputs.iter_mut() {
+                    *i = renumber[i];
+                }
+            }
+        }
+        self.stages = order;
+        let consumers: Vec<(StageId, StageId)> = self
+            .stages
+            .iter()
+            .flat_map(|s| match &s.input {
+                StageInput::Shuffle(inputs) => inputs.iter().map(|i| (*i, s.id)).collect(),
+                StageInput::Source(_) => Vec::new(),
+            })
+            .collect();
+        for (producer, consumer) in consumers {
+            if let Some(StageOutput::Shuffle { to, .. }) = self
+                .stages
+                .get_mut(producer.0 as usize)
+                .map(|s| &mut s.output)
+            {
+                *to = consumer;
+            }
+        }
+        StageGraph {
+            stages: self.stages,
+            output_schema,
         }
     }
 }
 
-/// `window_start` / `window_end` of a window table function, by column.
-fn window_bound(e: &Expr) -> Option<&str> {
+/// The input column a plain column reference (possibly aliased) reads.
+fn column_index(e: &Expr, schema: &DFSchema) -> Option<usize> {
     match e {
-        Expr::Column(c) if c.name == "window_start" || c.name == "window_end" => {
-            Some(c.name.as_str())
-        }
+        Expr::Column(c) => schema.index_of_column(c).ok(),
+        Expr::Alias(a) => column_index(&a.expr, schema),
         _ => None,
     }
 }
 
 /// A join of two streams: a window join, both sides windowed alike and
-/// joined on their window bound.
+/// joined on their window bound. Either side may itself be windowed
+/// aggregates or a window join: their rows come out when windows close,
+/// which is when the join closes them too.
 fn lower_window_join(
     j: &datafusion::logical_expr::logical_plan::Join,
+    stages: &mut Stages,
     props: &datafusion::execution::context::ExecutionProps,
-) -> Result<Lowered> {
+) -> Result<Flow> {
     const HINT: &str = "a join of two streams is a window join: window both sides with the same \
         TUMBLE or HOP and join ON l.key = r.key AND l.window_start = r.window_start";
     if j.join_type != JoinType::Inner {
@@ -438,25 +532,11 @@ fn lower_window_join(
             "use an inner window join",
         ));
     }
-    let left = lower_node(&j.left)?;
-    let right = lower_node(&j.right)?;
-    for side in [&left, &right] {
-        if side.aggregate.is_some() || side.join.is_some() {
-            return Err(PlanError::unsupported_hint(
-                "a join of an aggregated or joined stream",
-                HINT,
-            ));
-        }
-    }
-    let (Some(lw), Some(rw)) = (&left.window, &right.window) else {
+    let left = lower_node(&j.left, stages)?;
+    let right = lower_node(&j.right, stages)?;
+    if left.upsert || right.upsert {
         return Err(PlanError::unsupported_hint(
-            "a join of two unwindowed streams",
-            HINT,
-        ));
-    };
-    if (lw.kind, lw.size_ms, lw.slide_ms) != (rw.kind, rw.size_ms, rw.slide_ms) {
-        return Err(PlanError::unsupported_hint(
-            "a join of streams windowed differently",
+            "a join of a non-windowed aggregation (its rows change; changelogs come with updating queries)",
             HINT,
         ));
     }
@@ -466,22 +546,21 @@ fn lower_window_join(
     let mut display = Vec::new();
     for (l, r) in &j.on {
         display.push(format!("{l} = {r}"));
-        match (window_bound(l), window_bound(r)) {
-            (Some(a), Some(b)) if a == b && bound.is_none() => {
-                let index = |e: &Expr, schema: &DFSchema| -> Result<usize> {
-                    match e {
-                        Expr::Column(c) => Ok(schema.index_of_column(c)?),
-                        _ => Err(PlanError::unsupported_hint(
-                            "a window bound expression",
-                            HINT,
-                        )),
-                    }
-                };
-                bound = Some((
-                    index(l, j.left.schema())?,
-                    index(r, j.right.schema())?,
-                    a == "window_end",
-                ));
+        let windows = (
+            column_index(l, j.left.schema())
+                .and_then(|i| left.windows.get(i).copied().flatten().map(|w| (i, w))),
+            column_index(r, j.right.schema())
+                .and_then(|i| right.windows.get(i).copied().flatten().map(|w| (i, w))),
+        );
+        match windows {
+            (Some((li, lw)), Some((ri, rw))) if bound.is_none() => {
+                if lw != rw {
+                    return Err(PlanError::unsupported_hint(
+                        "a join of streams windowed differently",
+                        HINT,
+                    ));
+                }
+                bound = Some((li, ri, lw));
             }
             _ => {
                 left_keys.push(physical(l, j.left.schema(), props)?);
@@ -489,9 +568,15 @@ fn lower_window_join(
             }
         }
     }
-    let Some((left_window, right_window, window_is_end)) = bound else {
+    let Some((left_window, right_window, w)) = bound else {
+        let windowed =
+            left.windows.iter().any(Option::is_some) && right.windows.iter().any(Option::is_some);
         return Err(PlanError::unsupported_hint(
-            "a join of two streams without equal window bounds in ON",
+            if windowed {
+                "a join of two streams without equal window bounds in ON"
+            } else {
+                "a join of two unwindowed streams"
+            },
             HINT,
         ));
     };
@@ -500,28 +585,44 @@ fn lower_window_join(
         .as_ref()
         .map(|f| physical(f, &j.schema, props))
         .transpose()?;
-    Ok(Lowered {
-        stream: left.stream,
-        window: left.window.clone(),
-        map_ops: left.map_ops,
-        aggregate: None,
-        join: Some(WindowJoinPlan {
-            right: StreamInput {
-                stream: right.stream,
-                window: right.window.clone(),
-                map_ops: right.map_ops,
-            },
-            left_keys,
-            right_keys,
-            left_window,
-            right_window,
-            window_is_end,
-            size_us: lw.size_ms * 1000,
-            filter,
-            schema: Arc::new(j.schema.as_arrow().clone()),
-            display: display.join(", "),
-        }),
-        post_ops: Vec::new(),
+    let partition_by = |keys: &[Arc<dyn PhysicalExpr>], window: usize| {
+        if keys.is_empty() {
+            let name = if w.is_end {
+                "window_end"
+            } else {
+                "window_start"
+            };
+            vec![
+                Arc::new(datafusion::physical_expr::expressions::Column::new(
+                    name, window,
+                )) as Arc<dyn PhysicalExpr>,
+            ]
+        } else {
+            keys.to_vec()
+        }
+    };
+    let plan = WindowJoinPlan {
+        left_keys: left_keys.clone(),
+        right_keys: right_keys.clone(),
+        left_window,
+        right_window,
+        window_is_end: w.is_end,
+        size_us: w.size_us,
+        filter,
+        right_input: Arc::new(j.right.schema().as_arrow().clone()),
+        schema: Arc::new(j.schema.as_arrow().clone()),
+        display: display.join(", "),
+    };
+    let mut windows = left.windows.clone();
+    windows.extend(right.windows.iter().copied());
+    let l = stages.cut(left, partition_by(&left_keys, left_window));
+    let r = stages.cut(right, partition_by(&right_keys, right_window));
+    Ok(Flow {
+        input: StageInput::Shuffle(vec![l, r]),
+        operators: vec![Operator::WindowJoin(Arc::new(plan))],
+        windows,
+        upsert: false,
+        closes_windows: true,
     })
 }
 
@@ -539,54 +640,54 @@ fn physical(
     Ok(crate::functions::overflow::check_overflow(e)?)
 }
 
-/// Lowers an optimised logical plan that reads a stream.
+/// Lowers an optimised logical plan that reads a stream into its stage
+/// graph: a stage per stream read, and a new stage at every aggregation
+/// and stream-stream join.
 pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
     let (stripped, limit) = strip_top_limit(plan)?;
     let body = &stripped;
-    let lowered = lower_node(body)?;
+    let mut stages = Stages::default();
+    let flow = lower_node(body, &mut stages)?;
     let output_schema: SchemaRef = Arc::new(body.schema().as_arrow().clone());
-    let emit = match &lowered.aggregate {
-        None if lowered.join.is_some() => EmitMode::OnWindowClose,
-        None => EmitMode::Append,
-        Some(a) if a.window.is_some() => EmitMode::OnWindowClose,
-        Some(_) => EmitMode::Upsert,
+    let emit = if flow.upsert {
+        EmitMode::Upsert
+    } else if flow.closes_windows {
+        EmitMode::OnWindowClose
+    } else {
+        EmitMode::Append
     };
-    let upsert_keys = match &lowered.aggregate {
-        Some(agg) if emit == EmitMode::Upsert => key_columns(
-            agg.group_exprs.len(),
-            &lowered.post_ops,
-            output_schema.fields().len(),
-        ),
+    // Upserts are keyed by the last aggregation's group columns, followed
+    // through the projections after it.
+    let upsert_keys = match flow.operators.first() {
+        Some(Operator::AggregateFinal(agg)) if emit == EmitMode::Upsert => {
+            let after: Vec<BatchOp> = flow.operators[1..]
+                .iter()
+                .filter_map(|op| match op {
+                    Operator::Kernel(k) => Some(k.clone()),
+                    _ => None,
+                })
+                .collect();
+            key_columns(agg.group_exprs.len(), &after, output_schema.fields().len())
+        }
         _ => None,
     };
+    let mut graph = stages.finish(flow, emit, Arc::clone(&output_schema));
+    // Lookup joins are numbered across the whole graph: workers ask the
+    // coordinator for a table side by number.
     let mut next_join = 0u32;
-    let mut number_joins = |ops: Vec<BatchOp>| -> Vec<BatchOp> {
-        ops.into_iter()
-            .map(|op| match op {
-                BatchOp::LookupJoin(spec) => {
-                    let mut spec = spec.as_ref().clone();
-                    spec.id = next_join;
-                    next_join += 1;
-                    BatchOp::LookupJoin(Arc::new(spec))
-                }
-                other => other,
-            })
-            .collect()
-    };
-    let map_ops = number_joins(lowered.map_ops);
-    let mut join = lowered.join;
-    if let Some(j) = join.as_mut() {
-        j.right.map_ops = number_joins(std::mem::take(&mut j.right.map_ops));
+    for stage in &mut graph.stages {
+        for op in &mut stage.operators {
+            if let Operator::Kernel(BatchOp::LookupJoin(spec)) = op {
+                let mut numbered = spec.as_ref().clone();
+                numbered.id = next_join;
+                next_join += 1;
+                *spec = Arc::new(numbered);
+            }
+        }
     }
-    let post_ops = number_joins(lowered.post_ops);
     Ok(StreamingPlan {
-        join,
+        graph,
         upsert_keys,
-        stream: lowered.stream,
-        window: lowered.window,
-        map_ops,
-        aggregate: lowered.aggregate,
-        post_ops,
         limit,
         output_schema,
         emit,
@@ -653,7 +754,7 @@ fn key_columns(k: usize, post_ops: &[BatchOp], output_width: usize) -> Option<Ve
     keys.filter(|k| k.iter().all(|&i| i < output_width))
 }
 
-fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
+fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
     let props = datafusion::execution::context::ExecutionProps::new();
     match plan {
         LogicalPlan::TableScan(scan) => {
@@ -667,17 +768,28 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
                 (w.stream.clone(), Some(w.spec.clone()), w.schema())
             } else {
                 return Err(PlanError::unsupported(format!(
-                    "reading {} here: only one stream feeds a continuous query; tables join to it",
+                    "reading {} here: only streams feed a continuous query; tables join to it",
                     scan.table_name
                 )));
             };
-            let mut lowered = Lowered {
-                join: None,
-                stream,
-                window,
-                map_ops: Vec::new(),
-                aggregate: None,
-                post_ops: Vec::new(),
+            let windows: Vec<Option<WindowCol>> = full_schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let w = window.as_ref()?;
+                    let is_end = f.name() == "window_end";
+                    (is_end || f.name() == "window_start").then_some(WindowCol {
+                        is_end,
+                        size_us: w.size_ms * 1000,
+                    })
+                })
+                .collect();
+            let mut flow = Flow {
+                input: StageInput::Source(stream),
+                operators: window.into_iter().map(Operator::WindowAssign).collect(),
+                windows,
+                upsert: false,
+                closes_windows: false,
             };
             if let Some(projection) = &scan.projection {
                 let identity = projection.len() == full_schema.fields().len()
@@ -692,39 +804,51 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
                             )) as Arc<dyn PhysicalExpr>
                         })
                         .collect();
-                    lowered.push(BatchOp::Project {
+                    flow.windows = projection
+                        .iter()
+                        .map(|&i| flow.windows.get(i).copied().flatten())
+                        .collect();
+                    flow.push(BatchOp::Project {
                         exprs,
                         schema: Arc::new(scan.projected_schema.as_arrow().clone()),
                     });
                 }
             }
-            Ok(lowered)
+            Ok(flow)
         }
         LogicalPlan::Projection(p) => {
-            let mut lowered = lower_node(&p.input)?;
+            let mut flow = lower_node(&p.input, stages)?;
             let exprs = p
                 .expr
                 .iter()
                 .map(|e| physical(e, p.input.schema(), &props))
                 .collect::<Result<Vec<_>>>()?;
-            lowered.push(BatchOp::Project {
+            flow.windows = p
+                .expr
+                .iter()
+                .map(|e| {
+                    column_index(e, p.input.schema())
+                        .and_then(|i| flow.windows.get(i).copied().flatten())
+                })
+                .collect();
+            flow.push(BatchOp::Project {
                 exprs,
                 schema: Arc::new(p.schema.as_arrow().clone()),
             });
-            Ok(lowered)
+            Ok(flow)
         }
         LogicalPlan::Filter(f) => {
-            let mut lowered = lower_node(&f.input)?;
+            let mut flow = lower_node(&f.input, stages)?;
             let predicate = physical(&f.predicate, f.input.schema(), &props)?;
-            lowered.push(BatchOp::Filter { predicate });
-            Ok(lowered)
+            flow.push(BatchOp::Filter { predicate });
+            Ok(flow)
         }
-        LogicalPlan::SubqueryAlias(a) => lower_node(&a.input),
+        LogicalPlan::SubqueryAlias(a) => lower_node(&a.input, stages),
         LogicalPlan::Join(j) => {
             let left_stream = reads_stream(&j.left);
             let right_stream = reads_stream(&j.right);
             if left_stream && right_stream {
-                return lower_window_join(j, &props);
+                return lower_window_join(j, stages, &props);
             }
             if j.on.is_empty() {
                 return Err(PlanError::unsupported_hint(
@@ -747,13 +871,10 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
                     ))
                 }
             };
-            let mut lowered = lower_node(stream_side)?;
-            if lowered.aggregate.is_some() {
-                return Err(PlanError::unsupported("joining the result of an aggregation"));
-            }
-            if lowered.join.is_some() {
+            let mut flow = lower_node(stream_side, stages)?;
+            if flow.upsert {
                 return Err(PlanError::unsupported(
-                    "a lookup join on the result of a stream-stream join",
+                    "joining the result of a non-windowed aggregation (its rows change)",
                 ));
             }
             let mut stream_keys = Vec::new();
@@ -776,7 +897,17 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
                 }
                 None => None,
             };
-            lowered.push(BatchOp::LookupJoin(Arc::new(LookupJoinSpec {
+            let table_width = table_side.schema().fields().len();
+            flow.windows = if stream_on_left {
+                let mut w = flow.windows.clone();
+                w.extend(std::iter::repeat_n(None, table_width));
+                w
+            } else {
+                let mut w: Vec<Option<WindowCol>> = vec![None; table_width];
+                w.extend(flow.windows.iter().copied());
+                w
+            };
+            flow.push(BatchOp::LookupJoin(Arc::new(LookupJoinSpec {
                 id: 0,
                 table_plan: table_side.as_ref().clone(),
                 table_schema: Arc::new(table_side.schema().as_arrow().clone()),
@@ -788,28 +919,30 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
                 schema: Arc::new(j.schema.as_arrow().clone()),
                 display: display.join(", "),
             })));
-            Ok(lowered)
+            Ok(flow)
         }
         LogicalPlan::Aggregate(a) => {
-            let mut lowered = lower_node(&a.input)?;
-            if lowered.aggregate.is_some() {
-                return Err(PlanError::unsupported("an aggregation over an aggregation"));
-            }
-            if lowered.join.is_some() {
+            let mut flow = lower_node(&a.input, stages)?;
+            if flow.upsert {
                 return Err(PlanError::unsupported_hint(
-                    "an aggregation over a stream-stream join",
-                    "aggregate each stream first, or join a stream with a materialized view",
+                    "an aggregation over a non-windowed aggregation (AggregateFinalExec's rows change; \
+                     aggregating them needs retractions, which come with updating queries)",
+                    "aggregate windowed results: GROUP BY window_start in the inner query",
                 ));
             }
             let input_schema = a.input.schema();
             let physical_input = input_schema.as_arrow();
             let mut group_exprs = Vec::new();
+            let mut group_windows = Vec::new();
             for (i, e) in a.group_expr.iter().enumerate() {
                 if matches!(e, Expr::GroupingSet(_)) {
                     return Err(PlanError::unsupported("GROUPING SETS, CUBE and ROLLUP"));
                 }
                 let name = a.schema.field(i).name().clone();
                 group_exprs.push((physical(e, input_schema, &props)?, name));
+                group_windows.push(
+                    column_index(e, input_schema).and_then(|c| flow.windows.get(c).copied().flatten()),
+                );
             }
             let mut aggregates = Vec::new();
             let mut filters = Vec::new();
@@ -845,17 +978,14 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
                 }
             }
             // Which group column is the window?
-            let window = lowered.window.as_ref().and_then(|w| {
-                group_exprs.iter().enumerate().find_map(|(i, (_, name))| {
-                    let is_end = name == "window_end";
-                    (is_end || name == "window_start").then_some(WindowGroup {
-                        group_index: i,
-                        is_end,
-                        size_us: w.size_ms * 1000,
-                    })
+            let window = group_windows.iter().enumerate().find_map(|(i, w)| {
+                w.map(|w| WindowGroup {
+                    group_index: i,
+                    is_end: w.is_end,
+                    size_us: w.size_us,
                 })
             });
-            lowered.aggregate = Some(AggregatePlan {
+            let agg = Arc::new(AggregatePlan {
                 group_exprs,
                 aggregates,
                 filters,
@@ -864,7 +994,29 @@ fn lower_node(plan: &LogicalPlan) -> Result<Lowered> {
                 output_schema: Arc::new(a.schema.as_arrow().clone()),
                 window,
             });
-            Ok(lowered)
+            flow.operators
+                .push(Operator::AggregatePartial(Arc::clone(&agg)));
+            // The partial rows start with the group columns: they are the
+            // shuffle's keys.
+            let keys = agg.partial_schema.fields()[..agg.group_exprs.len()]
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    Arc::new(datafusion::physical_expr::expressions::Column::new(f.name(), i))
+                        as Arc<dyn PhysicalExpr>
+                })
+                .collect();
+            let mut windows = group_windows;
+            windows.extend(std::iter::repeat_n(None, agg.aggregates.len()));
+            let windowed = agg.window.is_some();
+            let from = stages.cut(flow, keys);
+            Ok(Flow {
+                input: StageInput::Shuffle(vec![from]),
+                operators: vec![Operator::AggregateFinal(agg)],
+                windows: if windowed { windows } else { Vec::new() },
+                upsert: !windowed,
+                closes_windows: windowed,
+            })
         }
         LogicalPlan::Sort(_) => Err(PlanError::unsupported_hint(
             "ORDER BY on a continuous query",
@@ -893,6 +1045,31 @@ mod tests {
     use datafusion::datasource::MemTable;
 
     struct Fixture;
+
+    /// The plan's last final aggregation.
+    fn final_agg(p: &StreamingPlan) -> Option<Arc<AggregatePlan>> {
+        p.graph
+            .stages
+            .iter()
+            .flat_map(|s| &s.operators)
+            .filter_map(|op| match op {
+                Operator::AggregateFinal(a) => Some(Arc::clone(a)),
+                _ => None,
+            })
+            .next_back()
+    }
+
+    /// The plan's window join.
+    fn window_join(p: &StreamingPlan) -> Option<Arc<WindowJoinPlan>> {
+        p.graph
+            .stages
+            .iter()
+            .flat_map(|s| &s.operators)
+            .find_map(|op| match op {
+                Operator::WindowJoin(j) => Some(Arc::clone(j)),
+                _ => None,
+            })
+    }
 
     fn col(name: &str, t: DataType) -> ColumnDef {
         ColumnDef {
@@ -989,8 +1166,7 @@ mod tests {
             assert_eq!(back.emit, p.emit);
             assert_eq!(back.limit, p.limit);
             assert_eq!(back.upsert_keys, p.upsert_keys);
-            assert_eq!(back.window, p.window);
-            match (&back.aggregate, &p.aggregate) {
+            match (final_agg(&back), final_agg(&p)) {
                 (Some(a), Some(b)) => {
                     assert_eq!(a.partial_schema, b.partial_schema, "{sql}");
                     assert_eq!(a.output_schema, b.output_schema, "{sql}");
@@ -1097,8 +1273,14 @@ mod tests {
         let p = continuous(sql);
         assert_eq!(p.emit, EmitMode::OnWindowClose);
         assert!(p.has_shuffle());
-        let j = p.join.as_ref().expect("a window join");
-        assert_eq!(j.right.stream.name, "clicks");
+        let j = window_join(&p).expect("a window join");
+        assert_eq!(
+            p.streams()
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["events", "clicks"]
+        );
         assert_eq!((j.left_keys.len(), j.right_keys.len()), (1, 1));
         assert!(!j.window_is_end);
         let stages = p.stages(3);
@@ -1128,20 +1310,60 @@ mod tests {
             p.stages(3).into_iter().map(|s| s.operators).collect()
         };
         assert_eq!(ops(&back), ops(&p));
-        assert_eq!(back.join.as_ref().unwrap().schema, j.schema);
+        assert_eq!(window_join(&back).unwrap().schema, j.schema);
         for bad in [
             "SELECT * FROM events e JOIN clicks c ON e.ad_id = c.ad_id",
             "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
              JOIN TUMBLE(clicks, ts, INTERVAL '5' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
             "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
              JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c ON e.ad_id = c.ad_id",
-            "SELECT count(*) FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
-             JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
             "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
              LEFT JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
         ] {
             assert!(matches!(plan(bad), Err(PlanError::Unsupported { .. })), "{bad}");
         }
+    }
+
+    #[test]
+    fn aggregates_compose_over_windowed_aggregates_and_window_joins() {
+        use crate::graph::{StageId, StageInput};
+        // Max over per-window counts (Nexmark q5's inner part): the second
+        // aggregation groups by the first's window column, so it is windowed
+        // too; three stages, two shuffles.
+        let p = continuous(
+            "SELECT starttime, max(num) AS maxn FROM ( \
+               SELECT events.ad_id, count(*) AS num, window_start AS starttime \
+               FROM HOP(events, ts, INTERVAL '2' SECOND, INTERVAL '10' SECOND) \
+               GROUP BY events.ad_id, window_start) AS counts \
+             GROUP BY starttime",
+        );
+        assert_eq!(p.emit, EmitMode::OnWindowClose);
+        assert_eq!((p.graph.stages.len(), p.graph.shuffles()), (3, 2));
+        assert!(matches!(&p.graph.stages[2].input, StageInput::Shuffle(i) if i == &[StageId(1)]));
+        let w = final_agg(&p)
+            .unwrap()
+            .window
+            .expect("windowed by starttime");
+        assert_eq!((w.group_index, w.is_end, w.size_us), (0, false, 10_000_000));
+        // A count over a window join: an upsert over its closed windows.
+        let p = continuous(
+            "SELECT count(*) FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+             JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c \
+             ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
+        );
+        assert_eq!(p.emit, EmitMode::Upsert);
+        assert_eq!((p.graph.stages.len(), p.graph.shuffles()), (4, 3));
+        // Stages are numbered sources first: the runtime reads inputs so.
+        assert_eq!(p.graph.sources().count(), 2);
+        assert!(p.graph.stages[..2]
+            .iter()
+            .all(|s| matches!(s.input, StageInput::Source(_))));
+        // An aggregation over a non-windowed aggregation needs retractions.
+        let err =
+            plan("SELECT max(n) FROM (SELECT kind, count(*) AS n FROM events GROUP BY kind) AS k")
+                .unwrap_err();
+        assert!(matches!(err, PlanError::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("AggregateFinalExec"), "{err}");
     }
 
     #[test]
@@ -1186,7 +1408,7 @@ mod tests {
         assert_eq!(reduce[0], "ShuffleReadExec");
         assert_eq!(reduce[1], "AggregateFinalExec");
         assert_eq!(*reduce.last().unwrap(), "SinkExec");
-        let agg = p.aggregate.as_ref().unwrap();
+        let agg = final_agg(&p).unwrap();
         assert_eq!(agg.window.unwrap().group_index, 1);
         assert_eq!(agg.window.unwrap().size_us, 10_000_000);
     }
@@ -1199,7 +1421,7 @@ mod tests {
         assert_eq!(p.emit, EmitMode::Upsert);
         assert_eq!(p.upsert_keys, Some(vec![0]));
         // count(DISTINCT) stays a single aggregate (no two-level rewrite).
-        assert_eq!(p.aggregate.as_ref().unwrap().aggregates.len(), 2);
+        assert_eq!(final_agg(&p).unwrap().aggregates.len(), 2);
         let p = continuous("SELECT count(*) FROM events GROUP BY kind");
         assert_eq!(p.upsert_keys, None, "the key is not selected");
     }

@@ -1,17 +1,10 @@
-//! The streaming plan: what a continuous query computes, as a pipeline of
-//! per-batch kernels around one optional stateful aggregation.
-//!
-//! ```text
-//!  source ─▶ [WindowAssignExec] ─▶ map ops (FilterExec, ProjectionExec, LookupJoinExec)
-//!         ─▶ [AggregatePartialExec ─▶ shuffle by group key ─▶ AggregateFinalExec]
-//!         ─▶ post ops (HAVING, projection) ─▶ sink
-//! ```
-//!
-//! Everything before the shuffle runs in the map stage (one `MapTask` per
-//! source partition and micro-batch); the final aggregation and the post ops
-//! run in the reduce stage (one `ReduceTask` per reduce partition and
-//! micro-batch). Expressions are DataFusion `PhysicalExpr`s, evaluated over
-//! Arrow batches; state and event time are Drizzle's own.
+//! The streaming plan: a continuous query's [`StageGraph`] and how its
+//! results leave it (emit mode, `LIMIT`, upsert keys), and the operator
+//! specifications the graph's stages hold: stateless kernels ([`BatchOp`]),
+//! aggregations split into partial and final halves ([`AggregatePlan`]),
+//! window joins ([`WindowJoinPlan`]). Expressions are DataFusion
+//! `PhysicalExpr`s, evaluated over Arrow batches; state and event time are
+//! Drizzle's own.
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,7 +15,7 @@ use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::PhysicalExpr;
 
 use crate::catalog::StreamDef;
-use crate::providers::WindowSpec;
+use crate::graph::StageGraph;
 
 /// A stateless kernel applied to every batch.
 #[derive(Debug, Clone)]
@@ -70,26 +63,12 @@ pub struct LookupJoinSpec {
     pub display: String,
 }
 
-/// A stream input of a plan: its source, window assignment and stateless
-/// map kernels (the second input of a window join).
-#[derive(Debug, Clone)]
-pub struct StreamInput {
-    /// The stream read.
-    pub stream: StreamDef,
-    /// Window assignment applied to the source rows.
-    pub window: Option<WindowSpec>,
-    /// Stateless kernels of this input's map stage.
-    pub map_ops: Vec<BatchOp>,
-}
-
 /// A window join of two streams: both inputs are shuffled by the join key
 /// into the reduce stage, which keeps each open window's rows of both sides
 /// and joins them once the watermark (the minimum over both inputs) passes
 /// the window's end.
 #[derive(Debug, Clone)]
 pub struct WindowJoinPlan {
-    /// The right input (the left one is the plan's own stream).
-    pub right: StreamInput,
     /// Equi-join keys over the left input's map output (window bound excluded).
     pub left_keys: Vec<Arc<dyn PhysicalExpr>>,
     /// Equi-join keys over the right input's map output.
@@ -104,6 +83,8 @@ pub struct WindowJoinPlan {
     pub size_us: i64,
     /// Extra (non-equi) condition over the joined schema.
     pub filter: Option<Arc<dyn PhysicalExpr>>,
+    /// The right input's schema (its keys are over it).
+    pub right_input: SchemaRef,
     /// The joined schema: left columns then right columns.
     pub schema: SchemaRef,
     /// The ON clause as SQL, for EXPLAIN.
@@ -161,21 +142,11 @@ impl fmt::Display for EmitMode {
     }
 }
 
-/// A planned continuous query.
+/// A planned continuous query: its stage graph and how results leave it.
 #[derive(Debug, Clone)]
 pub struct StreamingPlan {
-    /// The stream read.
-    pub stream: StreamDef,
-    /// Window assignment applied to the source rows.
-    pub window: Option<WindowSpec>,
-    /// Stateless kernels of the map stage.
-    pub map_ops: Vec<BatchOp>,
-    /// The stateful aggregation, if any.
-    pub aggregate: Option<AggregatePlan>,
-    /// A window join with a second stream, if any (never with `aggregate`).
-    pub join: Option<WindowJoinPlan>,
-    /// Kernels after the aggregation (HAVING, projection).
-    pub post_ops: Vec<BatchOp>,
+    /// The stages and the shuffles between them.
+    pub graph: StageGraph,
     /// `LIMIT n`: the query ends after n rows.
     pub limit: Option<usize>,
     /// Schema of the rows delivered.
@@ -188,22 +159,25 @@ pub struct StreamingPlan {
 }
 
 impl StreamingPlan {
-    /// True when the plan has a shuffle (an aggregation or a window join).
-    pub fn has_shuffle(&self) -> bool {
-        self.aggregate.is_some() || self.join.is_some()
+    /// The plan's stage graph.
+    pub fn graph(&self) -> StageGraph {
+        self.graph.clone()
     }
 
-    /// The stream inputs: the plan's own stream, then a window join's right one.
-    pub fn inputs(&self) -> Vec<StreamInput> {
-        let mut v = vec![StreamInput {
-            stream: self.stream.clone(),
-            window: self.window.clone(),
-            map_ops: self.map_ops.clone(),
-        }];
-        if let Some(j) = &self.join {
-            v.push(j.right.clone());
-        }
-        v
+    /// True when the plan has a shuffle.
+    pub fn has_shuffle(&self) -> bool {
+        self.graph.shuffles() > 0
+    }
+
+    /// The streams read, one per source stage in stage order.
+    pub fn streams(&self) -> Vec<&StreamDef> {
+        self.graph
+            .sources()
+            .filter_map(|s| match &s.input {
+                crate::graph::StageInput::Source(stream) => Some(stream),
+                crate::graph::StageInput::Shuffle(_) => None,
+            })
+            .collect()
     }
 
     /// The stages of the plan as EXPLAIN shows them (from [`Self::graph`]).

@@ -524,11 +524,10 @@ impl Engine {
         label: String,
     ) -> Result<QueryHandle, PgError> {
         let inputs = plan
-            .inputs()
-            .iter()
-            .map(|input| {
-                let (sources, start_offsets) =
-                    self.open_sources(&input.stream, settings.start_latest)?;
+            .streams()
+            .into_iter()
+            .map(|stream| {
+                let (sources, start_offsets) = self.open_sources(stream, settings.start_latest)?;
                 Ok(InputSpec {
                     sources,
                     start_offsets,
@@ -641,8 +640,8 @@ impl Engine {
                     ));
                 }
                 let mut offsets = Vec::new();
-                for input in plan.inputs() {
-                    offsets.push(self.open_sources(&input.stream, settings.start_latest)?.1);
+                for stream in plan.streams() {
+                    offsets.push(self.open_sources(stream, settings.start_latest)?.1);
                 }
                 let more_start_offsets = offsets.split_off(1.min(offsets.len()));
                 let offsets = offsets.pop().unwrap_or_default();
@@ -1390,9 +1389,9 @@ impl Engine {
         // starts over (its log is replayed, not its checkpoints).
         let stable = def.origin_unix_us.is_some();
         let mut inputs = Vec::new();
-        for (i, input) in plan.inputs().iter().enumerate() {
-            let log = self.catalog.stream_log(&input.stream.name);
-            let sources = open_source(&input.stream, log.as_ref())?;
+        for (i, stream) in plan.streams().into_iter().enumerate() {
+            let log = self.catalog.stream_log(&stream.name);
+            let sources = open_source(stream, log.as_ref())?;
             let mut offsets = match i {
                 0 => def.start_offsets.clone(),
                 i => def

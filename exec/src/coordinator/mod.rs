@@ -204,7 +204,7 @@ impl std::fmt::Display for Recovery {
 pub struct QuerySpec {
     /// The plan.
     pub plan: StreamingPlan,
-    /// The stream inputs, in the plan's order ([`StreamingPlan::inputs`]).
+    /// The stream inputs, in the plan's order ([`StreamingPlan::streams`]: the source stages in order).
     pub inputs: Vec<InputSpec>,
     /// The micro-batch interval.
     pub batch_interval: Duration,

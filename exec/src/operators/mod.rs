@@ -398,18 +398,6 @@ mod tests {
                 .collect::<Vec<_>>(),
         ));
         let plan = WindowJoinPlan {
-            right: drizzle_planner::StreamInput {
-                stream: drizzle_planner::StreamDef {
-                    name: "r".into(),
-                    columns: vec![],
-                    watermark: None,
-                    options: Default::default(),
-                    partitions: 1,
-                    created_at_ms: 0,
-                },
-                window: None,
-                map_ops: vec![],
-            },
             left_keys: vec![Arc::new(Column::new("a", 0))],
             right_keys: vec![Arc::new(Column::new("b", 0))],
             left_window: 1,
@@ -417,6 +405,7 @@ mod tests {
             window_is_end: false,
             size_us: 10,
             filter: None,
+            right_input: Arc::clone(&rs),
             schema: joined,
             display: String::new(),
         };
