@@ -171,6 +171,112 @@ fn bsp_mode_launches_every_batch_and_reduces_from_the_coordinator() {
     });
 }
 
+/// A view over a three-stage plan: per-window counts per key (stage 1), then
+/// the largest count per window (stage 2).
+fn three_stage_setup() -> String {
+    format!(
+        "{}; SET batch_interval = '20ms'; SET group_size = 10; \
+         CREATE MATERIALIZED VIEW busiest AS SELECT starttime, max(num) AS maxn FROM ( \
+           SELECT k, count(*) AS num, window_start AS starttime \
+           FROM TUMBLE(clicks, ts, INTERVAL '100' MILLISECOND) GROUP BY k, window_start \
+         ) AS counts GROUP BY starttime",
+        datagen("clicks", 3000, 3, 9)
+    )
+}
+
+/// Rows of the `busiest` view (each window's largest count).
+async fn busiest(client: &tokio_postgres::Client) -> anyhow::Result<Vec<u64>> {
+    let rows = client.simple_query("SELECT maxn FROM busiest").await?;
+    Ok(rows
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .collect())
+}
+
+#[test]
+fn a_three_stage_plan_runs_on_notices_alone_one_launch_per_worker_per_group() {
+    on_cluster(3, &[], |client| async move {
+        client.batch_execute(&three_stage_setup()).await?;
+        let (groups, launches) = eventually(Duration::from_secs(60), || async {
+            let rows = show(&client, "SHOW QUERIES").await?;
+            let r = &rows[0];
+            let (g, l) = (num(r, "groups"), num(r, "launches"));
+            Ok((num(r, "batches") >= 60 && l == 3 * g).then_some((g, l)))
+        })
+        .await?;
+        assert!(groups >= 6, "{groups} groups, {launches} launches");
+        let workers = eventually(Duration::from_secs(20), || async {
+            let rows = show(&client, "SHOW WORKERS").await?;
+            Ok((rows.len() == 3
+                && rows.iter().all(|w| {
+                    num(w, "reduce_tasks") > 40
+                        && num(w, "launches_received") == num(w, "launches_sent")
+                }))
+            .then_some(rows))
+        })
+        .await?;
+        for w in &workers {
+            // Both shuffle stages' tasks started from their inputs' notices:
+            // no coordinator message inside a group, whatever the depth.
+            assert_eq!(num(w, "reduces_started_by_coordinator"), 0, "{w:?}");
+            assert_eq!(num(w, "coordinator_messages_in_group"), 0, "{w:?}");
+            assert_eq!(num(w, "out_of_order_reduces"), 0, "{w:?}");
+            assert!(
+                num(w, "notices_received") >= num(w, "reduce_tasks"),
+                "{w:?}"
+            );
+            // One launch covers a whole group of every stage's tasks.
+            assert!(
+                num(w, "map_tasks") + num(w, "reduce_tasks")
+                    >= 10 * (num(w, "launches_received") - 2),
+                "{w:?}"
+            );
+        }
+        // Closed windows arrive: ten keys cycle, so a window's busiest key
+        // has at least one row.
+        let maxima = eventually(Duration::from_secs(30), || async {
+            let m = busiest(&client).await?;
+            Ok((m.len() >= 3).then_some(m))
+        })
+        .await?;
+        assert!(maxima.iter().all(|&n| n >= 1), "{maxima:?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn bsp_puts_a_coordinator_barrier_at_every_shuffle_of_a_three_stage_plan() {
+    on_cluster(3, &["--scheduling", "bsp"], |client| async move {
+        client.batch_execute(&three_stage_setup()).await?;
+        let workers = eventually(Duration::from_secs(60), || async {
+            let rows = show(&client, "SHOW WORKERS").await?;
+            Ok(
+                (rows.len() == 3 && rows.iter().all(|w| num(w, "reduce_tasks") > 20))
+                    .then_some(rows),
+            )
+        })
+        .await?;
+        for w in &workers {
+            // Every task of both shuffle stages waited for the coordinator.
+            assert_eq!(num(w, "reduces_started_by_notices"), 0, "{w:?}");
+            assert!(
+                num(w, "reduces_started_by_coordinator") >= num(w, "reduce_tasks"),
+                "{w:?}"
+            );
+        }
+        let maxima = eventually(Duration::from_secs(30), || async {
+            let m = busiest(&client).await?;
+            Ok((m.len() >= 2).then_some(m))
+        })
+        .await?;
+        assert!(maxima.iter().all(|&n| n >= 1), "{maxima:?}");
+        Ok(())
+    });
+}
+
 #[test]
 fn a_window_join_reads_both_shuffled_inputs_before_each_reduce() {
     on_cluster(3, &[], |client| async move {

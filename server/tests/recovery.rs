@@ -50,7 +50,11 @@ const DDL: &str = "\
     CREATE MATERIALIZED VIEW joined AS SELECT x.window_start, x.k, x.v AS av, y.v AS bv \
         FROM TUMBLE(a, ts, INTERVAL '2' SECOND) x JOIN TUMBLE(b, ts, INTERVAL '2' SECOND) y \
         ON x.k = y.k AND x.window_start = y.window_start; \
-    CREATE MATERIALIZED VIEW totals AS SELECT k, count(*) AS n, sum(v) AS s FROM a GROUP BY k";
+    CREATE MATERIALIZED VIEW totals AS SELECT k, count(*) AS n, sum(v) AS s FROM a GROUP BY k; \
+    CREATE MATERIALIZED VIEW busiest AS SELECT ws, max(n) AS top, sum(s) AS s FROM ( \
+        SELECT window_start AS ws, k, count(*) AS n, sum(v) AS s \
+        FROM TUMBLE(a, ts, INTERVAL '2' SECOND) GROUP BY window_start, k) AS per_key \
+        GROUP BY ws";
 
 const WINDOWED: &str = "SELECT window_start, k, count(*) AS n, sum(v) AS s \
     FROM TUMBLE(a, ts, INTERVAL '2' SECOND) GROUP BY window_start, k";
@@ -383,7 +387,7 @@ async fn run(
                     // The views resumed from their checkpoints.
                     let q = eventually(Duration::from_secs(30), || async {
                         let q = show(&admin, "SHOW QUERIES").await?;
-                        Ok((q.len() == 3).then_some(q))
+                        Ok((q.len() == 4).then_some(q))
                     })
                     .await?;
                     for r in &q {
@@ -410,7 +414,7 @@ async fn run(
                     eprintln!("checkpoints repaired; lost-work recovery again");
                 }
                 Fault::Parallelism(n) => {
-                    for view in ["win", "joined", "totals"] {
+                    for view in ["win", "joined", "totals", "busiest"] {
                         admin
                             .batch_execute(&format!(
                                 "ALTER MATERIALIZED VIEW {view} SET parallelism = {n}"
@@ -436,10 +440,12 @@ async fn run(
         let t = contents(&oracle_admin, "totals").await?;
         let w = contents(&oracle_admin, "win").await?;
         let j = contents(&oracle_admin, "joined").await?;
-        Ok(
-            (t == totals && w.len() == window_rows && j.len() == expected_join_rows())
-                .then_some((w, j, t)),
-        )
+        let b = contents(&oracle_admin, "busiest").await?;
+        Ok((t == totals
+            && w.len() == window_rows
+            && j.len() == expected_join_rows()
+            && b.len() == window_rows / KEYS)
+            .then_some((w, j, t, b)))
     })
     .await?;
     eprintln!("oracle final; waiting for the cluster");
@@ -450,15 +456,18 @@ async fn run(
         let w = contents(&admin, "win").await?;
         let j = contents(&admin, "joined").await?;
         let t = contents(&admin, "totals").await?;
-        Ok(
-            (w.len() >= window_rows && t == totals && j.len() >= final_oracle.1.len())
-                .then_some((w, j, t)),
-        )
+        let b = contents(&admin, "busiest").await?;
+        Ok((w.len() >= window_rows
+            && t == totals
+            && j.len() >= final_oracle.1.len()
+            && b.len() >= final_oracle.3.len())
+        .then_some((w, j, t, b)))
     })
     .await?;
     assert_eq!(got.0, final_oracle.0, "windowed aggregate view differs");
     assert_eq!(got.1, final_oracle.1, "window join view differs");
     assert_eq!(got.2, final_oracle.2, "upsert aggregate view differs");
+    assert_eq!(got.3, final_oracle.3, "three-stage view differs");
     eprintln!("views equal; collecting continuous clients");
     // Continuous clients: exactly the oracle's rows, once each, in order.
     let mut outputs = Vec::new();
@@ -647,7 +656,7 @@ fn kill9_of_the_server_resumes_views_from_checkpoints() {
     // (SHOW QUERIES right after the restart) and that the running SELECT
     // and COPY got an error, not a silent end.
     let (_cluster, seen) = scenario(2, &[], vec![(20, Fault::RestartServer)], true);
-    assert_eq!(seen.queries.len(), 3);
+    assert_eq!(seen.queries.len(), 4);
 }
 
 #[test]

@@ -544,7 +544,8 @@ impl Scheduler {
                     chain: ChainState::default(),
                     last_batch: None,
                 };
-                if adopting {
+                // A reduce partition (all its stages) is adopted once.
+                if adopting && shuffle_stages.first() == Some(&stage) {
                     self.shared
                         .counters
                         .partitions_adopted
