@@ -75,6 +75,9 @@ enum OpWire {
 
 #[derive(Serialize, Deserialize)]
 struct JoinWire {
+    /// `inner`, `left_semi` or `left_anti`.
+    #[serde(default)]
+    join_type: String,
     left_input: Schema,
     right_input: Schema,
     left_keys: Vec<Vec<u8>>,
@@ -291,6 +294,12 @@ fn decode_aggregate(wire: AggregateWire, ctx: &TaskContext) -> Result<AggregateP
 
 fn encode_join(j: &WindowJoinPlan, left_input: SchemaRef) -> Result<JoinWire> {
     Ok(JoinWire {
+        join_type: match j.join_type {
+            JoinType::LeftSemi => "left_semi",
+            JoinType::LeftAnti => "left_anti",
+            _ => "inner",
+        }
+        .into(),
         left_input: left_input.as_ref().clone(),
         right_input: j.right_input.as_ref().clone(),
         left_keys: j.left_keys.iter().map(encode_expr).collect::<Result<_>>()?,
@@ -313,17 +322,28 @@ fn decode_join(w: JoinWire, ctx: &TaskContext) -> Result<WindowJoinPlan> {
     let keys = |k: &[Vec<u8>], schema: &Schema| -> Result<Vec<Arc<dyn PhysicalExpr>>> {
         k.iter().map(|e| decode_expr(e, ctx, schema)).collect()
     };
+    // The filter is over left then right columns.
+    let both = Schema::new(
+        w.left_input
+            .fields()
+            .iter()
+            .chain(w.right_input.fields())
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
     Ok(WindowJoinPlan {
+        join_type: match w.join_type.as_str() {
+            "left_semi" => JoinType::LeftSemi,
+            "left_anti" => JoinType::LeftAnti,
+            _ => JoinType::Inner,
+        },
         left_keys: keys(&w.left_keys, &w.left_input)?,
         right_keys: keys(&w.right_keys, &w.right_input)?,
         left_window: w.left_window,
         right_window: w.right_window,
         window_is_end: w.window_is_end,
         size_us: w.size_us,
-        filter: w
-            .filter
-            .map(|f| decode_expr(&f, ctx, &w.schema))
-            .transpose()?,
+        filter: w.filter.map(|f| decode_expr(&f, ctx, &both)).transpose()?,
         right_input: Arc::new(w.right_input),
         schema: Arc::new(w.schema),
         display: w.display,

@@ -283,7 +283,12 @@ fn describe_operator(op: &Operator) -> String {
             )
         }
         Operator::WindowJoin(j) => format!(
-            "WindowJoinExec: inner, on=[{}]{}, state=rows per open window, emitted when the watermark passes the window end",
+            "WindowJoinExec: {}, on=[{}]{}, state=rows per open window, emitted when the watermark passes the window end",
+            match j.join_type {
+                datafusion::logical_expr::JoinType::LeftSemi => "left semi",
+                datafusion::logical_expr::JoinType::LeftAnti => "left anti",
+                _ => "inner",
+            },
             j.display,
             j.filter
                 .as_ref()

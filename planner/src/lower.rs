@@ -131,8 +131,11 @@ impl ContextProvider for DrizzleContextProvider<'_> {
                 "wrong number of arguments: write {usage}"
             )));
         }
+        // The arguments are names; inside a correlated subquery DataFusion
+        // may have resolved one against the outer query first.
         let ident = |e: &Expr| match e {
             Expr::Column(c) => Ok(c.name.clone()),
+            Expr::OuterReferenceColumn(_, c) => Ok(c.name.clone()),
             other => Err(df_plan_err(format!(
                 "expected a name in {usage}, found {other}"
             ))),
@@ -526,10 +529,13 @@ fn lower_window_join(
 ) -> Result<Flow> {
     const HINT: &str = "a join of two streams is a window join: window both sides with the same \
         TUMBLE or HOP and join ON l.key = r.key AND l.window_start = r.window_start";
-    if j.join_type != JoinType::Inner {
+    if !matches!(
+        j.join_type,
+        JoinType::Inner | JoinType::LeftSemi | JoinType::LeftAnti
+    ) {
         return Err(PlanError::unsupported_hint(
             format!("a {} join of two streams", j.join_type),
-            "use an inner window join",
+            "use an inner window join, IN or EXISTS",
         ));
     }
     let left = lower_node(&j.left, stages)?;
@@ -580,10 +586,12 @@ fn lower_window_join(
             HINT,
         ));
     };
+    // The filter is over left then right columns, whatever the join keeps.
+    let both = j.left.schema().join(j.right.schema())?;
     let filter = j
         .filter
         .as_ref()
-        .map(|f| physical(f, &j.schema, props))
+        .map(|f| physical(f, &both, props))
         .transpose()?;
     let partition_by = |keys: &[Arc<dyn PhysicalExpr>], window: usize| {
         if keys.is_empty() {
@@ -610,11 +618,14 @@ fn lower_window_join(
         size_us: w.size_us,
         filter,
         right_input: Arc::new(j.right.schema().as_arrow().clone()),
+        join_type: j.join_type,
         schema: Arc::new(j.schema.as_arrow().clone()),
         display: display.join(", "),
     };
     let mut windows = left.windows.clone();
-    windows.extend(right.windows.iter().copied());
+    if j.join_type == JoinType::Inner {
+        windows.extend(right.windows.iter().copied());
+    }
     let l = stages.cut(left, partition_by(&left_keys, left_window));
     let r = stages.cut(right, partition_by(&right_keys, right_window));
     Ok(Flow {

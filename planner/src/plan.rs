@@ -85,7 +85,12 @@ pub struct WindowJoinPlan {
     pub filter: Option<Arc<dyn PhysicalExpr>>,
     /// The right input's schema (its keys are over it).
     pub right_input: SchemaRef,
-    /// The joined schema: left columns then right columns.
+    /// `Inner`, or `LeftSemi` / `LeftAnti` (`IN`, `EXISTS`, `NOT EXISTS`
+    /// subqueries): the left rows with a match, or without one.
+    pub join_type: JoinType,
+    /// The output schema: left columns then right columns for an inner
+    /// join, the left columns alone for a semi or anti join. `filter` is
+    /// always over left then right columns.
     pub schema: SchemaRef,
     /// The ON clause as SQL, for EXPLAIN.
     pub display: String,

@@ -406,6 +406,7 @@ mod tests {
             size_us: 10,
             filter: None,
             right_input: Arc::clone(&rs),
+            join_type: JoinType::Inner,
             schema: joined,
             display: String::new(),
         };

@@ -90,6 +90,18 @@ impl WindowJoinExec {
         right: &[RecordBatch],
     ) -> Result<RecordBatch> {
         let schema = &self.plan.schema;
+        if self.plan.join_type == JoinType::LeftAnti && right.is_empty() {
+            // Nothing to match: every left row.
+            let Some(l0) = left.first() else {
+                return Ok(RecordBatch::new_empty(Arc::clone(schema)));
+            };
+            let rows = arrow::compute::concat_batches(&l0.schema(), left)?;
+            return Ok(RecordBatch::try_new_with_options(
+                Arc::clone(schema),
+                rows.columns().to_vec(),
+                &RecordBatchOptions::new().with_row_count(Some(rows.num_rows())),
+            )?);
+        }
         let (Some(l0), Some(r0)) = (left.first(), right.first()) else {
             return Ok(RecordBatch::new_empty(Arc::clone(schema)));
         };
@@ -126,7 +138,19 @@ impl WindowJoinExec {
         }
         let li = UInt32Array::from(li);
         let ri = UInt32Array::from(ri);
-        let mut columns = Vec::with_capacity(schema.fields().len());
+        // The pairs, left columns then right ones, filtered.
+        let pairs_schema = match self.plan.join_type {
+            JoinType::Inner => Arc::clone(schema),
+            _ => Arc::new(arrow::datatypes::Schema::new(
+                left.schema()
+                    .fields()
+                    .iter()
+                    .chain(right.schema().fields())
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )),
+        };
+        let mut columns = Vec::with_capacity(pairs_schema.fields().len());
         for c in left.columns() {
             columns.push(take(c, &li, None)?);
         }
@@ -134,14 +158,36 @@ impl WindowJoinExec {
             columns.push(take(c, &ri, None)?);
         }
         let joined = RecordBatch::try_new_with_options(
-            Arc::clone(schema),
+            pairs_schema,
             columns,
             &RecordBatchOptions::new().with_row_count(Some(li.len())),
         )?;
-        match &self.plan.filter {
+        let (joined, li) = match &self.plan.filter {
             Some(f) if joined.num_rows() > 0 => {
                 let mask = as_mask(&eval(f, &joined)?)?;
-                Ok(filter_record_batch(&joined, &mask)?)
+                let li = arrow::compute::filter(&li, &mask)?;
+                (filter_record_batch(&joined, &mask)?, li)
+            }
+            _ => (joined, Arc::new(li) as ArrayRef),
+        };
+        match self.plan.join_type {
+            JoinType::LeftSemi | JoinType::LeftAnti => {
+                // The left rows with a match (semi) or without (anti), each
+                // once, in their order.
+                let mut matched = vec![false; left.num_rows()];
+                let li = li.as_primitive::<arrow::datatypes::UInt32Type>();
+                for i in li.values().iter() {
+                    matched[*i as usize] = true;
+                }
+                let keep = self.plan.join_type == JoinType::LeftSemi;
+                let mask =
+                    BooleanArray::from(matched.iter().map(|m| *m == keep).collect::<Vec<_>>());
+                let rows = filter_record_batch(&left, &mask)?;
+                Ok(RecordBatch::try_new_with_options(
+                    Arc::clone(schema),
+                    rows.columns().to_vec(),
+                    &RecordBatchOptions::new().with_row_count(Some(rows.num_rows())),
+                )?)
             }
             _ => Ok(joined),
         }
