@@ -403,6 +403,7 @@ enum OperatorWire {
     AggregatePartial(AggregateWire),
     AggregateFinal(AggregateWire),
     WindowJoin(Box<JoinWire>),
+    Union,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -474,6 +475,7 @@ pub fn encode_graph(graph: &StageGraph) -> Result<Vec<u8>> {
                     schema = Arc::clone(&agg.output_schema);
                     OperatorWire::AggregateFinal(encode_aggregate(agg, over)?)
                 }
+                Operator::Union => OperatorWire::Union,
                 Operator::WindowJoin(j) => {
                     let wire = encode_join(j, Arc::clone(&schema))?;
                     schema = Arc::clone(&j.schema);
@@ -541,6 +543,7 @@ pub fn decode_graph(bytes: &[u8], ctx: &TaskContext) -> Result<StageGraph> {
                 OperatorWire::WindowJoin(j) => {
                     Operator::WindowJoin(Arc::new(decode_join(*j, ctx)?))
                 }
+                OperatorWire::Union => Operator::Union,
             });
         }
         let output = match s.output {

@@ -88,6 +88,8 @@ pub enum Operator {
     /// A window join of the stage's two shuffle inputs (state: each open
     /// window's rows of both sides).
     WindowJoin(Arc<WindowJoinPlan>),
+    /// `UNION ALL` of the stage's shuffle inputs (no state).
+    Union,
 }
 
 /// A chain of operators run by one task per partition and micro-batch.
@@ -282,6 +284,7 @@ fn describe_operator(op: &Operator) -> String {
                 }
             )
         }
+        Operator::Union => "UnionExec: all rows of every input".to_string(),
         Operator::WindowJoin(j) => format!(
             "WindowJoinExec: {}, on=[{}]{}, state=rows per open window, emitted when the watermark passes the window end",
             match j.join_type {

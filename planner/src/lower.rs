@@ -1038,7 +1038,52 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
             "window functions (OVER) on a stream",
             "use TUMBLE or HOP with GROUP BY window_start",
         )),
-        LogicalPlan::Union(_) => Err(PlanError::unsupported("UNION of streams")),
+        LogicalPlan::Union(u) => {
+            // UNION ALL: each input is cut into its own stage and shuffled
+            // (by all its columns, to spread the rows) into a union stage.
+            let mut flows = Vec::with_capacity(u.inputs.len());
+            for input in &u.inputs {
+                if !reads_stream(input) {
+                    return Err(PlanError::unsupported_hint(
+                        "UNION ALL of a stream with a table",
+                        "every input of a continuous UNION ALL reads a stream",
+                    ));
+                }
+                let flow = lower_node(input, stages)?;
+                if flow.upsert || flow.closes_windows {
+                    return Err(PlanError::unsupported(
+                        "UNION ALL of aggregated or joined streams",
+                    ));
+                }
+                flows.push((flow, input.schema().as_arrow().clone()));
+            }
+            let windows = match flows.first() {
+                Some((first, _)) if flows.iter().all(|(f, _)| f.windows == first.windows) => {
+                    first.windows.clone()
+                }
+                _ => Vec::new(),
+            };
+            let mut inputs = Vec::with_capacity(flows.len());
+            for (flow, schema) in flows {
+                let keys = schema
+                    .fields()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| {
+                        Arc::new(datafusion::physical_expr::expressions::Column::new(f.name(), i))
+                            as Arc<dyn PhysicalExpr>
+                    })
+                    .collect();
+                inputs.push(stages.cut(flow, keys));
+            }
+            Ok(Flow {
+                input: StageInput::Shuffle(inputs),
+                operators: vec![Operator::Union],
+                windows,
+                upsert: false,
+                closes_windows: false,
+            })
+        }
         LogicalPlan::Distinct(_) => Err(PlanError::unsupported("DISTINCT ON a stream")),
         other => Err(PlanError::unsupported(format!(
             "{} in a continuous query",

@@ -36,7 +36,9 @@ pub fn steps(stage: &Stage) -> Vec<Step> {
                 _ => out.push(Step::Kernels(vec![k.clone()])),
             },
             Operator::AggregatePartial(agg) => out.push(Step::Partial(Arc::clone(agg))),
-            Operator::AggregateFinal(_) | Operator::WindowJoin(_) => out.push(Step::Stateful),
+            Operator::AggregateFinal(_) | Operator::WindowJoin(_) | Operator::Union => {
+                out.push(Step::Stateful)
+            }
         }
     }
     out

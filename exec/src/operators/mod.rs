@@ -187,7 +187,47 @@ pub fn stateful_operator(op: &Operator) -> Option<Box<dyn StatefulOperator>> {
             Some(Box::new(AggregateFinalExec::new(plan.as_ref().clone())))
         }
         Operator::WindowJoin(plan) => Some(Box::new(WindowJoinExec::new(plan.as_ref().clone()))),
+        Operator::Union => Some(Box::new(UnionExec)),
         Operator::WindowAssign(_) | Operator::Kernel(_) | Operator::AggregatePartial(_) => None,
+    }
+}
+
+/// `UNION ALL` of a stage's shuffle inputs: every row of every input, as
+/// they come. It holds no state, so checkpoints skip it.
+pub struct UnionExec;
+
+impl StatefulOperator for UnionExec {
+    fn name(&self) -> &'static str {
+        "UnionExec"
+    }
+
+    fn process(
+        &mut self,
+        _batch: u64,
+        inputs: &[Vec<RecordBatch>],
+        _watermark_us: Option<i64>,
+    ) -> Result<OperatorOutput> {
+        Ok(OperatorOutput {
+            chunks: inputs
+                .iter()
+                .flatten()
+                .filter(|b| b.num_rows() > 0)
+                .map(|b| (None, b.clone()))
+                .collect(),
+            late: 0,
+        })
+    }
+
+    fn state_size(&self) -> StateSize {
+        StateSize::default()
+    }
+
+    fn snapshot(&mut self, _delta_base: Option<u64>) -> Result<OperatorSnapshot> {
+        Ok(OperatorSnapshot::default())
+    }
+
+    fn restore(&mut self, _layers: Vec<OperatorSnapshot>, _batch: u64) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -374,7 +374,11 @@ impl Scheduler {
             return Ok(());
         };
         let group = group_of(&wq.group_starts, b);
-        if wq.group_ends.get(&group) == Some(&(b, true)) {
+        let keeps_state = wq
+            .graph
+            .stage(GraphStage(stage))
+            .is_some_and(|s| s.is_stateful());
+        if keeps_state && wq.group_ends.get(&group) == Some(&(b, true)) {
             // A checkpoint: snapshot on this thread, write asynchronously.
             let base = wq.delta_bases.get(&group).copied().flatten();
             let bytes = snapshot_reduce(state, base)?;
