@@ -509,6 +509,22 @@ impl Stages {
     }
 }
 
+/// The first `n` columns of `schema` as expressions (a shuffle's keys).
+fn leading_columns(schema: &Schema, n: usize) -> Vec<Arc<dyn PhysicalExpr>> {
+    schema
+        .fields()
+        .iter()
+        .take(n)
+        .enumerate()
+        .map(|(i, f)| {
+            Arc::new(datafusion::physical_expr::expressions::Column::new(
+                f.name(),
+                i,
+            )) as Arc<dyn PhysicalExpr>
+        })
+        .collect()
+}
+
 /// The input column a plain column reference (possibly aliased) reads.
 fn column_index(e: &Expr, schema: &DFSchema) -> Option<usize> {
     match e {
@@ -1009,14 +1025,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 .push(Operator::AggregatePartial(Arc::clone(&agg)));
             // The partial rows start with the group columns: they are the
             // shuffle's keys.
-            let keys = agg.partial_schema.fields()[..agg.group_exprs.len()]
-                .iter()
-                .enumerate()
-                .map(|(i, f)| {
-                    Arc::new(datafusion::physical_expr::expressions::Column::new(f.name(), i))
-                        as Arc<dyn PhysicalExpr>
-                })
-                .collect();
+            let keys = leading_columns(&agg.partial_schema, agg.group_exprs.len());
             let mut windows = group_windows;
             windows.extend(std::iter::repeat_n(None, agg.aggregates.len()));
             let windowed = agg.window.is_some();
@@ -1065,15 +1074,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
             };
             let mut inputs = Vec::with_capacity(flows.len());
             for (flow, schema) in flows {
-                let keys = schema
-                    .fields()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, f)| {
-                        Arc::new(datafusion::physical_expr::expressions::Column::new(f.name(), i))
-                            as Arc<dyn PhysicalExpr>
-                    })
-                    .collect();
+                let keys = leading_columns(&schema, schema.fields().len());
                 inputs.push(stages.cut(flow, keys));
             }
             Ok(Flow {
