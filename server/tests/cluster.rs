@@ -196,54 +196,90 @@ async fn busiest(client: &tokio_postgres::Client) -> anyhow::Result<Vec<u64>> {
         .collect())
 }
 
+/// Drizzle's invariants on a deep plan: one launch per worker per group, no
+/// coordinator message inside a group, every shuffle-stage task started by
+/// its inputs' notices; then `view` fills with closed windows (each count
+/// at least 1).
+async fn runs_on_notices_alone(
+    client: &tokio_postgres::Client,
+    setup: &str,
+    view: &str,
+) -> anyhow::Result<()> {
+    client.batch_execute(setup).await?;
+    let (groups, launches) = eventually(Duration::from_secs(60), || async {
+        let rows = show(client, "SHOW QUERIES").await?;
+        let r = &rows[0];
+        let (g, l) = (num(r, "groups"), num(r, "launches"));
+        Ok((num(r, "batches") >= 60 && l == 3 * g).then_some((g, l)))
+    })
+    .await?;
+    assert!(groups >= 6, "{groups} groups, {launches} launches");
+    let workers = eventually(Duration::from_secs(20), || async {
+        let rows = show(client, "SHOW WORKERS").await?;
+        Ok((rows.len() == 3
+            && rows.iter().all(|w| {
+                num(w, "reduce_tasks") > 40
+                    && num(w, "launches_received") == num(w, "launches_sent")
+            }))
+        .then_some(rows))
+    })
+    .await?;
+    for w in &workers {
+        // Every shuffle stage's tasks started from their inputs' notices:
+        // no coordinator message inside a group, whatever the depth.
+        assert_eq!(num(w, "reduces_started_by_coordinator"), 0, "{w:?}");
+        assert_eq!(num(w, "coordinator_messages_in_group"), 0, "{w:?}");
+        assert_eq!(num(w, "out_of_order_reduces"), 0, "{w:?}");
+        assert!(
+            num(w, "notices_received") >= num(w, "reduce_tasks"),
+            "{w:?}"
+        );
+        // One launch covers a whole group of every stage's tasks.
+        assert!(
+            num(w, "map_tasks") + num(w, "reduce_tasks") >= 10 * (num(w, "launches_received") - 2),
+            "{w:?}"
+        );
+    }
+    let counts = eventually(Duration::from_secs(30), || async {
+        let rows = client
+            .simple_query(&format!("SELECT * FROM {view}"))
+            .await?;
+        let counts: Vec<u64> = rows
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(1).and_then(|v| v.parse().ok()),
+                _ => None,
+            })
+            .collect();
+        Ok((counts.len() >= 3).then_some(counts))
+    })
+    .await?;
+    assert!(counts.iter().all(|&n| n >= 1), "{counts:?}");
+    Ok(())
+}
+
 #[test]
 fn a_three_stage_plan_runs_on_notices_alone_one_launch_per_worker_per_group() {
     on_cluster(3, &[], |client| async move {
-        client.batch_execute(&three_stage_setup()).await?;
-        let (groups, launches) = eventually(Duration::from_secs(60), || async {
-            let rows = show(&client, "SHOW QUERIES").await?;
-            let r = &rows[0];
-            let (g, l) = (num(r, "groups"), num(r, "launches"));
-            Ok((num(r, "batches") >= 60 && l == 3 * g).then_some((g, l)))
-        })
-        .await?;
-        assert!(groups >= 6, "{groups} groups, {launches} launches");
-        let workers = eventually(Duration::from_secs(20), || async {
-            let rows = show(&client, "SHOW WORKERS").await?;
-            Ok((rows.len() == 3
-                && rows.iter().all(|w| {
-                    num(w, "reduce_tasks") > 40
-                        && num(w, "launches_received") == num(w, "launches_sent")
-                }))
-            .then_some(rows))
-        })
-        .await?;
-        for w in &workers {
-            // Both shuffle stages' tasks started from their inputs' notices:
-            // no coordinator message inside a group, whatever the depth.
-            assert_eq!(num(w, "reduces_started_by_coordinator"), 0, "{w:?}");
-            assert_eq!(num(w, "coordinator_messages_in_group"), 0, "{w:?}");
-            assert_eq!(num(w, "out_of_order_reduces"), 0, "{w:?}");
-            assert!(
-                num(w, "notices_received") >= num(w, "reduce_tasks"),
-                "{w:?}"
-            );
-            // One launch covers a whole group of every stage's tasks.
-            assert!(
-                num(w, "map_tasks") + num(w, "reduce_tasks")
-                    >= 10 * (num(w, "launches_received") - 2),
-                "{w:?}"
-            );
-        }
-        // Closed windows arrive: ten keys cycle, so a window's busiest key
-        // has at least one row.
-        let maxima = eventually(Duration::from_secs(30), || async {
-            let m = busiest(&client).await?;
-            Ok((m.len() >= 3).then_some(m))
-        })
-        .await?;
-        assert!(maxima.iter().all(|&n| n >= 1), "{maxima:?}");
-        Ok(())
+        runs_on_notices_alone(&client, &three_stage_setup(), "busiest").await
+    });
+}
+
+/// Four stages: two sources, a window join, and a windowed count over it.
+#[test]
+fn a_four_stage_plan_runs_on_notices_alone_one_launch_per_worker_per_group() {
+    on_cluster(3, &[], |client| async move {
+        let setup = format!(
+            "{}; {}; SET batch_interval = '20ms'; SET group_size = 10; \
+             CREATE MATERIALIZED VIEW pairs_per_window AS \
+               SELECT a.window_start, count(*) AS n \
+               FROM TUMBLE(a, ts, INTERVAL '100' MILLISECOND) a \
+               JOIN TUMBLE(b, ts, INTERVAL '100' MILLISECOND) b \
+               ON a.k = b.k AND a.window_start = b.window_start GROUP BY a.window_start",
+            datagen("a", 900, 3, 29),
+            datagen("b", 600, 2, 29)
+        );
+        runs_on_notices_alone(&client, &setup, "pairs_per_window").await
     });
 }
 
