@@ -20,6 +20,16 @@ impl Owners {
         self.reduces.get(r as usize).copied()
     }
 
+    /// The owner of partition `p` of stage `stage`: a source stage's
+    /// (`stage` < the number of sources) map partition, else a reduce
+    /// partition (every shuffle stage's partition `p` is on one worker).
+    pub(super) fn task(&self, stage: u32, p: u32) -> Option<u32> {
+        match self.maps.get(stage as usize) {
+            Some(maps) => maps.get(p as usize).copied(),
+            None => self.reduce(p),
+        }
+    }
+
     /// The owner of final-stage task `p`: a reduce partition, or a map
     /// partition of a plan without a shuffle.
     pub(super) fn final_task(&self, p: u32) -> Option<u32> {

@@ -120,6 +120,12 @@ impl CoordinatorService {
         if req.attempt != q.status.attempt.load(Ordering::Acquire) {
             return Ok(Response::new(pb::Ack {}));
         }
+        if !q.stateful_stages().contains(&req.stage) {
+            return Err(Status::invalid_argument(format!(
+                "stage {} of query {} keeps no state",
+                req.stage, req.query
+            )));
+        }
         if caller.map(|(id, _)| id.0) != q.owners.lock().reduce(req.partition) {
             return Err(Status::permission_denied(
                 "only the worker that owns a reduce partition saves its state",
@@ -244,8 +250,13 @@ impl CoordinatorService {
                     self.state.on_output(worker, output)
                 }
                 pb::worker_event::Event::MapDone(notice) => {
+                    // BSP's barrier counts a task's output only from the
+                    // worker that owns it (whatever the notice claims).
                     if let Ok(q) = self.state.query(notice.query) {
-                        let _ = q.map_done.send(notice);
+                        let owner = q.owners.lock().task(notice.stage, notice.map);
+                        if notice.worker == sender && owner == Some(sender) {
+                            let _ = q.map_done.send(notice);
+                        }
                     }
                 }
                 pb::worker_event::Event::FetchFailed(f) => {
