@@ -107,20 +107,8 @@ fn drizzle_mode_one_launch_per_worker_per_group_and_reduces_start_from_notices()
         })
         .await?;
         for w in &workers {
-            assert_eq!(num(w, "reduces_started_by_coordinator"), 0, "{w:?}");
-            assert_eq!(num(w, "coordinator_messages_in_group"), 0, "{w:?}");
-            assert_eq!(num(w, "out_of_order_reduces"), 0, "{w:?}");
+            assert_started_by_notices(w);
             assert!(num(w, "reduces_started_by_notices") > 20, "{w:?}");
-            assert!(
-                num(w, "notices_received") >= num(w, "reduce_tasks"),
-                "{w:?}"
-            );
-            // A launch covers a whole group: many tasks per message.
-            assert!(
-                num(w, "map_tasks") + num(w, "reduce_tasks")
-                    >= 10 * (num(w, "launches_received") - 2),
-                "{w:?}"
-            );
         }
         assert!(
             workers.iter().any(|w| num(w, "blocks_fetched_remote") > 0),
@@ -196,6 +184,24 @@ async fn busiest(client: &tokio_postgres::Client) -> anyhow::Result<Vec<u64>> {
         .collect())
 }
 
+/// A worker's counters in Drizzle mode (groups of 10): every shuffle
+/// stage's tasks started from their inputs' notices, with no coordinator
+/// message inside a group whatever the plan's depth, in batch order; one
+/// launch covers a whole group of every stage's tasks.
+fn assert_started_by_notices(w: &HashMap<String, String>) {
+    assert_eq!(num(w, "reduces_started_by_coordinator"), 0, "{w:?}");
+    assert_eq!(num(w, "coordinator_messages_in_group"), 0, "{w:?}");
+    assert_eq!(num(w, "out_of_order_reduces"), 0, "{w:?}");
+    assert!(
+        num(w, "notices_received") >= num(w, "reduce_tasks"),
+        "{w:?}"
+    );
+    assert!(
+        num(w, "map_tasks") + num(w, "reduce_tasks") >= 10 * (num(w, "launches_received") - 2),
+        "{w:?}"
+    );
+}
+
 /// Drizzle's invariants on a deep plan: one launch per worker per group, no
 /// coordinator message inside a group, every shuffle-stage task started by
 /// its inputs' notices; then `view` fills with closed windows (each count
@@ -225,20 +231,7 @@ async fn runs_on_notices_alone(
     })
     .await?;
     for w in &workers {
-        // Every shuffle stage's tasks started from their inputs' notices:
-        // no coordinator message inside a group, whatever the depth.
-        assert_eq!(num(w, "reduces_started_by_coordinator"), 0, "{w:?}");
-        assert_eq!(num(w, "coordinator_messages_in_group"), 0, "{w:?}");
-        assert_eq!(num(w, "out_of_order_reduces"), 0, "{w:?}");
-        assert!(
-            num(w, "notices_received") >= num(w, "reduce_tasks"),
-            "{w:?}"
-        );
-        // One launch covers a whole group of every stage's tasks.
-        assert!(
-            num(w, "map_tasks") + num(w, "reduce_tasks") >= 10 * (num(w, "launches_received") - 2),
-            "{w:?}"
-        );
+        assert_started_by_notices(w);
     }
     let counts = eventually(Duration::from_secs(30), || async {
         let rows = client
