@@ -553,6 +553,8 @@ struct WorkerQuery {
     map_owners: Vec<u32>,
     /// Worker id owning each reduce partition (of every shuffle stage).
     reduce_owners: Vec<u32>,
+    /// Both, per stage (`owners_by_stage`): what notices are checked against.
+    owners: Vec<Vec<u32>>,
     /// Map outputs are kept until a checkpoint covers them.
     retain: bool,
     /// Notices of this worker's retained map outputs, by (batch, stage, map):

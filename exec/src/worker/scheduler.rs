@@ -79,11 +79,12 @@ impl WorkerQuery {
     /// worker that owns its map partition (a lost worker's late notices, and
     /// a fenced incarnation's, are not).
     pub(super) fn accepts(&self, notice: &pb::MapOutputReady) -> bool {
-        accepts_notice(notice, self.generation, &self.owners())
+        accepts_notice(notice, self.generation, &self.owners)
     }
 
-    /// Worker ids owning each stage's partitions (empty: any owner).
-    pub(super) fn owners(&self) -> Vec<Vec<u32>> {
+    /// Worker ids owning each stage's partitions (empty: any owner), from
+    /// the launch's owners (kept in `owners`, read for every notice).
+    pub(super) fn owners_from_launch(&self) -> Vec<Vec<u32>> {
         let kinds: Vec<u8> = self
             .graph
             .stages
@@ -400,6 +401,7 @@ impl Scheduler {
                     generation,
                     map_owners: Vec::new(),
                     reduce_owners: Vec::new(),
+                    owners: Vec::new(),
                     retain: false,
                     produced: BTreeMap::new(),
                     rows_in: 0,
@@ -425,6 +427,7 @@ impl Scheduler {
         if !req.reduce_owners.is_empty() {
             wq.reduce_owners = req.reduce_owners.clone();
         }
+        wq.owners = wq.owners_from_launch();
         if !req.reduce_placement.is_empty() {
             wq.reduce_placement = req.reduce_placement.clone();
         }
@@ -444,7 +447,7 @@ impl Scheduler {
             wq.group_starts.clear();
             wq.group_ends.clear();
             wq.delta_bases.clear();
-            let (generation, owners) = (wq.generation, wq.owners());
+            let (generation, owners) = (wq.generation, wq.owners.clone());
             let reduces = &wq.reduces;
             wq.pending_reduces.retain(|(b, stage, r), p| {
                 p.notices.retain(|n| accepts_notice(n, generation, &owners));
