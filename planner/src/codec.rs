@@ -34,7 +34,8 @@ use crate::catalog::StreamDef;
 use crate::error::{PlanError, Result};
 use crate::graph::{Operator, Partitioning, Stage, StageGraph, StageId, StageInput, StageOutput};
 use crate::plan::{
-    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup, WindowJoinPlan,
+    AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec,
+    StreamingPlan, WindowGroup, WindowJoinPlan,
 };
 use crate::providers::{WindowProvider, WindowSpec};
 
@@ -70,6 +71,8 @@ enum OpWire {
         filter: Option<Vec<u8>>,
         schema: Schema,
         display: String,
+        #[serde(default)]
+        relations: Vec<String>,
     },
 }
 
@@ -86,6 +89,23 @@ struct JoinWire {
     right_window: usize,
     window_is_end: bool,
     size_us: i64,
+    filter: Option<Vec<u8>>,
+    schema: Schema,
+    display: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IntervalJoinWire {
+    left_input: Schema,
+    right_input: Schema,
+    left_keys: Vec<Vec<u8>>,
+    right_keys: Vec<Vec<u8>>,
+    left_time: usize,
+    right_time: usize,
+    lower_us: i64,
+    upper_us: i64,
+    left_lag_us: i64,
+    right_lag_us: i64,
     filter: Option<Vec<u8>>,
     schema: Schema,
     display: String,
@@ -169,6 +189,7 @@ fn encode_ops(ops: &[BatchOp], mut input: SchemaRef) -> Result<(Vec<OpWire>, Sch
                     filter: spec.filter.as_ref().map(encode_expr).transpose()?,
                     schema: spec.schema.as_ref().clone(),
                     display: spec.display.clone(),
+                    relations: spec.relations.clone(),
                 },
                 Arc::clone(&spec.schema),
             ),
@@ -208,10 +229,12 @@ fn decode_ops(ops: Vec<OpWire>, ctx: &TaskContext) -> Result<Vec<BatchOp>> {
                     filter,
                     schema,
                     display,
+                    relations,
                 } => {
                     let df_schema = DFSchema::try_from(table_schema.clone())?;
                     BatchOp::LookupJoin(Arc::new(LookupJoinSpec {
                         id,
+                        relations,
                         table_plan: LogicalPlan::EmptyRelation(EmptyRelation {
                             produce_one_row: false,
                             schema: Arc::new(df_schema),
@@ -318,19 +341,29 @@ fn encode_join(j: &WindowJoinPlan, left_input: SchemaRef) -> Result<JoinWire> {
     })
 }
 
-fn decode_join(w: JoinWire, ctx: &TaskContext) -> Result<WindowJoinPlan> {
-    let keys = |k: &[Vec<u8>], schema: &Schema| -> Result<Vec<Arc<dyn PhysicalExpr>>> {
-        k.iter().map(|e| decode_expr(e, ctx, schema)).collect()
-    };
-    // The filter is over left then right columns.
-    let both = Schema::new(
-        w.left_input
-            .fields()
+/// Key expressions decoded over `schema`.
+fn decode_keys(
+    keys: &[Vec<u8>],
+    ctx: &TaskContext,
+    schema: &Schema,
+) -> Result<Vec<Arc<dyn PhysicalExpr>>> {
+    keys.iter().map(|e| decode_expr(e, ctx, schema)).collect()
+}
+
+/// Left columns then right columns: what a join's filter is over.
+fn both_sides(left: &Schema, right: &Schema) -> Schema {
+    Schema::new(
+        left.fields()
             .iter()
-            .chain(w.right_input.fields())
+            .chain(right.fields())
             .cloned()
             .collect::<Vec<_>>(),
-    );
+    )
+}
+
+fn decode_join(w: JoinWire, ctx: &TaskContext) -> Result<WindowJoinPlan> {
+    let keys = |k: &[Vec<u8>], schema: &Schema| decode_keys(k, ctx, schema);
+    let both = both_sides(&w.left_input, &w.right_input);
     Ok(WindowJoinPlan {
         join_type: match w.join_type.as_str() {
             "left_semi" => JoinType::LeftSemi,
@@ -343,6 +376,51 @@ fn decode_join(w: JoinWire, ctx: &TaskContext) -> Result<WindowJoinPlan> {
         right_window: w.right_window,
         window_is_end: w.window_is_end,
         size_us: w.size_us,
+        filter: w.filter.map(|f| decode_expr(&f, ctx, &both)).transpose()?,
+        right_input: Arc::new(w.right_input),
+        schema: Arc::new(w.schema),
+        display: w.display,
+    })
+}
+
+fn encode_interval_join(j: &IntervalJoinPlan, left_input: SchemaRef) -> Result<IntervalJoinWire> {
+    let exprs = |k: &[Arc<dyn PhysicalExpr>]| k.iter().map(encode_expr).collect::<Result<_>>();
+    Ok(IntervalJoinWire {
+        left_input: left_input.as_ref().clone(),
+        right_input: j.right_input.as_ref().clone(),
+        left_keys: exprs(&j.left_keys)?,
+        right_keys: exprs(&j.right_keys)?,
+        left_time: j.left_time,
+        right_time: j.right_time,
+        lower_us: j.lower_us,
+        upper_us: j.upper_us,
+        left_lag_us: j.left_lag_us,
+        right_lag_us: j.right_lag_us,
+        filter: j.filter.as_ref().map(encode_expr).transpose()?,
+        schema: j.schema.as_ref().clone(),
+        display: j.display.clone(),
+    })
+}
+
+fn decode_interval_join(w: IntervalJoinWire, ctx: &TaskContext) -> Result<IntervalJoinPlan> {
+    let keys = |k: &[Vec<u8>], schema: &Schema| decode_keys(k, ctx, schema);
+    let both = both_sides(&w.left_input, &w.right_input);
+    let width = |s: &Schema, i: usize| {
+        if i < s.fields().len() {
+            Ok(i)
+        } else {
+            Err(codec_err("an interval join's time column is out of range"))
+        }
+    };
+    Ok(IntervalJoinPlan {
+        left_keys: keys(&w.left_keys, &w.left_input)?,
+        right_keys: keys(&w.right_keys, &w.right_input)?,
+        left_time: width(&w.left_input, w.left_time)?,
+        right_time: width(&w.right_input, w.right_time)?,
+        lower_us: w.lower_us,
+        upper_us: w.upper_us,
+        left_lag_us: w.left_lag_us,
+        right_lag_us: w.right_lag_us,
         filter: w.filter.map(|f| decode_expr(&f, ctx, &both)).transpose()?,
         right_input: Arc::new(w.right_input),
         schema: Arc::new(w.schema),
@@ -404,6 +482,8 @@ enum OperatorWire {
     AggregateFinal(AggregateWire),
     WindowJoin(Box<JoinWire>),
     Union,
+    EventTime(EventTimeSpec),
+    IntervalJoin(Box<IntervalJoinWire>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -476,6 +556,12 @@ pub fn encode_graph(graph: &StageGraph) -> Result<Vec<u8>> {
                     OperatorWire::AggregateFinal(encode_aggregate(agg, over)?)
                 }
                 Operator::Union => OperatorWire::Union,
+                Operator::EventTime(e) => OperatorWire::EventTime(e.clone()),
+                Operator::IntervalJoin(j) => {
+                    let wire = encode_interval_join(j, Arc::clone(&schema))?;
+                    schema = Arc::clone(&j.schema);
+                    OperatorWire::IntervalJoin(Box::new(wire))
+                }
                 Operator::WindowJoin(j) => {
                     let wire = encode_join(j, Arc::clone(&schema))?;
                     schema = Arc::clone(&j.schema);
@@ -544,6 +630,10 @@ pub fn decode_graph(bytes: &[u8], ctx: &TaskContext) -> Result<StageGraph> {
                     Operator::WindowJoin(Arc::new(decode_join(*j, ctx)?))
                 }
                 OperatorWire::Union => Operator::Union,
+                OperatorWire::EventTime(e) => Operator::EventTime(e),
+                OperatorWire::IntervalJoin(j) => {
+                    Operator::IntervalJoin(Arc::new(decode_interval_join(*j, ctx)?))
+                }
             });
         }
         let output = match s.output {

@@ -26,7 +26,9 @@ use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::PhysicalExpr;
 
 use crate::catalog::StreamDef;
-use crate::plan::{AggregatePlan, BatchOp, EmitMode, WindowJoinPlan};
+use crate::plan::{
+    AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, WindowJoinPlan,
+};
 use crate::providers::{WindowKind, WindowSpec};
 
 /// A stage's number within its graph (its index in [`StageGraph::stages`]).
@@ -79,6 +81,10 @@ pub enum Operator {
     /// `TUMBLE`/`HOP` window assignment, late rows dropped against the
     /// watermark (state: the largest event time seen).
     WindowAssign(WindowSpec),
+    /// Event time on a stream read without a window (an interval join's
+    /// input): watermark tracking, late rows dropped (state: the largest
+    /// event time seen).
+    EventTime(EventTimeSpec),
     /// A stateless kernel (filter, projection, lookup join).
     Kernel(BatchOp),
     /// The map-side half of an aggregation (no state across batches).
@@ -88,6 +94,9 @@ pub enum Operator {
     /// A window join of the stage's two shuffle inputs (state: each open
     /// window's rows of both sides).
     WindowJoin(Arc<WindowJoinPlan>),
+    /// An interval join of the stage's two shuffle inputs (state: the rows
+    /// of both sides a future row can still match).
+    IntervalJoin(Arc<IntervalJoinPlan>),
     /// `UNION ALL` of the stage's shuffle inputs (no state).
     Union,
 }
@@ -118,9 +127,12 @@ impl Stage {
     /// True when an operator keeps state across micro-batches that a
     /// checkpoint must save (window assignment's watermark aside).
     pub fn is_stateful(&self) -> bool {
-        self.operators
-            .iter()
-            .any(|o| matches!(o, Operator::AggregateFinal(_) | Operator::WindowJoin(_)))
+        self.operators.iter().any(|o| {
+            matches!(
+                o,
+                Operator::AggregateFinal(_) | Operator::WindowJoin(_) | Operator::IntervalJoin(_)
+            )
+        })
     }
 }
 
@@ -255,6 +267,10 @@ fn describe_operator(op: &Operator) -> String {
                 w.time_column_name, w.time_column_name, w.watermark_delay_ms
             )
         }
+        Operator::EventTime(e) => format!(
+            "EventTimeExec: watermark={} - {}ms, late rows dropped",
+            e.time_column_name, e.watermark_delay_ms
+        ),
         Operator::Kernel(BatchOp::Filter { predicate }) => format!("FilterExec: {predicate}"),
         Operator::Kernel(BatchOp::Project { exprs, schema }) => format!(
             "ProjectionExec: [{}]",
@@ -285,6 +301,10 @@ fn describe_operator(op: &Operator) -> String {
             )
         }
         Operator::Union => "UnionExec: all rows of every input".to_string(),
+        Operator::IntervalJoin(j) => format!(
+            "IntervalJoinExec: inner, on=[{}], state=rows of both sides until the watermark passes their interval, emitted when both rows are there",
+            j.display
+        ),
         Operator::WindowJoin(j) => format!(
             "WindowJoinExec: {}, on=[{}]{}, state=rows per open window, emitted when the watermark passes the window end",
             match j.join_type {

@@ -45,7 +45,8 @@ pub use lower::{
     plan_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation, RelationResolver,
 };
 pub use plan::{
-    AggregatePlan, BatchOp, EmitMode, LookupJoinSpec, StreamingPlan, WindowGroup, WindowJoinPlan,
+    AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec,
+    StreamingPlan, WindowGroup, WindowJoinPlan,
 };
 pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
 pub use statement::{

@@ -419,6 +419,21 @@ struct Flow {
     /// The rows come out when windows close (a windowed aggregate or a
     /// window join upstream).
     closes_windows: bool,
+    /// Per output column: the stream's event-time (watermark) column, if it
+    /// is that. Only within a source stage (reset at every cut): an
+    /// interval join may add event-time tracking to that stage.
+    event_time: Vec<Option<EventCol>>,
+}
+
+/// A stream's event-time column as a flow carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EventCol {
+    /// Its index in the stream's schema.
+    stream_column: usize,
+    /// Rows still to come have it at least the watermark minus this (µs),
+    /// when the stage already tracks the watermark (a window assigner);
+    /// `None` when nothing tracks it yet.
+    lag_us: Option<i64>,
 }
 
 impl Flow {
@@ -525,6 +540,15 @@ fn leading_columns(schema: &Schema, n: usize) -> Vec<Arc<dyn PhysicalExpr>> {
         .collect()
 }
 
+/// Per-column facts (window bounds, event time) after a projection whose
+/// output column i reads input column `sources[i]` as is (`None`: computed).
+fn carried<T: Copy>(facts: &[Option<T>], sources: &[Option<usize>]) -> Vec<Option<T>> {
+    sources
+        .iter()
+        .map(|s| s.and_then(|i| facts.get(i).copied().flatten()))
+        .collect()
+}
+
 /// The input column a plain column reference (possibly aliased) reads.
 fn column_index(e: &Expr, schema: &DFSchema) -> Option<usize> {
     match e {
@@ -543,8 +567,9 @@ fn lower_window_join(
     stages: &mut Stages,
     props: &datafusion::execution::context::ExecutionProps,
 ) -> Result<Flow> {
-    const HINT: &str = "a join of two streams is a window join: window both sides with the same \
-        TUMBLE or HOP and join ON l.key = r.key AND l.window_start = r.window_start";
+    const HINT: &str = "join two streams by window (window both sides with the same TUMBLE or HOP \
+        and join ON l.key = r.key AND l.window_start = r.window_start) or by interval \
+        (ON l.key = r.key AND l.ts BETWEEN r.ts - INTERVAL '10' SECOND AND r.ts)";
     if !matches!(
         j.join_type,
         JoinType::Inner | JoinType::LeftSemi | JoinType::LeftAnti
@@ -591,6 +616,19 @@ fn lower_window_join(
         }
     }
     let Some((left_window, right_window, w)) = bound else {
+        if j.join_type == JoinType::Inner {
+            if let Some(interval) = interval_bounds(j, &left, &right)? {
+                return lower_interval_join(
+                    j,
+                    (left, right),
+                    (left_keys, right_keys),
+                    interval,
+                    display,
+                    stages,
+                    props,
+                );
+            }
+        }
         let windowed =
             left.windows.iter().any(Option::is_some) && right.windows.iter().any(Option::is_some);
         return Err(PlanError::unsupported_hint(
@@ -650,6 +688,242 @@ fn lower_window_join(
         windows,
         upsert: false,
         closes_windows: true,
+        event_time: Vec::new(),
+    })
+}
+
+/// The time condition of an interval join, found in a join's filter.
+#[derive(Debug, Clone, Copy)]
+struct Interval {
+    /// The left and right time columns.
+    left: usize,
+    right: usize,
+    /// `left - right` lies in `[lower_us, upper_us]` in every match.
+    lower_us: i64,
+    upper_us: i64,
+}
+
+/// A fixed interval literal in microseconds (no months: their length varies).
+fn interval_us(e: &Expr) -> Option<i64> {
+    match e {
+        Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(v)), _) if v.months == 0 => (v.days
+            as i64)
+            .checked_mul(86_400_000_000)?
+            .checked_add(v.nanoseconds / 1000),
+        Expr::Literal(ScalarValue::IntervalDayTime(Some(v)), _) => (v.days as i64)
+            .checked_mul(86_400_000_000)?
+            .checked_add(v.milliseconds as i64 * 1000),
+        Expr::Cast(c) => interval_us(&c.expr),
+        _ => None,
+    }
+}
+
+/// `column`, `column + INTERVAL` or `column - INTERVAL`: the column and the
+/// offset in microseconds.
+fn time_term(e: &Expr) -> Option<(&datafusion::common::Column, i64)> {
+    use datafusion::logical_expr::{BinaryExpr, Operator as Op};
+    match e {
+        Expr::Column(c) => Some((c, 0)),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
+            Op::Plus => match (time_term(left), time_term(right)) {
+                (Some((c, o)), None) => Some((c, o.checked_add(interval_us(right)?)?)),
+                (None, Some((c, o))) => Some((c, o.checked_add(interval_us(left)?)?)),
+                _ => None,
+            },
+            Op::Minus => {
+                let (c, o) = time_term(left)?;
+                Some((c, o.checked_sub(interval_us(right)?)?))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Finds `l.t BETWEEN r.t - a AND r.t + b` (or the same as comparisons) in
+/// an inner join's filter, between two columns that carry event time on
+/// their sides. `None` when there is no bounded interval.
+fn interval_bounds(
+    j: &datafusion::logical_expr::logical_plan::Join,
+    left: &Flow,
+    right: &Flow,
+) -> Result<Option<Interval>> {
+    use datafusion::logical_expr::{BinaryExpr, Operator as Op};
+    let Some(filter) = &j.filter else {
+        return Ok(None);
+    };
+    // (lower, upper) of left - right per pair of time columns.
+    let mut found: std::collections::BTreeMap<(usize, usize), (Option<i64>, Option<i64>)> =
+        Default::default();
+    let mut bound = |a: &Expr, op: Op, b: &Expr| {
+        let (Some((ca, oa)), Some((cb, ob))) = (time_term(a), time_term(b)) else {
+            return;
+        };
+        let side = |c: &datafusion::common::Column| match (
+            j.left.schema().index_of_column(c).ok(),
+            j.right.schema().index_of_column(c).ok(),
+        ) {
+            (Some(i), None) => Some((true, i)),
+            (None, Some(i)) => Some((false, i)),
+            _ => None,
+        };
+        // As left - right `op` c.
+        let (l, r, op, c) = match (side(ca), side(cb)) {
+            // l + oa op r + ob  =>  l - r op ob - oa
+            (Some((true, l)), Some((false, r))) => (l, r, op, ob.checked_sub(oa)),
+            // r + oa op l + ob  =>  l - r op' oa - ob
+            (Some((false, r)), Some((true, l))) => {
+                let flipped = match op {
+                    Op::Gt => Op::Lt,
+                    Op::GtEq => Op::LtEq,
+                    Op::Lt => Op::Gt,
+                    Op::LtEq => Op::GtEq,
+                    other => other,
+                };
+                (l, r, flipped, oa.checked_sub(ob))
+            }
+            _ => return,
+        };
+        let Some(c) = c else { return };
+        let entry = found.entry((l, r)).or_default();
+        if matches!(op, Op::Gt | Op::GtEq | Op::Eq) {
+            entry.0 = Some(entry.0.map_or(c, |x: i64| x.max(c)));
+        }
+        if matches!(op, Op::Lt | Op::LtEq | Op::Eq) {
+            entry.1 = Some(entry.1.map_or(c, |x: i64| x.min(c)));
+        }
+    };
+    for conjunct in datafusion::logical_expr::utils::split_conjunction(filter) {
+        match conjunct {
+            Expr::BinaryExpr(BinaryExpr { left, op, right })
+                if matches!(op, Op::Gt | Op::GtEq | Op::Lt | Op::LtEq | Op::Eq) =>
+            {
+                bound(left, *op, right)
+            }
+            Expr::Between(b) if !b.negated => {
+                bound(&b.expr, Op::GtEq, &b.low);
+                bound(&b.expr, Op::LtEq, &b.high);
+            }
+            _ => {}
+        }
+    }
+    let timed = |flow: &Flow, i: usize| {
+        flow.windows.get(i).copied().flatten().is_some()
+            || flow.event_time.get(i).copied().flatten().is_some()
+    };
+    for ((l, r), bounds) in found {
+        if let (Some(lower_us), Some(upper_us)) = bounds {
+            if timed(left, l) && timed(right, r) {
+                return Ok(Some(Interval {
+                    left: l,
+                    right: r,
+                    lower_us,
+                    upper_us,
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// How far below the watermark a flow's rows still to come may have time
+/// column `i` (µs), adding event-time tracking to its source stage when
+/// nothing tracks the stream's watermark yet.
+fn time_lag(flow: &mut Flow, i: usize) -> Result<i64> {
+    if let Some(w) = flow.windows.get(i).copied().flatten() {
+        // Windows still to come end after the watermark.
+        return Ok(if w.is_end { 0 } else { w.size_us });
+    }
+    let Some(ec) = flow.event_time.get(i).copied().flatten() else {
+        return Err(PlanError::unsupported(
+            "an interval join on a column that is not event time",
+        ));
+    };
+    if let Some(lag) = ec.lag_us {
+        return Ok(lag);
+    }
+    let StageInput::Source(stream) = &flow.input else {
+        return Err(PlanError::unsupported(
+            "an interval join on event time read through a shuffle",
+        ));
+    };
+    let Some(wm) = &stream.watermark else {
+        return Err(PlanError::unsupported(
+            "an interval join on a stream without a watermark",
+        ));
+    };
+    let spec = crate::plan::EventTimeSpec {
+        time_column: ec.stream_column,
+        time_column_name: wm.column.clone(),
+        watermark_delay_ms: wm.delay_ms,
+    };
+    flow.operators.insert(0, Operator::EventTime(spec));
+    for c in flow.event_time.iter_mut().flatten() {
+        c.lag_us = Some(0);
+    }
+    Ok(0)
+}
+
+/// Join key expressions of one side.
+type Keys = Vec<Arc<dyn PhysicalExpr>>;
+
+/// An interval join of two streams: both sides shuffled by their equality
+/// keys into a stage running `IntervalJoinExec`.
+#[allow(clippy::too_many_arguments)]
+fn lower_interval_join(
+    j: &datafusion::logical_expr::logical_plan::Join,
+    (mut left, mut right): (Flow, Flow),
+    (left_keys, right_keys): (Keys, Keys),
+    interval: Interval,
+    mut display: Vec<String>,
+    stages: &mut Stages,
+    props: &datafusion::execution::context::ExecutionProps,
+) -> Result<Flow> {
+    if left_keys.is_empty() {
+        return Err(PlanError::unsupported_hint(
+            "an interval join without an equality condition",
+            "join ON l.key = r.key AND l.ts BETWEEN r.ts - INTERVAL ... AND r.ts + INTERVAL ...",
+        ));
+    }
+    let left_lag_us = time_lag(&mut left, interval.left)?;
+    let right_lag_us = time_lag(&mut right, interval.right)?;
+    let both = j.left.schema().join(j.right.schema())?;
+    let filter = j
+        .filter
+        .as_ref()
+        .map(|f| physical(f, &both, props))
+        .transpose()?;
+    let fmt_us = |us: i64| format!("{}ms", us / 1000);
+    display.push(format!(
+        "{} - {} in [{}, {}]",
+        j.left.schema().field(interval.left).name(),
+        j.right.schema().field(interval.right).name(),
+        fmt_us(interval.lower_us),
+        fmt_us(interval.upper_us)
+    ));
+    let plan = crate::plan::IntervalJoinPlan {
+        left_keys: left_keys.clone(),
+        right_keys: right_keys.clone(),
+        left_time: interval.left,
+        right_time: interval.right,
+        lower_us: interval.lower_us,
+        upper_us: interval.upper_us,
+        left_lag_us,
+        right_lag_us,
+        filter,
+        right_input: Arc::new(j.right.schema().as_arrow().clone()),
+        schema: Arc::new(j.schema.as_arrow().clone()),
+        display: display.join(", "),
+    };
+    let l = stages.cut(left, left_keys);
+    let r = stages.cut(right, right_keys);
+    Ok(Flow {
+        input: StageInput::Shuffle(vec![l, r]),
+        operators: vec![Operator::IntervalJoin(Arc::new(plan))],
+        windows: Vec::new(),
+        upsert: false,
+        closes_windows: false,
+        event_time: Vec::new(),
     })
 }
 
@@ -757,6 +1031,18 @@ fn strip_top_limit(plan: &LogicalPlan) -> Result<(LogicalPlan, Option<usize>)> {
     }
 }
 
+/// The relations (tables, views) a finite plan scans, by name.
+fn scanned_relations(plan: &LogicalPlan) -> Vec<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            names.insert(scan.table_name.table().to_string());
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    names.into_iter().collect()
+}
+
 /// Follows plain column references through the post-aggregate projections to
 /// find where each of the `k` group columns lands in the output.
 fn key_columns(k: usize, post_ops: &[BatchOp], output_width: usize) -> Option<Vec<usize>> {
@@ -811,12 +1097,25 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                     })
                 })
                 .collect();
+            let event_time: Vec<Option<EventCol>> = full_schema
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let wm = stream.watermark.as_ref()?;
+                    (i < stream.columns.len() && *f.name() == wm.column).then_some(EventCol {
+                        stream_column: i,
+                        lag_us: window.as_ref().map(|w| w.size_ms * 1000),
+                    })
+                })
+                .collect();
             let mut flow = Flow {
                 input: StageInput::Source(stream),
                 operators: window.into_iter().map(Operator::WindowAssign).collect(),
                 windows,
                 upsert: false,
                 closes_windows: false,
+                event_time,
             };
             if let Some(projection) = &scan.projection {
                 let identity = projection.len() == full_schema.fields().len()
@@ -831,10 +1130,10 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                             )) as Arc<dyn PhysicalExpr>
                         })
                         .collect();
-                    flow.windows = projection
-                        .iter()
-                        .map(|&i| flow.windows.get(i).copied().flatten())
-                        .collect();
+                    let sources: Vec<Option<usize>> =
+                        projection.iter().copied().map(Some).collect();
+                    flow.windows = carried(&flow.windows, &sources);
+                    flow.event_time = carried(&flow.event_time, &sources);
                     flow.push(BatchOp::Project {
                         exprs,
                         schema: Arc::new(scan.projected_schema.as_arrow().clone()),
@@ -850,14 +1149,13 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 .iter()
                 .map(|e| physical(e, p.input.schema(), &props))
                 .collect::<Result<Vec<_>>>()?;
-            flow.windows = p
+            let sources: Vec<Option<usize>> = p
                 .expr
                 .iter()
-                .map(|e| {
-                    column_index(e, p.input.schema())
-                        .and_then(|i| flow.windows.get(i).copied().flatten())
-                })
+                .map(|e| column_index(e, p.input.schema()))
                 .collect();
+            flow.windows = carried(&flow.windows, &sources);
+            flow.event_time = carried(&flow.event_time, &sources);
             flow.push(BatchOp::Project {
                 exprs,
                 schema: Arc::new(p.schema.as_arrow().clone()),
@@ -934,8 +1232,19 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 w.extend(flow.windows.iter().copied());
                 w
             };
+            flow.event_time = if stream_on_left {
+                let mut w = flow.event_time.clone();
+                w.resize(stream_side.schema().fields().len(), None);
+                w.extend(std::iter::repeat_n(None, table_width));
+                w
+            } else {
+                let mut w: Vec<Option<EventCol>> = vec![None; table_width];
+                w.extend(flow.event_time.iter().copied());
+                w
+            };
             flow.push(BatchOp::LookupJoin(Arc::new(LookupJoinSpec {
                 id: 0,
+                relations: scanned_relations(table_side),
                 table_plan: table_side.as_ref().clone(),
                 table_schema: Arc::new(table_side.schema().as_arrow().clone()),
                 stream_keys,
@@ -1036,6 +1345,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 windows: if windowed { windows } else { Vec::new() },
                 upsert: !windowed,
                 closes_windows: windowed,
+                event_time: Vec::new(),
             })
         }
         LogicalPlan::Sort(_) => Err(PlanError::unsupported_hint(
@@ -1059,9 +1369,11 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                     ));
                 }
                 let flow = lower_node(input, stages)?;
-                if flow.upsert || flow.closes_windows {
-                    return Err(PlanError::unsupported(
-                        "UNION ALL of aggregated or joined streams",
+                if flow.upsert {
+                    return Err(PlanError::unsupported_hint(
+                        "UNION ALL of a non-windowed aggregation (AggregateFinalExec's rows change; \
+                         changelogs come with updating queries)",
+                        "union windowed aggregates: GROUP BY window_start",
                     ));
                 }
                 flows.push((flow, input.schema().as_arrow().clone()));
@@ -1072,6 +1384,8 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 }
                 _ => Vec::new(),
             };
+            // Rows come out when windows close if every input's do.
+            let closes_windows = flows.iter().all(|(f, _)| f.closes_windows);
             let mut inputs = Vec::with_capacity(flows.len());
             for (flow, schema) in flows {
                 let keys = leading_columns(&schema, schema.fields().len());
@@ -1082,7 +1396,8 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 operators: vec![Operator::Union],
                 windows,
                 upsert: false,
-                closes_windows: false,
+                closes_windows,
+                event_time: Vec::new(),
             })
         }
         LogicalPlan::Distinct(_) => Err(PlanError::unsupported("DISTINCT ON a stream")),
@@ -1500,5 +1815,75 @@ mod tests {
             plan("SELECT * FROM ads"),
             Ok(PlannedQuery::Finite(_))
         ));
+    }
+
+    #[test]
+    fn interval_joins_track_event_time_and_bound_both_sides() {
+        // Nexmark q7's shape: a stream joined to a windowed maximum, within
+        // the window's bounds.
+        let p = continuous(
+            "SELECT B.ad_id, B.ts FROM events B JOIN (SELECT max(ad_id) AS top, window_end AS wend \
+             FROM TUMBLE(events, ts, INTERVAL '10' SECOND) GROUP BY window_end) B1 \
+             ON B.ad_id = B1.top WHERE B.ts BETWEEN B1.wend - INTERVAL '10' SECOND AND B1.wend",
+        );
+        assert_eq!(p.emit, EmitMode::Append);
+        let join = p
+            .graph
+            .stages
+            .iter()
+            .flat_map(|s| &s.operators)
+            .find_map(|op| match op {
+                Operator::IntervalJoin(j) => Some(Arc::clone(j)),
+                _ => None,
+            })
+            .expect("an interval join");
+        assert_eq!((join.lower_us, join.upper_us), (-10_000_000, 0));
+        assert_eq!((join.left_lag_us, join.right_lag_us), (0, 0));
+        // The raw read of the stream tracks its event time; the windowed
+        // read has its window assigner.
+        let firsts: Vec<&Operator> = p
+            .graph
+            .sources()
+            .filter_map(|s| s.operators.first())
+            .collect();
+        assert!(
+            firsts
+                .iter()
+                .any(|op| matches!(op, Operator::EventTime(e) if e.watermark_delay_ms == 1000)),
+            "{firsts:?}"
+        );
+        assert!(firsts
+            .iter()
+            .any(|op| matches!(op, Operator::WindowAssign(_))));
+        assert_eq!(
+            p.graph.stages.len(),
+            4,
+            "two reads, the aggregate, the join"
+        );
+        assert!(p.graph.stages[3].is_stateful());
+        // And it survives the wire.
+        let ctx = crate::new_session_context().task_ctx();
+        let back = crate::codec::decode_graph(&crate::codec::encode_graph(&p.graph).unwrap(), &ctx)
+            .unwrap();
+        assert_eq!(
+            back.explain(String::new(), 3),
+            p.graph.explain(String::new(), 3)
+        );
+        // Two raw streams, bounds as comparisons, sides swapped.
+        let p = continuous(
+            "SELECT c.ad_id FROM clicks c JOIN events e ON c.ad_id = e.ad_id \
+             WHERE c.ts >= e.ts AND c.ts - INTERVAL '5' SECOND <= e.ts",
+        );
+        let explain = p.explain(2).join("\n");
+        assert!(explain.contains("IntervalJoinExec"), "{explain}");
+        assert_eq!(explain.matches("EventTimeExec").count(), 2, "{explain}");
+        // Without an upper bound (or any bound, or keys) state would grow forever.
+        for sql in [
+            "SELECT c.ad_id FROM clicks c JOIN events e ON c.ad_id = e.ad_id AND c.ts >= e.ts",
+            "SELECT c.ad_id FROM clicks c JOIN events e ON c.ad_id = e.ad_id",
+            "SELECT c.ad_id FROM clicks c JOIN events e ON c.ts BETWEEN e.ts AND e.ts + INTERVAL '1' SECOND",
+        ] {
+            assert!(matches!(plan(sql), Err(PlanError::Unsupported { .. })), "{sql}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! results leave it (emit mode, `LIMIT`, upsert keys), and the operator
 //! specifications the graph's stages hold: stateless kernels ([`BatchOp`]),
 //! aggregations split into partial and final halves ([`AggregatePlan`]),
-//! window joins ([`WindowJoinPlan`]). Expressions are DataFusion
+//! window joins ([`WindowJoinPlan`]), interval joins ([`IntervalJoinPlan`]). Expressions are DataFusion
 //! `PhysicalExpr`s, evaluated over Arrow batches; state and event time are
 //! Drizzle's own.
 
@@ -45,6 +45,9 @@ pub struct LookupJoinSpec {
     pub id: u32,
     /// The finite side, re-evaluated when a table it reads changes.
     pub table_plan: LogicalPlan,
+    /// The tables and views the finite side reads: only their changes make
+    /// a task re-read it.
+    pub relations: Vec<String>,
     /// The finite side's schema.
     pub table_schema: SchemaRef,
     /// Key expressions over the stream side.
@@ -94,6 +97,55 @@ pub struct WindowJoinPlan {
     pub schema: SchemaRef,
     /// The ON clause as SQL, for EXPLAIN.
     pub display: String,
+}
+
+/// An interval join of two streams (`l.ts BETWEEN r.ts - INTERVAL ... AND
+/// r.ts + INTERVAL ...` with equality keys): both inputs are shuffled by the
+/// keys into the reduce stage, which keeps the rows of both sides that a
+/// future row of the other side can still match, emits each matching pair
+/// once as soon as both rows are there, and drops rows by watermark.
+#[derive(Debug, Clone)]
+pub struct IntervalJoinPlan {
+    /// Equi-join keys over the left input's map output.
+    pub left_keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// Equi-join keys over the right input's map output.
+    pub right_keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// The left time column.
+    pub left_time: usize,
+    /// The right time column.
+    pub right_time: usize,
+    /// `left_time - right_time >= lower_us` in every matching pair.
+    pub lower_us: i64,
+    /// `left_time - right_time <= upper_us` in every matching pair.
+    pub upper_us: i64,
+    /// Rows of the left input still to come have `left_time >= watermark -
+    /// left_lag_us` (0 for a stream's event time, the window size for a
+    /// window start).
+    pub left_lag_us: i64,
+    /// The same bound for the right input.
+    pub right_lag_us: i64,
+    /// The whole non-equi condition (the time bounds included) over left
+    /// then right columns.
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+    /// The right input's schema (its keys are over it).
+    pub right_input: SchemaRef,
+    /// The output schema: left columns then right columns.
+    pub schema: SchemaRef,
+    /// The ON clause and the time bounds as SQL, for EXPLAIN.
+    pub display: String,
+}
+
+/// Event time on a stream read without a window: the watermark is tracked
+/// as the window assigner does (largest event time seen minus the delay),
+/// and rows older than the watermark before them are dropped as late.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EventTimeSpec {
+    /// Index of the event-time column in the stream's schema.
+    pub time_column: usize,
+    /// Its name.
+    pub time_column_name: String,
+    /// The stream's watermark delay in milliseconds.
+    pub watermark_delay_ms: i64,
 }
 
 /// Which group column carries the window, so the reduce side can close it.

@@ -459,12 +459,41 @@ pub struct SchedConfig {
     pub group_size: u32,
     /// Measured seconds (after 2 s of warm-up).
     pub duration: Duration,
+    /// Stages of the query: 1 (map only), 2 (`GROUP BY` over a shuffle),
+    /// 3 or 4 (windowed aggregates over windowed aggregates, one more
+    /// shuffle each).
+    pub stages: u32,
 }
 
-/// The scheduling micro-benchmark of the Drizzle paper: a two-stage query
-/// (`GROUP BY` over a shuffle) on tiny input, micro-batches triggered back
-/// to back (10 µs interval), so the time per micro-batch is the cost of
-/// scheduling and coordinating it. Returns the report line.
+/// The query of `stages` stages run by [`run_sched`]: a chain of shuffles.
+pub fn sched_query(stages: u32) -> Result<&'static str, PgError> {
+    Ok(match stages {
+        1 => "SELECT k, ts FROM tiny WHERE k >= 0",
+        2 => "SELECT k, count(*) FROM tiny GROUP BY k",
+        3 => {
+            "SELECT ws, max(n) FROM (SELECT k, count(*) AS n, window_start AS ws \
+              FROM TUMBLE(tiny, ts, INTERVAL '1' SECOND) GROUP BY k, window_start) AS c GROUP BY ws"
+        }
+        4 => {
+            "SELECT ws, count(*) FROM (SELECT ws, k % 10 AS g, max(n) AS m \
+              FROM (SELECT k, count(*) AS n, window_start AS ws \
+              FROM TUMBLE(tiny, ts, INTERVAL '1' SECOND) GROUP BY k, window_start) AS c \
+              GROUP BY ws, k % 10) AS d GROUP BY ws"
+        }
+        other => {
+            return Err(PgError::new(
+                "22023",
+                format!("--stages {other}: the scheduling benchmark has plans of 1 to 4 stages"),
+            ))
+        }
+    })
+}
+
+/// The scheduling micro-benchmark of the Drizzle paper: a query of 1 to 4
+/// stages (a chain of shuffles, see [`sched_query`]) on tiny input,
+/// micro-batches triggered back to back (10 µs interval), so the time per
+/// micro-batch is the cost of scheduling and coordinating it. Returns the
+/// report line.
 pub async fn run_sched(cfg: SchedConfig) -> Result<String, PgError> {
     let dir = std::env::temp_dir().join(format!("drizzle-sched-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -486,14 +515,15 @@ pub async fn run_sched(cfg: SchedConfig) -> Result<String, PgError> {
     let workers = RemoteWorkers::start(cfg.workers, &engine.runtime.cluster_address, &dir)?;
     let mut settings = engine.default_settings();
     let setup = format!(
-        "CREATE STREAM tiny (k BIGINT) WITH (connector = 'datagen', rows_per_second = '1000', \
-           partitions = '{}', fields.k.kind = 'sequence', fields.k.min = '0', fields.k.max = '99')",
+        "CREATE STREAM tiny (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) WITH (connector = 'datagen', \
+           rows_per_second = '1000', partitions = '{}', fields.k.kind = 'sequence', fields.k.min = '0', \
+           fields.k.max = '99')",
         cfg.workers
     );
     for stmt in drizzle_planner::parse_statements(&setup)? {
         engine.execute(stmt, &mut settings, &[], "").await?;
     }
-    let query = "SELECT k, count(*) FROM tiny GROUP BY k";
+    let query = sched_query(cfg.stages)?;
     let stmt = drizzle_planner::parse_statements(query)?.remove(0);
     let Outcome::Stream(mut handle) = engine.execute(stmt, &mut settings, &[], query).await? else {
         return Err(PgError::internal("the query is not continuous"));
@@ -539,7 +569,8 @@ pub async fn run_sched(cfg: SchedConfig) -> Result<String, PgError> {
         _ => cfg.group_size,
     };
     Ok(format!(
-        "| {:>7} | {:>10} | {:>5} | {:>11.3} | {:>9.0} | {:>17.1} | {:>18.3} |",
+        "| {:>6} | {:>7} | {:>10} | {:>5} | {:>11.3} | {:>9.0} | {:>17.1} | {:>18.3} |",
+        cfg.stages,
         cfg.workers,
         cfg.scheduling.to_string(),
         group,
@@ -552,8 +583,8 @@ pub async fn run_sched(cfg: SchedConfig) -> Result<String, PgError> {
 
 /// The header matching [`run_sched`]'s line.
 pub fn sched_header() -> &'static str {
-    "| workers | scheduling | G     | ms / batch  | batches/s | coord. µs / batch | launches / batch   |\n\
-     |--------:|-----------:|------:|------------:|----------:|------------------:|-------------------:|"
+    "| stages | workers | scheduling | G     | ms / batch  | batches/s | coord. µs / batch | launches / batch   |\n\
+     |-------:|--------:|-----------:|------:|------------:|----------:|------------------:|-------------------:|"
 }
 
 /// One 100 ms sample of `drizzle bench adaptive`.

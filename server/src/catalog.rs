@@ -74,6 +74,10 @@ pub struct Catalog {
     inner: RwLock<State>,
     /// Changes whenever a table's or view's contents change (lookup joins re-read).
     pub data_version: Arc<AtomicU64>,
+    /// Per table or view name: changes whenever its contents change (a lookup
+    /// join re-reads only when a relation it reads changed). Kept across a
+    /// drop, so a re-created relation never repeats an earlier version.
+    relation_versions: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 #[derive(Default)]
@@ -119,6 +123,7 @@ impl Catalog {
             dir: dir.to_path_buf(),
             inner: RwLock::new(State::default()),
             data_version: Arc::new(AtomicU64::new(1)),
+            relation_versions: Default::default(),
         };
         if catalog.assign_missing_oids(&mut file)? {
             catalog.persist(&file)?;
@@ -362,7 +367,8 @@ impl Catalog {
             let _ = log.remove_files();
         }
         self.persist(&state.file)?;
-        self.data_version.fetch_add(1, Ordering::AcqRel);
+        drop(state);
+        self.bump_data_version(name);
         Ok(true)
     }
 
@@ -370,13 +376,31 @@ impl Catalog {
     /// files and checkpoints) and its store (the caller stops it).
     pub fn drop_view(&self, name: &str) -> Result<Option<DroppedView>, PgError> {
         let mut state = self.inner.write();
-        if state.file.views.remove(name).is_none() {
+        if !state.file.views.contains_key(name) {
             return Ok(None);
         }
+        // Another view reads this one (as a stream or as a lookup table).
+        if let Some(v) = state
+            .file
+            .views
+            .values()
+            .find(|v| v.name != name && mentions(&v.query, name))
+        {
+            return Err(PgError::new(
+                "2BP01",
+                format!(
+                    "cannot drop materialized view {name} because materialized view {} depends on it",
+                    v.name
+                ),
+            )
+            .with_hint("drop the materialized view that reads it first"));
+        }
+        state.file.views.remove(name);
         let oid = state.file.oids.remove(name);
         let store = state.views.remove(name);
         self.persist(&state.file)?;
-        self.data_version.fetch_add(1, Ordering::AcqRel);
+        drop(state);
+        self.bump_data_version(name);
         Ok(oid.map(|oid| DroppedView { oid, store }))
     }
 
@@ -528,9 +552,76 @@ impl Catalog {
         self.inner.read().file.views.values().cloned().collect()
     }
 
+    /// Every view, oldest first (a view over a view comes after the view it
+    /// reads, so a restart resumes them in this order).
+    pub fn views_oldest_first(&self) -> Vec<ViewDef> {
+        let state = self.inner.read();
+        let mut views: Vec<(Oid, ViewDef)> = state
+            .file
+            .views
+            .values()
+            .map(|v| {
+                (
+                    state.file.oids.get(&v.name).copied().unwrap_or(Oid::MAX),
+                    v.clone(),
+                )
+            })
+            .collect();
+        views.sort_by_key(|(oid, _)| *oid);
+        views.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// An append-only materialized view as a stream another view reads (a
+    /// view over a view): its output log, from its first row, one partition,
+    /// no watermark. `None` for an upsert view (its rows change) or another
+    /// kind of object.
+    pub fn view_as_stream(&self, name: &str) -> Option<StreamDef> {
+        let store = self.view_store(name)?;
+        if !store.is_append() {
+            return None;
+        }
+        let columns = store
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| drizzle_planner::ColumnDef {
+                name: f.name().clone(),
+                sql_type: crate::encode::sql_type_name(f.data_type()).to_string(),
+                data_type: f.data_type().clone(),
+                nullable: f.is_nullable(),
+            })
+            .collect();
+        Some(StreamDef {
+            name: name.to_string(),
+            columns,
+            watermark: None,
+            options: [("connector".to_string(), VIEW_CONNECTOR.to_string())].into(),
+            partitions: 1,
+            created_at_ms: 0,
+        })
+    }
+
     /// Marks table or view data as changed.
-    pub fn bump_data_version(&self) {
+    pub fn bump_data_version(&self, name: &str) {
+        let mut versions = self.relation_versions.lock();
+        match versions.get_mut(name) {
+            Some(v) => *v += 1,
+            None => {
+                versions.insert(name.to_string(), 1);
+            }
+        }
+        drop(versions);
         self.data_version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The version of the contents of the relations `names`: changes
+    /// whenever one of them changes.
+    pub fn relations_version(&self, names: &[String]) -> u64 {
+        let versions = self.relation_versions.lock();
+        names
+            .iter()
+            .map(|n| versions.get(n).copied().unwrap_or(0))
+            .fold(0u64, u64::wrapping_add)
     }
 }
 
@@ -584,6 +675,27 @@ fn max_oid_dir(folder: &Path) -> Result<Option<Oid>, PgError> {
 }
 
 /// Whether SQL text mentions an identifier (dependency check for DROP).
+/// The connector name of a view read as a stream (EXPLAIN shows it; no
+/// user stream can have it: `CREATE STREAM` refuses unknown connectors).
+pub const VIEW_CONNECTOR: &str = "view";
+
+/// Resolution for a materialized view over materialized views: append-only
+/// views are streams (their output logs), everything else as usual.
+pub struct ViewsAsStreams<'a, R: RelationResolver>(pub &'a Catalog, pub &'a R);
+
+impl<R: RelationResolver> RelationResolver for ViewsAsStreams<'_, R> {
+    fn resolve(&self, name: &str) -> Option<Relation> {
+        match self.0.view_as_stream(name) {
+            Some(def) => Some(Relation::Stream(def)),
+            None => self.1.resolve(name),
+        }
+    }
+
+    fn resolve_system(&self, schema: &str, name: &str) -> Option<Relation> {
+        self.1.resolve_system(schema, name)
+    }
+}
+
 fn mentions(sql: &str, name: &str) -> bool {
     sql.to_lowercase()
         .split(|c: char| !(c.is_alphanumeric() || c == '_'))

@@ -253,19 +253,31 @@ struct EngineTables {
 }
 
 impl TableEvaluator for EngineTables {
-    fn version(&self) -> u64 {
+    fn version(&self, spec: &drizzle_planner::LookupJoinSpec) -> u64 {
+        self.catalog.relations_version(&spec.relations)
+    }
+
+    fn any_version(&self) -> u64 {
         self.catalog.data_version.load(Ordering::Acquire)
     }
 
     fn evaluate(
         &self,
         spec: &drizzle_planner::LookupJoinSpec,
-    ) -> drizzle_exec::Result<Vec<RecordBatch>> {
+        held: Option<u64>,
+    ) -> drizzle_exec::Result<Option<(u64, Vec<RecordBatch>)>> {
+        // Read before the rows: a change in between makes the next batch
+        // read them again, never miss it.
+        let version = self.version(spec);
+        if held == Some(version) {
+            return Ok(None);
+        }
         let ctx = self.ctx.clone();
         let plan = spec.table_plan.clone();
-        Ok(self
+        let rows = self
             .handle
-            .block_on(async move { ctx.execute_logical_plan(plan).await?.collect().await })?)
+            .block_on(async move { ctx.execute_logical_plan(plan).await?.collect().await })?;
+        Ok(Some((version, rows)))
     }
 }
 
@@ -349,7 +361,7 @@ impl Engine {
             views: Mutex::new(BTreeMap::new()),
             sessions: Arc::new(crate::session::SessionRegistry::default()),
         });
-        for view in engine.catalog.views() {
+        for view in engine.catalog.views_oldest_first() {
             // A view that cannot resume is kept, marked failed (SHOW
             // MATERIALIZED VIEWS and SELECT say why): it never stops the
             // server from starting.
@@ -411,6 +423,46 @@ impl Engine {
     ) -> Result<PlannedQuery, PgError> {
         let resolver = self.resolver(settings);
         Ok(plan_query(&self.ctx.state(), &resolver, query, params)?)
+    }
+
+    /// Plans a materialized view's query. A query over materialized views
+    /// alone (no stream) reads its append-only views as streams: their
+    /// output logs, from the first row (a view over a view).
+    pub fn plan_view(
+        &self,
+        query: &Query,
+        params: &[ScalarValue],
+    ) -> Result<PlannedQuery, PgError> {
+        let settings = self.default_settings();
+        let resolver = self.resolver(&settings);
+        match plan_query(&self.ctx.state(), &resolver, query, params)? {
+            PlannedQuery::Finite(_) => {
+                let views = crate::catalog::ViewsAsStreams(self.catalog.as_ref(), &resolver);
+                Ok(plan_query(&self.ctx.state(), &views, query, params)?)
+            }
+            continuous => Ok(continuous),
+        }
+    }
+
+    /// The partitions of a query input: a stream's source, or the output
+    /// log of a view read as a stream.
+    fn input_sources(
+        &self,
+        stream: &StreamDef,
+    ) -> Result<Vec<drizzle_exec::sources::SourcePartition>, PgError> {
+        if stream.connector() == Some(crate::catalog::VIEW_CONNECTOR) {
+            let log = self
+                .catalog
+                .view_store(&stream.name)
+                .and_then(|v| v.output_log())
+                .ok_or_else(|| PgError::undefined_table(&stream.name))?;
+            return Ok(vec![drizzle_exec::sources::SourcePartition::View(
+                log,
+                stream.schema(),
+            )]);
+        }
+        let log = self.catalog.stream_log(&stream.name);
+        Ok(open_source(stream, log.as_ref())?)
     }
 
     fn resolver<'a>(&'a self, settings: &'a Settings) -> crate::system_catalog::SystemResolver<'a> {
@@ -553,8 +605,7 @@ impl Engine {
         stream: &StreamDef,
         latest: bool,
     ) -> Result<(Vec<drizzle_exec::sources::SourcePartition>, Vec<u64>), PgError> {
-        let log = self.catalog.stream_log(&stream.name);
-        let sources = open_source(stream, log.as_ref())?;
+        let sources = self.input_sources(stream)?;
         let now_us = now_ms() * 1000;
         let offsets = sources
             .iter()
@@ -625,13 +676,16 @@ impl Engine {
                     }
                     return Err(PgError::duplicate(&name));
                 }
-                let plan = match self.plan(&query, params)? {
+                let plan = match self.plan_view(&query, params)? {
                     PlannedQuery::Continuous(p) => *p,
                     PlannedQuery::Finite(_) => {
                         return Err(PgError::unsupported(
                             "a materialized view over tables only is not supported",
                         )
-                        .with_hint("a materialized view maintains a query over a stream"))
+                        .with_hint(
+                            "a materialized view maintains a query over a stream or over \
+                             append-only materialized views",
+                        ))
                     }
                 };
                 if plan.limit.is_some() {
@@ -641,7 +695,10 @@ impl Engine {
                 }
                 let mut offsets = Vec::new();
                 for stream in plan.streams() {
-                    offsets.push(self.open_sources(stream, settings.start_latest)?.1);
+                    // A view read as a stream is read from its first row.
+                    let latest = settings.start_latest
+                        && stream.connector() != Some(crate::catalog::VIEW_CONNECTOR);
+                    offsets.push(self.open_sources(stream, latest)?.1);
                 }
                 let more_start_offsets = offsets.split_off(1.min(offsets.len()));
                 let offsets = offsets.pop().unwrap_or_default();
@@ -994,7 +1051,7 @@ impl Engine {
         let batch = self.conform(&schema, idx, all.columns().to_vec(), rows)?;
         log.append(&batch)?;
         if is_table {
-            self.catalog.bump_data_version();
+            self.catalog.bump_data_version(target);
         }
         Ok(rows)
     }
@@ -1015,7 +1072,7 @@ impl Engine {
             let batch = self.conform(&schema, &target.columns, columns, rows)?;
             log.append(&batch)?;
             if is_table {
-                self.catalog.bump_data_version();
+                self.catalog.bump_data_version(&target.name);
             }
             return Ok(rows);
         }
@@ -1039,7 +1096,7 @@ impl Engine {
         let batch = self.conform(&schema, &target.columns, columns, rows)?;
         log.append(&batch)?;
         if is_table {
-            self.catalog.bump_data_version();
+            self.catalog.bump_data_version(&target.name);
         }
         Ok(rows)
     }
@@ -1347,7 +1404,7 @@ impl Engine {
         let Some(DrizzleStatement::Query(query)) = stmts.into_iter().next() else {
             return Err(PgError::internal(format!("view {} has no query", def.name)));
         };
-        let plan = match self.plan(&query, &[])? {
+        let plan = match self.plan_view(&query, &[])? {
             PlannedQuery::Continuous(p) => *p,
             PlannedQuery::Finite(_) => {
                 return Err(PgError::internal("view query is not continuous"))
@@ -1390,8 +1447,7 @@ impl Engine {
         let stable = def.origin_unix_us.is_some();
         let mut inputs = Vec::new();
         for (i, stream) in plan.streams().into_iter().enumerate() {
-            let log = self.catalog.stream_log(&stream.name);
-            let sources = open_source(stream, log.as_ref())?;
+            let sources = self.input_sources(stream)?;
             let mut offsets = match i {
                 0 => def.start_offsets.clone(),
                 i => def
@@ -1458,7 +1514,7 @@ impl Engine {
                         }
                         // Durable: a checkpoint may now cover this batch.
                         handle.commit(id);
-                        catalog.bump_data_version();
+                        catalog.bump_data_version(&name);
                     }
                     Err(e) => {
                         tracing::error!(view = %name, "materialized view failed: {e}");

@@ -71,6 +71,9 @@ struct BenchArgs {
     /// Workers (default: number of cores).
     #[arg(long)]
     workers: Option<usize>,
+    /// Sched: stages of the query (1 to 4; 2 is a GROUP BY over a shuffle).
+    #[arg(long, default_value_t = 2)]
+    stages: u32,
     /// Group size.
     #[arg(long, default_value_t = 10)]
     group_size: u32,
@@ -425,6 +428,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                 scheduling,
                 group_size: args.group_size,
                 duration: Duration::from_secs(args.seconds),
+                stages: args.stages,
             }))
         }
         "recovery" => {

@@ -90,7 +90,7 @@ pub struct ViewStore {
     /// The view's durable output log: every applied batch's rows plus its
     /// batch id, so a restart restores the contents and knows the last
     /// batch applied (results of batches up to it are not applied twice).
-    log: Option<drizzle_exec::log::PartitionLog>,
+    log: Option<Arc<drizzle_exec::log::PartitionLog>>,
 }
 
 /// Name of the batch-id column of a view's output log.
@@ -145,7 +145,7 @@ impl ViewStore {
                 RecordBatch::try_new(Arc::clone(&self.schema), logged.columns()[..width].to_vec())?;
             self.apply(batch_id, rows)?;
         }
-        self.log = Some(log);
+        self.log = Some(Arc::new(log));
         Ok(self)
     }
 
@@ -174,6 +174,17 @@ impl ViewStore {
     /// The view's schema.
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
+    }
+
+    /// True when the view only ever adds rows (append and windowed
+    /// queries), so its output log is a stream another view can read.
+    pub fn is_append(&self) -> bool {
+        matches!(&*self.rows.lock(), ViewRows::Append(_))
+    }
+
+    /// The durable output log (the view's rows then a batch-id column).
+    pub fn output_log(&self) -> Option<Arc<drizzle_exec::log::PartitionLog>> {
+        self.log.clone()
     }
 
     /// Applies one micro-batch's output (durably first, if the store has a

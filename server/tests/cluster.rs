@@ -616,3 +616,52 @@ fn a_worker_process_with_two_slots_registers_two_workers() {
     let _ = child.wait();
     result.unwrap();
 }
+
+/// A lookup join re-reads its table when that table changes, and only then:
+/// a view that applies a batch every 20 ms does not make it re-read (the
+/// version is per relation; the coordinator answers "unchanged" for a join
+/// whose relations did not change).
+#[test]
+fn a_lookup_join_rereads_its_table_when_the_table_changes() {
+    on_cluster(3, &[], |client| async move {
+        client.batch_execute(&setup()).await?;
+        client
+            .batch_execute(
+                "CREATE TABLE dim (k BIGINT, label TEXT); \
+                 INSERT INTO dim VALUES (1, 'one'); \
+                 CREATE MATERIALIZED VIEW labelled AS SELECT c.k, d.label, count(*) AS n \
+                   FROM clicks c JOIN dim d ON c.k = d.k GROUP BY c.k, d.label",
+            )
+            .await?;
+        let labels = || async {
+            let rows = client
+                .simple_query("SELECT k, label FROM labelled ORDER BY k")
+                .await?;
+            Ok::<_, anyhow::Error>(
+                rows.iter()
+                    .filter_map(|m| match m {
+                        SimpleQueryMessage::Row(r) => Some(format!(
+                            "{} {}",
+                            r.get(0).unwrap_or("NULL"),
+                            r.get(1).unwrap_or("NULL")
+                        )),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        };
+        eventually(Duration::from_secs(60), || async {
+            Ok((labels().await? == ["1 one"]).then_some(()))
+        })
+        .await?;
+        // `per_key` keeps changing all along; the join's table only now.
+        client
+            .batch_execute("INSERT INTO dim VALUES (2, 'two')")
+            .await?;
+        eventually(Duration::from_secs(60), || async {
+            Ok((labels().await? == ["1 one", "2 two"]).then_some(()))
+        })
+        .await?;
+        Ok(())
+    });
+}

@@ -299,6 +299,7 @@ fn a_stale_registration_or_the_secret_alone_counts_for_nothing() {
                 .read_table(pb::ReadTableRequest {
                     query: running,
                     join: 0,
+                    held_version: None,
                 })
                 .await,
         );

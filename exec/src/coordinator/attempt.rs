@@ -379,7 +379,7 @@ impl Runtime {
                             + query.offset_of(BatchId(b)).as_micros() as i64,
                     })
                     .collect();
-                let tables_version = self.state.tables.version();
+                let tables_version = self.state.tables.any_version();
                 let covered_through = query.last_checkpoint.lock().as_ref().map(|m| m.batch);
                 // A rebalance's closing checkpoint is written in full: the
                 // attempt waits for it, so it must never depend on a base.

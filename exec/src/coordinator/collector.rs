@@ -6,13 +6,13 @@ use super::*;
 /// Pushes the table version to every worker when a table or view changes,
 /// so lookup joins re-read their finite side.
 pub(super) async fn watch_tables(state: Arc<State>, mut stop: watch::Receiver<bool>) {
-    let mut last = state.tables.version();
+    let mut last = state.tables.any_version();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             _ = stop.changed() => return,
         }
-        let version = state.tables.version();
+        let version = state.tables.any_version();
         if version == last {
             continue;
         }

@@ -66,7 +66,7 @@ impl CoordinatorService {
             worker_id: id.0,
             epoch,
             heartbeat_interval_ms: crate::worker::HEARTBEAT_INTERVAL.as_millis() as u64,
-            tables_version: self.state.tables.version(),
+            tables_version: self.state.tables.any_version(),
             member_credential: credential,
         }))
     }
@@ -365,24 +365,38 @@ impl CoordinatorRpc for CoordinatorService {
         let req = request.into_inner();
         let q = self.state.query(req.query)?;
         self.state.placed(caller, &q)?;
-        let version = self.state.tables.version();
+        let spec = q.join(req.join).ok_or_else(|| {
+            Status::invalid_argument(format!("query has no lookup join {}", req.join))
+        })?;
+        // The version of what this join reads, not of every relation.
+        let version = self.state.tables.version(spec);
+        if req.held_version == Some(version) {
+            return Ok(Response::new(pb::ReadTableResponse {
+                version,
+                ipc: Vec::new(),
+                unchanged: true,
+            }));
+        }
         if let Some((v, ipc)) = q.tables.lock().get(&req.join) {
             if *v == version {
                 return Ok(Response::new(pb::ReadTableResponse {
                     version,
                     ipc: ipc.as_ref().clone(),
+                    unchanged: false,
                 }));
             }
         }
         let tables = Arc::clone(&self.state.tables);
         let q2 = Arc::clone(&q);
         let join = req.join;
-        let ipc = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        let (version, ipc) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<u8>)> {
             let spec = q2
                 .join(join)
                 .ok_or_else(|| ExecError::invalid(format!("query has no lookup join {join}")))?;
-            let batches = tables.evaluate(spec)?;
-            to_ipc(&spec.table_schema, &batches)
+            let (version, batches) = tables.evaluate(spec, None)?.ok_or_else(|| {
+                ExecError::invalid("a lookup join's table came back unchanged unasked")
+            })?;
+            Ok((version, to_ipc(&spec.table_schema, &batches)?))
         })
         .await
         .map_err(internal)?
@@ -394,6 +408,7 @@ impl CoordinatorRpc for CoordinatorService {
         Ok(Response::new(pb::ReadTableResponse {
             version,
             ipc: ipc.as_ref().clone(),
+            unchanged: false,
         }))
     }
 }

@@ -171,7 +171,12 @@ pub(super) fn state_operator(graph: &StageGraph) -> &'static str {
         .stages
         .iter()
         .flat_map(|s| &s.operators)
-        .find_map(|op| crate::operators::stateful_operator(op).map(|o| o.name()))
+        .find_map(|op| {
+            crate::operators::stateful_operator(op)
+                .ok()
+                .flatten()
+                .map(|o| o.name())
+        })
         .unwrap_or("LookupJoinExec (lookup tables)")
 }
 

@@ -9,6 +9,8 @@ use super::*;
 pub enum Step {
     /// `TUMBLE`/`HOP` assignment over the stream's rows (their schema given).
     Window(WindowSpec, SchemaRef),
+    /// Event-time tracking over the stream's rows, late rows dropped.
+    EventTime(EventTimeSpec),
     /// A run of stateless kernels.
     Kernels(Vec<BatchOp>),
     /// The map-side half of an aggregation.
@@ -31,14 +33,16 @@ pub fn steps(stage: &Stage) -> Vec<Step> {
                 };
                 out.push(Step::Window(spec.clone(), schema));
             }
+            Operator::EventTime(spec) => out.push(Step::EventTime(spec.clone())),
             Operator::Kernel(k) => match out.last_mut() {
                 Some(Step::Kernels(run)) => run.push(k.clone()),
                 _ => out.push(Step::Kernels(vec![k.clone()])),
             },
             Operator::AggregatePartial(agg) => out.push(Step::Partial(Arc::clone(agg))),
-            Operator::AggregateFinal(_) | Operator::WindowJoin(_) | Operator::Union => {
-                out.push(Step::Stateful)
-            }
+            Operator::AggregateFinal(_)
+            | Operator::WindowJoin(_)
+            | Operator::IntervalJoin(_)
+            | Operator::Union => out.push(Step::Stateful),
         }
     }
     out
@@ -65,6 +69,19 @@ impl ChainState {
     }
 }
 
+/// The watermark a source stage's steps produce after the rows seen so
+/// far (µs): its window assigner's or event-time tracker's, if it has one.
+pub fn steps_watermark(steps: &[Step], state: &ChainState) -> Option<i64> {
+    steps.iter().find_map(|s| match s {
+        Step::Window(spec, _) => state.window.watermark_us(spec),
+        Step::EventTime(spec) => state
+            .window
+            .max_event_us
+            .map(|m| m.saturating_sub(spec.watermark_delay_ms * 1000)),
+        _ => None,
+    })
+}
+
 /// Runs `steps` (none of them [`Step::Stateful`]) over `batch`; returns
 /// the output and the rows dropped as late.
 pub fn run_steps(
@@ -83,6 +100,11 @@ pub fn run_steps(
                 let assigned = state.window.assign(spec, schema, &batch)?;
                 late += assigned.late;
                 assigned.batch
+            }
+            Step::EventTime(spec) => {
+                let (kept, dropped) = state.window.track(spec, &batch)?;
+                late += dropped;
+                kept
             }
             Step::Kernels(ops) => apply_ops(ops, batch, &mut state.joins[i], tables)?,
             Step::Partial(agg) => partial_aggregate(agg, &batch)?,

@@ -38,6 +38,9 @@ impl JoinCache {
 }
 
 pub(super) struct BuiltTable {
+    /// [`TableEvaluator::version`] when last checked.
+    seen: u64,
+    /// The version of the rows.
     version: u64,
     batch: RecordBatch,
     index: KeyIndex,
@@ -99,13 +102,28 @@ pub(super) fn lookup_join(
     joins: &mut JoinCache,
     tables: &dyn TableEvaluator,
 ) -> Result<RecordBatch> {
-    let version = tables.version();
-    let stale = joins
-        .tables
-        .get(&op_index)
-        .is_none_or(|t| t.version != version);
-    if stale {
-        let batches = tables.evaluate(spec)?;
+    let seen = tables.version(spec);
+    let held = match joins.tables.get(&op_index) {
+        Some(t) if t.seen == seen => Some(None),
+        Some(t) => Some(Some(t.version)),
+        None => None,
+    };
+    let fresh = match held {
+        Some(None) => None,
+        Some(Some(version)) => match tables.evaluate(spec, Some(version))? {
+            None => {
+                if let Some(t) = joins.tables.get_mut(&op_index) {
+                    t.seen = seen;
+                }
+                None
+            }
+            rows => rows,
+        },
+        None => Some(tables.evaluate(spec, None)?.ok_or_else(|| {
+            ExecError::invalid("a lookup join's table came back unchanged before it was read")
+        })?),
+    };
+    if let Some((version, batches)) = fresh {
         let table = arrow::compute::concat_batches(&spec.table_schema, &batches)?;
         let keys = spec
             .table_keys
@@ -131,6 +149,7 @@ pub(super) fn lookup_join(
         joins.tables.insert(
             op_index,
             BuiltTable {
+                seen,
                 version,
                 batch: table,
                 index,
@@ -221,5 +240,118 @@ pub(super) fn lookup_join(
             Ok(filter_record_batch(&joined, &mask)?)
         }
         None => Ok(joined),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Schema};
+    use datafusion::common::DFSchema;
+    use datafusion::logical_expr::{EmptyRelation, LogicalPlan};
+    use datafusion::physical_expr::expressions::Column;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Relations as a signal and per-join versions, as the coordinator
+    /// answers remote workers: the signal moves on any change, the rows'
+    /// version only when the join's own relation changes.
+    #[derive(Default)]
+    struct Versions {
+        signal: AtomicU64,
+        mine: AtomicU64,
+        reads: AtomicU64,
+    }
+
+    impl TableEvaluator for Versions {
+        fn version(&self, _spec: &LookupJoinSpec) -> u64 {
+            self.signal.load(Ordering::SeqCst)
+        }
+
+        fn any_version(&self) -> u64 {
+            self.signal.load(Ordering::SeqCst)
+        }
+
+        fn evaluate(
+            &self,
+            spec: &LookupJoinSpec,
+            held: Option<u64>,
+        ) -> Result<Option<(u64, Vec<RecordBatch>)>> {
+            let v = self.mine.load(Ordering::SeqCst);
+            if held == Some(v) {
+                return Ok(None);
+            }
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let rows = RecordBatch::try_new(
+                Arc::clone(&spec.table_schema),
+                vec![Arc::new(Int64Array::from(vec![1, 2, v as i64 + 10]))],
+            )?;
+            Ok(Some((v, vec![rows])))
+        }
+    }
+
+    #[test]
+    fn a_join_rereads_its_table_only_when_a_relation_it_reads_changed() {
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true)]));
+        let joined = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("t", DataType::Int64, true),
+        ]));
+        let table_schema = Arc::new(Schema::new(vec![Field::new("t", DataType::Int64, true)]));
+        let spec = LookupJoinSpec {
+            id: 0,
+            table_plan: LogicalPlan::EmptyRelation(EmptyRelation {
+                produce_one_row: false,
+                schema: Arc::new(DFSchema::try_from(table_schema.as_ref().clone()).unwrap()),
+            }),
+            relations: vec!["t".into()],
+            table_schema,
+            stream_keys: vec![Arc::new(Column::new("k", 0))],
+            table_keys: vec![Arc::new(Column::new("t", 0))],
+            join_type: JoinType::Inner,
+            stream_on_left: true,
+            filter: None,
+            schema: joined,
+            display: String::new(),
+        };
+        let stream = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from(vec![1, 11, 12]))],
+        )
+        .unwrap();
+        let tables = Versions::default();
+        let mut cache = JoinCache::default();
+        let run = |cache: &mut JoinCache| lookup_join(0, &spec, &stream, cache, &tables).unwrap();
+        // Version 1: rows 1, 2, 11.
+        tables.mine.store(1, Ordering::SeqCst);
+        assert_eq!(run(&mut cache).num_rows(), 2);
+        assert_eq!(run(&mut cache).num_rows(), 2);
+        assert_eq!(
+            tables.reads.load(Ordering::SeqCst),
+            1,
+            "cached while nothing changed"
+        );
+        // Another relation changed: the signal moves, the rows are current.
+        tables.signal.store(5, Ordering::SeqCst);
+        assert_eq!(run(&mut cache).num_rows(), 2);
+        assert_eq!(run(&mut cache).num_rows(), 2);
+        assert_eq!(
+            tables.reads.load(Ordering::SeqCst),
+            1,
+            "not re-read for another relation"
+        );
+        // Its own relation changed: re-read once (rows 1, 2, 12).
+        tables.mine.store(2, Ordering::SeqCst);
+        tables.signal.store(6, Ordering::SeqCst);
+        let out = run(&mut cache);
+        assert_eq!(out.num_rows(), 2);
+        assert_eq!(
+            out.column(1)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec(),
+            vec![1, 12]
+        );
+        run(&mut cache);
+        assert_eq!(tables.reads.load(Ordering::SeqCst), 2);
     }
 }

@@ -16,6 +16,9 @@
 //! * [`WindowJoinExec`]: the reduce side of a window join of two streams:
 //!   each open window's rows of both inputs, hash-joined and dropped when the
 //!   watermark passes the window's end.
+//! * [`IntervalJoinExec`]: the reduce side of an interval join: rows of both
+//!   inputs held until the watermark passes their interval, each matching
+//!   pair emitted once as soon as both rows are there.
 //!
 //! Stateful operators keep one contract, [`StatefulOperator`]: a
 //! micro-batch's rows per input and the input watermark in, batches out,
@@ -43,14 +46,15 @@ use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use drizzle_planner::{
-    AggregatePlan, BatchOp, LookupJoinSpec, Operator, Stage, StageInput, WindowJoinPlan,
-    WindowKind, WindowSpec,
+    AggregatePlan, BatchOp, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec, Operator, Stage,
+    StageInput, WindowJoinPlan, WindowKind, WindowSpec,
 };
 
 use crate::error::{ExecError, Result};
 
 mod aggregate;
 mod chain;
+mod interval_join;
 mod lookup_join;
 mod window_assign;
 mod window_join;
@@ -59,6 +63,8 @@ pub use self::aggregate::*;
 #[allow(unused_imports)]
 pub use self::chain::*;
 #[allow(unused_imports)]
+pub use self::interval_join::*;
+#[allow(unused_imports)]
 pub use self::lookup_join::*;
 #[allow(unused_imports)]
 pub use self::window_assign::*;
@@ -66,13 +72,23 @@ pub use self::window_assign::*;
 pub use self::window_join::*;
 
 /// Evaluates the finite side of a lookup join (a table, a view, or a query
-/// over them) and says when any table changed.
+/// over them) and says when the relations it reads changed.
 pub trait TableEvaluator: Send + Sync {
-    /// A number that changes whenever any table or view changes.
-    fn version(&self) -> u64;
+    /// A number that changes whenever a relation `spec` reads may have
+    /// changed. Asked every micro-batch: cheap.
+    fn version(&self, spec: &LookupJoinSpec) -> u64;
+    /// A number that changes whenever any table or view changes (the
+    /// coordinator pushes it to workers as the signal to check).
+    fn any_version(&self) -> u64;
     /// The rows of a lookup join's finite side (its `table_plan` run to
-    /// completion, or fetched from the coordinator by the join's id).
-    fn evaluate(&self, spec: &LookupJoinSpec) -> Result<Vec<RecordBatch>>;
+    /// completion, or fetched from the coordinator by the join's id) with
+    /// their version, or `None` when `held`, the version of the rows the
+    /// caller holds, is still current.
+    fn evaluate(
+        &self,
+        spec: &LookupJoinSpec,
+        held: Option<u64>,
+    ) -> Result<Option<(u64, Vec<RecordBatch>)>>;
 }
 
 fn eval(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<ArrayRef> {
@@ -181,15 +197,21 @@ pub trait StatefulOperator: Send {
 
 /// The registry: the stateful operator a graph operator runs as, if it is
 /// one.
-pub fn stateful_operator(op: &Operator) -> Option<Box<dyn StatefulOperator>> {
-    match op {
+pub fn stateful_operator(op: &Operator) -> Result<Option<Box<dyn StatefulOperator>>> {
+    Ok(match op {
         Operator::AggregateFinal(plan) => {
             Some(Box::new(AggregateFinalExec::new(plan.as_ref().clone())))
         }
         Operator::WindowJoin(plan) => Some(Box::new(WindowJoinExec::new(plan.as_ref().clone()))),
+        Operator::IntervalJoin(plan) => {
+            Some(Box::new(IntervalJoinExec::new(plan.as_ref().clone())?))
+        }
         Operator::Union => Some(Box::new(UnionExec)),
-        Operator::WindowAssign(_) | Operator::Kernel(_) | Operator::AggregatePartial(_) => None,
-    }
+        Operator::WindowAssign(_)
+        | Operator::EventTime(_)
+        | Operator::Kernel(_)
+        | Operator::AggregatePartial(_) => None,
+    })
 }
 
 /// `UNION ALL` of a stage's shuffle inputs: every row of every input, as

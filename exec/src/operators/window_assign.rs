@@ -25,6 +25,47 @@ impl WindowAssignExec {
             .map(|m| m.saturating_sub(spec.watermark_delay_ms * 1000))
     }
 
+    /// Event time without windows: drops the rows older than the watermark
+    /// before them (judged row by row, as [`Self::assign`] does) and
+    /// advances the largest event time. Rows with a NULL time are kept.
+    pub fn track(
+        &mut self,
+        spec: &EventTimeSpec,
+        batch: &RecordBatch,
+    ) -> Result<(RecordBatch, u64)> {
+        let column = batch
+            .columns()
+            .get(spec.time_column)
+            .ok_or_else(|| ExecError::invalid("event-time column out of range"))?;
+        let ts = column
+            .as_primitive_opt::<TimestampMicrosecondType>()
+            .ok_or_else(|| {
+                ExecError::invalid("event-time column is not a microsecond timestamp")
+            })?;
+        let delay = spec.watermark_delay_ms * 1000;
+        let mut max = self.max_event_us;
+        let mut keep: Option<Vec<bool>> = None;
+        let mut late = 0u64;
+        for row in 0..batch.num_rows() {
+            if ts.is_null(row) {
+                continue;
+            }
+            let t = ts.value(row);
+            if max.is_some_and(|m| t < m.saturating_sub(delay)) {
+                late += 1;
+                keep.get_or_insert_with(|| vec![true; batch.num_rows()])[row] = false;
+                continue;
+            }
+            max = Some(max.map_or(t, |m| m.max(t)));
+        }
+        self.max_event_us = max;
+        let out = match keep {
+            Some(mask) => filter_record_batch(batch, &BooleanArray::from(mask))?,
+            None => batch.clone(),
+        };
+        Ok((out, late))
+    }
+
     /// Assigns windows to `batch` (the stream's rows) and drops late rows.
     pub fn assign(
         &mut self,

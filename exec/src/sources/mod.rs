@@ -33,13 +33,17 @@ pub enum SourcePartition {
     Log(Arc<crate::log::PartitionLog>),
     /// A datagen generator and the partition it generates.
     Datagen(Arc<DatagenSource>, u32),
+    /// A materialized view's output log read as a stream (a view over a
+    /// view), as rows of the stream schema `.1` (the log's leading columns;
+    /// it also keeps batch ids).
+    View(Arc<crate::log::PartitionLog>, SchemaRef),
 }
 
 impl SourcePartition {
     /// Offset one past the last row available at `now_us`.
     pub fn available(&self, now_us: i64) -> u64 {
         match self {
-            SourcePartition::Log(p) => p.end_offset(),
+            SourcePartition::Log(p) | SourcePartition::View(p, _) => p.end_offset(),
             SourcePartition::Datagen(g, p) => g.available(*p, now_us),
         }
     }
@@ -49,7 +53,7 @@ impl SourcePartition {
     /// `t_us` ends its range (replayable).
     pub fn available_at(&self, t_us: i64) -> u64 {
         match self {
-            SourcePartition::Log(p) => p.end_at(t_us),
+            SourcePartition::Log(p) | SourcePartition::View(p, _) => p.end_at(t_us),
             SourcePartition::Datagen(g, p) => g.available(*p, t_us),
         }
     }
@@ -58,6 +62,18 @@ impl SourcePartition {
     pub fn read(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>> {
         match self {
             SourcePartition::Log(p) => p.read(from, to),
+            SourcePartition::View(p, schema) => {
+                let width = schema.fields().len();
+                p.read(from, to)?
+                    .iter()
+                    .map(|b| {
+                        let columns = b.columns().get(..width).ok_or_else(|| {
+                            ExecError::invalid("a view's log has fewer columns than the view")
+                        })?;
+                        Ok(RecordBatch::try_new(Arc::clone(schema), columns.to_vec())?)
+                    })
+                    .collect()
+            }
             SourcePartition::Datagen(g, p) => {
                 if from >= to {
                     Ok(Vec::new())

@@ -78,8 +78,8 @@ use crate::cluster::{
 };
 use crate::error::{ExecError, Result};
 use crate::operators::{
-    run_steps, stateful_operator, steps, ChainState, OperatorSnapshot, StateSize, StatefulOperator,
-    Step, TableEvaluator, WindowAssignExec,
+    run_steps, stateful_operator, steps, steps_watermark, ChainState, OperatorSnapshot, StateSize,
+    StatefulOperator, Step, TableEvaluator, WindowAssignExec,
 };
 use crate::sources::{DatagenSource, MAX_BATCH_ROWS};
 

@@ -536,7 +536,9 @@ impl Scheduler {
                     .graph
                     .stage(GraphStage(stage))
                     .and_then(|s| s.operators.first())
-                    .and_then(stateful_operator)
+                    .map(stateful_operator)
+                    .transpose()?
+                    .flatten()
                 else {
                     return Err(ExecError::invalid(format!(
                         "shuffle stage {stage} does not start with a stateful operator"

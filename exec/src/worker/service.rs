@@ -163,15 +163,26 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receive
 }
 
 impl TableEvaluator for RemoteTables {
-    fn version(&self) -> u64 {
+    /// The coordinator's signal that some relation changed: the join then
+    /// asks whether its own did ([`Self::evaluate`] with the held version).
+    fn version(&self, _spec: &LookupJoinSpec) -> u64 {
         self.shared.tables_version.load(Ordering::Acquire)
     }
 
-    fn evaluate(&self, spec: &LookupJoinSpec) -> Result<Vec<RecordBatch>> {
+    fn any_version(&self) -> u64 {
+        self.shared.tables_version.load(Ordering::Acquire)
+    }
+
+    fn evaluate(
+        &self,
+        spec: &LookupJoinSpec,
+        held: Option<u64>,
+    ) -> Result<Option<(u64, Vec<RecordBatch>)>> {
         let mut client = self.shared.coordinator.clone();
         let req = pb::ReadTableRequest {
             query: self.query.0,
             join: spec.id,
+            held_version: held,
         };
         let resp = self
             .shared
@@ -179,9 +190,9 @@ impl TableEvaluator for RemoteTables {
             .block_on(async move { client.read_table(req).await })
             .map_err(|s| rpc_error("reading a lookup join's table", s))?
             .into_inner();
-        self.shared
-            .tables_version
-            .fetch_max(resp.version, Ordering::AcqRel);
-        from_ipc(resp.ipc)
+        if resp.unchanged {
+            return Ok(None);
+        }
+        Ok(Some((resp.version, from_ipc(resp.ipc)?)))
     }
 }

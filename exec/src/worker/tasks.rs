@@ -86,10 +86,7 @@ impl Scheduler {
                 outputs.push(out);
             }
         }
-        let watermark_us = steps.iter().find_map(|s| match s {
-            Step::Window(spec, _) => state.chain.window.watermark_us(spec),
-            _ => None,
-        });
+        let watermark_us = steps_watermark(steps, &state.chain);
         let group = group_of(&wq.group_starts, b);
         let checkpoint = wq.group_ends.get(&group) == Some(&(b, true));
         if let Some(progress) = wq.groups.get_mut(&group) {
