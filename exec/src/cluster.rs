@@ -43,6 +43,11 @@ pub mod pb {
 
 use std::time::Duration;
 
+/// The `step` of an [`pb::OperatorStats`] that counts a stage's input (a
+/// source range read, or shuffled blocks fetched) rather than a step of its
+/// chain.
+pub const INPUT_STEP: u32 = u32::MAX;
+
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use tonic::metadata::{Ascii, MetadataValue};

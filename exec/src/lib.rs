@@ -28,7 +28,9 @@
 //! Modules: [`log`] (durable partitioned log behind built-in streams and
 //! tables), [`sources`] (log and datagen sources), [`operators`] (operators and
 //! keyed state), [`coordinator`] (the coordinator and the result collector),
-//! [`worker`] (a worker and its local scheduler), [`cluster`] (the protocol).
+//! [`worker`] (a worker and its local scheduler), [`cluster`] (the protocol),
+//! [`sim`] (virtual workers that drive the real coordinator without
+//! processes, for tests and `drizzle bench sim`).
 //! Types to read first: [`Runtime`], [`QuerySpec`], [`QueryHandle`],
 //! [`worker::start_worker`], [`operators::AggregateFinalExec`], [`log::PartitionLog`].
 
@@ -38,6 +40,7 @@ pub mod coordinator;
 pub mod error;
 pub mod log;
 pub mod operators;
+pub mod sim;
 pub mod sources;
 pub mod worker;
 

@@ -493,6 +493,9 @@ enum OutputWire {
         /// The schema the keys are over (the stage's output).
         input: Schema,
         keys: Vec<Vec<u8>>,
+        /// Every row to every partition (`keys` is empty).
+        #[serde(default)]
+        broadcast: bool,
     },
     Sink(EmitMode),
 }
@@ -578,6 +581,16 @@ pub fn encode_graph(graph: &StageGraph) -> Result<Vec<u8>> {
                 to: to.0,
                 input: schema.as_ref().clone(),
                 keys: keys.iter().map(encode_expr).collect::<Result<_>>()?,
+                broadcast: false,
+            },
+            StageOutput::Shuffle {
+                to,
+                partitioning: Partitioning::Broadcast,
+            } => OutputWire::Shuffle {
+                to: to.0,
+                input: schema.as_ref().clone(),
+                keys: Vec::new(),
+                broadcast: true,
             },
             StageOutput::Sink(emit) => OutputWire::Sink(*emit),
         };
@@ -637,17 +650,26 @@ pub fn decode_graph(bytes: &[u8], ctx: &TaskContext) -> Result<StageGraph> {
             });
         }
         let output = match s.output {
-            OutputWire::Shuffle { to, input, keys } => {
+            OutputWire::Shuffle {
+                to,
+                input,
+                keys,
+                broadcast,
+            } => {
                 if to as usize <= i {
                     return Err(codec_err("a stage writes a stage before it"));
                 }
                 StageOutput::Shuffle {
                     to: StageId(to),
-                    partitioning: Partitioning::Hash(
-                        keys.iter()
-                            .map(|k| decode_expr(k, ctx, &input))
-                            .collect::<Result<_>>()?,
-                    ),
+                    partitioning: if broadcast {
+                        Partitioning::Broadcast
+                    } else {
+                        Partitioning::Hash(
+                            keys.iter()
+                                .map(|k| decode_expr(k, ctx, &input))
+                                .collect::<Result<_>>()?,
+                        )
+                    },
                 }
             }
             OutputWire::Sink(emit) => StageOutput::Sink(emit),

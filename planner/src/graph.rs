@@ -59,6 +59,9 @@ pub enum Partitioning {
     /// with no expressions, every row goes to partition 0 (a global
     /// aggregate).
     Hash(Vec<Arc<dyn PhysicalExpr>>),
+    /// Every row to every partition: a small input (one row per window)
+    /// joined with a large one that stays spread out.
+    Broadcast,
 }
 
 /// Where a stage's rows go.
@@ -177,8 +180,25 @@ impl StageGraph {
     /// EXPLAIN: one header line, then each stage from the sink down, its
     /// operators from the last to the first (as DataFusion indents a plan).
     pub fn explain(&self, header: String, reduce_partitions: u32) -> Vec<String> {
+        self.explain_annotated(header, reduce_partitions, &|_, _| None)
+    }
+
+    /// [`Self::explain`] with notes: `note(stage, None)` is added to a
+    /// stage's header line, `note(stage, Some(i))` to line `i` of its
+    /// [`describe`] (0: its input, then its operators, then its output).
+    /// `EXPLAIN ANALYZE` puts measurements there.
+    pub fn explain_annotated(
+        &self,
+        header: String,
+        reduce_partitions: u32,
+        note: &dyn Fn(&Stage, Option<usize>) -> Option<String>,
+    ) -> Vec<String> {
         let mut lines = vec![header];
         let sources = self.sources().count();
+        let with = |line: String, n: Option<String>| match n {
+            Some(n) => format!("{line} {n}"),
+            None => line,
+        };
         for stage in self.stages.iter().rev() {
             let name = match &stage.input {
                 StageInput::Source(_) if sources == 1 => "map".to_string(),
@@ -190,13 +210,21 @@ impl StageGraph {
                 },
                 StageInput::Shuffle(_) => "reduce".to_string(),
             };
-            lines.push(format!(
-                "  Stage {} ({name}, {} tasks per micro-batch):",
-                stage.id,
-                stage.tasks(reduce_partitions)
+            lines.push(with(
+                format!(
+                    "  Stage {} ({name}, {} tasks per micro-batch):",
+                    stage.id,
+                    stage.tasks(reduce_partitions)
+                ),
+                note(stage, None),
             ));
-            for (i, op) in describe(stage, reduce_partitions).iter().rev().enumerate() {
-                lines.push(format!("    {}{}", "  ".repeat(i), op));
+            let described = describe(stage, reduce_partitions);
+            let last = described.len().saturating_sub(1);
+            for (i, op) in described.iter().rev().enumerate() {
+                lines.push(with(
+                    format!("    {}{}", "  ".repeat(i), op),
+                    note(stage, Some(last - i)),
+                ));
             }
         }
         lines
@@ -243,6 +271,12 @@ pub fn describe(stage: &Stage, reduce_partitions: u32) -> Vec<String> {
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
+        ),
+        StageOutput::Shuffle {
+            partitioning: Partitioning::Broadcast,
+            ..
+        } => format!(
+            "ShuffleWriteExec: broadcast to all {reduce_partitions} partitions (a small input)"
         ),
         StageOutput::Sink(emit) => format!("SinkExec: emit={emit}"),
     });

@@ -50,7 +50,7 @@ pub use plan::{
 };
 pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
 pub use statement::{
-    parse_statements, CopyOptions, DrizzleStatement, ObjectKind, RoleOptions, Secret,
+    parse_statements, AnalyzeTarget, CopyOptions, DrizzleStatement, ObjectKind, RoleOptions, Secret,
 };
 
 /// Builds the DataFusion session state Drizzle plans with: default functions,

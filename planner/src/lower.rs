@@ -423,6 +423,11 @@ struct Flow {
     /// is that. Only within a source stage (reset at every cut): an
     /// interval join may add event-time tracking to that stage.
     event_time: Vec<Option<EventCol>>,
+    /// At most one row per window: a windowed aggregate grouped by its
+    /// window columns alone (and filters or projections of it). A join
+    /// broadcasts such an input rather than gather a window in one
+    /// partition.
+    small: bool,
 }
 
 /// A stream's event-time column as a flow carries it.
@@ -455,6 +460,11 @@ impl Stages {
     /// Cuts `flow` into a stage that shuffles its rows by `keys` into the
     /// stage reading it.
     fn cut(&mut self, flow: Flow, keys: Vec<Arc<dyn PhysicalExpr>>) -> StageId {
+        self.cut_to(flow, Partitioning::Hash(keys))
+    }
+
+    /// Cuts `flow` into a stage whose rows are spread by `partitioning`.
+    fn cut_to(&mut self, flow: Flow, partitioning: Partitioning) -> StageId {
         let id = StageId(self.stages.len() as u32);
         self.stages.push(Stage {
             id,
@@ -462,10 +472,45 @@ impl Stages {
             operators: flow.operators,
             output: StageOutput::Shuffle {
                 to: UNPLACED,
-                partitioning: Partitioning::Hash(keys),
+                partitioning,
             },
         });
         id
+    }
+
+    /// Cuts both inputs of a join. A small input (one row per window) is
+    /// broadcast: every partition of the join gets all of it, and the other
+    /// input is spread by its keys, or by all its columns when it has none
+    /// (instead of gathering each window in one partition). Only the right
+    /// input of a semi or anti join may be broadcast (a left row must be in
+    /// one partition to be emitted once).
+    #[allow(clippy::too_many_arguments)]
+    fn cut_join(
+        &mut self,
+        (left, left_keys, left_schema): (Flow, Vec<Arc<dyn PhysicalExpr>>, &Schema),
+        (right, right_keys, right_schema): (Flow, Vec<Arc<dyn PhysicalExpr>>, &Schema),
+        join_type: JoinType,
+    ) -> (StageId, StageId) {
+        let spread = |keys: Vec<Arc<dyn PhysicalExpr>>, schema: &Schema| {
+            if keys.is_empty() {
+                Partitioning::Hash(leading_columns(schema, schema.fields().len()))
+            } else {
+                Partitioning::Hash(keys)
+            }
+        };
+        if right.small {
+            let l = self.cut_to(left, spread(left_keys, left_schema));
+            let r = self.cut_to(right, Partitioning::Broadcast);
+            return (l, r);
+        }
+        if left.small && join_type == JoinType::Inner {
+            let l = self.cut_to(left, Partitioning::Broadcast);
+            let r = self.cut_to(right, spread(right_keys, right_schema));
+            return (l, r);
+        }
+        let l = self.cut(left, left_keys);
+        let r = self.cut(right, right_keys);
+        (l, r)
     }
 
     /// The graph with `flow` as its sink stage, every shuffle pointed at
@@ -680,8 +725,17 @@ fn lower_window_join(
     if j.join_type == JoinType::Inner {
         windows.extend(right.windows.iter().copied());
     }
-    let l = stages.cut(left, partition_by(&left_keys, left_window));
-    let r = stages.cut(right, partition_by(&right_keys, right_window));
+    let (l, r) = if left.small || right.small {
+        stages.cut_join(
+            (left, left_keys, j.left.schema().as_arrow()),
+            (right, right_keys, j.right.schema().as_arrow()),
+            j.join_type,
+        )
+    } else {
+        let l = stages.cut(left, partition_by(&left_keys, left_window));
+        let r = stages.cut(right, partition_by(&right_keys, right_window));
+        (l, r)
+    };
     Ok(Flow {
         input: StageInput::Shuffle(vec![l, r]),
         operators: vec![Operator::WindowJoin(Arc::new(plan))],
@@ -689,6 +743,7 @@ fn lower_window_join(
         upsert: false,
         closes_windows: true,
         event_time: Vec::new(),
+        small: false,
     })
 }
 
@@ -915,8 +970,11 @@ fn lower_interval_join(
         schema: Arc::new(j.schema.as_arrow().clone()),
         display: display.join(", "),
     };
-    let l = stages.cut(left, left_keys);
-    let r = stages.cut(right, right_keys);
+    let (l, r) = stages.cut_join(
+        (left, left_keys, j.left.schema().as_arrow()),
+        (right, right_keys, j.right.schema().as_arrow()),
+        JoinType::Inner,
+    );
     Ok(Flow {
         input: StageInput::Shuffle(vec![l, r]),
         operators: vec![Operator::IntervalJoin(Arc::new(plan))],
@@ -924,6 +982,7 @@ fn lower_interval_join(
         upsert: false,
         closes_windows: false,
         event_time: Vec::new(),
+        small: false,
     })
 }
 
@@ -1116,6 +1175,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 upsert: false,
                 closes_windows: false,
                 event_time,
+                small: false,
             };
             if let Some(projection) = &scan.projection {
                 let identity = projection.len() == full_schema.fields().len()
@@ -1242,6 +1302,8 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 w.extend(flow.event_time.iter().copied());
                 w
             };
+            // A lookup join may multiply rows.
+            flow.small = false;
             flow.push(BatchOp::LookupJoin(Arc::new(LookupJoinSpec {
                 id: 0,
                 relations: scanned_relations(table_side),
@@ -1338,6 +1400,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
             let mut windows = group_windows;
             windows.extend(std::iter::repeat_n(None, agg.aggregates.len()));
             let windowed = agg.window.is_some();
+            let per_window = windowed && windows[..agg.group_exprs.len()].iter().all(Option::is_some);
             let from = stages.cut(flow, keys);
             Ok(Flow {
                 input: StageInput::Shuffle(vec![from]),
@@ -1346,6 +1409,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 upsert: !windowed,
                 closes_windows: windowed,
                 event_time: Vec::new(),
+                small: per_window,
             })
         }
         LogicalPlan::Sort(_) => Err(PlanError::unsupported_hint(
@@ -1398,6 +1462,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 upsert: false,
                 closes_windows,
                 event_time: Vec::new(),
+                small: false,
             })
         }
         LogicalPlan::Distinct(_) => Err(PlanError::unsupported("DISTINCT ON a stream")),
@@ -1861,6 +1926,26 @@ mod tests {
             "two reads, the aggregate, the join"
         );
         assert!(p.graph.stages[3].is_stateful());
+        // The windowed maximum is one row per window: broadcast to every
+        // partition of the join, while the raw stream stays hashed by key.
+        let outputs: Vec<&StageOutput> = p.graph.stages.iter().map(|s| &s.output).collect();
+        let broadcasts = outputs
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    StageOutput::Shuffle {
+                        partitioning: Partitioning::Broadcast,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(broadcasts, 1, "{outputs:?}");
+        assert!(p
+            .explain(3)
+            .join("\n")
+            .contains("broadcast to all 3 partitions"));
         // And it survives the wire.
         let ctx = crate::new_session_context().task_ctx();
         let back = crate::codec::decode_graph(&crate::codec::encode_graph(&p.graph).unwrap(), &ctx)

@@ -149,6 +149,9 @@ pub enum DrizzleStatement {
     Query(Box<Query>),
     /// `EXPLAIN query`.
     Explain(Box<Query>),
+    /// `EXPLAIN ANALYZE id` or `EXPLAIN ANALYZE view_name`: a running
+    /// query's stage graph with what each stage and operator did so far.
+    ExplainAnalyze(AnalyzeTarget),
     /// `SHOW STREAMS|TABLES|MATERIALIZED VIEWS`.
     ShowObjects(ObjectKind),
     /// `SHOW QUERIES`.
@@ -254,6 +257,15 @@ pub struct RoleOptions {
     pub superuser: Option<bool>,
     /// `LOGIN` / `NOLOGIN`.
     pub login: Option<bool>,
+}
+
+/// What `EXPLAIN ANALYZE` reports on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnalyzeTarget {
+    /// A running query, by the id `SHOW QUERIES` gives.
+    Query(u64),
+    /// A materialized view's query, by the view's name.
+    View(String),
 }
 
 impl DrizzleStatement {
@@ -647,9 +659,27 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
     }
     if p.parse_keyword(Keyword::EXPLAIN) {
         if p.parse_keyword(Keyword::ANALYZE) {
-            return Err(PlanError::unsupported(
-                "EXPLAIN ANALYZE on a continuous query",
-            ));
+            // A running query by id (`SHOW QUERIES`) or a view by name;
+            // a query text would have to run first, and a continuous one
+            // never ends.
+            let _ = eat_word(p, "QUERY");
+            if matches!(p.peek_token().token, Token::Number(..)) {
+                let id = p.parse_literal_uint()?;
+                return Ok(DrizzleStatement::ExplainAnalyze(AnalyzeTarget::Query(id)));
+            }
+            let _ = p.parse_keywords(&[Keyword::MATERIALIZED, Keyword::VIEW]);
+            let starts_query = matches!(
+                p.peek_token().token,
+                Token::Word(ref w) if matches!(w.keyword, Keyword::SELECT | Keyword::WITH | Keyword::VALUES)
+            ) || p.peek_token().token == Token::LParen;
+            if starts_query {
+                return Err(PlanError::unsupported_hint(
+                    "EXPLAIN ANALYZE of a query text",
+                    "name a running query: EXPLAIN ANALYZE <id from SHOW QUERIES> or EXPLAIN ANALYZE <materialized view>",
+                ));
+            }
+            let name = parse_name(p)?;
+            return Ok(DrizzleStatement::ExplainAnalyze(AnalyzeTarget::View(name)));
         }
         let _ = p.parse_keyword(Keyword::VERBOSE);
         return Ok(DrizzleStatement::Explain(p.parse_query()?));
@@ -1424,6 +1454,24 @@ mod tests {
             DrizzleStatement::ShowObjects(ObjectKind::MaterializedView)
         ));
         assert!(matches!(one("SHOW QUERIES"), DrizzleStatement::ShowQueries));
+        for (sql, want) in [
+            ("EXPLAIN ANALYZE 7", AnalyzeTarget::Query(7)),
+            ("EXPLAIN ANALYZE QUERY 7", AnalyzeTarget::Query(7)),
+            (
+                "EXPLAIN ANALYZE busiest",
+                AnalyzeTarget::View("busiest".into()),
+            ),
+            (
+                "EXPLAIN ANALYZE MATERIALIZED VIEW Busiest",
+                AnalyzeTarget::View("busiest".into()),
+            ),
+        ] {
+            match one(sql) {
+                DrizzleStatement::ExplainAnalyze(got) => assert_eq!(got, want, "{sql}"),
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+        assert!(parse_statements("EXPLAIN ANALYZE SELECT 1").is_err());
         assert!(matches!(one("SHOW WORKERS"), DrizzleStatement::ShowWorkers));
         assert!(matches!(
             one("CANCEL QUERY 7"),

@@ -1,6 +1,15 @@
-//! `drizzle bench ysb`, `drizzle bench sched`, `drizzle bench recovery`
-//! and `drizzle bench adaptive`: benchmarks that print figures (never timed
-//! tests).
+//! `drizzle bench ysb`, `drizzle bench sched`, `drizzle bench sim`,
+//! `drizzle bench recovery` and `drizzle bench adaptive`: benchmarks that
+//! print figures (never timed tests).
+//!
+//! ## The coordinator beyond this machine (`sim`)
+//!
+//! The real coordinator schedules a 1- to 4-stage query (`--stages`) over
+//! `--remote-workers N` virtual workers ([`drizzle_exec::sim`]) that speak
+//! the cluster protocol from a runtime of their own in this process and
+//! complete every task at once. The line gives the coordinator threads' CPU
+//! time per micro-batch (from `/proc`), the coordinator's own accounting
+//! (planning and shipping launches, BSP barriers) and launches per batch.
 //!
 //! ## Adaptive group size under changing load
 //!
@@ -489,6 +498,30 @@ pub fn sched_query(stages: u32) -> Result<&'static str, PgError> {
     })
 }
 
+/// Creates the `tiny` datagen stream (1,000 rows/s, one partition per
+/// worker) and starts the [`sched_query`] of `stages` stages over it.
+async fn start_tiny_query(
+    engine: &Engine,
+    partitions: usize,
+    stages: u32,
+) -> Result<drizzle_exec::QueryHandle, PgError> {
+    let mut settings = engine.default_settings();
+    let setup = format!(
+        "CREATE STREAM tiny (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) WITH (connector = 'datagen', \
+           rows_per_second = '1000', partitions = '{partitions}', fields.k.kind = 'sequence', fields.k.min = '0', \
+           fields.k.max = '99')"
+    );
+    for stmt in drizzle_planner::parse_statements(&setup)? {
+        engine.execute(stmt, &mut settings, &[], "").await?;
+    }
+    let query = sched_query(stages)?;
+    let stmt = drizzle_planner::parse_statements(query)?.remove(0);
+    match engine.execute(stmt, &mut settings, &[], query).await? {
+        Outcome::Stream(handle) => Ok(handle),
+        _ => Err(PgError::internal("the query is not continuous")),
+    }
+}
+
 /// The scheduling micro-benchmark of the Drizzle paper: a query of 1 to 4
 /// stages (a chain of shuffles, see [`sched_query`]) on tiny input,
 /// micro-batches triggered back to back (10 µs interval), so the time per
@@ -513,21 +546,7 @@ pub async fn run_sched(cfg: SchedConfig) -> Result<String, PgError> {
     )
     .await?;
     let workers = RemoteWorkers::start(cfg.workers, &engine.runtime.cluster_address, &dir)?;
-    let mut settings = engine.default_settings();
-    let setup = format!(
-        "CREATE STREAM tiny (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts) WITH (connector = 'datagen', \
-           rows_per_second = '1000', partitions = '{}', fields.k.kind = 'sequence', fields.k.min = '0', \
-           fields.k.max = '99')",
-        cfg.workers
-    );
-    for stmt in drizzle_planner::parse_statements(&setup)? {
-        engine.execute(stmt, &mut settings, &[], "").await?;
-    }
-    let query = sched_query(cfg.stages)?;
-    let stmt = drizzle_planner::parse_statements(query)?.remove(0);
-    let Outcome::Stream(mut handle) = engine.execute(stmt, &mut settings, &[], query).await? else {
-        return Err(PgError::internal("the query is not continuous"));
-    };
+    let mut handle = start_tiny_query(&engine, cfg.workers, cfg.stages).await?;
     let warmup = Instant::now() + Duration::from_secs(2);
     let mut t0 = None;
     let deadline = warmup + cfg.duration;
@@ -579,6 +598,172 @@ pub async fn run_sched(cfg: SchedConfig) -> Result<String, PgError> {
         coord_us,
         launches
     ))
+}
+
+/// Settings of `drizzle bench sim`.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Virtual workers.
+    pub workers: usize,
+    /// Drizzle, group-only or BSP.
+    pub scheduling: Scheduling,
+    /// Group size (BSP uses 1).
+    pub group_size: u32,
+    /// Measured seconds (after the warm-up).
+    pub duration: Duration,
+    /// Stages of the query ([`sched_query`]).
+    pub stages: u32,
+}
+
+/// CPU time (µs) of this process's threads whose name starts with
+/// `prefix`, from `/proc/self/task/*/stat` (0 where that is unreadable).
+fn threads_cpu_us(prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    // Clock ticks per second: 100 on Linux everywhere that matters.
+    const TICK_US: u64 = 10_000;
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let named = std::fs::read_to_string(path.join("comm"))
+            .is_ok_and(|c| c.trim_end().starts_with(prefix));
+        if !named {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may hold spaces): state is
+        // field 3, utime 14, stime 15.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        total += (ticks(11) + ticks(12)) * TICK_US;
+    }
+    total
+}
+
+/// Name prefix of the coordinator's threads in `drizzle bench` (their CPU
+/// time is what `bench sim` reports).
+pub const COORDINATOR_THREADS: &str = "drizzle-coord";
+
+/// `drizzle bench sim`: the real coordinator (this process's runtime,
+/// threads named [`COORDINATOR_THREADS`]) schedules a query over `workers`
+/// virtual workers ([`drizzle_exec::sim`], on a runtime of their own), one
+/// source and one reduce partition per worker, micro-batches back to back.
+/// Reports the coordinator threads' CPU time per micro-batch.
+pub async fn run_sim(cfg: SimConfig) -> Result<String, PgError> {
+    let dir = std::env::temp_dir().join(format!("drizzle-sim-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let secret = bench_cluster_secret()?;
+    let engine = Engine::open(
+        &dir,
+        0,
+        EngineConfig {
+            batch_interval: Duration::from_micros(10),
+            group_size: cfg.group_size.max(1),
+            parallelism: 0,
+            scheduling: cfg.scheduling,
+            cluster_secret: secret.clone(),
+            // Heartbeats of a thousand workers sharing two cores may lag.
+            worker_timeout: Duration::from_secs(120),
+            // Virtual workers hold no state: no checkpoint during the run.
+            checkpoint_interval: Duration::from_secs(86_400),
+            ..EngineConfig::default()
+        },
+    )
+    .await?;
+    let workers_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("vworker")
+        .enable_all()
+        .build()
+        .map_err(|e| PgError::internal(format!("cannot start the virtual workers: {e}")))?;
+    let address = engine.runtime.cluster_address.clone();
+    let n = cfg.workers;
+    let virtual_workers = workers_rt
+        .spawn(async move {
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                v.push(drizzle_exec::sim::VirtualWorker::start(&address, &secret).await?);
+            }
+            Ok::<_, drizzle_exec::ExecError>(v)
+        })
+        .await
+        .map_err(|e| PgError::internal(e.to_string()))??;
+    let mut handle = start_tiny_query(&engine, cfg.workers, cfg.stages).await?;
+    let status = std::sync::Arc::clone(&handle.status);
+    let snapshot = || {
+        (
+            Instant::now(),
+            status.batches.load(Ordering::Relaxed),
+            status.coordination_us.load(Ordering::Relaxed),
+            status.launches.load(Ordering::Relaxed),
+            threads_cpu_us(COORDINATOR_THREADS),
+        )
+    };
+    // Warm up until batches flow (registration and the first launches of a
+    // thousand workers take a while), then measure.
+    let warmup = Instant::now() + Duration::from_secs(2);
+    let mut t0 = None;
+    let mut deadline = None;
+    let give_up = Instant::now() + Duration::from_secs(120) + cfg.duration;
+    loop {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) || now >= give_up {
+            break;
+        }
+        if t0.is_none() && now >= warmup && status.batches.load(Ordering::Relaxed) > 0 {
+            t0 = Some(snapshot());
+            deadline = Some(now + cfg.duration);
+        }
+        match tokio::time::timeout(Duration::from_millis(50), handle.next()).await {
+            Ok(Some(Ok(_))) | Err(_) => {}
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) => break,
+        }
+    }
+    let (t1, b1, c1, l1, cpu1) = snapshot();
+    let (t0, b0, c0, l0, cpu0) = t0.unwrap_or((t1, b1, c1, l1, cpu1));
+    handle.cancel();
+    let batches = b1.saturating_sub(b0).max(1);
+    let per_s = batches as f64 / t1.duration_since(t0).as_secs_f64().max(1e-9);
+    let cpu_us = cpu1.saturating_sub(cpu0) as f64 / batches as f64;
+    let coord_us = c1.saturating_sub(c0) as f64 / batches as f64;
+    let launches = l1.saturating_sub(l0) as f64 / batches as f64;
+    engine.runtime.shutdown();
+    drop(virtual_workers);
+    workers_rt.shutdown_background();
+    let _ = std::fs::remove_dir_all(&dir);
+    let group = match cfg.scheduling {
+        Scheduling::Bsp => 1,
+        _ => cfg.group_size,
+    };
+    Ok(format!(
+        "| {:>6} | {:>7} | {:>10} | {:>5} | {:>9.0} | {:>16.1} | {:>17.1} | {:>18.3} |",
+        cfg.stages,
+        cfg.workers,
+        cfg.scheduling.to_string(),
+        group,
+        per_s,
+        cpu_us,
+        coord_us,
+        launches
+    ))
+}
+
+/// The header matching [`run_sim`]'s line.
+pub fn sim_header() -> &'static str {
+    "| stages | workers | scheduling | G     | batches/s | coord. CPU µs / batch | coord. µs / batch | launches / batch   |\n\
+     |-------:|--------:|-----------:|------:|----------:|-----------------:|------------------:|-------------------:|"
 }
 
 /// The header matching [`run_sched`]'s line.

@@ -793,6 +793,46 @@ impl Engine {
                     sql.trim().to_string(),
                 )?)),
             },
+            DrizzleStatement::ExplainAnalyze(target) => {
+                let id = match &target {
+                    drizzle_planner::AnalyzeTarget::Query(id) => drizzle_shuffle::QueryId(*id),
+                    drizzle_planner::AnalyzeTarget::View(name) => {
+                        let running = self.views.lock().get(name).map(|(_, id)| *id);
+                        match running {
+                            Some(id) => id,
+                            None if self.catalog.view(name).is_some() => {
+                                return Err(PgError::new(
+                                    "55000",
+                                    format!("materialized view {name} is not running"),
+                                ))
+                            }
+                            None => return Err(PgError::undefined_table(name)),
+                        }
+                    }
+                };
+                let status = self
+                    .runtime
+                    .queries()
+                    .into_iter()
+                    .find(|q| q.id == id)
+                    .ok_or_else(|| {
+                        PgError::new("42704", format!("query {} is not running", id.0))
+                            .with_hint("SHOW QUERIES lists running queries")
+                    })?;
+                let (schema, batches) = text_batch(
+                    &["QUERY PLAN"],
+                    status
+                        .explain_analyze()
+                        .into_iter()
+                        .map(|l| vec![Some(l)])
+                        .collect(),
+                );
+                Ok(Outcome::Rows {
+                    schema,
+                    batches,
+                    tag: "EXPLAIN",
+                })
+            }
             DrizzleStatement::Explain(query) => {
                 let lines = match self.plan_in(&query, params, settings)? {
                     PlannedQuery::Continuous(plan) => {

@@ -49,8 +49,9 @@ enum Command {
 #[derive(clap::Args)]
 struct BenchArgs {
     /// Workload: `ysb` (YSB-lite), `sched` (scheduling overhead per
-    /// micro-batch), `recovery` (a worker killed mid-run) or `adaptive`
-    /// (the group size under changing load).
+    /// micro-batch), `sim` (the coordinator's cost with many virtual
+    /// workers: `--remote-workers N`), `recovery` (a worker killed mid-run)
+    /// or `adaptive` (the group size under changing load).
     #[arg(default_value = "ysb")]
     workload: String,
     /// Worker processes to start (0 = in-process workers only).
@@ -405,6 +406,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_name(bench::COORDINATOR_THREADS)
         .thread_stack_size(drizzle_exec::THREAD_STACK_BYTES)
         .build()
         .context("cannot start the async runtime")?;
@@ -424,6 +426,18 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                 println!("{}", bench::sched_header());
             }
             runtime.block_on(bench::run_sched(bench::SchedConfig {
+                workers: args.remote_workers.max(1),
+                scheduling,
+                group_size: args.group_size,
+                duration: Duration::from_secs(args.seconds),
+                stages: args.stages,
+            }))
+        }
+        "sim" => {
+            if args.header {
+                println!("{}", bench::sim_header());
+            }
+            runtime.block_on(bench::run_sim(bench::SimConfig {
                 workers: args.remote_workers.max(1),
                 scheduling,
                 group_size: args.group_size,

@@ -2013,6 +2013,7 @@ impl Session {
             },
             DrizzleStatement::Fetch { name, .. } => Ok(self.cursors.get(name).map(|c| c.schema())),
             DrizzleStatement::Explain(_)
+            | DrizzleStatement::ExplainAnalyze(_)
             | DrizzleStatement::ShowObjects(_)
             | DrizzleStatement::ShowQueries
             | DrizzleStatement::ShowWorkers

@@ -254,8 +254,64 @@ async fn runs_on_notices_alone(
 #[test]
 fn a_three_stage_plan_runs_on_notices_alone_one_launch_per_worker_per_group() {
     on_cluster(3, &[], |client| async move {
-        runs_on_notices_alone(&client, &three_stage_setup(), "busiest").await
+        runs_on_notices_alone(&client, &three_stage_setup(), "busiest").await?;
+        explain_analyze_covers_every_stage(&client, "busiest", 3).await
     });
+}
+
+/// `EXPLAIN ANALYZE view`: every stage's header has its tasks run (and a
+/// stateful one its state and watermark lag), every operator its rows and
+/// time, summed over the workers' reports.
+async fn explain_analyze_covers_every_stage(
+    client: &tokio_postgres::Client,
+    view: &str,
+    stages: usize,
+) -> anyhow::Result<()> {
+    let lines = eventually(Duration::from_secs(30), || async {
+        let rows = client
+            .simple_query(&format!("EXPLAIN ANALYZE {view}"))
+            .await?;
+        let lines: Vec<String> = rows
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        // Every stage has run tasks and every final aggregate has had rows.
+        let headers: Vec<&String> = lines.iter().filter(|l| l.contains("  Stage ")).collect();
+        let ran = headers.len() == stages
+            && headers
+                .iter()
+                .all(|h| !h.contains("tasks=0,") && !h.contains("tasks=0]"));
+        let aggregated = lines
+            .iter()
+            .filter(|l| l.contains("AggregateFinalExec"))
+            .all(|l| l.contains("rows in=") && !l.contains("rows in=0 "));
+        Ok((ran && aggregated).then_some(lines))
+    })
+    .await?;
+    let text = lines.join("\n");
+    anyhow::ensure!(text.contains("watermark lag="), "{text}");
+    anyhow::ensure!(text.contains("state="), "{text}");
+    anyhow::ensure!(
+        text.contains("StreamScanExec") && text.contains("[rows="),
+        "{text}"
+    );
+    // A query text, an unknown id and an unknown view are refused clearly.
+    for (sql, code) in [
+        ("EXPLAIN ANALYZE SELECT 1", "0A000"),
+        ("EXPLAIN ANALYZE 987654", "42704"),
+        ("EXPLAIN ANALYZE no_such_view", "42P01"),
+    ] {
+        let err = client.simple_query(sql).await.err();
+        let got = err
+            .as_ref()
+            .and_then(|e| e.code())
+            .map(|c| c.code().to_string());
+        anyhow::ensure!(got.as_deref() == Some(code), "{sql}: {err:?}");
+    }
+    Ok(())
 }
 
 /// Four stages: two sources, a window join, and a windowed count over it.

@@ -4,8 +4,11 @@
 //! same time, to a server that suffers no failure.
 //!
 //! Running on the cluster: a windowed aggregate, a window join of two
-//! streams and an upsert aggregate (materialized views), and in some cases a
-//! continuous `SELECT` and a `COPY ... TO STDOUT` client. Faults: `kill -9`
+//! streams, an upsert aggregate, a three-stage aggregate over windowed
+//! aggregates and a six-stage window join of per-key sums with their
+//! per-window maximum (broadcast to every partition) as materialized views,
+//! and in some cases a continuous `SELECT` and a `COPY ... TO STDOUT`
+//! client. Faults: `kill -9`
 //! of one worker (also while checkpoints are being written), two workers
 //! lost one after the other, a worker frozen (SIGSTOP, a partition) and
 //! thawed, a worker added mid-stream, a worker drained
@@ -54,7 +57,15 @@ const DDL: &str = "\
     CREATE MATERIALIZED VIEW busiest AS SELECT ws, max(n) AS top, sum(s) AS s FROM ( \
         SELECT window_start AS ws, k, count(*) AS n, sum(v) AS s \
         FROM TUMBLE(a, ts, INTERVAL '2' SECOND) GROUP BY window_start, k) AS per_key \
-        GROUP BY ws";
+        GROUP BY ws; \
+    CREATE MATERIALIZED VIEW leaders AS SELECT c.ws, c.k, c.s FROM ( \
+        SELECT window_start AS ws, k, sum(v) AS s \
+        FROM TUMBLE(a, ts, INTERVAL '2' SECOND) GROUP BY window_start, k) AS c \
+        JOIN (SELECT ws, max(s) AS top FROM ( \
+            SELECT window_start AS ws, k, sum(v) AS s \
+            FROM TUMBLE(a, ts, INTERVAL '2' SECOND) GROUP BY window_start, k) AS p \
+            GROUP BY ws) AS m \
+        ON c.ws = m.ws AND c.s = m.top";
 
 const WINDOWED: &str = "SELECT window_start, k, count(*) AS n, sum(v) AS s \
     FROM TUMBLE(a, ts, INTERVAL '2' SECOND) GROUP BY window_start, k";
@@ -387,7 +398,7 @@ async fn run(
                     // The views resumed from their checkpoints.
                     let q = eventually(Duration::from_secs(30), || async {
                         let q = show(&admin, "SHOW QUERIES").await?;
-                        Ok((q.len() == 4).then_some(q))
+                        Ok((q.len() == 5).then_some(q))
                     })
                     .await?;
                     for r in &q {
@@ -414,7 +425,7 @@ async fn run(
                     eprintln!("checkpoints repaired; lost-work recovery again");
                 }
                 Fault::Parallelism(n) => {
-                    for view in ["win", "joined", "totals", "busiest"] {
+                    for view in ["win", "joined", "totals", "busiest", "leaders"] {
                         admin
                             .batch_execute(&format!(
                                 "ALTER MATERIALIZED VIEW {view} SET parallelism = {n}"
@@ -441,11 +452,13 @@ async fn run(
         let w = contents(&oracle_admin, "win").await?;
         let j = contents(&oracle_admin, "joined").await?;
         let b = contents(&oracle_admin, "busiest").await?;
+        let l = contents(&oracle_admin, "leaders").await?;
         Ok((t == totals
             && w.len() == window_rows
             && j.len() == expected_join_rows()
-            && b.len() == window_rows / KEYS)
-            .then_some((w, j, t, b)))
+            && b.len() == window_rows / KEYS
+            && l.len() == window_rows / KEYS)
+            .then_some((w, j, t, b, l)))
     })
     .await?;
     eprintln!("oracle final; waiting for the cluster");
@@ -457,17 +470,23 @@ async fn run(
         let j = contents(&admin, "joined").await?;
         let t = contents(&admin, "totals").await?;
         let b = contents(&admin, "busiest").await?;
+        let l = contents(&admin, "leaders").await?;
         Ok((w.len() >= window_rows
             && t == totals
             && j.len() >= final_oracle.1.len()
-            && b.len() >= final_oracle.3.len())
-        .then_some((w, j, t, b)))
+            && b.len() >= final_oracle.3.len()
+            && l.len() >= final_oracle.4.len())
+        .then_some((w, j, t, b, l)))
     })
     .await?;
     assert_eq!(got.0, final_oracle.0, "windowed aggregate view differs");
     assert_eq!(got.1, final_oracle.1, "window join view differs");
     assert_eq!(got.2, final_oracle.2, "upsert aggregate view differs");
     assert_eq!(got.3, final_oracle.3, "three-stage view differs");
+    assert_eq!(
+        got.4, final_oracle.4,
+        "six-stage view with a broadcast join differs"
+    );
     eprintln!("views equal; collecting continuous clients");
     // Continuous clients: exactly the oracle's rows, once each, in order.
     let mut outputs = Vec::new();
@@ -656,7 +675,7 @@ fn kill9_of_the_server_resumes_views_from_checkpoints() {
     // (SHOW QUERIES right after the restart) and that the running SELECT
     // and COPY got an error, not a silent end.
     let (_cluster, seen) = scenario(2, &[], vec![(20, Fault::RestartServer)], true);
-    assert_eq!(seen.queries.len(), 4);
+    assert_eq!(seen.queries.len(), 5, "every view resumed");
 }
 
 #[test]

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How often an attempt waiting for its batches looks at membership (lost,
+/// draining or new workers) when nothing told it that membership changed.
+const MEMBERSHIP_CHECK: Duration = Duration::from_millis(20);
+
 impl Runtime {
     /// The coordinator loop of one query: runs attempts until the query
     /// ends. An attempt places partitions on the live workers, then plans and
@@ -307,6 +311,22 @@ impl Runtime {
             })
         };
         let mut plan_sent = vec![false; placement.len()];
+        // Each worker's tasks, once per attempt (placement is sticky within
+        // it): a group's launches then cost O(workers), not O(workers²).
+        let mut slot_maps: Vec<Vec<(usize, u32)>> = vec![Vec::new(); placement.len()];
+        for (stage, slots) in layout.maps.iter().enumerate() {
+            for (p, &slot) in (0u32..).zip(slots) {
+                if let Some(m) = slot_maps.get_mut(slot) {
+                    m.push((stage, p));
+                }
+            }
+        }
+        let mut slot_reduces: Vec<Vec<u32>> = vec![Vec::new(); placement.len()];
+        for (r, &slot) in (0u32..).zip(&layout.reduces) {
+            if let Some(v) = slot_reduces.get_mut(slot) {
+                v.push(r);
+            }
+        }
         let mut last_boundary: Option<Instant> = None;
         let mut coordinated = Duration::ZERO;
         let mut group = 0u64;
@@ -387,25 +407,21 @@ impl Runtime {
                 let mut sends = Vec::new();
                 let mut sent_to = Vec::new();
                 for (i, placed) in placement.iter().enumerate() {
-                    let mut map_tasks: Vec<pb::MapTaskSpec> = Vec::new();
-                    for (stage, slots) in layout.maps.iter().enumerate() {
-                        map_tasks.extend((0u32..).zip(slots).filter(|(_, &slot)| slot == i).map(
-                            |(p, _)| {
-                                let (start, max_event) = start_of(stage, p);
-                                pb::MapTaskSpec {
-                                    partition: p,
-                                    stage: stage as u32,
-                                    start_offset: (!plan_sent[i]).then_some(start),
-                                    max_event_us: if plan_sent[i] { None } else { max_event },
-                                }
-                            },
-                        ));
-                    }
-                    let reduce_tasks: Vec<u32> = (0u32..)
-                        .zip(&layout.reduces)
-                        .filter(|(_, &slot)| slot == i)
-                        .map(|(r, _)| r)
+                    let first = !plan_sent[i];
+                    let map_tasks: Vec<pb::MapTaskSpec> = slot_maps[i]
+                        .iter()
+                        .map(|&(stage, p)| {
+                            let (start, max_event) =
+                                if first { start_of(stage, p) } else { (0, None) };
+                            pb::MapTaskSpec {
+                                partition: p,
+                                stage: stage as u32,
+                                start_offset: first.then_some(start),
+                                max_event_us: max_event,
+                            }
+                        })
                         .collect();
+                    let reduce_tasks = slot_reduces[i].clone();
                     if map_tasks.is_empty() && reduce_tasks.is_empty() {
                         continue;
                     }
@@ -422,13 +438,20 @@ impl Runtime {
                         mode: mode as i32,
                         map_partitions: query.partitions(0),
                         reduce_partitions,
-                        reduce_placement: reduce_placement.clone(),
+                        // The layout travels in an attempt's first launch
+                        // to each worker; later ones leave it empty
+                        // (unchanged), so they do not grow with the cluster.
+                        reduce_placement: if first {
+                            reduce_placement.clone()
+                        } else {
+                            Vec::new()
+                        },
                         map_tasks,
                         reduce_tasks,
                         batches: batches.clone(),
                         label: query.status.label.clone(),
                         tables_version,
-                        shuffle_inputs: if reduce_partitions > 0 {
+                        shuffle_inputs: if reduce_partitions > 0 && first {
                             map_partitions.clone()
                         } else {
                             Vec::new()
@@ -437,8 +460,16 @@ impl Runtime {
                         checkpoint,
                         restore: if plan_sent[i] { None } else { restore.clone() },
                         generation,
-                        map_owners: map_owners.clone(),
-                        reduce_owners: reduce_owners.clone(),
+                        map_owners: if first {
+                            map_owners.clone()
+                        } else {
+                            Vec::new()
+                        },
+                        reduce_owners: if first {
+                            reduce_owners.clone()
+                        } else {
+                            Vec::new()
+                        },
                         retain_blocks,
                         covered_through,
                         memory_limit: query.status.memory_limit,
@@ -509,6 +540,11 @@ impl Runtime {
                 (None, Scheduling::Bsp) => next_batch,
                 (None, _) => next_batch.saturating_sub(g) + g / 2,
             };
+            // Membership is checked when it changed, and at least every
+            // MEMBERSHIP_CHECK: not on every released batch (it costs
+            // O(workers)).
+            let mut membership_changed = true;
+            let mut last_membership_check = Instant::now();
             loop {
                 if *done.borrow() >= threshold || cancel.is_cancelled() {
                     break;
@@ -527,19 +563,23 @@ impl Runtime {
                 }) {
                     break;
                 }
-                if let Some(lost) = self.lost_worker(placement) {
-                    return (AttemptEnd::WorkerLost(lost), carry(next_batch));
-                }
-                if closing.is_none()
-                    && checkpoints_on
-                    && self.needs_rebalance(query, placement, reduce_partitions)
-                {
-                    break; // plan the closing group now
+                if membership_changed || last_membership_check.elapsed() >= MEMBERSHIP_CHECK {
+                    membership_changed = false;
+                    last_membership_check = Instant::now();
+                    if let Some(lost) = self.lost_worker(placement) {
+                        return (AttemptEnd::WorkerLost(lost), carry(next_batch));
+                    }
+                    if closing.is_none()
+                        && checkpoints_on
+                        && self.needs_rebalance(query, placement, reduce_partitions)
+                    {
+                        break; // plan the closing group now
+                    }
                 }
                 tokio::select! {
                     r = done.changed() => if r.is_err() { return (AttemptEnd::Cancelled, carry(next_batch)) },
                     _ = cancel.notify.notified() => return (AttemptEnd::Cancelled, carry(next_batch)),
-                    _ = workers_changed => {}
+                    _ = workers_changed => membership_changed = true,
                     _ = progress => {}
                     Some(report) = reports.recv() => {
                         tracing::trace!(query = %query.id, group = report.group, worker = report.worker, "group report");

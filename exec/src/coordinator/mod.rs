@@ -99,12 +99,15 @@ use crate::operators::TableEvaluator;
 use crate::sources::SourcePartition;
 use crate::worker::{start_worker, ErrorClassifier, WorkerConfig, WorkerHandle};
 
+mod analyze;
 mod attempt;
 mod barrier;
 mod collector;
 mod query;
 mod service;
 mod state;
+#[allow(unused_imports)]
+pub use self::analyze::Analysis;
 #[allow(unused_imports)]
 use self::attempt::*;
 #[allow(unused_imports)]
@@ -311,6 +314,33 @@ pub struct QueryStatus {
     pub state_keys: AtomicU64,
     /// The query's memory budget (bytes, 0: none).
     pub memory_limit: u64,
+    /// The query's stage graph (for `EXPLAIN ANALYZE`).
+    pub graph: StageGraph,
+    /// What its tasks did, as workers reported (`EXPLAIN ANALYZE`).
+    pub analysis: Mutex<Analysis>,
+}
+
+impl QueryStatus {
+    /// `EXPLAIN ANALYZE`: the stage graph with what every stage and operator
+    /// did so far.
+    pub fn explain_analyze(&self) -> Vec<String> {
+        let batches = self.batches.load(Ordering::Relaxed);
+        let header = format!(
+            "StreamingQuery {} ({}): {} batches, {} rows in, {} rows out, {} late, running {:.1} s",
+            self.id.0,
+            self.label,
+            batches,
+            self.rows_in.load(Ordering::Relaxed),
+            self.rows_out.load(Ordering::Relaxed),
+            self.late_rows.load(Ordering::Relaxed),
+            self.started.elapsed().as_secs_f64()
+        );
+        self.analysis.lock().render(
+            header,
+            &self.graph,
+            self.reduce_partitions.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// How many recent per-batch latencies a query keeps (for benchmarks and SHOW).
@@ -870,6 +900,8 @@ impl Runtime {
             state_bytes: AtomicU64::new(0),
             state_keys: AtomicU64::new(0),
             memory_limit: spec.memory_limit,
+            graph: spec.plan.graph(),
+            analysis: Mutex::new(Analysis::default()),
         });
         // Workers get the stage graph (each stage's fragment), not the plan.
         let graph = spec.plan.graph();

@@ -31,6 +31,10 @@ impl State {
         };
         if let Some(w) = removed {
             tracing::warn!(worker = id.0, address = %w.address, "worker removed: {why}");
+            let queries: Vec<Arc<CompiledQuery>> = self.queries.lock().values().cloned().collect();
+            for q in queries {
+                q.status.analysis.lock().forget(id.0);
+            }
             self.workers_changed.notify_waiters();
         }
     }
@@ -61,6 +65,7 @@ impl State {
             q.status
                 .late_rows
                 .fetch_add(report.late_rows, Ordering::Relaxed);
+            q.status.analysis.lock().add(report.worker, &report);
             let _ = q.reports.send(report);
         }
     }
@@ -187,14 +192,20 @@ impl State {
         if q.over_budget.load(Ordering::Acquire) {
             return;
         }
+        // Running totals, updated under the lock by the worker's change
+        // (every sink task reports: a sum over all workers would cost
+        // O(workers) per task).
         let (total, total_keys) = {
             let mut by = q.state_by_worker.lock();
-            by.insert(worker, (bytes, keys));
-            by.values()
-                .fold((0u64, 0u64), |(b, k), (x, y)| (b + x, k + y))
+            let (old_bytes, old_keys) = by.insert(worker, (bytes, keys)).unwrap_or_default();
+            let total =
+                (q.status.state_bytes.load(Ordering::Relaxed) + bytes).saturating_sub(old_bytes);
+            let total_keys =
+                (q.status.state_keys.load(Ordering::Relaxed) + keys).saturating_sub(old_keys);
+            q.status.state_bytes.store(total, Ordering::Relaxed);
+            q.status.state_keys.store(total_keys, Ordering::Relaxed);
+            (total, total_keys)
         };
-        q.status.state_bytes.store(total, Ordering::Relaxed);
-        q.status.state_keys.store(total_keys, Ordering::Relaxed);
         let limit = q.status.memory_limit;
         if limit > 0 && total > limit {
             q.over_budget.store(true, Ordering::Release);

@@ -48,6 +48,42 @@ pub fn steps(stage: &Stage) -> Vec<Step> {
     out
 }
 
+/// Which of the stage's operators each of [`steps`]'s steps runs (a run of
+/// kernels is one step of several operators).
+pub fn step_operators(stage: &Stage) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut kernels = false;
+    for (i, op) in stage.operators.iter().enumerate() {
+        let kernel = matches!(op, Operator::Kernel(_));
+        match out.last_mut() {
+            Some(run) if kernel && kernels => run.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+        kernels = kernel;
+    }
+    out
+}
+
+/// What one step did, summed over tasks (for `EXPLAIN ANALYZE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepStats {
+    /// Rows into the step.
+    pub rows_in: u64,
+    /// Rows out of it.
+    pub rows_out: u64,
+    /// Time spent in it (ns).
+    pub time_ns: u64,
+}
+
+impl StepStats {
+    /// Adds one run of `rows_in` → `rows_out` rows since `started`.
+    pub fn record(&mut self, rows_in: usize, rows_out: usize, started: std::time::Instant) {
+        self.rows_in += rows_in as u64;
+        self.rows_out += rows_out as u64;
+        self.time_ns += started.elapsed().as_nanos() as u64;
+    }
+}
+
 /// The per-partition state of a chain's stateless steps: the window
 /// assigner's largest event time and each kernel run's lookup tables.
 #[derive(Default)]
@@ -83,18 +119,22 @@ pub fn steps_watermark(steps: &[Step], state: &ChainState) -> Option<i64> {
 }
 
 /// Runs `steps` (none of them [`Step::Stateful`]) over `batch`; returns
-/// the output and the rows dropped as late.
+/// the output and the rows dropped as late. `stats[i]` (where there is
+/// one) counts step i's rows and time.
 pub fn run_steps(
     steps: &[Step],
     mut batch: RecordBatch,
     state: &mut ChainState,
     tables: &dyn TableEvaluator,
+    stats: &mut [StepStats],
 ) -> Result<(RecordBatch, u64)> {
     let mut late = 0;
     if state.joins.len() < steps.len() {
         state.joins.resize_with(steps.len(), JoinCache::default);
     }
     for (i, step) in steps.iter().enumerate() {
+        let started = std::time::Instant::now();
+        let rows_in = batch.num_rows();
         batch = match step {
             Step::Window(spec, schema) => {
                 let assigned = state.window.assign(spec, schema, &batch)?;
@@ -114,6 +154,9 @@ pub fn run_steps(
                 ))
             }
         };
+        if let Some(s) = stats.get_mut(i) {
+            s.record(rows_in, batch.num_rows(), started);
+        }
     }
     Ok((batch, late))
 }

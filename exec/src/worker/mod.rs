@@ -74,12 +74,13 @@ use crate::checkpoint::StateObject;
 use crate::cluster::pb::worker_server::{Worker as WorkerRpc, WorkerServer};
 use crate::cluster::pb::{self, SchedulingMode};
 use crate::cluster::{
-    coordinator_client, from_ipc, rpc_error, to_ipc, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+    coordinator_client, from_ipc, rpc_error, to_ipc, INPUT_STEP, MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
 };
 use crate::error::{ExecError, Result};
 use crate::operators::{
     run_steps, stateful_operator, steps, steps_watermark, ChainState, OperatorSnapshot, StateSize,
-    StatefulOperator, Step, TableEvaluator, WindowAssignExec,
+    StatefulOperator, Step, StepStats, TableEvaluator, WindowAssignExec,
 };
 use crate::sources::{DatagenSource, MAX_BATCH_ROWS};
 
@@ -88,6 +89,7 @@ mod service;
 mod tasks;
 #[allow(unused_imports)]
 use self::scheduler::*;
+pub(crate) use self::service::new_epoch;
 #[allow(unused_imports)]
 use self::service::*;
 #[allow(unused_imports)]
@@ -570,6 +572,36 @@ struct WorkerQuery {
     delta_bases: BTreeMap<u64, Option<u64>>,
     /// The query's shuffle token: tickets and notices carry it.
     token: QueryToken,
+    /// Rows and time per stage and step since the last group report.
+    stats: BTreeMap<u32, StageStats>,
+    /// State held and watermark, per (stage, partition) on this worker.
+    gauges: BTreeMap<(u32, u32), Gauge>,
+}
+
+/// What a stage's tasks did on this worker since the last report.
+#[derive(Debug, Default)]
+struct StageStats {
+    /// Reading the input: a source range, or shuffled blocks.
+    input: StepStats,
+    /// Per step of the stage's chain ([`steps`]).
+    steps: Vec<StepStats>,
+    tasks: u64,
+}
+
+impl StageStats {
+    fn new(steps: usize) -> Self {
+        Self {
+            steps: vec![StepStats::default(); steps],
+            ..Self::default()
+        }
+    }
+}
+
+/// The state a partition holds and the watermark it last acted on.
+#[derive(Debug, Clone, Copy)]
+struct Gauge {
+    state: StateSize,
+    watermark_us: Option<i64>,
 }
 
 #[derive(Default)]

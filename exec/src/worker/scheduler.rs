@@ -409,6 +409,8 @@ impl Scheduler {
                     memory_limit: 0,
                     delta_bases: BTreeMap::new(),
                     token: QueryToken::default(),
+                    stats: BTreeMap::new(),
+                    gauges: BTreeMap::new(),
                 },
             );
         }
@@ -757,6 +759,8 @@ impl Scheduler {
             rows_in: std::mem::take(&mut wq.rows_in),
             late_rows: std::mem::take(&mut wq.late_rows),
             tasks: progress.tasks,
+            operators: operator_stats(std::mem::take(&mut wq.stats)),
+            stages: stage_gauges(&wq.gauges),
         };
         self.shared
             .event(pb::worker_event::Event::GroupReport(report));
@@ -828,4 +832,50 @@ pub(super) fn watermark_of(notices: &[pb::MapOutputReady], inputs: &[(u32, u32)]
         overall = Some(overall.map_or(w, |o| o.min(w)));
     }
     overall
+}
+
+/// A report's operator figures: per stage, its input (`step` =
+/// [`INPUT_STEP`]) and each step of its chain, since the last report.
+fn operator_stats(stats: BTreeMap<u32, StageStats>) -> Vec<pb::OperatorStats> {
+    let mut out = Vec::new();
+    for (stage, s) in stats {
+        let one = |step: u32, st: &StepStats, tasks: u64| pb::OperatorStats {
+            stage,
+            step,
+            rows_in: st.rows_in,
+            rows_out: st.rows_out,
+            time_us: st.time_ns / 1000,
+            tasks,
+        };
+        out.push(one(INPUT_STEP, &s.input, s.tasks));
+        for (i, st) in s.steps.iter().enumerate() {
+            out.push(one(i as u32, st, 0));
+        }
+    }
+    out
+}
+
+/// A report's gauges: per stage, the state its partitions on this worker
+/// hold and the lowest watermark they acted on.
+fn stage_gauges(gauges: &BTreeMap<(u32, u32), Gauge>) -> Vec<pb::StageGauge> {
+    let mut out: Vec<pb::StageGauge> = Vec::new();
+    for (&(stage, _), g) in gauges {
+        if out.last().is_none_or(|o| o.stage != stage) {
+            out.push(pb::StageGauge {
+                stage,
+                state_bytes: 0,
+                state_keys: 0,
+                watermark_us: g.watermark_us,
+            });
+        }
+        if let Some(o) = out.last_mut() {
+            o.state_bytes += g.state.bytes;
+            o.state_keys += g.state.keys;
+            o.watermark_us = match (o.watermark_us, g.watermark_us) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                _ => None,
+            };
+        }
+    }
+    out
 }

@@ -75,7 +75,7 @@ impl WorkerRpc for WorkerService {
 }
 
 /// A fresh nonzero registration epoch: wall clock, process and a counter.
-pub(super) fn new_epoch() -> u64 {
+pub(crate) fn new_epoch() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)

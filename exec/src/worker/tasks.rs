@@ -69,6 +69,7 @@ impl Scheduler {
             )));
         };
         let from = state.next_offset;
+        let read_started = Instant::now();
         let (to, pieces) = Self::read_source(&shared, qid, &state.source, from, until)?;
         state.next_offset = to;
         state.last_batch = Some(b);
@@ -78,15 +79,30 @@ impl Scheduler {
                 "source stage {stage} does not exist"
             )));
         };
+        let stats = wq
+            .stats
+            .entry(stage)
+            .or_insert_with(|| StageStats::new(steps.len()));
+        stats.tasks += 1;
+        let read = (to - from) as usize;
+        stats.input.record(read, read, read_started);
         let mut outputs = Vec::with_capacity(pieces.len());
         for piece in pieces {
-            let (out, late) = run_steps(steps, piece, &mut state.chain, &wq.tables)?;
+            let (out, late) =
+                run_steps(steps, piece, &mut state.chain, &wq.tables, &mut stats.steps)?;
             wq.late_rows += late;
             if out.num_rows() > 0 {
                 outputs.push(out);
             }
         }
         let watermark_us = steps_watermark(steps, &state.chain);
+        wq.gauges.insert(
+            (stage, p.0),
+            Gauge {
+                state: state.chain.size(),
+                watermark_us,
+            },
+        );
         let group = group_of(&wq.group_starts, b);
         let checkpoint = wq.group_ends.get(&group) == Some(&(b, true));
         if let Some(progress) = wq.groups.get_mut(&group) {
@@ -140,7 +156,7 @@ impl Scheduler {
         stage: u32,
         producer: u32,
         outputs: &[RecordBatch],
-        by: &[Arc<dyn datafusion::physical_expr::PhysicalExpr>],
+        by: &Partitioning,
         watermark_us: Option<i64>,
     ) -> Result<()> {
         let Some(wq) = self.queries.get_mut(&qid) else {
@@ -158,12 +174,24 @@ impl Scheduler {
             }
         }
         let mut rows = vec![0u32; parts_n];
+        // A broadcast block is the same for every partition: encoded once.
+        let mut broadcast: Option<bytes::Bytes> = None;
         for (r, parts) in per_reduce.iter().enumerate() {
             let Some(first) = parts.first() else {
                 continue;
             };
             rows[r] = parts.iter().map(|b| b.num_rows() as u32).sum();
-            let bytes = drizzle_shuffle::encode_block(&first.schema(), parts)?;
+            let bytes = match (&broadcast, by) {
+                (Some(bytes), _) => bytes.clone(),
+                (None, Partitioning::Broadcast) => {
+                    let bytes = drizzle_shuffle::encode_block(&first.schema(), parts)?;
+                    broadcast = Some(bytes.clone());
+                    bytes
+                }
+                (None, Partitioning::Hash(_)) => {
+                    drizzle_shuffle::encode_block(&first.schema(), parts)?
+                }
+            };
             let id = BlockId {
                 query: qid,
                 batch: BatchId(b),
@@ -309,6 +337,7 @@ impl Scheduler {
             .remove(&(b, stage, r))
             .unwrap_or_default();
         pending.notices.sort_by_key(|n| (n.stage, n.map));
+        let fetch_started = Instant::now();
         let mut partials = Vec::new();
         let mut failed = None;
         for n in &pending.notices {
@@ -363,7 +392,26 @@ impl Scheduler {
                 .unwrap_or(0);
             inputs[i].push(batch);
         }
+        let fetched: usize = inputs.iter().flatten().map(|b| b.num_rows()).sum();
+        let stats = wq
+            .stats
+            .entry(stage)
+            .or_insert_with(|| StageStats::new(wq.steps.get(stage as usize).map_or(1, Vec::len)));
+        stats.tasks += 1;
+        stats.input.record(fetched, fetched, fetch_started);
+        let started = Instant::now();
         let out = state.operator.process(b, &inputs, watermark)?;
+        let produced: usize = out.chunks.iter().map(|(_, c)| c.num_rows()).sum();
+        if let Some(s) = stats.steps.first_mut() {
+            s.record(fetched, produced, started);
+        }
+        wq.gauges.insert(
+            (stage, r.0),
+            Gauge {
+                state: state.size(),
+                watermark_us: watermark,
+            },
+        );
         wq.late_rows += out.late;
         let operator = format!("{} (partition {r} of stage {stage})", state.operator.name());
         wq.check_budget(&operator, self.shared.store.query_bytes(qid))?;
@@ -400,8 +448,19 @@ impl Scheduler {
             .get(stage as usize)
             .map_or(&[][..], |s| s.get(1..).unwrap_or_default());
         let mut chunks = Vec::with_capacity(out.chunks.len());
+        let mut no_stats = [];
+        let after_stats = match wq.stats.get_mut(&stage) {
+            Some(s) => s.steps.get_mut(1..).unwrap_or_default(),
+            None => &mut no_stats[..],
+        };
         for (w, batch) in out.chunks {
-            let (batch, late) = run_steps(after, batch, &mut state.chain, &wq.tables)?;
+            let (batch, late) = run_steps(
+                after,
+                batch,
+                &mut state.chain,
+                &wq.tables,
+                &mut *after_stats,
+            )?;
             wq.late_rows += late;
             chunks.push((w, batch));
         }
@@ -463,28 +522,23 @@ impl Scheduler {
     }
 }
 
-/// What stage `stage`'s shuffle hashes on; `None` when it writes the sink.
-pub(super) fn shuffle_keys(
-    graph: &StageGraph,
-    stage: GraphStage,
-) -> Option<Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>> {
+/// How stage `stage`'s shuffle spreads its rows; `None` when it writes
+/// the sink.
+pub(super) fn shuffle_keys(graph: &StageGraph, stage: GraphStage) -> Option<Partitioning> {
     match &graph.stage(stage)?.output {
-        StageOutput::Shuffle {
-            partitioning: Partitioning::Hash(keys),
-            ..
-        } => Some(keys.clone()),
+        StageOutput::Shuffle { partitioning, .. } => Some(partitioning.clone()),
         StageOutput::Sink(_) => None,
     }
 }
 
 /// Splits `batch` into `n` reduce partitions by the shuffle keys (no keys:
-/// everything to partition 0). Map tasks and re-partitioned state restores
-/// route rows the same way.
-pub(super) fn route(
-    batch: &RecordBatch,
-    by: &[Arc<dyn datafusion::physical_expr::PhysicalExpr>],
-    n: usize,
-) -> Result<Vec<RecordBatch>> {
+/// everything to partition 0; broadcast: all of it to each). Map tasks and
+/// re-partitioned state restores route rows the same way.
+pub(super) fn route(batch: &RecordBatch, by: &Partitioning, n: usize) -> Result<Vec<RecordBatch>> {
+    let by = match by {
+        Partitioning::Hash(keys) => keys,
+        Partitioning::Broadcast => return Ok(vec![batch.clone(); n]),
+    };
     let mut keys = Vec::with_capacity(by.len());
     for k in by {
         keys.push(k.evaluate(batch)?.into_array(batch.num_rows())?);
@@ -579,7 +633,13 @@ pub(super) fn restore_reduce(
                 let by = inputs
                     .get(i)
                     .and_then(|s| shuffle_keys(graph, *s))
-                    .unwrap_or_default();
+                    .unwrap_or(Partitioning::Hash(Vec::new()));
+                if matches!(by, Partitioning::Broadcast) {
+                    // Every old partition held all of a broadcast input:
+                    // take old partition 0's copy, for every new partition.
+                    sections.push(if st.partition == 0 { rows } else { Vec::new() });
+                    continue;
+                }
                 let mut mine = Vec::with_capacity(rows.len());
                 for batch in &rows {
                     let mut parts = route(batch, &by, partitions as usize)?;

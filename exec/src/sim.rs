@@ -1,0 +1,330 @@
+//! Virtual workers: the real coordinator driven by many simulated workers in
+//! one process, to measure what coordinating costs beyond the machines at
+//! hand (`drizzle bench sim`).
+//!
+//! A [`VirtualWorker`] speaks the cluster protocol like a `drizzle worker`:
+//! it registers with the cluster secret, keeps an `Events` stream open with
+//! its credential, heartbeats, and serves the `Worker` service on its own
+//! loopback port. It runs no operator: every task completes at once with no
+//! rows. In Drizzle mode it delivers each batch's sink partitions it owns as
+//! soon as a group is launched (consumers would start on worker-to-worker
+//! notices, which the coordinator never sees, so the simulation leaves them
+//! out); in BSP and group-only modes its tasks report `MapDone` to the
+//! coordinator and wait for `LaunchReduce`, stage after stage, as real
+//! workers do. Every group is acknowledged with a `GroupReport`. What the
+//! coordinator does for them is exactly what it does for real workers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use drizzle_planner::{StageGraph, StageInput, StageOutput};
+
+use crate::cluster::{pb, ClusterSecret, PROTOCOL_VERSION};
+use crate::error::{ExecError, Result};
+
+/// What a virtual worker knows of a query it runs.
+struct SimQuery {
+    graph: StageGraph,
+    attempt: u64,
+    token: Vec<u8>,
+    mode: i32,
+    reduce_partitions: u32,
+    /// Map partitions it owns, as (stage, partition).
+    maps: Vec<(u32, u32)>,
+    /// Reduce partitions it owns (of every shuffle stage).
+    reduces: Vec<u32>,
+}
+
+struct Inner {
+    id: AtomicU64,
+    epoch: u64,
+    address: String,
+    events: mpsc::UnboundedSender<pb::WorkerEvent>,
+    queries: Mutex<HashMap<u64, SimQuery>>,
+    /// Launch messages received (groups and BSP reduce launches).
+    launches: AtomicU64,
+}
+
+impl Inner {
+    fn id(&self) -> u32 {
+        self.id.load(Ordering::Acquire) as u32
+    }
+
+    fn send(&self, event: pb::worker_event::Event) {
+        let _ = self.events.send(pb::WorkerEvent { event: Some(event) });
+    }
+
+    fn output(&self, query: u64, batch: u64, partition: u32, attempt: u64) {
+        self.send(pb::worker_event::Event::Output(pb::TaskOutput {
+            query,
+            batch,
+            partition,
+            attempt,
+            ..Default::default()
+        }));
+    }
+
+    fn map_done(&self, q: &SimQuery, query: u64, batch: u64, stage: u32, map: u32) {
+        self.send(pb::worker_event::Event::MapDone(pb::MapOutputReady {
+            query,
+            batch,
+            stage,
+            map,
+            rows: vec![0; q.reduce_partitions as usize],
+            watermark_us: None,
+            location: self.address.clone(),
+            worker: self.id(),
+            attempt: q.attempt,
+            token: q.token.clone(),
+        }));
+    }
+
+    /// A task of `stage` finished: its rows go to the sink or, in BSP and
+    /// group-only modes, its completion to the coordinator's barrier.
+    fn finish(&self, q: &SimQuery, query: u64, batch: u64, stage: u32, partition: u32) {
+        match q
+            .graph
+            .stage(drizzle_planner::graph::StageId(stage))
+            .map(|s| &s.output)
+        {
+            Some(StageOutput::Sink(_)) => self.output(query, batch, partition, q.attempt),
+            Some(StageOutput::Shuffle { .. }) if q.mode != pb::SchedulingMode::Drizzle as i32 => {
+                self.map_done(q, query, batch, stage, partition);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Service(Arc<Inner>);
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for Service {
+    async fn launch_group(
+        &self,
+        request: Request<pb::LaunchGroupRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let req = request.into_inner();
+        let w = &self.0;
+        w.launches.fetch_add(1, Ordering::Relaxed);
+        let mut queries = w.queries.lock();
+        if !req.plan.is_empty() || !queries.contains_key(&req.query) {
+            let ctx = drizzle_planner::new_session_context().task_ctx();
+            let graph = drizzle_planner::decode_graph(&req.plan, &ctx)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            queries.insert(
+                req.query,
+                SimQuery {
+                    graph,
+                    attempt: req.attempt,
+                    token: req.query_token.clone(),
+                    mode: req.mode,
+                    reduce_partitions: req.reduce_partitions,
+                    maps: Vec::new(),
+                    reduces: Vec::new(),
+                },
+            );
+        }
+        let Some(q) = queries.get_mut(&req.query) else {
+            return Ok(Response::new(pb::Ack {}));
+        };
+        q.attempt = req.attempt;
+        q.mode = req.mode;
+        q.reduce_partitions = req.reduce_partitions;
+        q.maps = req
+            .map_tasks
+            .iter()
+            .map(|m| (m.stage, m.partition))
+            .collect();
+        q.reduces = req.reduce_tasks.clone();
+        let sink = q.graph.sink();
+        let sink_reads_a_source = matches!(sink.input, StageInput::Source(_));
+        let drizzle = req.mode == pb::SchedulingMode::Drizzle as i32;
+        let mut tasks = 0;
+        for b in &req.batches {
+            if drizzle && !sink_reads_a_source {
+                // Every stage's tasks run on notices; only the sink's
+                // partitions reach the coordinator.
+                for &r in &q.reduces {
+                    w.output(req.query, b.batch, r, q.attempt);
+                    tasks += 1;
+                }
+            } else {
+                for &(stage, p) in &q.maps {
+                    w.finish(q, req.query, b.batch, stage, p);
+                    tasks += 1;
+                }
+            }
+        }
+        w.send(pb::worker_event::Event::GroupReport(pb::GroupReport {
+            query: req.query,
+            group: req.group,
+            worker: w.id(),
+            epoch: w.epoch,
+            attempt: req.attempt,
+            tasks,
+            ..Default::default()
+        }));
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn notices(
+        &self,
+        request: Request<tonic::Streaming<pb::MapOutputReady>>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let mut notices = request.into_inner();
+        while notices.message().await?.is_some() {}
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn launch_reduce(
+        &self,
+        request: Request<pb::LaunchReduceRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let req = request.into_inner();
+        let w = &self.0;
+        w.launches.fetch_add(1, Ordering::Relaxed);
+        let queries = w.queries.lock();
+        let Some(q) = queries.get(&req.query) else {
+            return Ok(Response::new(pb::Ack {}));
+        };
+        // The stage whose inputs the notices are.
+        let consumer = req.notices.first().and_then(|n| {
+            match q
+                .graph
+                .stage(drizzle_planner::graph::StageId(n.stage))
+                .map(|s| &s.output)
+            {
+                Some(StageOutput::Shuffle { to, .. }) => Some(to.0),
+                _ => None,
+            }
+        });
+        if let Some(stage) = consumer {
+            for &r in &q.reduces {
+                w.finish(q, req.query, req.batch, stage, r);
+            }
+        }
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn cancel_query(
+        &self,
+        request: Request<pb::CancelQueryRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.0.queries.lock().remove(&request.into_inner().query);
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn tables_changed(
+        &self,
+        _request: Request<pb::TablesChangedRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        Ok(Response::new(pb::Ack {}))
+    }
+}
+
+/// A simulated worker registered with a real coordinator.
+pub struct VirtualWorker {
+    inner: Arc<Inner>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl VirtualWorker {
+    /// Serves the `Worker` service on a loopback port, registers with the
+    /// coordinator at `coordinator` and starts heartbeating. Must be called
+    /// inside a tokio runtime (the one the worker then runs on).
+    pub async fn start(coordinator: &str, secret: &ClusterSecret) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| ExecError::io("127.0.0.1:0", e))?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| ExecError::io("127.0.0.1:0", e))?
+            .to_string();
+        let slot = ClusterSecret::credential_slot(None);
+        let mut client = crate::cluster::coordinator_client(
+            coordinator,
+            &secret.with_credential(Arc::clone(&slot)),
+        )?;
+        let epoch = crate::worker::new_epoch();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            id: AtomicU64::new(0),
+            epoch,
+            address: address.clone(),
+            events: tx,
+            queries: Mutex::new(HashMap::new()),
+            launches: AtomicU64::new(0),
+        });
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let service = pb::worker_server::WorkerServer::new(Service(Arc::clone(&inner)))
+            .max_decoding_message_size(crate::cluster::MAX_MESSAGE_BYTES);
+        crate::cluster::spawn_server(
+            crate::cluster::server_builder().add_service(service),
+            listener,
+            stopped.clone(),
+            "virtual worker",
+        );
+        let resp = client
+            .register(pb::RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                address,
+                epoch,
+            })
+            .await
+            .map_err(|s| crate::cluster::rpc_error("registering a virtual worker", s))?
+            .into_inner();
+        *slot.write() =
+            tonic::metadata::MetadataValue::try_from(resp.member_credential.as_str()).ok();
+        inner.id.store(u64::from(resp.worker_id), Ordering::Release);
+        inner.send(pb::worker_event::Event::Hello(pb::Hello {
+            worker: resp.worker_id,
+            epoch,
+        }));
+        let mut events = client.clone();
+        tokio::spawn(async move {
+            let _ = events
+                .events(futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|m| (m, rx))
+                }))
+                .await;
+        });
+        let beat = Arc::clone(&inner);
+        let mut beat_stop = stopped;
+        let interval = Duration::from_millis(resp.heartbeat_interval_ms.max(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = beat_stop.changed() => return,
+                }
+                let req = pb::HeartbeatRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    worker_id: beat.id(),
+                    epoch: beat.epoch,
+                    counters: None,
+                };
+                let _ = client.heartbeat(req).await;
+            }
+        });
+        Ok(Self { inner, stop })
+    }
+
+    /// Launch messages received.
+    pub fn launches(&self) -> u64 {
+        self.inner.launches.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for VirtualWorker {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
