@@ -321,6 +321,16 @@ impl VirtualWorker {
     pub fn launches(&self) -> u64 {
         self.inner.launches.load(Ordering::Relaxed)
     }
+
+    /// What it runs of `query` as of its latest launch: the attempt, its
+    /// map partitions as (stage, partition) and its reduce partitions.
+    pub fn tasks(&self, query: u64) -> Option<(u64, Vec<(u32, u32)>, Vec<u32>)> {
+        self.inner
+            .queries
+            .lock()
+            .get(&query)
+            .map(|q| (q.attempt, q.maps.clone(), q.reduces.clone()))
+    }
 }
 
 impl Drop for VirtualWorker {

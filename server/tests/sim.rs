@@ -8,7 +8,9 @@
 //! * BSP: every shuffle of every batch passes the coordinator's barrier, so
 //!   launches grow with batches and stages;
 //! * a lost worker (its process gone: its event stream ends) starts a new
-//!   attempt on the survivors, and batches keep coming.
+//!   attempt on the survivors, and batches keep coming; the survivors keep
+//!   their partitions and the lost worker's are spread over them (lost-work
+//!   recovery's placement, checked without processes).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -171,13 +173,61 @@ fn a_lost_virtual_worker_starts_a_new_attempt_on_the_survivors() {
         .await;
         let before = handle.status.batches.load(Ordering::Relaxed);
         assert_eq!(handle.status.recoveries.load(Ordering::Relaxed), 0);
+        let query = handle.id.0;
+        let held: Vec<_> = workers.iter().map(|w| w.tasks(query).unwrap()).collect();
         // Its server and event stream end, as when a process dies.
+        let lost = held[3].clone();
         drop(workers.remove(3));
         run_until(handle, "a recovery and 50 more batches", |s| {
             s.recoveries.load(Ordering::Relaxed) >= 1
                 && s.batches.load(Ordering::Relaxed) >= before + 50
         })
         .await;
-        assert!(handle.status.attempt.load(Ordering::Relaxed) >= 2);
+        let attempt = handle.status.attempt.load(Ordering::Relaxed);
+        assert!(attempt >= 2);
+        // Lost-work recovery: every survivor keeps its partitions, and the
+        // lost worker's move to survivors, spread over more than one.
+        let survivors: Vec<&(u64, Vec<(u32, u32)>, Vec<u32>)> = held
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 3)
+            .map(|(_, h)| h)
+            .collect();
+        let now: Vec<_> = workers.iter().map(|w| w.tasks(query).unwrap()).collect();
+        let mut takers = 0;
+        for (before, after) in survivors.iter().zip(&now) {
+            assert_eq!(after.0, attempt, "launched with the new attempt");
+            assert!(
+                before.1.iter().all(|m| after.1.contains(m)),
+                "kept its map partitions"
+            );
+            assert!(
+                before.2.iter().all(|r| after.2.contains(r)),
+                "kept its reduce partitions"
+            );
+            let took = lost.1.iter().any(|m| after.1.contains(m))
+                || lost.2.iter().any(|r| after.2.contains(r));
+            takers += usize::from(took);
+        }
+        let mut maps: Vec<(u32, u32)> = now.iter().flat_map(|t| t.1.clone()).collect();
+        let mut reduces: Vec<u32> = now.iter().flat_map(|t| t.2.clone()).collect();
+        maps.sort();
+        reduces.sort();
+        let mut all_maps: Vec<(u32, u32)> = held.iter().flat_map(|t| t.1.clone()).collect();
+        let mut all_reduces: Vec<u32> = held.iter().flat_map(|t| t.2.clone()).collect();
+        all_maps.sort();
+        all_reduces.sort();
+        assert_eq!(
+            maps, all_maps,
+            "every map partition runs once, on a survivor"
+        );
+        assert_eq!(
+            reduces, all_reduces,
+            "every reduce partition runs once, on a survivor"
+        );
+        assert!(
+            takers >= 2,
+            "the lost partitions went to {takers} survivor(s)"
+        );
     });
 }
