@@ -230,6 +230,17 @@ impl pb::worker_server::Worker for Service {
     }
 }
 
+/// The tasks a virtual worker was launched with for a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimTasks {
+    /// The attempt of its latest launch.
+    pub attempt: u64,
+    /// Map partitions, as (stage, partition).
+    pub maps: Vec<(u32, u32)>,
+    /// Reduce partitions (of every shuffle stage).
+    pub reduces: Vec<u32>,
+}
+
 /// A simulated worker registered with a real coordinator.
 pub struct VirtualWorker {
     inner: Arc<Inner>,
@@ -322,14 +333,13 @@ impl VirtualWorker {
         self.inner.launches.load(Ordering::Relaxed)
     }
 
-    /// What it runs of `query` as of its latest launch: the attempt, its
-    /// map partitions as (stage, partition) and its reduce partitions.
-    pub fn tasks(&self, query: u64) -> Option<(u64, Vec<(u32, u32)>, Vec<u32>)> {
-        self.inner
-            .queries
-            .lock()
-            .get(&query)
-            .map(|q| (q.attempt, q.maps.clone(), q.reduces.clone()))
+    /// What it runs of `query` as of its latest launch.
+    pub fn tasks(&self, query: u64) -> Option<SimTasks> {
+        self.inner.queries.lock().get(&query).map(|q| SimTasks {
+            attempt: q.attempt,
+            maps: q.maps.clone(),
+            reduces: q.reduces.clone(),
+        })
     }
 }
 

@@ -187,7 +187,7 @@ fn a_lost_virtual_worker_starts_a_new_attempt_on_the_survivors() {
         assert!(attempt >= 2);
         // Lost-work recovery: every survivor keeps its partitions, and the
         // lost worker's move to survivors, spread over more than one.
-        let survivors: Vec<&(u64, Vec<(u32, u32)>, Vec<u32>)> = held
+        let survivors: Vec<&drizzle_exec::sim::SimTasks> = held
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != 3)
@@ -196,25 +196,25 @@ fn a_lost_virtual_worker_starts_a_new_attempt_on_the_survivors() {
         let now: Vec<_> = workers.iter().map(|w| w.tasks(query).unwrap()).collect();
         let mut takers = 0;
         for (before, after) in survivors.iter().zip(&now) {
-            assert_eq!(after.0, attempt, "launched with the new attempt");
+            assert_eq!(after.attempt, attempt, "launched with the new attempt");
             assert!(
-                before.1.iter().all(|m| after.1.contains(m)),
+                before.maps.iter().all(|m| after.maps.contains(m)),
                 "kept its map partitions"
             );
             assert!(
-                before.2.iter().all(|r| after.2.contains(r)),
+                before.reduces.iter().all(|r| after.reduces.contains(r)),
                 "kept its reduce partitions"
             );
-            let took = lost.1.iter().any(|m| after.1.contains(m))
-                || lost.2.iter().any(|r| after.2.contains(r));
+            let took = lost.maps.iter().any(|m| after.maps.contains(m))
+                || lost.reduces.iter().any(|r| after.reduces.contains(r));
             takers += usize::from(took);
         }
-        let mut maps: Vec<(u32, u32)> = now.iter().flat_map(|t| t.1.clone()).collect();
-        let mut reduces: Vec<u32> = now.iter().flat_map(|t| t.2.clone()).collect();
+        let mut maps: Vec<(u32, u32)> = now.iter().flat_map(|t| t.maps.clone()).collect();
+        let mut reduces: Vec<u32> = now.iter().flat_map(|t| t.reduces.clone()).collect();
         maps.sort();
         reduces.sort();
-        let mut all_maps: Vec<(u32, u32)> = held.iter().flat_map(|t| t.1.clone()).collect();
-        let mut all_reduces: Vec<u32> = held.iter().flat_map(|t| t.2.clone()).collect();
+        let mut all_maps: Vec<(u32, u32)> = held.iter().flat_map(|t| t.maps.clone()).collect();
+        let mut all_reduces: Vec<u32> = held.iter().flat_map(|t| t.reduces.clone()).collect();
         all_maps.sort();
         all_reduces.sort();
         assert_eq!(
