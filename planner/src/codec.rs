@@ -47,6 +47,8 @@ struct PlanWire {
     output_schema: Schema,
     emit: EmitMode,
     upsert_keys: Option<Vec<usize>>,
+    #[serde(default)]
+    event_time: Option<usize>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -437,6 +439,7 @@ pub fn encode_plan(plan: &StreamingPlan) -> Result<Vec<u8>> {
         output_schema: plan.output_schema.as_ref().clone(),
         emit: plan.emit,
         upsert_keys: plan.upsert_keys.clone(),
+        event_time: plan.event_time,
     };
     serde_json::to_vec(&wire).map_err(codec_err)
 }
@@ -450,6 +453,7 @@ pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> Result<StreamingPlan> {
         output_schema: Arc::new(wire.output_schema),
         emit: wire.emit,
         upsert_keys: wire.upsert_keys,
+        event_time: wire.event_time,
     })
 }
 

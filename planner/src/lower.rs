@@ -151,6 +151,17 @@ impl ContextProvider for DrizzleContextProvider<'_> {
             }
             None => return Err(df_plan_err(format!("table '{stream_name}' not found"))),
         };
+        if let Some(c) = stream
+            .columns
+            .iter()
+            .find(|c| c.name == "window_start" || c.name == "window_end")
+        {
+            return Err(df_plan_err(format!(
+                "{usage}: {stream_name} already has a column {}, which the window would add; \
+                 rename it (window_start AS ...) in the view that makes it",
+                c.name
+            )));
+        }
         let time_column = stream
             .columns
             .iter()
@@ -1031,6 +1042,26 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
         }
         _ => None,
     };
+    // The sink's windowed aggregate or window join emits each window's rows
+    // when it closes, tagged so the collector releases them in window
+    // order: its window bounds never decrease in the output (window_start
+    // preferred). A union's or interval join's rows carry no such order.
+    let ordered = matches!(
+        flow.operators.first(),
+        Some(Operator::AggregateFinal(a)) if a.window.is_some()
+    ) || matches!(flow.operators.first(), Some(Operator::WindowJoin(_)));
+    let event_time = if ordered && emit == EmitMode::OnWindowClose {
+        let bound = |end: bool| {
+            flow.windows
+                .iter()
+                .position(|w| w.is_some_and(|w| w.is_end == end))
+        };
+        bound(false)
+            .or_else(|| bound(true))
+            .filter(|&i| i < output_schema.fields().len())
+    } else {
+        None
+    };
     let mut graph = stages.finish(flow, emit, Arc::clone(&output_schema));
     // Lookup joins are numbered across the whole graph: workers ask the
     // coordinator for a table side by number.
@@ -1051,6 +1082,7 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
         limit,
         output_schema,
         emit,
+        event_time,
     })
 }
 

@@ -213,6 +213,11 @@ pub struct StreamingPlan {
     /// For upserts: the output columns that hold the group key, when every
     /// group column is selected as is.
     pub upsert_keys: Option<Vec<usize>>,
+    /// An output column that never decreases from one emitted row to the
+    /// next: a window bound of a query that emits each window's rows, in
+    /// window order, when it closes (a windowed aggregate or window join at
+    /// the sink). A view over this query's view uses it as event time.
+    pub event_time: Option<usize>,
 }
 
 impl StreamingPlan {

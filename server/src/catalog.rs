@@ -572,9 +572,10 @@ impl Catalog {
     }
 
     /// An append-only materialized view as a stream another view reads (a
-    /// view over a view): its output log, from its first row, one partition,
-    /// no watermark. `None` for an upsert view (its rows change) or another
-    /// kind of object.
+    /// view over a view): its output log, from its first row, one partition;
+    /// a windowed view's window bound is its event time (watermark: the
+    /// largest value seen, no delay). `None` for an upsert view (its rows
+    /// change) or another kind of object.
     pub fn view_as_stream(&self, name: &str) -> Option<StreamDef> {
         let store = self.view_store(name)?;
         if !store.is_append() {
@@ -594,7 +595,15 @@ impl Catalog {
         Some(StreamDef {
             name: name.to_string(),
             columns,
-            watermark: None,
+            // A windowed view's rows come in window order: its window bound
+            // is event time with no delay.
+            watermark: store
+                .event_time
+                .clone()
+                .map(|column| drizzle_planner::WatermarkSpec {
+                    column,
+                    delay_ms: 0,
+                }),
             options: [("connector".to_string(), VIEW_CONNECTOR.to_string())].into(),
             partitions: 1,
             created_at_ms: 0,

@@ -435,12 +435,21 @@ impl Engine {
     ) -> Result<PlannedQuery, PgError> {
         let settings = self.default_settings();
         let resolver = self.resolver(&settings);
-        match plan_query(&self.ctx.state(), &resolver, query, params)? {
-            PlannedQuery::Finite(_) => {
-                let views = crate::catalog::ViewsAsStreams(self.catalog.as_ref(), &resolver);
-                Ok(plan_query(&self.ctx.state(), &views, query, params)?)
-            }
-            continuous => Ok(continuous),
+        let planned = plan_query(&self.ctx.state(), &resolver, query, params);
+        if let Ok(PlannedQuery::Continuous(_)) = planned {
+            return Ok(planned?);
+        }
+        // Finite, or refused because a window (TUMBLE over a view) needs a
+        // stream: read the views as streams.
+        let views = crate::catalog::ViewsAsStreams(self.catalog.as_ref(), &resolver);
+        match (
+            planned,
+            plan_query(&self.ctx.state(), &views, query, params),
+        ) {
+            (_, Ok(continuous @ PlannedQuery::Continuous(_))) => Ok(continuous),
+            // Refused either way: the views-as-streams reading says why.
+            (Err(_), Err(e)) => Err(e.into()),
+            (first, _) => Ok(first?),
         }
     }
 
@@ -1584,7 +1593,15 @@ fn new_view_store(plan: &StreamingPlan) -> Result<ViewStore, PgError> {
             })?;
             ViewStore::upsert(schema, keys).map_err(|e| PgError::internal(e.to_string()))
         }
-        _ => Ok(ViewStore::append(schema)),
+        _ => {
+            let mut store = ViewStore::append(schema);
+            store.event_time = plan
+                .event_time
+                .and_then(|i| plan.output_schema.fields().get(i))
+                .filter(|f| matches!(f.data_type(), DataType::Timestamp(_, _)))
+                .map(|f| f.name().clone());
+            Ok(store)
+        }
     }
 }
 

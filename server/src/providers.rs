@@ -91,6 +91,10 @@ pub struct ViewStore {
     /// batch id, so a restart restores the contents and knows the last
     /// batch applied (results of batches up to it are not applied twice).
     log: Option<Arc<drizzle_exec::log::PartitionLog>>,
+    /// A column whose values never decrease over the emitted rows (a window
+    /// bound of a windowed query): a view reading this one uses it as its
+    /// event time, with a watermark of its largest value seen.
+    pub event_time: Option<String>,
 }
 
 /// Name of the batch-id column of a view's output log.
@@ -113,6 +117,7 @@ impl ViewStore {
             last_batch: Mutex::new(None),
             error: Mutex::new(None),
             log: None,
+            event_time: None,
         }
     }
 
@@ -168,6 +173,7 @@ impl ViewStore {
             last_batch: Mutex::new(None),
             error: Mutex::new(None),
             log: None,
+            event_time: None,
         })
     }
 
