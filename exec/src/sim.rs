@@ -49,9 +49,22 @@ struct Inner {
     queries: Mutex<HashMap<u64, SimQuery>>,
     /// Launch messages received (groups and BSP reduce launches).
     launches: AtomicU64,
+    /// This registration's credential: the coordinator's calls carry it.
+    credential: Mutex<Option<String>>,
 }
 
 impl Inner {
+    /// Only the coordinator this worker registered with may drive it (as a
+    /// real worker checks); the cluster token is checked before this.
+    fn check_coordinator<T>(&self, request: &Request<T>) -> std::result::Result<(), Status> {
+        match self.credential.lock().as_deref() {
+            Some(c) if crate::cluster::has_credential(request, c) => Ok(()),
+            _ => Err(Status::permission_denied(
+                "not the coordinator this worker registered with",
+            )),
+        }
+    }
+
     fn id(&self) -> u32 {
         self.id.load(Ordering::Acquire) as u32
     }
@@ -111,6 +124,7 @@ impl pb::worker_server::Worker for Service {
         &self,
         request: Request<pb::LaunchGroupRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.0.check_coordinator(&request)?;
         let req = request.into_inner();
         let w = &self.0;
         w.launches.fetch_add(1, Ordering::Relaxed);
@@ -188,6 +202,7 @@ impl pb::worker_server::Worker for Service {
         &self,
         request: Request<pb::LaunchReduceRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.0.check_coordinator(&request)?;
         let req = request.into_inner();
         let w = &self.0;
         w.launches.fetch_add(1, Ordering::Relaxed);
@@ -218,14 +233,16 @@ impl pb::worker_server::Worker for Service {
         &self,
         request: Request<pb::CancelQueryRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.0.check_coordinator(&request)?;
         self.0.queries.lock().remove(&request.into_inner().query);
         Ok(Response::new(pb::Ack {}))
     }
 
     async fn tables_changed(
         &self,
-        _request: Request<pb::TablesChangedRequest>,
+        request: Request<pb::TablesChangedRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
+        self.0.check_coordinator(&request)?;
         Ok(Response::new(pb::Ack {}))
     }
 }
@@ -273,10 +290,15 @@ impl VirtualWorker {
             events: tx,
             queries: Mutex::new(HashMap::new()),
             launches: AtomicU64::new(0),
+            credential: Mutex::new(None),
         });
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let service = pb::worker_server::WorkerServer::new(Service(Arc::clone(&inner)))
-            .max_decoding_message_size(crate::cluster::MAX_MESSAGE_BYTES);
+        // Calls without the cluster token are refused, as by a real worker.
+        let service = tonic::service::interceptor::InterceptedService::new(
+            pb::worker_server::WorkerServer::new(Service(Arc::clone(&inner)))
+                .max_decoding_message_size(crate::cluster::MAX_MESSAGE_BYTES),
+            secret.check(),
+        );
         crate::cluster::spawn_server(
             crate::cluster::server_builder().add_service(service),
             listener,
@@ -294,6 +316,7 @@ impl VirtualWorker {
             .into_inner();
         *slot.write() =
             tonic::metadata::MetadataValue::try_from(resp.member_credential.as_str()).ok();
+        *inner.credential.lock() = Some(resp.member_credential.clone());
         inner.id.store(u64::from(resp.worker_id), Ordering::Release);
         inner.send(pb::worker_event::Event::Hello(pb::Hello {
             worker: resp.worker_id,
@@ -326,6 +349,11 @@ impl VirtualWorker {
             }
         });
         Ok(Self { inner, stop })
+    }
+
+    /// Where its worker service listens.
+    pub fn address(&self) -> &str {
+        &self.inner.address
     }
 
     /// Launch messages received.

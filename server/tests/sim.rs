@@ -231,3 +231,29 @@ fn a_lost_virtual_worker_starts_a_new_attempt_on_the_survivors() {
         );
     });
 }
+
+#[test]
+fn a_virtual_worker_takes_launches_only_from_its_coordinator() {
+    with_virtual_cluster(2, Scheduling::Drizzle, 10, async |_, workers, handle| {
+        run_until(handle, "10 batches", |s| {
+            s.batches.load(Ordering::Relaxed) >= 10
+        })
+        .await;
+        let address = workers[0].address().to_string();
+        let launch = || drizzle_exec::cluster::pb::LaunchGroupRequest {
+            query: handle.id.0,
+            ..Default::default()
+        };
+        // Without the cluster token: unauthenticated.
+        let wrong =
+            drizzle_exec::cluster::ClusterSecret::new("another-secret-0123456789abcdef").unwrap();
+        let mut stranger = drizzle_exec::cluster::worker_client(&address, &wrong).unwrap();
+        let err = stranger.launch_group(launch()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        // A member without the coordinator's credential: refused.
+        let member = drizzle_exec::cluster::ClusterSecret::new(SECRET).unwrap();
+        let mut peer = drizzle_exec::cluster::worker_client(&address, &member).unwrap();
+        let err = peer.launch_group(launch()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    });
+}
