@@ -37,6 +37,7 @@
 pub mod checkpoint;
 pub mod cluster;
 pub mod coordinator;
+mod dataplane;
 pub mod error;
 pub mod log;
 pub mod operators;

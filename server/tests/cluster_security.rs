@@ -1,7 +1,8 @@
 //! The cluster ports refuse anyone who cannot prove membership: real gRPC
 //! and Arrow Flight clients without the cluster secret, or with another one,
 //! try the attacks that used to work (register as a worker, read streams and
-//! tables, fetch shuffle blocks, cancel a query on a worker) while a
+//! tables from the coordinator's data endpoint, fetch shuffle blocks, cancel
+//! a query on a worker) while a
 //! continuous query runs; the query's results stay exact.
 
 use std::path::Path;
@@ -69,36 +70,10 @@ fn outsiders_cannot_join_read_fetch_or_cancel() {
             // Register as a worker (to receive launches and forge results).
             let status = try_register(&coordinator, o).await;
             assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-            // Read a stream's log and a table through the coordinator.
-            let channel = cluster::channel(&coordinator).unwrap();
-            let (source, table) = match o {
-                Some(s) => {
-                    let mut client = cluster::coordinator_client(&coordinator, s).unwrap();
-                    (
-                        client
-                            .read_source(pb::ReadSourceRequest::default())
-                            .await
-                            .unwrap_err(),
-                        client
-                            .read_table(pb::ReadTableRequest::default())
-                            .await
-                            .unwrap_err(),
-                    )
-                }
-                None => {
-                    let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
-                    (
-                        client
-                            .read_source(pb::ReadSourceRequest::default())
-                            .await
-                            .unwrap_err(),
-                        client
-                            .read_table(pb::ReadTableRequest::default())
-                            .await
-                            .unwrap_err(),
-                    )
-                }
-            };
+            // Read a stream's log and a table through the coordinator's
+            // data endpoint.
+            let source = data_get(&coordinator, o, source_ticket(0)).await;
+            let table = data_get(&coordinator, o, table_ticket(0)).await;
             assert_eq!(source.code(), Code::Unauthenticated, "{source:?}");
             assert_eq!(table.code(), Code::Unauthenticated, "{table:?}");
             for worker in &cluster.workers {
@@ -195,6 +170,87 @@ fn a_worker_without_the_secret_does_not_start() {
     assert!(err.contains("cluster secret"), "{err}");
 }
 
+fn source_ticket(query: u64) -> pb::data_ticket::Kind {
+    pb::data_ticket::Kind::Source(pb::ReadSourceRequest {
+        query,
+        ..Default::default()
+    })
+}
+
+fn table_ticket(query: u64) -> pb::data_ticket::Kind {
+    pb::data_ticket::Kind::Table(pb::ReadTableRequest {
+        query,
+        join: 0,
+        held_version: None,
+    })
+}
+
+/// Calls the coordinator's data endpoint (Arrow Flight `do_get`) with a
+/// ticket, as `who`: the refusal.
+async fn data_get(
+    address: &str,
+    who: Option<&ClusterSecret>,
+    kind: pb::data_ticket::Kind,
+) -> tonic::Status {
+    use arrow_flight::flight_service_client::FlightServiceClient;
+    use prost::Message;
+    let ticket = arrow_flight::Ticket::new(pb::DataTicket { kind: Some(kind) }.encode_to_vec());
+    let channel = cluster::channel(address).unwrap();
+    let result = match who {
+        Some(s) => FlightServiceClient::with_interceptor(channel, s.clone())
+            .do_get(ticket)
+            .await
+            .map(|_| ()),
+        None => FlightServiceClient::new(channel)
+            .do_get(ticket)
+            .await
+            .map(|_| ()),
+    };
+    result.expect_err("the coordinator's data endpoint served a stranger")
+}
+
+/// Puts forged rows for `query` on the coordinator's data endpoint (Arrow
+/// Flight `do_put`), as `who`: the refusal.
+async fn forged_put(address: &str, who: &ClusterSecret, query: u64) -> tonic::Status {
+    use arrow_flight::flight_service_client::FlightServiceClient;
+    use prost::Message;
+    let put = pb::DataPut {
+        kind: Some(pb::data_put::Kind::Output(pb::TaskOutput {
+            query,
+            chunks: vec![pb::OutputChunk {
+                window_end: None,
+                ipc: Vec::new(),
+                rows: 1,
+            }],
+            ..Default::default()
+        })),
+    };
+    let batch = arrow::record_batch::RecordBatch::try_from_iter([(
+        "k",
+        std::sync::Arc::new(arrow::array::Int64Array::from(vec![666])) as arrow::array::ArrayRef,
+    )])
+    .unwrap();
+    let data = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_cmd(
+            put.encode_to_vec(),
+        )))
+        .build(futures::stream::iter([Ok(batch)]));
+    let data: Vec<arrow_flight::FlightData> =
+        futures::TryStreamExt::try_collect(data).await.unwrap();
+    let channel = cluster::channel(address).unwrap();
+    let mut client = FlightServiceClient::with_interceptor(channel, who.clone());
+    let result = async {
+        let mut acks = client
+            .do_put(futures::stream::iter(data))
+            .await?
+            .into_inner();
+        while acks.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    result.expect_err("the coordinator took forged rows")
+}
+
 /// Asserts a call was refused with PERMISSION_DENIED.
 fn denied<T>(result: Result<tonic::Response<T>, tonic::Status>) {
     match result {
@@ -279,38 +335,25 @@ fn a_stale_registration_or_the_secret_alone_counts_for_nothing() {
                     chunks: vec![pb::OutputChunk {
                         window_end: None,
                         ipc: b"forged".to_vec(),
+                        rows: 0,
                     }],
                     ..Default::default()
                 })),
             },
         ];
         denied(as_stale.events(futures::stream::iter(forged)).await);
-        // Reads of a stream, a table and a checkpoint.
-        denied(
-            as_stale
-                .read_source(pb::ReadSourceRequest {
-                    query: running,
-                    ..Default::default()
-                })
-                .await,
-        );
-        denied(
-            as_stale
-                .read_table(pb::ReadTableRequest {
-                    query: running,
-                    join: 0,
-                    held_version: None,
-                })
-                .await,
-        );
-        denied(
-            as_stale
-                .load_state(pb::LoadStateRequest {
-                    query: running,
-                    path: String::new(),
-                })
-                .await,
-        );
+        // Reads of a stream, a table and a checkpoint, and forged rows put
+        // on the data endpoint.
+        let state = pb::data_ticket::Kind::State(pb::LoadStateRequest {
+            query: running,
+            path: String::new(),
+        });
+        for ticket in [source_ticket(running), table_ticket(running), state] {
+            let status = data_get(&coordinator, Some(&stale), ticket).await;
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        }
+        let status = forged_put(&coordinator, &stale, running).await;
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
         // Heartbeats of the stale registration are not known.
         let beat = as_stale
             .heartbeat(pb::HeartbeatRequest {

@@ -93,7 +93,7 @@ use tonic::{Request, Response, Status};
 use crate::checkpoint::{CheckpointStore, Manifest, MapCheckpoint, StateFile, StateObject};
 use crate::cluster::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use crate::cluster::pb::{self, SchedulingMode};
-use crate::cluster::{from_ipc, to_ipc, worker_client, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use crate::cluster::{from_ipc, worker_client, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use crate::error::{ExecError, Result};
 use crate::operators::TableEvaluator;
 use crate::sources::SourcePartition;
@@ -103,6 +103,7 @@ mod analyze;
 mod attempt;
 mod barrier;
 mod collector;
+mod data;
 mod query;
 mod service;
 mod state;
@@ -517,7 +518,7 @@ struct WorkerEntry {
 }
 
 /// A lookup join's finite side as shipped to workers: (version, Arrow IPC).
-type EncodedTable = (u64, Arc<Vec<u8>>);
+type EncodedTable = (u64, Arc<Vec<RecordBatch>>);
 
 /// Coordinator-side state of one running query.
 struct CompiledQuery {
@@ -721,8 +722,19 @@ impl Runtime {
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
             config.cluster_secret.check(),
         );
+        // The data plane, on the same port and behind the same secret.
+        let data = tonic::service::interceptor::InterceptedService::new(
+            arrow_flight::flight_service_server::FlightServiceServer::new(data::CoordinatorData {
+                state: Arc::clone(&state),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            config.cluster_secret.check(),
+        );
         crate::cluster::spawn_server(
-            crate::cluster::server_builder().add_service(service),
+            crate::cluster::server_builder()
+                .add_service(service)
+                .add_service(data),
             listener,
             stop_rx.clone(),
             "coordinator",

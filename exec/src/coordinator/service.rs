@@ -1,5 +1,5 @@
 //! The coordinator's gRPC service: what workers call (registration,
-//! heartbeats, events, source ranges, tables, state).
+//! heartbeats, events, drain); rows go by the data plane ([`super::data`]).
 
 use super::*;
 
@@ -108,64 +108,6 @@ impl CoordinatorService {
         }
         result?;
         Ok(Response::new(pb::Ack {}))
-    }
-
-    pub(super) async fn do_save_state(
-        &self,
-        request: Request<pb::SaveStateRequest>,
-    ) -> std::result::Result<Response<pb::Ack>, Status> {
-        let caller = self.state.member(&request);
-        let req = request.into_inner();
-        let q = self.state.query(req.query)?;
-        if req.attempt != q.status.attempt.load(Ordering::Acquire) {
-            return Ok(Response::new(pb::Ack {}));
-        }
-        if !q.stateful_stages().contains(&req.stage) {
-            return Err(Status::invalid_argument(format!(
-                "stage {} of query {} keeps no state",
-                req.stage, req.query
-            )));
-        }
-        if caller.map(|(id, _)| id.0) != q.owners.lock().reduce(req.partition) {
-            return Err(Status::permission_denied(
-                "only the worker that owns a reduce partition saves its state",
-            ));
-        }
-        let Some(store) = self.state.checkpoints.as_ref() else {
-            return Err(Status::failed_precondition("checkpoints are disabled"));
-        };
-        let base = StateObject::peek_delta_base(&req.state).map_err(internal)?;
-        let file = store
-            .put_state(&q.key, req.batch, (req.stage, req.partition), req.state)
-            .await
-            .map_err(internal)?;
-        let mut pending = q.pending_checkpoints.lock();
-        let entry = pending.entry(req.batch).or_default();
-        entry.attempt = req.attempt;
-        entry.states.push((file, base));
-        drop(pending);
-        q.checkpoint_progress.notify_one();
-        Ok(Response::new(pb::Ack {}))
-    }
-
-    pub(super) async fn do_load_state(
-        &self,
-        request: Request<pb::LoadStateRequest>,
-    ) -> std::result::Result<Response<pb::LoadStateResponse>, Status> {
-        let caller = self.state.member(&request);
-        let req = request.into_inner();
-        let q = self.state.query(req.query)?;
-        self.state.placed(caller, &q)?;
-        if !req.path.starts_with(&format!("{}/", q.key)) {
-            return Err(Status::permission_denied("not this query's checkpoint"));
-        }
-        let Some(store) = self.state.checkpoints.as_ref() else {
-            return Err(Status::failed_precondition("checkpoints are disabled"));
-        };
-        let bytes = store.get(&req.path).await.map_err(internal)?;
-        Ok(Response::new(pb::LoadStateResponse {
-            state: bytes.to_vec(),
-        }))
     }
 
     pub(super) async fn do_drain(
@@ -293,122 +235,10 @@ impl CoordinatorRpc for CoordinatorService {
         self.do_events(request).await
     }
 
-    async fn save_state(
-        &self,
-        request: Request<pb::SaveStateRequest>,
-    ) -> std::result::Result<Response<pb::Ack>, Status> {
-        self.do_save_state(request).await
-    }
-
-    async fn load_state(
-        &self,
-        request: Request<pb::LoadStateRequest>,
-    ) -> std::result::Result<Response<pb::LoadStateResponse>, Status> {
-        self.do_load_state(request).await
-    }
-
     async fn drain(
         &self,
         request: Request<pb::DrainRequest>,
     ) -> std::result::Result<Response<pb::Ack>, Status> {
         self.do_drain(request).await
-    }
-
-    async fn read_source(
-        &self,
-        request: Request<pb::ReadSourceRequest>,
-    ) -> std::result::Result<Response<pb::ReadSourceResponse>, Status> {
-        let caller = self.state.member(&request);
-        let req = request.into_inner();
-        let q = self.state.query(req.query)?;
-        self.state.placed(caller, &q)?;
-        let source = q
-            .inputs
-            .get(req.stage as usize)
-            .and_then(|i| i.sources.get(req.partition as usize))
-            .cloned()
-            .ok_or_else(|| Status::invalid_argument("no such source partition"))?;
-        let schema = match q.graph.stage(GraphStage(req.stage)).map(|s| &s.input) {
-            Some(StageInput::Source(stream)) => stream.schema(),
-            _ => return Err(Status::invalid_argument("no such source stage")),
-        };
-        // The batch's range ends at what was appended by its trigger time:
-        // wait until that time has passed here (clocks differ), then ask.
-        let until = if req.until_unix_us > 0 {
-            req.until_unix_us
-        } else {
-            unix_us()
-        };
-        let ahead = until.saturating_add(1).saturating_sub(unix_us());
-        if ahead > 0 {
-            tokio::time::sleep(Duration::from_micros(ahead as u64)).await;
-        }
-        let (to, ipc) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<u8>)> {
-            let to = source
-                .available_at(until)
-                .min(req.from.saturating_add(req.max_rows))
-                .max(req.from);
-            let batches = source.read(req.from, to)?;
-            Ok((to, to_ipc(&schema, &batches)?))
-        })
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
-        Ok(Response::new(pb::ReadSourceResponse { to, ipc }))
-    }
-
-    async fn read_table(
-        &self,
-        request: Request<pb::ReadTableRequest>,
-    ) -> std::result::Result<Response<pb::ReadTableResponse>, Status> {
-        let caller = self.state.member(&request);
-        let req = request.into_inner();
-        let q = self.state.query(req.query)?;
-        self.state.placed(caller, &q)?;
-        let spec = q.join(req.join).ok_or_else(|| {
-            Status::invalid_argument(format!("query has no lookup join {}", req.join))
-        })?;
-        // The version of what this join reads, not of every relation.
-        let version = self.state.tables.version(spec);
-        if req.held_version == Some(version) {
-            return Ok(Response::new(pb::ReadTableResponse {
-                version,
-                ipc: Vec::new(),
-                unchanged: true,
-            }));
-        }
-        if let Some((v, ipc)) = q.tables.lock().get(&req.join) {
-            if *v == version {
-                return Ok(Response::new(pb::ReadTableResponse {
-                    version,
-                    ipc: ipc.as_ref().clone(),
-                    unchanged: false,
-                }));
-            }
-        }
-        let tables = Arc::clone(&self.state.tables);
-        let q2 = Arc::clone(&q);
-        let join = req.join;
-        let (version, ipc) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<u8>)> {
-            let spec = q2
-                .join(join)
-                .ok_or_else(|| ExecError::invalid(format!("query has no lookup join {join}")))?;
-            let (version, batches) = tables.evaluate(spec, None)?.ok_or_else(|| {
-                ExecError::invalid("a lookup join's table came back unchanged unasked")
-            })?;
-            Ok((version, to_ipc(&spec.table_schema, &batches)?))
-        })
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
-        let ipc = Arc::new(ipc);
-        q.tables
-            .lock()
-            .insert(req.join, (version, Arc::clone(&ipc)));
-        Ok(Response::new(pb::ReadTableResponse {
-            version,
-            ipc: ipc.as_ref().clone(),
-            unchanged: false,
-        }))
     }
 }

@@ -96,14 +96,38 @@ impl State {
     }
 
     /// A final-stage task's output (or failure) for the query's collector,
-    /// from worker `worker`.
-    pub(super) fn on_output(&self, worker: u32, out: pb::TaskOutput) {
-        let Ok(q) = self.query(out.query) else {
-            // The query ended; its late results have nowhere to go.
+    /// from worker `worker`, its rows inline (`chunks[i].ipc`).
+    pub(super) fn on_output(&self, worker: u32, mut out: pb::TaskOutput) {
+        let Some(q) = self.output_counts(worker, &out) else {
             return;
         };
+        let mut chunks = Vec::with_capacity(out.chunks.len());
+        for c in std::mem::take(&mut out.chunks) {
+            match from_ipc(c.ipc) {
+                Ok(batches) => chunks.extend(batches.into_iter().map(|b| (c.window_end, b))),
+                Err(e) => {
+                    let _ = q.sink.send(SinkMsg::Failed(e));
+                    return;
+                }
+            }
+        }
+        self.output_rows(&q, out, chunks);
+    }
+
+    /// Checks a task output's sender and attempt, and takes in its
+    /// counters and state size; a failure fails the query. Returns the
+    /// query when the output's rows go on to its collector.
+    pub(super) fn output_counts(
+        &self,
+        worker: u32,
+        out: &pb::TaskOutput,
+    ) -> Option<Arc<CompiledQuery>> {
+        let Ok(q) = self.query(out.query) else {
+            // The query ended; its late results have nowhere to go.
+            return None;
+        };
         if out.attempt < q.generation.load(Ordering::Acquire) {
-            return; // fenced: an older generation (its batches are re-run)
+            return None; // fenced: an older generation (its batches are re-run)
         }
         {
             let owners = q.owners.lock();
@@ -118,7 +142,7 @@ impl State {
                     partition = out.partition,
                     "ignored a task output from a worker that does not own the task"
                 );
-                return;
+                return None;
             }
         }
         if out.error.is_none() {
@@ -128,37 +152,36 @@ impl State {
         q.status
             .late_rows
             .fetch_add(out.late_rows, Ordering::Relaxed);
-        if let Some(message) = out.error {
-            if out.attempt != q.status.attempt.load(Ordering::Acquire) {
-                return; // a failure of an attempt that was replaced
+        if let Some(message) = &out.error {
+            if out.attempt == q.status.attempt.load(Ordering::Acquire) {
+                // (a failure of an attempt that was replaced is dropped)
+                let _ = q.sink.send(SinkMsg::Failed(ExecError::Remote {
+                    code: out.error_code.clone(),
+                    message: message.clone(),
+                }));
             }
-            let _ = q.sink.send(SinkMsg::Failed(ExecError::Remote {
-                code: out.error_code,
-                message,
-            }));
-            return;
+            return None;
         }
-        let mut chunks = Vec::with_capacity(out.chunks.len());
-        for c in out.chunks {
-            match from_ipc(c.ipc) {
-                Ok(batches) => {
-                    // Never trust a peer with the collector's invariants.
-                    let want = q.plan.output_schema.fields().len();
-                    if let Some(b) = batches.iter().find(|b| b.num_columns() != want) {
-                        let _ = q.sink.send(SinkMsg::Failed(ExecError::invalid(format!(
-                            "a task of query {} returned {} columns, expected {want}",
-                            q.id,
-                            b.num_columns()
-                        ))));
-                        return;
-                    }
-                    chunks.extend(batches.into_iter().map(|b| (c.window_end, b)))
-                }
-                Err(e) => {
-                    let _ = q.sink.send(SinkMsg::Failed(e));
-                    return;
-                }
-            }
+        Some(q)
+    }
+
+    /// A final-stage task's rows (inline in its `TaskOutput`, or put over
+    /// Flight), to the query's collector.
+    pub(super) fn output_rows(
+        &self,
+        q: &Arc<CompiledQuery>,
+        out: pb::TaskOutput,
+        chunks: Vec<(Option<i64>, RecordBatch)>,
+    ) {
+        // Never trust a peer with the collector's invariants.
+        let want = q.plan.output_schema.fields().len();
+        if let Some((_, b)) = chunks.iter().find(|(_, b)| b.num_columns() != want) {
+            let _ = q.sink.send(SinkMsg::Failed(ExecError::invalid(format!(
+                "a task of query {} returned {} columns, expected {want}",
+                q.id,
+                b.num_columns()
+            ))));
+            return;
         }
         let _ = q.sink.send(SinkMsg::Output {
             attempt: out.attempt,

@@ -5,6 +5,12 @@
 //! partition's durable [`Log`]; for `datagen` it indexes the
 //! generated sequence (row `n` of a generator is a pure function of `n`), and
 //! `to` is how many rows the configured rate has produced by the trigger time.
+//!
+//! Workers read their source partitions themselves, through [`Source`]: a
+//! generator runs on the worker ([`GeneratedPartition`]); a built-in
+//! stream's log range is served by the server's Flight endpoint
+//! (`worker::LogRange`, see [`crate::dataplane`]). A connector to an external
+//! log (Kafka) implements the same trait: a replayable range per partition.
 
 use std::sync::Arc;
 
@@ -26,7 +32,58 @@ pub use self::datagen::*;
 /// Most rows one map task reads for one micro-batch; a backlog is spread over batches.
 pub const MAX_BATCH_ROWS: u64 = 4 << 20;
 
-/// One source partition as a map task sees it.
+/// One source partition as a worker reads it.
+pub trait Source: Send + Sync {
+    /// The rows from offset `from` on that were available at the
+    /// micro-batch's trigger time `until_unix_us`, at most
+    /// [`MAX_BATCH_ROWS`]: (one past the last row, the rows). The same
+    /// `(from, until_unix_us)` reads the same rows every time, so any batch
+    /// can be re-run. The future does its I/O and CPU off the caller's
+    /// thread: a worker starts it ahead of the task and runs the task once
+    /// the rows are in.
+    fn read(
+        &self,
+        from: u64,
+        until_unix_us: i64,
+    ) -> futures::future::BoxFuture<'static, Result<(u64, Vec<RecordBatch>)>>;
+}
+
+/// A datagen partition, generated where it is read.
+#[derive(Debug, Clone)]
+pub struct GeneratedPartition {
+    /// The generator.
+    pub generator: Arc<DatagenSource>,
+    /// The partition it generates.
+    pub partition: u32,
+}
+
+impl Source for GeneratedPartition {
+    fn read(
+        &self,
+        from: u64,
+        until_unix_us: i64,
+    ) -> futures::future::BoxFuture<'static, Result<(u64, Vec<RecordBatch>)>> {
+        let g = Arc::clone(&self.generator);
+        let p = self.partition;
+        Box::pin(async move {
+            let to = g
+                .available(p, until_unix_us)
+                .min(from.saturating_add(MAX_BATCH_ROWS))
+                .max(from);
+            if to == from {
+                return Ok((to, Vec::new()));
+            }
+            // Generating is CPU work: off the runtime's threads.
+            tokio::task::spawn_blocking(move || Ok((to, vec![g.generate(p, from, to)?])))
+                .await
+                .map_err(|e| ExecError::Unavailable {
+                    message: format!("generating rows failed: {e}"),
+                })?
+        })
+    }
+}
+
+/// One source partition as the server sees it.
 #[derive(Debug, Clone)]
 pub enum SourcePartition {
     /// A built-in stream's log partition.

@@ -31,6 +31,16 @@
 //! * A map task reads the source range its batch's trigger time fixes
 //!   ([`SourcePartition::available_at`](crate::sources::SourcePartition::available_at)),
 //!   so any batch can be re-run and reads the same rows.
+//! * The task thread never waits on the network for a task's inputs: a map
+//!   partition's source read ([`Source`](crate::sources::Source)) starts on
+//!   the runtime ahead of its task, one at a time per partition and at most
+//!   [`READ_AHEAD_BATCHES`] ahead, and the task runs once its rows are in; a
+//!   remote shuffle block starts downloading when its notice arrives, and
+//!   its consumer is runnable once every download is in. Finished reads and
+//!   downloads come back to the task thread as messages.
+//! * Results and events leave in order ([`outbox_loop`]): a task's rows are
+//!   put over Flight, and the group report that covers them follows the
+//!   put's ack.
 //! * Checkpoint groups: after the group's last batch a map task records its
 //!   position (in the group report) and a reduce task snapshots its keyed
 //!   state, sent to the coordinator asynchronously (the task thread moves on).
@@ -74,15 +84,14 @@ use crate::checkpoint::StateObject;
 use crate::cluster::pb::worker_server::{Worker as WorkerRpc, WorkerServer};
 use crate::cluster::pb::{self, SchedulingMode};
 use crate::cluster::{
-    coordinator_client, from_ipc, rpc_error, to_ipc, INPUT_STEP, MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
+    coordinator_client, rpc_error, to_ipc, INPUT_STEP, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
 };
 use crate::error::{ExecError, Result};
 use crate::operators::{
     run_steps, stateful_operator, steps, steps_watermark, ChainState, OperatorSnapshot, StateSize,
     StatefulOperator, Step, StepStats, TableEvaluator, WindowAssignExec,
 };
-use crate::sources::{DatagenSource, MAX_BATCH_ROWS};
+use crate::sources::{DatagenSource, GeneratedPartition, Source, MAX_BATCH_ROWS};
 
 mod scheduler;
 mod service;
@@ -173,6 +182,10 @@ impl WorkerCounters {
 enum Msg {
     Launch(Box<pb::LaunchGroupRequest>),
     Notice(pb::MapOutputReady),
+    /// A map partition's source read finished (started ahead of its task).
+    Read(Box<ReadDone>),
+    /// A remote shuffle block finished downloading (started on its notice).
+    Fetched(Box<FetchDone>),
     LaunchReduce(pb::LaunchReduceRequest),
     /// Cancel the query's attempts up to this one (0: all).
     Cancel(QueryId, u64),
@@ -183,6 +196,9 @@ enum Msg {
 struct Shared {
     address: String,
     coordinator: pb::coordinator_client::CoordinatorClient<crate::cluster::ClusterChannel>,
+    /// The coordinator's data endpoint (Arrow Flight): source ranges,
+    /// tables, state and results.
+    data: crate::dataplane::DataClient,
     /// Attached to every call to the coordinator and to peers.
     secret: crate::cluster::ClusterSecret,
     counters: WorkerCounters,
@@ -196,6 +212,9 @@ struct Shared {
     classify: ErrorClassifier,
     /// The open Events stream to the coordinator.
     events: Mutex<Option<mpsc::UnboundedSender<pb::WorkerEvent>>>,
+    /// What goes to the coordinator, in order: events, and task results
+    /// put over Flight (see [`outbox_loop`]).
+    outbox: mpsc::UnboundedSender<Outgoing>,
     /// The open Notices stream to each peer.
     notice_streams: Mutex<HashMap<String, mpsc::UnboundedSender<pb::MapOutputReady>>>,
     /// This registration's credential (known to this worker and the
@@ -240,10 +259,91 @@ fn stream_of<T: Send + 'static>(
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
 }
 
+/// One thing for the coordinator, in the order the task thread made them.
+enum Outgoing {
+    Event(pb::worker_event::Event),
+    /// A final-stage task's result and its rows (`out.chunks` say how many
+    /// rows each chunk has), put over Flight.
+    Rows {
+        out: pb::TaskOutput,
+        schema: arrow::datatypes::SchemaRef,
+        batches: Vec<RecordBatch>,
+    },
+}
+
+/// Sends the outbox in order: an event once every result before it was
+/// put (so a group report never overtakes the results it covers). A put
+/// that fails goes inline on the Events stream instead: results are never
+/// dropped while the report that covers them is sent.
+async fn outbox_loop(shared: std::sync::Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(item) = rx.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match item {
+            Outgoing::Event(e) => shared.send_event(e),
+            Outgoing::Rows {
+                out,
+                schema,
+                batches,
+            } => {
+                if let Err(e) = shared
+                    .data
+                    .put_output(out.clone(), Arc::clone(&schema), batches.clone())
+                    .await
+                {
+                    tracing::warn!("putting a task's results failed, sending them inline: {e}");
+                    match inline_output(out, &schema, &batches) {
+                        Ok(out) => shared.send_event(pb::worker_event::Event::Output(out)),
+                        Err(e) => tracing::error!("encoding a task's results failed: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out` with its rows inline (`chunks[i].ipc`), the rows split by
+/// `chunks[i].rows`.
+fn inline_output(
+    mut out: pb::TaskOutput,
+    schema: &arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<pb::TaskOutput> {
+    let all = arrow::compute::concat_batches(schema, batches)?;
+    let mut at = 0usize;
+    for c in &mut out.chunks {
+        let rows = (c.rows as usize).min(all.num_rows().saturating_sub(at));
+        c.ipc = to_ipc(schema, &[all.slice(at, rows)])?;
+        c.rows = 0;
+        at += rows;
+    }
+    Ok(out)
+}
+
 impl Shared {
-    /// Reports to the coordinator on the long-lived Events stream (opened,
-    /// or reopened after a failure, on demand).
+    /// Reports to the coordinator, after every result sent before it.
     fn event(&self, event: pb::worker_event::Event) {
+        let _ = self.outbox.send(Outgoing::Event(event));
+    }
+
+    /// Sends a final-stage task's rows (over Flight), then its result.
+    fn rows(
+        &self,
+        out: pb::TaskOutput,
+        schema: arrow::datatypes::SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) {
+        let _ = self.outbox.send(Outgoing::Rows {
+            out,
+            schema,
+            batches,
+        });
+    }
+
+    /// Sends on the long-lived Events stream now (opened, or reopened
+    /// after a failure, on demand).
+    fn send_event(&self, event: pb::worker_event::Event) {
         let mut msg = pb::WorkerEvent { event: Some(event) };
         let mut slot = self.events.lock();
         if let Some(tx) = slot.as_ref() {
@@ -316,7 +416,7 @@ impl Shared {
     fn open_events(&self) {
         self.events.lock().take();
         let (worker, epoch) = *self.identity.lock();
-        self.event(pb::worker_event::Event::Hello(pb::Hello { worker, epoch }));
+        self.send_event(pb::worker_event::Event::Hello(pb::Hello { worker, epoch }));
     }
 }
 
@@ -387,16 +487,19 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
         .clone()
         .unwrap_or_else(|| bound.to_string());
     let (tx, rx) = std_mpsc::channel();
+    let (outbox, outbox_rx) = mpsc::unbounded_channel();
     let store = Arc::new(BlockStore::new());
     let credential = crate::cluster::ClusterSecret::credential_slot(None);
+    let member = config
+        .cluster_secret
+        .with_credential(Arc::clone(&credential));
     let shared = Arc::new(Shared {
+        data: crate::dataplane::DataClient::new(
+            crate::cluster::channel(&config.coordinator)?,
+            &member,
+        ),
         address: address.clone(),
-        coordinator: coordinator_client(
-            &config.coordinator,
-            &config
-                .cluster_secret
-                .with_credential(Arc::clone(&credential)),
-        )?,
+        coordinator: coordinator_client(&config.coordinator, &member)?,
         credential,
         secret: config.cluster_secret.clone(),
         counters: WorkerCounters::default(),
@@ -409,8 +512,10 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
         task_ctx: drizzle_planner::new_session_context().task_ctx(),
         classify: Arc::clone(&config.classify),
         events: Mutex::new(None),
+        outbox,
         notice_streams: Mutex::new(HashMap::new()),
     });
+    tokio::spawn(outbox_loop(Arc::downgrade(&shared), outbox_rx));
     let (stop_tx, stop_rx) = watch::channel(false);
     // Both services refuse calls without the cluster token.
     let service = tonic::service::interceptor::InterceptedService::new(
@@ -457,17 +562,83 @@ struct RemoteTables {
     query: QueryId,
 }
 
-/// Where a map partition reads its rows.
-enum TaskSource {
-    /// Generated on the worker (row n is a pure function of n).
-    Datagen(Arc<DatagenSource>, u32),
-    /// A built-in stream's log, read from the coordinator by range:
-    /// (input stage, partition).
-    Log(u32, u32),
+/// A built-in stream's log partition, read by range from the server's
+/// Flight endpoint (the server checks the range against the batch's
+/// trigger time, so a replay reads the same rows).
+struct LogRange {
+    data: crate::dataplane::DataClient,
+    query: QueryId,
+    /// The source stage, and the partition of its stream.
+    stage: u32,
+    partition: u32,
 }
 
+impl Source for LogRange {
+    fn read(
+        &self,
+        from: u64,
+        until_unix_us: i64,
+    ) -> futures::future::BoxFuture<'static, Result<(u64, Vec<RecordBatch>)>> {
+        let data = self.data.clone();
+        let req = pb::ReadSourceRequest {
+            query: self.query.0,
+            stage: self.stage,
+            partition: self.partition,
+            from,
+            max_rows: MAX_BATCH_ROWS,
+            until_unix_us,
+        };
+        Box::pin(async move { data.read_source(req).await })
+    }
+}
+
+/// A source read's outcome: (one past the last row, the rows).
+type ReadResult = Result<(u64, Vec<RecordBatch>)>;
+
+/// A finished source read, for the task thread.
+struct ReadDone {
+    query: QueryId,
+    stage: u32,
+    partition: MapPartition,
+    batch: u64,
+    /// The read's id ([`ReadAhead::in_flight`]): a read of a partition
+    /// replaced since is dropped.
+    id: u64,
+    result: ReadResult,
+}
+
+/// A finished block download, for the task thread.
+struct FetchDone {
+    query: QueryId,
+    /// The consuming task: (batch, stage, partition).
+    task: (u64, u32, ReducePartition),
+    notice: pb::MapOutputReady,
+    result: Result<Vec<RecordBatch>>,
+}
+
+/// A map partition's reads, started ahead of its tasks: at most one in
+/// flight, and at most [`READ_AHEAD_BATCHES`] done and waiting.
+#[derive(Default)]
+struct ReadAhead {
+    /// (batch, read id, from, trigger time) of the read in flight.
+    in_flight: Option<(u64, u64, u64, i64)>,
+    /// Where the next read starts (the end of the last one); `None`: at
+    /// the partition's position.
+    cursor: Option<u64>,
+    /// Finished reads by batch: (from, trigger time, outcome).
+    done: BTreeMap<u64, (u64, i64, ReadResult)>,
+}
+
+/// How many finished reads a map partition may hold ahead of its tasks.
+const READ_AHEAD_BATCHES: usize = 2;
+
+/// How long before its trigger time a map task's read may start (the
+/// server answers once the trigger time has passed).
+const READ_AHEAD: Duration = Duration::from_millis(100);
+
 struct MapState {
-    source: TaskSource,
+    source: Arc<dyn Source>,
+    read: ReadAhead,
     /// The last batch this partition ran (or its checkpoint covers).
     last_batch: Option<u64>,
     next_offset: u64,
@@ -514,6 +685,11 @@ struct PendingReduce {
     launched: bool,
     trigger: Option<Instant>,
     notices: Vec<pb::MapOutputReady>,
+    /// Remote blocks downloading, by (producing stage, map partition):
+    /// started when their notice arrives, so the task finds its inputs in.
+    fetching: std::collections::HashSet<(u32, u32)>,
+    /// Remote blocks downloaded, by (producing stage, map partition).
+    fetched: HashMap<(u32, u32), Vec<RecordBatch>>,
 }
 
 /// One query as this worker knows it.
@@ -642,6 +818,8 @@ struct Scheduler {
     queries: HashMap<QueryId, WorkerQuery>,
     /// Notices for queries whose launch has not arrived yet.
     early: HashMap<QueryId, Vec<pb::MapOutputReady>>,
+    /// The id of the next source read started.
+    next_read: u64,
 }
 
 /// How long pulling one block may take before its producer counts as lost.

@@ -33,9 +33,23 @@ impl PendingReduce {
         })
     }
 
-    /// Runnable: launched and every input is in.
-    pub(super) fn runnable(&self, inputs: &[(u32, u32)]) -> bool {
+    /// Launched, and every input announced.
+    pub(super) fn announced(&self, inputs: &[(u32, u32)]) -> bool {
         self.launched && self.has_all_inputs(inputs)
+    }
+
+    /// Runnable: launched, every input announced, and every remote block
+    /// downloaded.
+    pub(super) fn runnable(&self, inputs: &[(u32, u32)]) -> bool {
+        self.announced(inputs) && self.fetching.is_empty()
+    }
+
+    /// Forgets blocks (downloaded or downloading) whose notice is gone.
+    pub(super) fn forget_unannounced(&mut self) {
+        let notices = &self.notices;
+        let announced = |k: &(u32, u32)| notices.iter().any(|n| (n.stage, n.map) == *k);
+        self.fetching.retain(|k| announced(k));
+        self.fetched.retain(|k, _| announced(k));
     }
 }
 
@@ -120,6 +134,14 @@ impl WorkerQuery {
         None
     }
 
+    /// Whether map task (b, stage, p)'s read is done.
+    pub(super) fn has_read(&self, b: u64, stage: u32, p: MapPartition) -> bool {
+        // (a partition not here runs, and fails)
+        self.maps
+            .get(&(stage, p))
+            .is_none_or(|m| m.read.done.contains_key(&b))
+    }
+
     /// The inputs of `stage`: (producing stage, its partitions).
     pub(super) fn inputs_of(&self, stage: u32) -> &[(u32, u32)] {
         self.stage_inputs
@@ -142,6 +164,7 @@ impl Scheduler {
             shared,
             queries: HashMap::new(),
             early: HashMap::new(),
+            next_read: 0,
         }
     }
 
@@ -163,6 +186,7 @@ impl Scheduler {
                 }
             }
             let now = Instant::now();
+            self.start_reads(now);
             match self.next_task(now) {
                 Ok(task) => self.run_task(task),
                 Err(wait) => {
@@ -235,6 +259,8 @@ impl Scheduler {
                     .fetch_add(1, Ordering::Relaxed);
                 self.add_notice(notice);
             }
+            Msg::Read(done) => self.read_done(*done),
+            Msg::Fetched(done) => self.fetch_done(*done),
             Msg::LaunchReduce(req) => {
                 if self.in_group() {
                     self.shared
@@ -256,15 +282,24 @@ impl Scheduler {
                     .filter(|(s, _)| *s == stage)
                     .map(|(_, r)| *r)
                     .collect();
+                let mut downloads = Vec::new();
                 for r in reduces {
                     let entry = wq.pending_reduces.entry((req.batch, stage, r)).or_default();
                     entry.launched = true;
                     entry.trigger.get_or_insert_with(Instant::now);
                     entry.notices = req.notices.clone();
+                    entry.forget_unannounced();
+                    for n in &req.notices {
+                        downloads.push(((req.batch, stage, r), n.clone()));
+                    }
                     self.shared
                         .counters
                         .reduces_started_by_coordinator
                         .fetch_add(1, Ordering::Relaxed);
+                }
+                let qid = QueryId(req.query);
+                for (task, n) in downloads {
+                    self.download(qid, task, n);
                 }
             }
         }
@@ -294,6 +329,7 @@ impl Scheduler {
             return;
         };
         let inputs = wq.inputs_of(consumer).to_vec();
+        let mut downloads = Vec::new();
         for ((stage, r), state) in &wq.reduces {
             if *stage != consumer || state.last_batch.is_some_and(|l| notice.batch <= l) {
                 continue; // another stage, or past that batch (a recovery's replay)
@@ -302,15 +338,210 @@ impl Scheduler {
                 .pending_reduces
                 .entry((notice.batch, consumer, *r))
                 .or_default();
-            let before = entry.runnable(&inputs);
+            let before = entry.announced(&inputs);
             entry.add(notice.clone());
-            if !before && entry.runnable(&inputs) {
+            downloads.push((notice.batch, consumer, *r));
+            if !before && entry.announced(&inputs) {
                 self.shared
                     .counters
                     .reduces_started_by_notices
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
+        for task in downloads {
+            self.download(qid, task, notice.clone());
+        }
+    }
+
+    /// Starts downloading the block `notice` announces for `task` when it
+    /// is remote, has rows for the task, and is not in or on its way.
+    pub(super) fn download(
+        &mut self,
+        qid: QueryId,
+        task: (u64, u32, ReducePartition),
+        notice: pb::MapOutputReady,
+    ) {
+        let (b, _, r) = task;
+        if notice.location == self.shared.address
+            || notice.rows.get(r.0 as usize).copied().unwrap_or(0) == 0
+        {
+            return;
+        }
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        let token = wq.token;
+        let Some(pending) = wq.pending_reduces.get_mut(&task) else {
+            return;
+        };
+        let key = (notice.stage, notice.map);
+        // Only the notice the task holds (a repeated one describes the
+        // same blocks).
+        let held = pending
+            .notices
+            .iter()
+            .any(|n| (n.stage, n.map, n.worker) == (notice.stage, notice.map, notice.worker));
+        if !held || pending.fetching.contains(&key) || pending.fetched.contains_key(&key) {
+            return;
+        }
+        let channel = match self.shared.peer(&notice.location) {
+            Ok(c) => c,
+            Err(e) => {
+                // Not even an address: the producer is as good as lost.
+                let pending = wq.pending_reduces.remove(&task).unwrap_or_default();
+                self.fetch_failed(qid, task, pending, &notice, e);
+                return;
+            }
+        };
+        pending.fetching.insert(key);
+        self.shared
+            .counters
+            .blocks_fetched_remote
+            .fetch_add(1, Ordering::Relaxed);
+        let mut client = crate::cluster::flight_client(channel, &self.shared.secret);
+        let id = BlockId {
+            query: qid,
+            batch: BatchId(b),
+            stage: StageId(notice.stage),
+            map: MapPartition(notice.map),
+            reduce: r,
+        };
+        let inbox = self.shared.inbox.lock().clone();
+        self.shared.handle.spawn(async move {
+            let location = notice.location.clone();
+            // A producer cut off by a partition never answers: bound the wait.
+            let result = tokio::time::timeout(
+                FETCH_TIMEOUT,
+                drizzle_shuffle::fetch_block(&mut client, &location, id, &token),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(drizzle_shuffle::ShuffleError::Fetch {
+                    block: id.to_string(),
+                    location: location.clone(),
+                    message: format!("no answer within {FETCH_TIMEOUT:?}"),
+                })
+            })
+            .map_err(ExecError::from);
+            let _ = inbox.send(Msg::Fetched(Box::new(FetchDone {
+                query: qid,
+                task,
+                notice,
+                result,
+            })));
+        });
+    }
+
+    /// A download finished: its rows wait in the task, or its producer is
+    /// lost.
+    pub(super) fn fetch_done(&mut self, done: FetchDone) {
+        let FetchDone {
+            query,
+            task,
+            notice,
+            result,
+        } = done;
+        let Some(wq) = self.queries.get_mut(&query) else {
+            return;
+        };
+        let key = (notice.stage, notice.map);
+        let Some(pending) = wq.pending_reduces.get_mut(&task) else {
+            return;
+        };
+        let current = pending
+            .notices
+            .iter()
+            .any(|n| (n.stage, n.map, n.worker) == (notice.stage, notice.map, notice.worker));
+        if !current || !pending.fetching.remove(&key) {
+            return; // forgotten meanwhile (its producer was lost)
+        }
+        match result {
+            Ok(batches) => {
+                pending.fetched.insert(key, batches);
+            }
+            Err(e) => {
+                let pending = wq.pending_reduces.remove(&task).unwrap_or_default();
+                self.fetch_failed(query, task, pending, &notice, e);
+            }
+        }
+    }
+
+    /// Starts the reads of map tasks due within [`READ_AHEAD`]: per
+    /// partition one at a time, in batch order, each from where the last
+    /// one ended, and at most [`READ_AHEAD_BATCHES`] ahead of the tasks.
+    pub(super) fn start_reads(&mut self, now: Instant) {
+        let horizon = now + READ_AHEAD;
+        for (qid, wq) in &mut self.queries {
+            // Reads for tasks a launch replaced: start over from the
+            // partition's position.
+            for (&(stage, p), m) in &mut wq.maps {
+                let pending = &wq.pending_maps;
+                let stale = m
+                    .read
+                    .done
+                    .keys()
+                    .any(|b| !pending.contains_key(&(*b, stage, p)));
+                if stale {
+                    m.read = ReadAhead::default();
+                }
+            }
+            for (&(b, stage, p), &(at, until_us)) in &wq.pending_maps {
+                if at > horizon {
+                    break;
+                }
+                let Some(state) = wq.maps.get_mut(&(stage, p)) else {
+                    continue;
+                };
+                let read = &mut state.read;
+                if read.in_flight.is_some()
+                    || read.done.contains_key(&b)
+                    || read.done.len() >= READ_AHEAD_BATCHES
+                {
+                    continue;
+                }
+                let from = read.cursor.unwrap_or(state.next_offset);
+                let id = self.next_read;
+                self.next_read += 1;
+                read.in_flight = Some((b, id, from, until_us));
+                let future = state.source.read(from, until_us);
+                let inbox = self.shared.inbox.lock().clone();
+                let query = *qid;
+                self.shared.handle.spawn(async move {
+                    let result = future.await;
+                    let _ = inbox.send(Msg::Read(Box::new(ReadDone {
+                        query,
+                        stage,
+                        partition: p,
+                        batch: b,
+                        id,
+                        result: result.map(|(to, rows)| (to.max(from), rows)),
+                    })));
+                });
+            }
+        }
+    }
+
+    /// A source read finished: its rows wait for their task.
+    pub(super) fn read_done(&mut self, done: ReadDone) {
+        let Some(state) = self
+            .queries
+            .get_mut(&done.query)
+            .and_then(|wq| wq.maps.get_mut(&(done.stage, done.partition)))
+        else {
+            return;
+        };
+        let read = &mut state.read;
+        let Some((_, _, from, until)) = read
+            .in_flight
+            .filter(|(b, id, _, _)| (*b, *id) == (done.batch, done.id))
+        else {
+            return; // a read of a partition replaced since
+        };
+        read.in_flight = None;
+        if let Ok((to, _)) = &done.result {
+            read.cursor = Some(*to);
+        }
+        read.done.insert(done.batch, (from, until, done.result));
     }
 
     pub(super) fn launch(&mut self, req: pb::LaunchGroupRequest) -> Result<()> {
@@ -485,11 +716,17 @@ impl Scheduler {
                         spec.stage
                     )));
                 };
-                let source = match stream.connector() {
-                    Some("datagen") => {
-                        TaskSource::Datagen(Arc::new(DatagenSource::new(stream)?), spec.partition)
-                    }
-                    _ => TaskSource::Log(spec.stage, spec.partition),
+                let source: Arc<dyn Source> = match stream.connector() {
+                    Some("datagen") => Arc::new(GeneratedPartition {
+                        generator: Arc::new(DatagenSource::new(stream)?),
+                        partition: spec.partition,
+                    }),
+                    _ => Arc::new(LogRange {
+                        data: self.shared.data.clone(),
+                        query: qid,
+                        stage: spec.stage,
+                        partition: spec.partition,
+                    }),
                 };
                 if adopting {
                     self.shared
@@ -501,6 +738,7 @@ impl Scheduler {
                     key,
                     MapState {
                         source,
+                        read: ReadAhead::default(),
                         last_batch: restored_batch,
                         next_offset: start,
                         chain: ChainState {
@@ -676,13 +914,32 @@ impl Scheduler {
                     best = Some((at, 0, Task::Reduce(*qid, *b, *stage, *r)));
                 }
             }
-            if let Some(((b, s, p), (at, _))) = wq.pending_maps.iter().next() {
+            // Due producers whose rows are in (reads start ahead, see
+            // `start_reads`; a finished read sends a message, so a read in
+            // flight needs no timer).
+            let mut map: Option<(Instant, Task)> = None;
+            for ((b, s, p), (at, _)) in &wq.pending_maps {
+                let read = wq.has_read(*b, *s, *p);
                 if *at <= now {
-                    if best.as_ref().is_none_or(|(t, k, _)| (*at, 1) < (*t, *k)) {
-                        best = Some((*at, 1, Task::Map(*qid, *b, *s, *p)));
+                    if read {
+                        map = Some((*at, Task::Map(*qid, *b, *s, *p)));
+                        break;
                     }
-                } else {
+                    continue;
+                }
+                if read {
                     wake = Some(wake.map_or(*at, |w: Instant| w.min(*at)));
+                    continue;
+                }
+                if let Some(start) = at.checked_sub(READ_AHEAD).filter(|t| *t > now) {
+                    // Not yet within the read horizon: nor is anything after it.
+                    wake = Some(wake.map_or(start, |w: Instant| w.min(start)));
+                    break;
+                }
+            }
+            if let Some((at, task)) = map {
+                if best.as_ref().is_none_or(|(t, k, _)| (at, 1) < (*t, *k)) {
+                    best = Some((at, 1, task));
                 }
             }
         }
@@ -715,7 +972,7 @@ impl Scheduler {
         // A panic in an operator fails the query, never the worker.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match task {
             Task::Map(q, b, s, p) => self.run_map(q, b, s, p),
-            Task::Reduce(q, b, stage, r) => self.run_reduce(q, b, stage, r),
+            Task::Reduce(q, b, stage, r) => self.run_reduce(q, b, stage, r).map(|()| true),
         }))
         .unwrap_or_else(|panic| {
             let message = panic
@@ -728,9 +985,13 @@ impl Scheduler {
                 message: format!("a task of query {qid} failed internally: {message}"),
             })
         });
-        if let Err(e) = result {
-            self.fail(qid, BatchId(b), e);
-            return;
+        match result {
+            Err(e) => {
+                self.fail(qid, BatchId(b), e);
+                return;
+            }
+            Ok(false) => return, // not run: it waits for its input
+            Ok(true) => {}
         }
         let Some(wq) = self.queries.get_mut(&qid) else {
             return;

@@ -178,21 +178,14 @@ impl TableEvaluator for RemoteTables {
         spec: &LookupJoinSpec,
         held: Option<u64>,
     ) -> Result<Option<(u64, Vec<RecordBatch>)>> {
-        let mut client = self.shared.coordinator.clone();
+        let data = self.shared.data.clone();
         let req = pb::ReadTableRequest {
             query: self.query.0,
             join: spec.id,
             held_version: held,
         };
-        let resp = self
-            .shared
+        self.shared
             .handle
-            .block_on(async move { client.read_table(req).await })
-            .map_err(|s| rpc_error("reading a lookup join's table", s))?
-            .into_inner();
-        if resp.unchanged {
-            return Ok(None);
-        }
-        Ok(Some((resp.version, from_ipc(resp.ipc)?)))
+            .block_on(async move { data.read_table(req).await })
     }
 }

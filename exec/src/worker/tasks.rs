@@ -5,72 +5,40 @@
 use super::*;
 
 impl Scheduler {
-    /// The rows of the batch triggered at `until_us`, from `from` on.
-    pub(super) fn read_source(
-        shared: &Shared,
-        qid: QueryId,
-        source: &TaskSource,
-        from: u64,
-        until_us: i64,
-    ) -> Result<(u64, Vec<RecordBatch>)> {
-        match source {
-            TaskSource::Datagen(g, p) => {
-                let to = g
-                    .available(*p, until_us)
-                    .min(from.saturating_add(MAX_BATCH_ROWS))
-                    .max(from);
-                if to == from {
-                    return Ok((to, Vec::new()));
-                }
-                Ok((to, vec![g.generate(*p, from, to)?]))
-            }
-            TaskSource::Log(stage, p) => {
-                let mut client = shared.coordinator.clone();
-                let req = pb::ReadSourceRequest {
-                    query: qid.0,
-                    stage: *stage,
-                    partition: *p,
-                    from,
-                    max_rows: MAX_BATCH_ROWS,
-                    until_unix_us: until_us,
-                };
-                let resp = shared
-                    .handle
-                    .block_on(async move { client.read_source(req).await })
-                    .map_err(|s| rpc_error("reading the stream log", s))?
-                    .into_inner();
-                Ok((resp.to.max(from), from_ipc(resp.ipc)?))
-            }
-        }
-    }
-
+    /// Runs map task (b, stage, p) with the rows its read brought; false
+    /// when they are not in (the task stays pending).
     pub(super) fn run_map(
         &mut self,
         qid: QueryId,
         b: u64,
         stage: u32,
         p: MapPartition,
-    ) -> Result<()> {
-        self.shared
-            .counters
-            .map_tasks_run
-            .fetch_add(1, Ordering::Relaxed);
-        let shared = Arc::clone(&self.shared);
+    ) -> Result<bool> {
         let Some(wq) = self.queries.get_mut(&qid) else {
-            return Ok(());
+            return Ok(true);
         };
-        let until = wq
-            .pending_maps
-            .remove(&(b, stage, p))
-            .map_or_else(unix_us, |(_, t)| t);
         let Some(state) = wq.maps.get_mut(&(stage, p)) else {
             return Err(ExecError::invalid(format!(
                 "map partition {p} of stage {stage} not on this worker"
             )));
         };
-        let from = state.next_offset;
         let read_started = Instant::now();
-        let (to, pieces) = Self::read_source(&shared, qid, &state.source, from, until)?;
+        let until = wq.pending_maps.get(&(b, stage, p)).map(|(_, t)| *t);
+        let from = state.next_offset;
+        let Some((read_from, read_until, read)) = state.read.done.remove(&b) else {
+            return Ok(false);
+        };
+        if read_from != from || Some(read_until) != until {
+            // Read for another position (the partition was reset): read again.
+            state.read = ReadAhead::default();
+            return Ok(false);
+        }
+        wq.pending_maps.remove(&(b, stage, p));
+        self.shared
+            .counters
+            .map_tasks_run
+            .fetch_add(1, Ordering::Relaxed);
+        let (to, pieces) = read?;
         state.next_offset = to;
         state.last_batch = Some(b);
         wq.rows_in += to - from;
@@ -138,10 +106,13 @@ impl Scheduler {
                     std::mem::take(&mut wq.rows_in),
                     std::mem::take(&mut wq.late_rows),
                 );
-                return self.deliver(qid, BatchId(b), p.0, chunks, rows_in, late);
+                return self
+                    .deliver(qid, BatchId(b), p.0, chunks, rows_in, late)
+                    .map(|()| true);
             }
         };
-        self.shuffle_out(qid, b, stage, p.0, &outputs, &by, watermark_us)
+        self.shuffle_out(qid, b, stage, p.0, &outputs, &by, watermark_us)?;
+        Ok(true)
     }
 
     /// Writes a task's output as the shuffle into the next stage: routes
@@ -309,6 +280,9 @@ impl Scheduler {
         wq.pending_reduces.insert((b, stage, r), pending);
         for p in wq.pending_reduces.values_mut() {
             p.notices.retain(|n| n.worker != failed.worker);
+            // (its downloads too: they come again with the notices of the
+            // partitions' new owners)
+            p.forget_unannounced();
         }
         let event = pb::FetchFailed {
             query: qid.0,
@@ -345,7 +319,12 @@ impl Scheduler {
                 continue;
             }
             let stage = n.stage;
-            match self.fetch(qid, b, r, n) {
+            // Downloaded ahead when its notice came (local blocks are read here).
+            let fetched = match pending.fetched.remove(&(n.stage, n.map)) {
+                Some(batches) => Ok(batches),
+                None => self.fetch(qid, b, r, n),
+            };
+            match fetched {
                 Ok(batches) => partials.extend(batches.into_iter().map(|b| (stage, b))),
                 // Another worker's block: its producer is gone, not the query.
                 Err(e) if n.location != self.shared.address => {
@@ -433,12 +412,12 @@ impl Scheduler {
                 batch: b,
                 stage,
                 partition: r.0,
-                state: bytes,
+                state: Vec::new(),
             };
-            let mut client = self.shared.coordinator.clone();
+            let data = self.shared.data.clone();
             self.shared.handle.spawn(async move {
-                if let Err(s) = client.save_state(req).await {
-                    tracing::warn!("saving checkpoint state failed: {}", s.message());
+                if let Err(e) = data.save_state(req, &bytes).await {
+                    tracing::warn!("saving checkpoint state failed: {e}");
                 }
             });
         }
@@ -488,13 +467,15 @@ impl Scheduler {
         rows_in: u64,
         late_rows: u64,
     ) -> Result<()> {
-        let mut out = Vec::with_capacity(chunks.len());
-        for (window_end, batch) in chunks {
-            out.push(pb::OutputChunk {
-                window_end,
-                ipc: to_ipc(&batch.schema(), &[batch])?,
-            });
-        }
+        // Rows go over Flight; the result says how many rows each chunk has.
+        let out: Vec<pb::OutputChunk> = chunks
+            .iter()
+            .map(|(window_end, batch)| pb::OutputChunk {
+                window_end: *window_end,
+                ipc: Vec::new(),
+                rows: batch.num_rows() as u64,
+            })
+            .collect();
         // What a map-only query holds is its lookup tables.
         let state = match self.queries.get(&qid) {
             Some(wq) => wq.check_budget(
@@ -516,8 +497,28 @@ impl Scheduler {
             state_bytes: state.bytes,
             state_keys: state.keys,
         };
-        self.shared.event(pb::worker_event::Event::Output(output));
-        let _ = qid;
+        let rows: usize = chunks.iter().map(|(_, b)| b.num_rows()).sum();
+        if rows == 0 {
+            // Nothing to put: the result alone (its chunks, if any, say
+            // which windows closed empty).
+            let mut output = output;
+            for (c, (_, batch)) in output.chunks.iter_mut().zip(&chunks) {
+                c.ipc = to_ipc(&batch.schema(), std::slice::from_ref(batch))?;
+            }
+            self.shared.event(pb::worker_event::Event::Output(output));
+            return Ok(());
+        }
+        let schema = chunks
+            .iter()
+            .map(|(_, b)| b.schema())
+            .next()
+            .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
+        let batches = chunks
+            .into_iter()
+            .map(|(_, b)| b)
+            .filter(|b| b.num_rows() > 0)
+            .collect();
+        self.shared.rows(output, schema, batches);
         Ok(())
     }
 }
@@ -611,17 +612,15 @@ pub(super) fn restore_reduce(
         .filter(|st| st.stage == stage.0 && (!same || st.partition == r.0))
     {
         for path in st.chain.iter().chain(std::iter::once(&st.path)) {
-            let mut client = shared.coordinator.clone();
+            let data = shared.data.clone();
             let req = pb::LoadStateRequest {
                 query: qid.0,
                 path: path.clone(),
             };
+            // Only when a launch restores a partition (recovery, rescale).
             let bytes = shared
                 .handle
-                .block_on(async move { client.load_state(req).await })
-                .map_err(|s| rpc_error("loading checkpoint state", s))?
-                .into_inner()
-                .state;
+                .block_on(async move { data.load_state(req).await })?;
             let object = StateObject::decode(&bytes)?;
             let mut sections = Vec::with_capacity(object.sections.len());
             for (i, section) in object.sections.into_iter().enumerate() {
