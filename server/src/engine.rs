@@ -1339,6 +1339,8 @@ impl Engine {
                     n(c.block_bytes_held),
                     n(c.partitions_adopted),
                     n(c.fetch_failures),
+                    n(c.task_slots),
+                    n(c.peak_tasks_running),
                 ]
             })
             .collect();
@@ -1364,6 +1366,8 @@ impl Engine {
                 "block_bytes_held",
                 "partitions_adopted",
                 "fetch_failures",
+                "task_slots",
+                "peak_tasks_running",
             ],
             rows,
         );

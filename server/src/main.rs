@@ -324,10 +324,10 @@ struct WorkerArgs {
         default_value = "./drizzle-worker-data"
     )]
     data_dir: PathBuf,
-    /// Task slots: each runs its own task thread and registers as a worker
-    /// of its own, on the listen port plus its index (port 0: any free port).
-    #[arg(long, env = "DRIZZLE_WORKER_SLOTS", default_value_t = 1)]
-    slots: u16,
+    /// Task slots: how many tasks the worker runs at once (default: one
+    /// per core).
+    #[arg(long, env = "DRIZZLE_WORKER_SLOTS", default_value_t = 0)]
+    slots: usize,
     /// A file holding the cluster secret (the server's); DRIZZLE_CLUSTER_SECRET
     /// gives it directly. Required.
     #[arg(long, env = "DRIZZLE_CLUSTER_SECRET_FILE")]
@@ -706,33 +706,19 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         let pg = drizzle_server::errors::PgError::from(e);
         (pg.code.to_string(), pg.message)
     });
-    let mut slots = Vec::new();
-    for i in 0..args.slots.max(1) {
-        let mut listen = args.listen;
-        if listen.port() != 0 {
-            listen.set_port(listen.port().saturating_add(i));
-        }
-        // An advertised host:port moves with the slot too.
-        let advertise = args.advertise.as_ref().map(|a| match a.rsplit_once(':') {
-            Some((host, port)) if i > 0 => match port.parse::<u16>() {
-                Ok(p) => format!("{host}:{}", p.saturating_add(i)),
-                Err(_) => a.clone(),
-            },
-            _ => a.clone(),
-        });
-        let worker = drizzle_exec::start_worker(drizzle_exec::WorkerConfig {
-            coordinator: args.coordinator.clone(),
-            listen,
-            advertise,
-            classify: Arc::clone(&classify),
-            cluster_secret: secret.clone(),
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot start the worker: {e}"))?;
-        println!("drizzle worker listening on {}", worker.address);
-        tracing::info!(address = %worker.address, coordinator = %args.coordinator, "drizzle worker ready");
-        slots.push(worker);
-    }
+    let worker = drizzle_exec::start_worker(drizzle_exec::WorkerConfig {
+        coordinator: args.coordinator.clone(),
+        listen: args.listen,
+        advertise: args.advertise.clone(),
+        classify: Arc::clone(&classify),
+        cluster_secret: secret.clone(),
+        slots: args.slots,
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot start the worker: {e}"))?;
+    println!("drizzle worker listening on {}", worker.address);
+    tracing::info!(address = %worker.address, coordinator = %args.coordinator, "drizzle worker ready");
+    let slots = vec![worker];
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     let any_stopped = futures::future::select_all(slots.iter().map(|w| Box::pin(w.stopped())));

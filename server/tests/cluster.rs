@@ -605,8 +605,12 @@ fn auto_group_size_grows_when_coordination_dominates() {
     });
 }
 
+/// `drizzle worker --slots 2` is one worker (one registration, one port)
+/// that runs two tasks at once: the four partitions of a datagen query's
+/// stages run on both slots (the peak of tasks running reaches 2, never
+/// more), and the aggregate's results are exact.
 #[test]
-fn a_worker_process_with_two_slots_registers_two_workers() {
+fn a_worker_process_runs_tasks_on_several_slots() {
     let server = TestServer::start(
         bin(),
         &["--workers", "0", "--cluster-listen", "127.0.0.1:0"],
@@ -627,50 +631,69 @@ fn a_worker_process_with_two_slots_registers_two_workers() {
             "DRIZZLE_CLUSTER_SECRET",
             drizzle_sql_tests::TEST_CLUSTER_SECRET,
         )
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let lines: Vec<String> = (0..2)
-        .map(|_| {
-            rx.recv_timeout(Duration::from_secs(30))
-                .expect("a slot registered")
-        })
-        .collect();
-    assert!(lines
-        .iter()
-        .all(|l| l.starts_with("drizzle worker listening on 127.0.0.1:")));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let result = rt.block_on(async {
         let client = server.client().await?;
-        let workers = show(&client, "SHOW WORKERS").await?;
-        assert_eq!(workers.len(), 2, "{workers:?}");
+        eventually(Duration::from_secs(30), || async {
+            Ok((show(&client, "SHOW WORKERS").await?.len() == 1).then_some(()))
+        })
+        .await?;
         client
             .batch_execute(
-                "CREATE STREAM s (k BIGINT, v BIGINT); INSERT INTO s VALUES (1, 2), (2, 3), (1, 4)",
+                "CREATE STREAM s (k BIGINT, v BIGINT) WITH (partitions = 4);
+                 SET parallelism = 4;",
             )
             .await?;
-        let rows = client
-            .simple_query("SELECT k, sum(v) FROM s GROUP BY k LIMIT 2")
+        let mut values = Vec::new();
+        for i in 0..400i64 {
+            values.push(format!("({}, {i})", i % 10));
+        }
+        client
+            .batch_execute(&format!("INSERT INTO s VALUES {}", values.join(", ")))
             .await?;
-        let n = row_count(&rows);
-        assert_eq!(n, 2);
-        anyhow::Ok(())
+        // 4 map and 4 reduce partitions per batch, on one worker.
+        let rows = client
+            .simple_query("SELECT k, count(*) AS n, sum(v) AS total FROM s GROUP BY k LIMIT 10")
+            .await?;
+        let mut got = drizzle_sql_tests::rows(&rows);
+        got.sort();
+        let mut want: Vec<String> = (0..10i64)
+            .map(|k| {
+                let total: i64 = (0..400i64).filter(|i| i % 10 == k).sum();
+                format!("{k}|40|{total}")
+            })
+            .collect();
+        want.sort();
+        // Upserts: the last version of each key is the batch result.
+        let mut last = std::collections::BTreeMap::new();
+        for row in got {
+            let key = row.split('|').next().unwrap_or_default().to_string();
+            last.insert(key, row);
+        }
+        let last: Vec<String> = last.into_values().collect();
+        assert_eq!(last, want);
+        // Counters travel in heartbeats: wait for one after the tasks.
+        let workers = eventually(Duration::from_secs(10), || async {
+            let w = show(&client, "SHOW WORKERS").await?;
+            Ok(w.first()
+                .is_some_and(|w| w["reduce_tasks"] != "0")
+                .then_some(w))
+        })
+        .await?;
+        assert_eq!(workers.len(), 1, "{workers:?}");
+        assert_eq!(workers[0]["task_slots"], "2", "{workers:?}");
+        let peak: u64 = workers[0]["peak_tasks_running"].parse()?;
+        assert!((1..=2).contains(&peak), "{workers:?}");
+        anyhow::Ok(peak)
     });
     let _ = child.kill();
     let _ = child.wait();
-    result.unwrap();
+    let peak = result.unwrap();
+    println!("peak tasks running on 2 slots: {peak}");
 }
 
 /// A lookup join re-reads its table when that table changes, and only then:
@@ -719,5 +742,47 @@ fn a_lookup_join_rereads_its_table_when_the_table_changes() {
         })
         .await?;
         Ok(())
+    });
+}
+
+/// Results larger than a task status carries travel on the data plane: the
+/// final tasks put their rows on the coordinator's Flight endpoint (the
+/// group report follows the puts), and every row arrives once, whole.
+#[test]
+fn large_results_are_put_over_flight_whole_and_once() {
+    let cluster = TestCluster::start(bin(), 2, &[]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = cluster.server.client().await.unwrap();
+        c.batch_execute("CREATE STREAM wide (k BIGINT, pad TEXT) WITH (partitions = 2)")
+            .await
+            .unwrap();
+        // 20,000 rows of ~200 bytes: megabytes per task, far above the
+        // direct-result size.
+        const N: i64 = 20_000;
+        c.batch_execute(&format!(
+            "INSERT INTO wide SELECT k, repeat(md5(k::text), 6) FROM generate_series(1, {N}) AS t(k)"
+        ))
+        .await
+        .unwrap();
+        let got = c
+            .simple_query(&format!("SELECT k, length(pad), pad FROM wide LIMIT {N}"))
+            .await
+            .unwrap();
+        let rows = drizzle_sql_tests::rows(&got);
+        assert_eq!(rows.len() as i64, N);
+        let mut keys: Vec<i64> = rows
+            .iter()
+            .map(|r| {
+                let mut f = r.split('|');
+                let k: i64 = f.next().unwrap().parse().unwrap();
+                assert_eq!(f.next(), Some("192"), "{r}");
+                assert_eq!(f.next().map(str::len), Some(192), "{r}");
+                k
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys, (1..=N).collect::<Vec<_>>());
     });
 }

@@ -157,6 +157,9 @@ impl Runtime {
         map_done: &mut mpsc::UnboundedReceiver<pb::MapOutputReady>,
     ) -> (AttemptEnd, Option<Carry>) {
         let cancel = &query.cancel;
+        // A checkpoint an earlier attempt asked for never comes: this
+        // attempt asks again at its first checkpoint group.
+        *query.checkpoint_due.lock() = None;
         let map_partitions: Vec<u32> = (0..query.inputs.len())
             .map(|s| query.partitions(s))
             .collect();
@@ -271,7 +274,8 @@ impl Runtime {
             Scheduling::Drizzle => SchedulingMode::Drizzle,
             Scheduling::GroupOnly | Scheduling::Bsp => SchedulingMode::Bsp,
         };
-        // Ten checkpoint intervals without a checkpoint: the store is failing.
+        // A checkpoint ten intervals late (after its group's last batch
+        // triggered): the store is failing.
         let stall = (self.state.checkpoint_interval * 10).max(Duration::from_secs(2));
         let restore = resume.as_ref().map(|m| pb::Restore {
             batch: m.batch,
@@ -383,6 +387,17 @@ impl Runtime {
                         || last_checkpoint_at.elapsed() >= self.state.checkpoint_interval);
                 if checkpoint {
                     last_checkpoint_at = Instant::now();
+                    // Due once the group's last batch has triggered: from
+                    // then on, a checkpoint that does not come is late.
+                    let last = next_batch + g - 1;
+                    let trigger =
+                        query.start_unix_us + query.offset_of(BatchId(last)).as_micros() as i64;
+                    let wait =
+                        Duration::from_micros(trigger.saturating_sub(unix_us()).max(0) as u64);
+                    query
+                        .checkpoint_due
+                        .lock()
+                        .get_or_insert(Instant::now() + wait);
                 }
                 // A recovery's first group also re-covers, for the partitions
                 // it moved, every batch since the checkpoint (the survivors
@@ -679,6 +694,12 @@ impl Runtime {
                 .map(|(b, p)| (*b, p.maps.clone(), p.states.clone()))
         };
         let Some((batch, mut map_states, mut states)) = ready else {
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let pending = query.pending_checkpoints.lock();
+                for (b, p) in pending.iter() {
+                    tracing::debug!(query = %query.id, batch = *b, committed, attempt = p.attempt, maps = p.maps.len(), want_maps = maps, states = p.states.len(), want_states = objects, "checkpoint pending");
+                }
+            }
             return Ok(());
         };
         map_states.sort_by_key(|m| (m.stage, m.partition));
@@ -713,6 +734,7 @@ impl Runtime {
             query.full_checkpoint_next.store(false, Ordering::Release);
         }
         *query.status.last_checkpoint.lock() = Some((batch, Instant::now(), manifest.bytes()));
+        *query.checkpoint_due.lock() = None;
         {
             let mut kept = query.kept_checkpoints.lock();
             kept.push(manifest.clone());

@@ -236,6 +236,13 @@ impl CoordinatorData {
         let Some((worker, _)) = caller else {
             return Err(stale_member());
         };
+        tracing::debug!(
+            query = out.query,
+            batch = out.batch,
+            partition = out.partition,
+            rows = batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+            "results put"
+        );
         let Some(q) = self.state.output_counts(worker.0, &out) else {
             return Ok(());
         };

@@ -548,6 +548,11 @@ struct CompiledQuery {
     pending_checkpoints: Mutex<BTreeMap<u64, PendingCheckpoint>>,
     /// The last complete checkpoint.
     last_checkpoint: Mutex<Option<Manifest>>,
+    /// When the oldest checkpoint asked for since the last complete one was
+    /// due (its group's last batch triggered); `None`: none is outstanding.
+    /// A long group (a recovery's catch-up, a large group size) is not a
+    /// late checkpoint.
+    checkpoint_due: Mutex<Option<Instant>>,
     /// Wakes the coordinator loop when a checkpoint piece arrives.
     checkpoint_progress: Notify,
     /// Target reduce partitions (`ALTER ... SET parallelism`).
@@ -763,6 +768,8 @@ impl Runtime {
                 advertise: None,
                 classify: Arc::clone(&config.classify),
                 cluster_secret: config.cluster_secret.clone(),
+                // One in-process worker per core already: one slot each.
+                slots: 1,
             })
             .await?;
             runtime.local_workers.lock().push(worker);
@@ -960,6 +967,7 @@ impl Runtime {
             key,
             ephemeral,
             last_checkpoint: Mutex::new(spec.durability.resume.clone()),
+            checkpoint_due: Mutex::new(None),
             durability: spec.durability,
             pending_checkpoints: Mutex::new(BTreeMap::new()),
             checkpoint_progress: Notify::new(),

@@ -142,19 +142,19 @@ impl CompiledQuery {
             .map_or(since == 0, |m| m.batch + 1 >= since)
     }
 
-    /// At a group boundary: stops retaining map outputs once no checkpoint
-    /// was written for `stall` (the store is failing: retained blocks would
-    /// grow without bound), and retains again from batch `from` on once
+    /// At a group boundary: stops retaining map outputs once a checkpoint
+    /// is `stall` late (the store is failing: retained blocks would grow
+    /// without bound), and retains again from batch `from` on once
     /// checkpoints are back. Updates the recovery mode SHOW QUERIES shows.
     pub(super) fn check_retention(&self, stall: Duration, from: u64) {
         if !self.lost_work {
             return;
         }
+        // How late the outstanding checkpoint is (none outstanding: not late).
         let age = self
-            .status
-            .last_checkpoint
+            .checkpoint_due
             .lock()
-            .map_or_else(|| self.status.started.elapsed(), |(_, at, _)| at.elapsed());
+            .map_or(Duration::ZERO, |due| due.elapsed());
         let retaining = self.retaining.load(Ordering::Acquire);
         if retaining && age > stall {
             self.retaining.store(false, Ordering::Release);

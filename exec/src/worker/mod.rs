@@ -38,9 +38,8 @@
 //!   remote shuffle block starts downloading when its notice arrives, and
 //!   its consumer is runnable once every download is in. Finished reads and
 //!   downloads come back to the task thread as messages.
-//! * Results and events leave in order ([`outbox_loop`]): a task's rows are
-//!   put over Flight, and the group report that covers them follows the
-//!   put's ack.
+//! * A task's rows are put over Flight ([`outbox_loop`]), several at once;
+//!   the group report that covers them follows the puts' acks.
 //! * Checkpoint groups: after the group's last batch a map task records its
 //!   position (in the group report) and a reduce task snapshots its keyed
 //!   state, sent to the coordinator asynchronously (the task thread moves on).
@@ -95,12 +94,14 @@ use crate::sources::{DatagenSource, GeneratedPartition, Source, MAX_BATCH_ROWS};
 
 mod scheduler;
 mod service;
+mod slots;
 mod tasks;
 #[allow(unused_imports)]
 use self::scheduler::*;
 pub(crate) use self::service::new_epoch;
 #[allow(unused_imports)]
 use self::service::*;
+use self::slots::*;
 #[allow(unused_imports)]
 use self::tasks::*;
 
@@ -118,6 +119,8 @@ pub struct WorkerConfig {
     pub classify: ErrorClassifier,
     /// Proof of membership on every cluster call, both ways.
     pub cluster_secret: crate::cluster::ClusterSecret,
+    /// Task slots: how many tasks run at once (0: one per core).
+    pub slots: usize,
 }
 
 /// Turns a task error into the (SQLSTATE, message) a client will see; the
@@ -153,6 +156,10 @@ pub struct WorkerCounters {
     pub partitions_adopted: AtomicU64,
     /// Blocks that could not be pulled from their producer.
     pub fetch_failures: AtomicU64,
+    /// Task slots.
+    pub task_slots: AtomicU64,
+    /// The most tasks on slots at once.
+    pub peak_tasks_running: AtomicU64,
 }
 
 impl WorkerCounters {
@@ -175,6 +182,8 @@ impl WorkerCounters {
             coordinator_messages_in_group: g(&self.coordinator_messages_in_group),
             partitions_adopted: g(&self.partitions_adopted),
             fetch_failures: g(&self.fetch_failures),
+            task_slots: g(&self.task_slots),
+            peak_tasks_running: g(&self.peak_tasks_running),
         }
     }
 }
@@ -186,6 +195,8 @@ enum Msg {
     Read(Box<ReadDone>),
     /// A remote shuffle block finished downloading (started on its notice).
     Fetched(Box<FetchDone>),
+    /// A task came back from its slot.
+    Computed(Box<Computed>),
     LaunchReduce(pb::LaunchReduceRequest),
     /// Cancel the query's attempts up to this one (0: all).
     Cancel(QueryId, u64),
@@ -212,8 +223,8 @@ struct Shared {
     classify: ErrorClassifier,
     /// The open Events stream to the coordinator.
     events: Mutex<Option<mpsc::UnboundedSender<pb::WorkerEvent>>>,
-    /// What goes to the coordinator, in order: events, and task results
-    /// put over Flight (see [`outbox_loop`]).
+    /// What goes to the coordinator: events, and task results put over
+    /// Flight (see [`outbox_loop`]).
     outbox: mpsc::UnboundedSender<Outgoing>,
     /// The open Notices stream to each peer.
     notice_streams: Mutex<HashMap<String, mpsc::UnboundedSender<pb::MapOutputReady>>>,
@@ -271,33 +282,48 @@ enum Outgoing {
     },
 }
 
-/// Sends the outbox in order: an event once every result before it was
-/// put (so a group report never overtakes the results it covers). A put
-/// that fails goes inline on the Events stream instead: results are never
-/// dropped while the report that covers them is sent.
+/// Sends the outbox: results are put over Flight concurrently, and a group
+/// report only once every result before it was acked (so a report never
+/// overtakes the results it covers); other events go at once. A put that
+/// fails goes inline on the Events stream instead, before the report that
+/// covers it: results are never dropped while their report is sent.
 async fn outbox_loop(shared: std::sync::Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    let mut puts: std::collections::VecDeque<tokio::task::JoinHandle<()>> =
+        std::collections::VecDeque::new();
     while let Some(item) = rx.recv().await {
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        while puts.front().is_some_and(|h| h.is_finished()) {
+            puts.pop_front();
+        }
         match item {
+            Outgoing::Event(e @ pb::worker_event::Event::GroupReport(_)) => {
+                for put in puts.drain(..) {
+                    let _ = put.await;
+                }
+                shared.send_event(e);
+            }
             Outgoing::Event(e) => shared.send_event(e),
             Outgoing::Rows {
                 out,
                 schema,
                 batches,
             } => {
-                if let Err(e) = shared
-                    .data
-                    .put_output(out.clone(), Arc::clone(&schema), batches.clone())
-                    .await
-                {
-                    tracing::warn!("putting a task's results failed, sending them inline: {e}");
-                    match inline_output(out, &schema, &batches) {
-                        Ok(out) => shared.send_event(pb::worker_event::Event::Output(out)),
-                        Err(e) => tracing::error!("encoding a task's results failed: {e}"),
+                let shared = Arc::clone(&shared);
+                puts.push_back(tokio::spawn(async move {
+                    let put = shared
+                        .data
+                        .put_output(out.clone(), Arc::clone(&schema), batches.clone())
+                        .await;
+                    if let Err(e) = put {
+                        tracing::warn!("putting a task's results failed, sending them inline: {e}");
+                        match inline_output(out, &schema, &batches) {
+                            Ok(out) => shared.send_event(pb::worker_event::Event::Output(out)),
+                            Err(e) => tracing::error!("encoding a task's results failed: {e}"),
+                        }
                     }
-                }
+                }));
             }
         }
     }
@@ -322,7 +348,8 @@ fn inline_output(
 }
 
 impl Shared {
-    /// Reports to the coordinator, after every result sent before it.
+    /// Reports to the coordinator (a group report after every result sent
+    /// before it).
     fn event(&self, event: pb::worker_event::Event) {
         let _ = self.outbox.send(Outgoing::Event(event));
     }
@@ -537,10 +564,21 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
         .add_service(flight);
     crate::cluster::spawn_server(router, listener, stop_rx.clone(), "worker");
     let thread_shared = Arc::clone(&shared);
+    let slots = Slots::start(
+        match config.slots {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        },
+        shared.handle.clone(),
+    )?;
+    shared
+        .counters
+        .task_slots
+        .store(slots.size as u64, Ordering::Relaxed);
     let thread = std::thread::Builder::new()
         .name("drizzle-tasks".into())
         .stack_size(crate::THREAD_STACK_BYTES)
-        .spawn(move || Scheduler::new(thread_shared).run(rx))
+        .spawn(move || Scheduler::new(thread_shared, slots).run(rx))
         .map_err(|e| ExecError::io("task thread", e))?;
     register(&shared).await?;
     tokio::spawn(heartbeat_loop(Arc::clone(&shared), stop_rx));
@@ -557,6 +595,7 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The finite side of lookup joins, fetched from the coordinator.
+#[derive(Clone)]
 struct RemoteTables {
     shared: Arc<Shared>,
     query: QueryId,
@@ -646,20 +685,33 @@ struct MapState {
     chain: ChainState,
 }
 
-/// A reduce partition: the shuffle stage's stateful operator and the
-/// lookup tables of the kernels after it.
+/// A reduce partition of a shuffle stage.
 struct ReduceState {
-    operator: Box<dyn StatefulOperator>,
-    /// The lookup tables of the kernels after the operator.
-    chain: ChainState,
+    /// Its state; `None` while a task of it runs on a slot.
+    work: Option<Box<ReduceWork>>,
     last_batch: Option<u64>,
 }
 
-impl ReduceState {
+/// A reduce partition's state: the stage's stateful operator and the
+/// lookup tables of the kernels after it.
+struct ReduceWork {
+    operator: Box<dyn StatefulOperator>,
+    /// The lookup tables of the kernels after the operator.
+    chain: ChainState,
+}
+
+impl ReduceWork {
     fn size(&self) -> StateSize {
         let mut size = self.chain.size();
         size += self.operator.state_size();
         size
+    }
+}
+
+impl ReduceState {
+    /// The state held (none while it is on a slot).
+    fn size(&self) -> StateSize {
+        self.work.as_ref().map(|w| w.size()).unwrap_or_default()
     }
 }
 
@@ -685,11 +737,13 @@ struct PendingReduce {
     launched: bool,
     trigger: Option<Instant>,
     notices: Vec<pb::MapOutputReady>,
-    /// Remote blocks downloading, by (producing stage, map partition):
-    /// started when their notice arrives, so the task finds its inputs in.
-    fetching: std::collections::HashSet<(u32, u32)>,
-    /// Remote blocks downloaded, by (producing stage, map partition).
-    fetched: HashMap<(u32, u32), Vec<RecordBatch>>,
+    /// Remote blocks downloading, by (producing stage, map partition,
+    /// producer): started when their notice arrives, so the task finds its
+    /// inputs in.
+    fetching: std::collections::HashSet<(u32, u32, u32)>,
+    /// Remote blocks downloaded, by (producing stage, map partition,
+    /// producer).
+    fetched: HashMap<(u32, u32, u32), Vec<RecordBatch>>,
 }
 
 /// One query as this worker knows it.
@@ -697,8 +751,14 @@ struct WorkerQuery {
     /// The query's stages, as shipped: what each task runs, what each
     /// shuffle hashes on.
     graph: StageGraph,
-    /// Each stage's chain of steps (by stage id).
-    steps: Vec<Vec<Step>>,
+    /// Each stage's chain of steps (by stage id), shared with the slots.
+    steps: Arc<Vec<Vec<Step>>>,
+    /// Which incarnation of the query this is on this worker (a new
+    /// generation is a new one): results of a replaced one are dropped.
+    incarnation: u64,
+    /// Partitions with a task on a slot, by (stage, partition): their next
+    /// task waits.
+    busy: std::collections::HashSet<(u32, u32)>,
     mode: SchedulingMode,
     /// Map partitions per shuffle input of the reduce stage.
     shuffle_inputs: Vec<u32>,
@@ -771,6 +831,23 @@ impl StageStats {
             ..Self::default()
         }
     }
+
+    /// Adds what one task did.
+    fn merge(&mut self, other: &StageStats) {
+        fn add(a: &mut StepStats, b: &StepStats) {
+            a.rows_in += b.rows_in;
+            a.rows_out += b.rows_out;
+            a.time_ns += b.time_ns;
+        }
+        add(&mut self.input, &other.input);
+        if self.steps.len() < other.steps.len() {
+            self.steps.resize(other.steps.len(), StepStats::default());
+        }
+        for (a, b) in self.steps.iter_mut().zip(&other.steps) {
+            add(a, b);
+        }
+        self.tasks += other.tasks;
+    }
 }
 
 /// The state a partition holds and the watermark it last acted on.
@@ -820,6 +897,11 @@ struct Scheduler {
     early: HashMap<QueryId, Vec<pb::MapOutputReady>>,
     /// The id of the next source read started.
     next_read: u64,
+    /// The next query incarnation.
+    next_incarnation: u64,
+    slots: Slots,
+    /// Tasks on slots.
+    running: usize,
 }
 
 /// How long pulling one block may take before its producer counts as lost.

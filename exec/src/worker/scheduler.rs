@@ -47,7 +47,8 @@ impl PendingReduce {
     /// Forgets blocks (downloaded or downloading) whose notice is gone.
     pub(super) fn forget_unannounced(&mut self) {
         let notices = &self.notices;
-        let announced = |k: &(u32, u32)| notices.iter().any(|n| (n.stage, n.map) == *k);
+        let announced =
+            |k: &(u32, u32, u32)| notices.iter().any(|n| (n.stage, n.map, n.worker) == *k);
         self.fetching.retain(|k| announced(k));
         self.fetched.retain(|k, _| announced(k));
     }
@@ -118,7 +119,7 @@ impl WorkerQuery {
         let mut blocked: Vec<(u32, ReducePartition)> = Vec::new();
         for (key, p) in &self.pending_reduces {
             let (b, stage, r) = key;
-            if blocked.contains(&(*stage, *r)) {
+            if blocked.contains(&(*stage, *r)) || self.busy.contains(&(*stage, r.0)) {
                 continue;
             }
             let in_order = self
@@ -159,12 +160,15 @@ impl WorkerQuery {
 }
 
 impl Scheduler {
-    pub(super) fn new(shared: Arc<Shared>) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, slots: Slots) -> Self {
         Self {
             shared,
             queries: HashMap::new(),
             early: HashMap::new(),
             next_read: 0,
+            next_incarnation: 0,
+            slots,
+            running: 0,
         }
     }
 
@@ -214,9 +218,9 @@ impl Scheduler {
     }
 
     pub(super) fn in_group(&self) -> bool {
-        self.queries
-            .values()
-            .any(|q| !q.pending_maps.is_empty() || !q.pending_reduces.is_empty())
+        self.queries.values().any(|q| {
+            !q.pending_maps.is_empty() || !q.pending_reduces.is_empty() || !q.busy.is_empty()
+        })
     }
 
     /// Returns false on shutdown.
@@ -261,6 +265,7 @@ impl Scheduler {
             }
             Msg::Read(done) => self.read_done(*done),
             Msg::Fetched(done) => self.fetch_done(*done),
+            Msg::Computed(done) => self.computed(*done),
             Msg::LaunchReduce(req) => {
                 if self.in_group() {
                     self.shared
@@ -374,13 +379,13 @@ impl Scheduler {
         let Some(pending) = wq.pending_reduces.get_mut(&task) else {
             return;
         };
-        let key = (notice.stage, notice.map);
+        let key = (notice.stage, notice.map, notice.worker);
         // Only the notice the task holds (a repeated one describes the
         // same blocks).
         let held = pending
             .notices
             .iter()
-            .any(|n| (n.stage, n.map, n.worker) == (notice.stage, notice.map, notice.worker));
+            .any(|n| (n.stage, n.map, n.worker) == key);
         if !held || pending.fetching.contains(&key) || pending.fetched.contains_key(&key) {
             return;
         }
@@ -394,6 +399,7 @@ impl Scheduler {
             }
         };
         pending.fetching.insert(key);
+        tracing::debug!(query = %qid, batch = b, stage = notice.stage, map = notice.map, producer = notice.worker, "download started");
         self.shared
             .counters
             .blocks_fetched_remote
@@ -444,15 +450,15 @@ impl Scheduler {
         let Some(wq) = self.queries.get_mut(&query) else {
             return;
         };
-        let key = (notice.stage, notice.map);
+        let key = (notice.stage, notice.map, notice.worker);
         let Some(pending) = wq.pending_reduces.get_mut(&task) else {
             return;
         };
         let current = pending
             .notices
             .iter()
-            .any(|n| (n.stage, n.map, n.worker) == (notice.stage, notice.map, notice.worker));
-        if !current || !pending.fetching.remove(&key) {
+            .any(|n| (n.stage, n.map, n.worker) == key);
+        if !pending.fetching.remove(&key) || !current {
             return; // forgotten meanwhile (its producer was lost)
         }
         match result {
@@ -503,6 +509,7 @@ impl Scheduler {
                 let id = self.next_read;
                 self.next_read += 1;
                 read.in_flight = Some((b, id, from, until_us));
+                tracing::debug!(query = %qid, batch = b, stage, partition = p.0, from, "read started");
                 let future = state.source.read(from, until_us);
                 let inbox = self.shared.inbox.lock().clone();
                 let query = *qid;
@@ -546,6 +553,7 @@ impl Scheduler {
 
     pub(super) fn launch(&mut self, req: pb::LaunchGroupRequest) -> Result<()> {
         let qid = QueryId(req.query);
+        tracing::debug!(query = %qid, group = req.group, attempt = req.attempt, maps = req.map_tasks.len(), reduces = req.reduce_tasks.len(), batches = req.batches.len(), "launch");
         let mode = SchedulingMode::try_from(req.mode).unwrap_or(SchedulingMode::Drizzle);
         // The generation's first attempt: 0 from a coordinator that does not say.
         let generation = if req.generation == 0 {
@@ -607,11 +615,14 @@ impl Scheduler {
                         .collect(),
                 })
                 .collect();
+            self.next_incarnation += 1;
             self.queries.insert(
                 qid,
                 WorkerQuery {
                     graph,
-                    steps,
+                    steps: Arc::new(steps),
+                    incarnation: self.next_incarnation,
+                    busy: std::collections::HashSet::new(),
                     mode,
                     shuffle_inputs: sources,
                     stage_inputs,
@@ -684,6 +695,7 @@ impl Scheduler {
             let reduces = &wq.reduces;
             wq.pending_reduces.retain(|(b, stage, r), p| {
                 p.notices.retain(|n| accepts_notice(n, generation, &owners));
+                p.forget_unannounced();
                 reduces
                     .get(&(*stage, *r))
                     .is_some_and(|s| s.last_batch.is_none_or(|l| *b > l))
@@ -784,10 +796,9 @@ impl Scheduler {
                         "shuffle stage {stage} does not start with a stateful operator"
                     )));
                 };
-                let mut state = ReduceState {
+                let mut work = ReduceWork {
                     operator,
                     chain: ChainState::default(),
-                    last_batch: None,
                 };
                 // A reduce partition (all its stages) is adopted once.
                 if adopting && shuffle_stages.first() == Some(&stage) {
@@ -796,7 +807,9 @@ impl Scheduler {
                         .partitions_adopted
                         .fetch_add(1, Ordering::Relaxed);
                 }
+                let mut last_batch = None;
                 if let Some(restore) = &req.restore {
+                    last_batch = Some(restore.batch);
                     restore_reduce(
                         &self.shared,
                         qid,
@@ -805,10 +818,16 @@ impl Scheduler {
                         restore,
                         r,
                         wq.reduce_partitions,
-                        &mut state,
+                        &mut work,
                     )?;
                 }
-                wq.reduces.insert((stage, r), state);
+                wq.reduces.insert(
+                    (stage, r),
+                    ReduceState {
+                        work: Some(Box::new(work)),
+                        last_batch,
+                    },
+                );
             }
             let last = wq.reduces.get(&(stage, r)).and_then(|s| s.last_batch);
             let inputs = wq.inputs_of(stage).to_vec();
@@ -822,7 +841,7 @@ impl Scheduler {
                 if mode == SchedulingMode::Drizzle {
                     // Pre-scheduled: runnable once every notice is in.
                     entry.launched = true;
-                    if entry.runnable(&inputs) {
+                    if entry.announced(&inputs) {
                         self.shared
                             .counters
                             .reduces_started_by_notices
@@ -901,6 +920,9 @@ impl Scheduler {
 
     /// The next runnable task, or how long to wait (None = until a message).
     pub(super) fn next_task(&self, now: Instant) -> std::result::Result<Task, Option<Instant>> {
+        if self.running >= self.slots.size {
+            return Err(None); // every slot is busy: a task coming back wakes us
+        }
         let mut best: Option<(Instant, u8, Task)> = None;
         let mut wake: Option<Instant> = None;
         for (qid, wq) in &self.queries {
@@ -919,6 +941,9 @@ impl Scheduler {
             // flight needs no timer).
             let mut map: Option<(Instant, Task)> = None;
             for ((b, s, p), (at, _)) in &wq.pending_maps {
+                if wq.busy.contains(&(*s, p.0)) {
+                    continue; // its previous batch is on a slot
+                }
                 let read = wq.has_read(*b, *s, *p);
                 if *at <= now {
                     if read {
@@ -985,14 +1010,15 @@ impl Scheduler {
                 message: format!("a task of query {qid} failed internally: {message}"),
             })
         });
-        match result {
-            Err(e) => {
-                self.fail(qid, BatchId(b), e);
-                return;
-            }
-            Ok(false) => return, // not run: it waits for its input
-            Ok(true) => {}
+        if let Err(e) = result {
+            self.fail(qid, BatchId(b), e);
         }
+        // (a task handed to a slot is done when it is back: `computed`)
+    }
+
+    /// One of this worker's tasks of batch `b` is done: the group's report
+    /// once it was the group's last here.
+    pub(super) fn task_done(&mut self, qid: QueryId, b: u64) {
         let Some(wq) = self.queries.get_mut(&qid) else {
             return;
         };
@@ -1009,6 +1035,7 @@ impl Scheduler {
         wq.group_starts.retain(|_, g| *g != group);
         wq.group_ends.remove(&group);
         wq.delta_bases.remove(&group);
+        tracing::debug!(query = %qid, group, "group report");
         let report = pb::GroupReport {
             attempt: wq.attempt,
             maps: progress.maps,

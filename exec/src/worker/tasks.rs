@@ -5,8 +5,8 @@
 use super::*;
 
 impl Scheduler {
-    /// Runs map task (b, stage, p) with the rows its read brought; false
-    /// when they are not in (the task stays pending).
+    /// Starts map task (b, stage, p) on a slot with the rows its read
+    /// brought; false when they are not in (the task stays pending).
     pub(super) fn run_map(
         &mut self,
         qid: QueryId,
@@ -42,37 +42,13 @@ impl Scheduler {
         state.next_offset = to;
         state.last_batch = Some(b);
         wq.rows_in += to - from;
-        let Some(steps) = wq.steps.get(stage as usize) else {
-            return Err(ExecError::invalid(format!(
-                "source stage {stage} does not exist"
-            )));
-        };
-        let stats = wq
-            .stats
-            .entry(stage)
-            .or_insert_with(|| StageStats::new(steps.len()));
+        let chain = std::mem::take(&mut state.chain);
+        let steps = wq.steps.get(stage as usize).map_or(0, Vec::len);
+        let mut stats = StageStats::new(steps);
         stats.tasks += 1;
         let read = (to - from) as usize;
         stats.input.record(read, read, read_started);
-        let mut outputs = Vec::with_capacity(pieces.len());
-        for piece in pieces {
-            let (out, late) =
-                run_steps(steps, piece, &mut state.chain, &wq.tables, &mut stats.steps)?;
-            wq.late_rows += late;
-            if out.num_rows() > 0 {
-                outputs.push(out);
-            }
-        }
-        let watermark_us = steps_watermark(steps, &state.chain);
-        wq.gauges.insert(
-            (stage, p.0),
-            Gauge {
-                state: state.chain.size(),
-                watermark_us,
-            },
-        );
         let group = group_of(&wq.group_starts, b);
-        let checkpoint = wq.group_ends.get(&group) == Some(&(b, true));
         if let Some(progress) = wq.groups.get_mut(&group) {
             progress.ranges.push(pb::SourceRange {
                 batch: b,
@@ -81,87 +57,202 @@ impl Scheduler {
                 to,
                 stage,
             });
-            if checkpoint {
-                progress.maps.push(pb::MapState {
-                    batch: b,
-                    stage,
-                    partition: p.0,
-                    next_offset: to,
-                    max_event_us: state.chain.window.max_event_us,
-                });
-            }
         }
-        // What the shuffle hashes on.
-        let by = match shuffle_keys(&wq.graph, GraphStage(stage)) {
-            Some(by) => by,
-            None => {
-                // A source stage writing the sink (a plan without shuffles).
-                let schema = outputs
-                    .first()
-                    .map(|o| o.schema())
-                    .unwrap_or_else(|| Arc::clone(&wq.graph.output_schema));
-                let out = arrow::compute::concat_batches(&schema, &outputs)?;
-                let chunks = vec![(None, out)];
-                let (rows_in, late) = (
-                    std::mem::take(&mut wq.rows_in),
-                    std::mem::take(&mut wq.late_rows),
-                );
-                return self
-                    .deliver(qid, BatchId(b), p.0, chunks, rows_in, late)
-                    .map(|()| true);
-            }
+        let task = SlotTask {
+            query: qid,
+            incarnation: wq.incarnation,
+            batch: b,
+            stage,
+            partition: p.0,
+            steps: Arc::clone(&wq.steps),
+            tables: wq.tables.clone(),
+            shuffle: shuffle_keys(&wq.graph, GraphStage(stage))
+                .map(|by| (by, wq.reduce_partitions as usize)),
+            sink_schema: Arc::clone(&wq.graph.output_schema),
+            stats,
+            work: Work::Map { chain, pieces },
+            range: Some((from, to)),
         };
-        self.shuffle_out(qid, b, stage, p.0, &outputs, &by, watermark_us)?;
+        self.dispatch(task);
         Ok(true)
     }
 
-    /// Writes a task's output as the shuffle into the next stage: routes
-    /// rows to the consumer partitions by `by`, stores the blocks, and
-    /// announces them to every consumer's worker (Drizzle) or to the
-    /// coordinator (BSP). `producer` is the task's partition in `stage`.
+    /// Hands `task` to a slot; its partition is busy until it is back.
+    pub(super) fn dispatch(&mut self, task: SlotTask) {
+        if let Some(wq) = self.queries.get_mut(&task.query) {
+            wq.busy.insert((task.stage, task.partition));
+        }
+        self.running += 1;
+        self.shared
+            .counters
+            .peak_tasks_running
+            .fetch_max(self.running as u64, Ordering::Relaxed);
+        let inbox = self.shared.inbox.lock().clone();
+        self.slots.run(move || {
+            let done = task.run();
+            let _ = inbox.send(Msg::Computed(Box::new(done)));
+        });
+    }
+
+    /// A task is back from its slot: its partition's state goes back, its
+    /// output goes out (blocks and notices, or results), and the group's
+    /// report once it was the group's last task here.
+    pub(super) fn computed(&mut self, done: Computed) {
+        self.running = self.running.saturating_sub(1);
+        tracing::debug!(query = %done.query, batch = done.batch, stage = done.stage, partition = done.partition, ok = done.result.is_ok(), "task back");
+        let Computed {
+            query: qid,
+            incarnation,
+            batch: b,
+            stage,
+            partition,
+            stats,
+            late,
+            range,
+            state,
+            result,
+        } = done;
+        let Some(wq) = self
+            .queries
+            .get_mut(&qid)
+            .filter(|wq| wq.incarnation == incarnation)
+        else {
+            return; // the query ended, or started over, meanwhile
+        };
+        wq.busy.remove(&(stage, partition));
+        let merged = wq
+            .stats
+            .entry(stage)
+            .or_insert_with(|| StageStats::new(stats.steps.len()));
+        merged.merge(&stats);
+        wq.late_rows += late;
+        match state {
+            Some(Returned::Map(chain)) => {
+                if let Some(m) = wq.maps.get_mut(&(stage, MapPartition(partition))) {
+                    m.chain = chain;
+                }
+            }
+            Some(Returned::Reduce(work)) => {
+                if let Some(r) = wq.reduces.get_mut(&(stage, ReducePartition(partition))) {
+                    r.work = Some(work);
+                }
+            }
+            None => {}
+        }
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                self.fail(qid, BatchId(b), e);
+                return;
+            }
+        };
+        if let Err(e) = self.task_output(qid, b, stage, partition, range, out) {
+            self.fail(qid, BatchId(b), e);
+            return;
+        }
+        self.task_done(qid, b);
+    }
+
+    fn task_output(
+        &mut self,
+        qid: QueryId,
+        b: u64,
+        stage: u32,
+        partition: u32,
+        range: Option<(u64, u64)>,
+        out: TaskOut,
+    ) -> Result<()> {
+        let Some(wq) = self.queries.get_mut(&qid) else {
+            return Ok(());
+        };
+        wq.gauges.insert(
+            (stage, partition),
+            Gauge {
+                state: out.size,
+                watermark_us: out.watermark_us,
+            },
+        );
+        let group = group_of(&wq.group_starts, b);
+        let checkpoint = wq.group_ends.get(&group) == Some(&(b, true));
+        if let Some((_, to)) = range {
+            // A map task: its position, in a checkpoint group's report.
+            let max_event_us = wq
+                .maps
+                .get(&(stage, MapPartition(partition)))
+                .and_then(|m| m.chain.window.max_event_us);
+            if let Some(progress) = wq.groups.get_mut(&group).filter(|_| checkpoint) {
+                progress.maps.push(pb::MapState {
+                    batch: b,
+                    stage,
+                    partition,
+                    next_offset: to,
+                    max_event_us,
+                });
+            }
+        } else {
+            let operator = wq
+                .reduces
+                .get(&(stage, ReducePartition(partition)))
+                .and_then(|r| r.work.as_ref())
+                .map_or("operator", |w| w.operator.name());
+            let operator = format!("{operator} (partition {partition} of stage {stage})");
+            wq.check_budget(&operator, self.shared.store.query_bytes(qid))?;
+        }
+        if let Some(bytes) = out.snapshot {
+            // A checkpoint: the snapshot was taken on the slot; written
+            // asynchronously.
+            let req = pb::SaveStateRequest {
+                query: qid.0,
+                attempt: wq.attempt,
+                batch: b,
+                stage,
+                partition,
+                state: Vec::new(),
+            };
+            let data = self.shared.data.clone();
+            self.shared.handle.spawn(async move {
+                if let Err(e) = data.save_state(req, &bytes).await {
+                    tracing::warn!("saving checkpoint state failed: {e}");
+                }
+            });
+        }
+        match out.produced {
+            Produced::Shuffle { blocks, rows } => {
+                self.publish(qid, b, stage, partition, blocks, rows, out.watermark_us)
+            }
+            Produced::Sink(chunks) => {
+                let rows_in = if range.is_some() {
+                    std::mem::take(&mut wq.rows_in)
+                } else {
+                    0
+                };
+                let late = std::mem::take(&mut wq.late_rows);
+                self.deliver(qid, BatchId(b), partition, chunks, rows_in, late)
+            }
+        }
+    }
+
+    /// Stores a task's shuffle blocks and announces them to every
+    /// consumer's worker (Drizzle) or to the coordinator (BSP). `producer`
+    /// is the task's partition in `stage`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn shuffle_out(
+    pub(super) fn publish(
         &mut self,
         qid: QueryId,
         b: u64,
         stage: u32,
         producer: u32,
-        outputs: &[RecordBatch],
-        by: &Partitioning,
+        blocks: Vec<Option<bytes::Bytes>>,
+        rows: Vec<u32>,
         watermark_us: Option<i64>,
     ) -> Result<()> {
         let Some(wq) = self.queries.get_mut(&qid) else {
             return Ok(());
         };
         let p = MapPartition(producer);
-        let parts_n = wq.reduce_partitions as usize;
-        let mut per_reduce: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts_n];
-        for out in outputs {
-            let parts = route(out, by, parts_n)?;
-            for (r, part) in parts.into_iter().enumerate() {
-                if part.num_rows() > 0 {
-                    per_reduce[r].push(part);
-                }
-            }
-        }
-        let mut rows = vec![0u32; parts_n];
-        // A broadcast block is the same for every partition: encoded once.
-        let mut broadcast: Option<bytes::Bytes> = None;
-        for (r, parts) in per_reduce.iter().enumerate() {
-            let Some(first) = parts.first() else {
+        for (r, bytes) in blocks.into_iter().enumerate() {
+            let Some(bytes) = bytes else {
                 continue;
-            };
-            rows[r] = parts.iter().map(|b| b.num_rows() as u32).sum();
-            let bytes = match (&broadcast, by) {
-                (Some(bytes), _) => bytes.clone(),
-                (None, Partitioning::Broadcast) => {
-                    let bytes = drizzle_shuffle::encode_block(&first.schema(), parts)?;
-                    broadcast = Some(bytes.clone());
-                    bytes
-                }
-                (None, Partitioning::Hash(_)) => {
-                    drizzle_shuffle::encode_block(&first.schema(), parts)?
-                }
             };
             let id = BlockId {
                 query: qid,
@@ -296,6 +387,8 @@ impl Scheduler {
             .event(pb::worker_event::Event::FetchFailed(event));
     }
 
+    /// Starts reduce task (b, stage, r) on a slot: its inputs are in
+    /// (downloaded ahead, or this worker's own blocks).
     pub(super) fn run_reduce(
         &mut self,
         qid: QueryId,
@@ -311,27 +404,51 @@ impl Scheduler {
             .remove(&(b, stage, r))
             .unwrap_or_default();
         pending.notices.sort_by_key(|n| (n.stage, n.map));
-        let fetch_started = Instant::now();
-        let mut partials = Vec::new();
+        let stage_inputs = wq.inputs_of(stage).to_vec();
+        // Blocks per input of the stage, in its input order (a join: left, right).
+        let mut inputs: Vec<Vec<Input>> = Vec::new();
+        inputs.resize_with(stage_inputs.len().max(1), Vec::new);
         let mut failed = None;
         for n in &pending.notices {
             if n.rows.get(r.0 as usize).copied().unwrap_or(0) == 0 {
                 continue;
             }
-            let stage = n.stage;
-            // Downloaded ahead when its notice came (local blocks are read here).
-            let fetched = match pending.fetched.remove(&(n.stage, n.map)) {
-                Some(batches) => Ok(batches),
-                None => self.fetch(qid, b, r, n),
+            let i = stage_inputs
+                .iter()
+                .position(|(s, _)| *s == n.stage)
+                .unwrap_or(0);
+            let input = if let Some(rows) = pending.fetched.remove(&(n.stage, n.map, n.worker)) {
+                // Downloaded ahead when its notice came.
+                Ok(Input::Rows(rows))
+            } else if n.location == self.shared.address {
+                // Our own block: no network.
+                self.shared
+                    .counters
+                    .blocks_read_local
+                    .fetch_add(1, Ordering::Relaxed);
+                let id = BlockId {
+                    query: qid,
+                    batch: BatchId(b),
+                    stage: StageId(n.stage),
+                    map: MapPartition(n.map),
+                    reduce: r,
+                };
+                Ok(Input::Local(self.shared.store.read(&id)?))
+            } else {
+                // Not downloaded ahead (should not happen): fetch now.
+                self.fetch(qid, b, r, n).map(Input::Rows)
             };
-            match fetched {
-                Ok(batches) => partials.extend(batches.into_iter().map(|b| (stage, b))),
+            match input {
+                Ok(input) => {
+                    if let Some(v) = inputs.get_mut(i) {
+                        v.push(input);
+                    }
+                }
                 // Another worker's block: its producer is gone, not the query.
-                Err(e) if n.location != self.shared.address => {
+                Err(e) => {
                     failed = Some((n.clone(), e));
                     break;
                 }
-                Err(e) => return Err(e),
             }
         }
         if let Some((n, e)) = failed {
@@ -356,108 +473,48 @@ impl Scheduler {
                 .out_of_order_reduces
                 .fetch_add(1, Ordering::Relaxed);
         }
-        state.last_batch = Some(b);
-        let stage_inputs = wq
-            .stage_inputs
-            .get(stage as usize)
-            .map_or(&[][..], Vec::as_slice);
-        let watermark = watermark_of(&pending.notices, stage_inputs);
-        // Rows per input of the stage, in its input order (a join: left, right).
-        let mut inputs: Vec<Vec<RecordBatch>> = vec![Vec::new(); stage_inputs.len().max(1)];
-        for (from, batch) in partials {
-            let i = stage_inputs
-                .iter()
-                .position(|(s, _)| *s == from)
-                .unwrap_or(0);
-            inputs[i].push(batch);
-        }
-        let fetched: usize = inputs.iter().flatten().map(|b| b.num_rows()).sum();
-        let stats = wq
-            .stats
-            .entry(stage)
-            .or_insert_with(|| StageStats::new(wq.steps.get(stage as usize).map_or(1, Vec::len)));
-        stats.tasks += 1;
-        stats.input.record(fetched, fetched, fetch_started);
-        let started = Instant::now();
-        let out = state.operator.process(b, &inputs, watermark)?;
-        let produced: usize = out.chunks.iter().map(|(_, c)| c.num_rows()).sum();
-        if let Some(s) = stats.steps.first_mut() {
-            s.record(fetched, produced, started);
-        }
-        wq.gauges.insert(
-            (stage, r.0),
-            Gauge {
-                state: state.size(),
-                watermark_us: watermark,
-            },
-        );
-        wq.late_rows += out.late;
-        let operator = format!("{} (partition {r} of stage {stage})", state.operator.name());
-        wq.check_budget(&operator, self.shared.store.query_bytes(qid))?;
-        let Some(state) = wq.reduces.get_mut(&(stage, r)) else {
-            return Ok(());
+        let Some(work) = state.work.take() else {
+            return Err(ExecError::invalid(format!(
+                "partition {r} of stage {stage} is already running"
+            )));
         };
+        state.last_batch = Some(b);
+        let watermark = watermark_of(&pending.notices, &stage_inputs);
         let group = group_of(&wq.group_starts, b);
         let keeps_state = wq
             .graph
             .stage(GraphStage(stage))
             .is_some_and(|s| s.is_stateful());
-        if keeps_state && wq.group_ends.get(&group) == Some(&(b, true)) {
-            // A checkpoint: snapshot on this thread, write asynchronously.
-            let base = wq.delta_bases.get(&group).copied().flatten();
-            let bytes = snapshot_reduce(state, base)?;
-            let req = pb::SaveStateRequest {
-                query: qid.0,
-                attempt: wq.attempt,
-                batch: b,
-                stage,
-                partition: r.0,
-                state: Vec::new(),
-            };
-            let data = self.shared.data.clone();
-            self.shared.handle.spawn(async move {
-                if let Err(e) = data.save_state(req, &bytes).await {
-                    tracing::warn!("saving checkpoint state failed: {e}");
-                }
-            });
-        }
-        // The steps after the stateful operator (the stage's first).
-        let after = wq
-            .steps
-            .get(stage as usize)
-            .map_or(&[][..], |s| s.get(1..).unwrap_or_default());
-        let mut chunks = Vec::with_capacity(out.chunks.len());
-        let mut no_stats = [];
-        let after_stats = match wq.stats.get_mut(&stage) {
-            Some(s) => s.steps.get_mut(1..).unwrap_or_default(),
-            None => &mut no_stats[..],
+        let checkpoint = (keeps_state && wq.group_ends.get(&group) == Some(&(b, true)))
+            .then(|| wq.delta_bases.get(&group).copied().flatten());
+        let steps = wq.steps.get(stage as usize).map_or(1, Vec::len);
+        let task = SlotTask {
+            query: qid,
+            incarnation: wq.incarnation,
+            batch: b,
+            stage,
+            partition: r.0,
+            steps: Arc::clone(&wq.steps),
+            tables: wq.tables.clone(),
+            shuffle: shuffle_keys(&wq.graph, GraphStage(stage))
+                .map(|by| (by, wq.reduce_partitions as usize)),
+            sink_schema: Arc::clone(&wq.graph.output_schema),
+            stats: StageStats::new(steps),
+            work: Work::Reduce {
+                work,
+                inputs,
+                watermark,
+                checkpoint,
+            },
+            range: None,
         };
-        for (w, batch) in out.chunks {
-            let (batch, late) = run_steps(
-                after,
-                batch,
-                &mut state.chain,
-                &wq.tables,
-                &mut *after_stats,
-            )?;
-            wq.late_rows += late;
-            chunks.push((w, batch));
-        }
-        if let Some(by) = shuffle_keys(&wq.graph, GraphStage(stage)) {
-            // Into the next stage: the operator has consumed its inputs up
-            // to their watermark, so that is its output's.
-            let outputs: Vec<RecordBatch> = chunks
-                .into_iter()
-                .map(|(_, batch)| batch)
-                .filter(|batch| batch.num_rows() > 0)
-                .collect();
-            return self.shuffle_out(qid, b, stage, r.0, &outputs, &by, watermark);
-        }
-        let late = std::mem::take(&mut wq.late_rows);
-        self.deliver(qid, BatchId(b), r.0, chunks, 0, late)
+        self.dispatch(task);
+        Ok(())
     }
 
-    /// Sends a final-stage task's output to the coordinator's collector.
+    /// Sends a final-stage task's output to the coordinator's collector:
+    /// its rows inline when they are small ([`DIRECT_RESULT_BYTES`]), else
+    /// put over Flight ahead of the group report.
     pub(super) fn deliver(
         &self,
         qid: QueryId,
@@ -497,10 +554,11 @@ impl Scheduler {
             state_bytes: state.bytes,
             state_keys: state.keys,
         };
-        let rows: usize = chunks.iter().map(|(_, b)| b.num_rows()).sum();
-        if rows == 0 {
-            // Nothing to put: the result alone (its chunks, if any, say
-            // which windows closed empty).
+        let bytes: usize = chunks.iter().map(|(_, b)| b.get_array_memory_size()).sum();
+        if bytes <= DIRECT_RESULT_BYTES {
+            // Small (or empty: its chunks say which windows closed empty):
+            // inline in the result, on the Events stream, as Spark sends
+            // results under its maxDirectResultSize with the task's status.
             let mut output = output;
             for (c, (_, batch)) in output.chunks.iter_mut().zip(&chunks) {
                 c.ipc = to_ipc(&batch.schema(), std::slice::from_ref(batch))?;
@@ -522,6 +580,11 @@ impl Scheduler {
         Ok(())
     }
 }
+
+/// Above this many bytes (in memory) a task's results are put over Flight
+/// rather than sent inline with its status: one round trip per put costs
+/// more than the bytes of a small result.
+pub(super) const DIRECT_RESULT_BYTES: usize = 64 << 10;
 
 /// How stage `stage`'s shuffle spreads its rows; `None` when it writes
 /// the sink.
@@ -570,7 +633,7 @@ pub(super) fn decode_section(bytes: Vec<u8>) -> Result<Vec<RecordBatch>> {
 /// A reduce partition's checkpoint object: keyed state as a delta of
 /// `delta_base` when there is one (the keys changed since), else in full;
 /// a window join's held rows always in full.
-pub(super) fn snapshot_reduce(state: &mut ReduceState, delta_base: Option<u64>) -> Result<Vec<u8>> {
+pub(super) fn snapshot_reduce(state: &mut ReduceWork, delta_base: Option<u64>) -> Result<Vec<u8>> {
     let snapshot = state.operator.snapshot(delta_base)?;
     StateObject {
         closed_through: snapshot.closed_through,
@@ -596,7 +659,7 @@ pub(super) fn restore_reduce(
     restore: &pb::Restore,
     r: ReducePartition,
     partitions: u32,
-    state: &mut ReduceState,
+    state: &mut ReduceWork,
 ) -> Result<()> {
     let same = restore.reduce_partitions == partitions;
     // Section i holds rows of the stage's input i, routed by that input's keys.
@@ -656,7 +719,6 @@ pub(super) fn restore_reduce(
         }
     }
     state.operator.restore(layers, restore.batch)?;
-    state.last_batch = Some(restore.batch);
     Ok(())
 }
 
