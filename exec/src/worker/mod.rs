@@ -4,13 +4,18 @@
 //!
 //! ```text
 //!  gRPC Worker service ──▶ inbox ──▶ task thread (Scheduler)
-//!     LaunchGroup              │        source-stage task (b, s, p) at its
-//!     MapOutputReady (peers)   │        trigger time; shuffle-stage task
-//!     LaunchReduce (BSP)       │        (b, s, r) once every partition of
-//!                              │        every input stage of s announced b
-//!                              ▼
+//!     LaunchGroup              ▲        source-stage task (b, s, p) at its
+//!     MapOutputReady (peers)   │        trigger time, once its read is in;
+//!     LaunchReduce (BSP)       │        shuffle-stage task (b, s, r) once
+//!  runtime: source reads ──────┤        every partition of every input
+//!     (Source, ahead), block   │        stage of s announced b and its
+//!     downloads (on notices)   │        remote blocks are downloaded
+//!  task slots: Computed ───────┘              │ checks the partition's
+//!                   ▲                         │ state out to a slot
+//!                   └─────────────────────────┘
 //!  BlockStore ◀── map outputs; served to peers by Flight do_get, read
 //!                 directly when the consumer is on this worker
+//!  outbox ──▶ coordinator: events, results (inline or Flight do_put)
 //! ```
 //!
 //! Tasks run the query's [`StageGraph`] as shipped (`decode_graph`): each
