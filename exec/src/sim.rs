@@ -310,6 +310,7 @@ impl VirtualWorker {
                 protocol_version: PROTOCOL_VERSION,
                 address,
                 epoch,
+                task_slots: 1,
             })
             .await
             .map_err(|s| crate::cluster::rpc_error("registering a virtual worker", s))?

@@ -420,7 +420,8 @@ pub async fn run_recovery(cfg: RecoveryConfig) -> Result<String, PgError> {
 
 /// Creates YSB-lite's table and stream and starts its query.
 async fn start_ysb(engine: &Engine, cfg: &YsbConfig) -> Result<drizzle_exec::QueryHandle, PgError> {
-    let parallel = cfg.workers.max(cfg.remote_workers);
+    // A partition per task slot of the registered workers.
+    let parallel = cfg.workers.max(engine.runtime.slot_count());
     let mut settings = engine.default_settings();
     let ads: Vec<String> = (0..1000).map(|i| format!("({i}, {})", i / 10)).collect();
     let setup = format!(

@@ -402,7 +402,7 @@ impl Engine {
 
     fn reduce_partitions(&self, settings: &Settings) -> u32 {
         if settings.parallelism == 0 {
-            self.runtime.worker_count() as u32
+            self.runtime.slot_count() as u32
         } else {
             settings.parallelism
         }

@@ -366,11 +366,12 @@ fn bsp_puts_a_coordinator_barrier_at_every_shuffle_of_a_three_stage_plan() {
 fn a_window_join_reads_both_shuffled_inputs_before_each_reduce() {
     on_cluster(3, &[], |client| async move {
         // Input 0 has 3 map partitions, input 1 has 2: every reduce task
-        // needs 5 notices.
+        // needs 5 notices. One reduce partition per worker (the default
+        // would be one per task slot), so each notice serves one task.
         client
             .batch_execute(&format!(
                 "{}; {}; \
-                 SET batch_interval = '20ms'; SET group_size = 10; \
+                 SET batch_interval = '20ms'; SET group_size = 10; SET parallelism = 3; \
                  CREATE MATERIALIZED VIEW pairs AS SELECT a.window_start, a.k, b.ts AS b_ts \
                    FROM TUMBLE(a, ts, INTERVAL '200' MILLISECOND) a \
                    JOIN TUMBLE(b, ts, INTERVAL '200' MILLISECOND) b \
@@ -534,6 +535,7 @@ fn registration_checks_the_protocol_version() {
                 protocol_version: drizzle_exec::cluster::PROTOCOL_VERSION + 1,
                 address: "127.0.0.1:1".into(),
                 epoch: 1,
+                task_slots: 1,
             })
             .await
             .unwrap_err();

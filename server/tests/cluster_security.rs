@@ -29,6 +29,7 @@ async fn try_register(address: &str, secret: Option<&ClusterSecret>) -> tonic::S
         protocol_version: cluster::PROTOCOL_VERSION,
         address: "127.0.0.1:9".into(),
         epoch: 7,
+        task_slots: 1,
     };
     match secret {
         Some(s) => cluster::coordinator_client(address, s)
@@ -283,6 +284,7 @@ fn a_stale_registration_or_the_secret_alone_counts_for_nothing() {
                 protocol_version: cluster::PROTOCOL_VERSION,
                 address: "127.0.0.1:9".into(),
                 epoch: 7,
+                task_slots: 1,
             })
             .await
             .unwrap()

@@ -309,16 +309,20 @@ async fn run(
     let select = format!("{WINDOWED} LIMIT {SELECT_ROWS}");
     let copy = format!("COPY ({WINDOWED} LIMIT {SELECT_ROWS}) TO STDOUT");
     let mut runs = Vec::new();
+    // One reduce partition per worker (the default is one per task slot),
+    // as the adoption counts of the kill tests assume.
+    let workers = cluster.workers.len();
+    let settings = format!("SET batch_interval = '20ms'; SET parallelism = {workers}");
     if clients {
         for server in [&cluster.server, oracle] {
             let c = server.client().await?;
-            c.batch_execute("SET batch_interval = '20ms'").await?;
+            c.batch_execute(&settings).await?;
             let q = select.clone();
             runs.push(tokio::spawn(async move {
                 c.simple_query(&q).await.map(|m| rows(&m))
             }));
             let c = server.client().await?;
-            c.batch_execute("SET batch_interval = '20ms'").await?;
+            c.batch_execute(&settings).await?;
             let q = copy.clone();
             runs.push(tokio::spawn(async move {
                 let stream = c.copy_out(q.as_str()).await?;

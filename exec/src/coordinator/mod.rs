@@ -515,6 +515,8 @@ struct WorkerEntry {
     launches_sent: u64,
     /// The registration's credential (see `cluster`'s module docs).
     credential: String,
+    /// Tasks it runs at once.
+    slots: u32,
 }
 
 /// A lookup join's finite side as shipped to workers: (version, Arrow IPC).
@@ -781,6 +783,18 @@ impl Runtime {
     /// Number of registered workers (at least 1, for default parallelism).
     pub fn worker_count(&self) -> usize {
         self.state.workers.read().len().max(1)
+    }
+
+    /// Task slots of the registered workers together (at least 1): the
+    /// default parallelism of a query.
+    pub fn slot_count(&self) -> usize {
+        self.state
+            .workers
+            .read()
+            .values()
+            .map(|w| w.slots.max(1) as usize)
+            .sum::<usize>()
+            .max(1)
     }
 
     /// The registered workers.

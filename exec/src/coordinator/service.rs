@@ -57,6 +57,7 @@ impl CoordinatorService {
                     counters: pb::WorkerCounters::default(),
                     launches_sent: 0,
                     credential: credential.clone(),
+                    slots: req.task_slots.clamp(1, 1024),
                 },
             );
         }

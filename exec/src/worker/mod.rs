@@ -233,6 +233,8 @@ struct Shared {
     outbox: mpsc::UnboundedSender<Outgoing>,
     /// The open Notices stream to each peer.
     notice_streams: Mutex<HashMap<String, mpsc::UnboundedSender<pb::MapOutputReady>>>,
+    /// Each query's lookup tables as last read.
+    table_caches: Mutex<HashMap<QueryId, Arc<TableCache>>>,
     /// This registration's credential (known to this worker and the
     /// coordinator only): attached to calls to the coordinator, and required
     /// on the coordinator's launches and cancels.
@@ -426,6 +428,43 @@ impl Shared {
         Ok(())
     }
 
+    /// Asks again, in the background, for every lookup table a query here
+    /// holds (with the version held: the coordinator answers "unchanged"
+    /// for a table whose relations did not change).
+    fn refresh_tables(&self) {
+        let caches: Vec<(QueryId, Arc<TableCache>)> = self
+            .table_caches
+            .lock()
+            .iter()
+            .map(|(q, c)| (*q, Arc::clone(c)))
+            .collect();
+        for (query, cache) in caches {
+            let held: Vec<(u32, u64)> = cache
+                .tables
+                .lock()
+                .iter()
+                .map(|(join, (v, _))| (*join, *v))
+                .collect();
+            for (join, version) in held {
+                let data = self.data.clone();
+                let cache = Arc::clone(&cache);
+                self.handle.spawn(async move {
+                    let req = pb::ReadTableRequest {
+                        query: query.0,
+                        join,
+                        held_version: Some(version),
+                    };
+                    match data.read_table(req).await {
+                        Ok(Some((v, rows))) => cache.offer(join, v, &rows),
+                        Ok(None) => {}
+                        // The join reads it itself when it needs it.
+                        Err(e) => tracing::debug!("refreshing a lookup table failed: {e}"),
+                    }
+                });
+            }
+        }
+    }
+
     fn send(&self, msg: Msg) {
         let _ = self.inbox.lock().send(msg);
     }
@@ -546,6 +585,7 @@ pub async fn start_worker(config: WorkerConfig) -> Result<Arc<WorkerHandle>> {
         events: Mutex::new(None),
         outbox,
         notice_streams: Mutex::new(HashMap::new()),
+        table_caches: Mutex::new(HashMap::new()),
     });
     tokio::spawn(outbox_loop(Arc::downgrade(&shared), outbox_rx));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -604,6 +644,36 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 struct RemoteTables {
     shared: Arc<Shared>,
     query: QueryId,
+    cache: Arc<TableCache>,
+}
+
+/// A query's lookup tables on this worker, as last read (by join id:
+/// version and rows). When the coordinator signals a change, each is asked
+/// for again in the background ([`Shared::refresh_tables`]), so a join
+/// usually finds its new rows here instead of waiting on the network.
+#[derive(Default)]
+struct TableCache {
+    tables: Mutex<HashMap<u32, (u64, Vec<RecordBatch>)>>,
+}
+
+impl TableCache {
+    /// Keeps `rows` at `version` unless a newer version is in.
+    fn offer(&self, join: u32, version: u64, rows: &[RecordBatch]) {
+        let mut tables = self.tables.lock();
+        if tables.get(&join).is_none_or(|(v, _)| *v < version) {
+            tables.insert(join, (version, rows.to_vec()));
+        }
+    }
+
+    /// Bytes held.
+    fn bytes(&self) -> u64 {
+        self.tables
+            .lock()
+            .values()
+            .flat_map(|(_, rows)| rows)
+            .map(|b| b.get_array_memory_size() as u64)
+            .sum()
+    }
 }
 
 /// A built-in stream's log partition, read by range from the server's

@@ -60,7 +60,7 @@ impl WorkerQuery {
     /// `buffered` bytes of shuffle blocks.
     pub(super) fn state_size(&self, buffered: usize) -> StateSize {
         let mut size = StateSize {
-            bytes: buffered as u64,
+            bytes: buffered as u64 + self.tables.cache.bytes(),
             keys: 0,
         };
         for m in self.maps.values() {
@@ -228,6 +228,7 @@ impl Scheduler {
         match msg {
             Msg::Shutdown => return false,
             Msg::Cancel(QueryId(u64::MAX), _) => {
+                self.shared.table_caches.lock().clear();
                 for q in std::mem::take(&mut self.queries).into_keys() {
                     self.shared.store.drop_query(q);
                 }
@@ -246,6 +247,7 @@ impl Scheduler {
                     .is_some_and(|wq| attempt != 0 && wq.attempt > attempt);
                 if !newer {
                     self.queries.remove(&q);
+                    self.shared.table_caches.lock().remove(&q);
                     self.early.remove(&q);
                     self.shared.store.drop_query(q);
                 }
@@ -573,6 +575,7 @@ impl Scheduler {
                 // A new generation (a rebalance, or a rollback): start over
                 // from its checkpoint.
                 self.queries.remove(&qid);
+                self.shared.table_caches.lock().remove(&qid);
                 self.shared.store.drop_query(qid);
             }
             _ => {}
@@ -631,6 +634,7 @@ impl Scheduler {
                     tables: RemoteTables {
                         shared: Arc::clone(&self.shared),
                         query: qid,
+                        cache: Arc::clone(self.shared.table_caches.lock().entry(qid).or_default()),
                     },
                     maps: BTreeMap::new(),
                     reduces: BTreeMap::new(),
@@ -987,6 +991,7 @@ impl Scheduler {
         };
         self.shared.event(pb::worker_event::Event::Output(output));
         self.queries.remove(&qid);
+        self.shared.table_caches.lock().remove(&qid);
         self.shared.store.drop_query(qid);
     }
 

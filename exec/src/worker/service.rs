@@ -70,6 +70,7 @@ impl WorkerRpc for WorkerService {
         self.shared
             .tables_version
             .fetch_max(request.into_inner().version, Ordering::AcqRel);
+        self.shared.refresh_tables();
         Ok(Response::new(pb::Ack {}))
     }
 }
@@ -100,6 +101,7 @@ pub(super) async fn register(shared: &Shared) -> Result<()> {
             protocol_version: PROTOCOL_VERSION,
             address: shared.address.clone(),
             epoch,
+            task_slots: shared.counters.task_slots.load(Ordering::Relaxed) as u32,
         };
         match client.register(req).await {
             Ok(resp) => {
@@ -178,14 +180,25 @@ impl TableEvaluator for RemoteTables {
         spec: &LookupJoinSpec,
         held: Option<u64>,
     ) -> Result<Option<(u64, Vec<RecordBatch>)>> {
+        // Refreshed in the background since the join last read it.
+        if let Some((v, rows)) = self.cache.tables.lock().get(&spec.id) {
+            if held != Some(*v) {
+                return Ok(Some((*v, rows.clone())));
+            }
+        }
         let data = self.shared.data.clone();
         let req = pb::ReadTableRequest {
             query: self.query.0,
             join: spec.id,
             held_version: held,
         };
-        self.shared
+        let read = self
+            .shared
             .handle
-            .block_on(async move { data.read_table(req).await })
+            .block_on(async move { data.read_table(req).await })?;
+        if let Some((v, rows)) = &read {
+            self.cache.offer(spec.id, *v, rows);
+        }
+        Ok(read)
     }
 }
