@@ -744,7 +744,9 @@ struct ReadAhead {
 }
 
 /// How many finished reads a map partition may hold ahead of its tasks.
-const READ_AHEAD_BATCHES: usize = 2;
+/// One is enough to overlap a batch's read with the previous batch's
+/// work; each more would hold another batch of rows in memory.
+const READ_AHEAD_BATCHES: usize = 1;
 
 /// How long before its trigger time a map task's read may start (the
 /// server answers once the trigger time has passed).
