@@ -1,15 +1,14 @@
 //! The data plane between workers and the coordinator: Arrow Flight on the
-//! coordinator's cluster port (served by
-//! [`coordinator::data`](crate::coordinator)), so rows never travel inside
-//! control messages.
+//! coordinator's cluster port (served by the [`coordinator`](crate::coordinator)),
+//! so rows never travel inside control messages ([`pb`] for the messages).
 //!
 //! | call | what | answer |
 //! |---|---|---|
-//! | `do_get` [`pb::DataTicket::source`] | a built-in stream's log range | its rows; [`pb::DataAnswer::to`] |
-//! | `do_get` [`pb::DataTicket::table`] | a lookup join's table | its rows, or `unchanged` |
-//! | `do_get` [`pb::DataTicket::state`] | a checkpoint state object | its bytes as `chunk` batches |
-//! | `do_put` [`pb::DataPut::state`] | a checkpoint state object | |
-//! | `do_put` [`pb::DataPut::output`] | a final-stage task's rows | |
+//! | `do_get` `DataTicket.source` | a built-in stream's log range | its rows; `DataAnswer.to` |
+//! | `do_get` `DataTicket.table` | a lookup join's table | its rows, or `unchanged` |
+//! | `do_get` `DataTicket.state` | a checkpoint state object | its bytes as `chunk` batches |
+//! | `do_put` `DataPut.state` | a checkpoint state object | |
+//! | `do_put` `DataPut.output` | a final-stage task's rows (above 64 KiB) | |
 //!
 //! Tickets and descriptors are prost-encoded; the answer's metadata rides
 //! in the first message's `app_metadata`. Calls carry the cluster token and

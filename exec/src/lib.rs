@@ -21,14 +21,17 @@
 //! The coordinator and the workers are separate processes in a cluster
 //! (`drizzle server --workers 0` plus `drizzle worker`s) and the same code
 //! in one process for the embedded server: they always talk through the
-//! cluster protocol ([`cluster`], `proto/drizzle.proto`, gRPC over tonic),
-//! and shuffle blocks always travel as Arrow IPC over Arrow Flight, except
-//! that a worker reads its own blocks without the network.
+//! cluster protocol ([`cluster`], `proto/drizzle.proto`, gRPC over tonic).
+//! Rows travel on the data plane, Arrow Flight: shuffle blocks between
+//! workers (a worker reads its own without the network), and source ranges,
+//! lookup tables, checkpoint state and large results between workers and
+//! the coordinator ([`dataplane`]).
 //!
 //! Modules: [`log`] (durable partitioned log behind built-in streams and
-//! tables), [`sources`] (log and datagen sources), [`operators`] (operators and
+//! tables), [`sources`] (the [`sources::Source`] trait: log and datagen
+//! sources), [`dataplane`] (the coordinator's Flight endpoint), [`operators`] (operators and
 //! keyed state), [`coordinator`] (the coordinator and the result collector),
-//! [`worker`] (a worker and its local scheduler), [`cluster`] (the protocol),
+//! [`worker`] (a worker, its local scheduler and task slots), [`cluster`] (the protocol),
 //! [`sim`] (virtual workers that drive the real coordinator without
 //! processes, for tests and `drizzle bench sim`).
 //! Types to read first: [`Runtime`], [`QuerySpec`], [`QueryHandle`],
@@ -37,7 +40,7 @@
 pub mod checkpoint;
 pub mod cluster;
 pub mod coordinator;
-mod dataplane;
+pub mod dataplane;
 pub mod error;
 pub mod log;
 pub mod operators;

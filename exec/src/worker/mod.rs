@@ -37,13 +37,13 @@
 //!   ([`SourcePartition::available_at`](crate::sources::SourcePartition::available_at)),
 //!   so any batch can be re-run and reads the same rows.
 //! * The task thread never waits on the network for a task's inputs: a map
-//!   partition's source read ([`Source`](crate::sources::Source)) starts on
+//!   partition's source read ([`Source`]) starts on
 //!   the runtime ahead of its task, one at a time per partition and at most
-//!   [`READ_AHEAD_BATCHES`] ahead, and the task runs once its rows are in; a
+//!   `READ_AHEAD_BATCHES` ahead, and the task runs once its rows are in; a
 //!   remote shuffle block starts downloading when its notice arrives, and
 //!   its consumer is runnable once every download is in. Finished reads and
 //!   downloads come back to the task thread as messages.
-//! * A task's rows are put over Flight ([`outbox_loop`]), several at once;
+//! * A task's rows are put over Flight (`outbox_loop`), several at once;
 //!   the group report that covers them follows the puts' acks.
 //! * Checkpoint groups: after the group's last batch a map task records its
 //!   position (in the group report) and a reduce task snapshots its keyed
