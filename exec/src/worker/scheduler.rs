@@ -56,8 +56,9 @@ impl PendingReduce {
 
 impl WorkerQuery {
     /// The state this worker holds for the query: every reduce partition's
-    /// keyed state and join rows, the lookup tables of every task, and
-    /// `buffered` bytes of shuffle blocks.
+    /// keyed state and join rows, the lookup tables of every task (and
+    /// their cached rows), `buffered` bytes of shuffle blocks, and the
+    /// inputs fetched ahead (source rows and downloaded blocks).
     pub(super) fn state_size(&self, buffered: usize) -> StateSize {
         let mut size = StateSize {
             bytes: buffered as u64 + self.tables.cache.bytes(),
@@ -68,6 +69,26 @@ impl WorkerQuery {
         }
         for r in self.reduces.values() {
             size += r.size();
+        }
+        // Inputs fetched ahead: source rows read for tasks not run yet, and
+        // downloaded blocks waiting for their reduce task.
+        let rows = |batches: &[RecordBatch]| -> u64 {
+            batches
+                .iter()
+                .map(|b| b.get_array_memory_size() as u64)
+                .sum()
+        };
+        for m in self.maps.values() {
+            for (_, _, read) in m.read.done.values() {
+                if let Ok((_, batches)) = read {
+                    size.bytes += rows(batches);
+                }
+            }
+        }
+        for p in self.pending_reduces.values() {
+            for batches in p.fetched.values() {
+                size.bytes += rows(batches);
+            }
         }
         size
     }
