@@ -23,6 +23,9 @@ use crate::dataplane::{answer_metadata, state_from_batches, state_schema, state_
 
 type FlightStream<T> = Pin<Box<dyn futures::Stream<Item = std::result::Result<T, Status>> + Send>>;
 
+/// How far in the future a source range's trigger time may be (µs).
+const MAX_READ_AHEAD_US: i64 = 30_000_000;
+
 /// The coordinator's Flight service.
 pub(super) struct CoordinatorData {
     pub(super) state: Arc<State>,
@@ -75,6 +78,14 @@ impl CoordinatorData {
             unix_us()
         };
         let ahead = until.saturating_add(1).saturating_sub(unix_us());
+        // Workers read at most a little ahead (and clocks differ a little):
+        // a range far in the future is refused rather than waited for.
+        if ahead > MAX_READ_AHEAD_US {
+            return Err(Status::invalid_argument(format!(
+                "a source range triggered {} s from now: too far ahead",
+                ahead / 1_000_000
+            )));
+        }
         if ahead > 0 {
             tokio::time::sleep(Duration::from_micros(ahead as u64)).await;
         }

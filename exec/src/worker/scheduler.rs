@@ -156,6 +156,31 @@ impl WorkerQuery {
         None
     }
 
+    /// Task (batch, stage, partition) of this query as a slot runs it.
+    pub(super) fn slot_task(
+        &self,
+        qid: QueryId,
+        (batch, stage, partition): (u64, u32, u32),
+        stats: StageStats,
+        work: Work,
+    ) -> SlotTask {
+        SlotTask {
+            query: qid,
+            incarnation: self.incarnation,
+            batch,
+            stage,
+            partition,
+            steps: Arc::clone(&self.steps),
+            tables: self.tables.clone(),
+            shuffle: shuffle_keys(&self.graph, GraphStage(stage))
+                .map(|by| (by, self.reduce_partitions as usize)),
+            sink_schema: Arc::clone(&self.graph.output_schema),
+            stats,
+            work,
+            range: None,
+        }
+    }
+
     /// Whether map task (b, stage, p)'s read is done.
     pub(super) fn has_read(&self, b: u64, stage: u32, p: MapPartition) -> bool {
         // (a partition not here runs, and fails)
@@ -427,7 +452,7 @@ impl Scheduler {
             .counters
             .blocks_fetched_remote
             .fetch_add(1, Ordering::Relaxed);
-        let mut client = crate::cluster::flight_client(channel, &self.shared.secret);
+        let client = crate::cluster::flight_client(channel, &self.shared.secret);
         let id = BlockId {
             query: qid,
             batch: BatchId(b),
@@ -437,21 +462,7 @@ impl Scheduler {
         };
         let inbox = self.shared.inbox.lock().clone();
         self.shared.handle.spawn(async move {
-            let location = notice.location.clone();
-            // A producer cut off by a partition never answers: bound the wait.
-            let result = tokio::time::timeout(
-                FETCH_TIMEOUT,
-                drizzle_shuffle::fetch_block(&mut client, &location, id, &token),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(drizzle_shuffle::ShuffleError::Fetch {
-                    block: id.to_string(),
-                    location: location.clone(),
-                    message: format!("no answer within {FETCH_TIMEOUT:?}"),
-                })
-            })
-            .map_err(ExecError::from);
+            let result = fetch_remote(client, notice.location.clone(), id, token).await;
             let _ = inbox.send(Msg::Fetched(Box::new(FetchDone {
                 query: qid,
                 task,

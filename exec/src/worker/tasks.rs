@@ -58,21 +58,8 @@ impl Scheduler {
                 stage,
             });
         }
-        let task = SlotTask {
-            query: qid,
-            incarnation: wq.incarnation,
-            batch: b,
-            stage,
-            partition: p.0,
-            steps: Arc::clone(&wq.steps),
-            tables: wq.tables.clone(),
-            shuffle: shuffle_keys(&wq.graph, GraphStage(stage))
-                .map(|by| (by, wq.reduce_partitions as usize)),
-            sink_schema: Arc::clone(&wq.graph.output_schema),
-            stats,
-            work: Work::Map { chain, pieces },
-            range: Some((from, to)),
-        };
+        let mut task = wq.slot_task(qid, (b, stage, p.0), stats, Work::Map { chain, pieces });
+        task.range = Some((from, to));
         self.dispatch(task);
         Ok(true)
     }
@@ -295,6 +282,8 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Pulls a remote block now, blocking the task thread: only for a
+    /// block that was not downloaded ahead (see `download`).
     pub(super) fn fetch(
         &self,
         qid: QueryId,
@@ -309,20 +298,11 @@ impl Scheduler {
             map: MapPartition(n.map),
             reduce: r,
         };
-        if n.location == self.shared.address {
-            // Our own block: no network.
-            self.shared
-                .counters
-                .blocks_read_local
-                .fetch_add(1, Ordering::Relaxed);
-            let bytes = self.shared.store.read(&id)?;
-            return Ok(drizzle_shuffle::decode_block(&bytes)?);
-        }
         self.shared
             .counters
             .blocks_fetched_remote
             .fetch_add(1, Ordering::Relaxed);
-        let mut client =
+        let client =
             crate::cluster::flight_client(self.shared.peer(&n.location)?, &self.shared.secret);
         let location = n.location.clone();
         let token = self
@@ -330,21 +310,9 @@ impl Scheduler {
             .get(&qid)
             .map(|wq| wq.token)
             .unwrap_or_default();
-        Ok(self.shared.handle.block_on(async move {
-            // A producer cut off by a partition never answers: bound the wait.
-            tokio::time::timeout(
-                FETCH_TIMEOUT,
-                drizzle_shuffle::fetch_block(&mut client, &location, id, &token),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(drizzle_shuffle::ShuffleError::Fetch {
-                    block: id.to_string(),
-                    location: location.clone(),
-                    message: format!("no answer within {FETCH_TIMEOUT:?}"),
-                })
-            })
-        })?)
+        self.shared
+            .handle
+            .block_on(fetch_remote(client, location, id, token))
     }
 
     /// A block of `failed`'s producer could not be pulled: the producer's
@@ -488,26 +456,13 @@ impl Scheduler {
         let checkpoint = (keeps_state && wq.group_ends.get(&group) == Some(&(b, true)))
             .then(|| wq.delta_bases.get(&group).copied().flatten());
         let steps = wq.steps.get(stage as usize).map_or(1, Vec::len);
-        let task = SlotTask {
-            query: qid,
-            incarnation: wq.incarnation,
-            batch: b,
-            stage,
-            partition: r.0,
-            steps: Arc::clone(&wq.steps),
-            tables: wq.tables.clone(),
-            shuffle: shuffle_keys(&wq.graph, GraphStage(stage))
-                .map(|by| (by, wq.reduce_partitions as usize)),
-            sink_schema: Arc::clone(&wq.graph.output_schema),
-            stats: StageStats::new(steps),
-            work: Work::Reduce {
-                work,
-                inputs,
-                watermark,
-                checkpoint,
-            },
-            range: None,
+        let work = Work::Reduce {
+            work,
+            inputs,
+            watermark,
+            checkpoint,
         };
+        let task = wq.slot_task(qid, (b, stage, r.0), StageStats::new(steps), work);
         self.dispatch(task);
         Ok(())
     }
@@ -579,6 +534,29 @@ impl Scheduler {
         self.shared.rows(output, schema, batches);
         Ok(())
     }
+}
+
+/// Pulls block `id` from the producer at `location`, waiting at most
+/// [`FETCH_TIMEOUT`] (a producer cut off by a partition never answers).
+pub(super) async fn fetch_remote(
+    mut client: arrow_flight::FlightClient,
+    location: String,
+    id: BlockId,
+    token: QueryToken,
+) -> Result<Vec<RecordBatch>> {
+    tokio::time::timeout(
+        FETCH_TIMEOUT,
+        drizzle_shuffle::fetch_block(&mut client, &location, id, &token),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(drizzle_shuffle::ShuffleError::Fetch {
+            block: id.to_string(),
+            location: location.clone(),
+            message: format!("no answer within {FETCH_TIMEOUT:?}"),
+        })
+    })
+    .map_err(ExecError::from)
 }
 
 /// Above this many bytes (in memory) a task's results are put over Flight
