@@ -1,6 +1,7 @@
 //! Virtual workers: the real coordinator driven by many simulated workers in
 //! one process, to measure what coordinating costs beyond the machines at
-//! hand (`drizzle bench sim`).
+//! hand (`drizzle bench sim`); [`drive_machine`] measures the coordinator's
+//! decisions alone, its state machine driven without a network.
 //!
 //! A [`VirtualWorker`] speaks the cluster protocol like a `drizzle worker`:
 //! it registers with the cluster secret, keeps an `Events` stream open with
@@ -376,4 +377,20 @@ impl Drop for VirtualWorker {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
+}
+
+pub use crate::coordinator::simulate::MachineFigures;
+
+/// The coordinator's decisions alone, without a network: one query's state
+/// machine driven over `workers` virtual workers (one source and one reduce
+/// partition each, a chain of `stages` stages) for `batches` micro-batches,
+/// every launch encoded as it would be sent (`drizzle bench machine`).
+pub fn drive_machine(
+    workers: u32,
+    stages: u32,
+    scheduling: crate::Scheduling,
+    group_size: u32,
+    batches: u64,
+) -> Result<MachineFigures> {
+    crate::coordinator::simulate::simulate(workers, stages, scheduling, group_size, batches)
 }

@@ -761,6 +761,47 @@ pub async fn run_sim(cfg: SimConfig) -> Result<String, PgError> {
     ))
 }
 
+/// `drizzle bench machine`: the coordinator's decisions alone, one
+/// query's state machine over `workers` virtual workers with no network
+/// ([`drizzle_exec::sim::drive_machine`]): 10,000 micro-batches (2,000 for
+/// BSP, whose barriers grow with the square of the workers). Reports the
+/// machine's time per micro-batch on one thread (its steps and the encoding
+/// of every launch), launches and launch bytes per micro-batch.
+pub fn run_machine(
+    workers: usize,
+    stages: u32,
+    scheduling: Scheduling,
+    group_size: u32,
+) -> Result<String, PgError> {
+    let batches = match scheduling {
+        Scheduling::Bsp => 2_000,
+        _ => 10_000,
+    };
+    let group = match scheduling {
+        Scheduling::Bsp => 1,
+        _ => group_size.max(1),
+    };
+    let f = drizzle_exec::sim::drive_machine(workers as u32, stages, scheduling, group, batches)?;
+    let per = |x: f64| x / f.batches.max(1) as f64;
+    Ok(format!(
+        "| {:>6} | {:>7} | {:>10} | {:>5} | {:>7} | {:>14.2} | {:>16.3} | {:>18.1} |",
+        stages,
+        workers,
+        scheduling.to_string(),
+        group,
+        f.batches,
+        per(f.elapsed.as_secs_f64() * 1e6),
+        per((f.launches + f.barrier_launches) as f64),
+        per(f.bytes as f64) / 1024.0,
+    ))
+}
+
+/// The header matching [`run_machine`]'s line.
+pub fn machine_header() -> &'static str {
+    "| stages | workers | scheduling | G     | batches | µs / batch     | launches / batch | launch KiB / batch |\n\
+     |-------:|--------:|-----------:|------:|--------:|---------------:|-----------------:|-------------------:|"
+}
+
 /// The header matching [`run_sim`]'s line.
 pub fn sim_header() -> &'static str {
     "| stages | workers | scheduling | G     | batches/s | coord. CPU µs / batch | coord. µs / batch | launches / batch   |\n\

@@ -50,7 +50,9 @@ enum Command {
 struct BenchArgs {
     /// Workload: `ysb` (YSB-lite), `sched` (scheduling overhead per
     /// micro-batch), `sim` (the coordinator's cost with many virtual
-    /// workers: `--remote-workers N`), `recovery` (a worker killed mid-run)
+    /// workers: `--remote-workers N`), `machine` (the coordinator's
+    /// decisions alone: its state machine with N virtual workers and no
+    /// network, 10,000 micro-batches), `recovery` (a worker killed mid-run)
     /// or `adaptive` (the group size under changing load).
     #[arg(default_value = "ysb")]
     workload: String,
@@ -432,6 +434,17 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                 duration: Duration::from_secs(args.seconds),
                 stages: args.stages,
             }))
+        }
+        "machine" => {
+            if args.header {
+                println!("{}", bench::machine_header());
+            }
+            bench::run_machine(
+                args.remote_workers.max(1),
+                args.stages,
+                scheduling,
+                args.group_size,
+            )
         }
         "sim" => {
             if args.header {

@@ -15,6 +15,14 @@
 //!      └─▶ client session / materialized view, in batch order
 //! ```
 //!
+//! Each query's coordination is a state machine without I/O,
+//! `QueryMachine` (`machine.rs`): its lifecycle is an explicit
+//! phase (placing, running, checkpointing, recovering, rebalancing, ended),
+//! events from workers, the collector, the session and timers go in, and
+//! launches, barriers, cancellations and checkpoint writes come out; a small
+//! driver (`attempt.rs`) performs them. Unit tests drive the machine with
+//! virtual workers and virtual time.
+//!
 //! # Invariants
 //! * Group scheduling: exactly one [`pb::LaunchGroupRequest`] per worker
 //!   hosting a task, per group of `G` micro-batches, and nothing per
@@ -104,8 +112,11 @@ mod attempt;
 mod barrier;
 mod collector;
 mod data;
+mod machine;
+mod placement;
 mod query;
 mod service;
+pub(crate) mod simulate;
 mod state;
 #[allow(unused_imports)]
 pub use self::analyze::Analysis;
@@ -115,6 +126,10 @@ use self::attempt::*;
 use self::barrier::*;
 #[allow(unused_imports)]
 use self::collector::*;
+#[allow(unused_imports)]
+use self::machine::*;
+#[allow(unused_imports)]
+use self::placement::*;
 #[allow(unused_imports)]
 use self::query::*;
 #[allow(unused_imports)]
@@ -883,144 +898,22 @@ impl Runtime {
     /// configured time, then fails.
     pub fn start_query(self: &Arc<Self>, spec: QuerySpec) -> Result<QueryHandle> {
         let id = QueryId(self.next_query.fetch_add(1, Ordering::Relaxed));
-        let reduce_partitions = if spec.plan.has_shuffle() {
-            spec.reduce_partitions.max(1)
-        } else {
-            0
-        };
-        // 0 = 'auto': adaptive, starting from 1.
-        let adaptive = spec.group_size == 0 && spec.scheduling != Scheduling::Bsp;
         // Re-running only lost work needs map outputs kept until a
         // checkpoint covers them, and workers that trigger batches on their own.
         let lost_work = self.state.recovery == Recovery::LostWork
             && spec.scheduling == Scheduling::Drizzle
             && self.state.checkpoints.is_some();
-        let group_size = match spec.scheduling {
-            Scheduling::Bsp => 1,
-            Scheduling::Drizzle | Scheduling::GroupOnly => spec.group_size.max(1),
-        };
-        let status = Arc::new(QueryStatus {
-            id,
-            label: spec.label.clone(),
-            batch_interval: spec.batch_interval,
-            scheduling: spec.scheduling,
-            adaptive,
-            group_size: AtomicU32::new(group_size),
-            batches: AtomicU64::new(0),
-            rows_in: AtomicU64::new(0),
-            rows_out: AtomicU64::new(0),
-            late_rows: AtomicU64::new(0),
-            last_latency_us: AtomicU64::new(0),
-            coordination_us: AtomicU64::new(0),
-            launches: AtomicU64::new(0),
-            groups: AtomicU64::new(0),
-            recent_latencies_us: Mutex::new(std::collections::VecDeque::new()),
-            recent_emits: Mutex::new(std::collections::VecDeque::new()),
-            attempt: AtomicU64::new(0),
-            recoveries: AtomicU64::new(0),
-            recovered_partitions: AtomicU64::new(0),
-            last_recovery: Mutex::new(None),
-            recovery: Mutex::new(if lost_work { "lost-work" } else { "rollback" }.to_string()),
-            reduce_partitions: AtomicU32::new(reduce_partitions),
-            last_checkpoint: Mutex::new(
-                spec.durability
-                    .resume
-                    .as_ref()
-                    .map(|m| (m.batch, Instant::now(), m.bytes())),
-            ),
-            started: Instant::now(),
-            ended: Mutex::new(None),
-            state_bytes: AtomicU64::new(0),
-            state_keys: AtomicU64::new(0),
-            memory_limit: spec.memory_limit,
-            graph: spec.plan.graph(),
-            analysis: Mutex::new(Analysis::default()),
-        });
-        // Workers get the stage graph (each stage's fragment), not the plan.
-        let graph = spec.plan.graph();
-        let encoded_plan = drizzle_planner::encode_graph(&graph)?;
-        let (sink_tx, sink_rx) = mpsc::unbounded_channel();
-        let (report_tx, report_rx) = mpsc::unbounded_channel();
-        let (map_done_tx, map_done_rx) = mpsc::unbounded_channel();
+        let (query, channels) = CompiledQuery::new(id, spec, lost_work)?;
+        let QueryChannels {
+            sink_rx,
+            report_rx,
+            map_done_rx,
+        } = channels;
+        let status = Arc::clone(&query.status);
+        let cancel = Arc::clone(&query.cancel);
+        let acked = Arc::clone(&query.acked);
+        let released = query.released.load(Ordering::Acquire);
         let (results_tx, results_rx) = mpsc::channel(64);
-        let cancel = Arc::new(CancelToken {
-            cancelled: AtomicBool::new(false),
-            notify: Notify::new(),
-        });
-        // The time origin fixes every batch's trigger time, hence its source
-        // range: a resumed view keeps its origin, so replayed batches read
-        // what they read before.
-        let now_us = unix_us();
-        let origin_us = spec
-            .durability
-            .resume
-            .as_ref()
-            .map(|m| m.origin_unix_us)
-            .or(spec.durability.origin_unix_us)
-            .unwrap_or(now_us);
-        let since_origin = Duration::from_micros(now_us.saturating_sub(origin_us).max(0) as u64);
-        let start = Instant::now()
-            .checked_sub(since_origin)
-            .unwrap_or_else(Instant::now);
-        let ephemeral = spec.durability.key.is_none();
-        let key = spec
-            .durability
-            .key
-            .clone()
-            .unwrap_or_else(|| format!("queries/q{}-{now_us}", id.0));
-        let released = spec.durability.skip_through.map_or(0, |b| b + 1).max(
-            spec.durability
-                .resume
-                .as_ref()
-                .and_then(|m| m.last_emitted)
-                .map_or(0, |b| b + 1),
-        );
-        let acked = Arc::new(AtomicU64::new(released));
-        let resumed = spec.durability.resume.clone();
-        let query = Arc::new(CompiledQuery {
-            key,
-            ephemeral,
-            last_checkpoint: Mutex::new(spec.durability.resume.clone()),
-            checkpoint_due: Mutex::new(None),
-            durability: spec.durability,
-            pending_checkpoints: Mutex::new(BTreeMap::new()),
-            checkpoint_progress: Notify::new(),
-            target_partitions: AtomicU32::new(reduce_partitions),
-            generation: AtomicU64::new(0),
-            lost_work,
-            retaining: AtomicBool::new(lost_work),
-            retained_since: AtomicU64::new(0),
-            released: AtomicU64::new(released),
-            last_sent_rows: AtomicU64::new(0),
-            acked: Arc::clone(&acked),
-            state_by_worker: Mutex::new(HashMap::new()),
-            over_budget: AtomicBool::new(false),
-            kept_checkpoints: Mutex::new(resumed.into_iter().collect()),
-            full_checkpoint_next: AtomicBool::new(false),
-            owners: Mutex::new(Owners::default()),
-            token: {
-                let mut t = [0u8; 16];
-                // Without OS randomness the token is zeros: still required,
-                // and the cluster secret still guards every call.
-                let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut t);
-                drizzle_shuffle::QueryToken(t)
-            },
-            id,
-            encoded_plan,
-            scheduling: spec.scheduling,
-            inputs: spec.inputs,
-            status: Arc::clone(&status),
-            sink: sink_tx,
-            reports: report_tx,
-            map_done: map_done_tx,
-            cancel: Arc::clone(&cancel),
-            start,
-            start_unix_us: origin_us,
-            interval: spec.batch_interval,
-            tables: Mutex::new(HashMap::new()),
-            plan: spec.plan,
-            graph,
-        });
         let schema = Arc::clone(&query.plan.output_schema);
         let emit = query.plan.emit;
         self.state.queries.lock().insert(id, Arc::clone(&query));
@@ -1068,52 +961,21 @@ impl Runtime {
             acked,
         })
     }
-
-    /// Waits until at least one worker registered, or fails after the wait.
-    async fn wait_for_workers(&self, cancel: &CancelToken) -> Result<()> {
-        let deadline = Instant::now() + self.worker_wait;
-        loop {
-            let notified = self.state.workers_changed.notified();
-            if !self.state.workers.read().is_empty() {
-                return Ok(());
-            }
-            if cancel.is_cancelled() {
-                return Err(ExecError::Cancelled);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ExecError::Unavailable {
-                    message: format!(
-                        "no worker registered with the coordinator at {} within {} s; start one with `drizzle worker --coordinator {}`",
-                        self.cluster_address,
-                        self.worker_wait.as_secs(),
-                        self.cluster_address
-                    ),
-                });
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep(left.min(Duration::from_millis(200))) => {}
-                _ = cancel.notify.notified() => {}
-            }
-        }
-    }
 }
 
 /// How long a launch may take before its worker counts as lost.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A worker an attempt placed tasks on.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 struct Placed {
     id: WorkerId,
     address: String,
-    client: pb::worker_client::WorkerClient<crate::cluster::ClusterChannel>,
     epoch: u64,
 }
 
 /// Where an attempt runs every partition; frozen for the attempt.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 struct Layout {
     /// The workers placed on; an index into this is a *slot*.
     workers: Vec<Placed>,
@@ -1143,15 +1005,6 @@ enum Start {
         next_batch: u64,
         moved: u32,
     },
-}
-
-/// Why an attempt ended.
-enum AttemptEnd {
-    Cancelled,
-    /// A placed worker is gone: recover from the last checkpoint.
-    WorkerLost(String),
-    /// The closing checkpoint of a rebalance is written.
-    Rebalance,
 }
 
 impl Drop for Runtime {

@@ -146,7 +146,7 @@ impl CompiledQuery {
     /// is `stall` late (the store is failing: retained blocks would grow
     /// without bound), and retains again from batch `from` on once
     /// checkpoints are back. Updates the recovery mode SHOW QUERIES shows.
-    pub(super) fn check_retention(&self, stall: Duration, from: u64) {
+    pub(super) fn check_retention(&self, stall: Duration, from: u64, now: Instant) {
         if !self.lost_work {
             return;
         }
@@ -154,7 +154,7 @@ impl CompiledQuery {
         let age = self
             .checkpoint_due
             .lock()
-            .map_or(Duration::ZERO, |due| due.elapsed());
+            .map_or(Duration::ZERO, |due| now.saturating_duration_since(due));
         let retaining = self.retaining.load(Ordering::Acquire);
         if retaining && age > stall {
             self.retaining.store(false, Ordering::Release);
@@ -219,5 +219,165 @@ impl CompiledQuery {
                 Operator::Kernel(BatchOp::LookupJoin(spec)) if spec.id == id => Some(spec.as_ref()),
                 _ => None,
             })
+    }
+}
+
+/// The receiving ends of a new query's channels: the collector's, and the
+/// coordination's (group reports and BSP notices).
+pub(super) struct QueryChannels {
+    pub(super) sink_rx: mpsc::UnboundedReceiver<SinkMsg>,
+    pub(super) report_rx: mpsc::UnboundedReceiver<pb::GroupReport>,
+    pub(super) map_done_rx: mpsc::UnboundedReceiver<pb::MapOutputReady>,
+}
+
+impl CompiledQuery {
+    /// Compiles `spec` as query `id`: its status, its encoded stage graph
+    /// and its time origin. `lost_work`: a lost worker re-runs only its
+    /// work (the runtime's mode allows it).
+    pub(super) fn new(
+        id: QueryId,
+        spec: QuerySpec,
+        lost_work: bool,
+    ) -> Result<(Arc<Self>, QueryChannels)> {
+        let reduce_partitions = if spec.plan.has_shuffle() {
+            spec.reduce_partitions.max(1)
+        } else {
+            0
+        };
+        // 0 = 'auto': adaptive, starting from 1.
+        let adaptive = spec.group_size == 0 && spec.scheduling != Scheduling::Bsp;
+        let group_size = match spec.scheduling {
+            Scheduling::Bsp => 1,
+            Scheduling::Drizzle | Scheduling::GroupOnly => spec.group_size.max(1),
+        };
+        let status = Arc::new(QueryStatus {
+            id,
+            label: spec.label.clone(),
+            batch_interval: spec.batch_interval,
+            scheduling: spec.scheduling,
+            adaptive,
+            group_size: AtomicU32::new(group_size),
+            batches: AtomicU64::new(0),
+            rows_in: AtomicU64::new(0),
+            rows_out: AtomicU64::new(0),
+            late_rows: AtomicU64::new(0),
+            last_latency_us: AtomicU64::new(0),
+            coordination_us: AtomicU64::new(0),
+            launches: AtomicU64::new(0),
+            groups: AtomicU64::new(0),
+            recent_latencies_us: Mutex::new(std::collections::VecDeque::new()),
+            recent_emits: Mutex::new(std::collections::VecDeque::new()),
+            attempt: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
+            recovered_partitions: AtomicU64::new(0),
+            last_recovery: Mutex::new(None),
+            recovery: Mutex::new(if lost_work { "lost-work" } else { "rollback" }.to_string()),
+            reduce_partitions: AtomicU32::new(reduce_partitions),
+            last_checkpoint: Mutex::new(
+                spec.durability
+                    .resume
+                    .as_ref()
+                    .map(|m| (m.batch, Instant::now(), m.bytes())),
+            ),
+            started: Instant::now(),
+            ended: Mutex::new(None),
+            state_bytes: AtomicU64::new(0),
+            state_keys: AtomicU64::new(0),
+            memory_limit: spec.memory_limit,
+            graph: spec.plan.graph(),
+            analysis: Mutex::new(Analysis::default()),
+        });
+        // Workers get the stage graph (each stage's fragment), not the plan.
+        let graph = spec.plan.graph();
+        let encoded_plan = drizzle_planner::encode_graph(&graph)?;
+        let (sink_tx, sink_rx) = mpsc::unbounded_channel();
+        let (report_tx, report_rx) = mpsc::unbounded_channel();
+        let (map_done_tx, map_done_rx) = mpsc::unbounded_channel();
+        let cancel = Arc::new(CancelToken {
+            cancelled: AtomicBool::new(false),
+            notify: Notify::new(),
+        });
+        // The time origin fixes every batch's trigger time, hence its source
+        // range: a resumed view keeps its origin, so replayed batches read
+        // what they read before.
+        let now_us = unix_us();
+        let origin_us = spec
+            .durability
+            .resume
+            .as_ref()
+            .map(|m| m.origin_unix_us)
+            .or(spec.durability.origin_unix_us)
+            .unwrap_or(now_us);
+        let since_origin = Duration::from_micros(now_us.saturating_sub(origin_us).max(0) as u64);
+        let start = Instant::now()
+            .checked_sub(since_origin)
+            .unwrap_or_else(Instant::now);
+        let ephemeral = spec.durability.key.is_none();
+        let key = spec
+            .durability
+            .key
+            .clone()
+            .unwrap_or_else(|| format!("queries/q{}-{now_us}", id.0));
+        let released = spec.durability.skip_through.map_or(0, |b| b + 1).max(
+            spec.durability
+                .resume
+                .as_ref()
+                .and_then(|m| m.last_emitted)
+                .map_or(0, |b| b + 1),
+        );
+        let acked = Arc::new(AtomicU64::new(released));
+        let resumed = spec.durability.resume.clone();
+        let query = Arc::new(CompiledQuery {
+            key,
+            ephemeral,
+            last_checkpoint: Mutex::new(spec.durability.resume.clone()),
+            checkpoint_due: Mutex::new(None),
+            durability: spec.durability,
+            pending_checkpoints: Mutex::new(BTreeMap::new()),
+            checkpoint_progress: Notify::new(),
+            target_partitions: AtomicU32::new(reduce_partitions),
+            generation: AtomicU64::new(0),
+            lost_work,
+            retaining: AtomicBool::new(lost_work),
+            retained_since: AtomicU64::new(0),
+            released: AtomicU64::new(released),
+            last_sent_rows: AtomicU64::new(0),
+            acked: Arc::clone(&acked),
+            state_by_worker: Mutex::new(HashMap::new()),
+            over_budget: AtomicBool::new(false),
+            kept_checkpoints: Mutex::new(resumed.into_iter().collect()),
+            full_checkpoint_next: AtomicBool::new(false),
+            owners: Mutex::new(Owners::default()),
+            token: {
+                let mut t = [0u8; 16];
+                // Without OS randomness the token is zeros: still required,
+                // and the cluster secret still guards every call.
+                let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut t);
+                drizzle_shuffle::QueryToken(t)
+            },
+            id,
+            encoded_plan,
+            scheduling: spec.scheduling,
+            inputs: spec.inputs,
+            status: Arc::clone(&status),
+            sink: sink_tx,
+            reports: report_tx,
+            map_done: map_done_tx,
+            cancel: Arc::clone(&cancel),
+            start,
+            start_unix_us: origin_us,
+            interval: spec.batch_interval,
+            tables: Mutex::new(HashMap::new()),
+            plan: spec.plan,
+            graph,
+        });
+        Ok((
+            query,
+            QueryChannels {
+                sink_rx,
+                report_rx,
+                map_done_rx,
+            },
+        ))
     }
 }
