@@ -357,3 +357,53 @@ pub fn spawn_server(
         }
     });
 }
+
+/// At most this many micro-batches in one launch: a range beyond it is
+/// refused, not iterated.
+pub const MAX_LAUNCH_BATCHES: u64 = 1 << 20;
+
+impl pb::BatchRange {
+    /// The range's batches with their trigger times (Unix µs): the
+    /// coordinator's `origin + (b + 1) · interval`, exactly.
+    pub fn triggers(&self) -> impl Iterator<Item = (u64, i64)> + '_ {
+        (self.first..self.first.saturating_add(self.count)).map(move |b| {
+            let offset_ns = self.interval_ns.saturating_mul(b.saturating_add(1));
+            let offset_us = i64::try_from(offset_ns / 1000).unwrap_or(i64::MAX);
+            (b, self.origin_unix_us.saturating_add(offset_us))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_range_triggers_each_batch_when_the_coordinator_planned_it() {
+        let interval = Duration::from_nanos(3_333_333);
+        let origin = 1_700_000_000_000_000i64;
+        let range = pb::BatchRange {
+            first: 997,
+            count: 5,
+            origin_unix_us: origin,
+            interval_ns: interval.as_nanos() as u64,
+        };
+        let got: Vec<(u64, i64)> = range.triggers().collect();
+        let want: Vec<(u64, i64)> = (997..1002u64)
+            .map(|b| {
+                let offset =
+                    Duration::from_nanos((interval.as_nanos() as u64).saturating_mul(b + 1));
+                (b, origin + offset.as_micros() as i64)
+            })
+            .collect();
+        assert_eq!(got, want);
+        // An absurd range ends instead of overflowing.
+        let huge = pb::BatchRange {
+            first: u64::MAX - 1,
+            count: 10,
+            origin_unix_us: i64::MAX - 5,
+            interval_ns: u64::MAX,
+        };
+        assert_eq!(huge.triggers().count(), 1);
+    }
+}

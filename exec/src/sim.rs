@@ -7,8 +7,9 @@
 //! it registers with the cluster secret, keeps an `Events` stream open with
 //! its credential, heartbeats, and serves the `Worker` service on its own
 //! loopback port. It runs no operator: every task completes at once with no
-//! rows. In Drizzle mode it delivers each batch's sink partitions it owns as
-//! soon as a group is launched (consumers would start on worker-to-worker
+//! rows. In Drizzle mode it delivers the sink partitions it owns as soon as
+//! a group is launched, its empty results in runs of a quarter group as a
+//! worker behind its clock sends them (consumers would start on worker-to-worker
 //! notices, which the coordinator never sees, so the simulation leaves them
 //! out); in BSP and group-only modes its tasks report `MapDone` to the
 //! coordinator and wait for `LaunchReduce`, stage after stage, as real
@@ -80,6 +81,19 @@ impl Inner {
             batch,
             partition,
             attempt,
+            ..Default::default()
+        }));
+    }
+
+    /// A run of empty results `from..=to` of a sink partition, as a worker
+    /// behind its clock sends them.
+    fn empty_run(&self, query: u64, from: u64, to: u64, partition: u32, attempt: u64) {
+        self.send(pb::worker_event::Event::Output(pb::TaskOutput {
+            query,
+            batch: to,
+            partition,
+            attempt,
+            empty_from: (from < to).then_some(from),
             ..Default::default()
         }));
     }
@@ -163,17 +177,28 @@ impl pb::worker_server::Worker for Service {
         let sink_reads_a_source = matches!(sink.input, StageInput::Source(_));
         let drizzle = req.mode == pb::SchedulingMode::Drizzle as i32;
         let mut tasks = 0;
-        for b in &req.batches {
-            if drizzle && !sink_reads_a_source {
-                // Every stage's tasks run on notices; only the sink's
-                // partitions reach the coordinator.
-                for &r in &q.reduces {
-                    w.output(req.query, b.batch, r, q.attempt);
-                    tasks += 1;
+        let (first, count) = req.batches.as_ref().map_or((0, 0), |r| (r.first, r.count));
+        if drizzle && !sink_reads_a_source {
+            // Every stage's tasks run on notices; only the sink's
+            // partitions reach the coordinator. A virtual worker completes
+            // a whole group at once, so it is behind its clock: it sends
+            // its empty results in runs of a quarter group, as a real
+            // worker behind its clock does (`EmptyRun`).
+            let run = (count / 4).max(1);
+            let end = first + count;
+            for &r in &q.reduces {
+                let mut from = first;
+                while from < end {
+                    let to = (from + run).min(end) - 1;
+                    w.empty_run(req.query, from, to, r, q.attempt);
+                    from = to + 1;
                 }
-            } else {
+                tasks += count;
+            }
+        } else {
+            for (batch, _) in req.batches.iter().flat_map(pb::BatchRange::triggers) {
                 for &(stage, p) in &q.maps {
-                    w.finish(q, req.query, b.batch, stage, p);
+                    w.finish(q, req.query, batch, stage, p);
                     tasks += 1;
                 }
             }

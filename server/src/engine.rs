@@ -1341,6 +1341,7 @@ impl Engine {
                     n(c.fetch_failures),
                     n(c.task_slots),
                     n(c.peak_tasks_running),
+                    n(c.empty_results_in_runs),
                 ]
             })
             .collect();
@@ -1368,6 +1369,7 @@ impl Engine {
                 "fetch_failures",
                 "task_slots",
                 "peak_tasks_running",
+                "empty_results_in_runs",
             ],
             rows,
         );

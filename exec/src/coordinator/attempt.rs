@@ -136,7 +136,10 @@ impl Runtime {
                         };
                         Some(Event::CheckpointWritten(written))
                     }
-                    Action::End(result) => return result,
+                    Action::End(result) => {
+                        *query.status.phase.lock() = machine.phase().name();
+                        return result;
+                    }
                 };
                 if let Some(answer) = answer {
                     actions.extend(machine.step(Instant::now(), answer, &*self.state));
@@ -144,6 +147,7 @@ impl Runtime {
             }
             if machine.phase().name() != phase {
                 phase = machine.phase().name();
+                *query.status.phase.lock() = phase;
                 tracing::debug!(query = %query.id, phase, "coordination phase");
             }
             let wake = machine.wake_at(Instant::now());

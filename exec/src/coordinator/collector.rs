@@ -114,11 +114,18 @@ pub(super) async fn collect(
             }
             SinkMsg::Output {
                 attempt: a,
+                from,
                 batch,
                 partition,
                 chunks,
             } => {
                 if a >= generation && batch.0 >= next {
+                    for empty in from.max(next)..batch.0 {
+                        pending
+                            .entry(empty)
+                            .or_default()
+                            .insert(partition, Vec::new());
+                    }
                     pending
                         .entry(batch.0)
                         .or_default()

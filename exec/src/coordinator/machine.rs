@@ -791,13 +791,12 @@ impl QueryMachine {
         let stall = (config.checkpoint_interval * 10).max(Duration::from_secs(2));
         query.check_retention(stall, from, now);
         let retain_blocks = query.retaining.load(Ordering::Acquire);
-        let batches: Vec<pb::BatchParams> = (from..a.next_batch + g)
-            .map(|b| pb::BatchParams {
-                batch: b,
-                trigger_unix_us: query.start_unix_us
-                    + query.offset_of(BatchId(b)).as_micros() as i64,
-            })
-            .collect();
+        let batches = pb::BatchRange {
+            first: from,
+            count: a.next_batch + g - from,
+            origin_unix_us: query.start_unix_us,
+            interval_ns: query.interval.as_nanos() as u64,
+        };
         let tables_version = cluster.tables_version();
         let covered_through = query.last_checkpoint.lock().as_ref().map(|m| m.batch);
         // A rebalance's closing checkpoint is written in full: the attempt
@@ -854,7 +853,7 @@ impl QueryMachine {
                 },
                 map_tasks,
                 reduce_tasks,
-                batches: batches.clone(),
+                batches: Some(batches),
                 label: query.status.label.clone(),
                 tables_version,
                 shuffle_inputs: if reduce_partitions > 0 && first {
@@ -1374,9 +1373,8 @@ mod tests {
     }
 
     fn batches(req: &pb::LaunchGroupRequest) -> (u64, u64) {
-        let first = req.batches.first().map_or(0, |b| b.batch);
-        let last = req.batches.last().map_or(0, |b| b.batch);
-        (first, last)
+        let r = req.batches.as_ref().expect("a batch range");
+        (r.first, r.first + r.count - 1)
     }
 
     fn reduces_of(h: &Harness, worker: u32, attempt: u64) -> BTreeSet<u32> {
@@ -1617,6 +1615,38 @@ mod tests {
         }
         assert_eq!(reduces, BTreeSet::from([0, 1, 2, 3]));
         assert_eq!(h.query.status.recoveries.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_draining_worker_hands_its_partitions_over_at_a_closing_checkpoint() {
+        let mut h = Harness::new(spec(3, 3, Scheduling::Drizzle, 10), 3, true, true);
+        h.cluster.drain(1);
+        h.step(Event::MembershipChanged);
+        assert_eq!(h.phase(), "rebalancing");
+        // The draining worker still runs the closing group: its state goes
+        // into the closing checkpoint.
+        assert!(h.last(1).checkpoint);
+        assert_eq!(batches(h.last(1)), (10, 19));
+        h.report_checkpoint(19);
+        h.release(20);
+        assert_eq!(h.phase(), "running");
+        // It drops the query; the two others take every partition, from
+        // the checkpoint, with nothing counted as a recovery.
+        assert!(h.cancels.contains(&(1, 1)));
+        assert_eq!(h.launches[&1].iter().filter(|l| l.attempt == 2).count(), 0);
+        let mut reduces = BTreeSet::new();
+        for w in [0, 2] {
+            let l = h.last(w);
+            assert_eq!((l.attempt, batches(l).0), (2, 20));
+            assert_eq!(l.restore.as_ref().map(|r| r.batch), Some(19));
+            reduces.extend(l.reduce_tasks.iter().copied());
+        }
+        assert_eq!(reduces, BTreeSet::from([0, 1, 2]));
+        assert_eq!(h.query.status.recoveries.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            h.query.status.recovered_partitions.load(Ordering::Relaxed),
+            0
+        );
     }
 
     #[test]

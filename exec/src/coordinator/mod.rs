@@ -334,6 +334,9 @@ pub struct QueryStatus {
     pub graph: StageGraph,
     /// What its tasks did, as workers reported (`EXPLAIN ANALYZE`).
     pub analysis: Mutex<Analysis>,
+    /// Where its coordination is: placing, running, checkpointing,
+    /// recovering, rebalancing or ended (`EXPLAIN ANALYZE`).
+    pub phase: Mutex<&'static str>,
 }
 
 impl QueryStatus {
@@ -342,14 +345,16 @@ impl QueryStatus {
     pub fn explain_analyze(&self) -> Vec<String> {
         let batches = self.batches.load(Ordering::Relaxed);
         let header = format!(
-            "StreamingQuery {} ({}): {} batches, {} rows in, {} rows out, {} late, running {:.1} s",
+            "StreamingQuery {} ({}): {} batches, {} rows in, {} rows out, {} late, running {:.1} s, coordination {} (attempt {})",
             self.id.0,
             self.label,
             batches,
             self.rows_in.load(Ordering::Relaxed),
             self.rows_out.load(Ordering::Relaxed),
             self.late_rows.load(Ordering::Relaxed),
-            self.started.elapsed().as_secs_f64()
+            self.started.elapsed().as_secs_f64(),
+            *self.phase.lock(),
+            self.attempt.load(Ordering::Relaxed)
         );
         self.analysis.lock().render(
             header,
@@ -638,6 +643,9 @@ const MIN_DELTA_BUDGET: u64 = 1 << 20;
 enum SinkMsg {
     Output {
         attempt: u64,
+        /// The output stands for batches `from..=batch`, those before
+        /// `batch` empty (a run of empty results).
+        from: u64,
         batch: BatchId,
         partition: u32,
         chunks: Vec<(Option<i64>, RecordBatch)>,

@@ -286,6 +286,7 @@ impl CompiledQuery {
             memory_limit: spec.memory_limit,
             graph: spec.plan.graph(),
             analysis: Mutex::new(Analysis::default()),
+            phase: Mutex::new("placing"),
         });
         // Workers get the stage graph (each stage's fragment), not the plan.
         let graph = spec.plan.graph();

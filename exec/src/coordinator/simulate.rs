@@ -110,6 +110,14 @@ impl VirtualCluster {
         );
     }
 
+    /// Worker `id` was asked to stop (SIGTERM): it takes no new placements.
+    #[cfg(test)]
+    pub(super) fn drain(&self, id: u32) {
+        if let Some(m) = self.members.lock().get_mut(&WorkerId(id)) {
+            m.draining = true;
+        }
+    }
+
     /// Worker `id`'s process is gone: its registration ends.
     #[cfg(test)]
     pub(super) fn kill(&self, id: u32) {

@@ -183,8 +183,20 @@ impl State {
             ))));
             return;
         }
+        let from = out.empty_from.unwrap_or(out.batch);
+        if from > out.batch
+            || out.batch - from >= crate::cluster::MAX_LAUNCH_BATCHES
+            || (from < out.batch && chunks.iter().any(|(_, b)| b.num_rows() > 0))
+        {
+            let _ = q.sink.send(SinkMsg::Failed(ExecError::invalid(format!(
+                "a task of query {} sent a run of empty results {from}..={} that is not one",
+                q.id, out.batch
+            ))));
+            return;
+        }
         let _ = q.sink.send(SinkMsg::Output {
             attempt: out.attempt,
+            from,
             batch: BatchId(out.batch),
             partition: out.partition,
             chunks,

@@ -165,6 +165,8 @@ pub struct WorkerCounters {
     pub task_slots: AtomicU64,
     /// The most tasks on slots at once.
     pub peak_tasks_running: AtomicU64,
+    /// Empty results sent in a run with later ones (see `TaskOutput.empty_from`).
+    pub empty_results_in_runs: AtomicU64,
 }
 
 impl WorkerCounters {
@@ -189,6 +191,7 @@ impl WorkerCounters {
             fetch_failures: g(&self.fetch_failures),
             task_slots: g(&self.task_slots),
             peak_tasks_running: g(&self.peak_tasks_running),
+            empty_results_in_runs: g(&self.empty_results_in_runs),
         }
     }
 }
@@ -205,6 +208,9 @@ enum Msg {
     LaunchReduce(pb::LaunchReduceRequest),
     /// Cancel the query's attempts up to this one (0: all).
     Cancel(QueryId, u64),
+    /// A lookup table read in the background landed (or failed): tasks
+    /// waiting for it may start.
+    TableLoaded,
     Shutdown,
 }
 
@@ -458,10 +464,43 @@ impl Shared {
                         Ok(Some((v, rows))) => cache.offer(join, v, &rows),
                         Ok(None) => {}
                         // The join reads it itself when it needs it.
-                        Err(e) => tracing::debug!("refreshing a lookup table failed: {e}"),
+                        Err(e) => {
+                            tracing::debug!("refreshing a lookup table failed: {e}");
+                            cache.read_failed(join);
+                        }
                     }
                 });
             }
+        }
+    }
+
+    /// Reads a new query's lookup tables in the background, so that no
+    /// task waits on the network for them: a task of a stage with a lookup
+    /// join starts once its tables are in (`WorkerQuery::tables_in`); the
+    /// scheduler hears when one lands.
+    fn prefetch_tables(self: &Arc<Self>, query: QueryId, cache: &Arc<TableCache>, joins: Vec<u32>) {
+        for join in joins {
+            if cache.has(join) {
+                continue;
+            }
+            let shared = Arc::clone(self);
+            let cache = Arc::clone(cache);
+            self.handle.spawn(async move {
+                let req = pb::ReadTableRequest {
+                    query: query.0,
+                    join,
+                    held_version: None,
+                };
+                match shared.data.read_table(req).await {
+                    Ok(Some((v, rows))) => cache.offer(join, v, &rows),
+                    Ok(None) => cache.read_failed(join),
+                    Err(e) => {
+                        tracing::debug!("reading a lookup table failed: {e}");
+                        cache.read_failed(join);
+                    }
+                }
+                shared.send(Msg::TableLoaded);
+            });
         }
     }
 
@@ -654,6 +693,11 @@ struct RemoteTables {
 #[derive(Default)]
 struct TableCache {
     tables: Mutex<HashMap<u32, (u64, Vec<RecordBatch>)>>,
+    /// Joins whose background read failed: the join reads its table itself
+    /// (the one read that waits on the network, on a slot).
+    failed: Mutex<std::collections::HashSet<u32>>,
+    /// Bumped when newer rows land or a read fails: joins look again.
+    landed: AtomicU64,
 }
 
 impl TableCache {
@@ -662,7 +706,21 @@ impl TableCache {
         let mut tables = self.tables.lock();
         if tables.get(&join).is_none_or(|(v, _)| *v < version) {
             tables.insert(join, (version, rows.to_vec()));
+            self.failed.lock().remove(&join);
+            self.landed.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// A background read of `join`'s table failed.
+    fn read_failed(&self, join: u32) {
+        self.failed.lock().insert(join);
+        self.landed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether a task reading `join` may start: its table is in, or its
+    /// background read failed (the join then reads it itself).
+    fn has(&self, join: u32) -> bool {
+        self.tables.lock().contains_key(&join) || self.failed.lock().contains(&join)
     }
 
     /// Bytes held.
@@ -889,6 +947,32 @@ struct WorkerQuery {
     stats: BTreeMap<u32, StageStats>,
     /// State held and watermark, per (stage, partition) on this worker.
     gauges: BTreeMap<(u32, u32), Gauge>,
+    /// The query's batch clock, from its launches: (origin, Unix µs;
+    /// interval, ns).
+    clock: Option<(i64, u64)>,
+    /// Per final-stage partition: empty results held back (see
+    /// [`EmptyRun`]).
+    empty_runs: HashMap<u32, EmptyRun>,
+    /// Per stage (by id): the lookup joins its tasks run; a task starts
+    /// once their tables are in this worker's cache.
+    stage_joins: Vec<Vec<u32>>,
+}
+
+/// Empty results of one final-stage partition held back while the worker is
+/// behind its clock (the partition's next batch has already triggered):
+/// the coordinator gets them as one `TaskOutput` (`empty_from`) before the
+/// partition's next non-empty result, once the run spans a quarter of its
+/// group, at the group's last batch, or as soon as the worker is on time
+/// again. A worker on time sends every result at once, so holding adds no
+/// latency; one behind (a recovery's catch-up, micro-batches shorter than a
+/// task) sends a few messages per group instead of one per batch.
+#[derive(Debug, Clone, Copy)]
+struct EmptyRun {
+    from: u64,
+    to: u64,
+    attempt: u64,
+    rows_in: u64,
+    late_rows: u64,
 }
 
 /// What a stage's tasks did on this worker since the last report.

@@ -136,11 +136,21 @@ impl WorkerQuery {
     }
 
     /// The earliest runnable reduce task that is next in its partition.
+    /// Whether the lookup tables stage `stage`'s tasks join with are in.
+    pub(super) fn tables_in(&self, stage: u32) -> bool {
+        self.stage_joins
+            .get(stage as usize)
+            .is_none_or(|joins| joins.iter().all(|j| self.tables.cache.has(*j)))
+    }
+
     pub(super) fn next_reduce(&self) -> Option<(&(u64, u32, ReducePartition), &PendingReduce)> {
         let mut blocked: Vec<(u32, ReducePartition)> = Vec::new();
         for (key, p) in &self.pending_reduces {
             let (b, stage, r) = key;
-            if blocked.contains(&(*stage, *r)) || self.busy.contains(&(*stage, r.0)) {
+            if blocked.contains(&(*stage, *r))
+                || self.busy.contains(&(*stage, r.0))
+                || !self.tables_in(*stage)
+            {
                 continue;
             }
             let in_order = self
@@ -273,6 +283,7 @@ impl Scheduler {
     pub(super) fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Shutdown => return false,
+            Msg::TableLoaded => {}
             Msg::Cancel(QueryId(u64::MAX), _) => {
                 self.shared.table_caches.lock().clear();
                 for q in std::mem::take(&mut self.queries).into_keys() {
@@ -587,7 +598,17 @@ impl Scheduler {
 
     pub(super) fn launch(&mut self, req: pb::LaunchGroupRequest) -> Result<()> {
         let qid = QueryId(req.query);
-        tracing::debug!(query = %qid, group = req.group, attempt = req.attempt, maps = req.map_tasks.len(), reduces = req.reduce_tasks.len(), batches = req.batches.len(), "launch");
+        tracing::debug!(query = %qid, group = req.group, attempt = req.attempt, maps = req.map_tasks.len(), reduces = req.reduce_tasks.len(), batches = req.batches.as_ref().map_or(0, |r| r.count), "launch");
+        if req
+            .batches
+            .as_ref()
+            .is_some_and(|r| r.count > crate::cluster::MAX_LAUNCH_BATCHES)
+        {
+            return Err(ExecError::invalid(format!(
+                "a launch of more than {} micro-batches",
+                crate::cluster::MAX_LAUNCH_BATCHES
+            )));
+        }
         let mode = SchedulingMode::try_from(req.mode).unwrap_or(SchedulingMode::Drizzle);
         // The generation's first attempt: 0 from a coordinator that does not say.
         let generation = if req.generation == 0 {
@@ -624,6 +645,27 @@ impl Scheduler {
             }
             let graph = drizzle_planner::decode_graph(&req.plan, &self.shared.task_ctx)?;
             let steps = graph.stages.iter().map(steps).collect();
+            let stage_joins: Vec<Vec<u32>> = graph
+                .stages
+                .iter()
+                .map(|s| {
+                    s.operators
+                        .iter()
+                        .filter_map(|op| match op {
+                            drizzle_planner::Operator::Kernel(
+                                drizzle_planner::BatchOp::LookupJoin(spec),
+                            ) => Some(spec.id),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .collect();
+            let cache = Arc::clone(self.shared.table_caches.lock().entry(qid).or_default());
+            self.shared.prefetch_tables(
+                qid,
+                &cache,
+                stage_joins.iter().flatten().copied().collect(),
+            );
             // Partitions per source stage (in stage order), then what each
             // shuffle stage waits for.
             let sources: Vec<u32> = if req.shuffle_inputs.is_empty() {
@@ -666,7 +708,7 @@ impl Scheduler {
                     tables: RemoteTables {
                         shared: Arc::clone(&self.shared),
                         query: qid,
-                        cache: Arc::clone(self.shared.table_caches.lock().entry(qid).or_default()),
+                        cache,
                     },
                     maps: BTreeMap::new(),
                     reduces: BTreeMap::new(),
@@ -689,6 +731,9 @@ impl Scheduler {
                     token: QueryToken::default(),
                     stats: BTreeMap::new(),
                     gauges: BTreeMap::new(),
+                    clock: None,
+                    empty_runs: HashMap::new(),
+                    stage_joins,
                 },
             );
         }
@@ -697,6 +742,9 @@ impl Scheduler {
         };
         wq.generation = generation;
         wq.memory_limit = req.memory_limit;
+        if let Some(r) = &req.batches {
+            wq.clock = Some((r.origin_unix_us, r.interval_ns));
+        }
         if let Some(token) = QueryToken::from_slice(&req.query_token) {
             wq.token = token;
             self.shared.store.set_token(qid, token);
@@ -744,7 +792,8 @@ impl Scheduler {
         let batches: Vec<(u64, (Instant, i64))> = req
             .batches
             .iter()
-            .map(|b| (b.batch, (instant_of(b.trigger_unix_us), b.trigger_unix_us)))
+            .flat_map(pb::BatchRange::triggers)
+            .map(|(b, at)| (b, (instant_of(at), at)))
             .collect();
         for spec in &req.map_tasks {
             let p = MapPartition(spec.partition);
@@ -979,6 +1028,9 @@ impl Scheduler {
             for ((b, s, p), (at, _)) in &wq.pending_maps {
                 if wq.busy.contains(&(*s, p.0)) {
                     continue; // its previous batch is on a slot
+                }
+                if !wq.tables_in(*s) {
+                    continue; // its lookup tables are still being read
                 }
                 let read = wq.has_read(*b, *s, *p);
                 if *at <= now {

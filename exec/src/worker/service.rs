@@ -20,9 +20,15 @@ impl WorkerRpc for WorkerService {
                 req.epoch
             )));
         }
-        self.shared
+        let before = self
+            .shared
             .tables_version
             .fetch_max(req.tables_version, Ordering::AcqRel);
+        if req.tables_version > before {
+            // A change this worker had not heard of: its tables are read
+            // again in the background.
+            self.shared.refresh_tables();
+        }
         self.shared
             .counters
             .launches_received
@@ -109,9 +115,12 @@ pub(super) async fn register(shared: &Shared) -> Result<()> {
                 *shared.credential.write() =
                     tonic::metadata::MetadataValue::try_from(resp.member_credential.as_str()).ok();
                 *shared.identity.lock() = (resp.worker_id, resp.epoch);
-                shared
+                let before = shared
                     .tables_version
                     .fetch_max(resp.tables_version, Ordering::AcqRel);
+                if resp.tables_version > before {
+                    shared.refresh_tables();
+                }
                 shared.open_events();
                 return Ok(());
             }
@@ -168,11 +177,16 @@ impl TableEvaluator for RemoteTables {
     /// The coordinator's signal that some relation changed: the join then
     /// asks whether its own did ([`Self::evaluate`] with the held version).
     fn version(&self, _spec: &LookupJoinSpec) -> u64 {
-        self.shared.tables_version.load(Ordering::Acquire)
+        self.any_version()
     }
 
     fn any_version(&self) -> u64 {
-        self.shared.tables_version.load(Ordering::Acquire)
+        // The coordinator's signal, and what landed in the cache since:
+        // both only grow, so a join looks again when either moved.
+        self.shared
+            .tables_version
+            .load(Ordering::Acquire)
+            .wrapping_add(self.cache.landed.load(Ordering::Acquire))
     }
 
     fn evaluate(
@@ -180,12 +194,18 @@ impl TableEvaluator for RemoteTables {
         spec: &LookupJoinSpec,
         held: Option<u64>,
     ) -> Result<Option<(u64, Vec<RecordBatch>)>> {
-        // Refreshed in the background since the join last read it.
+        // Read ahead, or refreshed in the background since the join last
+        // read it: a newer version is handed over; the same one means no
+        // newer one landed yet (the refresh bumps the version when it does).
         if let Some((v, rows)) = self.cache.tables.lock().get(&spec.id) {
             if held != Some(*v) {
                 return Ok(Some((*v, rows.clone())));
             }
+            if !self.cache.failed.lock().contains(&spec.id) {
+                return Ok(None);
+            }
         }
+        // Only when a background read failed: read it now, on the slot.
         let data = self.shared.data.clone();
         let req = pb::ReadTableRequest {
             query: self.query.0,

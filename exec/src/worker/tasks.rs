@@ -471,13 +471,13 @@ impl Scheduler {
     /// its rows inline when they are small ([`DIRECT_RESULT_BYTES`]), else
     /// put over Flight ahead of the group report.
     pub(super) fn deliver(
-        &self,
+        &mut self,
         qid: QueryId,
         b: BatchId,
         partition: u32,
         chunks: Vec<(Option<i64>, RecordBatch)>,
-        rows_in: u64,
-        late_rows: u64,
+        mut rows_in: u64,
+        mut late_rows: u64,
     ) -> Result<()> {
         // Rows go over Flight; the result says how many rows each chunk has.
         let out: Vec<pb::OutputChunk> = chunks
@@ -496,6 +496,57 @@ impl Scheduler {
             )?,
             None => StateSize::default(),
         };
+        let attempt = self.queries.get(&qid).map_or(0, |wq| wq.attempt);
+        let empty = chunks
+            .iter()
+            .all(|(window_end, c)| window_end.is_none() && c.num_rows() == 0);
+        let mut empty_from = None;
+        if let Some(wq) = self.queries.get_mut(&qid) {
+            let prior = wq.empty_runs.remove(&partition);
+            let (run, before) = match prior {
+                Some(r) if empty && r.attempt == attempt && r.to + 1 == b.0 => (Some(r), None),
+                other => (None, other),
+            };
+            if let Some(r) = before {
+                // A run that does not lead up to this result goes first.
+                self.shared
+                    .event(pb::worker_event::Event::Output(pb::TaskOutput {
+                        query: qid.0,
+                        batch: r.to,
+                        partition,
+                        rows_in: r.rows_in,
+                        late_rows: r.late_rows,
+                        attempt: r.attempt,
+                        state_bytes: state.bytes,
+                        state_keys: state.keys,
+                        empty_from: (r.from < r.to).then_some(r.from),
+                        ..Default::default()
+                    }));
+            }
+            if empty {
+                let mut run = run.unwrap_or(EmptyRun {
+                    from: b.0,
+                    to: b.0,
+                    attempt,
+                    rows_in: 0,
+                    late_rows: 0,
+                });
+                run.to = b.0;
+                run.rows_in += rows_in;
+                run.late_rows += late_rows;
+                if wq.holds_empty(&run) {
+                    wq.empty_runs.insert(partition, run);
+                    self.shared
+                        .counters
+                        .empty_results_in_runs
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                rows_in = run.rows_in;
+                late_rows = run.late_rows;
+                empty_from = (run.from < b.0).then_some(run.from);
+            }
+        }
         let output = pb::TaskOutput {
             query: qid.0,
             batch: b.0,
@@ -505,9 +556,10 @@ impl Scheduler {
             error_code: String::new(),
             rows_in,
             late_rows,
-            attempt: self.queries.get(&qid).map_or(0, |wq| wq.attempt),
+            attempt,
             state_bytes: state.bytes,
             state_keys: state.keys,
+            empty_from,
         };
         let bytes: usize = chunks.iter().map(|(_, b)| b.get_array_memory_size()).sum();
         if bytes <= DIRECT_RESULT_BYTES {
@@ -706,4 +758,32 @@ pub(super) fn group_of(starts: &BTreeMap<u64, u64>, b: u64) -> u64 {
         .next_back()
         .map(|(_, g)| *g)
         .unwrap_or_default()
+}
+
+impl WorkerQuery {
+    /// Whether a run of empty results (ending with the batch just run)
+    /// waits for more (see [`EmptyRun`]): Drizzle mode, the run short of a
+    /// quarter of its group and not at the group's last batch, and the
+    /// partition's next batch already triggered.
+    pub(super) fn holds_empty(&self, run: &EmptyRun) -> bool {
+        if self.mode != SchedulingMode::Drizzle {
+            return false;
+        }
+        let Some((&first, &group)) = self.group_starts.range(..=run.to).next_back() else {
+            return false;
+        };
+        let Some(&(last, _)) = self.group_ends.get(&group) else {
+            return false;
+        };
+        let quarter = ((last.saturating_sub(first) + 1) / 4).max(1);
+        if run.to >= last || run.to - run.from + 1 >= quarter {
+            return false;
+        }
+        let Some((origin, interval_ns)) = self.clock else {
+            return false;
+        };
+        let next_offset_us = interval_ns.saturating_mul(run.to.saturating_add(2)) / 1000;
+        let next_trigger = origin.saturating_add(i64::try_from(next_offset_us).unwrap_or(i64::MAX));
+        next_trigger <= unix_us()
+    }
 }
