@@ -211,6 +211,8 @@ enum Msg {
     /// A lookup table read in the background landed (or failed): tasks
     /// waiting for it may start.
     TableLoaded,
+    /// A reduce partition's checkpoint state was loaded.
+    Restored(Box<Restored>),
     Shutdown,
 }
 
@@ -780,6 +782,20 @@ struct ReadDone {
 }
 
 /// A finished block download, for the task thread.
+/// A reduce partition's checkpoint objects were loaded (or not): the
+/// scheduler restores its state, and its tasks may start.
+struct Restored {
+    query: QueryId,
+    /// The query's incarnation that asked (a replaced one's are dropped).
+    incarnation: u64,
+    stage: u32,
+    partition: ReducePartition,
+    restore: pb::Restore,
+    /// Reduce partitions of the attempt that restores.
+    partitions: u32,
+    result: Result<Vec<(u32, Vec<u8>)>>,
+}
+
 struct FetchDone {
     query: QueryId,
     /// The consuming task: (batch, stage, partition).
@@ -956,6 +972,9 @@ struct WorkerQuery {
     /// Per stage (by id): the lookup joins its tasks run; a task starts
     /// once their tables are in this worker's cache.
     stage_joins: Vec<Vec<u32>>,
+    /// Reduce partitions, by (stage, partition), whose checkpoint state is
+    /// still loading: their tasks wait.
+    restoring: std::collections::HashSet<(u32, u32)>,
 }
 
 /// Empty results of one final-stage partition held back while the worker is

@@ -149,6 +149,7 @@ impl WorkerQuery {
             let (b, stage, r) = key;
             if blocked.contains(&(*stage, *r))
                 || self.busy.contains(&(*stage, r.0))
+                || self.restoring.contains(&(*stage, r.0))
                 || !self.tables_in(*stage)
             {
                 continue;
@@ -284,6 +285,7 @@ impl Scheduler {
         match msg {
             Msg::Shutdown => return false,
             Msg::TableLoaded => {}
+            Msg::Restored(done) => self.restored(*done),
             Msg::Cancel(QueryId(u64::MAX), _) => {
                 self.shared.table_caches.lock().clear();
                 for q in std::mem::take(&mut self.queries).into_keys() {
@@ -481,6 +483,43 @@ impl Scheduler {
                 result,
             })));
         });
+    }
+
+    /// A reduce partition's checkpoint objects are in: its state is
+    /// restored and its tasks may start. A failure fails the query, as a
+    /// failed launch does.
+    pub(super) fn restored(&mut self, done: Restored) {
+        let Some(wq) = self.queries.get_mut(&done.query) else {
+            return;
+        };
+        if wq.incarnation != done.incarnation
+            || !wq.restoring.remove(&(done.stage, done.partition.0))
+        {
+            return; // for a replaced incarnation of the query
+        }
+        let result = match (
+            done.result,
+            wq.reduces
+                .get_mut(&(done.stage, done.partition))
+                .and_then(|s| s.work.as_deref_mut()),
+        ) {
+            (Ok(loaded), Some(work)) => restore_reduce(
+                &wq.graph,
+                GraphStage(done.stage),
+                &done.restore,
+                (done.partition, done.partitions),
+                loaded,
+                work,
+            ),
+            (Ok(_), None) => Err(ExecError::invalid(format!(
+                "partition {} of stage {} was restored while it ran",
+                done.partition, done.stage
+            ))),
+            (Err(e), _) => Err(e),
+        };
+        if let Err(e) = result {
+            self.fail(done.query, BatchId(done.restore.batch), e);
+        }
     }
 
     /// A download finished: its rows wait in the task, or its producer is
@@ -734,6 +773,7 @@ impl Scheduler {
                     clock: None,
                     empty_runs: HashMap::new(),
                     stage_joins,
+                    restoring: std::collections::HashSet::new(),
                 },
             );
         }
@@ -881,7 +921,7 @@ impl Scheduler {
                         "shuffle stage {stage} does not start with a stateful operator"
                     )));
                 };
-                let mut work = ReduceWork {
+                let work = ReduceWork {
                     operator,
                     chain: ChainState::default(),
                 };
@@ -894,17 +934,26 @@ impl Scheduler {
                 }
                 let mut last_batch = None;
                 if let Some(restore) = &req.restore {
+                    // Loaded off this thread; the partition's tasks wait
+                    // until its state is restored (`restored`).
                     last_batch = Some(restore.batch);
-                    restore_reduce(
-                        &self.shared,
-                        qid,
-                        &wq.graph,
-                        GraphStage(stage),
-                        restore,
-                        r,
-                        wq.reduce_partitions,
-                        &mut work,
-                    )?;
+                    let paths = restore_paths(restore, GraphStage(stage), r, wq.reduce_partitions);
+                    wq.restoring.insert((stage, r.0));
+                    let inbox = self.shared.inbox.lock().clone();
+                    let data = self.shared.data.clone();
+                    let done = Restored {
+                        query: qid,
+                        incarnation: wq.incarnation,
+                        stage,
+                        partition: r,
+                        restore: restore.clone(),
+                        partitions: wq.reduce_partitions,
+                        result: Ok(Vec::new()),
+                    };
+                    self.shared.handle.spawn(async move {
+                        let result = load_restore(data, qid, paths).await;
+                        let _ = inbox.send(Msg::Restored(Box::new(Restored { result, ..done })));
+                    });
                 }
                 wq.reduces.insert(
                     (stage, r),

@@ -677,18 +677,56 @@ pub(super) fn snapshot_reduce(state: &mut ReduceWork, delta_base: Option<u64>) -
     .encode()
 }
 
-/// Loads reduce partition `r`'s state from a checkpoint: its own object
-/// when the partition count is unchanged, else every object's rows whose
-/// key routes to `r` under the new count.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn restore_reduce(
-    shared: &Shared,
+/// The checkpoint objects reduce partition `r` of `stage` restores from,
+/// in order (each object's delta chain first), with the old partition each
+/// belongs to: its own object when the partition count is unchanged, else
+/// every object of the stage.
+pub(super) fn restore_paths(
+    restore: &pb::Restore,
+    stage: GraphStage,
+    r: ReducePartition,
+    partitions: u32,
+) -> Vec<(u32, String)> {
+    let same = restore.reduce_partitions == partitions;
+    restore
+        .states
+        .iter()
+        .filter(|st| st.stage == stage.0 && (!same || st.partition == r.0))
+        .flat_map(|st| {
+            st.chain
+                .iter()
+                .chain(std::iter::once(&st.path))
+                .map(|p| (st.partition, p.clone()))
+        })
+        .collect()
+}
+
+/// Loads the objects of [`restore_paths`] from the coordinator's data
+/// endpoint, off the task thread; the scheduler hears when they are in
+/// (`Msg::Restored`).
+pub(super) async fn load_restore(
+    data: crate::dataplane::DataClient,
     qid: QueryId,
+    paths: Vec<(u32, String)>,
+) -> Result<Vec<(u32, Vec<u8>)>> {
+    let mut loaded = Vec::with_capacity(paths.len());
+    for (partition, path) in paths {
+        let req = pb::LoadStateRequest { query: qid.0, path };
+        loaded.push((partition, data.load_state(req).await?));
+    }
+    Ok(loaded)
+}
+
+/// Restores reduce partition `r`'s state from the loaded checkpoint
+/// objects ([`load_restore`]): as they are when the partition count is
+/// unchanged, else every object's rows whose key routes to `r` under the
+/// new count.
+pub(super) fn restore_reduce(
     graph: &StageGraph,
     stage: GraphStage,
     restore: &pb::Restore,
-    r: ReducePartition,
-    partitions: u32,
+    (r, partitions): (ReducePartition, u32),
+    loaded: Vec<(u32, Vec<u8>)>,
     state: &mut ReduceWork,
 ) -> Result<()> {
     let same = restore.reduce_partitions == partitions;
@@ -699,21 +737,8 @@ pub(super) fn restore_reduce(
     };
     // Every object's layers (a delta chain first), restored at the end.
     let mut layers = Vec::new();
-    for st in restore
-        .states
-        .iter()
-        .filter(|st| st.stage == stage.0 && (!same || st.partition == r.0))
-    {
-        for path in st.chain.iter().chain(std::iter::once(&st.path)) {
-            let data = shared.data.clone();
-            let req = pb::LoadStateRequest {
-                query: qid.0,
-                path: path.clone(),
-            };
-            // Only when a launch restores a partition (recovery, rescale).
-            let bytes = shared
-                .handle
-                .block_on(async move { data.load_state(req).await })?;
+    for (old_partition, bytes) in loaded {
+        {
             let object = StateObject::decode(&bytes)?;
             let mut sections = Vec::with_capacity(object.sections.len());
             for (i, section) in object.sections.into_iter().enumerate() {
@@ -729,7 +754,7 @@ pub(super) fn restore_reduce(
                 if matches!(by, Partitioning::Broadcast) {
                     // Every old partition held all of a broadcast input:
                     // take old partition 0's copy, for every new partition.
-                    sections.push(if st.partition == 0 { rows } else { Vec::new() });
+                    sections.push(if old_partition == 0 { rows } else { Vec::new() });
                     continue;
                 }
                 let mut mine = Vec::with_capacity(rows.len());
