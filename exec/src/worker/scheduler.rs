@@ -466,13 +466,7 @@ impl Scheduler {
             .blocks_fetched_remote
             .fetch_add(1, Ordering::Relaxed);
         let client = crate::cluster::flight_client(channel, &self.shared.secret);
-        let id = BlockId {
-            query: qid,
-            batch: BatchId(b),
-            stage: StageId(notice.stage),
-            map: MapPartition(notice.map),
-            reduce: r,
-        };
+        let id = announced_block(qid, b, r, &notice);
         let inbox = self.shared.inbox.lock().clone();
         self.shared.handle.spawn(async move {
             let result = fetch_remote(client, notice.location.clone(), id, token).await;

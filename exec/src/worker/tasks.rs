@@ -291,13 +291,7 @@ impl Scheduler {
         r: ReducePartition,
         n: &pb::MapOutputReady,
     ) -> Result<Vec<RecordBatch>> {
-        let id = BlockId {
-            query: qid,
-            batch: BatchId(b),
-            stage: StageId(n.stage),
-            map: MapPartition(n.map),
-            reduce: r,
-        };
+        let id = announced_block(qid, b, r, n);
         self.shared
             .counters
             .blocks_fetched_remote
@@ -394,13 +388,7 @@ impl Scheduler {
                     .counters
                     .blocks_read_local
                     .fetch_add(1, Ordering::Relaxed);
-                let id = BlockId {
-                    query: qid,
-                    batch: BatchId(b),
-                    stage: StageId(n.stage),
-                    map: MapPartition(n.map),
-                    reduce: r,
-                };
+                let id = announced_block(qid, b, r, n);
                 Ok(Input::Local(self.shared.store.read(&id)?))
             } else {
                 // Not downloaded ahead (should not happen): fetch now.
@@ -775,6 +763,22 @@ pub(super) fn restore_reduce(
     }
     state.operator.restore(layers, restore.batch)?;
     Ok(())
+}
+
+/// The block of reduce partition `r` that notice `n` announces for batch `b`.
+pub(super) fn announced_block(
+    qid: QueryId,
+    b: u64,
+    r: ReducePartition,
+    n: &pb::MapOutputReady,
+) -> BlockId {
+    BlockId {
+        query: qid,
+        batch: BatchId(b),
+        stage: StageId(n.stage),
+        map: MapPartition(n.map),
+        reduce: r,
+    }
 }
 
 pub(super) fn group_of(starts: &BTreeMap<u64, u64>, b: u64) -> u64 {
