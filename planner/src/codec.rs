@@ -111,6 +111,8 @@ struct IntervalJoinWire {
     filter: Option<Vec<u8>>,
     schema: Schema,
     display: String,
+    #[serde(default)]
+    regular: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -401,6 +403,7 @@ fn encode_interval_join(j: &IntervalJoinPlan, left_input: SchemaRef) -> Result<I
         filter: j.filter.as_ref().map(encode_expr).transpose()?,
         schema: j.schema.as_ref().clone(),
         display: j.display.clone(),
+        regular: j.regular,
     })
 }
 
@@ -427,6 +430,7 @@ fn decode_interval_join(w: IntervalJoinWire, ctx: &TaskContext) -> Result<Interv
         right_input: Arc::new(w.right_input),
         schema: Arc::new(w.schema),
         display: w.display,
+        regular: w.regular,
     })
 }
 

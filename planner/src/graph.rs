@@ -335,6 +335,10 @@ fn describe_operator(op: &Operator) -> String {
             )
         }
         Operator::Union => "UnionExec: all rows of every input".to_string(),
+        Operator::IntervalJoin(j) if j.regular => format!(
+            "JoinExec: inner, on=[{}], state=every row of both sides (no time bound), emitted when both rows are there",
+            j.display
+        ),
         Operator::IntervalJoin(j) => format!(
             "IntervalJoinExec: inner, on=[{}], state=rows of both sides until the watermark passes their interval, emitted when both rows are there",
             j.display

@@ -80,6 +80,134 @@ fn df_plan_err(msg: String) -> datafusion::error::DataFusionError {
     datafusion::error::DataFusionError::Plan(msg)
 }
 
+/// A window function's interval argument in milliseconds: a fixed,
+/// positive `INTERVAL`.
+fn window_interval(e: &Expr, usage: &str) -> datafusion::error::Result<i64> {
+    let ms = match e {
+        Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(v)), _) if v.months == 0 => {
+            v.days as i64 * 86_400_000 + v.nanoseconds / 1_000_000
+        }
+        Expr::Literal(ScalarValue::IntervalDayTime(Some(v)), _) => {
+            v.days as i64 * 86_400_000 + v.milliseconds as i64
+        }
+        other => {
+            return Err(df_plan_err(format!(
+                "expected a fixed INTERVAL (no months) in {usage}, found {other}"
+            )))
+        }
+    };
+    if ms <= 0 {
+        return Err(df_plan_err(format!(
+            "window intervals must be positive in {usage}"
+        )));
+    }
+    Ok(ms)
+}
+
+/// Most windows `HOP` puts one row of a table in.
+const MAX_HOP_COPIES: i64 = 1024;
+
+/// `TUMBLE`/`HOP` over a table: the table's rows with a non-NULL time,
+/// each once per window it falls in, plus `window_start` and `window_end`;
+/// the same windows a stream gets, with no watermark (a table is complete).
+fn finite_window(
+    name: &str,
+    table: Arc<dyn TableProvider>,
+    ts: &str,
+    kind: WindowKind,
+    args: &[Expr],
+    usage: &str,
+) -> datafusion::error::Result<Arc<dyn TableSource>> {
+    use datafusion::common::Column;
+    use datafusion::logical_expr::{lit, LogicalPlanBuilder};
+    let schema = table.schema();
+    if let Some(f) = schema
+        .fields()
+        .iter()
+        .find(|f| f.name() == "window_start" || f.name() == "window_end")
+    {
+        return Err(df_plan_err(format!(
+            "{usage}: {name} already has a column {}, which the window would add",
+            f.name()
+        )));
+    }
+    let tz = match schema.field_with_name(ts).map(|f| f.data_type()) {
+        Ok(DataType::Timestamp(_, tz)) => tz.clone(),
+        Ok(other) => {
+            return Err(df_plan_err(format!(
+                "type mismatch: window time column {ts} must be a TIMESTAMP, not {other}"
+            )))
+        }
+        Err(_) => {
+            return Err(datafusion::error::DataFusionError::SchemaError(
+                Box::new(datafusion::common::SchemaError::FieldNotFound {
+                    field: Box::new(Column::new_unqualified(ts)),
+                    valid_fields: vec![],
+                }),
+                Box::new(None),
+            ))
+        }
+    };
+    let (slide_ms, size_ms) = match kind {
+        WindowKind::Tumble => {
+            let s = window_interval(&args[2], usage)?;
+            (s, s)
+        }
+        WindowKind::Hop => (
+            window_interval(&args[2], usage)?,
+            window_interval(&args[3], usage)?,
+        ),
+    };
+    if size_ms % slide_ms != 0 || slide_ms > size_ms {
+        return Err(df_plan_err(format!(
+            "HOP size ({size_ms} ms) must be a multiple of its slide ({slide_ms} ms)"
+        )));
+    }
+    let copies = size_ms / slide_ms;
+    if copies > MAX_HOP_COPIES {
+        return Err(df_plan_err(format!(
+            "HOP over a table puts each row in {copies} windows; at most {MAX_HOP_COPIES}"
+        )));
+    }
+    let interval = |ms: i64| {
+        lit(ScalarValue::IntervalMonthDayNano(Some(
+            arrow::datatypes::IntervalMonthDayNano::new(0, 0, ms.saturating_mul(1_000_000)),
+        )))
+    };
+    let time = Expr::Column(Column::new_unqualified(ts));
+    let scan = LogicalPlanBuilder::scan(name, provider_as_source(table), None)?
+        .filter(time.clone().is_not_null())?
+        .build()?;
+    let ts_type = DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, tz);
+    let mut plan: Option<LogicalPlanBuilder> = None;
+    for i in 0..copies {
+        let bin = datafusion::functions::datetime::date_bin()
+            .call(vec![interval(slide_ms), time.clone()]);
+        let start = Expr::Cast(datafusion::logical_expr::Cast::new(
+            Box::new(bin - interval(i * slide_ms)),
+            ts_type.clone(),
+        ));
+        let mut exprs: Vec<Expr> = schema
+            .fields()
+            .iter()
+            .map(|f| Expr::Column(Column::new(Some(TableReference::bare(name)), f.name())))
+            .collect();
+        exprs.push(start.clone().alias("window_start"));
+        exprs.push((start + interval(size_ms)).alias("window_end"));
+        let branch = LogicalPlanBuilder::from(scan.clone()).project(exprs)?;
+        plan = Some(match plan {
+            None => branch,
+            Some(p) => p.union(branch.build()?)?,
+        });
+    }
+    let plan = plan
+        .ok_or_else(|| df_plan_err(format!("{usage}: no window")))?
+        .build()?;
+    Ok(provider_as_source(Arc::new(
+        datafusion::datasource::ViewTable::new(plan, None),
+    )))
+}
+
 impl ContextProvider for DrizzleContextProvider<'_> {
     fn get_table_source(
         &self,
@@ -144,10 +272,10 @@ impl ContextProvider for DrizzleContextProvider<'_> {
         let ts = ident(&args[1])?;
         let stream = match self.resolver.resolve(&stream_name) {
             Some(Relation::Stream(def)) => def,
-            Some(Relation::Finite(_)) => {
-                return Err(df_plan_err(format!(
-                    "{usage}: {stream_name} is a table, windows apply to streams"
-                )))
+            // Over a table, the same windows as a finite relation: a batch
+            // query computes what the continuous one does over a stream.
+            Some(Relation::Finite(table)) => {
+                return finite_window(&stream_name, table, &ts, kind, &args, usage)
             }
             None => return Err(df_plan_err(format!("table '{stream_name}' not found"))),
         };
@@ -184,27 +312,7 @@ impl ContextProvider for DrizzleContextProvider<'_> {
                 stream.columns[time_column].sql_type
             )));
         }
-        let interval = |e: &Expr| -> datafusion::error::Result<i64> {
-            let ms = match e {
-                Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(v)), _) if v.months == 0 => {
-                    v.days as i64 * 86_400_000 + v.nanoseconds / 1_000_000
-                }
-                Expr::Literal(ScalarValue::IntervalDayTime(Some(v)), _) => {
-                    v.days as i64 * 86_400_000 + v.milliseconds as i64
-                }
-                other => {
-                    return Err(df_plan_err(format!(
-                        "expected a fixed INTERVAL (no months) in {usage}, found {other}"
-                    )))
-                }
-            };
-            if ms <= 0 {
-                return Err(df_plan_err(format!(
-                    "window intervals must be positive in {usage}"
-                )));
-            }
-            Ok(ms)
-        };
+        let interval = |e: &Expr| window_interval(e, usage);
         let (slide_ms, size_ms) = match kind {
             WindowKind::Tumble => {
                 let s = interval(&args[2])?;
@@ -678,7 +786,18 @@ fn lower_window_join(
                     j,
                     (left, right),
                     (left_keys, right_keys),
-                    interval,
+                    Some(interval),
+                    display,
+                    stages,
+                    props,
+                );
+            }
+            if !left_keys.is_empty() {
+                return lower_interval_join(
+                    j,
+                    (left, right),
+                    (left_keys, right_keys),
+                    None,
                     display,
                     stages,
                     props,
@@ -934,13 +1053,17 @@ fn time_lag(flow: &mut Flow, i: usize) -> Result<i64> {
 type Keys = Vec<Arc<dyn PhysicalExpr>>;
 
 /// An interval join of two streams: both sides shuffled by their equality
-/// keys into a stage running `IntervalJoinExec`.
+/// keys into a stage running `IntervalJoinExec`. Without an interval, a
+/// regular inner join of two append-only streams: the stage holds every row
+/// of both inputs (none can be dropped by watermark) and emits each
+/// matching pair once, when the later of its two rows arrives; its output
+/// is append-only.
 #[allow(clippy::too_many_arguments)]
 fn lower_interval_join(
     j: &datafusion::logical_expr::logical_plan::Join,
     (mut left, mut right): (Flow, Flow),
     (left_keys, right_keys): (Keys, Keys),
-    interval: Interval,
+    interval: Option<Interval>,
     mut display: Vec<String>,
     stages: &mut Stages,
     props: &datafusion::execution::context::ExecutionProps,
@@ -951,36 +1074,44 @@ fn lower_interval_join(
             "join ON l.key = r.key AND l.ts BETWEEN r.ts - INTERVAL ... AND r.ts + INTERVAL ...",
         ));
     }
-    let left_lag_us = time_lag(&mut left, interval.left)?;
-    let right_lag_us = time_lag(&mut right, interval.right)?;
     let both = j.left.schema().join(j.right.schema())?;
     let filter = j
         .filter
         .as_ref()
         .map(|f| physical(f, &both, props))
         .transpose()?;
-    let fmt_us = |us: i64| format!("{}ms", us / 1000);
-    display.push(format!(
-        "{} - {} in [{}, {}]",
-        j.left.schema().field(interval.left).name(),
-        j.right.schema().field(interval.right).name(),
-        fmt_us(interval.lower_us),
-        fmt_us(interval.upper_us)
-    ));
-    let plan = crate::plan::IntervalJoinPlan {
+    let mut plan = crate::plan::IntervalJoinPlan {
         left_keys: left_keys.clone(),
         right_keys: right_keys.clone(),
-        left_time: interval.left,
-        right_time: interval.right,
-        lower_us: interval.lower_us,
-        upper_us: interval.upper_us,
-        left_lag_us,
-        right_lag_us,
+        left_time: 0,
+        right_time: 0,
+        lower_us: i64::MIN,
+        upper_us: i64::MAX,
+        left_lag_us: 0,
+        right_lag_us: 0,
         filter,
         right_input: Arc::new(j.right.schema().as_arrow().clone()),
         schema: Arc::new(j.schema.as_arrow().clone()),
-        display: display.join(", "),
+        display: String::new(),
+        regular: interval.is_none(),
     };
+    if let Some(interval) = interval {
+        plan.left_lag_us = time_lag(&mut left, interval.left)?;
+        plan.right_lag_us = time_lag(&mut right, interval.right)?;
+        plan.left_time = interval.left;
+        plan.right_time = interval.right;
+        plan.lower_us = interval.lower_us;
+        plan.upper_us = interval.upper_us;
+        let fmt_us = |us: i64| format!("{}ms", us / 1000);
+        display.push(format!(
+            "{} - {} in [{}, {}]",
+            j.left.schema().field(interval.left).name(),
+            j.right.schema().field(interval.right).name(),
+            fmt_us(interval.lower_us),
+            fmt_us(interval.upper_us)
+        ));
+    }
+    plan.display = display.join(", ");
     let (l, r) = stages.cut_join(
         (left, left_keys, j.left.schema().as_arrow()),
         (right, right_keys, j.right.schema().as_arrow()),
@@ -1780,12 +1911,25 @@ mod tests {
         };
         assert_eq!(ops(&back), ops(&p));
         assert_eq!(window_join(&back).unwrap().schema, j.schema);
-        for bad in [
+        // Without a window bound or time condition: a regular join.
+        for regular in [
             "SELECT * FROM events e JOIN clicks c ON e.ad_id = c.ad_id",
             "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
-             JOIN TUMBLE(clicks, ts, INTERVAL '5' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
-            "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
              JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c ON e.ad_id = c.ad_id",
+        ] {
+            let p = continuous(regular);
+            assert_eq!(p.emit, EmitMode::Append);
+            assert!(
+                p.stages(3)
+                    .iter()
+                    .any(|s| s.operators.iter().any(|o| o.starts_with("JoinExec"))),
+                "{regular}"
+            );
+        }
+        for bad in [
+            "SELECT * FROM events e JOIN clicks c ON e.ad_id > c.ad_id",
+            "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+             JOIN TUMBLE(clicks, ts, INTERVAL '5' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
             "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
              LEFT JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
         ] {
@@ -1899,7 +2043,7 @@ mod tests {
     fn unbounded_impossibilities_are_refused() {
         for sql in [
             "SELECT ad_id FROM events ORDER BY ad_id",
-            "SELECT a.ad_id FROM events a JOIN events b ON a.ad_id = b.ad_id",
+            "SELECT a.ad_id FROM events a LEFT JOIN events b ON a.ad_id = b.ad_id",
             "SELECT ad_id, row_number() OVER (ORDER BY ts) FROM events",
             "SELECT ad_id FROM events LIMIT 3 OFFSET 2",
         ] {
@@ -1994,13 +2138,21 @@ mod tests {
         let explain = p.explain(2).join("\n");
         assert!(explain.contains("IntervalJoinExec"), "{explain}");
         assert_eq!(explain.matches("EventTimeExec").count(), 2, "{explain}");
-        // Without an upper bound (or any bound, or keys) state would grow forever.
+        // Without an upper bound (or any bound) no row can be dropped: a
+        // regular join, its condition a filter.
         for sql in [
             "SELECT c.ad_id FROM clicks c JOIN events e ON c.ad_id = e.ad_id AND c.ts >= e.ts",
             "SELECT c.ad_id FROM clicks c JOIN events e ON c.ad_id = e.ad_id",
-            "SELECT c.ad_id FROM clicks c JOIN events e ON c.ts BETWEEN e.ts AND e.ts + INTERVAL '1' SECOND",
         ] {
-            assert!(matches!(plan(sql), Err(PlanError::Unsupported { .. })), "{sql}");
+            let explain = continuous(sql).explain(2).join("\n");
+            assert!(explain.contains("JoinExec: inner"), "{explain}");
+            assert!(!explain.contains("IntervalJoinExec"), "{explain}");
         }
+        // Without keys, every row of one side would meet every row of the other.
+        let sql = "SELECT c.ad_id FROM clicks c JOIN events e ON c.ts BETWEEN e.ts AND e.ts + INTERVAL '1' SECOND";
+        assert!(
+            matches!(plan(sql), Err(PlanError::Unsupported { .. })),
+            "{sql}"
+        );
     }
 }

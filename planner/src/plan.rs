@@ -133,6 +133,10 @@ pub struct IntervalJoinPlan {
     pub schema: SchemaRef,
     /// The ON clause and the time bounds as SQL, for EXPLAIN.
     pub display: String,
+    /// A regular join: no time bounds (the times, bounds and lags are not
+    /// used), so no row is ever dropped by watermark. Both inputs are
+    /// append-only, so the join's output is too.
+    pub regular: bool,
 }
 
 /// Event time on a stream read without a window: the watermark is tracked

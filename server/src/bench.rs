@@ -1,6 +1,6 @@
 //! `drizzle bench ysb`, `drizzle bench sched`, `drizzle bench sim`,
-//! `drizzle bench recovery` and `drizzle bench adaptive`: benchmarks that
-//! print figures (never timed tests).
+//! `drizzle bench recovery`, `drizzle bench adaptive` and `drizzle bench
+//! nexmark` ([`nexmark`]): benchmarks that print figures (never timed tests).
 //!
 //! ## The coordinator beyond this machine (`sim`)
 //!
@@ -52,6 +52,8 @@
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub mod nexmark;
 
 use arrow::array::AsArray;
 use arrow::datatypes::TimestampMicrosecondType;
@@ -200,6 +202,18 @@ impl Drop for RemoteWorkers {
     }
 }
 
+/// A query's recent micro-batch latencies (trigger to result), in ms, sorted.
+fn recent_batch_ms(status: &drizzle_exec::QueryStatus) -> Vec<f64> {
+    let mut batch_ms: Vec<f64> = status
+        .recent_latencies_us
+        .lock()
+        .iter()
+        .map(|&u| u as f64 / 1000.0)
+        .collect();
+    batch_ms.sort_by(f64::total_cmp);
+    batch_ms
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -280,13 +294,7 @@ pub async fn run_ysb(cfg: YsbConfig) -> Result<String, PgError> {
     let processed = status.rows_in.load(Ordering::Relaxed);
     let offered = cfg.rate * elapsed;
     let lag_s = ((offered - processed as f64) / cfg.rate).max(0.0);
-    let mut batch_ms: Vec<f64> = status
-        .recent_latencies_us
-        .lock()
-        .iter()
-        .map(|&u| u as f64 / 1000.0)
-        .collect();
-    batch_ms.sort_by(f64::total_cmp);
+    let batch_ms = recent_batch_ms(status);
     emit_latency_ms.sort_by(f64::total_cmp);
     let batches = status.batches.load(Ordering::Relaxed);
     handle.cancel();

@@ -619,8 +619,10 @@ impl Engine {
         let offsets = sources
             .iter()
             .map(|s| match s {
-                // Generated rows exist from the moment a query looks at them.
-                drizzle_exec::sources::SourcePartition::Datagen(..) => s.available(now_us),
+                // Datagen's rows exist from the moment a query looks at them.
+                drizzle_exec::sources::SourcePartition::Generated(g, _) if g.starts_now() => {
+                    s.available(now_us)
+                }
                 _ if latest => s.available(now_us),
                 _ => 0,
             })
@@ -1513,7 +1515,9 @@ impl Engine {
             };
             offsets.resize(sources.len(), 0);
             for (o, s) in offsets.iter_mut().zip(&sources) {
-                if !stable && matches!(s, drizzle_exec::sources::SourcePartition::Datagen(..)) {
+                if !stable
+                    && matches!(s, drizzle_exec::sources::SourcePartition::Generated(g, _) if g.starts_now())
+                {
                     *o = s.available(now_us);
                 }
             }

@@ -53,9 +53,17 @@ struct BenchArgs {
     /// workers: `--remote-workers N`), `machine` (the coordinator's
     /// decisions alone: its state machine with N virtual workers and no
     /// network, 10,000 micro-batches), `recovery` (a worker killed mid-run)
-    /// or `adaptive` (the group size under changing load).
+    /// `adaptive` (the group size under changing load) or `nexmark` (a
+    /// Nexmark query: `--query qN`; throughput over `--events` events, or
+    /// live at `--rate` when it is given).
     #[arg(default_value = "ysb")]
     workload: String,
+    /// Nexmark: the query (q0 .. q22).
+    #[arg(long, default_value = "q0")]
+    query: String,
+    /// Nexmark throughput: events in the backlog.
+    #[arg(long, default_value_t = 10_000_000)]
+    events: u64,
     /// Worker processes to start (0 = in-process workers only).
     #[arg(long, default_value_t = 0)]
     remote_workers: usize,
@@ -433,6 +441,32 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                 group_size: args.group_size,
                 duration: Duration::from_secs(args.seconds),
                 stages: args.stages,
+            }))
+        }
+        "nexmark" => {
+            // The rate's default is YSB's; for Nexmark only an explicit
+            // --rate means a live run.
+            let live = std::env::args().any(|a| a == "--rate" || a.starts_with("--rate="));
+            if args.header {
+                println!(
+                    "{}",
+                    if live {
+                        bench::nexmark::live_header()
+                    } else {
+                        bench::nexmark::throughput_header()
+                    }
+                );
+            }
+            runtime.block_on(bench::nexmark::run_nexmark(bench::nexmark::NexmarkConfig {
+                query: args.query.clone(),
+                rate: if live { args.rate } else { 0.0 },
+                events: args.events,
+                duration: Duration::from_secs(args.seconds),
+                batch_interval,
+                group_size: args.group_size,
+                workers: args
+                    .workers
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             }))
         }
         "machine" => {

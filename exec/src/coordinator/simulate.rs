@@ -37,7 +37,7 @@ pub(super) fn chain_spec(
         partitions: maps,
         created_at_ms: 0,
     };
-    let source = Arc::new(DatagenSource::new(&stream)?);
+    let source: Arc<dyn crate::sources::Generator> = Arc::new(DatagenSource::new(&stream)?);
     let stages = stages.max(1);
     let graph_stages = (0..stages)
         .map(|i| Stage {
@@ -73,7 +73,7 @@ pub(super) fn chain_spec(
         },
         inputs: vec![InputSpec {
             sources: (0..maps)
-                .map(|p| SourcePartition::Datagen(Arc::clone(&source), p))
+                .map(|p| SourcePartition::Generated(Arc::clone(&source), p))
                 .collect(),
             start_offsets: vec![0; maps as usize],
         }],

@@ -185,11 +185,16 @@ impl IntervalJoinExec {
                 (&self.right_keys, self.plan.right_time)
             };
             let key_arrays = keys.eval(batch)?;
-            let time = arrow::compute::cast(
-                batch.column(column),
-                &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
-            )?;
-            let time = arrow::compute::cast(&time, &DataType::Int64)?;
+            // A regular join has no time: every row's is 0.
+            let time: ArrayRef = if self.plan.regular {
+                Arc::new(Int64Array::from(vec![0i64; batch.num_rows()]))
+            } else {
+                let t = arrow::compute::cast(
+                    batch.column(column),
+                    &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
+                )?;
+                arrow::compute::cast(&t, &DataType::Int64)?
+            };
             let usable = BooleanArray::from(
                 (0..batch.num_rows())
                     .map(|r| !time.is_null(r) && key_arrays.iter().all(|k| !k.is_null(r)))
@@ -349,7 +354,7 @@ impl IntervalJoinExec {
         self.probe(true, &left_new, u64::MAX, &mut pairs)?;
         self.probe(false, &right_new, left_before, &mut pairs)?;
         let rows = self.materialize(&pairs)?;
-        if let Some(wm) = watermark_us {
+        if let Some(wm) = watermark_us.filter(|_| !self.plan.regular) {
             // Rows still to come: left at or after wm - left_lag, right at
             // or after wm - right_lag. A left row at l matches right rows in
             // [l - upper, l - lower]; a right row at r left rows in
@@ -378,7 +383,11 @@ impl IntervalJoinExec {
 
 impl StatefulOperator for IntervalJoinExec {
     fn name(&self) -> &'static str {
-        "IntervalJoinExec"
+        if self.plan.regular {
+            "JoinExec"
+        } else {
+            "IntervalJoinExec"
+        }
     }
 
     fn process(
@@ -474,6 +483,7 @@ mod tests {
             right_input: rs,
             schema: joined,
             display: String::new(),
+            regular: false,
         }
     }
 

@@ -95,7 +95,7 @@ use crate::operators::{
     run_steps, stateful_operator, steps, steps_watermark, ChainState, OperatorSnapshot, StateSize,
     StatefulOperator, Step, StepStats, TableEvaluator, WindowAssignExec,
 };
-use crate::sources::{DatagenSource, GeneratedPartition, Source, MAX_BATCH_ROWS};
+use crate::sources::{open_generator, GeneratedPartition, Source, END_OF_INPUT_US, MAX_BATCH_ROWS};
 
 mod scheduler;
 mod service;

@@ -847,12 +847,12 @@ impl Scheduler {
                         spec.stage
                     )));
                 };
-                let source: Arc<dyn Source> = match stream.connector() {
-                    Some("datagen") => Arc::new(GeneratedPartition {
-                        generator: Arc::new(DatagenSource::new(stream)?),
+                let source: Arc<dyn Source> = match open_generator(stream)? {
+                    Some(generator) => Arc::new(GeneratedPartition {
+                        generator,
                         partition: spec.partition,
                     }),
-                    _ => Arc::new(LogRange {
+                    None => Arc::new(LogRange {
                         data: self.shared.data.clone(),
                         query: qid,
                         stage: spec.stage,

@@ -63,6 +63,9 @@ pub(super) enum Work {
     Map {
         chain: ChainState,
         pieces: Vec<RecordBatch>,
+        /// The read reached the end of a bounded source: the partition's
+        /// watermark moves past every window.
+        ended: bool,
     },
     Reduce {
         work: Box<ReduceWork>,
@@ -211,7 +214,11 @@ impl SlotTask {
         let steps = steps.get(stage as usize).unwrap_or(&no_steps);
         let mut late = 0;
         match work {
-            Work::Map { mut chain, pieces } => {
+            Work::Map {
+                mut chain,
+                pieces,
+                ended,
+            } => {
                 let result = (|| {
                     let mut outputs = Vec::with_capacity(pieces.len());
                     for piece in pieces {
@@ -221,6 +228,9 @@ impl SlotTask {
                         if out.num_rows() > 0 {
                             outputs.push(out);
                         }
+                    }
+                    if ended {
+                        chain.window.max_event_us = Some(END_OF_INPUT_US);
                     }
                     let produced = match &shuffle {
                         Some((by, n)) => encode_shuffle(&outputs, by, *n)?,

@@ -39,6 +39,7 @@ impl Scheduler {
             .map_tasks_run
             .fetch_add(1, Ordering::Relaxed);
         let (to, pieces) = read?;
+        let ended = state.source.end() == Some(to);
         state.next_offset = to;
         state.last_batch = Some(b);
         wq.rows_in += to - from;
@@ -58,7 +59,16 @@ impl Scheduler {
                 stage,
             });
         }
-        let mut task = wq.slot_task(qid, (b, stage, p.0), stats, Work::Map { chain, pieces });
+        let mut task = wq.slot_task(
+            qid,
+            (b, stage, p.0),
+            stats,
+            Work::Map {
+                chain,
+                pieces,
+                ended,
+            },
+        );
         task.range = Some((from, to));
         self.dispatch(task);
         Ok(true)

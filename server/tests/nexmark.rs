@@ -1,0 +1,208 @@
+//! Nexmark on Drizzle, against an oracle.
+//!
+//! The three streams come from the `nexmark` connector, bounded to a fixed
+//! slice of the event sequence (its events lie in the past, so every one of
+//! them exists at once; the bound's end moves the watermark past every
+//! window). The same events, copied out of the streams with `COPY`, are
+//! loaded into tables of the same names on a second, plain server: the
+//! oracle runs each query's SQL verbatim as a batch query over them
+//! (`TUMBLE`/`HOP` over a table give the same windows).
+//!
+//! Each query in `benches/nexmark/` that Drizzle runs is checked:
+//! * as a materialized view, whose rows must become exactly the oracle's;
+//! * as a continuous `SELECT` (append-only results): its first rows, as
+//!   many as the oracle has, must be exactly the oracle's;
+//!
+//! on the embedded server and on one server with three worker processes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use drizzle_sql_tests::{rows, TestCluster, TestServer};
+use futures::{SinkExt, StreamExt};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_drizzle"))
+}
+
+/// 300 s of event time at 100 events/s: 600 people, 1,800 auctions,
+/// 27,600 bids, thirty 10-second windows.
+const EVENTS: u64 = 30_000;
+const OPTIONS: &str = ", events_per_second = '100', nexmark.event.num = '30000', \
+                       base_time = '2024-01-01 00:00:00', partitions = '3'";
+
+/// The queries Drizzle runs today, and whether their results are
+/// append-only (a continuous SELECT shows exactly the oracle's rows).
+const QUERIES: &[(&str, bool)] = &[
+    ("q0", true),
+    ("q1", true),
+    ("q2", true),
+    ("q3", true),
+    ("q5", true),
+    ("q7", true),
+    ("q8", true),
+    ("q10", true),
+    ("q15", false),
+    ("q16", false),
+    ("q17", false),
+    ("q20", true),
+    ("q21", true),
+    ("q22", true),
+];
+
+fn nexmark_file(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../benches/nexmark")
+        .join(format!("{name}.sql"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The query text without its comment lines.
+fn query(name: &str) -> String {
+    nexmark_file(name)
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The streams' DDL with the slice's options.
+fn stream_ddl() -> String {
+    nexmark_file("ddl").replace("{options}", OPTIONS)
+}
+
+/// The oracle's tables: the streams' columns, no watermark, no connector.
+const TABLE_DDL: &str = "
+CREATE TABLE person (id BIGINT, name VARCHAR, email_address VARCHAR, credit_card VARCHAR,
+    city VARCHAR, state VARCHAR, date_time TIMESTAMP, extra VARCHAR);
+CREATE TABLE auction (id BIGINT, item_name VARCHAR, description VARCHAR, initial_bid BIGINT,
+    reserve BIGINT, date_time TIMESTAMP, expires TIMESTAMP, seller BIGINT, category BIGINT,
+    extra VARCHAR);
+CREATE TABLE bid (auction BIGINT, bidder BIGINT, price BIGINT, channel VARCHAR, url VARCHAR,
+    date_time TIMESTAMP, extra VARCHAR);
+";
+
+/// Copies every event of the bounded streams into the oracle's tables.
+async fn load_oracle(
+    streams: &tokio_postgres::Client,
+    oracle: &tokio_postgres::Client,
+) -> anyhow::Result<()> {
+    oracle.batch_execute(TABLE_DDL).await?;
+    let cycles = EVENTS / 50;
+    for (table, count) in [
+        ("person", cycles),
+        ("auction", cycles * 3),
+        ("bid", cycles * 46),
+    ] {
+        let out = streams
+            .copy_out(format!("COPY (SELECT * FROM {table} LIMIT {count}) TO STDOUT").as_str())
+            .await?;
+        futures::pin_mut!(out);
+        let sink = oracle
+            .copy_in(format!("COPY {table} FROM STDIN").as_str())
+            .await?;
+        futures::pin_mut!(sink);
+        while let Some(chunk) = out.next().await {
+            sink.send(chunk?).await?;
+        }
+        let loaded = sink.finish().await?;
+        anyhow::ensure!(
+            loaded == count,
+            "{table}: {loaded} rows copied, {count} expected"
+        );
+    }
+    Ok(())
+}
+
+async fn sorted(client: &tokio_postgres::Client, sql: &str) -> anyhow::Result<Vec<String>> {
+    let mut r = rows(&client.simple_query(sql).await?);
+    r.sort();
+    Ok(r)
+}
+
+/// Where two sorted row lists first differ, for a failure message.
+fn first_difference(got: &[String], want: &[String]) -> String {
+    let i = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    format!(
+        "{} rows, oracle {}; first difference at {i}: {:?} vs {:?}",
+        got.len(),
+        want.len(),
+        got.get(i),
+        want.get(i)
+    )
+}
+
+/// Runs every query against `streams` and compares with `oracle`.
+async fn check_all(
+    streams: tokio_postgres::Client,
+    oracle: tokio_postgres::Client,
+) -> anyhow::Result<()> {
+    streams.batch_execute(&stream_ddl()).await?;
+    load_oracle(&streams, &oracle).await?;
+    streams.batch_execute("SET batch_interval = '50ms'").await?;
+    for (name, append) in QUERIES {
+        let sql = query(name);
+        let want = sorted(&oracle, &sql).await?;
+        anyhow::ensure!(!want.is_empty(), "{name}: the oracle has no rows");
+        streams
+            .batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {sql}"))
+            .await
+            .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?;
+        // Polled until equal, within a bounded time.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = sorted(&streams, &format!("SELECT * FROM {name}")).await?;
+            if got == want {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "{name}: the materialized view never matched the oracle: {}",
+                    first_difference(&got, &want)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if *append {
+            let got = sorted(&streams, &format!("{sql} LIMIT {}", want.len())).await?;
+            anyhow::ensure!(
+                got == want,
+                "{name}: the continuous query differs from the oracle: {}",
+                first_difference(&got, &want)
+            );
+        }
+        streams
+            .batch_execute(&format!("DROP MATERIALIZED VIEW {name}"))
+            .await?;
+    }
+    Ok(())
+}
+
+#[test]
+fn nexmark_queries_match_the_oracle_on_the_embedded_server() {
+    let server = TestServer::start(bin(), &[]).unwrap();
+    let oracle = TestServer::start(bin(), &[]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result =
+        rt.block_on(async { check_all(server.client().await?, oracle.client().await?).await });
+    if let Err(e) = result {
+        panic!("{e:#}\n--- server log ---\n{}", server.log());
+    }
+}
+
+#[test]
+fn nexmark_queries_match_the_oracle_on_a_server_and_three_workers() {
+    let cluster = TestCluster::start(bin(), 3, &[]).unwrap();
+    let oracle = TestServer::start(bin(), &[]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        check_all(cluster.server.client().await?, oracle.client().await?).await
+    });
+    if let Err(e) = result {
+        panic!("{e:#}\n{}", cluster.logs());
+    }
+}
