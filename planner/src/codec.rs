@@ -35,7 +35,7 @@ use crate::error::{PlanError, Result};
 use crate::graph::{Operator, Partitioning, Stage, StageGraph, StageId, StageInput, StageOutput};
 use crate::plan::{
     AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec,
-    StreamingPlan, WindowGroup, WindowJoinPlan,
+    StreamingPlan, TopNPlan, WindowGroup, WindowJoinPlan,
 };
 use crate::providers::{WindowProvider, WindowSpec};
 
@@ -492,6 +492,72 @@ enum OperatorWire {
     Union,
     EventTime(EventTimeSpec),
     IntervalJoin(Box<IntervalJoinWire>),
+    TopN(Box<TopNWire>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct TopNWire {
+    input: Schema,
+    partition_by: Vec<Vec<u8>>,
+    order_by: Vec<Vec<u8>>,
+    /// (descending, nulls first) of each `order_by`.
+    directions: Vec<(bool, bool)>,
+    limit: u64,
+    schema: Schema,
+    display: String,
+}
+
+fn encode_top_n(t: &TopNPlan) -> Result<TopNWire> {
+    Ok(TopNWire {
+        input: t.input.as_ref().clone(),
+        partition_by: t
+            .partition_by
+            .iter()
+            .map(encode_expr)
+            .collect::<Result<_>>()?,
+        order_by: t
+            .order_by
+            .iter()
+            .map(|(e, _)| encode_expr(e))
+            .collect::<Result<_>>()?,
+        directions: t
+            .order_by
+            .iter()
+            .map(|(_, o)| (o.descending, o.nulls_first))
+            .collect(),
+        limit: t.limit,
+        schema: t.schema.as_ref().clone(),
+        display: t.display.clone(),
+    })
+}
+
+fn decode_top_n(w: TopNWire, ctx: &TaskContext) -> Result<TopNPlan> {
+    if w.order_by.len() != w.directions.len() {
+        return Err(codec_err(
+            "a top-N's sort keys and directions differ in number",
+        ));
+    }
+    let order = decode_keys(&w.order_by, ctx, &w.input)?;
+    Ok(TopNPlan {
+        partition_by: decode_keys(&w.partition_by, ctx, &w.input)?,
+        order_by: order
+            .into_iter()
+            .zip(w.directions)
+            .map(|(e, (descending, nulls_first))| {
+                (
+                    e,
+                    arrow::compute::SortOptions {
+                        descending,
+                        nulls_first,
+                    },
+                )
+            })
+            .collect(),
+        limit: w.limit,
+        input: Arc::new(w.input),
+        schema: Arc::new(w.schema),
+        display: w.display,
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -578,6 +644,10 @@ pub fn encode_graph(graph: &StageGraph) -> Result<Vec<u8>> {
                     schema = Arc::clone(&j.schema);
                     OperatorWire::WindowJoin(Box::new(wire))
                 }
+                Operator::TopN(t) => {
+                    schema = Arc::clone(&t.schema);
+                    OperatorWire::TopN(Box::new(encode_top_n(t)?))
+                }
             };
             operators.push(wire);
         }
@@ -655,6 +725,7 @@ pub fn decode_graph(bytes: &[u8], ctx: &TaskContext) -> Result<StageGraph> {
                 OperatorWire::IntervalJoin(j) => {
                     Operator::IntervalJoin(Arc::new(decode_interval_join(*j, ctx)?))
                 }
+                OperatorWire::TopN(t) => Operator::TopN(Arc::new(decode_top_n(*t, ctx)?)),
             });
         }
         let output = match s.output {

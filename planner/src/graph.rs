@@ -27,7 +27,7 @@ use datafusion::physical_expr::PhysicalExpr;
 
 use crate::catalog::StreamDef;
 use crate::plan::{
-    AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, WindowJoinPlan,
+    AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, TopNPlan, WindowJoinPlan,
 };
 use crate::providers::{WindowKind, WindowSpec};
 
@@ -102,6 +102,8 @@ pub enum Operator {
     IntervalJoin(Arc<IntervalJoinPlan>),
     /// `UNION ALL` of the stage's shuffle inputs (no state).
     Union,
+    /// The best N rows per key (state: those rows).
+    TopN(Arc<TopNPlan>),
 }
 
 /// A chain of operators run by one task per partition and micro-batch.
@@ -133,7 +135,10 @@ impl Stage {
         self.operators.iter().any(|o| {
             matches!(
                 o,
-                Operator::AggregateFinal(_) | Operator::WindowJoin(_) | Operator::IntervalJoin(_)
+                Operator::AggregateFinal(_)
+                    | Operator::WindowJoin(_)
+                    | Operator::IntervalJoin(_)
+                    | Operator::TopN(_)
             )
         })
     }
@@ -335,6 +340,10 @@ fn describe_operator(op: &Operator) -> String {
             )
         }
         Operator::Union => "UnionExec: all rows of every input".to_string(),
+        Operator::TopN(t) => format!(
+            "TopNExec: {}, keep={}, state=the best {} rows per key, emitted (upsert) when a key's rows change",
+            t.display, t.limit, t.limit
+        ),
         Operator::IntervalJoin(j) if j.regular => format!(
             "JoinExec: inner, on=[{}], state=every row of both sides (no time bound), emitted when both rows are there",
             j.display

@@ -570,6 +570,9 @@ impl Flow {
 #[derive(Default)]
 struct Stages {
     stages: Vec<Stage>,
+    /// `ROW_NUMBER()` windows a filter above bounds, by the window node's
+    /// address: how many rows per key they keep.
+    top_n: Vec<(usize, u64)>,
 }
 
 /// Placeholder consumer of a shuffle, set once the consumer is placed.
@@ -1142,6 +1145,176 @@ fn physical(
     Ok(crate::functions::overflow::check_overflow(e)?)
 }
 
+/// The `ROW_NUMBER()` window a filter bounds (`rn <= N`, `rn < N`, `rn =
+/// 1`, through projections and aliases): the window node's address and N.
+fn top_n_bound(f: &datafusion::logical_expr::logical_plan::Filter) -> Option<(usize, u64)> {
+    use datafusion::logical_expr::{BinaryExpr, Operator as Op};
+    let literal = |e: &Expr| match e {
+        Expr::Literal(v, _) => v.cast_to(&DataType::Int64).ok().and_then(|v| match v {
+            ScalarValue::Int64(Some(n)) => Some(n),
+            _ => None,
+        }),
+        _ => None,
+    };
+    let column = |e: &Expr| {
+        let mut e = e;
+        while let Expr::Cast(c) = e {
+            e = c.expr.as_ref();
+        }
+        match e {
+            Expr::Column(c) => f.input.schema().index_of_column(c).ok(),
+            _ => None,
+        }
+    };
+    for conjunct in datafusion::logical_expr::utils::split_conjunction(&f.predicate) {
+        let Expr::BinaryExpr(BinaryExpr { left, op, right }) = conjunct else {
+            continue;
+        };
+        let (col, op, n) = match (column(left), literal(right), column(right), literal(left)) {
+            (Some(c), Some(n), _, _) => (c, *op, n),
+            (_, _, Some(c), Some(n)) => (
+                c,
+                match op {
+                    Op::GtEq => Op::LtEq,
+                    Op::Gt => Op::Lt,
+                    other => *other,
+                },
+                n,
+            ),
+            _ => continue,
+        };
+        let limit = match op {
+            Op::LtEq => n,
+            Op::Lt => n - 1,
+            Op::Eq if n == 1 => 1,
+            _ => continue,
+        };
+        if limit < 1 {
+            continue;
+        }
+        if let Some(window) = row_number_window(&f.input, col) {
+            return Some((std::ptr::from_ref(window) as usize, limit as u64));
+        }
+    }
+    None
+}
+
+/// The `Window` node whose lone `ROW_NUMBER()` column `col` of `plan` is,
+/// through projections, aliases and filters.
+fn row_number_window(plan: &LogicalPlan, col: usize) -> Option<&LogicalPlan> {
+    match plan {
+        LogicalPlan::SubqueryAlias(a) => row_number_window(&a.input, col),
+        LogicalPlan::Filter(f) => row_number_window(&f.input, col),
+        LogicalPlan::Projection(p) => {
+            let inner = column_index(p.expr.get(col)?, p.input.schema())?;
+            row_number_window(&p.input, inner)
+        }
+        LogicalPlan::Window(w) => {
+            let width = w.input.schema().fields().len();
+            let is_row_number = w.window_expr.len() == 1
+                && col == width
+                && matches!(
+                    unalias(&w.window_expr[0]),
+                    Expr::WindowFunction(wf) if wf.fun.name().eq_ignore_ascii_case("row_number")
+                );
+            is_row_number.then_some(plan)
+        }
+        _ => None,
+    }
+}
+
+fn unalias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => unalias(&a.expr),
+        other => other,
+    }
+}
+
+/// A top-N: the input shuffled by the `PARTITION BY` keys into a stage
+/// running `TopNExec`, which keeps each key's best `limit` rows.
+fn lower_top_n(
+    w: &datafusion::logical_expr::logical_plan::Window,
+    limit: u64,
+    stages: &mut Stages,
+    props: &datafusion::execution::context::ExecutionProps,
+) -> Result<Flow> {
+    let Expr::WindowFunction(wf) = unalias(&w.window_expr[0]) else {
+        return Err(PlanError::unsupported("a window that is not ROW_NUMBER()"));
+    };
+    let params = &wf.params;
+    if params.partition_by.is_empty() {
+        return Err(PlanError::unsupported_hint(
+            "ROW_NUMBER() without PARTITION BY on a stream",
+            "rank within keys: ROW_NUMBER() OVER (PARTITION BY k ORDER BY v)",
+        ));
+    }
+    if params.order_by.is_empty() {
+        return Err(PlanError::unsupported(
+            "ROW_NUMBER() without ORDER BY on a stream (which rows are first is undefined)",
+        ));
+    }
+    let flow = lower_node(&w.input, stages)?;
+    if flow.upsert {
+        return Err(PlanError::unsupported_hint(
+            "a top-N over a non-windowed aggregation (its rows change; that needs retractions, \
+             which come with updating queries)",
+            "rank windowed results or raw rows",
+        ));
+    }
+    let schema = w.input.schema();
+    let partition_by = params
+        .partition_by
+        .iter()
+        .map(|e| physical(e, schema, props))
+        .collect::<Result<Vec<_>>>()?;
+    let order_by = params
+        .order_by
+        .iter()
+        .map(|s| {
+            Ok((
+                physical(&s.expr, schema, props)?,
+                arrow::compute::SortOptions {
+                    descending: !s.asc,
+                    nulls_first: s.nulls_first,
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let display = format!(
+        "ROW_NUMBER() OVER (PARTITION BY {} ORDER BY {})",
+        params
+            .partition_by
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        params
+            .order_by
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let plan = Arc::new(crate::plan::TopNPlan {
+        partition_by: partition_by.clone(),
+        order_by,
+        limit,
+        input: Arc::new(schema.as_arrow().clone()),
+        schema: Arc::new(w.schema.as_arrow().clone()),
+        display,
+    });
+    let from = stages.cut(flow, partition_by);
+    Ok(Flow {
+        input: StageInput::Shuffle(vec![from]),
+        operators: vec![Operator::TopN(plan)],
+        windows: Vec::new(),
+        upsert: true,
+        closes_windows: false,
+        event_time: Vec::new(),
+        small: false,
+    })
+}
+
 /// Lowers an optimised logical plan that reads a stream into its stage
 /// graph: a stage per stream read, and a new stage at every aggregation
 /// and stream-stream join.
@@ -1170,6 +1343,37 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
                 })
                 .collect();
             key_columns(agg.group_exprs.len(), &after, output_schema.fields().len())
+        }
+        Some(Operator::TopN(t)) if emit == EmitMode::Upsert => {
+            // Keyed by the partition columns, and the rank when a key has
+            // several rows.
+            use datafusion::physical_expr::expressions::Column;
+            let mut keys: Option<Vec<usize>> = t
+                .partition_by
+                .iter()
+                .map(|e| e.downcast_ref::<Column>().map(Column::index))
+                .collect();
+            if t.limit > 1 {
+                if let Some(k) = keys.as_mut() {
+                    k.push(t.input.fields().len());
+                }
+            }
+            let after: Vec<BatchOp> = flow.operators[1..]
+                .iter()
+                .filter_map(|op| match op {
+                    Operator::Kernel(k) => Some(k.clone()),
+                    _ => None,
+                })
+                .collect();
+            let keys = keys
+                .and_then(|k| key_positions(k, &after, output_schema.fields().len()))
+                .ok_or_else(|| {
+                    PlanError::unsupported_hint(
+                        "a top-N whose result does not show its key",
+                        "select the PARTITION BY columns (and the row number when it keeps more than one row)",
+                    )
+                })?;
+            Some(keys)
         }
         _ => None,
     };
@@ -1268,9 +1472,19 @@ fn scanned_relations(plan: &LogicalPlan) -> Vec<String> {
 /// Follows plain column references through the post-aggregate projections to
 /// find where each of the `k` group columns lands in the output.
 fn key_columns(k: usize, post_ops: &[BatchOp], output_width: usize) -> Option<Vec<usize>> {
+    key_positions((0..k).collect(), post_ops, output_width)
+}
+
+/// Follows columns `keys` of an operator's output through the projections
+/// after it; where each lands in the output.
+fn key_positions(
+    keys: Vec<usize>,
+    post_ops: &[BatchOp],
+    output_width: usize,
+) -> Option<Vec<usize>> {
     use datafusion::physical_expr::expressions::Column;
-    // position[i] = where aggregate output column i is now, if still present.
-    let mut position: Vec<Option<usize>> = (0..k).map(Some).collect();
+    // position[i] = where key column i is now, if still present.
+    let mut position: Vec<Option<usize>> = keys.into_iter().map(Some).collect();
     for op in post_ops {
         if let BatchOp::Project { exprs, .. } = op {
             position = position
@@ -1386,6 +1600,9 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
             Ok(flow)
         }
         LogicalPlan::Filter(f) => {
+            if let Some(bound) = top_n_bound(f) {
+                stages.top_n.push(bound);
+            }
             let mut flow = lower_node(&f.input, stages)?;
             let predicate = physical(&f.predicate, f.input.schema(), &props)?;
             flow.push(BatchOp::Filter { predicate });
@@ -1580,10 +1797,17 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
             "an unbounded stream has no final order; create a MATERIALIZED VIEW and ORDER BY when you SELECT from it",
         )),
         LogicalPlan::Limit(_) => Err(PlanError::unsupported("LIMIT inside a continuous query (only at the top)")),
-        LogicalPlan::Window(_) => Err(PlanError::unsupported_hint(
-            "window functions (OVER) on a stream",
-            "use TUMBLE or HOP with GROUP BY window_start",
-        )),
+        LogicalPlan::Window(w) => {
+            let address = std::ptr::from_ref(plan) as usize;
+            match stages.top_n.iter().find(|(a, _)| *a == address) {
+                Some(&(_, limit)) => lower_top_n(w, limit, stages, &props),
+                None => Err(PlanError::unsupported_hint(
+                    "window functions (OVER) on a stream other than a top-N",
+                    "keep the best rows per key: SELECT * FROM (SELECT *, ROW_NUMBER() OVER \
+                     (PARTITION BY k ORDER BY v DESC) AS rn FROM s) WHERE rn <= 10",
+                )),
+            }
+        }
         LogicalPlan::Union(u) => {
             // UNION ALL: each input is cut into its own stage and shuffled
             // (by all its columns, to spread the rows) into a union stage.

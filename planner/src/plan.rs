@@ -99,6 +99,28 @@ pub struct WindowJoinPlan {
     pub display: String,
 }
 
+/// A top-N per key: `ROW_NUMBER() OVER (PARTITION BY k ORDER BY o)` with
+/// a filter `<= N` on it (top-N; N = 1 is a dedup). The input is shuffled
+/// by the partition keys; the reduce stage keeps each key's best N rows and,
+/// after each micro-batch, emits every rank of the keys whose rows changed.
+/// The input is append-only, so a key's ranks only fill up: the result is
+/// an upsert keyed by the partition columns (and the rank when N > 1).
+#[derive(Debug, Clone)]
+pub struct TopNPlan {
+    /// The `PARTITION BY` expressions over the input.
+    pub partition_by: Vec<Arc<dyn PhysicalExpr>>,
+    /// The `ORDER BY` expressions over the input, with their directions.
+    pub order_by: Vec<(Arc<dyn PhysicalExpr>, arrow::compute::SortOptions)>,
+    /// How many rows each key keeps.
+    pub limit: u64,
+    /// The input's schema.
+    pub input: SchemaRef,
+    /// The output: the input's columns, then the row number.
+    pub schema: SchemaRef,
+    /// The window as SQL, for EXPLAIN.
+    pub display: String,
+}
+
 /// An interval join of two streams (`l.ts BETWEEN r.ts - INTERVAL ... AND
 /// r.ts + INTERVAL ...` with equality keys): both inputs are shuffled by the
 /// keys into the reduce stage, which keeps the rows of both sides that a

@@ -42,6 +42,7 @@ pub fn steps(stage: &Stage) -> Vec<Step> {
             Operator::AggregateFinal(_)
             | Operator::WindowJoin(_)
             | Operator::IntervalJoin(_)
+            | Operator::TopN(_)
             | Operator::Union => out.push(Step::Stateful),
         }
     }

@@ -18,7 +18,10 @@
 //!   watermark passes the window's end.
 //! * [`IntervalJoinExec`]: the reduce side of an interval join: rows of both
 //!   inputs held until the watermark passes their interval, each matching
-//!   pair emitted once as soon as both rows are there.
+//!   pair emitted once as soon as both rows are there (without an interval,
+//!   a regular join holding every row).
+//! * [`TopNExec`]: the best N rows per key (`ROW_NUMBER() ... <= N`),
+//!   re-emitted as an upsert when a key's rows change.
 //!
 //! Stateful operators keep one contract, [`StatefulOperator`]: a
 //! micro-batch's rows per input and the input watermark in, batches out,
@@ -47,7 +50,7 @@ use datafusion::physical_plan::aggregates::group_values::{new_group_values, Grou
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use drizzle_planner::{
     AggregatePlan, BatchOp, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec, Operator, Stage,
-    StageInput, WindowJoinPlan, WindowKind, WindowSpec,
+    StageInput, TopNPlan, WindowJoinPlan, WindowKind, WindowSpec,
 };
 
 use crate::error::{ExecError, Result};
@@ -56,6 +59,7 @@ mod aggregate;
 mod chain;
 mod interval_join;
 mod lookup_join;
+mod top_n;
 mod window_assign;
 mod window_join;
 #[allow(unused_imports)]
@@ -66,6 +70,8 @@ pub use self::chain::*;
 pub use self::interval_join::*;
 #[allow(unused_imports)]
 pub use self::lookup_join::*;
+#[allow(unused_imports)]
+pub use self::top_n::*;
 #[allow(unused_imports)]
 pub use self::window_assign::*;
 #[allow(unused_imports)]
@@ -207,6 +213,7 @@ pub fn stateful_operator(op: &Operator) -> Result<Option<Box<dyn StatefulOperato
             Some(Box::new(IntervalJoinExec::new(plan.as_ref().clone())?))
         }
         Operator::Union => Some(Box::new(UnionExec)),
+        Operator::TopN(plan) => Some(Box::new(TopNExec::new(plan.as_ref().clone())?)),
         Operator::WindowAssign(_)
         | Operator::EventTime(_)
         | Operator::Kernel(_)

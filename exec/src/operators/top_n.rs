@@ -1,0 +1,332 @@
+//! `TopNExec`: the best N rows per key, for `ROW_NUMBER() OVER (PARTITION
+//! BY k ORDER BY o) <= N` (top-N; N = 1 is a dedup).
+
+use arrow::array::UInt64Array;
+use arrow::row::{OwnedRow, Rows};
+
+use super::*;
+
+/// One held row: its sort key, its arrival number (ties keep arrival
+/// order) and its values.
+struct Held {
+    sort: OwnedRow,
+    seq: u64,
+    row: OwnedRow,
+}
+
+/// The reduce side of a top-N. Rows come in append-only, so a key's ranks
+/// only fill up or change rows, never empty: after each micro-batch every
+/// rank of each key whose rows changed is emitted, an upsert keyed by the
+/// partition columns and the rank. State: at most N rows per key, in Arrow's
+/// row format.
+pub struct TopNExec {
+    plan: TopNPlan,
+    keys: RowConverter,
+    sort: RowConverter,
+    values: RowConverter,
+    /// Key (row format) → its best rows, best first.
+    groups: HashMap<Vec<u8>, Vec<Held>>,
+    next_seq: u64,
+    rows: u64,
+    bytes: u64,
+}
+
+impl TopNExec {
+    /// Empty state for `plan`.
+    pub fn new(plan: TopNPlan) -> Result<Self> {
+        let types = |exprs: &mut dyn Iterator<Item = &Arc<dyn PhysicalExpr>>| {
+            exprs
+                .map(|e| e.data_type(&plan.input))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        };
+        let key_types = types(&mut plan.partition_by.iter())?;
+        let sort_types = types(&mut plan.order_by.iter().map(|(e, _)| e))?;
+        let keys = RowConverter::new(key_types.into_iter().map(SortField::new).collect())?;
+        let sort = RowConverter::new(
+            sort_types
+                .into_iter()
+                .zip(&plan.order_by)
+                .map(|(t, (_, o))| SortField::new_with_options(t, *o))
+                .collect(),
+        )?;
+        let values = RowConverter::new(
+            plan.input
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        Ok(Self {
+            plan,
+            keys,
+            sort,
+            values,
+            groups: HashMap::new(),
+            next_seq: 0,
+            rows: 0,
+            bytes: 0,
+        })
+    }
+
+    fn encode(&self, batch: &RecordBatch) -> Result<(Rows, Rows, Rows)> {
+        let keys = self
+            .plan
+            .partition_by
+            .iter()
+            .map(|e| eval(e, batch))
+            .collect::<Result<Vec<_>>>()?;
+        let sort = self
+            .plan
+            .order_by
+            .iter()
+            .map(|(e, _)| eval(e, batch))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((
+            self.keys.convert_columns(&keys)?,
+            self.sort.convert_columns(&sort)?,
+            self.values.convert_columns(batch.columns())?,
+        ))
+    }
+
+    /// Offers every row of `batch`; the keys whose best rows changed go in
+    /// `changed` (once each).
+    fn offer(&mut self, batch: &RecordBatch, changed: &mut Vec<Vec<u8>>) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let (keys, sort, values) = self.encode(batch)?;
+        let limit = usize::try_from(self.plan.limit).unwrap_or(usize::MAX);
+        for i in 0..batch.num_rows() {
+            let s = sort.row(i);
+            let key = keys.row(i);
+            let held = self.groups.entry_ref(key.as_ref()).or_default();
+            // A full key keeps its rows against an equal or worse one: ties
+            // keep arrival order.
+            if held.len() >= limit && held.last().is_some_and(|last| s >= last.sort.row()) {
+                continue;
+            }
+            let at = held.partition_point(|h| h.sort.row() <= s);
+            let row = values.row(i).owned();
+            self.bytes += (row.as_ref().len() + s.as_ref().len() + 48) as u64;
+            self.rows += 1;
+            held.insert(
+                at,
+                Held {
+                    sort: s.owned(),
+                    seq: self.next_seq,
+                    row,
+                },
+            );
+            self.next_seq += 1;
+            if held.len() > limit {
+                if let Some(out) = held.pop() {
+                    self.bytes = self.bytes.saturating_sub(
+                        (out.row.as_ref().len() + out.sort.as_ref().len() + 48) as u64,
+                    );
+                    self.rows -= 1;
+                }
+            }
+            if changed.last().is_none_or(|k| k.as_slice() != key.as_ref()) {
+                changed.push(key.as_ref().to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    /// Every rank of `keys`, as output rows (input columns, then the rank).
+    fn ranks(&self, keys: &[Vec<u8>]) -> Result<RecordBatch> {
+        let mut rows = Vec::new();
+        let mut ranks = Vec::new();
+        for key in keys {
+            if let Some(held) = self.groups.get(key.as_slice()) {
+                for (i, h) in held.iter().enumerate() {
+                    rows.push(h.row.row());
+                    ranks.push(i as u64 + 1);
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok(RecordBatch::new_empty(Arc::clone(&self.plan.schema)));
+        }
+        let mut columns = self.values.convert_rows(rows)?;
+        let rank: ArrayRef = Arc::new(UInt64Array::from(ranks));
+        let rank_type = self
+            .plan
+            .schema
+            .fields()
+            .last()
+            .map(|f| f.data_type().clone())
+            .unwrap_or(DataType::UInt64);
+        columns.push(if rank_type == DataType::UInt64 {
+            rank
+        } else {
+            arrow::compute::cast(&rank, &rank_type)?
+        });
+        Ok(RecordBatch::try_new(
+            Arc::clone(&self.plan.schema),
+            columns,
+        )?)
+    }
+}
+
+impl StatefulOperator for TopNExec {
+    fn name(&self) -> &'static str {
+        "TopNExec"
+    }
+
+    fn process(
+        &mut self,
+        _batch: u64,
+        inputs: &[Vec<RecordBatch>],
+        _watermark_us: Option<i64>,
+    ) -> Result<OperatorOutput> {
+        let [input] = inputs else {
+            return Err(ExecError::invalid(format!(
+                "TopNExec reads one input, not {}",
+                inputs.len()
+            )));
+        };
+        let mut changed = Vec::new();
+        for b in input {
+            self.offer(b, &mut changed)?;
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        let out = self.ranks(&changed)?;
+        let chunks = if out.num_rows() > 0 {
+            vec![(None, out)]
+        } else {
+            Vec::new()
+        };
+        Ok(OperatorOutput { chunks, late: 0 })
+    }
+
+    fn state_size(&self) -> StateSize {
+        StateSize {
+            bytes: self.bytes + self.groups.len() as u64 * 64,
+            keys: self.groups.len() as u64,
+        }
+    }
+
+    /// Always in full: the held rows, best first per key (so a restore
+    /// offers them in rank order and ties keep it).
+    fn snapshot(&mut self, _delta_base: Option<u64>) -> Result<OperatorSnapshot> {
+        let mut held: Vec<&Held> = self.groups.values().flatten().collect();
+        held.sort_by_key(|h| h.seq);
+        let rows: Vec<_> = held.iter().map(|h| h.row.row()).collect();
+        let section = if rows.is_empty() {
+            Vec::new()
+        } else {
+            vec![RecordBatch::try_new(
+                Arc::clone(&self.plan.input),
+                self.values.convert_rows(rows)?,
+            )?]
+        };
+        Ok(OperatorSnapshot {
+            closed_through: None,
+            delta_base: None,
+            sections: vec![section],
+        })
+    }
+
+    fn restore(&mut self, layers: Vec<OperatorSnapshot>, _batch: u64) -> Result<()> {
+        let mut ignored = Vec::new();
+        for layer in layers {
+            for section in layer.sections {
+                for b in section {
+                    self.offer(&b, &mut ignored)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Schema};
+    use datafusion::physical_expr::expressions::Column;
+
+    fn plan(limit: u64) -> TopNPlan {
+        let input = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new("rn", DataType::UInt64, false));
+        TopNPlan {
+            partition_by: vec![Arc::new(Column::new("k", 0))],
+            order_by: vec![(
+                Arc::new(Column::new("v", 1)),
+                arrow::compute::SortOptions {
+                    descending: true,
+                    nulls_first: false,
+                },
+            )],
+            limit,
+            input,
+            schema: Arc::new(Schema::new(fields)),
+            display: String::new(),
+        }
+    }
+
+    fn batch(p: &TopNPlan, rows: &[(i64, i64)]) -> RecordBatch {
+        RecordBatch::try_new(
+            Arc::clone(&p.input),
+            vec![
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn triples(out: &OperatorOutput) -> Vec<(i64, i64, u64)> {
+        let mut v = Vec::new();
+        for (_, b) in &out.chunks {
+            let k = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+            let x = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+            let r = b.column(2).as_primitive::<arrow::datatypes::UInt64Type>();
+            for i in 0..b.num_rows() {
+                v.push((k.value(i), x.value(i), r.value(i)));
+            }
+        }
+        v.sort_unstable();
+        v
+    }
+
+    /// Against a record-at-a-time model: after each batch, the changed keys'
+    /// ranks are exactly the best `limit` values seen, ties in arrival order.
+    #[test]
+    fn keeps_the_best_rows_per_key_and_emits_changed_keys() {
+        let p = plan(2);
+        let mut exec = TopNExec::new(p.clone()).unwrap();
+        let out = exec
+            .process(
+                0,
+                &[vec![batch(&p, &[(1, 5), (1, 7), (2, 1), (1, 6)])]],
+                None,
+            )
+            .unwrap();
+        assert_eq!(triples(&out), vec![(1, 6, 2), (1, 7, 1), (2, 1, 1)]);
+        // Key 1: 3 is worse than both; key 2 gets a better row.
+        let out = exec
+            .process(1, &[vec![batch(&p, &[(1, 3), (2, 9)])]], None)
+            .unwrap();
+        assert_eq!(triples(&out), vec![(2, 1, 2), (2, 9, 1)]);
+        // A checkpoint restores the same ranks.
+        let snap = exec.snapshot(None).unwrap();
+        let mut again = TopNExec::new(p.clone()).unwrap();
+        again.restore(vec![snap], 1).unwrap();
+        let out = again
+            .process(2, &[vec![batch(&p, &[(1, 8)])]], None)
+            .unwrap();
+        assert_eq!(triples(&out), vec![(1, 7, 2), (1, 8, 1)]);
+        assert_eq!(again.state_size().keys, 2);
+    }
+}
