@@ -1335,13 +1335,7 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
     // through the projections after it.
     let upsert_keys = match flow.operators.first() {
         Some(Operator::AggregateFinal(agg)) if emit == EmitMode::Upsert => {
-            let after: Vec<BatchOp> = flow.operators[1..]
-                .iter()
-                .filter_map(|op| match op {
-                    Operator::Kernel(k) => Some(k.clone()),
-                    _ => None,
-                })
-                .collect();
+            let after = kernels_after_first(&flow.operators);
             key_columns(agg.group_exprs.len(), &after, output_schema.fields().len())
         }
         Some(Operator::TopN(t)) if emit == EmitMode::Upsert => {
@@ -1358,13 +1352,7 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
                     k.push(t.input.fields().len());
                 }
             }
-            let after: Vec<BatchOp> = flow.operators[1..]
-                .iter()
-                .filter_map(|op| match op {
-                    Operator::Kernel(k) => Some(k.clone()),
-                    _ => None,
-                })
-                .collect();
+            let after = kernels_after_first(&flow.operators);
             let keys = keys
                 .and_then(|k| key_positions(k, &after, output_schema.fields().len()))
                 .ok_or_else(|| {
@@ -1419,6 +1407,18 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
         emit,
         event_time,
     })
+}
+
+/// The stateless kernels after a stage's first operator.
+fn kernels_after_first(operators: &[Operator]) -> Vec<BatchOp> {
+    operators
+        .iter()
+        .skip(1)
+        .filter_map(|op| match op {
+            Operator::Kernel(k) => Some(k.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Removes a `LIMIT` that has only projections and aliases above it (the
