@@ -396,6 +396,78 @@ fn check_expression_depth<'a>(tokens: impl IntoIterator<Item = &'a Token>) -> Re
     Ok(())
 }
 
+/// `t FOR SYSTEM_TIME AS OF x` (Flink's and RisingWave's temporal join of
+/// a stream with a table at processing time): Drizzle's lookup join of a
+/// stream with a table already reads the table as it is when each
+/// micro-batch runs, so the clause is read and dropped. `x` is a column
+/// reference (`b.p_time`) or a call (`PROCTIME()`). Tables keep no history,
+/// so this is the only meaning it can have.
+fn processing_time_lookups(
+    mut tokens: Vec<datafusion::sql::sqlparser::tokenizer::TokenWithSpan>,
+) -> Vec<datafusion::sql::sqlparser::tokenizer::TokenWithSpan> {
+    use datafusion::sql::sqlparser::tokenizer::Whitespace;
+    let blank = |t: &Token| matches!(t, Token::Whitespace(_));
+    let word = |t: &Token, w: &str| matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w));
+    let mut i = 0;
+    while i < tokens.len() {
+        // The clause's words, in order, with only blanks between them.
+        let mut at = i;
+        let mut matched = true;
+        for w in ["FOR", "SYSTEM_TIME", "AS", "OF"] {
+            while at < tokens.len() && blank(&tokens[at].token) && w != "FOR" {
+                at += 1;
+            }
+            if at < tokens.len() && word(&tokens[at].token, w) {
+                at += 1;
+            } else {
+                matched = false;
+                break;
+            }
+        }
+        if !matched {
+            i += 1;
+            continue;
+        }
+        // The expression: a dotted name, or a call with its parentheses.
+        while at < tokens.len() && blank(&tokens[at].token) {
+            at += 1;
+        }
+        let mut end = at;
+        while end < tokens.len() && matches!(tokens[end].token, Token::Word(_)) {
+            end += 1;
+            if end < tokens.len() && tokens[end].token == Token::Period {
+                end += 1;
+            } else {
+                break;
+            }
+        }
+        if end < tokens.len() && tokens[end].token == Token::LParen {
+            let mut depth = 0usize;
+            while end < tokens.len() {
+                match tokens[end].token {
+                    Token::LParen => depth += 1,
+                    Token::RParen => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+                end += 1;
+                if depth == 0 {
+                    break;
+                }
+            }
+        }
+        if end == at {
+            // No expression: left for the parser to refuse.
+            i += 1;
+            continue;
+        }
+        for t in &mut tokens[i..end] {
+            t.token = Token::Whitespace(Whitespace::Space);
+        }
+        i = end;
+    }
+    tokens
+}
+
 /// Parses a string holding zero or more `;`-separated statements.
 ///
 /// Statements nested deeper than [`MAX_NESTING`] or with expressions deeper
@@ -421,6 +493,7 @@ pub fn parse_statements(sql: &str) -> Result<Vec<DrizzleStatement>> {
             }
         })?;
     check_expression_depth(tokens.iter().map(|t| &t.token))?;
+    let tokens = processing_time_lookups(tokens);
     let mut parser = Parser::new(&dialect)
         .with_recursion_limit(MAX_NESTING)
         .with_tokens_with_locations(tokens);
@@ -1404,6 +1477,23 @@ fn parse_copy(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processing_time_lookups_read_as_lookup_joins() {
+        let text = |s: DrizzleStatement| match s {
+            DrizzleStatement::Query(q) => q.to_string(),
+            other => panic!("not a query: {other:?}"),
+        };
+        let plain = text(one("SELECT b.a, s.v FROM b JOIN side AS s ON b.a = s.k"));
+        for sql in [
+            "SELECT b.a, s.v FROM b JOIN side FOR SYSTEM_TIME AS OF b.p_time AS s ON b.a = s.k",
+            "SELECT b.a, s.v FROM b JOIN side for system_time as of PROCTIME() AS s ON b.a = s.k",
+        ] {
+            assert_eq!(text(one(sql)), plain, "{sql}");
+        }
+        // Without an expression the parser refuses it.
+        assert!(parse_statements("SELECT * FROM b JOIN side FOR SYSTEM_TIME AS OF").is_err());
+    }
 
     fn one(sql: &str) -> DrizzleStatement {
         let mut v = parse_statements(sql).unwrap();

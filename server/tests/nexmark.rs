@@ -43,6 +43,7 @@ const QUERIES: &[(&str, bool)] = &[
     ("q8", true),
     ("q9", false),
     ("q10", true),
+    ("q13", true),
     ("q15", false),
     ("q16", false),
     ("q17", false),
@@ -85,12 +86,28 @@ CREATE TABLE bid (auction BIGINT, bidder BIGINT, price BIGINT, channel VARCHAR, 
     date_time TIMESTAMP, extra VARCHAR);
 ";
 
+/// q13's side input: keys 0 to 9,999, each with its number as text (as
+/// Nexmark's generator makes it), on a server.
+async fn side_input(client: &tokio_postgres::Client) -> anyhow::Result<()> {
+    client
+        .batch_execute("CREATE TABLE side_input (key BIGINT, value VARCHAR)")
+        .await?;
+    let sink = client.copy_in("COPY side_input FROM STDIN").await?;
+    futures::pin_mut!(sink);
+    let text: String = (0..10_000).map(|k| format!("{k}\t{k}\n")).collect();
+    sink.send(bytes::Bytes::from(text)).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
 /// Copies every event of the bounded streams into the oracle's tables.
 async fn load_oracle(
     streams: &tokio_postgres::Client,
     oracle: &tokio_postgres::Client,
 ) -> anyhow::Result<()> {
     oracle.batch_execute(TABLE_DDL).await?;
+    side_input(oracle).await?;
+    side_input(streams).await?;
     let cycles = EVENTS / 50;
     for (table, count) in [
         ("person", cycles),

@@ -37,6 +37,7 @@ pub fn register(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(PgToTimestamp::new()));
     ctx.register_udf(ScalarUDF::from(PgToDate::new()));
     ctx.register_udf(checked::CheckedArithmetic::modulo());
+    ctx.register_udf(ScalarUDF::from(ProcTime::new()));
     ctx.register_udaf(datafusion::logical_expr::AggregateUDF::from(
         checked::CheckedSum::new(),
     ));
@@ -338,5 +339,56 @@ impl ScalarUDFImpl for PgToDate {
             }))
         })?;
         finish(Arc::new(out.finish()), scalar)
+    }
+}
+
+/// `PROCTIME()`: processing time, the wall clock when the row is processed
+/// (Flink's and RisingWave's). Unlike `now()`, which is the statement's
+/// start, it is evaluated with every batch: volatile.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct ProcTime {
+    signature: Signature,
+}
+
+impl Default for ProcTime {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProcTime {
+    /// The function.
+    pub fn new() -> Self {
+        Self {
+            signature: Signature::exact(vec![], Volatility::Volatile),
+        }
+    }
+}
+
+impl ScalarUDFImpl for ProcTime {
+    fn name(&self) -> &str {
+        "proctime"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Timestamp(
+            TimeUnit::Microsecond,
+            Some("+00:00".into()),
+        ))
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        Ok(ColumnarValue::Scalar(ScalarValue::TimestampMicrosecond(
+            Some(now),
+            Some("+00:00".into()),
+        )))
     }
 }

@@ -146,7 +146,14 @@ pub async fn run_nexmark(cfg: NexmarkConfig) -> Result<String, PgError> {
         ", events_per_second = '{rate}', base_time = '{base}', partitions = '{partitions}'{bound}"
     );
     let mut settings = engine.default_settings();
-    for stmt in drizzle_planner::parse_statements(&DDL.replace("{options}", &options))? {
+    // q13's side input: keys 0 to 9,999, each with its number as text.
+    let side: Vec<String> = (0..10_000).map(|k| format!("({k}, '{k}')")).collect();
+    let setup = format!(
+        "{}; CREATE TABLE side_input (key BIGINT, value VARCHAR); INSERT INTO side_input VALUES {}",
+        DDL.replace("{options}", &options),
+        side.join(", ")
+    );
+    for stmt in drizzle_planner::parse_statements(&setup)? {
         engine.execute(stmt, &mut settings, &[], "").await?;
     }
     let stmt = drizzle_planner::parse_statements(&sql)?
