@@ -21,6 +21,22 @@ pub struct ColumnDef {
     pub nullable: bool,
 }
 
+/// A SQL function: `CREATE FUNCTION name(arg type, ...) RETURNS type
+/// LANGUAGE SQL AS 'SELECT expr'`. Its body is one expression over its
+/// arguments; a call is replaced by the body (inlined) when a query is
+/// planned, so it runs as fast as the expression written out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionDef {
+    /// Function name (lower-cased unless quoted).
+    pub name: String,
+    /// The arguments: name and type.
+    pub args: Vec<ColumnDef>,
+    /// The result type.
+    pub returns: ColumnDef,
+    /// The body: one expression over the arguments, as SQL.
+    pub body: String,
+}
+
 /// `WATERMARK FOR column AS column - INTERVAL ...`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WatermarkSpec {

@@ -37,7 +37,7 @@ pub mod types;
 
 use std::sync::Arc;
 
-pub use catalog::{ColumnDef, StreamDef, TableDef, ViewDef, WatermarkSpec};
+pub use catalog::{ColumnDef, FunctionDef, StreamDef, TableDef, ViewDef, WatermarkSpec};
 pub use codec::{decode_graph, decode_plan, encode_graph, encode_plan};
 pub use error::{PlanError, Result};
 pub use graph::{Operator, Partitioning, Stage, StageGraph, StageInput, StageOutput};

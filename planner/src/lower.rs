@@ -52,6 +52,22 @@ pub trait RelationResolver: Send + Sync {
     fn resolve_system(&self, _schema: &str, _name: &str) -> Option<Relation> {
         None
     }
+
+    /// A user's SQL function called `name` (already normalised), if any.
+    fn function(&self, _name: &str) -> Option<crate::catalog::FunctionDef> {
+        None
+    }
+}
+
+/// Resolves nothing: what a SQL function's body is planned against (it
+/// sees its arguments and the built-in functions only, so a function can
+/// never call itself).
+pub(crate) struct NothingResolver;
+
+impl RelationResolver for NothingResolver {
+    fn resolve(&self, _name: &str) -> Option<Relation> {
+        None
+    }
 }
 
 /// A planned query.
@@ -355,7 +371,16 @@ impl ContextProvider for DrizzleContextProvider<'_> {
     }
 
     fn get_function_meta(&self, name: &str) -> Option<Arc<ScalarUDF>> {
-        self.state.scalar_functions().get(name).cloned()
+        if let Some(f) = self.state.scalar_functions().get(name) {
+            return Some(Arc::clone(f));
+        }
+        let def = self.resolver.function(name)?;
+        let body_context = DrizzleContextProvider::new(self.state, &NothingResolver);
+        // A body that no longer plans (a function it used is gone) leaves
+        // the name unresolved: the query fails with DataFusion's error.
+        crate::functions::sql::SqlFunction::new(def, &body_context)
+            .ok()
+            .map(|f| Arc::new(ScalarUDF::from(f)))
     }
 
     fn get_higher_order_meta(&self, name: &str) -> Option<Arc<HigherOrderUDF>> {

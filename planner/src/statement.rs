@@ -103,6 +103,21 @@ pub enum DrizzleStatement {
         /// The defining query.
         query: Box<Query>,
     },
+    /// `CREATE [OR REPLACE] FUNCTION name(arg type, ...) RETURNS type
+    /// LANGUAGE SQL AS 'SELECT expr'` (or `RETURN expr`).
+    CreateFunction {
+        /// The function.
+        def: crate::catalog::FunctionDef,
+        /// `OR REPLACE` was given.
+        or_replace: bool,
+    },
+    /// `DROP FUNCTION [IF EXISTS] name[(types)]`.
+    DropFunction {
+        /// Function name.
+        name: String,
+        /// `IF EXISTS` was given.
+        if_exists: bool,
+    },
     /// `ALTER MATERIALIZED VIEW name SET [(] parallelism = N [)]`: the
     /// view's reduce partitions change at its next group boundary.
     AlterViewParallelism {
@@ -275,6 +290,8 @@ impl DrizzleStatement {
             DrizzleStatement::CreateStream { .. } => "CREATE STREAM",
             DrizzleStatement::CreateTable { .. } => "CREATE TABLE",
             DrizzleStatement::CreateView { .. } => "CREATE MATERIALIZED VIEW",
+            DrizzleStatement::CreateFunction { .. } => "CREATE FUNCTION",
+            DrizzleStatement::DropFunction { .. } => "DROP FUNCTION",
             DrizzleStatement::Drop { kind, .. } => match kind {
                 ObjectKind::Stream => "DROP STREAM",
                 ObjectKind::Table => "DROP TABLE",
@@ -601,8 +618,153 @@ fn parse_role_options(p: &mut Parser<'_>) -> Result<RoleOptions> {
     }
 }
 
+/// `CREATE FUNCTION` after its first words: Postgres's syntax (sqlparser's
+/// parser), a SQL function whose body is one expression.
+fn parse_create_function(p: &mut Parser<'_>, or_replace: bool) -> Result<DrizzleStatement> {
+    use datafusion::sql::sqlparser::ast::{
+        ArgMode, CreateFunctionBody, FunctionReturnType, Statement, ValueWithSpan,
+    };
+    let Statement::CreateFunction(f) = p.parse_create_function(false, or_replace, false)? else {
+        return Err(PlanError::syntax("expected a function definition"));
+    };
+    if f.name.0.len() != 1 {
+        return Err(PlanError::unsupported(format!("qualified name {}", f.name)));
+    }
+    let name = f.name.0[0]
+        .as_ident()
+        .map(normalize_ident)
+        .ok_or_else(|| PlanError::syntax(format!("expected a name, found {}", f.name)))?;
+    if let Some(language) = &f.language {
+        if !language.value.eq_ignore_ascii_case("sql") {
+            return Err(PlanError::unsupported_hint(
+                format!("functions in LANGUAGE {}", language.value),
+                "write the function in SQL: LANGUAGE SQL AS 'SELECT expression'",
+            ));
+        }
+    }
+    let column = |name: String, t: &datafusion::sql::sqlparser::ast::DataType| {
+        Ok::<_, PlanError>(ColumnDef {
+            name,
+            data_type: sql_to_arrow(t)?,
+            sql_type: t.to_string(),
+            nullable: true,
+        })
+    };
+    let mut args = Vec::new();
+    for a in f.args.iter().flatten() {
+        if !matches!(a.mode, None | Some(ArgMode::In)) || a.default_expr.is_some() {
+            return Err(PlanError::unsupported(
+                "OUT, INOUT and default arguments of a function",
+            ));
+        }
+        let arg = a.name.as_ref().map(normalize_ident).ok_or_else(|| {
+            PlanError::unsupported_hint(
+                "an unnamed function argument",
+                "name every argument: CREATE FUNCTION f(s VARCHAR, c VARCHAR) ...",
+            )
+        })?;
+        if args.iter().any(|c: &ColumnDef| c.name == arg) {
+            return Err(PlanError::syntax(format!(
+                "parameter name \"{arg}\" used more than once"
+            )));
+        }
+        args.push(column(arg, &a.data_type)?);
+    }
+    let returns = match &f.return_type {
+        Some(FunctionReturnType::DataType(t)) => column(String::new(), t)?,
+        Some(FunctionReturnType::SetOf(_)) => {
+            return Err(PlanError::unsupported("set-returning functions"))
+        }
+        None => return Err(PlanError::syntax("a function needs RETURNS type")),
+    };
+    let text = |e: &SqlExpr| match e {
+        SqlExpr::Value(ValueWithSpan { value, .. }) => match value {
+            Value::SingleQuotedString(s) => Some(s.clone()),
+            Value::DollarQuotedString(d) => Some(d.value.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let body = match &f.function_body {
+        Some(CreateFunctionBody::AsBeforeOptions { body, .. })
+        | Some(CreateFunctionBody::AsAfterOptions(body)) => text(body)
+            .ok_or_else(|| PlanError::syntax("a function body is a string: AS 'SELECT ...'"))?,
+        Some(CreateFunctionBody::Return(e)) | Some(CreateFunctionBody::AsReturnExpr(e)) => {
+            e.to_string()
+        }
+        _ => {
+            return Err(PlanError::syntax(
+                "a function needs a body: AS 'SELECT expression'",
+            ))
+        }
+    };
+    Ok(DrizzleStatement::CreateFunction {
+        def: crate::catalog::FunctionDef {
+            name,
+            args,
+            returns,
+            body: function_body_expression(&body)?,
+        },
+        or_replace,
+    })
+}
+
+/// A SQL function's body as one expression: `SELECT expr` (no FROM, no
+/// other clause) or the expression itself.
+fn function_body_expression(body: &str) -> Result<String> {
+    use datafusion::sql::sqlparser::ast::{SelectItem, SetExpr};
+    let body = body.trim().trim_end_matches(';').trim();
+    let dialect = PostgreSqlDialect {};
+    let starts_select = body
+        .get(..6)
+        .is_some_and(|w| w.eq_ignore_ascii_case("select"));
+    if !starts_select {
+        let e = Parser::new(&dialect)
+            .with_recursion_limit(MAX_NESTING)
+            .try_with_sql(body)?
+            .parse_expr()?;
+        return Ok(e.to_string());
+    }
+    let query = Parser::new(&dialect)
+        .with_recursion_limit(MAX_NESTING)
+        .try_with_sql(body)?
+        .parse_query()?;
+    let one_expression = || {
+        PlanError::unsupported_hint(
+            "a function body other than one expression",
+            "write the body as SELECT expression, with no FROM",
+        )
+    };
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return Err(one_expression());
+    };
+    let simple = query.order_by.is_none()
+        && query.limit_clause.is_none()
+        && query.with.is_none()
+        && select.from.is_empty()
+        && select.selection.is_none()
+        && select.having.is_none()
+        && select.projection.len() == 1;
+    if !simple {
+        return Err(one_expression());
+    }
+    match &select.projection[0] {
+        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => Ok(e.to_string()),
+        _ => Err(one_expression()),
+    }
+}
+
 fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
     if p.parse_keyword(Keyword::CREATE) {
+        let or_replace = p.parse_keywords(&[Keyword::OR, Keyword::REPLACE]);
+        if p.parse_keyword(Keyword::FUNCTION) {
+            return parse_create_function(p, or_replace);
+        }
+        if or_replace {
+            return Err(PlanError::unsupported(
+                "CREATE OR REPLACE of anything but a FUNCTION",
+            ));
+        }
         let user = p.parse_keyword(Keyword::USER);
         if user || p.parse_keyword(Keyword::ROLE) {
             let name = normalize_ident(&p.parse_identifier()?);
@@ -691,6 +853,20 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
         return Ok(DrizzleStatement::AlterViewParallelism { name, parallelism });
     }
     if p.parse_keyword(Keyword::DROP) {
+        if p.parse_keyword(Keyword::FUNCTION) {
+            let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+            let name = parse_name(p)?;
+            // An argument list is allowed (functions are not overloaded).
+            if p.consume_token(&Token::LParen) {
+                while !p.consume_token(&Token::RParen) {
+                    if p.peek_token().token == Token::EOF {
+                        return Err(PlanError::syntax("expected ) after the argument types"));
+                    }
+                    p.next_token();
+                }
+            }
+            return Ok(DrizzleStatement::DropFunction { name, if_exists });
+        }
         if p.parse_keyword(Keyword::USER) || p.parse_keyword(Keyword::ROLE) {
             let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
             let mut names = vec![normalize_ident(&p.parse_identifier()?)];

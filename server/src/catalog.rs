@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use drizzle_exec::log::Log;
-use drizzle_planner::{Relation, RelationResolver, StreamDef, TableDef, ViewDef};
+use drizzle_planner::{FunctionDef, Relation, RelationResolver, StreamDef, TableDef, ViewDef};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +66,9 @@ struct CatalogFile {
     /// Roles (users), by name.
     #[serde(default)]
     roles: BTreeMap<String, RoleDef>,
+    /// SQL functions, by name (a namespace of their own, as in Postgres).
+    #[serde(default)]
+    functions: BTreeMap<String, FunctionDef>,
 }
 
 /// A catalog object with its storage.
@@ -404,6 +407,52 @@ impl Catalog {
         Ok(oid.map(|oid| DroppedView { oid, store }))
     }
 
+    /// Adds a SQL function, or replaces one with `or_replace` (42723 when
+    /// it exists without).
+    pub fn create_function(&self, def: FunctionDef, or_replace: bool) -> Result<(), PgError> {
+        let mut state = self.inner.write();
+        if state.file.functions.contains_key(&def.name) && !or_replace {
+            return Err(
+                PgError::new("42723", format!("function {} already exists", def.name))
+                    .with_hint("use CREATE OR REPLACE FUNCTION to change it"),
+            );
+        }
+        state.file.functions.insert(def.name.clone(), def);
+        self.persist(&state.file)
+    }
+
+    /// Removes a SQL function; fails if a view's query calls it (its
+    /// definition is planned again at every start). `Ok(false)` if absent.
+    pub fn drop_function(&self, name: &str) -> Result<bool, PgError> {
+        let mut state = self.inner.write();
+        if !state.file.functions.contains_key(name) {
+            return Ok(false);
+        }
+        if let Some(v) = state.file.views.values().find(|v| mentions(&v.query, name)) {
+            return Err(PgError::new(
+                "2BP01",
+                format!(
+                    "cannot drop function {name} because materialized view {} depends on it",
+                    v.name
+                ),
+            )
+            .with_hint("drop the materialized view first"));
+        }
+        state.file.functions.remove(name);
+        self.persist(&state.file)?;
+        Ok(true)
+    }
+
+    /// A SQL function.
+    pub fn function(&self, name: &str) -> Option<FunctionDef> {
+        self.inner.read().file.functions.get(name).cloned()
+    }
+
+    /// Every SQL function.
+    pub fn functions(&self) -> Vec<FunctionDef> {
+        self.inner.read().file.functions.values().cloned().collect()
+    }
+
     /// An object's id.
     pub fn oid(&self, name: &str) -> Option<Oid> {
         self.inner.read().file.oids.get(name).copied()
@@ -703,6 +752,10 @@ impl<R: RelationResolver> RelationResolver for ViewsAsStreams<'_, R> {
     fn resolve_system(&self, schema: &str, name: &str) -> Option<Relation> {
         self.1.resolve_system(schema, name)
     }
+
+    fn function(&self, name: &str) -> Option<FunctionDef> {
+        self.1.function(name)
+    }
 }
 
 fn mentions(sql: &str, name: &str) -> bool {
@@ -729,5 +782,9 @@ impl RelationResolver for Catalog {
             )))));
         }
         None
+    }
+
+    fn function(&self, name: &str) -> Option<FunctionDef> {
+        Catalog::function(self, name)
     }
 }

@@ -667,6 +667,20 @@ impl Engine {
                 self.catalog.create_stream(def, if_not_exists)?;
                 Ok(Outcome::Command("CREATE STREAM".into()))
             }
+            DrizzleStatement::CreateFunction { def, or_replace } => {
+                drizzle_planner::functions::sql::check(&def)?;
+                self.catalog.create_function(def, or_replace)?;
+                Ok(Outcome::Command("CREATE FUNCTION".into()))
+            }
+            DrizzleStatement::DropFunction { name, if_exists } => {
+                if !self.catalog.drop_function(&name)? && !if_exists {
+                    return Err(PgError::new(
+                        "42883",
+                        format!("function {name} does not exist"),
+                    ));
+                }
+                Ok(Outcome::Command("DROP FUNCTION".into()))
+            }
             DrizzleStatement::CreateTable {
                 name,
                 if_not_exists,

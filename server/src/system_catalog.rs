@@ -241,6 +241,10 @@ impl RelationResolver for SystemResolver<'_> {
         self.catalog.resolve(name)
     }
 
+    fn function(&self, name: &str) -> Option<drizzle_planner::FunctionDef> {
+        self.catalog.function(name)
+    }
+
     fn resolve_system(&self, schema: &str, name: &str) -> Option<Relation> {
         let table = match schema {
             "pg_catalog" => self.pg_catalog(name),

@@ -44,6 +44,7 @@ const QUERIES: &[(&str, bool)] = &[
     ("q9", false),
     ("q10", true),
     ("q13", true),
+    ("q14", true),
     ("q15", false),
     ("q16", false),
     ("q17", false),
@@ -108,6 +109,8 @@ async fn load_oracle(
     oracle.batch_execute(TABLE_DDL).await?;
     side_input(oracle).await?;
     side_input(streams).await?;
+    oracle.batch_execute(&nexmark_file("functions")).await?;
+    streams.batch_execute(&nexmark_file("functions")).await?;
     let cycles = EVENTS / 50;
     for (table, count) in [
         ("person", cycles),

@@ -14,6 +14,7 @@ pub mod catalog;
 pub mod checked;
 pub mod overflow;
 pub mod pg_format;
+pub mod sql;
 
 use std::sync::Arc;
 

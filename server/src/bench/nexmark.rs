@@ -54,6 +54,7 @@ pub const QUERIES: &[(&str, &str)] = &[
 ];
 
 const DDL: &str = include_str!("../../../benches/nexmark/ddl.sql");
+const FUNCTIONS: &str = include_str!("../../../benches/nexmark/functions.sql");
 
 /// Settings of `drizzle bench nexmark`.
 #[derive(Debug, Clone)]
@@ -149,7 +150,7 @@ pub async fn run_nexmark(cfg: NexmarkConfig) -> Result<String, PgError> {
     // q13's side input: keys 0 to 9,999, each with its number as text.
     let side: Vec<String> = (0..10_000).map(|k| format!("({k}, '{k}')")).collect();
     let setup = format!(
-        "{}; CREATE TABLE side_input (key BIGINT, value VARCHAR); INSERT INTO side_input VALUES {}",
+        "{}; {FUNCTIONS}; CREATE TABLE side_input (key BIGINT, value VARCHAR); INSERT INTO side_input VALUES {}",
         DDL.replace("{options}", &options),
         side.join(", ")
     );
