@@ -1210,7 +1210,7 @@ fn top_n_bound(f: &datafusion::logical_expr::logical_plan::Filter) -> Option<(us
         };
         let limit = match op {
             Op::LtEq => n,
-            Op::Lt => n - 1,
+            Op::Lt => n.saturating_sub(1),
             Op::Eq if n == 1 => 1,
             _ => continue,
         };

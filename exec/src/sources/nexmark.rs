@@ -61,6 +61,8 @@ const AVG_PERSON_BYTES: usize = 200;
 const AVG_AUCTION_BYTES: usize = 500;
 const AVG_BID_BYTES: usize = 100;
 const CHANNELS: usize = 10_000;
+/// The most events a sequence has.
+const MAX_EVENTS: u64 = 1 << 60;
 const US_STATES: [&str; 6] = ["az", "ca", "id", "or", "wa", "wy"];
 const US_CITIES: [&str; 10] = [
     "phoenix",
@@ -112,7 +114,9 @@ impl NexmarkTable {
     /// The event number of this type's `k`-th event.
     fn event_number(self, k: u64) -> u64 {
         let per = self.proportion();
-        k / per * PROPORTION_DENOMINATOR + self.first_in_cycle() + k % per
+        (k / per)
+            .saturating_mul(PROPORTION_DENOMINATOR)
+            .saturating_add(self.first_in_cycle() + k % per)
     }
 
     /// How many of the first `events` events are of this type.
@@ -530,7 +534,9 @@ impl NexmarkSource {
         let elapsed_us = now_us
             .saturating_sub(self.base_ms.saturating_mul(1000))
             .max(0);
-        let n = (elapsed_us as f64 / 1e6 * self.events_per_second) as u64;
+        // At most 2^60 events: any rate over any span stays far from
+        // overflowing the arithmetic on event numbers.
+        let n = ((elapsed_us as f64 / 1e6 * self.events_per_second) as u64).min(MAX_EVENTS);
         self.max_events.map_or(n, |m| n.min(m))
     }
 
@@ -905,6 +911,19 @@ mod tests {
         assert_eq!(count("bid", 0), 926);
         let split: u64 = (0..3).map(|p| three.available(p, at)).sum();
         assert_eq!(split, 926);
+        // Absurd rates and spans stay in range.
+        let fast = NexmarkSource::new(&stream(
+            "bid",
+            1,
+            &[
+                ("events_per_second", "1000000000000"),
+                ("base_time", "1970-01-01 00:00:00"),
+            ],
+        ))
+        .unwrap();
+        let end = fast.available(0, i64::MAX);
+        assert!(end > 0);
+        assert_eq!(fast.generate(0, end - 2, end).unwrap().num_rows(), 2);
         // A bound on the events stops the sequence.
         let bounded =
             NexmarkSource::new(&stream("bid", 1, &[("nexmark.event.num", "100")])).unwrap();

@@ -117,6 +117,9 @@ pub async fn run_nexmark(cfg: NexmarkConfig) -> Result<String, PgError> {
             group_size: cfg.group_size,
             parallelism: 0,
             cluster_secret: bench_cluster_secret()?,
+            // The benchmark measures state (and RSS) rather than stopping
+            // at the default 1 GiB budget.
+            query_memory_limit: 0,
             ..EngineConfig::default()
         },
     )
