@@ -338,6 +338,22 @@ impl Catalog {
         self.drop_logged(name, "table")
     }
 
+    /// 2BP01 if a view's query names `name` (a stream, table or function it
+    /// needs: its definition is planned again at every start).
+    fn no_view_reads(state: &State, what: &str, name: &str) -> Result<(), PgError> {
+        match state.file.views.values().find(|v| mentions(&v.query, name)) {
+            Some(v) => Err(PgError::new(
+                "2BP01",
+                format!(
+                    "cannot drop {what} {name} because materialized view {} depends on it",
+                    v.name
+                ),
+            )
+            .with_hint("drop the materialized view first")),
+            None => Ok(()),
+        }
+    }
+
     /// Drops a stream or table with its log files, unless a view depends on it.
     fn drop_logged(&self, name: &str, what: &str) -> Result<bool, PgError> {
         let mut state = self.inner.write();
@@ -348,16 +364,7 @@ impl Catalog {
         if !exists {
             return Ok(false);
         }
-        if let Some(v) = state.file.views.values().find(|v| mentions(&v.query, name)) {
-            return Err(PgError::new(
-                "2BP01",
-                format!(
-                    "cannot drop {what} {name} because materialized view {} depends on it",
-                    v.name
-                ),
-            )
-            .with_hint("drop the materialized view first"));
-        }
+        Self::no_view_reads(&state, what, name)?;
         state.file.oids.remove(name);
         let log = if what == "stream" {
             state.file.streams.remove(name);
@@ -428,16 +435,7 @@ impl Catalog {
         if !state.file.functions.contains_key(name) {
             return Ok(false);
         }
-        if let Some(v) = state.file.views.values().find(|v| mentions(&v.query, name)) {
-            return Err(PgError::new(
-                "2BP01",
-                format!(
-                    "cannot drop function {name} because materialized view {} depends on it",
-                    v.name
-                ),
-            )
-            .with_hint("drop the materialized view first"));
-        }
+        Self::no_view_reads(&state, "function", name)?;
         state.file.functions.remove(name);
         self.persist(&state.file)?;
         Ok(true)
