@@ -63,6 +63,10 @@ pub const PROTOCOL_VERSION: u32 = pb::ProtocolVersion::Current as u32;
 /// Largest control message accepted (results and table sides travel as IPC).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// Largest checkpoint state object (one reduce partition's keyed state)
+/// a worker may put; it travels in 1 MiB chunks.
+pub const MAX_STATE_OBJECT_BYTES: usize = 16 << 30;
+
 /// The metadata header that carries the membership token.
 pub const TOKEN_HEADER: &str = "x-drizzle-cluster-token";
 

@@ -287,7 +287,7 @@ fn encode_aggregate(agg: &AggregatePlan, input: SchemaRef) -> Result<AggregateWi
         group_schema: agg.group_schema.as_ref().clone(),
         partial_schema: agg.partial_schema.as_ref().clone(),
         output_schema: agg.output_schema.as_ref().clone(),
-        window: agg.window,
+        window: agg.window.clone(),
     })
 }
 

@@ -300,6 +300,7 @@ fn describe_operator(op: &Operator) -> String {
             let kind = match w.kind {
                 WindowKind::Tumble => format!("TUMBLE(size={}ms)", w.size_ms),
                 WindowKind::Hop => format!("HOP(slide={}ms, size={}ms)", w.slide_ms, w.size_ms),
+                WindowKind::Session => format!("SESSION(gap={}ms)", w.size_ms),
             };
             format!(
                 "WindowAssignExec: {kind} on {}, watermark={} - {}ms, late rows dropped",
@@ -327,6 +328,16 @@ fn describe_operator(op: &Operator) -> String {
         Operator::AggregatePartial(agg) => {
             let (keys, aggs) = names(agg);
             format!("AggregatePartialExec: group=[{keys}], aggr=[{aggs}]")
+        }
+        Operator::AggregateFinal(agg)
+            if agg.window.as_ref().is_some_and(|w| w.session.is_some()) =>
+        {
+            let (keys, aggs) = names(agg);
+            format!(
+                "SessionAggregateExec: group=[{keys}], aggr=[{aggs}], gap={}ms, \
+                 state=open sessions per key, each emitted when the watermark passes its end",
+                agg.window.as_ref().map_or(0, |w| w.size_us / 1000)
+            )
         }
         Operator::AggregateFinal(agg) => {
             let (keys, aggs) = names(agg);

@@ -46,7 +46,7 @@ pub use lower::{
 };
 pub use plan::{
     AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec,
-    StreamingPlan, TopNPlan, WindowGroup, WindowJoinPlan,
+    SessionBounds, StreamingPlan, TopNPlan, WindowGroup, WindowJoinPlan,
 };
 pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
 pub use statement::{

@@ -165,7 +165,7 @@ fn finite_window(
         }
     };
     let (slide_ms, size_ms) = match kind {
-        WindowKind::Tumble => {
+        WindowKind::Tumble | WindowKind::Session => {
             let s = window_interval(&args[2], usage)?;
             (s, s)
         }
@@ -259,17 +259,20 @@ impl ContextProvider for DrizzleContextProvider<'_> {
         let kind = match name.to_lowercase().trim_matches('"') {
             "tumble" => WindowKind::Tumble,
             "hop" => WindowKind::Hop,
+            "session" => WindowKind::Session,
             other => {
                 return Err(datafusion::error::DataFusionError::NotImplemented(format!(
-                    "table function {other}; Drizzle has TUMBLE(stream, ts, size) and HOP(stream, ts, slide, size)"
+                    "table function {other}; Drizzle has TUMBLE(stream, ts, size), \
+                     HOP(stream, ts, slide, size) and SESSION(stream, ts, gap)"
                 )))
             }
         };
         let usage = match kind {
             WindowKind::Tumble => "TUMBLE(stream, time_column, INTERVAL 'n' SECOND)",
             WindowKind::Hop => "HOP(stream, time_column, INTERVAL slide, INTERVAL size)",
+            WindowKind::Session => "SESSION(stream, time_column, INTERVAL gap)",
         };
-        let want = if kind == WindowKind::Tumble { 3 } else { 4 };
+        let want = if kind == WindowKind::Hop { 4 } else { 3 };
         if args.len() != want {
             return Err(df_plan_err(format!(
                 "wrong number of arguments: write {usage}"
@@ -290,6 +293,13 @@ impl ContextProvider for DrizzleContextProvider<'_> {
             Some(Relation::Stream(def)) => def,
             // Over a table, the same windows as a finite relation: a batch
             // query computes what the continuous one does over a stream.
+            Some(Relation::Finite(_)) if kind == WindowKind::Session => {
+                return Err(datafusion::error::DataFusionError::NotImplemented(format!(
+                    "SESSION over table {stream_name}: session windows are kept per key of a \
+                     continuous aggregation over a stream; over a table, number the sessions \
+                     with LAG() and SUM() OVER (PARTITION BY key ORDER BY {ts})"
+                )))
+            }
             Some(Relation::Finite(table)) => {
                 return finite_window(&stream_name, table, &ts, kind, &args, usage)
             }
@@ -330,7 +340,7 @@ impl ContextProvider for DrizzleContextProvider<'_> {
         }
         let interval = |e: &Expr| window_interval(e, usage);
         let (slide_ms, size_ms) = match kind {
-            WindowKind::Tumble => {
+            WindowKind::Tumble | WindowKind::Session => {
                 let s = interval(&args[2])?;
                 (s, s)
             }
@@ -548,6 +558,40 @@ pub fn reads_stream(plan: &LogicalPlan) -> bool {
 struct WindowCol {
     is_end: bool,
     size_us: i64,
+    /// A `SESSION` window's provisional bound (`[ts, ts + gap)` per row),
+    /// which only an aggregation, merging the windows, makes final.
+    session: bool,
+}
+
+/// Refuses an expression over a flow's provisional `SESSION` bounds
+/// (before the aggregation that merges them, they are per row).
+fn session_free(flow: &Flow, e: &Expr, schema: &DFSchema) -> Result<()> {
+    let reads = e.column_refs().iter().any(|c| {
+        schema
+            .index_of_column(c)
+            .ok()
+            .and_then(|i| flow.windows.get(i).copied().flatten())
+            .is_some_and(|w| w.session)
+    });
+    if reads {
+        return Err(PlanError::unsupported_hint(
+            "an expression over SESSION window bounds before they are aggregated",
+            "GROUP BY window_start, window_end first, then filter or compute in an outer query",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a flow that still carries provisional `SESSION` bounds: only an
+/// aggregation over them merges a key's rows into sessions.
+fn no_open_sessions(flow: &Flow) -> Result<()> {
+    if flow.windows.iter().flatten().any(|w| w.session) {
+        return Err(PlanError::unsupported_hint(
+            "SESSION windows that are not aggregated",
+            "aggregate them: SELECT k, count(*), window_start, window_end FROM SESSION(s, ts, INTERVAL '10' SECOND) GROUP BY k, window_start, window_end",
+        ));
+    }
+    Ok(())
 }
 
 /// The stage under construction for a subtree of the plan, and what its
@@ -773,6 +817,8 @@ fn lower_window_join(
     }
     let left = lower_node(&j.left, stages)?;
     let right = lower_node(&j.right, stages)?;
+    no_open_sessions(&left)?;
+    no_open_sessions(&right)?;
     if left.upsert || right.upsert {
         return Err(PlanError::unsupported_hint(
             "a join of a non-windowed aggregation (its rows change; changelogs come with updating queries)",
@@ -1279,6 +1325,7 @@ fn lower_top_n(
         ));
     }
     let flow = lower_node(&w.input, stages)?;
+    no_open_sessions(&flow)?;
     if flow.upsert {
         return Err(PlanError::unsupported_hint(
             "a top-N over a non-windowed aggregation (its rows change; that needs retractions, \
@@ -1348,6 +1395,7 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
     let body = &stripped;
     let mut stages = Stages::default();
     let flow = lower_node(body, &mut stages)?;
+    no_open_sessions(&flow)?;
     let output_schema: SchemaRef = Arc::new(body.schema().as_arrow().clone());
     let emit = if flow.upsert {
         EmitMode::Upsert
@@ -1396,7 +1444,7 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
     // preferred). A union's or interval join's rows carry no such order.
     let ordered = matches!(
         flow.operators.first(),
-        Some(Operator::AggregateFinal(a)) if a.window.is_some()
+        Some(Operator::AggregateFinal(a)) if a.window.as_ref().is_some_and(|w| w.session.is_none())
     ) || matches!(flow.operators.first(), Some(Operator::WindowJoin(_)));
     let event_time = if ordered && emit == EmitMode::OnWindowClose {
         let bound = |end: bool| {
@@ -1555,6 +1603,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                     (is_end || f.name() == "window_start").then_some(WindowCol {
                         is_end,
                         size_us: w.size_ms * 1000,
+                        session: w.kind == WindowKind::Session,
                     })
                 })
                 .collect();
@@ -1616,6 +1665,11 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 .iter()
                 .map(|e| column_index(e, p.input.schema()))
                 .collect();
+            for (e, source) in p.expr.iter().zip(&sources) {
+                if source.is_none() {
+                    session_free(&flow, e, p.input.schema())?;
+                }
+            }
             flow.windows = carried(&flow.windows, &sources);
             flow.event_time = carried(&flow.event_time, &sources);
             flow.push(BatchOp::Project {
@@ -1629,6 +1683,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 stages.top_n.push(bound);
             }
             let mut flow = lower_node(&f.input, stages)?;
+            session_free(&flow, &f.predicate, f.input.schema())?;
             let predicate = physical(&f.predicate, f.input.schema(), &props)?;
             flow.push(BatchOp::Filter { predicate });
             Ok(flow)
@@ -1781,13 +1836,41 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 }
             }
             // Which group column is the window?
-            let window = group_windows.iter().enumerate().find_map(|(i, w)| {
+            let mut window = group_windows.iter().enumerate().find_map(|(i, w)| {
                 w.map(|w| WindowGroup {
                     group_index: i,
                     is_end: w.is_end,
                     size_us: w.size_us,
+                    session: None,
                 })
             });
+            let sessions = group_windows.iter().flatten().any(|w| w.session);
+            if sessions {
+                if let Some(w) = window.as_mut() {
+                    let bound = |end: bool| {
+                        group_windows
+                            .iter()
+                            .position(|g| g.is_some_and(|g| g.session && g.is_end == end))
+                    };
+                    w.session = Some(crate::plan::SessionBounds {
+                        start: bound(false),
+                        end: bound(true),
+                        keys: (0..group_windows.len())
+                            .filter(|&i| group_windows[i].is_none())
+                            .collect(),
+                    });
+                }
+                // Only the bounds themselves are grouped by: an aggregate
+                // argument or group expression over a provisional bound
+                // has no final value.
+                for e in a.aggr_expr.iter().chain(
+                    a.group_expr
+                        .iter()
+                        .filter(|e| column_index(e, input_schema).is_none()),
+                ) {
+                    session_free(&flow, e, input_schema)?;
+                }
+            }
             let agg = Arc::new(AggregatePlan {
                 group_exprs,
                 aggregates,
@@ -1800,8 +1883,21 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
             flow.operators
                 .push(Operator::AggregatePartial(Arc::clone(&agg)));
             // The partial rows start with the group columns: they are the
-            // shuffle's keys.
-            let keys = leading_columns(&agg.partial_schema, agg.group_exprs.len());
+            // shuffle's keys (a session's key alone: its provisional
+            // windows must meet in one partition to merge).
+            let keys = match agg.window.as_ref().and_then(|w| w.session.as_ref()) {
+                Some(s) => s
+                    .keys
+                    .iter()
+                    .map(|&i| {
+                        Arc::new(datafusion::physical_expr::expressions::Column::new(
+                            agg.partial_schema.field(i).name(),
+                            i,
+                        )) as Arc<dyn PhysicalExpr>
+                    })
+                    .collect(),
+                None => leading_columns(&agg.partial_schema, agg.group_exprs.len()),
+            };
             let mut windows = group_windows;
             windows.extend(std::iter::repeat_n(None, agg.aggregates.len()));
             let windowed = agg.window.is_some();
@@ -1810,11 +1906,13 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
             Ok(Flow {
                 input: StageInput::Shuffle(vec![from]),
                 operators: vec![Operator::AggregateFinal(agg)],
-                windows: if windowed { windows } else { Vec::new() },
+                // Sessions close out of window order and are not aligned:
+                // nothing downstream may treat their bounds as windows.
+                windows: if windowed && !sessions { windows } else { Vec::new() },
                 upsert: !windowed,
                 closes_windows: windowed,
                 event_time: Vec::new(),
-                small: per_window,
+                small: per_window && !sessions,
             })
         }
         LogicalPlan::Sort(_) => Err(PlanError::unsupported_hint(
@@ -2205,6 +2303,7 @@ mod tests {
         let w = final_agg(&p)
             .unwrap()
             .window
+            .clone()
             .expect("windowed by starttime");
         assert_eq!((w.group_index, w.is_end, w.size_us), (0, false, 10_000_000));
         // A count over a window join: an upsert over its closed windows.
@@ -2271,8 +2370,8 @@ mod tests {
         assert_eq!(reduce[1], "AggregateFinalExec");
         assert_eq!(*reduce.last().unwrap(), "SinkExec");
         let agg = final_agg(&p).unwrap();
-        assert_eq!(agg.window.unwrap().group_index, 1);
-        assert_eq!(agg.window.unwrap().size_us, 10_000_000);
+        assert_eq!(agg.window.clone().unwrap().group_index, 1);
+        assert_eq!(agg.window.clone().unwrap().size_us, 10_000_000);
     }
 
     #[test]

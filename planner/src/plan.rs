@@ -175,14 +175,32 @@ pub struct EventTimeSpec {
 }
 
 /// Which group column carries the window, so the reduce side can close it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WindowGroup {
     /// Index among the group columns.
     pub group_index: usize,
     /// True when the group column is `window_end` (else `window_start`).
     pub is_end: bool,
-    /// Window size in microseconds (to get the end from the start).
+    /// Window size in microseconds (to get the end from the start; a
+    /// session's gap).
     pub size_us: i64,
+    /// Set for `SESSION` windows: the group columns are provisional
+    /// per-row windows that the reduce side merges per key.
+    #[serde(default)]
+    pub session: Option<SessionBounds>,
+}
+
+/// Where a session aggregation's window bounds are among its group
+/// columns (at least one of them is), and its other group columns: the
+/// key each session belongs to, which the shuffle partitions by.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionBounds {
+    /// Index of `window_start` among the group columns.
+    pub start: Option<usize>,
+    /// Index of `window_end` among the group columns.
+    pub end: Option<usize>,
+    /// The other group columns.
+    pub keys: Vec<usize>,
 }
 
 /// A grouped aggregation split into partial (map) and final (reduce) halves.

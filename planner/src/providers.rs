@@ -65,18 +65,23 @@ pub enum WindowKind {
     Tumble,
     /// `HOP(stream, ts, slide, size)`: fixed windows every `slide`.
     Hop,
+    /// `SESSION(stream, ts, gap)`: per key of the aggregation over it, the
+    /// maximal runs of rows less than `gap` apart. The assigner gives each
+    /// row the provisional window `[ts, ts + gap)`; the aggregation merges
+    /// the windows that overlap.
+    Session,
 }
 
 /// A window assignment over a stream's event-time column.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WindowSpec {
-    /// Tumble or hop.
+    /// Tumble, hop or session.
     pub kind: WindowKind,
     /// Index of the event-time column in the stream's schema.
     pub time_column: usize,
     /// Name of the event-time column.
     pub time_column_name: String,
-    /// Window size in milliseconds.
+    /// Window size in milliseconds (a session's gap).
     pub size_ms: i64,
     /// Distance between window starts in milliseconds (= size for TUMBLE).
     pub slide_ms: i64,
@@ -84,7 +89,7 @@ pub struct WindowSpec {
     pub watermark_delay_ms: i64,
 }
 
-/// `TUMBLE(...)` / `HOP(...)` as a relation: stream columns + window bounds.
+/// `TUMBLE(...)` / `HOP(...)` / `SESSION(...)` as a relation: stream columns + window bounds.
 #[derive(Debug)]
 pub struct WindowProvider {
     /// The stream windowed.

@@ -362,8 +362,12 @@ impl FlightService for CoordinatorData {
         );
         let mut put: Option<pb::DataPut> = None;
         let mut batches = Vec::new();
-        // Bounded like a control message: a put holds one task's rows or
-        // one state object.
+        // A state object's bytes, gathered as they arrive.
+        let mut state_bytes: Vec<u8> = Vec::new();
+        // Bounded like a control message: a put holds one task's rows. A
+        // state object is one reduce partition's keyed state, which the
+        // query's memory budget bounds on the worker; it has a bound of its
+        // own, far above a message's.
         let mut bytes = 0usize;
         while let Some(msg) = decoder.next().await {
             let msg = msg.map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -375,19 +379,32 @@ impl FlightService for CoordinatorData {
                 }
             }
             if let DecodedPayload::RecordBatch(b) = msg.payload {
+                let is_state = matches!(
+                    put.as_ref().and_then(|p| p.kind.as_ref()),
+                    Some(pb::data_put::Kind::State(_))
+                );
+                let limit = if is_state {
+                    MAX_STATE_OBJECT_BYTES
+                } else {
+                    MAX_MESSAGE_BYTES
+                };
                 bytes = bytes.saturating_add(b.get_array_memory_size());
-                if bytes > MAX_MESSAGE_BYTES {
+                if bytes > limit {
                     return Err(Status::resource_exhausted(format!(
-                        "a data put larger than {MAX_MESSAGE_BYTES} bytes"
+                        "a data put larger than {limit} bytes"
                     )));
                 }
-                batches.push(b);
+                if is_state {
+                    state_bytes
+                        .extend(state_from_batches(std::slice::from_ref(&b)).map_err(internal)?);
+                } else {
+                    batches.push(b);
+                }
             }
         }
         match put.and_then(|p| p.kind) {
             Some(pb::data_put::Kind::State(req)) => {
-                let bytes = state_from_batches(&batches).map_err(internal)?;
-                self.save_state(caller, req, bytes).await?;
+                self.save_state(caller, req, state_bytes).await?;
             }
             Some(pb::data_put::Kind::Output(out)) => self.output(caller, out, batches)?,
             None => return Err(Status::invalid_argument("a data put without a descriptor")),

@@ -101,7 +101,9 @@ use tonic::{Request, Response, Status};
 use crate::checkpoint::{CheckpointStore, Manifest, MapCheckpoint, StateFile, StateObject};
 use crate::cluster::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use crate::cluster::pb::{self, SchedulingMode};
-use crate::cluster::{from_ipc, worker_client, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use crate::cluster::{
+    from_ipc, worker_client, MAX_MESSAGE_BYTES, MAX_STATE_OBJECT_BYTES, PROTOCOL_VERSION,
+};
 use crate::error::{ExecError, Result};
 use crate::operators::TableEvaluator;
 use crate::sources::SourcePartition;

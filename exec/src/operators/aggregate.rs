@@ -445,7 +445,7 @@ impl AggregateFinalExec {
         partials: &[RecordBatch],
         watermark_us: Option<i64>,
     ) -> Result<OperatorOutput> {
-        match self.plan.window {
+        match self.plan.window.clone() {
             None => self.process_upsert(batch, partials),
             Some(w) => self.process_windowed(batch, partials, w, watermark_us),
         }

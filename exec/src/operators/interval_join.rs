@@ -489,16 +489,7 @@ mod tests {
 
     /// (key, left time, right time) of every output row.
     fn triples(out: &OperatorOutput) -> Vec<(i64, i64, i64)> {
-        let mut v = Vec::new();
-        for (_, b) in &out.chunks {
-            let k = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
-            let lt = b.column(1).as_primitive::<TimestampMicrosecondType>();
-            let rt = b.column(3).as_primitive::<TimestampMicrosecondType>();
-            for i in 0..b.num_rows() {
-                v.push((k.value(i), lt.value(i), rt.value(i)));
-            }
-        }
-        v
+        key_and_times(out, [0, 1, 3])
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! * [`apply_ops`]: the stateless kernels (`FilterExec`, `ProjectionExec`,
 //!   `LookupJoinExec`) of a stage.
-//! * [`WindowAssignExec`]: assigns `TUMBLE`/`HOP` windows and drops late rows,
+//! * [`WindowAssignExec`]: assigns `TUMBLE`/`HOP`/`SESSION` windows and drops late rows,
 //!   judging lateness row by row against the watermark *before* that row
 //!   (the largest event time seen earlier in the partition minus the delay),
 //!   exactly as a record-at-a-time engine would; its only state is that
@@ -13,6 +13,10 @@
 //!   DataFusion `GroupsAccumulator`s (Arrow arrays of partial states). A
 //!   windowed aggregation keeps one group table per open window and drops it
 //!   when the window closes, so memory is bounded by the open windows.
+//! * [`SessionAggregateExec`]: the reduce side of an aggregation over
+//!   `SESSION` windows: per key, the provisional windows of its partial
+//!   rows merged into sessions, each emitted once the watermark passes its
+//!   end, so memory is bounded by the open sessions.
 //! * [`WindowJoinExec`]: the reduce side of a window join of two streams:
 //!   each open window's rows of both inputs, hash-joined and dropped when the
 //!   watermark passes the window's end.
@@ -59,6 +63,7 @@ mod aggregate;
 mod chain;
 mod interval_join;
 mod lookup_join;
+mod session;
 mod top_n;
 mod window_assign;
 mod window_join;
@@ -70,6 +75,8 @@ pub use self::chain::*;
 pub use self::interval_join::*;
 #[allow(unused_imports)]
 pub use self::lookup_join::*;
+#[allow(unused_imports)]
+pub use self::session::*;
 #[allow(unused_imports)]
 pub use self::top_n::*;
 #[allow(unused_imports)]
@@ -205,6 +212,11 @@ pub trait StatefulOperator: Send {
 /// one.
 pub fn stateful_operator(op: &Operator) -> Result<Option<Box<dyn StatefulOperator>>> {
     Ok(match op {
+        Operator::AggregateFinal(plan)
+            if plan.window.as_ref().is_some_and(|w| w.session.is_some()) =>
+        {
+            Some(Box::new(SessionAggregateExec::new(plan.as_ref().clone())?))
+        }
         Operator::AggregateFinal(plan) => {
             Some(Box::new(AggregateFinalExec::new(plan.as_ref().clone())))
         }
@@ -275,6 +287,24 @@ impl std::ops::AddAssign for StateSize {
         self.bytes += o.bytes;
         self.keys += o.keys;
     }
+}
+
+/// (key, time, time) of every output row: an Int64 column and two
+/// timestamp columns, by index (operator tests compare these with models).
+#[cfg(test)]
+pub(crate) fn key_and_times(out: &OperatorOutput, [k, a, b]: [usize; 3]) -> Vec<(i64, i64, i64)> {
+    let mut v = Vec::new();
+    for (_, batch) in &out.chunks {
+        let key = batch
+            .column(k)
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let x = batch.column(a).as_primitive::<TimestampMicrosecondType>();
+        let y = batch.column(b).as_primitive::<TimestampMicrosecondType>();
+        for i in 0..batch.num_rows() {
+            v.push((key.value(i), x.value(i), y.value(i)));
+        }
+    }
+    v
 }
 
 fn batches_bytes<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>) -> u64 {
@@ -382,6 +412,7 @@ mod tests {
                 group_index: 0,
                 is_end: false,
                 size_us: 10_000_000,
+                session: None,
             }),
         };
         let mut agg = AggregateFinalExec::new(plan);

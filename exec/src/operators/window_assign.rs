@@ -1,4 +1,4 @@
-//! `WindowAssignExec`: `TUMBLE`/`HOP` window assignment and late-row
+//! `WindowAssignExec`: `TUMBLE`/`HOP`/`SESSION` window assignment and late-row
 //! dropping against the per-partition watermark.
 
 use super::*;
@@ -92,6 +92,19 @@ impl WindowAssignExec {
             }
             let t = ts.value(row);
             let wm = max.map(|m| m.saturating_sub(delay));
+            if spec.kind == WindowKind::Session {
+                // A row older than the watermark is late, as for event
+                // time without windows: sessions its window could join may
+                // have closed already. Its provisional window is [t, t + gap).
+                if wm.is_some_and(|w| t < w) {
+                    late += 1;
+                } else {
+                    take_idx.push(row as u32);
+                    starts.push(t);
+                }
+                max = Some(max.map_or(t, |m| m.max(t)));
+                continue;
+            }
             let last_start = t.div_euclid(slide) * slide;
             let mut s = last_start;
             let mut kept = false;
@@ -115,7 +128,7 @@ impl WindowAssignExec {
         self.max_event_us = max;
         // HOP emits windows latest-start first per row; order is irrelevant to the aggregate.
         // The common case (TUMBLE, nothing late, no NULL times) keeps every row once: no copy.
-        let base = if take_idx.len() == batch.num_rows() && spec.kind == WindowKind::Tumble {
+        let base = if take_idx.len() == batch.num_rows() && spec.kind != WindowKind::Hop {
             batch.clone()
         } else {
             take_record_batch(batch, &UInt32Array::from(take_idx))?
