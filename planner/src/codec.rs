@@ -22,6 +22,7 @@ use datafusion::logical_expr::{EmptyRelation, JoinType, LogicalPlan};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::windows::WindowAggExec;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion_proto::physical_plan::from_proto::parse_physical_expr;
 use datafusion_proto::physical_plan::to_proto::serialize_physical_expr;
@@ -35,7 +36,7 @@ use crate::error::{PlanError, Result};
 use crate::graph::{Operator, Partitioning, Stage, StageGraph, StageId, StageInput, StageOutput};
 use crate::plan::{
     AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec,
-    StreamingPlan, TopNPlan, WindowGroup, WindowJoinPlan,
+    OverAggregatePlan, OverRetain, StreamingPlan, TopNPlan, WindowGroup, WindowJoinPlan,
 };
 use crate::providers::{WindowProvider, WindowSpec};
 
@@ -493,6 +494,65 @@ enum OperatorWire {
     EventTime(EventTimeSpec),
     IntervalJoin(Box<IntervalJoinWire>),
     TopN(Box<TopNWire>),
+    OverAggregate(Box<OverWire>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct OverWire {
+    input: Schema,
+    /// A `WindowAggExec` over an `EmptyExec`, as `datafusion-proto` bytes
+    /// (how it serialises window expressions).
+    exec: Vec<u8>,
+    partition_by: Vec<Vec<u8>>,
+    time_column: usize,
+    time_lag_us: i64,
+    retain: OverRetain,
+    schema: Schema,
+    display: String,
+}
+
+fn encode_over(o: &OverAggregatePlan) -> Result<OverWire> {
+    let exec = WindowAggExec::try_new(
+        o.window_exprs.clone(),
+        Arc::new(EmptyExec::new(Arc::clone(&o.input))),
+        false,
+    )?;
+    let node = PhysicalPlanNode::try_from_physical_plan(
+        Arc::new(exec) as Arc<dyn ExecutionPlan>,
+        &DefaultPhysicalExtensionCodec {},
+    )?;
+    Ok(OverWire {
+        input: o.input.as_ref().clone(),
+        exec: node.encode_to_vec(),
+        partition_by: o
+            .partition_by
+            .iter()
+            .map(encode_expr)
+            .collect::<Result<_>>()?,
+        time_column: o.time_column,
+        time_lag_us: o.time_lag_us,
+        retain: o.retain,
+        schema: o.schema.as_ref().clone(),
+        display: o.display.clone(),
+    })
+}
+
+fn decode_over(w: OverWire, ctx: &TaskContext) -> Result<OverAggregatePlan> {
+    let node = PhysicalPlanNode::decode(w.exec.as_slice()).map_err(codec_err)?;
+    let plan = node.try_into_physical_plan(ctx, &DefaultPhysicalExtensionCodec {})?;
+    let exec = plan
+        .downcast_ref::<WindowAggExec>()
+        .ok_or_else(|| codec_err("the OVER fragment is not a WindowAggExec"))?;
+    Ok(OverAggregatePlan {
+        window_exprs: exec.window_expr().to_vec(),
+        partition_by: decode_keys(&w.partition_by, ctx, &w.input)?,
+        time_column: w.time_column,
+        time_lag_us: w.time_lag_us,
+        retain: w.retain,
+        input: Arc::new(w.input),
+        schema: Arc::new(w.schema),
+        display: w.display,
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -648,6 +708,10 @@ pub fn encode_graph(graph: &StageGraph) -> Result<Vec<u8>> {
                     schema = Arc::clone(&t.schema);
                     OperatorWire::TopN(Box::new(encode_top_n(t)?))
                 }
+                Operator::OverAggregate(o) => {
+                    schema = Arc::clone(&o.schema);
+                    OperatorWire::OverAggregate(Box::new(encode_over(o)?))
+                }
             };
             operators.push(wire);
         }
@@ -726,6 +790,9 @@ pub fn decode_graph(bytes: &[u8], ctx: &TaskContext) -> Result<StageGraph> {
                     Operator::IntervalJoin(Arc::new(decode_interval_join(*j, ctx)?))
                 }
                 OperatorWire::TopN(t) => Operator::TopN(Arc::new(decode_top_n(*t, ctx)?)),
+                OperatorWire::OverAggregate(o) => {
+                    Operator::OverAggregate(Arc::new(decode_over(*o, ctx)?))
+                }
             });
         }
         let output = match s.output {

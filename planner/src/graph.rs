@@ -27,7 +27,8 @@ use datafusion::physical_expr::PhysicalExpr;
 
 use crate::catalog::StreamDef;
 use crate::plan::{
-    AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, TopNPlan, WindowJoinPlan,
+    AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, OverAggregatePlan, TopNPlan,
+    WindowJoinPlan,
 };
 use crate::providers::{WindowKind, WindowSpec};
 
@@ -104,6 +105,9 @@ pub enum Operator {
     Union,
     /// The best N rows per key (state: those rows).
     TopN(Arc<TopNPlan>),
+    /// Aggregates over each row's frame of predecessors (state: the rows
+    /// not yet complete and those later frames reach).
+    OverAggregate(Arc<OverAggregatePlan>),
 }
 
 /// A chain of operators run by one task per partition and micro-batch.
@@ -139,6 +143,7 @@ impl Stage {
                     | Operator::WindowJoin(_)
                     | Operator::IntervalJoin(_)
                     | Operator::TopN(_)
+                    | Operator::OverAggregate(_)
             )
         })
     }
@@ -351,6 +356,15 @@ fn describe_operator(op: &Operator) -> String {
             )
         }
         Operator::Union => "UnionExec: all rows of every input".to_string(),
+        Operator::OverAggregate(o) => format!(
+            "OverAggregateExec: {}, state=rows until the watermark passes their time, then {}",
+            o.display,
+            match (o.retain.rows, o.retain.range_us) {
+                (0, r) => format!("those within {}ms of it", r / 1000),
+                (n, 0) => format!("the last {n} rows per key"),
+                (n, r) => format!("the last {n} rows per key and those within {}ms", r / 1000),
+            }
+        ),
         Operator::TopN(t) => format!(
             "TopNExec: {}, keep={}, state=the best {} rows per key, emitted (upsert) when a key's rows change",
             t.display, t.limit, t.limit

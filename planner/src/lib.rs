@@ -46,7 +46,8 @@ pub use lower::{
 };
 pub use plan::{
     AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec,
-    SessionBounds, StreamingPlan, TopNPlan, WindowGroup, WindowJoinPlan,
+    OverAggregatePlan, OverRetain, SessionBounds, StreamingPlan, TopNPlan, WindowGroup,
+    WindowJoinPlan,
 };
 pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};
 pub use statement::{

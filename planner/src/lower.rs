@@ -633,6 +633,20 @@ impl Flow {
     fn push(&mut self, op: BatchOp) {
         self.operators.push(Operator::Kernel(op));
     }
+
+    /// A stage reading the shuffle out of stage `from` through a keyed
+    /// operator whose output carries no window or event-time facts.
+    fn keyed(from: StageId, operator: Operator, upsert: bool) -> Flow {
+        Flow {
+            input: StageInput::Shuffle(vec![from]),
+            operators: vec![operator],
+            windows: Vec::new(),
+            upsert,
+            closes_windows: false,
+            event_time: Vec::new(),
+            small: false,
+        }
+    }
 }
 
 /// The stages finished so far; each flow is cut into one at a shuffle.
@@ -1088,28 +1102,28 @@ fn interval_bounds(
 /// How far below the watermark a flow's rows still to come may have time
 /// column `i` (µs), adding event-time tracking to its source stage when
 /// nothing tracks the stream's watermark yet.
-fn time_lag(flow: &mut Flow, i: usize) -> Result<i64> {
+fn time_lag(flow: &mut Flow, i: usize, what: &str) -> Result<i64> {
     if let Some(w) = flow.windows.get(i).copied().flatten() {
         // Windows still to come end after the watermark.
         return Ok(if w.is_end { 0 } else { w.size_us });
     }
     let Some(ec) = flow.event_time.get(i).copied().flatten() else {
-        return Err(PlanError::unsupported(
-            "an interval join on a column that is not event time",
-        ));
+        return Err(PlanError::unsupported(format!(
+            "{what} on a column that is not event time"
+        )));
     };
     if let Some(lag) = ec.lag_us {
         return Ok(lag);
     }
     let StageInput::Source(stream) = &flow.input else {
-        return Err(PlanError::unsupported(
-            "an interval join on event time read through a shuffle",
-        ));
+        return Err(PlanError::unsupported(format!(
+            "{what} on event time read through a shuffle"
+        )));
     };
     let Some(wm) = &stream.watermark else {
-        return Err(PlanError::unsupported(
-            "an interval join on a stream without a watermark",
-        ));
+        return Err(PlanError::unsupported(format!(
+            "{what} on a stream without a watermark"
+        )));
     };
     let spec = crate::plan::EventTimeSpec {
         time_column: ec.stream_column,
@@ -1170,8 +1184,8 @@ fn lower_interval_join(
         regular: interval.is_none(),
     };
     if let Some(interval) = interval {
-        plan.left_lag_us = time_lag(&mut left, interval.left)?;
-        plan.right_lag_us = time_lag(&mut right, interval.right)?;
+        plan.left_lag_us = time_lag(&mut left, interval.left, "an interval join")?;
+        plan.right_lag_us = time_lag(&mut right, interval.right, "an interval join")?;
         plan.left_time = interval.left;
         plan.right_time = interval.right;
         plan.lower_us = interval.lower_us;
@@ -1376,15 +1390,164 @@ fn lower_top_n(
         display,
     });
     let from = stages.cut(flow, partition_by);
-    Ok(Flow {
-        input: StageInput::Shuffle(vec![from]),
-        operators: vec![Operator::TopN(plan)],
-        windows: Vec::new(),
-        upsert: true,
-        closes_windows: false,
-        event_time: Vec::new(),
-        small: false,
-    })
+    Ok(Flow::keyed(from, Operator::TopN(plan), true))
+}
+
+/// A frame bound's `INTERVAL` in µs (no months: their length varies).
+fn frame_interval_us(v: &ScalarValue) -> Option<i64> {
+    match v {
+        ScalarValue::IntervalMonthDayNano(Some(i)) if i.months == 0 => (i.days as i64)
+            .checked_mul(86_400_000_000)?
+            .checked_add(i.nanoseconds / 1000),
+        ScalarValue::IntervalDayTime(Some(i)) => (i.days as i64)
+            .checked_mul(86_400_000_000)?
+            .checked_add(i.milliseconds as i64 * 1000),
+        ScalarValue::DurationMicrosecond(Some(us)) => Some(*us),
+        ScalarValue::DurationMillisecond(Some(ms)) => ms.checked_mul(1000),
+        ScalarValue::DurationSecond(Some(s)) => s.checked_mul(1_000_000),
+        _ => None,
+    }
+    .filter(|us| *us >= 0)
+}
+
+/// `OVER` aggregations of a stream: aggregate functions over a bounded
+/// frame of predecessors ordered by event time, all with the same `PARTITION
+/// BY` (the shuffle's keys), into a stage running `OverAggregateExec`.
+fn lower_over(
+    w: &datafusion::logical_expr::logical_plan::Window,
+    stages: &mut Stages,
+    props: &datafusion::execution::context::ExecutionProps,
+) -> Result<Flow> {
+    use datafusion::logical_expr::{WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition};
+    const HINT: &str = "aggregate over a bounded frame ordered by event time: \
+        avg(x) OVER (PARTITION BY k ORDER BY ts ROWS BETWEEN 10 PRECEDING AND CURRENT ROW), \
+        or RANGE BETWEEN INTERVAL '10' SECOND PRECEDING AND CURRENT ROW; \
+        or keep the best rows per key: ROW_NUMBER() OVER (...) AS rn ... WHERE rn <= 10";
+    let refuse = |what: String| Err(PlanError::unsupported_hint(what, HINT));
+    let schema = w.input.schema();
+    let mut partition: Option<&Vec<Expr>> = None;
+    let mut time: Option<usize> = None;
+    let mut retain = crate::plan::OverRetain::default();
+    for e in &w.window_expr {
+        let Expr::WindowFunction(wf) = unalias(e) else {
+            return refuse(format!("the window expression {e} on a stream"));
+        };
+        if !matches!(wf.fun, WindowFunctionDefinition::AggregateUDF(_)) {
+            return refuse(format!(
+                "the window function {}() on a stream (only aggregates over a bounded frame, \
+                 and ROW_NUMBER() bounded as a top-N)",
+                wf.fun.name()
+            ));
+        }
+        let p = &wf.params;
+        match partition {
+            None => partition = Some(&p.partition_by),
+            Some(other) if *other != p.partition_by => {
+                return refuse("OVER windows with different PARTITION BY in one query".into())
+            }
+            Some(_) => {}
+        }
+        let order = match p.order_by.as_slice() {
+            [o] if o.asc => column_index(&o.expr, schema),
+            _ => None,
+        };
+        let Some(order) = order else {
+            return refuse(format!(
+                "{}() OVER without ORDER BY one event-time column ascending on a stream",
+                wf.fun.name()
+            ));
+        };
+        if time.is_some_and(|t| t != order) {
+            return refuse("OVER windows ordered by different columns in one query".into());
+        }
+        time = Some(order);
+        let frame = &p.window_frame;
+        if !matches!(frame.end_bound, WindowFrameBound::CurrentRow) {
+            return refuse(
+                "an OVER frame that does not end at CURRENT ROW on a stream (it would wait for rows to come)"
+                    .into(),
+            );
+        }
+        let start = match &frame.start_bound {
+            WindowFrameBound::Preceding(v) if !v.is_null() => v,
+            WindowFrameBound::CurrentRow => &ScalarValue::UInt64(Some(0)),
+            _ => {
+                return refuse(
+                    "an OVER frame unbounded in the past on a stream (it holds every row; \
+                     the default frame with ORDER BY is RANGE UNBOUNDED PRECEDING)"
+                        .into(),
+                )
+            }
+        };
+        match frame.units {
+            WindowFrameUnits::Rows => {
+                let n = match start.cast_to(&DataType::UInt64) {
+                    Ok(ScalarValue::UInt64(Some(n))) => n,
+                    _ => return refuse(format!("the ROWS frame bound {start}")),
+                };
+                retain.rows = retain.rows.max(n);
+            }
+            WindowFrameUnits::Range => {
+                let us = match start {
+                    ScalarValue::UInt64(Some(0)) => 0,
+                    v => match frame_interval_us(v) {
+                        Some(us) => us,
+                        None => {
+                            return refuse(format!(
+                                "the RANGE frame bound {v} (an INTERVAL in days, hours, minutes or seconds)"
+                            ))
+                        }
+                    },
+                };
+                retain.range_us = retain.range_us.max(us);
+            }
+            WindowFrameUnits::Groups => return refuse("a GROUPS frame on a stream".into()),
+        }
+    }
+    let (Some(partition), Some(time)) = (partition, time) else {
+        return refuse("an empty window".into());
+    };
+    let mut flow = lower_node(&w.input, stages)?;
+    no_open_sessions(&flow)?;
+    if flow.upsert {
+        return Err(PlanError::unsupported_hint(
+            "OVER over a non-windowed aggregation (its rows change; that needs retractions)",
+            "aggregate raw rows or windowed results",
+        ));
+    }
+    let time_lag_us = time_lag(&mut flow, time, "an OVER window ordered")?;
+    let partition_by = partition
+        .iter()
+        .map(|e| physical(e, schema, props))
+        .collect::<Result<Vec<_>>>()?;
+    let ctx = PhysicalPlanningContext::default();
+    let window_exprs = w
+        .window_expr
+        .iter()
+        .map(|e| {
+            Ok(datafusion::physical_planner::create_window_expr(
+                e, schema, props, &ctx,
+            )?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let display = w
+        .window_expr
+        .iter()
+        .map(|e| unalias(e).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let plan = Arc::new(crate::plan::OverAggregatePlan {
+        window_exprs,
+        partition_by: partition_by.clone(),
+        time_column: time,
+        time_lag_us,
+        retain,
+        input: Arc::new(schema.as_arrow().clone()),
+        schema: Arc::new(w.schema.as_arrow().clone()),
+        display,
+    });
+    let from = stages.cut(flow, partition_by);
+    Ok(Flow::keyed(from, Operator::OverAggregate(plan), false))
 }
 
 /// Lowers an optimised logical plan that reads a stream into its stage
@@ -1924,11 +2087,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
             let address = std::ptr::from_ref(plan) as usize;
             match stages.top_n.iter().find(|(a, _)| *a == address) {
                 Some(&(_, limit)) => lower_top_n(w, limit, stages, &props),
-                None => Err(PlanError::unsupported_hint(
-                    "window functions (OVER) on a stream other than a top-N",
-                    "keep the best rows per key: SELECT * FROM (SELECT *, ROW_NUMBER() OVER \
-                     (PARTITION BY k ORDER BY v DESC) AS rn FROM s) WHERE rn <= 10",
-                )),
+                None => lower_over(w, stages, &props),
             }
         }
         LogicalPlan::Union(u) => {

@@ -2,7 +2,8 @@
 //! results leave it (emit mode, `LIMIT`, upsert keys), and the operator
 //! specifications the graph's stages hold: stateless kernels ([`BatchOp`]),
 //! aggregations split into partial and final halves ([`AggregatePlan`]),
-//! window joins ([`WindowJoinPlan`]), interval joins ([`IntervalJoinPlan`]). Expressions are DataFusion
+//! window joins ([`WindowJoinPlan`]), interval joins ([`IntervalJoinPlan`]),
+//! top-N ([`TopNPlan`]) and `OVER` aggregations ([`OverAggregatePlan`]). Expressions are DataFusion
 //! `PhysicalExpr`s, evaluated over Arrow batches; state and event time are
 //! Drizzle's own.
 
@@ -13,6 +14,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::logical_expr::{JoinType, LogicalPlan};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::windows::WindowExpr;
 
 use crate::catalog::StreamDef;
 use crate::graph::StageGraph;
@@ -119,6 +121,45 @@ pub struct TopNPlan {
     pub schema: SchemaRef,
     /// The window as SQL, for EXPLAIN.
     pub display: String,
+}
+
+/// An `OVER` aggregation on event time: aggregates over a bounded frame of
+/// each row's predecessors in its partition (`ROWS BETWEEN n PRECEDING AND
+/// CURRENT ROW`, `RANGE BETWEEN INTERVAL ... PRECEDING AND CURRENT ROW`),
+/// ordered by an event-time column. The input is shuffled by the `PARTITION
+/// BY` keys; the reduce stage holds rows until the watermark says every row
+/// with their time has arrived, then emits each row once with its
+/// aggregates (append), keeping only the rows a later frame can reach.
+#[derive(Debug, Clone)]
+pub struct OverAggregatePlan {
+    /// DataFusion's window expressions, over the input; each adds a column.
+    pub window_exprs: Vec<Arc<dyn WindowExpr>>,
+    /// The `PARTITION BY` expressions over the input (the shuffle's keys).
+    pub partition_by: Vec<Arc<dyn PhysicalExpr>>,
+    /// The `ORDER BY` column: event time.
+    pub time_column: usize,
+    /// Rows still to come have a time of at least the watermark minus this
+    /// (µs): rows older than that are complete, peers included.
+    pub time_lag_us: i64,
+    /// What a later row's frame can reach.
+    pub retain: OverRetain,
+    /// The input's schema.
+    pub input: SchemaRef,
+    /// The output: the input's columns, then one per window expression.
+    pub schema: SchemaRef,
+    /// The window as SQL, for EXPLAIN.
+    pub display: String,
+}
+
+/// The rows an `OVER` aggregation keeps per key for frames still to come:
+/// its last `rows` rows and those less than `range_us` older than the
+/// watermark (the largest of its frames; 0 when no frame is of that kind).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OverRetain {
+    /// `ROWS n PRECEDING`: the last n rows.
+    pub rows: u64,
+    /// `RANGE INTERVAL ... PRECEDING`: that interval, in µs.
+    pub range_us: i64,
 }
 
 /// An interval join of two streams (`l.ts BETWEEN r.ts - INTERVAL ... AND

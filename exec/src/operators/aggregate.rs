@@ -576,13 +576,8 @@ impl StatefulOperator for AggregateFinalExec {
         inputs: &[Vec<RecordBatch>],
         watermark_us: Option<i64>,
     ) -> Result<OperatorOutput> {
-        match inputs {
-            [partials] => AggregateFinalExec::process(self, batch, partials, watermark_us),
-            _ => Err(ExecError::invalid(format!(
-                "AggregateFinalExec reads one input, not {}",
-                inputs.len()
-            ))),
-        }
+        let partials = one_input("AggregateFinalExec", inputs)?;
+        AggregateFinalExec::process(self, batch, partials, watermark_us)
     }
 
     fn state_size(&self) -> StateSize {

@@ -43,6 +43,7 @@ pub fn steps(stage: &Stage) -> Vec<Step> {
             | Operator::WindowJoin(_)
             | Operator::IntervalJoin(_)
             | Operator::TopN(_)
+            | Operator::OverAggregate(_)
             | Operator::Union => out.push(Step::Stateful),
         }
     }

@@ -26,6 +26,9 @@
 //!   a regular join holding every row).
 //! * [`TopNExec`]: the best N rows per key (`ROW_NUMBER() ... <= N`),
 //!   re-emitted as an upsert when a key's rows change.
+//! * [`OverAggregateExec`]: aggregates over a bounded frame of each row's
+//!   predecessors in event-time order (`OVER (... ROWS/RANGE ... PRECEDING
+//!   AND CURRENT ROW)`), each row emitted once its frame is complete.
 //!
 //! Stateful operators keep one contract, [`StatefulOperator`]: a
 //! micro-batch's rows per input and the input watermark in, batches out,
@@ -63,6 +66,7 @@ mod aggregate;
 mod chain;
 mod interval_join;
 mod lookup_join;
+mod over;
 mod session;
 mod top_n;
 mod window_assign;
@@ -75,6 +79,8 @@ pub use self::chain::*;
 pub use self::interval_join::*;
 #[allow(unused_imports)]
 pub use self::lookup_join::*;
+#[allow(unused_imports)]
+pub use self::over::*;
 #[allow(unused_imports)]
 pub use self::session::*;
 #[allow(unused_imports)]
@@ -226,6 +232,9 @@ pub fn stateful_operator(op: &Operator) -> Result<Option<Box<dyn StatefulOperato
         }
         Operator::Union => Some(Box::new(UnionExec)),
         Operator::TopN(plan) => Some(Box::new(TopNExec::new(plan.as_ref().clone())?)),
+        Operator::OverAggregate(plan) => {
+            Some(Box::new(OverAggregateExec::new(plan.as_ref().clone())?))
+        }
         Operator::WindowAssign(_)
         | Operator::EventTime(_)
         | Operator::Kernel(_)
@@ -305,6 +314,23 @@ pub(crate) fn key_and_times(out: &OperatorOutput, [k, a, b]: [usize; 3]) -> Vec<
         }
     }
     v
+}
+
+/// The rows of a one-input operator's only input.
+fn one_input<'a>(name: &str, inputs: &'a [Vec<RecordBatch>]) -> Result<&'a [RecordBatch]> {
+    match inputs {
+        [rows] => Ok(rows),
+        _ => Err(ExecError::invalid(format!(
+            "{name} reads one input, not {}",
+            inputs.len()
+        ))),
+    }
+}
+
+/// Row `i`'s key bytes in row format; the one empty key when the operator
+/// has no key columns (`keys` is `None`).
+fn key_of(keys: &Option<arrow::row::Rows>, i: usize) -> &[u8] {
+    keys.as_ref().map_or(&[][..], |k| k.row(i).data())
 }
 
 fn batches_bytes<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>) -> u64 {

@@ -299,11 +299,6 @@ impl SessionAggregateExec {
     }
 }
 
-/// Row `i`'s key bytes (empty when there are no key columns).
-fn key_of(keys: &Option<Rows>, i: usize) -> &[u8] {
-    keys.as_ref().map_or(&[][..], |k| k.row(i).data())
-}
-
 impl StatefulOperator for SessionAggregateExec {
     fn name(&self) -> &'static str {
         "SessionAggregateExec"
@@ -315,12 +310,7 @@ impl StatefulOperator for SessionAggregateExec {
         inputs: &[Vec<RecordBatch>],
         watermark_us: Option<i64>,
     ) -> Result<OperatorOutput> {
-        let [partials] = inputs else {
-            return Err(ExecError::invalid(format!(
-                "SessionAggregateExec reads one input, not {}",
-                inputs.len()
-            )));
-        };
+        let partials = one_input("SessionAggregateExec", inputs)?;
         let mut late = 0;
         for partial in partials {
             late += self.add(partial)?;

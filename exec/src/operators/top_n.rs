@@ -180,12 +180,7 @@ impl StatefulOperator for TopNExec {
         inputs: &[Vec<RecordBatch>],
         _watermark_us: Option<i64>,
     ) -> Result<OperatorOutput> {
-        let [input] = inputs else {
-            return Err(ExecError::invalid(format!(
-                "TopNExec reads one input, not {}",
-                inputs.len()
-            )));
-        };
+        let input = one_input("TopNExec", inputs)?;
         let mut changed = Vec::new();
         for b in input {
             self.offer(b, &mut changed)?;

@@ -171,6 +171,13 @@ impl AggregateUDFImpl for CheckedSum {
         self.inner.inner().accumulator(args)
     }
 
+    fn create_sliding_accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        if args.return_field.data_type() == &DataType::Int64 && !args.is_distinct {
+            return Ok(Box::new(CheckedSlidingSum::default()));
+        }
+        self.inner.inner().create_sliding_accumulator(args)
+    }
+
     fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
         self.inner.inner().groups_accumulator_supported(args)
     }
@@ -237,6 +244,67 @@ impl Accumulator for CheckedSumAccumulator {
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
         Ok(vec![ScalarValue::Int64(self.sum)])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.update_batch(states)
+    }
+}
+
+/// A checked sum over a sliding frame (`OVER (... ROWS n PRECEDING)`):
+/// rows leave the frame by retraction; NULL when no non-NULL value is in it.
+#[derive(Debug, Default)]
+struct CheckedSlidingSum {
+    sum: i64,
+    count: u64,
+}
+
+impl CheckedSlidingSum {
+    fn apply(&mut self, values: &[ArrayRef], sign: i64) -> Result<()> {
+        let Some(values) = values.first() else {
+            return Ok(());
+        };
+        let values = as_i64(values)?;
+        for v in values.as_primitive::<Int64Type>().iter().flatten() {
+            let term = if sign < 0 { v.checked_neg() } else { Some(v) };
+            self.sum = term
+                .and_then(|t| self.sum.checked_add(t))
+                .ok_or_else(|| out_of_range(&DataType::Int64))?;
+            self.count = if sign < 0 {
+                self.count.saturating_sub(1)
+            } else {
+                self.count + 1
+            };
+        }
+        Ok(())
+    }
+}
+
+impl Accumulator for CheckedSlidingSum {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.apply(values, 1)
+    }
+
+    fn retract_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.apply(values, -1)
+    }
+
+    fn supports_retract_batch(&self) -> bool {
+        true
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        Ok(ScalarValue::Int64((self.count > 0).then_some(self.sum)))
+    }
+
+    fn size(&self) -> usize {
+        size_of_val(self)
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![ScalarValue::Int64(
+            (self.count > 0).then_some(self.sum),
+        )])
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {

@@ -1,0 +1,553 @@
+//! `OverAggregateExec`: aggregates over a bounded frame of each row's
+//! predecessors, `agg(x) OVER (PARTITION BY k ORDER BY ts ROWS BETWEEN n
+//! PRECEDING AND CURRENT ROW)` or `RANGE BETWEEN INTERVAL ... PRECEDING AND
+//! CURRENT ROW`, ordered by event time.
+//!
+//! A row's frame is complete once every row with its time has arrived:
+//! when the watermark (less the input's lag) has passed its time. Rows wait
+//! until then; each micro-batch releases the complete ones, evaluates
+//! DataFusion's window expressions over each key's released rows after the
+//! rows its frames reach back to, emits every released row once with its
+//! aggregates (append), and keeps per key only what later frames reach.
+
+use arrow::array::ArrayRef;
+use arrow::compute::concat_batches;
+use arrow::row::Rows;
+use drizzle_planner::OverAggregatePlan;
+
+use super::*;
+
+/// The keyed state of one reduce partition of an `OVER` aggregation.
+pub struct OverAggregateExec {
+    plan: OverAggregatePlan,
+    keys: RowConverter,
+    /// Rows whose frame is not complete yet (time at or after `released`).
+    pending: Vec<RecordBatch>,
+    /// Per key (row format): released rows a later frame can reach, in
+    /// time order.
+    history: HashMap<Vec<u8>, RecordBatch>,
+    /// For `RANGE`-only frames: when each key's history runs out (its last
+    /// time plus the range), so idle keys are forgotten.
+    expiry: BTreeMap<i64, Vec<Vec<u8>>>,
+    /// Rows with a time before this were released (µs).
+    released: Option<i64>,
+    pending_bytes: u64,
+    history_bytes: u64,
+}
+
+impl OverAggregateExec {
+    /// Empty state for `plan`.
+    pub fn new(plan: OverAggregatePlan) -> Result<Self> {
+        let types = plan
+            .partition_by
+            .iter()
+            .map(|e| e.data_type(&plan.input))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let keys = RowConverter::new(types.into_iter().map(SortField::new).collect())?;
+        Ok(Self {
+            plan,
+            keys,
+            pending: Vec::new(),
+            history: HashMap::new(),
+            expiry: BTreeMap::new(),
+            released: None,
+            pending_bytes: 0,
+            history_bytes: 0,
+        })
+    }
+
+    fn times<'a>(&self, batch: &'a RecordBatch) -> Result<&'a TimestampMicrosecondArray> {
+        batch
+            .column(self.plan.time_column)
+            .as_primitive_opt::<TimestampMicrosecondType>()
+            .ok_or_else(|| ExecError::invalid("the OVER order column is not a timestamp"))
+    }
+
+    /// Each row's key in row format (`None`: no `PARTITION BY`, one key).
+    fn key_rows(&self, batch: &RecordBatch) -> Result<Option<Rows>> {
+        if self.plan.partition_by.is_empty() {
+            return Ok(None);
+        }
+        let cols = self
+            .plan
+            .partition_by
+            .iter()
+            .map(|e| eval(e, batch))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(self.keys.convert_columns(&cols)?))
+    }
+
+    /// The rows of `batch` by key, then time (arrival order among equal
+    /// times), as runs of one key: (key bytes, row indices).
+    fn runs(&self, batch: &RecordBatch) -> Result<Vec<(Vec<u8>, Vec<u32>)>> {
+        let keys = self.key_rows(batch)?;
+        let ts = self.times(batch)?;
+        let key = |i: u32| key_of(&keys, i as usize);
+        let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
+        order.sort_by(|&a, &b| {
+            key(a)
+                .cmp(key(b))
+                .then(ts.value(a as usize).cmp(&ts.value(b as usize)))
+        });
+        let mut runs = Vec::new();
+        let mut at = 0;
+        while at < order.len() {
+            let k = key(order[at]);
+            let mut end = at + 1;
+            while end < order.len() && key(order[end]) == k {
+                end += 1;
+            }
+            runs.push((k.to_vec(), order[at..end].to_vec()));
+            at = end;
+        }
+        Ok(runs)
+    }
+
+    /// Holds a micro-batch's rows; returns how many were late (a time
+    /// already released, or none).
+    fn add(&mut self, batch: &RecordBatch) -> Result<u64> {
+        if batch.num_rows() == 0 {
+            return Ok(0);
+        }
+        let ts = self.times(batch)?;
+        let keep: Vec<bool> = (0..batch.num_rows())
+            .map(|i| ts.is_valid(i) && self.released.is_none_or(|r| ts.value(i) >= r))
+            .collect();
+        let kept = keep.iter().filter(|k| **k).count();
+        let late = (batch.num_rows() - kept) as u64;
+        let rows = if kept == batch.num_rows() {
+            batch.clone()
+        } else {
+            filter_record_batch(batch, &BooleanArray::from(keep))?
+        };
+        if rows.num_rows() > 0 {
+            self.pending_bytes += rows.get_array_memory_size() as u64;
+            self.pending.push(rows);
+        }
+        Ok(late)
+    }
+
+    /// Releases the rows with a time before `bound`: each with its
+    /// aggregates, by key and time.
+    fn release(&mut self, bound: i64) -> Result<Option<RecordBatch>> {
+        if self.released.is_some_and(|r| bound <= r) {
+            return Ok(None);
+        }
+        self.released = Some(bound);
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let mut due_parts = Vec::new();
+        for batch in pending {
+            let ts = self.times(&batch)?;
+            let due: Vec<bool> = (0..batch.num_rows()).map(|i| ts.value(i) < bound).collect();
+            let n = due.iter().filter(|d| **d).count();
+            if n == 0 {
+                self.pending_bytes += batch.get_array_memory_size() as u64;
+                self.pending.push(batch);
+                continue;
+            }
+            if n == batch.num_rows() {
+                due_parts.push(batch);
+                continue;
+            }
+            let later = filter_record_batch(
+                &batch,
+                &arrow::compute::not(&BooleanArray::from(due.clone()))?,
+            )?;
+            self.pending_bytes += later.get_array_memory_size() as u64;
+            self.pending.push(later);
+            due_parts.push(filter_record_batch(&batch, &BooleanArray::from(due))?);
+        }
+        let out = if due_parts.is_empty() {
+            None
+        } else {
+            let due = concat_batches(&self.plan.input, &due_parts)?;
+            Some(self.evaluate(&due, bound)?)
+        };
+        self.expire(bound);
+        Ok(out)
+    }
+
+    /// Runs the window expressions over `due` (complete rows, any order),
+    /// each key after its history, and keeps what later frames reach.
+    fn evaluate(&mut self, due: &RecordBatch, bound: i64) -> Result<RecordBatch> {
+        let mut outputs = Vec::new();
+        for (key, rows) in self.runs(due)? {
+            let fresh = take_record_batch(due, &UInt32Array::from(rows))?;
+            let held = self.history.remove(key.as_slice());
+            if let Some(h) = &held {
+                self.history_bytes = self
+                    .history_bytes
+                    .saturating_sub(h.get_array_memory_size() as u64);
+            }
+            let all = match held {
+                Some(h) => concat_batches(&self.plan.input, &[h, fresh.clone()])?,
+                None => fresh.clone(),
+            };
+            let skip = all.num_rows() - fresh.num_rows();
+            let mut columns: Vec<ArrayRef> = fresh.columns().to_vec();
+            for expr in &self.plan.window_exprs {
+                let values = expr.evaluate(&all)?;
+                columns.push(values.slice(skip, fresh.num_rows()));
+            }
+            outputs.push(RecordBatch::try_new(
+                Arc::clone(&self.plan.schema),
+                columns,
+            )?);
+            self.keep(key, &all, bound)?;
+        }
+        Ok(concat_batches(&self.plan.schema, &outputs)?)
+    }
+
+    /// Keeps the rows of `key` (`all`, in time order) that a frame of a row
+    /// at or after `bound` reaches.
+    fn keep(&mut self, key: Vec<u8>, all: &RecordBatch, bound: i64) -> Result<()> {
+        let n = all.num_rows();
+        let retain = self.plan.retain;
+        let by_rows = n.saturating_sub(usize::try_from(retain.rows).unwrap_or(usize::MAX));
+        let ts = self.times(all)?;
+        let from = bound.saturating_sub(retain.range_us);
+        let by_range = (0..n).find(|&i| ts.value(i) >= from).unwrap_or(n);
+        let first = by_rows.min(by_range);
+        if first >= n {
+            return Ok(());
+        }
+        if retain.rows == 0 {
+            let last = ts.value(n - 1).saturating_add(retain.range_us);
+            self.expiry.entry(last).or_default().push(key.clone());
+        }
+        // A copy, so the kept rows do not pin the whole batch.
+        let kept = take_record_batch(
+            all,
+            &UInt32Array::from((first as u32..n as u32).collect::<Vec<_>>()),
+        )?;
+        self.history_bytes += kept.get_array_memory_size() as u64;
+        self.history.insert(key, kept);
+        Ok(())
+    }
+
+    /// Forgets the keys whose history no frame at or after `bound` reaches
+    /// (`RANGE` frames only; `ROWS` frames keep a key's last rows).
+    fn expire(&mut self, bound: i64) {
+        while let Some(entry) = self.expiry.first_entry() {
+            if *entry.key() >= bound {
+                break;
+            }
+            for key in entry.remove() {
+                let stale = self.history.get(key.as_slice()).is_some_and(|h| {
+                    self.times(h).is_ok_and(|ts| {
+                        !ts.is_empty()
+                            && ts
+                                .value(ts.len() - 1)
+                                .saturating_add(self.plan.retain.range_us)
+                                < bound
+                    })
+                });
+                if stale {
+                    if let Some(h) = self.history.remove(key.as_slice()) {
+                        self.history_bytes = self
+                            .history_bytes
+                            .saturating_sub(h.get_array_memory_size() as u64);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl StatefulOperator for OverAggregateExec {
+    fn name(&self) -> &'static str {
+        "OverAggregateExec"
+    }
+
+    fn process(
+        &mut self,
+        _batch: u64,
+        inputs: &[Vec<RecordBatch>],
+        watermark_us: Option<i64>,
+    ) -> Result<OperatorOutput> {
+        let rows = one_input("OverAggregateExec", inputs)?;
+        let mut late = 0;
+        for batch in rows {
+            late += self.add(batch)?;
+        }
+        let mut chunks = Vec::new();
+        if let Some(wm) = watermark_us {
+            if let Some(out) = self.release(wm.saturating_sub(self.plan.time_lag_us))? {
+                if out.num_rows() > 0 {
+                    chunks.push((None, out));
+                }
+            }
+        }
+        Ok(OperatorOutput { chunks, late })
+    }
+
+    fn state_size(&self) -> StateSize {
+        let rows = self.pending.iter().map(|b| b.num_rows()).sum::<usize>()
+            + self.history.values().map(|b| b.num_rows()).sum::<usize>();
+        StateSize {
+            bytes: self.pending_bytes + self.history_bytes + self.history.len() as u64 * 64,
+            keys: rows as u64,
+        }
+    }
+
+    /// Always in full, one section of input rows: the held history (times
+    /// before the release bound) and the pending rows (at or after it).
+    fn snapshot(&mut self, _delta_base: Option<u64>) -> Result<OperatorSnapshot> {
+        let mut rows: Vec<RecordBatch> = self.history.values().cloned().collect();
+        rows.extend(self.pending.iter().cloned());
+        Ok(OperatorSnapshot {
+            closed_through: self.released,
+            delta_base: None,
+            sections: vec![rows],
+        })
+    }
+
+    fn restore(&mut self, layers: Vec<OperatorSnapshot>, _batch: u64) -> Result<()> {
+        let released = layers.iter().filter_map(|l| l.closed_through).max();
+        let mut held = Vec::new();
+        for layer in layers {
+            for section in layer.sections {
+                for rows in section {
+                    if rows.num_rows() == 0 {
+                        continue;
+                    }
+                    if rows.num_columns() != self.plan.input.fields().len() {
+                        return Err(ExecError::invalid(
+                            "checkpointed OVER state does not match the query",
+                        ));
+                    }
+                    held.push(RecordBatch::try_new(
+                        Arc::clone(&self.plan.input),
+                        rows.columns().to_vec(),
+                    )?);
+                }
+            }
+        }
+        let all = concat_batches(&self.plan.input, &held)?;
+        let Some(bound) = released else {
+            self.add(&all)?;
+            return Ok(());
+        };
+        let ts = self.times(&all)?;
+        let before: Vec<bool> = (0..all.num_rows()).map(|i| ts.value(i) < bound).collect();
+        let history = filter_record_batch(&all, &BooleanArray::from(before.clone()))?;
+        let pending =
+            filter_record_batch(&all, &arrow::compute::not(&BooleanArray::from(before))?)?;
+        // History back per key, in time order.
+        for (key, rows) in self.runs(&history)? {
+            let rows = take_record_batch(&history, &UInt32Array::from(rows))?;
+            self.keep(key, &rows, bound)?;
+        }
+        self.released = Some(bound);
+        self.add(&pending)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Schema, TimeUnit};
+    use datafusion::common::ScalarValue;
+    use datafusion::logical_expr::{
+        WindowFrame, WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition,
+    };
+    use datafusion::physical_expr::expressions::Column;
+    use datafusion::physical_expr::PhysicalSortExpr;
+
+    const RANGE: i64 = 10;
+    const ROWS: u64 = 2;
+
+    /// `count(*)` over the last RANGE µs and `sum(v)` over the last ROWS
+    /// rows and the current one, per key `k`, ordered by `ts`.
+    fn plan() -> OverAggregatePlan {
+        let input = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("v", DataType::Int64, true),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, None), true),
+        ]));
+        let k: Arc<dyn PhysicalExpr> = Arc::new(Column::new("k", 0));
+        let v: Arc<dyn PhysicalExpr> = Arc::new(Column::new("v", 1));
+        let order = vec![PhysicalSortExpr::new_default(Arc::new(Column::new(
+            "ts", 2,
+        )))];
+        let frame = |units, start| {
+            Arc::new(WindowFrame::new_bounds(
+                units,
+                WindowFrameBound::Preceding(start),
+                WindowFrameBound::CurrentRow,
+            ))
+        };
+        let expr = |fun, arg: &Arc<dyn PhysicalExpr>, f| {
+            datafusion::physical_plan::windows::create_window_expr(
+                &WindowFunctionDefinition::AggregateUDF(fun),
+                "w".into(),
+                std::slice::from_ref(arg),
+                std::slice::from_ref(&k),
+                &order,
+                f,
+                Arc::clone(&input),
+                false,
+                false,
+                None,
+            )
+            .unwrap()
+        };
+        let window_exprs = vec![
+            expr(
+                datafusion::functions_aggregate::count::count_udaf(),
+                &v,
+                frame(
+                    WindowFrameUnits::Range,
+                    ScalarValue::IntervalMonthDayNano(Some(
+                        arrow::datatypes::IntervalMonthDayNano::new(0, 0, RANGE * 1000),
+                    )),
+                ),
+            ),
+            expr(
+                datafusion::functions_aggregate::sum::sum_udaf(),
+                &v,
+                frame(WindowFrameUnits::Rows, ScalarValue::UInt64(Some(ROWS))),
+            ),
+        ];
+        let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new("n", DataType::Int64, false));
+        fields.push(Field::new("s", DataType::Int64, true));
+        OverAggregatePlan {
+            window_exprs,
+            partition_by: vec![k],
+            time_column: 2,
+            time_lag_us: 0,
+            retain: drizzle_planner::OverRetain {
+                rows: ROWS,
+                range_us: RANGE,
+            },
+            input,
+            schema: Arc::new(Schema::new(fields)),
+            display: String::new(),
+        }
+    }
+
+    /// Against a model over all rows: every row exactly once, after the
+    /// watermark passed it, with its frames' count and sum; rows arrive out
+    /// of order within the watermark delay, with a checkpoint half way.
+    #[test]
+    fn every_row_once_with_its_frames_against_a_model() {
+        let p = plan();
+        let mut exec = OverAggregateExec::new(p.clone()).unwrap();
+        let mut seed = 11u64;
+        let mut next = move |m: i64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) % m as u64) as i64
+        };
+        let delay = 6;
+        let mut clock = 100i64;
+        let mut all: Vec<(i64, i64, i64)> = Vec::new();
+        let mut got: Vec<(i64, i64, i64, i64, Option<i64>)> = Vec::new();
+        let mut used = std::collections::HashSet::new();
+        for batch in 0..150u64 {
+            let wm_before = clock - delay;
+            let mut rows = Vec::new();
+            for _ in 0..next(5) {
+                clock += next(4);
+                // Unique times (ROWS frames order equal times arbitrarily).
+                let mut t = (clock - next(delay + 1)).max(wm_before);
+                while !used.insert(t) {
+                    t += 1;
+                }
+                clock = clock.max(t);
+                rows.push((next(3), next(100), t));
+            }
+            all.extend(&rows);
+            let input = RecordBatch::try_new(
+                Arc::clone(&p.input),
+                vec![
+                    Arc::new(Int64Array::from(
+                        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                    )),
+                    Arc::new(Int64Array::from(
+                        rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                    )),
+                    Arc::new(TimestampMicrosecondArray::from(
+                        rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                    )),
+                ],
+            )
+            .unwrap();
+            let wm = clock - delay;
+            let out = exec.process(batch, &[vec![input]], Some(wm)).unwrap();
+            for (_, b) in &out.chunks {
+                let k = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+                let v = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+                let t = b.column(2).as_primitive::<TimestampMicrosecondType>();
+                let n = b.column(3).as_primitive::<arrow::datatypes::Int64Type>();
+                let s = b.column(4).as_primitive::<arrow::datatypes::Int64Type>();
+                for i in 0..b.num_rows() {
+                    assert!(
+                        t.value(i) < wm,
+                        "a row released before the watermark passed it"
+                    );
+                    got.push((
+                        k.value(i),
+                        t.value(i),
+                        v.value(i),
+                        n.value(i),
+                        s.is_valid(i).then(|| s.value(i)),
+                    ));
+                }
+            }
+            if batch == 70 {
+                let snap = exec.snapshot(None).unwrap();
+                exec = OverAggregateExec::new(p.clone()).unwrap();
+                exec.restore(vec![snap], batch).unwrap();
+            }
+        }
+        let out = exec.process(150, &[vec![]], Some(i64::MAX / 4)).unwrap();
+        for (_, b) in &out.chunks {
+            got.extend((0..b.num_rows()).map(|i| {
+                (
+                    b.column(0)
+                        .as_primitive::<arrow::datatypes::Int64Type>()
+                        .value(i),
+                    b.column(2)
+                        .as_primitive::<TimestampMicrosecondType>()
+                        .value(i),
+                    b.column(1)
+                        .as_primitive::<arrow::datatypes::Int64Type>()
+                        .value(i),
+                    b.column(3)
+                        .as_primitive::<arrow::datatypes::Int64Type>()
+                        .value(i),
+                    Some(
+                        b.column(4)
+                            .as_primitive::<arrow::datatypes::Int64Type>()
+                            .value(i),
+                    ),
+                )
+            }));
+        }
+        let mut want = Vec::new();
+        for &(k, v, t) in &all {
+            let mut mine: Vec<(i64, i64)> = all
+                .iter()
+                .filter(|r| r.0 == k && r.2 <= t)
+                .map(|r| (r.2, r.1))
+                .collect();
+            mine.sort_unstable();
+            let n = mine.iter().filter(|r| r.0 >= t - RANGE).count() as i64;
+            let s: i64 = mine.iter().rev().take(ROWS as usize + 1).map(|r| r.1).sum();
+            want.push((k, t, v, n, Some(s)));
+        }
+        got.sort_unstable();
+        want.sort_unstable();
+        assert!(want.len() > 200, "the model has rows to compare");
+        assert_eq!(got, want);
+        assert!(
+            exec.state_size().keys <= 3 * (ROWS + 1) + 20,
+            "state is bounded"
+        );
+    }
+}
