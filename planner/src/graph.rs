@@ -124,6 +124,49 @@ pub struct Stage {
 }
 
 impl Stage {
+    /// For a source stage: which of the stream's columns its operators
+    /// read (`None`: all of them, or not a source stage). A generator need
+    /// not make the others: they are read up to the first projection or
+    /// partial aggregation, which keeps only what it names.
+    pub fn source_columns_read(&self) -> Option<Vec<bool>> {
+        use datafusion::physical_expr::utils::collect_columns;
+        let StageInput::Source(stream) = &self.input else {
+            return None;
+        };
+        let width = stream.columns.len();
+        let mut read = vec![false; width];
+        let mut mark = |e: &Arc<dyn PhysicalExpr>| {
+            for c in collect_columns(e) {
+                // Indices past the stream's columns are window bounds.
+                if let Some(r) = read.get_mut(c.index()) {
+                    *r = true;
+                }
+            }
+        };
+        for op in &self.operators {
+            match op {
+                Operator::WindowAssign(w) => mark(&column_expr(w.time_column)),
+                Operator::EventTime(e) => mark(&column_expr(e.time_column)),
+                Operator::Kernel(BatchOp::Filter { predicate }) => mark(predicate),
+                Operator::Kernel(BatchOp::Project { exprs, .. }) => {
+                    exprs.iter().for_each(&mut mark);
+                    return Some(read);
+                }
+                Operator::AggregatePartial(agg) => {
+                    agg.group_exprs.iter().for_each(|(e, _)| mark(e));
+                    for a in &agg.aggregates {
+                        a.expressions().iter().for_each(&mut mark);
+                    }
+                    agg.filters.iter().flatten().for_each(&mut mark);
+                    return Some(read);
+                }
+                // Anything else passes every column on.
+                _ => return None,
+            }
+        }
+        None
+    }
+
     /// Tasks per micro-batch: the stream's partitions for a source stage,
     /// `reduce_partitions` for a shuffle stage.
     pub fn tasks(&self, reduce_partitions: u32) -> u32 {
@@ -147,6 +190,10 @@ impl Stage {
             )
         })
     }
+}
+
+fn column_expr(i: usize) -> Arc<dyn PhysicalExpr> {
+    Arc::new(Column::new("", i))
 }
 
 /// A continuous query as stages and the shuffles between them.

@@ -2500,6 +2500,25 @@ mod tests {
     }
 
     #[test]
+    fn source_stages_know_which_stream_columns_they_read() {
+        let read = |sql: &str| continuous(sql).graph.stages[0].source_columns_read();
+        // (ad_id, kind, ts)
+        assert_eq!(
+            read("SELECT ad_id FROM events"),
+            Some(vec![true, false, false])
+        );
+        assert_eq!(
+            read("SELECT ad_id FROM events WHERE kind = 'view'"),
+            Some(vec![true, true, false])
+        );
+        assert_eq!(
+            read("SELECT window_start, count(*) FROM TUMBLE(events, ts, INTERVAL '1' SECOND) GROUP BY window_start"),
+            Some(vec![false, false, true])
+        );
+        assert_eq!(read("SELECT * FROM events"), None);
+    }
+
+    #[test]
     fn ysb_query_splits_at_the_shuffle_with_partial_aggregation() {
         let p = continuous(
             "SELECT a.campaign_id, window_start, count(*) FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \

@@ -75,6 +75,14 @@ pub trait Generator: Send + Sync + std::fmt::Debug {
     /// Rows `[from, to)` of partition `p`.
     fn generate(&self, p: u32, from: u64, to: u64) -> Result<RecordBatch>;
 
+    /// Rows `[from, to)` of partition `p` where only the columns marked in
+    /// `read` matter: a generator may leave the others NULL (where the
+    /// column allows it) rather than make values no one reads.
+    fn generate_columns(&self, p: u32, from: u64, to: u64, read: &[bool]) -> Result<RecordBatch> {
+        let _ = read;
+        self.generate(p, from, to)
+    }
+
     /// Whether a query starts at the rows generated from the moment it
     /// starts (`datagen`), rather than at the first row, as a log is read
     /// from its start (`nexmark`: the benchmark's event sequence).
@@ -102,6 +110,8 @@ pub struct GeneratedPartition {
     pub generator: Arc<dyn Generator>,
     /// The partition it generates.
     pub partition: u32,
+    /// The columns its readers use (`None`: all).
+    pub read: Option<Arc<[bool]>>,
 }
 
 impl Source for GeneratedPartition {
@@ -116,6 +126,7 @@ impl Source for GeneratedPartition {
     ) -> futures::future::BoxFuture<'static, Result<(u64, Vec<RecordBatch>)>> {
         let g = Arc::clone(&self.generator);
         let p = self.partition;
+        let read = self.read.clone();
         Box::pin(async move {
             let to = g
                 .available(p, until_unix_us)
@@ -125,11 +136,17 @@ impl Source for GeneratedPartition {
                 return Ok((to, Vec::new()));
             }
             // Generating is CPU work: off the runtime's threads.
-            tokio::task::spawn_blocking(move || Ok((to, vec![g.generate(p, from, to)?])))
-                .await
-                .map_err(|e| ExecError::Unavailable {
-                    message: format!("generating rows failed: {e}"),
-                })?
+            tokio::task::spawn_blocking(move || {
+                let batch = match &read {
+                    Some(read) => g.generate_columns(p, from, to, read)?,
+                    None => g.generate(p, from, to)?,
+                };
+                Ok((to, vec![batch]))
+            })
+            .await
+            .map_err(|e| ExecError::Unavailable {
+                message: format!("generating rows failed: {e}"),
+            })?
         })
     }
 }

@@ -372,12 +372,18 @@ enum Builder {
     Int(Int64Builder),
     Text(StringBuilder),
     Time(TimestampMicrosecondBuilder),
-    /// A field the stream does not have: generated (the random draws must
-    /// happen) and dropped.
+    /// A field the stream does not have, or no one reads: generated (the
+    /// random draws must happen) and dropped.
     Skip,
 }
 
 impl Builder {
+    /// Not built: the stream lacks the field, or no one reads it. (Only
+    /// an event's last draws, `extra`, may be skipped on that account.)
+    fn skipped(&self) -> bool {
+        matches!(self, Builder::Skip)
+    }
+
     fn int(&mut self, v: usize) {
         if let Builder::Int(b) = self {
             b.append_value(v as i64);
@@ -578,9 +584,11 @@ impl NexmarkSource {
         b[4].text(city);
         b[5].text(state);
         b[6].time_ms(time);
-        s.clear();
-        push_extra(rng, size, AVG_PERSON_BYTES, s);
-        b[7].text(s);
+        if !b[7].skipped() {
+            s.clear();
+            push_extra(rng, size, AVG_PERSON_BYTES, s);
+            b[7].text(s);
+        }
     }
 
     fn auction(&self, n: usize, b: &mut [Builder], s: &mut String) {
@@ -611,9 +619,11 @@ impl NexmarkSource {
         };
         b[7].int(seller + FIRST_PERSON_ID);
         b[8].int(FIRST_CATEGORY_ID + rng.gen_range(0..NUM_CATEGORIES));
-        s.clear();
-        push_extra(rng, 8 + 20 + 100 + 8 * 5, AVG_AUCTION_BYTES, s);
-        b[9].text(s);
+        if !b[9].skipped() {
+            s.clear();
+            push_extra(rng, 8 + 20 + 100 + 8 * 5, AVG_AUCTION_BYTES, s);
+            b[9].text(s);
+        }
     }
 
     fn bid(&self, n: usize, b: &mut [Builder], s: &mut String) {
@@ -642,9 +652,11 @@ impl NexmarkSource {
             b[4].text(url);
         }
         b[5].time_ms(self.event_time_ms(n as u64));
-        s.clear();
-        push_extra(rng, 32, AVG_BID_BYTES, s);
-        b[6].text(s);
+        if !b[6].skipped() {
+            s.clear();
+            push_extra(rng, 32, AVG_BID_BYTES, s);
+            b[6].text(s);
+        }
     }
 }
 
@@ -672,13 +684,24 @@ impl Generator for NexmarkSource {
     }
 
     fn generate(&self, p: u32, from: u64, to: u64) -> Result<RecordBatch> {
+        self.generate_columns(p, from, to, &[])
+    }
+
+    /// Columns not read (`read[c]` false) and nullable come out NULL: their
+    /// values are not built, and `extra` (the last random draws of an
+    /// event, and the costliest) is not even drawn. The other columns are
+    /// the same whatever is read.
+    fn generate_columns(&self, p: u32, from: u64, to: u64, read: &[bool]) -> Result<RecordBatch> {
         let rows = to.saturating_sub(from) as usize;
         let fields = self.table.fields();
+        let unread =
+            |c: usize| read.get(c).is_some_and(|r| !*r) && self.schema.field(c).is_nullable();
         let mut builders: Vec<Builder> = fields
             .iter()
             .zip(&self.columns)
             .map(|(f, c)| match (c, f.kind()) {
                 (None, _) => Builder::Skip,
+                (Some(c), _) if unread(*c) => Builder::Skip,
                 (Some(_), FieldKind::Int) => Builder::Int(Int64Builder::with_capacity(rows)),
                 (Some(_), FieldKind::Text) => {
                     Builder::Text(StringBuilder::with_capacity(rows, rows * 16))
@@ -700,7 +723,12 @@ impl Generator for NexmarkSource {
                 NexmarkTable::Bid => self.bid(n, &mut builders, &mut scratch),
             }
         }
-        let mut columns: Vec<Option<ArrayRef>> = vec![None; self.schema.fields().len()];
+        let mut columns: Vec<Option<ArrayRef>> = (0..self.schema.fields().len())
+            .map(|c| {
+                unread(c)
+                    .then(|| arrow::array::new_null_array(self.schema.field(c).data_type(), rows))
+            })
+            .collect();
         for (b, c) in builders.into_iter().zip(&self.columns) {
             let Some(c) = *c else { continue };
             let array: ArrayRef = match b {
@@ -930,6 +958,36 @@ mod tests {
         assert_eq!(bounded.available(0, i64::MAX), 92);
         // Event n's time is base + n / rate.
         assert_eq!(ms(&all, 5, 0), 1_700_000_000_004);
+    }
+
+    /// Columns no one reads come out NULL; the others are the same
+    /// values (skipping `extra`'s draws changes nothing else).
+    #[test]
+    fn unread_columns_are_null_and_the_rest_unchanged() {
+        for (table, unread) in [
+            ("person", [1usize, 7]),
+            ("auction", [2, 9]),
+            ("bid", [3, 6]),
+        ] {
+            let source = NexmarkSource::new(&stream(table, 1, &[])).unwrap();
+            let full = source.generate(0, 10, 60).unwrap();
+            let read: Vec<bool> = (0..full.num_columns())
+                .map(|c| !unread.contains(&c))
+                .collect();
+            let part = source.generate_columns(0, 10, 60, &read).unwrap();
+            assert_eq!(part.schema(), full.schema());
+            for c in 0..full.num_columns() {
+                if unread.contains(&c) {
+                    assert_eq!(part.column(c).null_count(), 50, "{table}.{c} unread");
+                } else {
+                    assert_eq!(
+                        part.column(c).as_ref(),
+                        full.column(c).as_ref(),
+                        "{table}.{c}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -839,9 +839,8 @@ impl Scheduler {
                         spec.stage
                     )));
                 };
-                let Some(StageInput::Source(stream)) =
-                    wq.graph.stage(GraphStage(spec.stage)).map(|s| &s.input)
-                else {
+                let stage = wq.graph.stage(GraphStage(spec.stage));
+                let Some(StageInput::Source(stream)) = stage.map(|s| &s.input) else {
                     return Err(ExecError::invalid(format!(
                         "source stage {} does not exist",
                         spec.stage
@@ -851,6 +850,7 @@ impl Scheduler {
                     Some(generator) => Arc::new(GeneratedPartition {
                         generator,
                         partition: spec.partition,
+                        read: stage.and_then(|s| s.source_columns_read()).map(Arc::from),
                     }),
                     None => Arc::new(LogRange {
                         data: self.shared.data.clone(),
