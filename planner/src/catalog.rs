@@ -117,6 +117,9 @@ pub struct ViewDef {
     /// before checkpoints existed (the view then starts over at "now").
     #[serde(default)]
     pub origin_unix_us: Option<i64>,
+    /// `SET state_ttl` when it was made, in µs (0: none).
+    #[serde(default)]
+    pub state_ttl_us: u64,
 }
 
 fn default_group_size() -> u32 {

@@ -468,6 +468,8 @@ pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> Result<StreamingPlan> {
 struct GraphWire {
     stages: Vec<StageWire>,
     output_schema: Schema,
+    #[serde(default)]
+    state_ttl_batches: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -747,6 +749,7 @@ pub fn encode_graph(graph: &StageGraph) -> Result<Vec<u8>> {
     serde_json::to_vec(&GraphWire {
         stages,
         output_schema: graph.output_schema.as_ref().clone(),
+        state_ttl_batches: graph.state_ttl_batches,
     })
     .map_err(codec_err)
 }
@@ -833,5 +836,6 @@ pub fn decode_graph(bytes: &[u8], ctx: &TaskContext) -> Result<StageGraph> {
     Ok(StageGraph {
         stages,
         output_schema: Arc::new(wire.output_schema),
+        state_ttl_batches: wire.state_ttl_batches,
     })
 }

@@ -204,6 +204,11 @@ pub struct StageGraph {
     pub stages: Vec<Stage>,
     /// The schema of the rows the sink stage delivers.
     pub output_schema: SchemaRef,
+    /// `SET state_ttl`, in micro-batches: keyed state no row has touched
+    /// for this many micro-batches is evicted (non-windowed aggregates)
+    /// and held join rows this old are dropped (regular joins). `None`:
+    /// state is kept until the watermark allows dropping it.
+    pub state_ttl_batches: Option<u64>,
 }
 
 impl StageGraph {

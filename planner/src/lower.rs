@@ -770,6 +770,7 @@ impl Stages {
         StageGraph {
             stages: self.stages,
             output_schema,
+            state_ttl_batches: None,
         }
     }
 }

@@ -1483,9 +1483,11 @@ pub fn parse_duration_setting_us(text: &str) -> Result<u64> {
         "" | "ms" | "millisecond" | "milliseconds" => n * 1e3,
         "s" | "sec" | "second" | "seconds" => n * 1e6,
         "min" | "minute" | "minutes" => n * 60e6,
+        "h" | "hour" | "hours" => n * 3600e6,
+        "d" | "day" | "days" => n * 86400e6,
         other => {
             return Err(PlanError::invalid(format!(
-                "bad duration unit '{other}' in '{text}': use us, ms, s or min"
+                "bad duration unit '{other}' in '{text}': use us, ms, s, min, h or d"
             )))
         }
     };

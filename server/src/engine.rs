@@ -163,6 +163,10 @@ pub struct Settings {
     /// `statement_timeout`: a statement (a continuous query's whole run
     /// included) running longer ends with 57014. `None` (`0`): no limit.
     pub statement_timeout: Option<Duration>,
+    /// `state_ttl`: keyed state of later continuous queries that no row
+    /// touched for this long is evicted (non-windowed aggregates), and
+    /// regular joins drop rows held this long. `None` (`0`): kept.
+    pub state_ttl: Option<Duration>,
     /// Other Postgres settings drivers set; stored and echoed by SHOW.
     pub other: BTreeMap<String, String>,
 }
@@ -180,8 +184,15 @@ impl Settings {
             fetch_timeout: None,
             memory_limit: 0,
             statement_timeout: None,
+            state_ttl: None,
             other: BTreeMap::new(),
         }
+    }
+
+    /// `state_ttl` in micro-batches of the session's interval (rounded
+    /// up), as a query's stage graph carries it.
+    pub fn state_ttl_batches(&self) -> Option<u64> {
+        ttl_batches(self.state_ttl, self.batch_interval)
     }
 
     /// The database the session asked for.
@@ -396,6 +407,7 @@ impl Engine {
             fetch_timeout: None,
             memory_limit: self.config.query_memory_limit,
             statement_timeout: None,
+            state_ttl: None,
             other: BTreeMap::new(),
         }
     }
@@ -580,10 +592,11 @@ impl Engine {
     /// Starts a continuous query.
     pub fn start_continuous(
         &self,
-        plan: StreamingPlan,
+        mut plan: StreamingPlan,
         settings: &Settings,
         label: String,
     ) -> Result<QueryHandle, PgError> {
+        plan.graph.state_ttl_batches = settings.state_ttl_batches();
         let inputs = plan
             .streams()
             .into_iter()
@@ -736,6 +749,9 @@ impl Engine {
                     more_start_offsets,
                     group_size: settings.group_size,
                     origin_unix_us: Some(now_ms() * 1000),
+                    state_ttl_us: settings
+                        .state_ttl
+                        .map_or(0, |t| t.as_micros().min(u64::MAX as u128) as u64),
                 };
                 // A fresh id: a view never sees an earlier object's files.
                 let (oid, dir) = self.catalog.new_view_dir();
@@ -934,6 +950,7 @@ impl Engine {
                     "cursor_fetch_timeout" => settings.fetch_timeout = defaults.fetch_timeout,
                     "query_memory_limit" => settings.memory_limit = defaults.memory_limit,
                     "statement_timeout" => settings.statement_timeout = None,
+                    "state_ttl" => settings.state_ttl = None,
                     other => {
                         settings.other.remove(other);
                     }
@@ -1508,10 +1525,14 @@ impl Engine {
         &self,
         def: &ViewDef,
         oid: Oid,
-        plan: StreamingPlan,
+        mut plan: StreamingPlan,
         store: Arc<ViewStore>,
         resume: Option<drizzle_exec::checkpoint::Manifest>,
     ) -> Result<(), PgError> {
+        plan.graph.state_ttl_batches = ttl_batches(
+            (def.state_ttl_us > 0).then(|| Duration::from_micros(def.state_ttl_us)),
+            Duration::from_micros(def.batch_interval_us.max(1)),
+        );
         let now_us = now_ms() * 1000;
         // A view made before origins existed has no stable batch ids: it
         // starts over (its log is replayed, not its checkpoints).
@@ -1602,6 +1623,17 @@ impl Engine {
     }
 }
 
+/// A state TTL in micro-batches of `interval` (rounded up, at least 1).
+fn ttl_batches(ttl: Option<Duration>, interval: Duration) -> Option<u64> {
+    let ttl = ttl?;
+    let interval = interval.as_micros().max(1);
+    Some(
+        ttl.as_micros()
+            .div_ceil(interval)
+            .clamp(1, u64::MAX as u128) as u64,
+    )
+}
+
 /// A view's key in the checkpoint store: its object id, never its name.
 fn view_key(oid: Oid) -> String {
     format!("views/{oid}")
@@ -1668,6 +1700,11 @@ pub fn show_setting(settings: &Settings, name: &str) -> Result<String, PgError> 
             None => "0".into(),
         },
         "query_memory_limit" => format_memory_size(settings.memory_limit),
+        "state_ttl" => match settings.state_ttl {
+            Some(t) if t.subsec_millis() == 0 => format!("{}s", t.as_secs()),
+            Some(t) => format!("{}ms", t.as_millis()),
+            None => "0".into(),
+        },
         "statement_timeout" => match settings.statement_timeout {
             Some(t) if t.subsec_millis() == 0 => format!("{}s", t.as_secs()),
             Some(t) => format!("{}ms", t.as_millis()),
@@ -1721,6 +1758,10 @@ const DRIZZLE_PARAMETERS: &[(&str, &str)] = &[
     (
         "statement_timeout",
         "Cancel any statement running longer (0: no limit).",
+    ),
+    (
+        "state_ttl",
+        "Evict keyed state of later continuous queries idle this long (0: keep).",
     ),
 ];
 
@@ -1977,6 +2018,16 @@ pub fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result
         "cursor_fetch_timeout" => {
             let us = drizzle_planner::statement::parse_duration_setting_us(value)?;
             settings.fetch_timeout = (us > 0).then(|| Duration::from_micros(us));
+        }
+        "state_ttl" => {
+            let v = value.trim();
+            settings.state_ttl = if v == "0" || v.eq_ignore_ascii_case("default") {
+                None
+            } else {
+                Some(Duration::from_micros(
+                    drizzle_planner::statement::parse_duration_setting_us(v)?,
+                ))
+            };
         }
         "statement_timeout" => {
             let v = value.trim();

@@ -126,6 +126,7 @@ mod tests {
         StageGraph {
             stages,
             output_schema: Arc::new(arrow::datatypes::Schema::empty()),
+            state_ttl_batches: None,
         }
     }
 

@@ -64,6 +64,7 @@ pub(super) fn chain_spec(
             graph: StageGraph {
                 stages: graph_stages,
                 output_schema: Arc::clone(&schema),
+                state_ttl_batches: None,
             },
             limit: None,
             output_schema: schema,

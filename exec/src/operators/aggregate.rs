@@ -145,11 +145,43 @@ impl GroupTable {
         &mut self,
         plan: &AggregatePlan,
         since: Option<u64>,
-    ) -> Result<RecordBatch> {
+    ) -> Result<(RecordBatch, Vec<u64>)> {
         let n = self.len(plan);
         if n == 0 {
-            return Ok(RecordBatch::new_empty(Arc::clone(&plan.partial_schema)));
+            return Ok((
+                RecordBatch::new_empty(Arc::clone(&plan.partial_schema)),
+                Vec::new(),
+            ));
         }
+        let partial = self.drain(plan, n)?;
+        // Emitting drained the table: merge the rows back, in group order
+        // (so group indexes, and their change stamps, stay as they were).
+        let changed = std::mem::take(&mut self.changed);
+        *self = GroupTable::new(plan)?;
+        self.merge(plan, &partial, 0)?;
+        self.changed = changed;
+        let stamp = |g: usize| self.changed.get(g).copied().unwrap_or(0);
+        let Some(since) = since else {
+            return Ok((partial, (0..n).map(stamp).collect()));
+        };
+        let picked: Vec<u32> = (0..n)
+            .filter(|&g| self.changed.get(g).is_none_or(|&c| c > since))
+            .map(|g| g as u32)
+            .collect();
+        let stamps = picked.iter().map(|&g| stamp(g as usize)).collect();
+        if picked.len() == n {
+            return Ok((partial, stamps));
+        }
+        Ok((
+            take_record_batch(&partial, &UInt32Array::from(picked))?,
+            stamps,
+        ))
+    }
+
+    /// Empties the table into partial rows (group columns, then every
+    /// aggregate's state), one per group in group order; `n` is
+    /// [`Self::len`].
+    fn drain(&mut self, plan: &AggregatePlan, n: usize) -> Result<RecordBatch> {
         let mut columns = if plan.group_exprs.is_empty() {
             Vec::new()
         } else {
@@ -158,28 +190,49 @@ impl GroupTable {
         for acc in &mut self.accs {
             columns.extend(acc.state(EmitTo::All)?);
         }
-        let partial = RecordBatch::try_new_with_options(
+        Ok(RecordBatch::try_new_with_options(
             Arc::clone(&plan.partial_schema),
             columns,
             &RecordBatchOptions::new().with_row_count(Some(n)),
-        )?;
-        // Emitting drained the table: merge the rows back, in group order
-        // (so group indexes, and their change stamps, stay as they were).
-        let changed = std::mem::take(&mut self.changed);
-        *self = GroupTable::new(plan)?;
-        self.merge(plan, &partial, 0)?;
-        self.changed = changed;
-        let Some(since) = since else {
-            return Ok(partial);
-        };
-        let picked: Vec<u32> = (0..n)
-            .filter(|&g| self.changed.get(g).is_none_or(|&c| c > since))
+        )?)
+    }
+
+    /// Sets group `g`'s last-changed micro-batch (a restore keeps the
+    /// original one, so idle-state eviction is the same after recovery).
+    pub(super) fn set_changed(&mut self, g: usize, stamp: u64) {
+        if let Some(c) = self.changed.get_mut(g) {
+            *c = stamp;
+        }
+    }
+
+    /// Evicts the groups no row changed since before micro-batch `before`
+    /// (`SET state_ttl`); returns how many.
+    pub(super) fn evict_idle(&mut self, plan: &AggregatePlan, before: u64) -> Result<usize> {
+        let n = self.len(plan);
+        let idle = (0..n)
+            .filter(|&g| self.changed.get(g).is_some_and(|&c| c < before))
+            .count();
+        if idle == 0 {
+            return Ok(0);
+        }
+        let partial = self.drain(plan, n)?;
+        let keep: Vec<u32> = (0..n)
+            .filter(|&g| self.changed.get(g).is_none_or(|&c| c >= before))
             .map(|g| g as u32)
             .collect();
-        if picked.len() == n {
-            return Ok(partial);
+        let stamps: Vec<u64> = keep
+            .iter()
+            .map(|&g| self.changed.get(g as usize).copied().unwrap_or(0))
+            .collect();
+        let kept = take_record_batch(&partial, &UInt32Array::from(keep))?;
+        *self = GroupTable::new(plan)?;
+        if kept.num_rows() > 0 {
+            let groups = self.merge(plan, &kept, 0)?;
+            for (row, g) in groups.into_iter().enumerate() {
+                self.set_changed(g, stamps[row]);
+            }
         }
-        Ok(take_record_batch(&partial, &UInt32Array::from(picked))?)
+        Ok(idle)
     }
 
     /// Emits every group's final row and empties the table.
@@ -246,6 +299,10 @@ pub struct AggregateFinalExec {
     windows: BTreeMap<i64, GroupTable>,
     /// Windows with end ≤ this are closed (µs).
     closed_through: Option<i64>,
+    /// `SET state_ttl` in micro-batches (upsert aggregates only).
+    ttl: Option<u64>,
+    /// Groups were evicted since the last snapshot.
+    evicted: bool,
 }
 
 impl AggregateFinalExec {
@@ -256,6 +313,8 @@ impl AggregateFinalExec {
             table: None,
             windows: BTreeMap::new(),
             closed_through: None,
+            ttl: None,
+            evicted: false,
         }
     }
 
@@ -289,6 +348,11 @@ impl AggregateFinalExec {
             DataType::Int64,
             true,
         )));
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            STATE_CHANGED,
+            DataType::Int64,
+            true,
+        )));
         Arc::new(arrow::datatypes::Schema::new(fields))
     }
 
@@ -306,12 +370,15 @@ impl AggregateFinalExec {
         }
         tables.extend(self.windows.iter_mut().map(|(end, t)| (Some(*end), t)));
         for (end, table) in tables {
-            let partial = table.snapshot(&self.plan, since)?;
+            let (partial, stamps) = table.snapshot(&self.plan, since)?;
             if partial.num_rows() == 0 {
                 continue;
             }
             let mut columns = partial.columns().to_vec();
             columns.push(Arc::new(Int64Array::from(vec![end; partial.num_rows()])));
+            columns.push(Arc::new(Int64Array::from_iter_values(
+                stamps.into_iter().map(|s| s as i64),
+            )));
             out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
         }
         Ok((self.closed_through, out))
@@ -348,7 +415,7 @@ impl AggregateFinalExec {
         let mut kept: Vec<RecordBatch> = Vec::with_capacity(batches.len());
         // Newest first, so the first row of a key seen is its latest.
         for batch in batches.iter().rev() {
-            if batch.num_columns() != width + 1 {
+            if !state_width_ok(batch, width) {
                 return Err(ExecError::invalid(
                     "checkpointed aggregate state does not match the query",
                 ));
@@ -392,7 +459,7 @@ impl AggregateFinalExec {
             if batch.num_rows() == 0 {
                 continue;
             }
-            if batch.num_columns() != width + 1 {
+            if !state_width_ok(batch, width) {
                 return Err(ExecError::invalid(
                     "checkpointed aggregate state does not match the query",
                 ));
@@ -409,8 +476,21 @@ impl AggregateFinalExec {
                 if self.table.is_none() {
                     self.table = Some(GroupTable::new(&self.plan)?);
                 }
+                // Checkpoints from before change stamps were kept have none:
+                // their groups count as changed at the checkpoint.
+                let stamps = batch
+                    .columns()
+                    .get(width + 1)
+                    .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>());
                 if let Some(t) = self.table.as_mut() {
-                    t.merge(&self.plan, &partial, as_of)?;
+                    let groups = t.merge(&self.plan, &partial, as_of)?;
+                    if let Some(stamps) = stamps {
+                        for (row, g) in groups.into_iter().enumerate() {
+                            if stamps.is_valid(row) {
+                                t.set_changed(g, stamps.value(row).max(0) as u64);
+                            }
+                        }
+                    }
                 }
                 continue;
             }
@@ -463,6 +543,15 @@ impl AggregateFinalExec {
         let Some(table) = self.table.as_mut() else {
             return Err(ExecError::invalid("aggregate state missing"));
         };
+        // `SET state_ttl`: groups idle for more than the TTL go first, so
+        // one of them seen in this batch starts over.
+        if let Some(ttl) = self.ttl {
+            if ttl_check(stamp, ttl) && table.evict_idle(plan, stamp.saturating_sub(ttl))? > 0 {
+                // A delta cannot say a group is gone: the next checkpoint
+                // is complete.
+                self.evicted = true;
+            }
+        }
         let k = plan.group_exprs.len();
         let mut first_row: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
         let mut order: Vec<usize> = Vec::new();
@@ -565,6 +654,16 @@ impl AggregateFinalExec {
 /// Name of the window-end column of checkpointed aggregate state.
 pub const STATE_WINDOW_END: &str = "__drizzle_window_end";
 
+/// Name of the column of checkpointed aggregate state that holds each
+/// group's last-changed micro-batch (for `SET state_ttl`).
+pub const STATE_CHANGED: &str = "__drizzle_changed";
+
+/// A checkpointed aggregate state batch: the partial columns, the window
+/// end, and (since change stamps are kept) the stamps.
+fn state_width_ok(batch: &RecordBatch, width: usize) -> bool {
+    (width + 1..=width + 2).contains(&batch.num_columns())
+}
+
 impl StatefulOperator for AggregateFinalExec {
     fn name(&self) -> &'static str {
         "AggregateFinalExec"
@@ -585,12 +684,22 @@ impl StatefulOperator for AggregateFinalExec {
     }
 
     fn snapshot(&mut self, delta_base: Option<u64>) -> Result<OperatorSnapshot> {
+        // After an eviction, only a complete snapshot says what is gone.
+        let delta_base = if std::mem::take(&mut self.evicted) {
+            None
+        } else {
+            delta_base
+        };
         let (closed_through, rows) = AggregateFinalExec::snapshot(self, delta_base)?;
         Ok(OperatorSnapshot {
             closed_through,
             delta_base,
             sections: vec![rows],
         })
+    }
+
+    fn set_state_ttl(&mut self, batches: u64) {
+        self.ttl = Some(batches.max(1));
     }
 
     fn restore(&mut self, layers: Vec<OperatorSnapshot>, batch: u64) -> Result<()> {

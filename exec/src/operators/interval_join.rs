@@ -140,7 +140,16 @@ pub struct IntervalJoinExec {
     right_keys: KeyEval,
     left: HeldSide,
     right: HeldSide,
+    /// `SET state_ttl` in micro-batches (regular joins only).
+    ttl: Option<u64>,
+    /// The micro-batch being processed: a regular join's rows carry the one
+    /// they arrived in as their time.
+    now: u64,
 }
+
+/// Name of the column a regular join's checkpointed rows carry their
+/// arrival micro-batch in (for `SET state_ttl`).
+pub const STATE_ARRIVED: &str = "__drizzle_arrived";
 
 impl IntervalJoinExec {
     /// Empty state for `plan`.
@@ -165,7 +174,14 @@ impl IntervalJoinExec {
             plan,
             left: HeldSide::default(),
             right: HeldSide::default(),
+            ttl: None,
+            now: 0,
         })
+    }
+
+    /// Columns of the left input.
+    fn left_width(&self) -> usize {
+        self.plan.schema.fields().len() - self.plan.right_input.fields().len()
     }
 
     /// Rows held on both sides.
@@ -185,9 +201,10 @@ impl IntervalJoinExec {
                 (&self.right_keys, self.plan.right_time)
             };
             let key_arrays = keys.eval(batch)?;
-            // A regular join has no time: every row's is 0.
+            // A regular join has no time: a row's is the micro-batch it
+            // arrived in (all pairs match; `state_ttl` drops old rows).
             let time: ArrayRef = if self.plan.regular {
-                Arc::new(Int64Array::from(vec![0i64; batch.num_rows()]))
+                Arc::new(Int64Array::from(vec![self.now as i64; batch.num_rows()]))
             } else {
                 let t = arrow::compute::cast(
                     batch.column(column),
@@ -345,6 +362,16 @@ impl IntervalJoinExec {
         right: &[RecordBatch],
         watermark_us: Option<i64>,
     ) -> Result<OperatorOutput> {
+        if let (true, Some(ttl)) = (self.plan.regular, self.ttl) {
+            if ttl_check(self.now, ttl) {
+                // Rows held longer than the TTL match nothing more.
+                let before = self.now.saturating_sub(ttl) as i64;
+                self.left
+                    .drop_before(before, &self.converter, &self.left_keys)?;
+                self.right
+                    .drop_before(before, &self.converter, &self.right_keys)?;
+            }
+        }
         let left_before = self.left.next;
         let right_new = self.add(right, false)?;
         let left_new = self.add(left, true)?;
@@ -392,10 +419,11 @@ impl StatefulOperator for IntervalJoinExec {
 
     fn process(
         &mut self,
-        _batch: u64,
+        batch: u64,
         inputs: &[Vec<RecordBatch>],
         watermark_us: Option<i64>,
     ) -> Result<OperatorOutput> {
+        self.now = batch;
         match inputs {
             [left, right] => IntervalJoinExec::process(self, left, right, watermark_us),
             _ => Err(ExecError::invalid(format!(
@@ -411,25 +439,77 @@ impl StatefulOperator for IntervalJoinExec {
         size
     }
 
-    /// Always in full: the held rows of both inputs.
+    /// Always in full: the held rows of both inputs (a regular join's
+    /// with the micro-batch they arrived in, a last column).
     fn snapshot(&mut self, _delta_base: Option<u64>) -> Result<OperatorSnapshot> {
-        let rows = |side: &HeldSide| side.batches.values().map(|b| b.batch.clone()).collect();
+        let regular = self.plan.regular;
+        let rows = |side: &HeldSide| -> Result<Vec<RecordBatch>> {
+            side.batches
+                .values()
+                .map(|b| {
+                    if !regular {
+                        return Ok(b.batch.clone());
+                    }
+                    let mut fields: Vec<arrow::datatypes::FieldRef> =
+                        b.batch.schema().fields().iter().cloned().collect();
+                    fields.push(Arc::new(arrow::datatypes::Field::new(
+                        STATE_ARRIVED,
+                        DataType::Int64,
+                        false,
+                    )));
+                    let mut columns = b.batch.columns().to_vec();
+                    columns.push(Arc::new(Int64Array::from(vec![
+                        b.max_time;
+                        b.batch.num_rows()
+                    ])));
+                    Ok(RecordBatch::try_new(
+                        Arc::new(arrow::datatypes::Schema::new(fields)),
+                        columns,
+                    )?)
+                })
+                .collect()
+        };
         Ok(OperatorSnapshot {
             closed_through: None,
             delta_base: None,
-            sections: vec![rows(&self.left), rows(&self.right)],
+            sections: vec![rows(&self.left)?, rows(&self.right)?],
         })
     }
 
-    fn restore(&mut self, layers: Vec<OperatorSnapshot>, _batch: u64) -> Result<()> {
+    fn restore(&mut self, layers: Vec<OperatorSnapshot>, batch: u64) -> Result<()> {
+        let widths = [self.left_width(), self.plan.right_input.fields().len()];
         for layer in layers {
             let mut sections = layer.sections.into_iter();
-            let left = sections.next().unwrap_or_default();
-            let right = sections.next().unwrap_or_default();
-            self.add(&left, true)?;
-            self.add(&right, false)?;
+            for (left, width) in [(true, widths[0]), (false, widths[1])] {
+                for rows in sections.next().unwrap_or_default() {
+                    // A regular join's rows come back with their arrival
+                    // batch (checkpoints from before it was kept: the
+                    // checkpoint's).
+                    self.now = batch;
+                    let rows = if self.plan.regular && rows.num_columns() == width + 1 {
+                        let arrived = rows
+                            .column(width)
+                            .as_primitive_opt::<arrow::datatypes::Int64Type>()
+                            .ok_or_else(|| ExecError::invalid("arrival batches are not Int64"))?;
+                        if let Some(&a) = arrived.values().first() {
+                            self.now = a.max(0) as u64;
+                        }
+                        rows.project(&(0..width).collect::<Vec<_>>())?
+                    } else {
+                        rows
+                    };
+                    self.add(std::slice::from_ref(&rows), left)?;
+                }
+            }
         }
+        self.now = batch;
         Ok(())
+    }
+
+    fn set_state_ttl(&mut self, batches: u64) {
+        if self.plan.regular {
+            self.ttl = Some(batches.max(1));
+        }
     }
 }
 
@@ -490,6 +570,46 @@ mod tests {
     /// (key, left time, right time) of every output row.
     fn triples(out: &OperatorOutput) -> Vec<(i64, i64, i64)> {
         key_and_times(out, [0, 1, 3])
+    }
+
+    /// `SET state_ttl` on a regular join: a row matches rows of the other
+    /// side that arrive at most the TTL after it, and its arrival batch
+    /// survives a checkpoint.
+    #[test]
+    fn a_regular_join_drops_rows_held_longer_than_the_ttl() {
+        let (ls, rs) = (side("a"), side("b"));
+        let mut regular = plan(i64::MIN, i64::MAX);
+        regular.regular = true;
+        let mut exec = IntervalJoinExec::new(regular.clone()).unwrap();
+        exec.set_state_ttl(4);
+        let step = |exec: &mut IntervalJoinExec,
+                    b: u64,
+                    l: &[(Option<i64>, i64)],
+                    r: &[(Option<i64>, i64)]| {
+            let out =
+                StatefulOperator::process(exec, b, &[vec![rows(&ls, l)], vec![rows(&rs, r)]], None)
+                    .unwrap();
+            triples(&out)
+        };
+        step(&mut exec, 0, &[(Some(1), 100)], &[]);
+        step(&mut exec, 1, &[], &[(Some(2), 7)]);
+        assert_eq!(step(&mut exec, 3, &[], &[(Some(1), 5)]), vec![(1, 100, 5)]);
+        // Through a checkpoint: the rows keep their arrival batches.
+        let snap = exec.snapshot(None).unwrap();
+        let mut again = IntervalJoinExec::new(regular).unwrap();
+        again.set_state_ttl(4);
+        again.restore(vec![snap], 3).unwrap();
+        // Batch 6: the left row (batch 0) is older than the TTL, the right
+        // row of key 2 (batch 1) too; the right row of key 1 (batch 3) not.
+        assert_eq!(
+            step(&mut again, 6, &[(Some(2), 200)], &[(Some(1), 9)]),
+            vec![]
+        );
+        assert_eq!(again.held_rows(), 3, "two right rows and the new left row");
+        assert_eq!(
+            step(&mut again, 7, &[(Some(1), 300)], &[]),
+            vec![(1, 300, 5), (1, 300, 9)]
+        );
     }
 
     #[test]

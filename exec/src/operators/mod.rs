@@ -212,6 +212,20 @@ pub trait StatefulOperator: Send {
     /// count changed (sections already re-partitioned to this partition).
     /// `batch` is the checkpoint's micro-batch.
     fn restore(&mut self, layers: Vec<OperatorSnapshot>, batch: u64) -> Result<()>;
+
+    /// `SET state_ttl`: state idle (or, for held join rows, as old) for
+    /// this many micro-batches may be evicted. Operators whose state the
+    /// watermark bounds ignore it. Idle times are counted in micro-batches
+    /// and kept in checkpoints, so a recovered query evicts exactly what
+    /// the original run would have.
+    fn set_state_ttl(&mut self, _batches: u64) {}
+}
+
+/// How often (in micro-batches) an operator with a state TTL of `ttl`
+/// micro-batches looks for idle state: an eighth of the TTL, so state is
+/// evicted at most an eighth of the TTL late; the same batches in every run.
+pub(crate) fn ttl_check(batch: u64, ttl: u64) -> bool {
+    batch.is_multiple_of((ttl / 8).max(1))
 }
 
 /// The registry: the stateful operator a graph operator runs as, if it is
@@ -455,6 +469,90 @@ mod tests {
         let out = agg.process(1, &[], Some(30_000_000)).unwrap();
         assert_eq!(out.chunks.len(), 2);
         assert_eq!(agg.open_state(), 0, "closed windows free their state");
+    }
+
+    /// `SET state_ttl` on a non-windowed aggregate: a group no row changed
+    /// for longer than the TTL starts over; its last change survives a
+    /// checkpoint, and the checkpoint after an eviction is complete.
+    #[test]
+    fn groups_idle_longer_than_the_ttl_start_over() {
+        use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+        let key = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let count = AggregateExprBuilder::new(
+            datafusion::functions_aggregate::count::count_udaf(),
+            vec![Arc::new(
+                datafusion::physical_expr::expressions::Column::new("k", 0),
+            )],
+        )
+        .schema(Arc::clone(&key))
+        .alias("n")
+        .build()
+        .unwrap();
+        let state: Vec<Field> = count
+            .state_fields()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let mut partial = vec![Field::new("k", DataType::Int64, false)];
+        partial.extend(state);
+        let plan = AggregatePlan {
+            group_exprs: vec![(
+                Arc::new(datafusion::physical_expr::expressions::Column::new("k", 0)),
+                "k".into(),
+            )],
+            aggregates: vec![Arc::new(count)],
+            filters: vec![None],
+            group_schema: Arc::clone(&key),
+            partial_schema: Arc::new(Schema::new(partial)),
+            output_schema: Arc::new(Schema::new(vec![
+                Field::new("k", DataType::Int64, false),
+                Field::new("n", DataType::Int64, false),
+            ])),
+            window: None,
+        };
+        let rows = |k: &[i64]| {
+            let b = RecordBatch::try_new(
+                Arc::clone(&key),
+                vec![Arc::new(Int64Array::from(k.to_vec()))],
+            )
+            .unwrap();
+            partial_aggregate(&plan, &b).unwrap()
+        };
+        let counts = |out: &OperatorOutput| {
+            let mut v = Vec::new();
+            for (_, b) in &out.chunks {
+                let k = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+                let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+                v.extend((0..b.num_rows()).map(|i| (k.value(i), n.value(i))));
+            }
+            v.sort_unstable();
+            v
+        };
+        for restore in [false, true] {
+            let mut agg: Box<dyn StatefulOperator> =
+                Box::new(AggregateFinalExec::new(plan.clone()));
+            agg.set_state_ttl(4);
+            agg.process(0, &[vec![rows(&[1, 1, 2])]], None).unwrap();
+            agg.process(3, &[vec![rows(&[2])]], None).unwrap();
+            if restore {
+                let snap = agg.snapshot(None).unwrap();
+                agg = Box::new(AggregateFinalExec::new(plan.clone()));
+                agg.set_state_ttl(4);
+                agg.restore(vec![snap], 3).unwrap();
+            }
+            // Batch 6: group 1 (changed at 0) is gone, group 2 (3) is not.
+            let out = agg.process(6, &[vec![rows(&[1, 2])]], None).unwrap();
+            assert_eq!(counts(&out), vec![(1, 1), (2, 3)], "restored: {restore}");
+            assert_eq!(agg.state_size().keys, 2);
+            let snap = agg.snapshot(Some(5)).unwrap();
+            assert_eq!(
+                snap.delta_base, None,
+                "after an eviction, a complete checkpoint"
+            );
+            let snap = agg.snapshot(Some(6)).unwrap();
+            assert_eq!(snap.delta_base, Some(6), "then deltas again");
+        }
     }
 
     #[test]

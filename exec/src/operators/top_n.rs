@@ -24,12 +24,21 @@ pub struct TopNExec {
     keys: RowConverter,
     sort: RowConverter,
     values: RowConverter,
-    /// Key (row format) → its best rows, best first.
-    groups: HashMap<Vec<u8>, Vec<Held>>,
+    /// Key (row format) → the micro-batch a row of it last arrived in,
+    /// and its best rows, best first.
+    groups: HashMap<Vec<u8>, (u64, Vec<Held>)>,
     next_seq: u64,
     rows: u64,
     bytes: u64,
+    /// The micro-batch being processed.
+    now: u64,
+    /// `SET state_ttl` in micro-batches.
+    ttl: Option<u64>,
 }
+
+/// Name of the column a top-N's checkpointed rows carry their key's last
+/// arrival micro-batch in (for `SET state_ttl`).
+pub const STATE_SEEN: &str = "__drizzle_seen";
 
 impl TopNExec {
     /// Empty state for `plan`.
@@ -65,6 +74,8 @@ impl TopNExec {
             next_seq: 0,
             rows: 0,
             bytes: 0,
+            now: 0,
+            ttl: None,
         })
     }
 
@@ -99,7 +110,9 @@ impl TopNExec {
         for i in 0..batch.num_rows() {
             let s = sort.row(i);
             let key = keys.row(i);
-            let held = self.groups.entry_ref(key.as_ref()).or_default();
+            let group = self.groups.entry_ref(key.as_ref()).or_default();
+            group.0 = group.0.max(self.now);
+            let held = &mut group.1;
             // A full key keeps its rows against an equal or worse one: ties
             // keep arrival order.
             if held.len() >= limit && held.last().is_some_and(|last| s >= last.sort.row()) {
@@ -138,7 +151,7 @@ impl TopNExec {
         let mut rows = Vec::new();
         let mut ranks = Vec::new();
         for key in keys {
-            if let Some(held) = self.groups.get(key.as_slice()) {
+            if let Some((_, held)) = self.groups.get(key.as_slice()) {
                 for (i, h) in held.iter().enumerate() {
                     rows.push(h.row.row());
                     ranks.push(i as u64 + 1);
@@ -176,11 +189,30 @@ impl StatefulOperator for TopNExec {
 
     fn process(
         &mut self,
-        _batch: u64,
+        batch: u64,
         inputs: &[Vec<RecordBatch>],
         _watermark_us: Option<i64>,
     ) -> Result<OperatorOutput> {
         let input = one_input("TopNExec", inputs)?;
+        self.now = batch;
+        if let Some(ttl) = self.ttl.filter(|&t| ttl_check(batch, t)) {
+            // Keys no row reached for longer than the TTL start over.
+            let before = batch.saturating_sub(ttl);
+            let (mut rows, mut bytes) = (0u64, 0u64);
+            self.groups.retain(|_, (seen, held)| {
+                let keep = *seen >= before;
+                if !keep {
+                    rows += held.len() as u64;
+                    bytes += held
+                        .iter()
+                        .map(|h| (h.row.as_ref().len() + h.sort.as_ref().len() + 48) as u64)
+                        .sum::<u64>();
+                }
+                keep
+            });
+            self.rows = self.rows.saturating_sub(rows);
+            self.bytes = self.bytes.saturating_sub(bytes);
+        }
         let mut changed = Vec::new();
         for b in input {
             self.offer(b, &mut changed)?;
@@ -203,18 +235,34 @@ impl StatefulOperator for TopNExec {
         }
     }
 
-    /// Always in full: the held rows, best first per key (so a restore
-    /// offers them in rank order and ties keep it).
+    /// Always in full: the held rows in arrival order (so a restore offers
+    /// them as they came and ties keep their order), each with its key's
+    /// last arrival micro-batch as a last column.
     fn snapshot(&mut self, _delta_base: Option<u64>) -> Result<OperatorSnapshot> {
-        let mut held: Vec<&Held> = self.groups.values().flatten().collect();
-        held.sort_by_key(|h| h.seq);
-        let rows: Vec<_> = held.iter().map(|h| h.row.row()).collect();
+        let mut held: Vec<(u64, &Held)> = self
+            .groups
+            .values()
+            .flat_map(|(seen, rows)| rows.iter().map(move |h| (*seen, h)))
+            .collect();
+        held.sort_by_key(|(_, h)| h.seq);
+        let rows: Vec<_> = held.iter().map(|(_, h)| h.row.row()).collect();
         let section = if rows.is_empty() {
             Vec::new()
         } else {
+            let mut fields: Vec<arrow::datatypes::FieldRef> =
+                self.plan.input.fields().iter().cloned().collect();
+            fields.push(Arc::new(arrow::datatypes::Field::new(
+                STATE_SEEN,
+                DataType::Int64,
+                false,
+            )));
+            let mut columns = self.values.convert_rows(rows)?;
+            columns.push(Arc::new(Int64Array::from_iter_values(
+                held.iter().map(|(seen, _)| *seen as i64),
+            )));
             vec![RecordBatch::try_new(
-                Arc::clone(&self.plan.input),
-                self.values.convert_rows(rows)?,
+                Arc::new(arrow::datatypes::Schema::new(fields)),
+                columns,
             )?]
         };
         Ok(OperatorSnapshot {
@@ -224,16 +272,46 @@ impl StatefulOperator for TopNExec {
         })
     }
 
-    fn restore(&mut self, layers: Vec<OperatorSnapshot>, _batch: u64) -> Result<()> {
+    fn restore(&mut self, layers: Vec<OperatorSnapshot>, batch: u64) -> Result<()> {
         let mut ignored = Vec::new();
+        let width = self.plan.input.fields().len();
         for layer in layers {
             for section in layer.sections {
                 for b in section {
-                    self.offer(&b, &mut ignored)?;
+                    // Checkpoints from before keys' arrival batches were
+                    // kept have none: the checkpoint's counts.
+                    let seen = (b.num_columns() == width + 1)
+                        .then(|| {
+                            b.column(width)
+                                .as_primitive_opt::<arrow::datatypes::Int64Type>()
+                        })
+                        .flatten();
+                    let Some(seen) = seen else {
+                        self.now = batch;
+                        self.offer(&b, &mut ignored)?;
+                        continue;
+                    };
+                    let rows = b.project(&(0..width).collect::<Vec<_>>())?;
+                    // A key's rows share its batch: offered together, in
+                    // their order.
+                    let mut by_seen: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+                    for (i, s) in seen.values().iter().enumerate() {
+                        by_seen.entry(*s).or_default().push(i as u32);
+                    }
+                    for (s, picked) in by_seen {
+                        self.now = s.max(0) as u64;
+                        let part = take_record_batch(&rows, &UInt32Array::from(picked))?;
+                        self.offer(&part, &mut ignored)?;
+                    }
                 }
             }
         }
+        self.now = batch;
         Ok(())
+    }
+
+    fn set_state_ttl(&mut self, batches: u64) {
+        self.ttl = Some(batches.max(1));
     }
 }
 
@@ -293,6 +371,36 @@ mod tests {
         }
         v.sort_unstable();
         v
+    }
+
+    /// `SET state_ttl`: a key no row reached for longer than the TTL starts
+    /// over, whether or not a checkpoint came between.
+    #[test]
+    fn keys_idle_longer_than_the_ttl_start_over() {
+        let p = plan(2);
+        for restore in [false, true] {
+            let mut exec = TopNExec::new(p.clone()).unwrap();
+            exec.set_state_ttl(4);
+            exec.process(0, &[vec![batch(&p, &[(1, 50), (1, 40), (2, 9)])]], None)
+                .unwrap();
+            exec.process(3, &[vec![batch(&p, &[(2, 1)])]], None)
+                .unwrap();
+            if restore {
+                let snap = exec.snapshot(None).unwrap();
+                exec = TopNExec::new(p.clone()).unwrap();
+                exec.set_state_ttl(4);
+                exec.restore(vec![snap], 3).unwrap();
+            }
+            // Batch 6: key 1 (last seen at 0) is gone, key 2 (3) is not.
+            let out = exec
+                .process(6, &[vec![batch(&p, &[(1, 5), (2, 5)])]], None)
+                .unwrap();
+            assert_eq!(
+                triples(&out),
+                vec![(1, 5, 1), (2, 5, 2), (2, 9, 1)],
+                "restored: {restore}"
+            );
+        }
     }
 
     /// Against a record-at-a-time model: after each batch, the changed keys'

@@ -915,6 +915,10 @@ impl Scheduler {
                         "shuffle stage {stage} does not start with a stateful operator"
                     )));
                 };
+                let mut operator = operator;
+                if let Some(ttl) = wq.graph.state_ttl_batches {
+                    operator.set_state_ttl(ttl);
+                }
                 let work = ReduceWork {
                     operator,
                     chain: ChainState::default(),
