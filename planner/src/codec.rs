@@ -50,6 +50,8 @@ struct PlanWire {
     upsert_keys: Option<Vec<usize>>,
     #[serde(default)]
     event_time: Option<usize>,
+    #[serde(default)]
+    op_column: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -125,6 +127,8 @@ struct AggregateWire {
     partial_schema: Schema,
     output_schema: Schema,
     window: Option<WindowGroup>,
+    #[serde(default)]
+    changes: bool,
 }
 
 fn codec_err(e: impl std::fmt::Display) -> PlanError {
@@ -289,6 +293,7 @@ fn encode_aggregate(agg: &AggregatePlan, input: SchemaRef) -> Result<AggregateWi
         partial_schema: agg.partial_schema.as_ref().clone(),
         output_schema: agg.output_schema.as_ref().clone(),
         window: agg.window.clone(),
+        changes: agg.changes,
     })
 }
 
@@ -317,6 +322,7 @@ fn decode_aggregate(wire: AggregateWire, ctx: &TaskContext) -> Result<AggregateP
         partial_schema: Arc::new(wire.partial_schema),
         output_schema: Arc::new(wire.output_schema),
         window: wire.window,
+        changes: wire.changes,
     })
 }
 
@@ -445,6 +451,7 @@ pub fn encode_plan(plan: &StreamingPlan) -> Result<Vec<u8>> {
         emit: plan.emit,
         upsert_keys: plan.upsert_keys.clone(),
         event_time: plan.event_time,
+        op_column: plan.op_column,
     };
     serde_json::to_vec(&wire).map_err(codec_err)
 }
@@ -459,6 +466,7 @@ pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> Result<StreamingPlan> {
         emit: wire.emit,
         upsert_keys: wire.upsert_keys,
         event_time: wire.event_time,
+        op_column: wire.op_column,
     })
 }
 

@@ -402,6 +402,8 @@ fn describe_operator(op: &Operator) -> String {
                 "AggregateFinalExec: group=[{keys}], aggr=[{aggs}], state=keyed{}",
                 if agg.window.is_some() {
                     " per window"
+                } else if agg.changes {
+                    " with each group's last row, emits changes (last row -1, new row +1)"
                 } else {
                     ""
                 }

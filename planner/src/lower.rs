@@ -616,6 +616,10 @@ struct Flow {
     /// broadcasts such an input rather than gather a window in one
     /// partition.
     small: bool,
+    /// The rows end with an `op` column past the plan's own ones (`upsert`
+    /// or `delete`): an aggregate over changes, whose groups can vanish.
+    /// Projections carry it along.
+    op_column: bool,
 }
 
 /// A stream's event-time column as a flow carries it.
@@ -645,6 +649,7 @@ impl Flow {
             closes_windows: false,
             event_time: Vec::new(),
             small: false,
+            op_column: false,
         }
     }
 }
@@ -963,6 +968,7 @@ fn lower_window_join(
         closes_windows: true,
         event_time: Vec::new(),
         small: false,
+        op_column: false,
     })
 }
 
@@ -1214,6 +1220,7 @@ fn lower_interval_join(
         closes_windows: false,
         event_time: Vec::new(),
         small: false,
+        op_column: false,
     })
 }
 
@@ -1394,6 +1401,282 @@ fn lower_top_n(
     Ok(Flow::keyed(from, Operator::TopN(plan), true))
 }
 
+/// Name of the column an aggregate over changes ends its rows with:
+/// `upsert` (the group's new row) or `delete` (the group is gone).
+pub const OP_COLUMN: &str = "op";
+
+/// `schema` with the `op` column last.
+fn with_op_column(schema: &Schema) -> Schema {
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(OP_COLUMN, DataType::Utf8, false));
+    Schema::new(fields)
+}
+
+/// How an aggregate over changes finishes one of the user's aggregates from
+/// the sums it keeps (indices among the sums).
+enum Finish {
+    /// `count`: the sum of the weights of non-NULL values.
+    Count(usize),
+    /// `sum`: the weighted sum, NULL when no non-NULL value is left.
+    Sum {
+        sum: usize,
+        count: usize,
+        to: DataType,
+    },
+    /// `avg`: the weighted sum over the count of non-NULL values.
+    Avg { sum: usize, count: usize },
+}
+
+/// An aggregation over a non-windowed aggregation, whose rows change. The
+/// inner aggregation emits changes (each changed group's previous row
+/// with weight -1, its new row with +1; the kernels after it carry the
+/// weight); the outer one keeps, per group, sums of weighted values, so a
+/// retraction subtracts what the addition added: `count`, `sum` and `avg`
+/// are exact. The result is an upsert keyed by the outer groups, with an
+/// `op` column: `delete` once no row of a group is left.
+fn lower_aggregate_over_changes(
+    a: &datafusion::logical_expr::logical_plan::Aggregate,
+    mut flow: Flow,
+    stages: &mut Stages,
+    props: &datafusion::execution::context::ExecutionProps,
+) -> Result<Flow> {
+    use datafusion::functions_aggregate::expr_fn::sum;
+    use datafusion::logical_expr::{cast, lit, when, ExprSchemable};
+    use datafusion::physical_expr::expressions::{self as pe, Column as PCol};
+    const HINT: &str = "count, sum and avg retract exactly; for the others, aggregate windowed \
+        results (GROUP BY window_start in the inner query)";
+    if flow.op_column {
+        return Err(PlanError::unsupported(
+            "an aggregation over an aggregation over a non-windowed aggregation",
+        ));
+    }
+    // The inner aggregation emits changes; the kernels after it carry the
+    // weight, last.
+    let inner = match flow.operators.first() {
+        Some(Operator::AggregateFinal(inner)) if inner.window.is_none() => inner.as_ref().clone(),
+        _ => {
+            return Err(PlanError::unsupported_hint(
+                "an aggregation over a top-N or other updating result",
+                HINT,
+            ))
+        }
+    };
+    let mut inner = inner;
+    inner.changes = true;
+    let mut width = inner.output_schema.fields().len();
+    let mut operators = vec![Operator::AggregateFinal(Arc::new(inner))];
+    let weight_field = Field::new(crate::plan::WEIGHT_COLUMN, DataType::Int64, false);
+    for op in flow.operators.iter().skip(1) {
+        match op {
+            Operator::Kernel(BatchOp::Filter { .. }) => operators.push(op.clone()),
+            Operator::Kernel(BatchOp::Project { exprs, schema }) => {
+                let mut exprs = exprs.clone();
+                let n = exprs.len();
+                exprs.push(Arc::new(PCol::new(crate::plan::WEIGHT_COLUMN, width)));
+                let mut fields: Vec<Field> =
+                    schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+                fields.push(weight_field.clone());
+                width = n;
+                operators.push(Operator::Kernel(BatchOp::Project {
+                    exprs,
+                    schema: Arc::new(Schema::new(fields)),
+                }));
+            }
+            _ => {
+                return Err(PlanError::unsupported(
+                    "an aggregation over a non-windowed aggregation through a join",
+                ))
+            }
+        }
+    }
+    let input_schema = a.input.schema();
+    if width != input_schema.fields().len() {
+        return Err(PlanError::Internal {
+            message: "an aggregation over changes lost track of its input columns".into(),
+        });
+    }
+    flow.operators = operators;
+    let extended = input_schema.join(&DFSchema::try_from(Schema::new(vec![weight_field]))?)?;
+    let w = Expr::Column(datafusion::common::Column::new_unqualified(
+        crate::plan::WEIGHT_COLUMN,
+    ));
+    // The sums kept per group: the weights first (rows left), then each
+    // aggregate's.
+    let mut sums: Vec<Expr> = vec![sum(w.clone())];
+    let mut finish = Vec::with_capacity(a.aggr_expr.len());
+    for e in &a.aggr_expr {
+        let Expr::AggregateFunction(AggregateFunction { func, params }) = unalias(e) else {
+            return Err(PlanError::unsupported_hint(
+                format!("{e} over a non-windowed aggregation"),
+                HINT,
+            ));
+        };
+        let name = func.name().to_lowercase();
+        if params.distinct || params.filter.is_some() || !params.order_by.is_empty() {
+            return Err(PlanError::unsupported_hint(
+                format!("{name}(DISTINCT ...), FILTER or ORDER BY over a non-windowed aggregation"),
+                HINT,
+            ));
+        }
+        let [arg] = params.args.as_slice() else {
+            return Err(PlanError::unsupported_hint(
+                format!("{name}() with several arguments over a non-windowed aggregation"),
+                HINT,
+            ));
+        };
+        // The weight of a row whose argument is not NULL, else 0.
+        let counted = match arg {
+            Expr::Literal(v, _) if !v.is_null() => w.clone(),
+            _ => when(arg.clone().is_null(), lit(0i64)).otherwise(w.clone())?,
+        };
+        let arg_type = arg.get_type(input_schema)?;
+        match name.as_str() {
+            "count" => {
+                sums.push(sum(counted));
+                finish.push(Finish::Count(sums.len() - 1));
+            }
+            "sum" | "avg" => {
+                let weighted = if arg_type.is_integer() && name == "sum" {
+                    cast(arg.clone(), DataType::Int64) * w.clone()
+                } else if arg_type.is_integer() || arg_type.is_floating() {
+                    cast(arg.clone(), DataType::Float64) * cast(w.clone(), DataType::Float64)
+                } else {
+                    return Err(PlanError::unsupported_hint(
+                        format!("{name}() of {arg_type} over a non-windowed aggregation"),
+                        "cast it to BIGINT or DOUBLE PRECISION",
+                    ));
+                };
+                sums.push(sum(weighted));
+                sums.push(sum(counted));
+                let (s, c) = (sums.len() - 2, sums.len() - 1);
+                finish.push(if name == "sum" {
+                    Finish::Sum {
+                        sum: s,
+                        count: c,
+                        to: if arg_type.is_integer() {
+                            DataType::Int64
+                        } else {
+                            DataType::Float64
+                        },
+                    }
+                } else {
+                    Finish::Avg { sum: s, count: c }
+                });
+            }
+            other => return Err(PlanError::unsupported_hint(
+                format!(
+                    "{other}() over a non-windowed aggregation (its rows change; {other} cannot \
+                         take a row back without keeping every value)"
+                ),
+                HINT,
+            )),
+        }
+    }
+    // The outer aggregation over the inner rows and their weights.
+    let physical_input = extended.as_arrow();
+    let mut group_exprs = Vec::new();
+    for (i, e) in a.group_expr.iter().enumerate() {
+        if matches!(e, Expr::GroupingSet(_)) {
+            return Err(PlanError::unsupported("GROUPING SETS, CUBE and ROLLUP"));
+        }
+        group_exprs.push((
+            physical(e, &extended, props)?,
+            a.schema.field(i).name().clone(),
+        ));
+    }
+    let k = group_exprs.len();
+    let ctx = PhysicalPlanningContext::default();
+    let mut aggregates = Vec::new();
+    let mut filters = Vec::new();
+    for (i, e) in sums.iter().enumerate() {
+        let e = e.clone().alias(format!("__drizzle_sum{i}"));
+        let lowered =
+            LoweredAggregateBuilder::new(&e, &extended, physical_input, props, &ctx).build()?;
+        aggregates.push(lowered.aggregate);
+        filters.push(lowered.filter);
+    }
+    if let Some(checked) = crate::functions::overflow::check_aggregate(&[], &aggregates, &filters)?
+    {
+        aggregates = checked.aggregates;
+        filters = checked.filters;
+    }
+    let group_fields: Vec<Field> = (0..k).map(|i| a.schema.field(i).as_ref().clone()).collect();
+    let mut partial_fields = group_fields.clone();
+    let mut internal_fields = group_fields.clone();
+    for agg in &aggregates {
+        for f in agg.state_fields()? {
+            partial_fields.push(f.as_ref().clone());
+        }
+        internal_fields.push(agg.field().as_ref().clone().with_nullable(true));
+    }
+    let internal = Arc::new(Schema::new(internal_fields));
+    let agg = Arc::new(AggregatePlan {
+        group_exprs,
+        aggregates,
+        filters,
+        group_schema: Arc::new(Schema::new(group_fields)),
+        partial_schema: Arc::new(Schema::new(partial_fields)),
+        output_schema: Arc::clone(&internal),
+        window: None,
+        changes: false,
+    });
+    flow.operators
+        .push(Operator::AggregatePartial(Arc::clone(&agg)));
+    let keys = leading_columns(&agg.partial_schema, k);
+    let from = stages.cut(flow, keys);
+    // The user's columns, then `op`, from the sums.
+    let col =
+        |i: usize| -> Arc<dyn PhysicalExpr> { Arc::new(PCol::new(internal.field(i).name(), i)) };
+    let zero = |i: usize| -> Result<Arc<dyn PhysicalExpr>> {
+        Ok(pe::binary(
+            col(k + i),
+            datafusion::logical_expr::Operator::Eq,
+            pe::lit(ScalarValue::Int64(Some(0))),
+            &internal,
+        )?)
+    };
+    let null_when_empty = |count: usize,
+                           value: Arc<dyn PhysicalExpr>,
+                           t: &DataType|
+     -> Result<Arc<dyn PhysicalExpr>> {
+        Ok(pe::case(
+            None,
+            vec![(zero(count)?, pe::lit(ScalarValue::try_from(t)?))],
+            Some(value),
+        )?)
+    };
+    let mut exprs: Vec<Arc<dyn PhysicalExpr>> = (0..k).map(col).collect();
+    for f in &finish {
+        exprs.push(match f {
+            Finish::Count(c) => col(k + c),
+            Finish::Sum { sum, count, to } => {
+                null_when_empty(*count, pe::cast(col(k + sum), &internal, to.clone())?, to)?
+            }
+            Finish::Avg { sum, count } => {
+                let ratio = pe::binary(
+                    col(k + sum),
+                    datafusion::logical_expr::Operator::Divide,
+                    pe::cast(col(k + count), &internal, DataType::Float64)?,
+                    &internal,
+                )?;
+                null_when_empty(*count, ratio, &DataType::Float64)?
+            }
+        });
+    }
+    exprs.push(pe::case(
+        None,
+        vec![(zero(0)?, pe::lit(ScalarValue::from("delete")))],
+        Some(pe::lit(ScalarValue::from("upsert"))),
+    )?);
+    let mut reduce = Flow::keyed(from, Operator::AggregateFinal(agg), true);
+    reduce.push(BatchOp::Project {
+        exprs,
+        schema: Arc::new(with_op_column(a.schema.as_arrow())),
+    });
+    reduce.op_column = true;
+    Ok(reduce)
+}
+
 /// A frame bound's `INTERVAL` in µs (no months: their length varies).
 fn frame_interval_us(v: &ScalarValue) -> Option<i64> {
     match v {
@@ -1560,7 +1843,11 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
     let mut stages = Stages::default();
     let flow = lower_node(body, &mut stages)?;
     no_open_sessions(&flow)?;
-    let output_schema: SchemaRef = Arc::new(body.schema().as_arrow().clone());
+    let output_schema: SchemaRef = if flow.op_column {
+        Arc::new(with_op_column(body.schema().as_arrow()))
+    } else {
+        Arc::new(body.schema().as_arrow().clone())
+    };
     let emit = if flow.upsert {
         EmitMode::Upsert
     } else if flow.closes_windows {
@@ -1622,6 +1909,7 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
     } else {
         None
     };
+    let op_column = flow.op_column;
     let mut graph = stages.finish(flow, emit, Arc::clone(&output_schema));
     // Lookup joins are numbered across the whole graph: workers ask the
     // coordinator for a table side by number.
@@ -1643,6 +1931,7 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
         output_schema,
         emit,
         event_time,
+        op_column,
     })
 }
 
@@ -1791,6 +2080,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 closes_windows: false,
                 event_time,
                 small: false,
+                op_column: false,
             };
             if let Some(projection) = &scan.projection {
                 let identity = projection.len() == full_schema.fields().len()
@@ -1836,9 +2126,19 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
             }
             flow.windows = carried(&flow.windows, &sources);
             flow.event_time = carried(&flow.event_time, &sources);
+            let mut exprs = exprs;
+            let mut schema = p.schema.as_arrow().clone();
+            if flow.op_column {
+                // The `op` column rides along, last.
+                let at = p.input.schema().fields().len();
+                exprs.push(Arc::new(datafusion::physical_expr::expressions::Column::new(
+                    OP_COLUMN, at,
+                )));
+                schema = with_op_column(&schema);
+            }
             flow.push(BatchOp::Project {
                 exprs,
-                schema: Arc::new(p.schema.as_arrow().clone()),
+                schema: Arc::new(schema),
             });
             Ok(flow)
         }
@@ -1946,11 +2246,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
         LogicalPlan::Aggregate(a) => {
             let mut flow = lower_node(&a.input, stages)?;
             if flow.upsert {
-                return Err(PlanError::unsupported_hint(
-                    "an aggregation over a non-windowed aggregation (AggregateFinalExec's rows change; \
-                     aggregating them needs retractions, which come with updating queries)",
-                    "aggregate windowed results: GROUP BY window_start in the inner query",
-                ));
+                return lower_aggregate_over_changes(a, flow, stages, &props);
             }
             let input_schema = a.input.schema();
             let physical_input = input_schema.as_arrow();
@@ -2043,6 +2339,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 partial_schema: Arc::new(Schema::new(partial_fields)),
                 output_schema: Arc::new(a.schema.as_arrow().clone()),
                 window,
+                changes: false,
             });
             flow.operators
                 .push(Operator::AggregatePartial(Arc::clone(&agg)));
@@ -2077,6 +2374,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 closes_windows: windowed,
                 event_time: Vec::new(),
                 small: per_window && !sessions,
+                op_column: false,
             })
         }
         LogicalPlan::Sort(_) => Err(PlanError::unsupported_hint(
@@ -2133,6 +2431,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 closes_windows,
                 event_time: Vec::new(),
                 small: false,
+                op_column: false,
             })
         }
         LogicalPlan::Distinct(_) => Err(PlanError::unsupported("DISTINCT ON a stream")),

@@ -261,7 +261,16 @@ pub struct AggregatePlan {
     pub output_schema: SchemaRef,
     /// Set when the aggregation groups by a window column.
     pub window: Option<WindowGroup>,
+    /// A non-windowed aggregation whose rows feed another aggregation: it
+    /// emits changes, each changed group's previous row with weight -1 and
+    /// its new row with weight +1, in a last column
+    /// [`WEIGHT_COLUMN`](crate::plan::WEIGHT_COLUMN).
+    pub changes: bool,
 }
+
+/// The weight column of a change stream: +1 for a row added, -1 for a row
+/// retracted (an update is a retraction and an addition).
+pub const WEIGHT_COLUMN: &str = "__drizzle_weight";
 
 /// How results leave the query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -303,6 +312,10 @@ pub struct StreamingPlan {
     /// window order, when it closes (a windowed aggregate or window join at
     /// the sink). A view over this query's view uses it as event time.
     pub event_time: Option<usize>,
+    /// The output's last column is `op` (an upsert whose keys can go away:
+    /// an aggregate over changes): `upsert` for a key's new row, `delete`
+    /// when the key is gone.
+    pub op_column: bool,
 }
 
 impl StreamingPlan {

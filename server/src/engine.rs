@@ -1647,7 +1647,8 @@ fn new_view_store(plan: &StreamingPlan) -> Result<ViewStore, PgError> {
                 PgError::unsupported("a materialized view over GROUP BY that does not select every group column is not supported")
                     .with_hint("add the GROUP BY columns to the SELECT list")
             })?;
-            ViewStore::upsert(schema, keys).map_err(|e| PgError::internal(e.to_string()))
+            ViewStore::upsert(schema, keys, plan.op_column)
+                .map_err(|e| PgError::internal(e.to_string()))
         }
         _ => {
             let mut store = ViewStore::append(schema);

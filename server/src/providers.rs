@@ -81,7 +81,14 @@ struct UpsertRows {
 
 /// The contents of a materialized view, fed by its continuous query.
 pub struct ViewStore {
+    /// The rows as the query emits them (an `op` column last, for an
+    /// aggregate over changes).
+    rows_schema: SchemaRef,
+    /// The view's columns (without `op`).
     schema: SchemaRef,
+    /// Index of the `op` column: rows whose `op` is `delete` remove their
+    /// key.
+    op_column: Option<usize>,
     rows: Mutex<ViewRows>,
     /// The last micro-batch applied (for SHOW and tests).
     pub last_batch: Mutex<Option<u64>>,
@@ -112,6 +119,8 @@ impl ViewStore {
     /// An append view (append and windowed queries).
     pub fn append(schema: SchemaRef) -> Self {
         Self {
+            rows_schema: Arc::clone(&schema),
+            op_column: None,
             schema,
             rows: Mutex::new(ViewRows::Append(Vec::new())),
             last_batch: Mutex::new(None),
@@ -125,7 +134,7 @@ impl ViewStore {
     /// missing) into it, then logs every batch applied from here on.
     pub fn with_log(mut self, path: std::path::PathBuf) -> Result<Self, drizzle_exec::ExecError> {
         let mut fields: Vec<arrow::datatypes::FieldRef> =
-            self.schema.fields().iter().cloned().collect();
+            self.rows_schema.fields().iter().cloned().collect();
         fields.push(Arc::new(arrow::datatypes::Field::new(
             BATCH_COLUMN,
             arrow::datatypes::DataType::UInt64,
@@ -136,7 +145,7 @@ impl ViewStore {
             std::fs::create_dir_all(dir).map_err(|e| drizzle_exec::ExecError::io(dir, e))?;
         }
         let log = drizzle_exec::log::PartitionLog::open(path, schema, false)?;
-        let width = self.schema.fields().len();
+        let width = self.rows_schema.fields().len();
         for logged in log.read(0, log.end_offset())? {
             let ids = logged
                 .column(width)
@@ -147,22 +156,38 @@ impl ViewStore {
                 continue;
             };
             let rows =
-                RecordBatch::try_new(Arc::clone(&self.schema), logged.columns()[..width].to_vec())?;
+                RecordBatch::try_new(Arc::clone(&self.rows_schema), logged.columns()[..width].to_vec())?;
             self.apply(batch_id, rows)?;
         }
         self.log = Some(Arc::new(log));
         Ok(self)
     }
 
-    /// An upsert view keyed by the output columns `keys`.
-    pub fn upsert(schema: SchemaRef, keys: Vec<usize>) -> Result<Self, arrow::error::ArrowError> {
+    /// An upsert view keyed by the output columns `keys`; with `op`, the
+    /// rows end with an `op` column, and `delete` removes a key.
+    pub fn upsert(
+        schema: SchemaRef,
+        keys: Vec<usize>,
+        op: bool,
+    ) -> Result<Self, arrow::error::ArrowError> {
         let converter = RowConverter::new(
             keys.iter()
                 .map(|&k| SortField::new(schema.field(k).data_type().clone()))
                 .collect(),
         )?;
+        let width = schema.fields().len();
+        let (visible, op_column) = if op && width > 0 {
+            (
+                Arc::new(schema.project(&(0..width - 1).collect::<Vec<_>>())?),
+                Some(width - 1),
+            )
+        } else {
+            (Arc::clone(&schema), None)
+        };
         Ok(Self {
-            schema,
+            rows_schema: Arc::clone(&schema),
+            op_column,
+            schema: visible,
             rows: Mutex::new(ViewRows::Upsert(UpsertRows {
                 keys,
                 converter,
@@ -239,7 +264,7 @@ impl ViewStore {
                     // Compact when most stored rows are stale.
                     let stored: usize = u.batches.iter().map(|b| b.num_rows()).sum();
                     if stored > 1024 && stored > 4 * u.latest.len() {
-                        let snapshot = snapshot_upsert(u, &self.schema)?;
+                        let snapshot = snapshot_upsert(u, &self.rows_schema)?;
                         u.batches = vec![snapshot];
                         for (i, key) in u.order.iter().enumerate() {
                             u.latest.insert(key.clone(), (0, i));
@@ -257,7 +282,26 @@ impl ViewStore {
         let rows = self.rows.lock();
         match &*rows {
             ViewRows::Append(v) => Ok(v.clone()),
-            ViewRows::Upsert(u) => Ok(vec![snapshot_upsert(u, &self.schema)?]),
+            ViewRows::Upsert(u) => {
+                let latest = snapshot_upsert(u, &self.rows_schema)?;
+                let Some(op) = self.op_column else {
+                    return Ok(vec![latest]);
+                };
+                // Keys whose latest row deletes them are gone.
+                let ops = latest
+                    .column(op)
+                    .as_any()
+                    .downcast_ref::<arrow::array::StringArray>()
+                    .ok_or_else(|| {
+                        arrow::error::ArrowError::SchemaError(
+                            "a view's op column is not text".into(),
+                        )
+                    })?;
+                let live: arrow::array::BooleanArray =
+                    ops.iter().map(|o| Some(o != Some("delete"))).collect();
+                let kept = arrow::compute::filter_record_batch(&latest, &live)?;
+                Ok(vec![kept.project(&(0..op).collect::<Vec<_>>())?])
+            }
         }
     }
 }

@@ -39,6 +39,7 @@ const QUERIES: &[(&str, bool)] = &[
     ("q1", true),
     ("q2", true),
     ("q3", true),
+    ("q4", false),
     ("q5", true),
     ("q7", true),
     ("q8", true),

@@ -71,6 +71,7 @@ pub(super) fn chain_spec(
             emit: EmitMode::Append,
             upsert_keys: None,
             event_time: None,
+            op_column: false,
         },
         inputs: vec![InputSpec {
             sources: (0..maps)

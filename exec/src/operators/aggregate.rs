@@ -1,6 +1,8 @@
 //! Aggregation: the map-side partial half and `AggregateFinalExec`, the
 //! reduce-side keyed state (per window when windowed).
 
+use arrow::row::OwnedRow;
+
 use super::*;
 
 pub(super) fn new_accumulator(
@@ -303,6 +305,12 @@ pub struct AggregateFinalExec {
     ttl: Option<u64>,
     /// Groups were evicted since the last snapshot.
     evicted: bool,
+    /// A change-emitting aggregate (`plan.changes`): each group's last
+    /// emitted row, retracted when the group changes.
+    last: Vec<Option<OwnedRow>>,
+    last_bytes: u64,
+    /// Row format of the output rows (change-emitting aggregates).
+    out_rows: Option<RowConverter>,
 }
 
 impl AggregateFinalExec {
@@ -315,7 +323,113 @@ impl AggregateFinalExec {
             closed_through: None,
             ttl: None,
             evicted: false,
+            last: Vec::new(),
+            last_bytes: 0,
+            out_rows: None,
         }
+    }
+
+    /// The schema of a change-emitting aggregate's rows: the output, then
+    /// the weight.
+    pub fn change_schema(plan: &AggregatePlan) -> SchemaRef {
+        let mut fields: Vec<arrow::datatypes::FieldRef> =
+            plan.output_schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            drizzle_planner::WEIGHT_COLUMN,
+            DataType::Int64,
+            false,
+        )));
+        Arc::new(arrow::datatypes::Schema::new(fields))
+    }
+
+    fn out_converter(&mut self) -> Result<&RowConverter> {
+        if self.out_rows.is_none() {
+            self.out_rows = Some(RowConverter::new(
+                self.plan
+                    .output_schema
+                    .fields()
+                    .iter()
+                    .map(|f| SortField::new(f.data_type().clone()))
+                    .collect(),
+            )?);
+        }
+        self.out_rows
+            .as_ref()
+            .ok_or_else(|| ExecError::invalid("no output row format"))
+    }
+
+    /// The changed groups' new rows `out` (of groups `order`) as changes:
+    /// each group's previous row with weight -1 (if it had one, and it
+    /// differs), then its new row with weight +1.
+    fn as_changes(&mut self, order: &[usize], out: &RecordBatch) -> Result<RecordBatch> {
+        let new = self.out_converter()?.convert_columns(out.columns())?;
+        let mut retract: Vec<OwnedRow> = Vec::new();
+        let mut add: Vec<u32> = Vec::new();
+        for (i, &g) in order.iter().enumerate() {
+            if self.last.len() <= g {
+                self.last.resize(g + 1, None);
+            }
+            let row = new.row(i);
+            if let Some(prev) = &self.last[g] {
+                if prev.row() == row {
+                    continue;
+                }
+                self.last_bytes = self.last_bytes.saturating_sub(prev.as_ref().len() as u64);
+                retract.push(prev.clone());
+            }
+            self.last_bytes += row.as_ref().len() as u64;
+            self.last[g] = Some(row.owned());
+            add.push(i as u32);
+        }
+        let schema = Self::change_schema(&self.plan);
+        let weighted = |columns: Vec<ArrayRef>, weight: i64| -> Result<RecordBatch> {
+            let n = columns.first().map_or(0, |c| c.len());
+            let mut columns = columns;
+            columns.push(Arc::new(Int64Array::from(vec![weight; n])));
+            Ok(RecordBatch::try_new_with_options(
+                Arc::clone(&schema),
+                columns,
+                &RecordBatchOptions::new().with_row_count(Some(n)),
+            )?)
+        };
+        let mut parts = Vec::with_capacity(2);
+        if !retract.is_empty() {
+            let columns = self
+                .out_converter()?
+                .convert_rows(retract.iter().map(|r| r.row()))?;
+            parts.push(weighted(columns, -1)?);
+        }
+        let added = take_record_batch(out, &UInt32Array::from(add))?;
+        parts.push(weighted(added.columns().to_vec(), 1)?);
+        Ok(arrow::compute::concat_batches(&schema, &parts)?)
+    }
+
+    /// After a restore: every group's current row is what was emitted last.
+    fn remember_all(&mut self) -> Result<()> {
+        self.last.clear();
+        self.last_bytes = 0;
+        let k = self.plan.group_exprs.len();
+        let plan = self.plan.clone();
+        let Some(table) = self.table.as_mut() else {
+            return Ok(());
+        };
+        let n = table.len(&plan);
+        if n == 0 {
+            return Ok(());
+        }
+        let (partial, _) = table.snapshot(&plan, None)?;
+        let keys: Vec<ArrayRef> = partial.columns()[..k].to_vec();
+        let order: Vec<usize> = (0..n).collect();
+        let out = table.emit_changed(&plan, &order, &keys)?;
+        let rows = self.out_converter()?.convert_columns(out.columns())?;
+        self.last = (0..n)
+            .map(|i| {
+                let row = rows.row(i);
+                Some(row.owned())
+            })
+            .collect();
+        self.last_bytes = (0..n).map(|i| rows.row(i).as_ref().len() as u64).sum();
+        Ok(())
     }
 
     /// Number of open windows (windowed) or groups (upsert).
@@ -335,6 +449,7 @@ impl AggregateFinalExec {
         for t in self.windows.values() {
             size += t.size(&self.plan);
         }
+        size.bytes += self.last_bytes + self.last.capacity() as u64 * 32;
         size
     }
 
@@ -588,6 +703,11 @@ impl AggregateFinalExec {
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let out = table.emit_changed(plan, &order, &keys)?;
+        let out = if plan.changes {
+            self.as_changes(&order, &out)?
+        } else {
+            out
+        };
         Ok(OperatorOutput {
             chunks: vec![(None, out)],
             late: 0,
@@ -698,8 +818,12 @@ impl StatefulOperator for AggregateFinalExec {
         })
     }
 
+    /// Not for a change-emitting aggregate: the aggregate it feeds holds
+    /// its groups' last rows, which an eviction would leave there.
     fn set_state_ttl(&mut self, batches: u64) {
-        self.ttl = Some(batches.max(1));
+        if !self.plan.changes {
+            self.ttl = Some(batches.max(1));
+        }
     }
 
     fn restore(&mut self, layers: Vec<OperatorSnapshot>, batch: u64) -> Result<()> {
@@ -711,6 +835,10 @@ impl StatefulOperator for AggregateFinalExec {
             })
             .collect();
         let (closed_through, rows) = self.overlay(layers)?;
-        AggregateFinalExec::restore(self, closed_through, &rows, batch)
+        AggregateFinalExec::restore(self, closed_through, &rows, batch)?;
+        if self.plan.changes {
+            self.remember_all()?;
+        }
+        Ok(())
     }
 }

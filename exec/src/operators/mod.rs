@@ -454,6 +454,7 @@ mod tests {
                 size_us: 10_000_000,
                 session: None,
             }),
+            changes: false,
         };
         let mut agg = AggregateFinalExec::new(plan);
         let part = RecordBatch::try_new(
@@ -471,11 +472,8 @@ mod tests {
         assert_eq!(agg.open_state(), 0, "closed windows free their state");
     }
 
-    /// `SET state_ttl` on a non-windowed aggregate: a group no row changed
-    /// for longer than the TTL starts over; its last change survives a
-    /// checkpoint, and the checkpoint after an eviction is complete.
-    #[test]
-    fn groups_idle_longer_than_the_ttl_start_over() {
+    /// `SELECT k, count(k) AS n ... GROUP BY k` as an aggregate plan.
+    fn count_by_key() -> AggregatePlan {
         use datafusion::physical_expr::aggregate::AggregateExprBuilder;
         let key = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
         let count = AggregateExprBuilder::new(
@@ -496,7 +494,7 @@ mod tests {
             .collect();
         let mut partial = vec![Field::new("k", DataType::Int64, false)];
         partial.extend(state);
-        let plan = AggregatePlan {
+        AggregatePlan {
             group_exprs: vec![(
                 Arc::new(datafusion::physical_expr::expressions::Column::new("k", 0)),
                 "k".into(),
@@ -510,24 +508,78 @@ mod tests {
                 Field::new("n", DataType::Int64, false),
             ])),
             window: None,
-        };
-        let rows = |k: &[i64]| {
-            let b = RecordBatch::try_new(
-                Arc::clone(&key),
-                vec![Arc::new(Int64Array::from(k.to_vec()))],
-            )
-            .unwrap();
-            partial_aggregate(&plan, &b).unwrap()
-        };
-        let counts = |out: &OperatorOutput| {
-            let mut v = Vec::new();
-            for (_, b) in &out.chunks {
-                let k = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
-                let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
-                v.extend((0..b.num_rows()).map(|i| (k.value(i), n.value(i))));
+            changes: false,
+        }
+    }
+
+    /// The partial rows of `keys` for `plan`.
+    fn key_rows(plan: &AggregatePlan, keys: &[i64]) -> RecordBatch {
+        let b = RecordBatch::try_new(
+            Arc::clone(&plan.group_schema),
+            vec![Arc::new(Int64Array::from(keys.to_vec()))],
+        )
+        .unwrap();
+        partial_aggregate(plan, &b).unwrap()
+    }
+
+    /// (k, n, weight if any) of every output row, sorted.
+    fn counted(out: &OperatorOutput) -> Vec<(i64, i64, Option<i64>)> {
+        let mut v = Vec::new();
+        for (_, b) in &out.chunks {
+            let k = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+            let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+            let w = b
+                .columns()
+                .get(2)
+                .map(|w| w.as_primitive::<arrow::datatypes::Int64Type>());
+            v.extend((0..b.num_rows()).map(|i| (k.value(i), n.value(i), w.map(|w| w.value(i)))));
+        }
+        v.sort_unstable();
+        v
+    }
+
+    /// An aggregate feeding another emits changes: a changed group's last
+    /// row retracted (-1), its new row added (+1). A restore remembers
+    /// the last rows.
+    #[test]
+    fn a_changing_aggregate_retracts_its_last_rows() {
+        let mut plan = count_by_key();
+        plan.changes = true;
+        for restore in [false, true] {
+            let mut agg: Box<dyn StatefulOperator> =
+                Box::new(AggregateFinalExec::new(plan.clone()));
+            let out = agg
+                .process(0, &[vec![key_rows(&plan, &[1, 1, 2])]], None)
+                .unwrap();
+            assert_eq!(counted(&out), vec![(1, 2, Some(1)), (2, 1, Some(1))]);
+            if restore {
+                let snap = agg.snapshot(None).unwrap();
+                agg = Box::new(AggregateFinalExec::new(plan.clone()));
+                agg.restore(vec![snap], 0).unwrap();
             }
-            v.sort_unstable();
-            v
+            let out = agg
+                .process(1, &[vec![key_rows(&plan, &[2, 3])]], None)
+                .unwrap();
+            assert_eq!(
+                counted(&out),
+                vec![(2, 1, Some(-1)), (2, 2, Some(1)), (3, 1, Some(1))],
+                "restored: {restore}"
+            );
+            // No rows, no changes.
+            let out = agg.process(2, &[vec![]], None).unwrap();
+            assert_eq!(counted(&out), vec![]);
+        }
+    }
+
+    /// `SET state_ttl` on a non-windowed aggregate: a group no row changed
+    /// for longer than the TTL starts over; its last change survives a
+    /// checkpoint, and the checkpoint after an eviction is complete.
+    #[test]
+    fn groups_idle_longer_than_the_ttl_start_over() {
+        let plan = count_by_key();
+        let rows = |k: &[i64]| key_rows(&plan, k);
+        let counts = |out: &OperatorOutput| -> Vec<(i64, i64)> {
+            counted(out).into_iter().map(|(k, n, _)| (k, n)).collect()
         };
         for restore in [false, true] {
             let mut agg: Box<dyn StatefulOperator> =
@@ -569,6 +621,7 @@ mod tests {
             partial_schema: Arc::clone(&key),
             output_schema: Arc::clone(&key),
             window: None,
+            changes: false,
         };
         let keys = |k: &[i64]| {
             RecordBatch::try_new(

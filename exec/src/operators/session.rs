@@ -410,6 +410,7 @@ mod tests {
                     keys: vec![0],
                 }),
             }),
+            changes: false,
         }
     }
 
