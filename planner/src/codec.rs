@@ -129,6 +129,8 @@ struct AggregateWire {
     window: Option<WindowGroup>,
     #[serde(default)]
     changes: bool,
+    #[serde(default)]
+    over_changes: bool,
 }
 
 fn codec_err(e: impl std::fmt::Display) -> PlanError {
@@ -294,6 +296,7 @@ fn encode_aggregate(agg: &AggregatePlan, input: SchemaRef) -> Result<AggregateWi
         output_schema: agg.output_schema.as_ref().clone(),
         window: agg.window.clone(),
         changes: agg.changes,
+        over_changes: agg.over_changes,
     })
 }
 
@@ -323,6 +326,7 @@ fn decode_aggregate(wire: AggregateWire, ctx: &TaskContext) -> Result<AggregateP
         output_schema: Arc::new(wire.output_schema),
         window: wire.window,
         changes: wire.changes,
+        over_changes: wire.over_changes,
     })
 }
 

@@ -266,6 +266,10 @@ pub struct AggregatePlan {
     /// its new row with weight +1, in a last column
     /// [`WEIGHT_COLUMN`](crate::plan::WEIGHT_COLUMN).
     pub changes: bool,
+    /// Its input is such changes (its aggregates are sums of weighted
+    /// values): `state_ttl` must not evict a group, whose later
+    /// retractions would then start it below zero.
+    pub over_changes: bool,
 }
 
 /// The weight column of a change stream: +1 for a row added, -1 for a row
@@ -322,6 +326,33 @@ impl StreamingPlan {
     /// The plan's stage graph.
     pub fn graph(&self) -> StageGraph {
         self.graph.clone()
+    }
+
+    /// For a materialized view: an upsert whose sink filters its rows
+    /// (`HAVING`) deletes the keys whose new row fails the filter, through
+    /// an `op` column, rather than leave their old row in the view. (A
+    /// continuous `SELECT` keeps the filter: it would otherwise show a
+    /// delete for every key that never passed.)
+    pub fn delete_filtered_keys(&mut self) -> crate::error::Result<()> {
+        if self.emit != EmitMode::Upsert {
+            return Ok(());
+        }
+        let Some(sink) = self.graph.stages.last_mut() else {
+            return Ok(());
+        };
+        let Some(operators) =
+            crate::lower::deletes_for_filtered_rows(&sink.operators, self.op_column)?
+        else {
+            return Ok(());
+        };
+        sink.operators = operators;
+        if !self.op_column {
+            self.op_column = true;
+            let schema = Arc::new(crate::lower::with_op_column(&self.output_schema));
+            self.output_schema = Arc::clone(&schema);
+            self.graph.output_schema = schema;
+        }
+        Ok(())
     }
 
     /// True when the plan has a shuffle.

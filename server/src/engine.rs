@@ -445,6 +445,22 @@ impl Engine {
         query: &Query,
         params: &[ScalarValue],
     ) -> Result<PlannedQuery, PgError> {
+        // A view deletes the keys its filter drops (see
+        // `StreamingPlan::delete_filtered_keys`).
+        Ok(match self.plan_view_query(query, params)? {
+            PlannedQuery::Continuous(mut plan) => {
+                plan.delete_filtered_keys()?;
+                PlannedQuery::Continuous(plan)
+            }
+            finite => finite,
+        })
+    }
+
+    fn plan_view_query(
+        &self,
+        query: &Query,
+        params: &[ScalarValue],
+    ) -> Result<PlannedQuery, PgError> {
         let settings = self.default_settings();
         let resolver = self.resolver(&settings);
         let planned = plan_query(&self.ctx.state(), &resolver, query, params);

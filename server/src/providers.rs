@@ -155,8 +155,10 @@ impl ViewStore {
             let Some(batch_id) = ids.iter().flatten().max() else {
                 continue;
             };
-            let rows =
-                RecordBatch::try_new(Arc::clone(&self.rows_schema), logged.columns()[..width].to_vec())?;
+            let rows = RecordBatch::try_new(
+                Arc::clone(&self.rows_schema),
+                logged.columns()[..width].to_vec(),
+            )?;
             self.apply(batch_id, rows)?;
         }
         self.log = Some(Arc::new(log));

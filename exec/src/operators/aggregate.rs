@@ -818,10 +818,12 @@ impl StatefulOperator for AggregateFinalExec {
         })
     }
 
-    /// Not for a change-emitting aggregate: the aggregate it feeds holds
-    /// its groups' last rows, which an eviction would leave there.
+    /// Not for an aggregate emitting changes (the aggregate it feeds holds
+    /// its groups' rows, which an eviction would leave there) nor for one
+    /// over changes (a later retraction would start an evicted group below
+    /// zero).
     fn set_state_ttl(&mut self, batches: u64) {
-        if !self.plan.changes {
+        if !self.plan.changes && !self.plan.over_changes {
             self.ttl = Some(batches.max(1));
         }
     }

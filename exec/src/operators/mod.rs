@@ -455,6 +455,7 @@ mod tests {
                 session: None,
             }),
             changes: false,
+            over_changes: false,
         };
         let mut agg = AggregateFinalExec::new(plan);
         let part = RecordBatch::try_new(
@@ -509,6 +510,7 @@ mod tests {
             ])),
             window: None,
             changes: false,
+            over_changes: false,
         }
     }
 
@@ -622,6 +624,7 @@ mod tests {
             output_schema: Arc::clone(&key),
             window: None,
             changes: false,
+            over_changes: false,
         };
         let keys = |k: &[i64]| {
             RecordBatch::try_new(

@@ -411,6 +411,7 @@ mod tests {
                 }),
             }),
             changes: false,
+            over_changes: false,
         }
     }
 
