@@ -67,6 +67,11 @@ pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 /// a worker may put; it travels in 1 MiB chunks.
 pub const MAX_STATE_OBJECT_BYTES: usize = 16 << 30;
 
+/// Largest result of one final task (one partition's rows of one
+/// micro-batch) a worker may put: an upsert over a backlog can emit
+/// millions of changed rows at once.
+pub const MAX_RESULT_PUT_BYTES: usize = 4 << 30;
+
 /// The metadata header that carries the membership token.
 pub const TOKEN_HEADER: &str = "x-drizzle-cluster-token";
 

@@ -364,10 +364,9 @@ impl FlightService for CoordinatorData {
         let mut batches = Vec::new();
         // A state object's bytes, gathered as they arrive.
         let mut state_bytes: Vec<u8> = Vec::new();
-        // Bounded like a control message: a put holds one task's rows. A
-        // state object is one reduce partition's keyed state, which the
-        // query's memory budget bounds on the worker; it has a bound of its
-        // own, far above a message's.
+        // A put holds one task's rows or one reduce partition's keyed state
+        // (which the query's memory budget bounds on the worker); each has
+        // a bound of its own, far above a control message's.
         let mut bytes = 0usize;
         while let Some(msg) = decoder.next().await {
             let msg = msg.map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -386,7 +385,7 @@ impl FlightService for CoordinatorData {
                 let limit = if is_state {
                     MAX_STATE_OBJECT_BYTES
                 } else {
-                    MAX_MESSAGE_BYTES
+                    crate::cluster::MAX_RESULT_PUT_BYTES
                 };
                 bytes = bytes.saturating_add(b.get_array_memory_size());
                 if bytes > limit {

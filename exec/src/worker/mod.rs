@@ -332,6 +332,25 @@ async fn outbox_loop(shared: std::sync::Weak<Shared>, mut rx: mpsc::UnboundedRec
                         .put_output(out.clone(), Arc::clone(&schema), batches.clone())
                         .await;
                     if let Err(e) = put {
+                        // Inline, unless that would be a control message
+                        // over its bound (which would break the stream): the
+                        // task fails instead.
+                        let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+                        if bytes > MAX_MESSAGE_BYTES / 2 {
+                            tracing::error!("putting a task's results ({bytes} bytes) failed: {e}");
+                            let failed = pb::TaskOutput {
+                                query: out.query,
+                                batch: out.batch,
+                                attempt: out.attempt,
+                                error: Some(format!(
+                                    "a task's results ({bytes} bytes) could not be delivered: {e}"
+                                )),
+                                error_code: "53000".into(),
+                                ..Default::default()
+                            };
+                            shared.send_event(pb::worker_event::Event::Output(failed));
+                            return;
+                        }
                         tracing::warn!("putting a task's results failed, sending them inline: {e}");
                         match inline_output(out, &schema, &batches) {
                             Ok(out) => shared.send_event(pb::worker_event::Event::Output(out)),
