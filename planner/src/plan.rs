@@ -264,7 +264,7 @@ pub struct AggregatePlan {
     /// A non-windowed aggregation whose rows feed another aggregation: it
     /// emits changes, each changed group's previous row with weight -1 and
     /// its new row with weight +1, in a last column
-    /// [`WEIGHT_COLUMN`](crate::plan::WEIGHT_COLUMN).
+    /// [`WEIGHT_COLUMN`].
     pub changes: bool,
     /// Its input is such changes (its aggregates are sums of weighted
     /// values): `state_ttl` must not evict a group, whose later
