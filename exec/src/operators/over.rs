@@ -23,9 +23,9 @@ pub struct OverAggregateExec {
     keys: RowConverter,
     /// Rows whose frame is not complete yet (time at or after `released`).
     pending: Vec<RecordBatch>,
-    /// Per key (row format): released rows a later frame can reach, in
-    /// time order.
-    history: HashMap<Vec<u8>, RecordBatch>,
+    /// Per key (row format): the micro-batch a row of it was last released
+    /// in, and its released rows a later frame can reach, in time order.
+    history: HashMap<Vec<u8>, (u64, RecordBatch)>,
     /// For `RANGE`-only frames: when each key's history runs out (its last
     /// time plus the range), so idle keys are forgotten.
     expiry: BTreeMap<i64, Vec<Vec<u8>>>,
@@ -33,7 +33,16 @@ pub struct OverAggregateExec {
     released: Option<i64>,
     pending_bytes: u64,
     history_bytes: u64,
+    /// The micro-batch being processed.
+    now: u64,
+    /// `SET state_ttl` in micro-batches: keys idle that long lose their
+    /// history (a later row's frame starts over).
+    ttl: Option<u64>,
 }
+
+/// Name of the column checkpointed `OVER` rows carry their key's last
+/// release micro-batch in (for `SET state_ttl`).
+pub const STATE_RELEASED: &str = "__drizzle_released";
 
 impl OverAggregateExec {
     /// Empty state for `plan`.
@@ -53,6 +62,8 @@ impl OverAggregateExec {
             released: None,
             pending_bytes: 0,
             history_bytes: 0,
+            now: 0,
+            ttl: None,
         })
     }
 
@@ -174,7 +185,7 @@ impl OverAggregateExec {
         let mut outputs = Vec::new();
         for (key, rows) in self.runs(due)? {
             let fresh = take_record_batch(due, &UInt32Array::from(rows))?;
-            let held = self.history.remove(key.as_slice());
+            let held = self.history.remove(key.as_slice()).map(|(_, h)| h);
             if let Some(h) = &held {
                 self.history_bytes = self
                     .history_bytes
@@ -222,7 +233,7 @@ impl OverAggregateExec {
             &UInt32Array::from((first as u32..n as u32).collect::<Vec<_>>()),
         )?;
         self.history_bytes += kept.get_array_memory_size() as u64;
-        self.history.insert(key, kept);
+        self.history.insert(key, (self.now, kept));
         Ok(())
     }
 
@@ -234,7 +245,7 @@ impl OverAggregateExec {
                 break;
             }
             for key in entry.remove() {
-                let stale = self.history.get(key.as_slice()).is_some_and(|h| {
+                let stale = self.history.get(key.as_slice()).is_some_and(|(_, h)| {
                     self.times(h).is_ok_and(|ts| {
                         !ts.is_empty()
                             && ts
@@ -244,7 +255,7 @@ impl OverAggregateExec {
                     })
                 });
                 if stale {
-                    if let Some(h) = self.history.remove(key.as_slice()) {
+                    if let Some((_, h)) = self.history.remove(key.as_slice()) {
                         self.history_bytes = self
                             .history_bytes
                             .saturating_sub(h.get_array_memory_size() as u64);
@@ -262,11 +273,26 @@ impl StatefulOperator for OverAggregateExec {
 
     fn process(
         &mut self,
-        _batch: u64,
+        batch: u64,
         inputs: &[Vec<RecordBatch>],
         watermark_us: Option<i64>,
     ) -> Result<OperatorOutput> {
         let rows = one_input("OverAggregateExec", inputs)?;
+        self.now = batch;
+        if let Some(ttl) = self.ttl.filter(|&t| ttl_check(batch, t)) {
+            // Keys no row reached for longer than the TTL forget their
+            // history.
+            let before = batch.saturating_sub(ttl);
+            let mut freed = 0u64;
+            self.history.retain(|_, (seen, h)| {
+                let keep = *seen >= before;
+                if !keep {
+                    freed += h.get_array_memory_size() as u64;
+                }
+                keep
+            });
+            self.history_bytes = self.history_bytes.saturating_sub(freed);
+        }
         let mut late = 0;
         for batch in rows {
             late += self.add(batch)?;
@@ -284,7 +310,11 @@ impl StatefulOperator for OverAggregateExec {
 
     fn state_size(&self) -> StateSize {
         let rows = self.pending.iter().map(|b| b.num_rows()).sum::<usize>()
-            + self.history.values().map(|b| b.num_rows()).sum::<usize>();
+            + self
+                .history
+                .values()
+                .map(|(_, b)| b.num_rows())
+                .sum::<usize>();
         StateSize {
             bytes: self.pending_bytes + self.history_bytes + self.history.len() as u64 * 64,
             keys: rows as u64,
@@ -292,10 +322,30 @@ impl StatefulOperator for OverAggregateExec {
     }
 
     /// Always in full, one section of input rows: the held history (times
-    /// before the release bound) and the pending rows (at or after it).
+    /// before the release bound) and the pending rows (at or after it),
+    /// each with its key's last release batch as a last column (0 for
+    /// pending rows).
     fn snapshot(&mut self, _delta_base: Option<u64>) -> Result<OperatorSnapshot> {
-        let mut rows: Vec<RecordBatch> = self.history.values().cloned().collect();
-        rows.extend(self.pending.iter().cloned());
+        let mut fields: Vec<arrow::datatypes::FieldRef> =
+            self.plan.input.fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            STATE_RELEASED,
+            DataType::Int64,
+            false,
+        )));
+        let schema = Arc::new(arrow::datatypes::Schema::new(fields));
+        let stamped = |b: &RecordBatch, seen: u64| -> Result<RecordBatch> {
+            let mut columns = b.columns().to_vec();
+            columns.push(Arc::new(Int64Array::from(vec![seen as i64; b.num_rows()])));
+            Ok(RecordBatch::try_new(Arc::clone(&schema), columns)?)
+        };
+        let mut rows = Vec::with_capacity(self.history.len() + self.pending.len());
+        for (seen, b) in self.history.values() {
+            rows.push(stamped(b, *seen)?);
+        }
+        for b in &self.pending {
+            rows.push(stamped(b, 0)?);
+        }
         Ok(OperatorSnapshot {
             closed_through: self.released,
             delta_base: None,
@@ -303,23 +353,37 @@ impl StatefulOperator for OverAggregateExec {
         })
     }
 
-    fn restore(&mut self, layers: Vec<OperatorSnapshot>, _batch: u64) -> Result<()> {
+    fn set_state_ttl(&mut self, batches: u64) {
+        self.ttl = Some(batches.max(1));
+    }
+
+    fn restore(&mut self, layers: Vec<OperatorSnapshot>, batch: u64) -> Result<()> {
         let released = layers.iter().filter_map(|l| l.closed_through).max();
+        let width = self.plan.input.fields().len();
         let mut held = Vec::new();
+        let mut seen: Vec<i64> = Vec::new();
         for layer in layers {
             for section in layer.sections {
                 for rows in section {
                     if rows.num_rows() == 0 {
                         continue;
                     }
-                    if rows.num_columns() != self.plan.input.fields().len() {
+                    if !(width..=width + 1).contains(&rows.num_columns()) {
                         return Err(ExecError::invalid(
                             "checkpointed OVER state does not match the query",
                         ));
                     }
+                    match rows
+                        .columns()
+                        .get(width)
+                        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>())
+                    {
+                        Some(s) => seen.extend(s.values().iter().copied()),
+                        None => seen.extend(std::iter::repeat_n(batch as i64, rows.num_rows())),
+                    }
                     held.push(RecordBatch::try_new(
                         Arc::clone(&self.plan.input),
-                        rows.columns().to_vec(),
+                        rows.columns()[..width].to_vec(),
                     )?);
                 }
             }
@@ -331,14 +395,27 @@ impl StatefulOperator for OverAggregateExec {
         };
         let ts = self.times(&all)?;
         let before: Vec<bool> = (0..all.num_rows()).map(|i| ts.value(i) < bound).collect();
+        let history_seen: Vec<i64> = seen
+            .iter()
+            .zip(&before)
+            .filter(|(_, b)| **b)
+            .map(|(s, _)| *s)
+            .collect();
         let history = filter_record_batch(&all, &BooleanArray::from(before.clone()))?;
         let pending =
             filter_record_batch(&all, &arrow::compute::not(&BooleanArray::from(before))?)?;
-        // History back per key, in time order.
+        // History back per key, in time order, with its last release batch.
         for (key, rows) in self.runs(&history)? {
+            self.now = rows
+                .iter()
+                .map(|&r| history_seen.get(r as usize).copied().unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+                .max(0) as u64;
             let rows = take_record_batch(&history, &UInt32Array::from(rows))?;
             self.keep(key, &rows, bound)?;
         }
+        self.now = batch;
         self.released = Some(bound);
         self.add(&pending)?;
         Ok(())
@@ -429,6 +506,65 @@ mod tests {
         }
     }
 
+    /// Rows (k, v, ts) in the plan's input schema.
+    fn input(p: &OverAggregatePlan, rows: &[(i64, i64, i64)]) -> RecordBatch {
+        RecordBatch::try_new(
+            Arc::clone(&p.input),
+            vec![
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
+                Arc::new(TimestampMicrosecondArray::from(
+                    rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// `SET state_ttl`: a key no row reached for longer than the TTL loses
+    /// its history (a later row's ROWS frame starts over), whether or not a
+    /// checkpoint came between.
+    #[test]
+    fn keys_idle_longer_than_the_ttl_forget_their_history() {
+        let p = plan();
+        let batch = |rows: &[(i64, i64, i64)]| input(&p, rows);
+        let sums = |out: &OperatorOutput| {
+            let mut v = Vec::new();
+            for (_, b) in &out.chunks {
+                let k = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+                let s = b.column(4).as_primitive::<arrow::datatypes::Int64Type>();
+                v.extend((0..b.num_rows()).map(|i| (k.value(i), s.value(i))));
+            }
+            v.sort_unstable();
+            v
+        };
+        for restore in [false, true] {
+            let mut exec = OverAggregateExec::new(p.clone()).unwrap();
+            exec.set_state_ttl(4);
+            exec.process(0, &[vec![batch(&[(1, 5, 10), (2, 7, 11)])]], Some(20))
+                .unwrap();
+            let out = exec
+                .process(3, &[vec![batch(&[(2, 1, 30)])]], Some(40))
+                .unwrap();
+            assert_eq!(sums(&out), vec![(2, 8)]);
+            if restore {
+                let snap = exec.snapshot(None).unwrap();
+                exec = OverAggregateExec::new(p.clone()).unwrap();
+                exec.set_state_ttl(4);
+                exec.restore(vec![snap], 3).unwrap();
+            }
+            // Batch 6: key 1 (last released at 0) is forgotten, key 2 (3) not.
+            let out = exec
+                .process(6, &[vec![batch(&[(1, 2, 50), (2, 3, 51)])]], Some(60))
+                .unwrap();
+            assert_eq!(sums(&out), vec![(1, 2), (2, 11)], "restored: {restore}");
+        }
+    }
+
     /// Against a model over all rows: every row exactly once, after the
     /// watermark passed it, with its frames' count and sum; rows arrive out
     /// of order within the watermark delay, with a checkpoint half way.
@@ -462,23 +598,9 @@ mod tests {
                 rows.push((next(3), next(100), t));
             }
             all.extend(&rows);
-            let input = RecordBatch::try_new(
-                Arc::clone(&p.input),
-                vec![
-                    Arc::new(Int64Array::from(
-                        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-                    )),
-                    Arc::new(Int64Array::from(
-                        rows.iter().map(|r| r.1).collect::<Vec<_>>(),
-                    )),
-                    Arc::new(TimestampMicrosecondArray::from(
-                        rows.iter().map(|r| r.2).collect::<Vec<_>>(),
-                    )),
-                ],
-            )
-            .unwrap();
+            let batch_in = input(&p, &rows);
             let wm = clock - delay;
-            let out = exec.process(batch, &[vec![input]], Some(wm)).unwrap();
+            let out = exec.process(batch, &[vec![batch_in]], Some(wm)).unwrap();
             for (_, b) in &out.chunks {
                 let k = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
                 let v = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
