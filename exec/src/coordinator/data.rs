@@ -199,16 +199,15 @@ impl CoordinatorData {
         Ok(answer(state_schema(), pb::DataAnswer::default(), batches))
     }
 
-    async fn save_state(
+    /// Whether `caller` may save this state object: a stateful stage's
+    /// partition it owns. Checked as soon as the put names the object,
+    /// before its bytes are gathered, and again when they are saved.
+    fn may_save_state(
         &self,
         caller: Option<(WorkerId, u64)>,
-        req: pb::SaveStateRequest,
-        bytes: Vec<u8>,
+        req: &pb::SaveStateRequest,
     ) -> std::result::Result<(), Status> {
         let q = self.state.query(req.query)?;
-        if req.attempt != q.status.attempt.load(Ordering::Acquire) {
-            return Ok(());
-        }
         if !q.stateful_stages().contains(&req.stage) {
             return Err(Status::invalid_argument(format!(
                 "stage {} of query {} keeps no state",
@@ -220,6 +219,20 @@ impl CoordinatorData {
                 "only the worker that owns a reduce partition saves its state",
             ));
         }
+        Ok(())
+    }
+
+    async fn save_state(
+        &self,
+        caller: Option<(WorkerId, u64)>,
+        req: pb::SaveStateRequest,
+        bytes: Vec<u8>,
+    ) -> std::result::Result<(), Status> {
+        let q = self.state.query(req.query)?;
+        if req.attempt != q.status.attempt.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.may_save_state(caller, &req)?;
         let Some(store) = self.state.checkpoints.as_ref() else {
             return Err(Status::failed_precondition("checkpoints are disabled"));
         };
@@ -372,9 +385,23 @@ impl FlightService for CoordinatorData {
             let msg = msg.map_err(|e| Status::invalid_argument(e.to_string()))?;
             if put.is_none() {
                 if let Some(d) = &msg.inner.flight_descriptor {
-                    put = Some(pb::DataPut::decode(d.cmd.clone()).map_err(|e| {
+                    let named = pb::DataPut::decode(d.cmd.clone()).map_err(|e| {
                         Status::invalid_argument(format!("not a Drizzle data put: {e}"))
-                    })?);
+                    })?;
+                    if let Some(pb::data_put::Kind::State(req)) = &named.kind {
+                        // A stale attempt's put is dropped when it ends, as
+                        // before; the current attempt's must be its owner's.
+                        let current = self
+                            .state
+                            .query(req.query)?
+                            .status
+                            .attempt
+                            .load(Ordering::Acquire);
+                        if req.attempt == current {
+                            self.may_save_state(caller, req)?;
+                        }
+                    }
+                    put = Some(named);
                 }
             }
             if let DecodedPayload::RecordBatch(b) = msg.payload {

@@ -184,16 +184,33 @@ impl GroupTable {
     /// aggregate's state), one per group in group order; `n` is
     /// [`Self::len`].
     fn drain(&mut self, plan: &AggregatePlan, n: usize) -> Result<RecordBatch> {
-        let mut columns = if plan.group_exprs.is_empty() {
-            Vec::new()
-        } else {
+        self.take_all(
+            &plan.partial_schema,
+            !plan.group_exprs.is_empty(),
+            n,
+            |acc| Ok(acc.state(EmitTo::All)?),
+        )
+    }
+
+    /// Empties the table into a batch of `schema`: the group columns (when
+    /// `grouped`), then what `take` takes from each accumulator.
+    fn take_all(
+        &mut self,
+        schema: &SchemaRef,
+        grouped: bool,
+        n: usize,
+        take: impl Fn(&mut Box<dyn GroupsAccumulator>) -> Result<Vec<ArrayRef>>,
+    ) -> Result<RecordBatch> {
+        let mut columns = if grouped {
             self.values.emit(EmitTo::All)?
+        } else {
+            Vec::new()
         };
         for acc in &mut self.accs {
-            columns.extend(acc.state(EmitTo::All)?);
+            columns.extend(take(acc)?);
         }
         Ok(RecordBatch::try_new_with_options(
-            Arc::clone(&plan.partial_schema),
+            Arc::clone(schema),
             columns,
             &RecordBatchOptions::new().with_row_count(Some(n)),
         )?)
@@ -243,19 +260,12 @@ impl GroupTable {
         if n == 0 {
             return Ok(RecordBatch::new_empty(Arc::clone(&plan.output_schema)));
         }
-        let mut columns = if plan.group_exprs.is_empty() {
-            Vec::new()
-        } else {
-            self.values.emit(EmitTo::All)?
-        };
-        for acc in &mut self.accs {
-            columns.push(acc.evaluate(EmitTo::All)?);
-        }
-        Ok(RecordBatch::try_new_with_options(
-            Arc::clone(&plan.output_schema),
-            columns,
-            &RecordBatchOptions::new().with_row_count(Some(n)),
-        )?)
+        self.take_all(
+            &plan.output_schema,
+            !plan.group_exprs.is_empty(),
+            n,
+            |acc| Ok(vec![acc.evaluate(EmitTo::All)?]),
+        )
     }
 
     /// The current rows of `changed` groups, leaving the state in place.
