@@ -61,11 +61,42 @@ pub struct StreamDef {
     pub partitions: u32,
     /// Creation time (Unix ms); datagen streams count generated rows from here.
     pub created_at_ms: i64,
+    /// A processing-time column, `name AS PROCTIME()`: not stored or
+    /// generated, but filled in when a micro-batch reads the stream with
+    /// the batch's trigger time. It comes after [`columns`](Self::columns).
+    #[serde(default)]
+    pub proctime: Option<String>,
+}
+
+/// The type of a processing-time column: `TIMESTAMPTZ`.
+pub fn proctime_type() -> DataType {
+    DataType::Timestamp(
+        arrow::datatypes::TimeUnit::Microsecond,
+        Some("+00:00".into()),
+    )
 }
 
 impl StreamDef {
-    /// The Arrow schema of the stream's rows.
+    /// The Arrow schema of the stream's rows as queries see them: the
+    /// stored columns, then the processing-time column if there is one.
     pub fn schema(&self) -> SchemaRef {
+        match &self.proctime {
+            None => columns_schema(&self.columns),
+            Some(name) => {
+                let mut fields: Vec<Field> = self
+                    .columns
+                    .iter()
+                    .map(|c| Field::new(&c.name, c.data_type.clone(), c.nullable))
+                    .collect();
+                fields.push(Field::new(name, proctime_type(), false));
+                Arc::new(Schema::new(fields))
+            }
+        }
+    }
+
+    /// The schema of the rows a source produces and a stream's log
+    /// stores: the declared columns without the processing-time column.
+    pub fn source_schema(&self) -> SchemaRef {
         columns_schema(&self.columns)
     }
 

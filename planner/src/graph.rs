@@ -359,10 +359,18 @@ fn describe_operator(op: &Operator) -> String {
                 WindowKind::Hop => format!("HOP(slide={}ms, size={}ms)", w.slide_ms, w.size_ms),
                 WindowKind::Session => format!("SESSION(gap={}ms)", w.size_ms),
             };
-            format!(
-                "WindowAssignExec: {kind} on {}, watermark={} - {}ms, late rows dropped",
-                w.time_column_name, w.time_column_name, w.watermark_delay_ms
-            )
+            if w.processing_time {
+                format!(
+                    "WindowAssignExec: {kind} on {} (processing time: the micro-batch's trigger time), \
+                     watermark=the batch's time",
+                    w.time_column_name
+                )
+            } else {
+                format!(
+                    "WindowAssignExec: {kind} on {}, watermark={} - {}ms, late rows dropped",
+                    w.time_column_name, w.time_column_name, w.watermark_delay_ms
+                )
+            }
         }
         Operator::EventTime(e) => format!(
             "EventTimeExec: watermark={} - {}ms, late rows dropped",

@@ -316,26 +316,29 @@ impl ContextProvider for DrizzleContextProvider<'_> {
                 c.name
             )));
         }
-        let time_column = stream
-            .columns
-            .iter()
-            .position(|c| c.name == ts)
-            .ok_or_else(|| {
-                datafusion::error::DataFusionError::SchemaError(
-                    Box::new(datafusion::common::SchemaError::FieldNotFound {
-                        field: Box::new(datafusion::common::Column::new_unqualified(ts.clone())),
-                        valid_fields: vec![],
-                    }),
-                    Box::new(None),
-                )
-            })?;
-        if !matches!(
-            stream.columns[time_column].data_type,
-            DataType::Timestamp(_, _)
-        ) {
-            return Err(df_plan_err(format!(
-                "type mismatch: window time column {ts} must be a TIMESTAMP, not {}",
-                stream.columns[time_column].sql_type
+        let schema = stream.schema();
+        let time_column = schema.index_of(&ts).map_err(|_| {
+            datafusion::error::DataFusionError::SchemaError(
+                Box::new(datafusion::common::SchemaError::FieldNotFound {
+                    field: Box::new(datafusion::common::Column::new_unqualified(ts.clone())),
+                    valid_fields: vec![],
+                }),
+                Box::new(None),
+            )
+        })?;
+        let processing_time = stream.proctime.as_deref() == Some(ts.as_str());
+        if let Some(c) = stream.columns.get(time_column) {
+            if !matches!(c.data_type, DataType::Timestamp(_, _)) {
+                return Err(df_plan_err(format!(
+                    "type mismatch: window time column {ts} must be a TIMESTAMP, not {}",
+                    c.sql_type
+                )));
+            }
+        }
+        if kind == WindowKind::Session && processing_time {
+            return Err(datafusion::error::DataFusionError::NotImplemented(format!(
+                "SESSION over the processing-time column {ts}: session windows are over \
+                 event time; use TUMBLE or HOP over {ts}"
             )));
         }
         let interval = |e: &Expr| window_interval(e, usage);
@@ -351,25 +354,40 @@ impl ContextProvider for DrizzleContextProvider<'_> {
                 "HOP size ({size_ms} ms) must be a multiple of its slide ({slide_ms} ms)"
             )));
         }
-        let Some(wm) = &stream.watermark else {
-            return Err(df_plan_err(format!(
-                "windows need event time: stream {} has no watermark; declare WATERMARK FOR {ts} AS {ts} - INTERVAL '1' SECOND",
-                stream.name
-            )));
+        let delay_ms = if processing_time {
+            // Processing time: a micro-batch's rows all have its trigger
+            // time, so the watermark is the batch's time, with no delay.
+            0
+        } else {
+            let Some(wm) = &stream.watermark else {
+                return Err(df_plan_err(format!(
+                    "windows need event time: stream {} has no watermark; declare WATERMARK FOR {ts} AS {ts} - INTERVAL '1' SECOND \
+                     (or a processing-time column: p_time AS PROCTIME())",
+                    stream.name
+                )));
+            };
+            if wm.column != ts {
+                return Err(df_plan_err(format!(
+                    "the window column {ts} must be the watermark column {} of stream {}{}",
+                    wm.column,
+                    stream.name,
+                    stream
+                        .proctime
+                        .as_ref()
+                        .map(|p| format!(" or its processing-time column {p}"))
+                        .unwrap_or_default()
+                )));
+            }
+            wm.delay_ms
         };
-        if wm.column != ts {
-            return Err(df_plan_err(format!(
-                "the window column {ts} must be the watermark column {} of stream {}",
-                wm.column, stream.name
-            )));
-        }
         let spec = WindowSpec {
             kind,
             time_column,
             time_column_name: ts,
             size_ms,
             slide_ms,
-            watermark_delay_ms: wm.delay_ms,
+            watermark_delay_ms: delay_ms,
+            processing_time,
         };
         Ok(provider_as_source(Arc::new(WindowProvider::new(
             stream, spec,
@@ -2584,6 +2602,7 @@ mod tests {
                     options: Default::default(),
                     partitions: 2,
                     created_at_ms: 0,
+                    proctime: None,
                 })),
                 "ads" => {
                     let schema = Arc::new(Schema::new(vec![

@@ -87,6 +87,11 @@ pub struct WindowSpec {
     pub slide_ms: i64,
     /// The stream's watermark delay in milliseconds.
     pub watermark_delay_ms: i64,
+    /// The time column is the stream's processing-time column: every row
+    /// of a micro-batch has the batch's trigger time, and the watermark
+    /// moves to it with every batch, rows or none.
+    #[serde(default)]
+    pub processing_time: bool,
 }
 
 /// `TUMBLE(...)` / `HOP(...)` / `SESSION(...)` as a relation: stream columns + window bounds.

@@ -82,6 +82,8 @@ pub enum DrizzleStatement {
         columns: Vec<ColumnDef>,
         /// `WATERMARK FOR ...`.
         watermark: Option<WatermarkSpec>,
+        /// `name [TIMESTAMPTZ] AS PROCTIME()`: the processing-time column.
+        proctime: Option<String>,
         /// `WITH (...)` options, keys lower-cased.
         options: BTreeMap<String, String>,
     },
@@ -781,8 +783,8 @@ fn parse_one(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
         if p.parse_keyword(Keyword::TABLE) {
             let if_not_exists = parse_if_not_exists(p);
             let name = parse_name(p)?;
-            let (columns, watermark) = parse_columns(p, false)?;
-            debug_assert!(watermark.is_none());
+            let (columns, watermark, proctime) = parse_columns(p, false)?;
+            debug_assert!(watermark.is_none() && proctime.is_none());
             if p.parse_keyword(Keyword::WITH) {
                 return Err(PlanError::unsupported("WITH options on CREATE TABLE"));
             }
@@ -1225,7 +1227,7 @@ fn parse_optional_column_list(p: &mut Parser<'_>) -> Result<Vec<String>> {
 fn parse_create_stream(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
     let if_not_exists = parse_if_not_exists(p);
     let name = parse_name(p)?;
-    let (columns, watermark) = parse_columns(p, true)?;
+    let (columns, watermark, proctime) = parse_columns(p, true)?;
     let mut options = BTreeMap::new();
     if p.parse_keyword(Keyword::WITH) {
         p.expect_token(&Token::LParen)?;
@@ -1271,18 +1273,21 @@ fn parse_create_stream(p: &mut Parser<'_>) -> Result<DrizzleStatement> {
         if_not_exists,
         columns,
         watermark,
+        proctime,
         options,
     })
 }
 
-/// Parses `(col type [NOT NULL|NULL], ... [, WATERMARK FOR col AS expr])`.
-fn parse_columns(
-    p: &mut Parser<'_>,
-    allow_watermark: bool,
-) -> Result<(Vec<ColumnDef>, Option<WatermarkSpec>)> {
+/// A stream's columns, its watermark and its processing-time column.
+type StreamColumns = (Vec<ColumnDef>, Option<WatermarkSpec>, Option<String>);
+
+/// Parses `(col type [NOT NULL|NULL], ... [, WATERMARK FOR col AS expr])`;
+/// on a stream (`allow_watermark`) also `col [TIMESTAMPTZ] AS PROCTIME()`.
+fn parse_columns(p: &mut Parser<'_>, allow_watermark: bool) -> Result<StreamColumns> {
     p.expect_token(&Token::LParen)?;
     let mut columns: Vec<ColumnDef> = Vec::new();
     let mut watermark = None;
+    let mut proctime: Option<String> = None;
     loop {
         if eat_word(p, "WATERMARK") {
             if !allow_watermark {
@@ -1296,11 +1301,40 @@ fn parse_columns(
             p.expect_keyword(Keyword::AS)?;
             let expr = p.parse_expr()?;
             watermark = Some(parse_watermark_expr(&column, &expr)?);
+        } else if let Some(name) = parse_proctime_column(p)? {
+            if !allow_watermark {
+                return Err(PlanError::unsupported_hint(
+                    "a PROCTIME() column on a table",
+                    "processing time belongs to streams",
+                ));
+            }
+            if proctime.is_some() {
+                return Err(PlanError::invalid(
+                    "a stream has at most one PROCTIME() column",
+                ));
+            }
+            if columns.iter().any(|c| c.name == name) {
+                return Err(PlanError::invalid(format!(
+                    "column \"{name}\" specified more than once"
+                )));
+            }
+            proctime = Some(name);
         } else {
             let ident = p.parse_identifier()?;
             let name = normalize_ident(&ident);
+            if proctime.as_deref() == Some(name.as_str()) {
+                return Err(PlanError::invalid(format!(
+                    "column \"{name}\" specified more than once"
+                )));
+            }
             let sql_type = p.parse_data_type()?;
             let data_type = sql_to_arrow(&sql_type)?;
+            if p.parse_keyword(Keyword::AS) {
+                return Err(PlanError::unsupported_hint(
+                    format!("the computed column {name}"),
+                    format!("the one computed column a stream has is processing time: {name} AS PROCTIME()"),
+                ));
+            }
             let mut nullable = true;
             loop {
                 if p.parse_keywords(&[Keyword::NOT, Keyword::NULL]) {
@@ -1334,6 +1368,13 @@ fn parse_columns(
         ));
     }
     if let Some(wm) = &watermark {
+        if proctime.as_deref() == Some(wm.column.as_str()) {
+            return Err(PlanError::invalid(format!(
+                "WATERMARK FOR {}: a PROCTIME() column is processing time, whose watermark is \
+                 the micro-batch's time; declare the watermark on an event-time column",
+                wm.column
+            )));
+        }
         let col = columns
             .iter()
             .find(|c| c.name == wm.column)
@@ -1350,7 +1391,37 @@ fn parse_columns(
             });
         }
     }
-    Ok((columns, watermark))
+    Ok((columns, watermark, proctime))
+}
+
+/// `name [TIMESTAMPTZ | TIMESTAMP WITH TIME ZONE] AS PROCTIME()` (Flink's and
+/// RisingWave's spelling of a processing-time column): its name, with the
+/// parser past it; `None` (nothing consumed) for any other column.
+fn parse_proctime_column(p: &mut Parser<'_>) -> Result<Option<String>> {
+    use datafusion::sql::sqlparser::parser::ParserError;
+    let not_this = || ParserError::ParserError(String::new());
+    let found = p.maybe_parse(|p| {
+        let ident = p.parse_identifier()?;
+        if !p.parse_keyword(Keyword::AS) {
+            // A type first: `p_time TIMESTAMPTZ AS PROCTIME()`.
+            let t = p.parse_data_type()?;
+            if !matches!(
+                sql_to_arrow(&t),
+                Ok(arrow::datatypes::DataType::Timestamp(_, Some(_)))
+            ) || !p.parse_keyword(Keyword::AS)
+            {
+                return Err(not_this());
+            }
+        }
+        match p.next_token().token {
+            Token::Word(w) if w.value.eq_ignore_ascii_case("proctime") => {}
+            _ => return Err(not_this()),
+        }
+        p.expect_token(&Token::LParen)?;
+        p.expect_token(&Token::RParen)?;
+        Ok(normalize_ident(&ident))
+    })?;
+    Ok(found)
 }
 
 fn parse_watermark_expr(column: &str, expr: &SqlExpr) -> Result<WatermarkSpec> {
@@ -1691,6 +1762,7 @@ mod tests {
             columns,
             watermark,
             options,
+            ..
         } = s
         else {
             panic!("wrong statement")
@@ -1703,6 +1775,42 @@ mod tests {
         assert_eq!(options["connector"], "datagen");
         assert_eq!(options["rows_per_second"], "10");
         assert_eq!(options["fields.id.kind"], "sequence");
+    }
+
+    #[test]
+    fn proctime_columns_in_flink_and_risingwave_spelling() {
+        for sql in [
+            "CREATE STREAM s (a INT, p_time AS PROCTIME(), ts TIMESTAMP)",
+            "CREATE STREAM s (a INT, p_time TIMESTAMPTZ AS proctime(), ts TIMESTAMP)",
+            "CREATE STREAM s (a INT, p_time TIMESTAMP WITH TIME ZONE AS PROCTIME(), ts TIMESTAMP)",
+        ] {
+            let DrizzleStatement::CreateStream {
+                columns, proctime, ..
+            } = one(sql)
+            else {
+                panic!("wrong statement")
+            };
+            assert_eq!(proctime.as_deref(), Some("p_time"), "{sql}");
+            let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+            assert_eq!(names, ["a", "ts"], "{sql}");
+        }
+        // A plain TIMESTAMPTZ column is a column; other computed columns,
+        // a second PROCTIME() and a PROCTIME() type other than TIMESTAMPTZ
+        // are refused.
+        let DrizzleStatement::CreateStream { proctime, .. } =
+            one("CREATE STREAM s (p TIMESTAMPTZ, q BIGINT)")
+        else {
+            panic!("wrong statement")
+        };
+        assert!(proctime.is_none());
+        for bad in [
+            "CREATE STREAM s (a INT, b INT AS a + 1)",
+            "CREATE STREAM s (p AS PROCTIME(), q AS PROCTIME())",
+            "CREATE STREAM s (p BIGINT AS PROCTIME())",
+            "CREATE TABLE t (p AS PROCTIME())",
+        ] {
+            assert!(parse_statements(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl Catalog {
             if def.connector().is_none() {
                 let log = Log::open(
                     &catalog.object_dir("streams", file.oids[name]),
-                    def.schema(),
+                    def.source_schema(),
                     def.partitions,
                     false,
                 )?;
@@ -259,7 +259,7 @@ impl Catalog {
         if def.connector().is_none() {
             let log = Log::open(
                 &self.object_dir("streams", oid),
-                def.schema(),
+                def.source_schema(),
                 def.partitions,
                 false,
             )?;
@@ -654,6 +654,7 @@ impl Catalog {
             options: [("connector".to_string(), VIEW_CONNECTOR.to_string())].into(),
             partitions: 1,
             created_at_ms: 0,
+            proctime: None,
         })
     }
 

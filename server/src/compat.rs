@@ -907,9 +907,12 @@ impl ExpandWildcards<'_, '_> {
                     .iter()
                     .map(|f| f.name().clone())
                     .collect(),
-                drizzle_planner::Relation::Stream(def) => {
-                    def.columns.iter().map(|c| c.name.clone()).collect()
-                }
+                drizzle_planner::Relation::Stream(def) => def
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect(),
             };
             return Some(fields);
         }

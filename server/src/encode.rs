@@ -221,25 +221,35 @@ pub fn write_text(out: &mut BytesMut, array: &dyn Array, row: usize) {
             let v = array
                 .as_primitive::<arrow::datatypes::IntervalMonthDayNanoType>()
                 .value(row);
-            let mut s = String::new();
-            if v.months != 0 {
-                let _ = write!(s, "{} mons ", v.months);
-            }
-            if v.days != 0 {
-                let _ = write!(s, "{} days ", v.days);
-            }
-            let total_us = v.nanoseconds / 1000;
-            let (h, m, sec, us) = (
-                total_us / 3_600_000_000,
-                (total_us / 60_000_000) % 60,
-                (total_us / 1_000_000) % 60,
-                total_us % 1_000_000,
+            write_interval_text(out, v.months, v.days, v.nanoseconds / 1000);
+        }
+        DataType::Duration(unit) => {
+            use arrow::datatypes::{
+                DurationMicrosecondType, DurationMillisecondType, DurationNanosecondType,
+                DurationSecondType,
+            };
+            let us = match unit {
+                TimeUnit::Second => array
+                    .as_primitive::<DurationSecondType>()
+                    .value(row)
+                    .saturating_mul(1_000_000),
+                TimeUnit::Millisecond => array
+                    .as_primitive::<DurationMillisecondType>()
+                    .value(row)
+                    .saturating_mul(1000),
+                TimeUnit::Microsecond => array.as_primitive::<DurationMicrosecondType>().value(row),
+                TimeUnit::Nanosecond => {
+                    array.as_primitive::<DurationNanosecondType>().value(row) / 1000
+                }
+            };
+            // As Postgres prints `timestamp - timestamp`: days, then time.
+            let days = us / 86_400_000_000;
+            write_interval_text(
+                out,
+                0,
+                i32::try_from(days).unwrap_or(i32::MAX),
+                us % 86_400_000_000,
             );
-            let _ = write!(s, "{h:02}:{m:02}:{sec:02}");
-            if us != 0 {
-                let _ = write!(s, ".{:06}", us);
-            }
-            out.put_slice(s.trim().as_bytes());
         }
         DataType::List(_) => write_array_text(out, &array.as_list::<i32>().value(row)),
         DataType::LargeList(_) => write_array_text(out, &array.as_list::<i64>().value(row)),
@@ -255,6 +265,42 @@ pub fn write_text(out: &mut BytesMut, array: &dyn Array, row: usize) {
             }
         }
     }
+}
+
+/// An interval as Postgres prints it (`IntervalStyle = postgres`):
+/// `1 mon 2 days 03:04:05.5`, `00:00:01`, `-00:00:01`.
+fn write_interval_text(out: &mut BytesMut, months: i32, days: i32, time_us: i64) {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let plural = |n: i32| if n == 1 || n == -1 { "" } else { "s" };
+    if months != 0 {
+        let (y, m) = (months / 12, months % 12);
+        if y != 0 {
+            let _ = write!(s, "{y} year{} ", plural(y));
+        }
+        if m != 0 {
+            let _ = write!(s, "{m} mon{} ", plural(m));
+        }
+    }
+    if days != 0 {
+        let _ = write!(s, "{days} day{} ", plural(days));
+    }
+    if time_us != 0 || s.is_empty() {
+        let sign = if time_us < 0 { "-" } else { "" };
+        let t = time_us.unsigned_abs();
+        let (h, m, sec, us) = (
+            t / 3_600_000_000,
+            (t / 60_000_000) % 60,
+            (t / 1_000_000) % 60,
+            t % 1_000_000,
+        );
+        let _ = write!(s, "{sign}{h:02}:{m:02}:{sec:02}");
+        if us != 0 {
+            let frac = format!("{us:06}");
+            let _ = write!(s, ".{}", frac.trim_end_matches('0'));
+        }
+    }
+    out.put_slice(s.trim_end().as_bytes());
 }
 
 /// A list in Postgres's array text form: `{a,b,NULL,"x y"}`.

@@ -673,6 +673,7 @@ impl Engine {
                 if_not_exists,
                 columns,
                 watermark,
+                proctime,
                 mut options,
             } => {
                 let partitions = match options.remove("partitions") {
@@ -688,6 +689,7 @@ impl Engine {
                     options,
                     partitions,
                     created_at_ms: now_ms(),
+                    proctime,
                 };
                 if def.connector().is_some() {
                     // Validate connector options now, not at the first query.
@@ -1005,7 +1007,7 @@ impl Engine {
                 .catalog
                 .stream_log(name)
                 .ok_or_else(|| PgError::undefined_table(name))?;
-            return Ok((def.schema(), log, false));
+            return Ok((def.source_schema(), log, false));
         }
         if let Some(def) = self.catalog.table(name) {
             let log = self
@@ -1220,7 +1222,14 @@ impl Engine {
                             .map(|l| l.row_count().to_string());
                         vec![
                             Some(s.name.clone()),
-                            Some(column_names(&s.columns)),
+                            Some(
+                                s.schema()
+                                    .fields()
+                                    .iter()
+                                    .map(|f| f.name().as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                            ),
                             s.watermark
                                 .as_ref()
                                 .map(|w| format!("{} - {}ms", w.column, w.delay_ms)),
@@ -1437,6 +1446,9 @@ impl Engine {
                     .stream(name)
                     .ok_or_else(|| PgError::undefined_table(name))?;
                 let mut parts: Vec<String> = s.columns.iter().map(column_ddl).collect();
+                if let Some(p) = &s.proctime {
+                    parts.push(format!("{p} AS PROCTIME()"));
+                }
                 if let Some(w) = &s.watermark {
                     parts.push(format!(
                         "WATERMARK FOR {} AS {} - INTERVAL '{}' MILLISECOND",

@@ -269,7 +269,13 @@ impl SystemResolver<'_> {
         for st in self.catalog.streams() {
             out.push(Rel {
                 oid: oid(&st.name),
-                columns: columns(&st.columns),
+                // With the processing-time column, as queries see it.
+                columns: st
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| (f.name().clone(), f.data_type().clone(), f.is_nullable()))
+                    .collect(),
                 name: st.name,
                 kind: "stream",
                 relkind: "r",

@@ -109,6 +109,7 @@ mod tests {
             options: Default::default(),
             partitions: 0,
             created_at_ms: 0,
+            proctime: None,
         };
         stage(id, StageInput::Source(stream), Some(to))
     }

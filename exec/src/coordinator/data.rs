@@ -67,7 +67,7 @@ impl CoordinatorData {
             .cloned()
             .ok_or_else(|| Status::invalid_argument("no such source partition"))?;
         let schema = match q.graph.stage(GraphStage(req.stage)).map(|s| &s.input) {
-            Some(StageInput::Source(stream)) => stream.schema(),
+            Some(StageInput::Source(stream)) => stream.source_schema(),
             _ => return Err(Status::invalid_argument("no such source stage")),
         };
         // The batch's range ends at what was appended by its trigger time:

@@ -36,6 +36,7 @@ pub(super) fn chain_spec(
         options: [("connector".to_string(), "datagen".to_string())].into(),
         partitions: maps,
         created_at_ms: 0,
+        proctime: None,
     };
     let source: Arc<dyn crate::sources::Generator> = Arc::new(DatagenSource::new(&stream)?);
     let stages = stages.max(1);

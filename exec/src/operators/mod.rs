@@ -367,6 +367,7 @@ mod tests {
             size_ms: size_s * 1000,
             slide_ms: slide_s * 1000,
             watermark_delay_ms: delay_s * 1000,
+            processing_time: false,
         }
     }
 

@@ -120,7 +120,7 @@ impl DatagenSource {
             fields.push(gen);
         }
         Ok(Self {
-            schema: def.schema(),
+            schema: def.source_schema(),
             fields,
             rows_per_second,
             partitions: def.partitions.max(1),

@@ -267,6 +267,7 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             partitions: 1,
             created_at_ms: 1_000,
+            proctime: None,
         }
     }
 

@@ -526,7 +526,7 @@ impl NexmarkSource {
         }
         Ok(Self {
             table,
-            schema: def.schema(),
+            schema: def.source_schema(),
             columns,
             events_per_second,
             max_events,
@@ -828,6 +828,7 @@ mod tests {
             options,
             partitions,
             created_at_ms: 1_700_000_000_000,
+            proctime: None,
         }
     }
 

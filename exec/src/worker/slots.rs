@@ -66,6 +66,9 @@ pub(super) enum Work {
         /// The read reached the end of a bounded source: the partition's
         /// watermark moves past every window.
         ended: bool,
+        /// For a stream with a processing-time column: the rows' schema
+        /// with it, and the batch's trigger time (Unix µs), its value.
+        proctime: Option<(arrow::datatypes::SchemaRef, i64)>,
     },
     Reduce {
         work: Box<ReduceWork>,
@@ -218,15 +221,31 @@ impl SlotTask {
                 mut chain,
                 pieces,
                 ended,
+                proctime,
             } => {
                 let result = (|| {
                     let mut outputs = Vec::with_capacity(pieces.len());
                     for piece in pieces {
+                        let piece = match &proctime {
+                            Some((schema, at)) => with_proctime(piece, schema, *at)?,
+                            None => piece,
+                        };
                         let (out, l) =
                             run_steps(steps, piece, &mut chain, &tables, &mut stats.steps)?;
                         late += l;
                         if out.num_rows() > 0 {
                             outputs.push(out);
+                        }
+                    }
+                    if let Some((_, at)) = proctime {
+                        // Processing time passes with or without rows: the
+                        // next batch's rows are all later than this one.
+                        let clock = steps
+                            .iter()
+                            .any(|s| matches!(s, Step::Window(spec, _) if spec.processing_time));
+                        if clock {
+                            chain.window.max_event_us =
+                                Some(chain.window.max_event_us.map_or(at, |m| m.max(at)));
                         }
                     }
                     if ended {
@@ -323,6 +342,21 @@ impl SlotTask {
             }
         }
     }
+}
+
+/// `piece` (a source's rows) with the processing-time column `schema` ends
+/// with: every row gets `at_us`, the batch's trigger time.
+fn with_proctime(
+    piece: RecordBatch,
+    schema: &arrow::datatypes::SchemaRef,
+    at_us: i64,
+) -> Result<RecordBatch> {
+    let mut columns = piece.columns().to_vec();
+    columns.push(Arc::new(
+        arrow::array::TimestampMicrosecondArray::from_value(at_us, piece.num_rows())
+            .with_timezone("+00:00"),
+    ));
+    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }
 
 /// Routes a task's output rows to `n` consumer partitions by `by` and

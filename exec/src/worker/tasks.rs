@@ -59,6 +59,14 @@ impl Scheduler {
                 stage,
             });
         }
+        // A processing-time column takes the batch's trigger time: the
+        // same on every replay of the batch.
+        let proctime = match wq.graph.stage(GraphStage(stage)).map(|s| &s.input) {
+            Some(StageInput::Source(def)) if def.proctime.is_some() => {
+                Some((def.schema(), read_until))
+            }
+            _ => None,
+        };
         let mut task = wq.slot_task(
             qid,
             (b, stage, p.0),
@@ -67,6 +75,7 @@ impl Scheduler {
                 chain,
                 pieces,
                 ended,
+                proctime,
             },
         );
         task.range = Some((from, to));

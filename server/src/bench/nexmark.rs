@@ -75,6 +75,18 @@ pub struct NexmarkConfig {
     pub workers: usize,
 }
 
+/// The streams' DDL for a query: `bid` has a processing-time column for
+/// q12 (its windows are over processing time).
+pub fn nexmark_ddl(query: &str, options: &str) -> String {
+    let proctime = if query.eq_ignore_ascii_case("q12") {
+        " p_time TIMESTAMPTZ AS PROCTIME(),"
+    } else {
+        ""
+    };
+    DDL.replace("{options}", options)
+        .replace("{proctime}", proctime)
+}
+
 /// The query's text without comments.
 fn query_text(name: &str) -> Result<String, PgError> {
     let (_, text) = QUERIES
@@ -154,7 +166,7 @@ pub async fn run_nexmark(cfg: NexmarkConfig) -> Result<String, PgError> {
     let side: Vec<String> = (0..10_000).map(|k| format!("({k}, '{k}')")).collect();
     let setup = format!(
         "{}; {FUNCTIONS}; CREATE TABLE side_input (key BIGINT, value VARCHAR); INSERT INTO side_input VALUES {}",
-        DDL.replace("{options}", &options),
+        nexmark_ddl(&cfg.query, &options),
         side.join(", ")
     );
     for stmt in drizzle_planner::parse_statements(&setup)? {
