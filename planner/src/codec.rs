@@ -52,6 +52,8 @@ struct PlanWire {
     event_time: Option<usize>,
     #[serde(default)]
     op_column: bool,
+    #[serde(default)]
+    rank_column: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -456,6 +458,7 @@ pub fn encode_plan(plan: &StreamingPlan) -> Result<Vec<u8>> {
         upsert_keys: plan.upsert_keys.clone(),
         event_time: plan.event_time,
         op_column: plan.op_column,
+        rank_column: plan.rank_column,
     };
     serde_json::to_vec(&wire).map_err(codec_err)
 }
@@ -471,6 +474,7 @@ pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> Result<StreamingPlan> {
         upsert_keys: wire.upsert_keys,
         event_time: wire.event_time,
         op_column: wire.op_column,
+        rank_column: wire.rank_column,
     })
 }
 

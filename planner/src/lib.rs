@@ -42,7 +42,8 @@ pub use codec::{decode_graph, decode_plan, encode_graph, encode_plan};
 pub use error::{PlanError, Result};
 pub use graph::{Operator, Partitioning, Stage, StageGraph, StageInput, StageOutput};
 pub use lower::{
-    plan_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation, RelationResolver,
+    plan_query, plan_view_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation,
+    RelationResolver,
 };
 pub use plan::{
     AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec,

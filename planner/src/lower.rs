@@ -460,11 +460,91 @@ pub fn plan_query(
     query: &Query,
     params: &[ScalarValue],
 ) -> Result<PlannedQuery> {
+    plan_with(state, resolver, query, params, lower)
+}
+
+/// A materialized view's query: as [`plan_query`], except that `ORDER BY
+/// ... LIMIT n` is a top-N (the view holds the first n rows of that order
+/// as rows arrive; see [`lower_view`]).
+pub fn plan_view_query(
+    state: &SessionState,
+    resolver: &dyn RelationResolver,
+    query: &Query,
+    params: &[ScalarValue],
+) -> Result<PlannedQuery> {
+    plan_with(state, resolver, query, params, lower_view)
+}
+
+/// A query as a finite plan, or lowered by `lowering` when it reads a stream.
+fn plan_with(
+    state: &SessionState,
+    resolver: &dyn RelationResolver,
+    query: &Query,
+    params: &[ScalarValue],
+    lowering: fn(&LogicalPlan) -> Result<StreamingPlan>,
+) -> Result<PlannedQuery> {
     let logical = sql_to_logical(state, resolver, query, params)?;
     if !reads_stream(&logical) {
         return Ok(PlannedQuery::Finite(logical));
     }
-    Ok(PlannedQuery::Continuous(Box::new(lower(&logical)?)))
+    Ok(PlannedQuery::Continuous(Box::new(lowering(&logical)?)))
+}
+
+/// The top-N rank a view's `ORDER BY ... LIMIT n` adds as the output's
+/// last column (the view keeps it hidden; it is the view's key).
+pub const RANK_COLUMN: &str = "__drizzle_rank";
+
+/// Lowers a materialized view's plan: `ORDER BY e LIMIT n` over a stream
+/// becomes `ROW_NUMBER() OVER (ORDER BY e) <= n`, a top-N with no
+/// partition (one reduce partition keeps the best n rows), whose rank is
+/// carried to the output's last column ([`RANK_COLUMN`]) as the upsert key.
+pub fn lower_view(plan: &LogicalPlan) -> Result<StreamingPlan> {
+    let (stripped, limit) = strip_top_limit(plan)?;
+    let Some(n) = limit else {
+        return lower(plan);
+    };
+    let Some(ranked) = ordered_limit(&stripped, n)? else {
+        return lower(plan);
+    };
+    let mut lowered = lower(&ranked)?;
+    lowered.rank_column = true;
+    Ok(lowered)
+}
+
+/// `plan` with the `Sort` under its projections and aliases replaced by a
+/// `ROW_NUMBER()` over the sort's order bounded by `n`, the rank carried up
+/// as the last column; `None` when there is no `Sort` there.
+fn ordered_limit(plan: &LogicalPlan, n: usize) -> Result<Option<LogicalPlan>> {
+    use datafusion::logical_expr::{col, lit, ExprFunctionExt, LogicalPlanBuilder};
+    Ok(Some(match plan {
+        LogicalPlan::Sort(s) => {
+            let rank = datafusion::functions_window::expr_fn::row_number()
+                .order_by(s.expr.clone())
+                .build()?
+                .alias(RANK_COLUMN);
+            LogicalPlanBuilder::from(s.input.as_ref().clone())
+                .window(vec![rank])?
+                .filter(col(RANK_COLUMN).lt_eq(lit(n as u64)))?
+                .build()?
+        }
+        LogicalPlan::Projection(p) => {
+            let Some(input) = ordered_limit(&p.input, n)? else {
+                return Ok(None);
+            };
+            let mut exprs = p.expr.clone();
+            exprs.push(col(RANK_COLUMN));
+            LogicalPlanBuilder::from(input).project(exprs)?.build()?
+        }
+        LogicalPlan::SubqueryAlias(a) => {
+            let Some(input) = ordered_limit(&a.input, n)? else {
+                return Ok(None);
+            };
+            LogicalPlanBuilder::from(input)
+                .alias(a.alias.clone())?
+                .build()?
+        }
+        _ => return Ok(None),
+    }))
 }
 
 /// SQL to an optimised DataFusion logical plan.
@@ -1353,12 +1433,6 @@ fn lower_top_n(
         return Err(PlanError::unsupported("a window that is not ROW_NUMBER()"));
     };
     let params = &wf.params;
-    if params.partition_by.is_empty() {
-        return Err(PlanError::unsupported_hint(
-            "ROW_NUMBER() without PARTITION BY on a stream",
-            "rank within keys: ROW_NUMBER() OVER (PARTITION BY k ORDER BY v)",
-        ));
-    }
     if params.order_by.is_empty() {
         return Err(PlanError::unsupported(
             "ROW_NUMBER() without ORDER BY on a stream (which rows are first is undefined)",
@@ -1392,14 +1466,21 @@ fn lower_top_n(
             ))
         })
         .collect::<Result<Vec<_>>>()?;
+    let partitions = if params.partition_by.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "PARTITION BY {} ",
+            params
+                .partition_by
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     let display = format!(
-        "ROW_NUMBER() OVER (PARTITION BY {} ORDER BY {})",
-        params
-            .partition_by
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
+        "ROW_NUMBER() OVER ({partitions}ORDER BY {})",
         params
             .order_by
             .iter()
@@ -1969,7 +2050,8 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
                 .iter()
                 .map(|e| e.downcast_ref::<Column>().map(Column::index))
                 .collect();
-            if t.limit > 1 {
+            // Without PARTITION BY the rank alone is the key.
+            if t.limit > 1 || t.partition_by.is_empty() {
                 if let Some(k) = keys.as_mut() {
                     k.push(t.input.fields().len());
                 }
@@ -2030,6 +2112,7 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
         emit,
         event_time,
         op_column,
+        rank_column: false,
     })
 }
 
@@ -2478,7 +2561,9 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
         }
         LogicalPlan::Sort(_) => Err(PlanError::unsupported_hint(
             "ORDER BY on a continuous query",
-            "an unbounded stream has no final order; create a MATERIALIZED VIEW and ORDER BY when you SELECT from it",
+            "an unbounded stream has no final order; create a MATERIALIZED VIEW and ORDER BY when you \
+             SELECT from it (a view's ORDER BY ... LIMIT n keeps the first n rows of that order as \
+             rows arrive: a top-N)",
         )),
         LogicalPlan::Limit(_) => Err(PlanError::unsupported("LIMIT inside a continuous query (only at the top)")),
         LogicalPlan::Window(w) => {

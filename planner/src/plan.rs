@@ -320,6 +320,10 @@ pub struct StreamingPlan {
     /// an aggregate over changes): `upsert` for a key's new row, `delete`
     /// when the key is gone.
     pub op_column: bool,
+    /// A view's `ORDER BY ... LIMIT n` top-N: the output's last data
+    /// column (before `op`) is its rank, the view's key, which the view
+    /// does not show.
+    pub rank_column: bool,
 }
 
 impl StreamingPlan {

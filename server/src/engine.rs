@@ -21,8 +21,8 @@ use drizzle_exec::coordinator::{InputSpec, QuerySpec};
 use drizzle_exec::sources::open_source;
 use drizzle_exec::{QueryHandle, Runtime, RuntimeConfig, Scheduling, TableEvaluator};
 use drizzle_planner::{
-    plan_query, sql_to_unoptimized, CopyOptions, DrizzleStatement, EmitMode, ObjectKind,
-    PlannedQuery, StreamDef, StreamingPlan, TableDef, ViewDef,
+    plan_query, plan_view_query, sql_to_unoptimized, CopyOptions, DrizzleStatement, EmitMode,
+    ObjectKind, PlannedQuery, StreamDef, StreamingPlan, TableDef, ViewDef,
 };
 use parking_lot::Mutex;
 
@@ -463,7 +463,7 @@ impl Engine {
     ) -> Result<PlannedQuery, PgError> {
         let settings = self.default_settings();
         let resolver = self.resolver(&settings);
-        let planned = plan_query(&self.ctx.state(), &resolver, query, params);
+        let planned = plan_view_query(&self.ctx.state(), &resolver, query, params);
         if let Ok(PlannedQuery::Continuous(_)) = planned {
             return Ok(planned?);
         }
@@ -472,7 +472,7 @@ impl Engine {
         let views = crate::catalog::ViewsAsStreams(self.catalog.as_ref(), &resolver);
         match (
             planned,
-            plan_query(&self.ctx.state(), &views, query, params),
+            plan_view_query(&self.ctx.state(), &views, query, params),
         ) {
             (_, Ok(continuous @ PlannedQuery::Continuous(_))) => Ok(continuous),
             // Refused either way: the views-as-streams reading says why.
@@ -746,7 +746,10 @@ impl Engine {
                 };
                 if plan.limit.is_some() {
                     return Err(PgError::unsupported(
-                        "LIMIT in a materialized view is not supported",
+                        "LIMIT without ORDER BY in a materialized view is not supported",
+                    )
+                    .with_hint(
+                        "ORDER BY ... LIMIT n keeps the first n rows of that order as rows arrive (a top-N)",
                     ));
                 }
                 let mut offsets = Vec::new();
@@ -1675,7 +1678,7 @@ fn new_view_store(plan: &StreamingPlan) -> Result<ViewStore, PgError> {
                 PgError::unsupported("a materialized view over GROUP BY that does not select every group column is not supported")
                     .with_hint("add the GROUP BY columns to the SELECT list")
             })?;
-            ViewStore::upsert(schema, keys, plan.op_column)
+            ViewStore::upsert(schema, keys, plan.op_column, plan.rank_column)
                 .map_err(|e| PgError::internal(e.to_string()))
         }
         _ => {

@@ -166,11 +166,14 @@ impl ViewStore {
     }
 
     /// An upsert view keyed by the output columns `keys`; with `op`, the
-    /// rows end with an `op` column, and `delete` removes a key.
+    /// rows end with an `op` column, and `delete` removes a key; with
+    /// `rank`, the last column before it is a top-N's rank, the key, which
+    /// the view does not show.
     pub fn upsert(
         schema: SchemaRef,
         keys: Vec<usize>,
         op: bool,
+        rank: bool,
     ) -> Result<Self, arrow::error::ArrowError> {
         let converter = RowConverter::new(
             keys.iter()
@@ -178,13 +181,12 @@ impl ViewStore {
                 .collect(),
         )?;
         let width = schema.fields().len();
-        let (visible, op_column) = if op && width > 0 {
-            (
-                Arc::new(schema.project(&(0..width - 1).collect::<Vec<_>>())?),
-                Some(width - 1),
-            )
+        let op_column = (op && width > 0).then(|| width - 1);
+        let shown = width - usize::from(op_column.is_some()) - usize::from(rank && width > 1);
+        let visible = if shown == width {
+            Arc::clone(&schema)
         } else {
-            (Arc::clone(&schema), None)
+            Arc::new(schema.project(&(0..shown).collect::<Vec<_>>())?)
         };
         Ok(Self {
             rows_schema: Arc::clone(&schema),
@@ -286,8 +288,12 @@ impl ViewStore {
             ViewRows::Append(v) => Ok(v.clone()),
             ViewRows::Upsert(u) => {
                 let latest = snapshot_upsert(u, &self.rows_schema)?;
+                let shown = self.schema.fields().len();
                 let Some(op) = self.op_column else {
-                    return Ok(vec![latest]);
+                    if shown == latest.num_columns() {
+                        return Ok(vec![latest]);
+                    }
+                    return Ok(vec![latest.project(&(0..shown).collect::<Vec<_>>())?]);
                 };
                 // Keys whose latest row deletes them are gone.
                 let ops = latest
@@ -302,7 +308,7 @@ impl ViewStore {
                 let live: arrow::array::BooleanArray =
                     ops.iter().map(|o| Some(o != Some("delete"))).collect();
                 let kept = arrow::compute::filter_record_batch(&latest, &live)?;
-                Ok(vec![kept.project(&(0..op).collect::<Vec<_>>())?])
+                Ok(vec![kept.project(&(0..shown.min(op)).collect::<Vec<_>>())?])
             }
         }
     }

@@ -73,6 +73,7 @@ pub(super) fn chain_spec(
             upsert_keys: None,
             event_time: None,
             op_column: false,
+            rank_column: false,
         },
         inputs: vec![InputSpec {
             sources: (0..maps)

@@ -1,7 +1,7 @@
 //! `TopNExec`: the best N rows per key, for `ROW_NUMBER() OVER (PARTITION
 //! BY k ORDER BY o) <= N` (top-N; N = 1 is a dedup).
 
-use arrow::array::UInt64Array;
+use arrow::array::{BooleanArray, UInt64Array};
 use arrow::row::{OwnedRow, Rows};
 
 use super::*;
@@ -48,7 +48,11 @@ impl TopNExec {
                 .map(|e| e.data_type(&plan.input))
                 .collect::<std::result::Result<Vec<_>, _>>()
         };
-        let key_types = types(&mut plan.partition_by.iter())?;
+        let mut key_types = types(&mut plan.partition_by.iter())?;
+        if key_types.is_empty() {
+            // No PARTITION BY: one key, the same for every row.
+            key_types.push(DataType::Boolean);
+        }
         let sort_types = types(&mut plan.order_by.iter().map(|(e, _)| e))?;
         let keys = RowConverter::new(key_types.into_iter().map(SortField::new).collect())?;
         let sort = RowConverter::new(
@@ -80,12 +84,18 @@ impl TopNExec {
     }
 
     fn encode(&self, batch: &RecordBatch) -> Result<(Rows, Rows, Rows)> {
-        let keys = self
+        let mut keys = self
             .plan
             .partition_by
             .iter()
             .map(|e| eval(e, batch))
             .collect::<Result<Vec<_>>>()?;
+        if keys.is_empty() {
+            keys.push(Arc::new(BooleanArray::new(
+                arrow::buffer::BooleanBuffer::new_set(batch.num_rows()),
+                None,
+            )));
+        }
         let sort = self
             .plan
             .order_by
