@@ -62,6 +62,13 @@ enum OpWire {
         input: Schema,
         predicate: Vec<u8>,
     },
+    TopK {
+        input: Schema,
+        order_by: Vec<Vec<u8>>,
+        /// (descending, nulls first) of each `order_by`.
+        options: Vec<(bool, bool)>,
+        limit: usize,
+    },
     Project {
         input: Schema,
         exprs: Vec<Vec<u8>>,
@@ -174,6 +181,21 @@ fn encode_ops(ops: &[BatchOp], mut input: SchemaRef) -> Result<(Vec<OpWire>, Sch
                 },
                 Arc::clone(&input),
             ),
+            BatchOp::TopK { order_by, limit } => (
+                OpWire::TopK {
+                    input: input.as_ref().clone(),
+                    order_by: order_by
+                        .iter()
+                        .map(|(e, _)| encode_expr(e))
+                        .collect::<Result<_>>()?,
+                    options: order_by
+                        .iter()
+                        .map(|(_, o)| (o.descending, o.nulls_first))
+                        .collect(),
+                    limit: *limit,
+                },
+                Arc::clone(&input),
+            ),
             BatchOp::Project { exprs, schema } => (
                 OpWire::Project {
                     input: input.as_ref().clone(),
@@ -219,6 +241,27 @@ fn decode_ops(ops: Vec<OpWire>, ctx: &TaskContext) -> Result<Vec<BatchOp>> {
             Ok(match op {
                 OpWire::Filter { input, predicate } => BatchOp::Filter {
                     predicate: decode_expr(&predicate, ctx, &input)?,
+                },
+                OpWire::TopK {
+                    input,
+                    order_by,
+                    options,
+                    limit,
+                } => BatchOp::TopK {
+                    order_by: order_by
+                        .iter()
+                        .zip(options)
+                        .map(|(e, (descending, nulls_first))| {
+                            Ok((
+                                decode_expr(e, ctx, &input)?,
+                                arrow::compute::SortOptions {
+                                    descending,
+                                    nulls_first,
+                                },
+                            ))
+                        })
+                        .collect::<Result<_>>()?,
+                    limit,
                 },
                 OpWire::Project {
                     input,

@@ -148,6 +148,9 @@ impl Stage {
                 Operator::WindowAssign(w) => mark(&column_expr(w.time_column)),
                 Operator::EventTime(e) => mark(&column_expr(e.time_column)),
                 Operator::Kernel(BatchOp::Filter { predicate }) => mark(predicate),
+                Operator::Kernel(BatchOp::TopK { order_by, .. }) => {
+                    order_by.iter().for_each(|(e, _)| mark(e))
+                }
                 Operator::Kernel(BatchOp::Project { exprs, .. }) => {
                     exprs.iter().for_each(&mut mark);
                     return Some(read);
@@ -324,6 +327,10 @@ pub fn describe(stage: &Stage, reduce_partitions: u32) -> Vec<String> {
         StageOutput::Shuffle {
             partitioning: Partitioning::Hash(keys),
             ..
+        } if keys.is_empty() => "ShuffleWriteExec: all rows to partition 0 (no key)".to_string(),
+        StageOutput::Shuffle {
+            partitioning: Partitioning::Hash(keys),
+            ..
         } => format!(
             "ShuffleWriteExec: hash([{}]) into {reduce_partitions} partitions",
             keys.iter()
@@ -377,6 +384,14 @@ fn describe_operator(op: &Operator) -> String {
             e.time_column_name, e.watermark_delay_ms
         ),
         Operator::Kernel(BatchOp::Filter { predicate }) => format!("FilterExec: {predicate}"),
+        Operator::Kernel(BatchOp::TopK { order_by, limit }) => format!(
+            "TopKExec: each batch's first {limit} rows by [{}] (partial top-N)",
+            order_by
+                .iter()
+                .map(|(e, o)| format!("{e}{}", if o.descending { " DESC" } else { "" }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         Operator::Kernel(BatchOp::Project { exprs, schema }) => format!(
             "ProjectionExec: [{}]",
             exprs

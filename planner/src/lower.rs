@@ -1496,6 +1496,14 @@ fn lower_top_n(
         schema: Arc::new(w.schema.as_arrow().clone()),
         display,
     });
+    let mut flow = flow;
+    if plan.partition_by.is_empty() {
+        // One partition takes every row: send it only each batch's best.
+        flow.push(BatchOp::TopK {
+            order_by: plan.order_by.clone(),
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+        });
+    }
     let from = stages.cut(flow, partition_by);
     Ok(Flow::keyed(from, Operator::TopN(plan), true))
 }

@@ -37,6 +37,16 @@ pub enum BatchOp {
     /// Equi-join every stream row against a finite relation (a table, a view
     /// or a query over them).
     LookupJoin(Arc<LookupJoinSpec>),
+    /// Keep each batch's first `limit` rows in `order_by` order (equal rows
+    /// in arrival order): the map side of a top-N without `PARTITION BY`,
+    /// since a row behind `limit` better rows of its own batch cannot be in
+    /// the top N. Rows keep their order.
+    TopK {
+        /// The `ORDER BY` expressions, with their directions.
+        order_by: Vec<(Arc<dyn PhysicalExpr>, arrow::compute::SortOptions)>,
+        /// How many rows to keep.
+        limit: usize,
+    },
 }
 
 /// How to join a stream against a finite relation.

@@ -135,7 +135,7 @@ pub fn apply_ops(
         if batch.num_rows() == 0 {
             // Still give the batch the right schema.
             batch = match op {
-                BatchOp::Filter { .. } => batch,
+                BatchOp::Filter { .. } | BatchOp::TopK { .. } => batch,
                 BatchOp::Project { schema, .. } => RecordBatch::new_empty(Arc::clone(schema)),
                 BatchOp::LookupJoin(spec) => RecordBatch::new_empty(Arc::clone(&spec.schema)),
             };
@@ -158,9 +158,41 @@ pub fn apply_ops(
                 )?
             }
             BatchOp::LookupJoin(spec) => lookup_join(i, spec, &batch, joins, tables)?,
+            BatchOp::TopK { order_by, limit } => first_rows(&batch, order_by, *limit)?,
         };
     }
     Ok(batch)
+}
+
+/// `batch`'s first `limit` rows in `order_by` order, equal rows in
+/// arrival order, kept in arrival order.
+fn first_rows(
+    batch: &RecordBatch,
+    order_by: &[(Arc<dyn PhysicalExpr>, arrow::compute::SortOptions)],
+    limit: usize,
+) -> Result<RecordBatch> {
+    if batch.num_rows() <= limit {
+        return Ok(batch.clone());
+    }
+    let mut columns = Vec::with_capacity(order_by.len() + 1);
+    for (e, options) in order_by {
+        columns.push(arrow::compute::SortColumn {
+            values: eval(e, batch)?,
+            options: Some(*options),
+        });
+    }
+    // The row's position breaks ties: the earlier row is first.
+    let n = u32::try_from(batch.num_rows())
+        .map_err(|_| ExecError::invalid("a batch of more than 4 billion rows"))?;
+    columns.push(arrow::compute::SortColumn {
+        values: Arc::new(UInt32Array::from_iter_values(0..n)),
+        options: None,
+    });
+    let best = arrow::compute::lexsort_to_indices(&columns, Some(limit))?;
+    // Back in arrival order.
+    let mut kept: Vec<u32> = best.values().to_vec();
+    kept.sort_unstable();
+    Ok(take_record_batch(batch, &UInt32Array::from(kept))?)
 }
 
 /// What a stateful operator emits for one micro-batch.
@@ -369,6 +401,50 @@ mod tests {
             watermark_delay_ms: delay_s * 1000,
             processing_time: false,
         }
+    }
+
+    #[test]
+    fn a_batch_keeps_its_best_rows_in_arrival_order_ties_to_the_earlier() {
+        use datafusion::physical_expr::expressions::Column;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("price", DataType::Int64, true),
+        ]));
+        let b = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2, 3, 4, 5, 6])),
+                Arc::new(Int64Array::from(vec![
+                    Some(5),
+                    Some(9),
+                    None,
+                    Some(9),
+                    Some(7),
+                    Some(9),
+                ])),
+            ],
+        )
+        .unwrap();
+        let order: Vec<(Arc<dyn PhysicalExpr>, arrow::compute::SortOptions)> = vec![(
+            Arc::new(Column::new("price", 1)),
+            arrow::compute::SortOptions {
+                descending: true,
+                nulls_first: false,
+            },
+        )];
+        let ids = |b: &RecordBatch| -> Vec<i64> {
+            b.column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec()
+        };
+        // The three 9s tie: the first two arrived first.
+        assert_eq!(ids(&first_rows(&b, &order, 2).unwrap()), [2, 4]);
+        assert_eq!(ids(&first_rows(&b, &order, 4).unwrap()), [2, 4, 5, 6]);
+        assert_eq!(
+            ids(&first_rows(&b, &order, 10).unwrap()),
+            [1, 2, 3, 4, 5, 6]
+        );
     }
 
     fn batch(ts_s: &[i64]) -> (SchemaRef, RecordBatch) {
