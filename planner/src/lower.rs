@@ -1609,6 +1609,8 @@ enum Finish {
     },
     /// `avg`: the weighted sum over the count of non-NULL values.
     Avg { sum: usize, count: usize },
+    /// `min`, `max`, `count(DISTINCT)`: a multiset aggregate's result as is.
+    Value(usize),
 }
 
 /// An aggregation over a non-windowed aggregation, whose rows change. The
@@ -1616,8 +1618,10 @@ enum Finish {
 /// with weight -1, its new row with +1; the kernels after it carry the
 /// weight); the outer one keeps, per group, sums of weighted values, so a
 /// retraction subtracts what the addition added: `count`, `sum` and `avg`
-/// are exact. The result is an upsert keyed by the outer groups, with an
-/// `op` column: `delete` once no row of a group is left.
+/// are exact. `min`, `max` and `count(DISTINCT)` keep each group's values
+/// with their weights ([`crate::functions::multiset`]). The result is an
+/// upsert keyed by the outer groups, with an `op` column: `delete` once no
+/// row of a group is left.
 fn lower_aggregate_over_changes(
     a: &datafusion::logical_expr::logical_plan::Aggregate,
     mut flow: Flow,
@@ -1627,8 +1631,8 @@ fn lower_aggregate_over_changes(
     use datafusion::functions_aggregate::expr_fn::sum;
     use datafusion::logical_expr::{cast, lit, when, ExprSchemable};
     use datafusion::physical_expr::expressions::{self as pe, Column as PCol};
-    const HINT: &str = "count, sum and avg retract exactly; for the others, aggregate windowed \
-        results (GROUP BY window_start in the inner query)";
+    const HINT: &str = "count, sum, avg, min, max and count(DISTINCT) retract exactly; for the \
+        others, aggregate windowed results (GROUP BY window_start in the inner query)";
     if flow.op_column {
         return Err(PlanError::unsupported(
             "an aggregation over an aggregation over a non-windowed aggregation",
@@ -1696,7 +1700,11 @@ fn lower_aggregate_over_changes(
             ));
         };
         let name = func.name().to_lowercase();
-        if params.distinct || params.filter.is_some() || !params.order_by.is_empty() {
+        let multiset = crate::functions::multiset::MultisetKind::of(&name, params.distinct);
+        if (params.distinct && multiset.is_none())
+            || params.filter.is_some()
+            || !params.order_by.is_empty()
+        {
             return Err(PlanError::unsupported_hint(
                 format!("{name}(DISTINCT ...), FILTER or ORDER BY over a non-windowed aggregation"),
                 HINT,
@@ -1714,6 +1722,15 @@ fn lower_aggregate_over_changes(
             _ => when(arg.clone().is_null(), lit(0i64)).otherwise(w.clone())?,
         };
         let arg_type = arg.get_type(input_schema)?;
+        if let Some(kind) = multiset {
+            sums.push(crate::functions::multiset::weighted_call(
+                kind,
+                arg.clone(),
+                w.clone(),
+            ));
+            finish.push(Finish::Value(sums.len() - 1));
+            continue;
+        }
         match name.as_str() {
             "count" => {
                 sums.push(sum(counted));
@@ -1835,7 +1852,7 @@ fn lower_aggregate_over_changes(
     let mut exprs: Vec<Arc<dyn PhysicalExpr>> = (0..k).map(col).collect();
     for f in &finish {
         exprs.push(match f {
-            Finish::Count(c) => col(k + c),
+            Finish::Count(c) | Finish::Value(c) => col(k + c),
             Finish::Sum { sum, count, to } => {
                 null_when_empty(*count, pe::cast(col(k + sum), &internal, to.clone())?, to)?
             }

@@ -12,6 +12,7 @@
 
 pub mod catalog;
 pub mod checked;
+pub mod multiset;
 pub mod overflow;
 pub mod pg_format;
 pub mod sql;
@@ -42,6 +43,9 @@ pub fn register(ctx: &SessionContext) {
     ctx.register_udaf(datafusion::logical_expr::AggregateUDF::from(
         checked::CheckedSum::new(),
     ));
+    for udaf in multiset::all() {
+        ctx.register_udaf(udaf);
+    }
 }
 
 /// The template argument: one pattern for every row (a literal, the usual
