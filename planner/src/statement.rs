@@ -487,6 +487,103 @@ fn processing_time_lookups(
     tokens
 }
 
+/// Flink's window table functions, `TABLE(HOP(TABLE bid, DESCRIPTOR(ts),
+/// slide, size))`, read as Drizzle's (and RisingWave's) `HOP(bid, ts, slide,
+/// size)`: the same windows with the same arguments in the same order, so
+/// Flink's `TUMBLE`, `HOP` and `SESSION` queries run as Flink writes them.
+/// The `TABLE(...)` around the call, `TABLE` before the relation and
+/// `DESCRIPTOR(...)` around the time column are dropped; anything else is
+/// left for the parser.
+fn flink_window_tables(
+    mut tokens: Vec<datafusion::sql::sqlparser::tokenizer::TokenWithSpan>,
+) -> Vec<datafusion::sql::sqlparser::tokenizer::TokenWithSpan> {
+    use datafusion::sql::sqlparser::tokenizer::Whitespace;
+    let word = |t: &Token, w: &str| matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w));
+    // The next token that is not blank, from `i` on.
+    let next = |tokens: &[datafusion::sql::sqlparser::tokenizer::TokenWithSpan], mut i: usize| {
+        while i < tokens.len() && matches!(tokens[i].token, Token::Whitespace(_)) {
+            i += 1;
+        }
+        i
+    };
+    // The index of the parenthesis closing the one at `open`.
+    let closing = |tokens: &[datafusion::sql::sqlparser::tokenizer::TokenWithSpan], open: usize| {
+        let mut depth = 0usize;
+        for (i, t) in tokens.iter().enumerate().skip(open) {
+            match t.token {
+                Token::LParen => depth += 1,
+                Token::RParen => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        return Some(i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    };
+    let blank = |t: &mut datafusion::sql::sqlparser::tokenizer::TokenWithSpan| {
+        t.token = Token::Whitespace(Whitespace::Space);
+    };
+    let mut i = 0;
+    while i < tokens.len() {
+        if !word(&tokens[i].token, "TABLE") {
+            i += 1;
+            continue;
+        }
+        let outer_open = next(&tokens, i + 1);
+        let call = next(&tokens, outer_open + 1);
+        let inner_open = next(&tokens, call + 1);
+        let is_window = outer_open < tokens.len()
+            && tokens[outer_open].token == Token::LParen
+            && call < tokens.len()
+            && ["TUMBLE", "HOP", "SESSION", "CUMULATE"]
+                .iter()
+                .any(|w| word(&tokens[call].token, w))
+            && inner_open < tokens.len()
+            && tokens[inner_open].token == Token::LParen;
+        let inner_close = if is_window {
+            closing(&tokens, inner_open)
+        } else {
+            None
+        };
+        let outer_close = inner_close
+            .map(|c| next(&tokens, c + 1))
+            .filter(|&c| c < tokens.len() && tokens[c].token == Token::RParen);
+        let (Some(inner_close), Some(outer_close)) = (inner_close, outer_close) else {
+            i += 1;
+            continue;
+        };
+        blank(&mut tokens[i]);
+        blank(&mut tokens[outer_open]);
+        blank(&mut tokens[outer_close]);
+        // `TABLE` before the relation, the call's first argument.
+        let first = next(&tokens, inner_open + 1);
+        if first < inner_close && word(&tokens[first].token, "TABLE") {
+            blank(&mut tokens[first]);
+        }
+        // `DESCRIPTOR(col)` → `col`, among the call's own arguments.
+        let mut at = inner_open + 1;
+        while at < inner_close {
+            if word(&tokens[at].token, "DESCRIPTOR") {
+                let open = next(&tokens, at + 1);
+                if open < inner_close && tokens[open].token == Token::LParen {
+                    if let Some(close) = closing(&tokens, open).filter(|&c| c < inner_close) {
+                        blank(&mut tokens[at]);
+                        blank(&mut tokens[open]);
+                        blank(&mut tokens[close]);
+                        at = close;
+                    }
+                }
+            }
+            at += 1;
+        }
+        i = outer_close + 1;
+    }
+    tokens
+}
+
 /// Parses a string holding zero or more `;`-separated statements.
 ///
 /// Statements nested deeper than [`MAX_NESTING`] or with expressions deeper
@@ -512,7 +609,7 @@ pub fn parse_statements(sql: &str) -> Result<Vec<DrizzleStatement>> {
             }
         })?;
     check_expression_depth(tokens.iter().map(|t| &t.token))?;
-    let tokens = processing_time_lookups(tokens);
+    let tokens = flink_window_tables(processing_time_lookups(tokens));
     let mut parser = Parser::new(&dialect)
         .with_recursion_limit(MAX_NESTING)
         .with_tokens_with_locations(tokens);
@@ -1742,6 +1839,35 @@ mod tests {
         }
         // Without an expression the parser refuses it.
         assert!(parse_statements("SELECT * FROM b JOIN side FOR SYSTEM_TIME AS OF").is_err());
+    }
+
+    #[test]
+    fn flink_window_table_functions_read_as_drizzles() {
+        let text = |s: DrizzleStatement| match s {
+            DrizzleStatement::Query(q) => q.to_string(),
+            other => panic!("not a query: {other:?}"),
+        };
+        for (flink, drizzle) in [
+            (
+                "SELECT * FROM TABLE(HOP(TABLE bid, DESCRIPTOR(date_time), INTERVAL '2' SECOND, INTERVAL '10' SECOND))",
+                "SELECT * FROM HOP(bid, date_time, INTERVAL '2' SECOND, INTERVAL '10' SECOND)",
+            ),
+            (
+                "SELECT window_start, count(*) FROM table( tumble( table bid, descriptor( date_time ), INTERVAL '10' SECOND ) ) AS b GROUP BY window_start",
+                "SELECT window_start, count(*) FROM tumble(bid, date_time, INTERVAL '10' SECOND) AS b GROUP BY window_start",
+            ),
+            (
+                "SELECT * FROM TABLE(SESSION(TABLE bid, DESCRIPTOR(date_time), INTERVAL '10' SECOND)) s JOIN t ON s.a = t.a",
+                "SELECT * FROM SESSION(bid, date_time, INTERVAL '10' SECOND) s JOIN t ON s.a = t.a",
+            ),
+        ] {
+            assert_eq!(text(one(flink)), text(one(drizzle)), "{flink}");
+        }
+        // Other TABLE(...) forms are left alone.
+        assert_eq!(
+            text(one("SELECT * FROM TABLE(generate_series(1, 3))")),
+            "SELECT * FROM TABLE(generate_series(1, 3))"
+        );
     }
 
     fn one(sql: &str) -> DrizzleStatement {

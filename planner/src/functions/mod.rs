@@ -3,7 +3,9 @@
 //! take Postgres template patterns ([`pg_format`]), not chrono's; `sum` of
 //! integers raises 22003 on overflow instead of wrapping, and `mod` exists
 //! ([`checked`]); integer `+`, `-` and `*` raise 22003 too ([`overflow`]);
-//! the catalog and information functions clients call ([`catalog`]).
+//! the catalog and information functions clients call ([`catalog`]); the
+//! multiset aggregates that retract `min`, `max` and `count(DISTINCT)` over
+//! changes ([`multiset`]).
 //!
 //! [`register`] installs them in a `SessionContext`; every context Drizzle
 //! makes (planning, and the workers that decode plans) goes through
