@@ -73,12 +73,14 @@ impl Templates {
         })
     }
 
-    fn get(&self, row: usize) -> Option<Template> {
+    /// Row `row`'s template: the shared one borrowed (no copy per row), or
+    /// the row's own parsed.
+    fn get(&self, row: usize) -> Option<std::borrow::Cow<'_, Template>> {
         match self {
-            Templates::Same(t) => t.clone(),
+            Templates::Same(t) => t.as_ref().map(std::borrow::Cow::Borrowed),
             Templates::PerRow(a) => {
                 let a = a.as_string::<i32>();
-                (!a.is_null(row)).then(|| Template::parse(a.value(row)))
+                (!a.is_null(row)).then(|| std::borrow::Cow::Owned(Template::parse(a.value(row))))
             }
         }
     }

@@ -412,14 +412,29 @@ fn ordinal_suffix(n: i64) -> &'static str {
     }
 }
 
+/// Writes `n` zero-padded to `width` digits (`fill`: unpadded), straight
+/// into `out` (no string per value: `to_char` runs once per row).
 fn push_number(out: &mut String, n: i64, width: usize, fill: bool) {
-    if fill {
-        out.push_str(&n.to_string());
-    } else if n < 0 {
-        out.push_str(&format!("-{:0width$}", -n, width = width));
-    } else {
-        out.push_str(&format!("{n:0width$}"));
+    if n < 0 {
+        out.push('-');
     }
+    let mut v = n.unsigned_abs();
+    // Digits from the right, into a buffer wide enough for any u64.
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if !fill {
+        at = at.min(digits.len().saturating_sub(width));
+    }
+    // ASCII digits: always valid UTF-8.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 fn cased(word: &str, upper: bool, lower: bool) -> String {
@@ -433,10 +448,11 @@ fn cased(word: &str, upper: bool, lower: bool) -> String {
 }
 
 fn push_word(out: &mut String, word: String, pad: usize, fill: bool) {
+    use std::fmt::Write;
     if fill {
         out.push_str(&word);
     } else {
-        out.push_str(&format!("{word:<pad$}"));
+        let _ = write!(out, "{word:<pad$}");
     }
 }
 
@@ -453,11 +469,11 @@ fn format_field(
         push_number(out, n, width, fill);
         if let Some(upper) = ordinal {
             let s = ordinal_suffix(n);
-            out.push_str(&if upper {
-                s.to_uppercase()
+            if upper {
+                out.extend(s.chars().map(|c| c.to_ascii_uppercase()));
             } else {
-                s.to_string()
-            });
+                out.push_str(s);
+            }
         }
     };
     match field {
@@ -491,7 +507,8 @@ fn format_field(
         }
         Field::YComma => {
             let y = year.abs();
-            out.push_str(&format!("{},{:03}", y / 1000, y % 1000));
+            use std::fmt::Write;
+            let _ = write!(out, "{},{:03}", y / 1000, y % 1000);
         }
         Field::Yyyy => number(year, 4, out),
         Field::Yyy => number(year % 1000, 3, out),
@@ -849,6 +866,21 @@ fn parse_field<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_zero_padded_to_their_width_without_truncation() {
+        let put = |n: i64, width: usize, fill: bool| {
+            let mut s = String::new();
+            push_number(&mut s, n, width, fill);
+            s
+        };
+        assert_eq!(put(5, 4, false), "0005");
+        assert_eq!(put(-5, 4, false), "-0005");
+        assert_eq!(put(12345, 2, false), "12345");
+        assert_eq!(put(0, 0, false), "0");
+        assert_eq!(put(7, 3, true), "7");
+        assert_eq!(put(i64::MIN, 2, false), i64::MIN.to_string());
+    }
 
     fn ts(s: &str) -> NaiveDateTime {
         NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").unwrap()
