@@ -152,8 +152,19 @@ impl Stage {
                     order_by.iter().for_each(|(e, _)| mark(e))
                 }
                 Operator::Kernel(BatchOp::Project { exprs, .. }) => {
-                    exprs.iter().for_each(&mut mark);
-                    return Some(read);
+                    // A projection that keeps every column in place and adds
+                    // some (shared subexpressions) passes the columns on:
+                    // what it adds is read, the rest is up to what follows.
+                    let keeps_all = exprs.len() >= width
+                        && exprs.iter().take(width).enumerate().all(|(i, e)| {
+                            e.downcast_ref::<Column>().is_some_and(|c| c.index() == i)
+                        });
+                    if keeps_all {
+                        exprs.iter().skip(width).for_each(&mut mark);
+                    } else {
+                        exprs.iter().for_each(&mut mark);
+                        return Some(read);
+                    }
                 }
                 Operator::AggregatePartial(agg) => {
                     agg.group_exprs.iter().for_each(|(e, _)| mark(e));

@@ -1881,6 +1881,97 @@ fn lower_aggregate_over_changes(
     Ok(reduce)
 }
 
+/// The function calls a filter's `predicate` and the projection after it
+/// (`exprs`) both compute (Nexmark q21's `regexp_match(url, ...)[2]` and
+/// `lower(channel)`): a projection computing each once, appended to the
+/// input's columns (`schema`), and the predicate and expressions reading
+/// those columns instead. `None` when they share none. Volatile calls are
+/// never shared.
+#[allow(clippy::type_complexity)]
+fn share_subexpressions(
+    predicate: &Arc<dyn PhysicalExpr>,
+    exprs: &[Arc<dyn PhysicalExpr>],
+    schema: &Schema,
+) -> Result<Option<(BatchOp, Arc<dyn PhysicalExpr>, Vec<Arc<dyn PhysicalExpr>>)>> {
+    use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
+    use datafusion::logical_expr::Volatility;
+    use datafusion::physical_expr::expressions::Column as PCol;
+    use datafusion::physical_expr::ScalarFunctionExpr;
+    let occurs_in = |node: &Arc<dyn PhysicalExpr>, e: &Arc<dyn PhysicalExpr>| {
+        let mut found = false;
+        let _ = e.apply(|n| {
+            found = n.as_ref() == node.as_ref();
+            Ok(if found {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        });
+        found
+    };
+    let mut shared: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
+    predicate.apply(|node| {
+        let Some(call) = node.downcast_ref::<ScalarFunctionExpr>() else {
+            return Ok(TreeNodeRecursion::Continue);
+        };
+        if call.fun().signature().volatility == Volatility::Volatile {
+            return Ok(TreeNodeRecursion::Continue);
+        }
+        if exprs.iter().any(|e| occurs_in(node, e)) {
+            if !shared.iter().any(|s| s.as_ref() == node.as_ref()) {
+                shared.push(Arc::clone(node));
+            }
+            // Its own calls come with it.
+            return Ok(TreeNodeRecursion::Jump);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if shared.is_empty() {
+        return Ok(None);
+    }
+    let width = schema.fields().len();
+    let mut pre: Vec<Arc<dyn PhysicalExpr>> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Arc::new(PCol::new(f.name(), i)) as Arc<dyn PhysicalExpr>)
+        .collect();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let names: Vec<String> = (0..shared.len())
+        .map(|j| format!("__drizzle_shared{j}"))
+        .collect();
+    for (s, name) in shared.iter().zip(&names) {
+        fields.push(Field::new(name, s.data_type(schema)?, s.nullable(schema)?));
+        pre.push(Arc::clone(s));
+    }
+    let replace = |e: &Arc<dyn PhysicalExpr>| -> Result<Arc<dyn PhysicalExpr>> {
+        Ok(Arc::clone(e)
+            .transform_down(|node| {
+                Ok(
+                    match shared.iter().position(|s| s.as_ref() == node.as_ref()) {
+                        Some(j) => Transformed::new(
+                            Arc::new(PCol::new(&names[j], width + j)) as Arc<dyn PhysicalExpr>,
+                            true,
+                            TreeNodeRecursion::Jump,
+                        ),
+                        None => Transformed::no(node),
+                    },
+                )
+            })?
+            .data)
+    };
+    let predicate = replace(predicate)?;
+    let exprs = exprs.iter().map(replace).collect::<Result<Vec<_>>>()?;
+    Ok(Some((
+        BatchOp::Project {
+            exprs: pre,
+            schema: Arc::new(Schema::new(fields)),
+        },
+        predicate,
+        exprs,
+    )))
+}
+
 /// A frame bound's `INTERVAL` in µs (no months: their length varies).
 fn frame_interval_us(v: &ScalarValue) -> Option<i64> {
     match v {
@@ -2341,6 +2432,22 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                     OP_COLUMN, at,
                 )));
                 schema = with_op_column(&schema);
+            }
+            if let (LogicalPlan::Filter(f), false) = (p.input.as_ref(), flow.op_column) {
+                // The filter just before: what it shares with the
+                // projection is computed once, before both.
+                if let Some(Operator::Kernel(BatchOp::Filter { predicate })) =
+                    flow.operators.last()
+                {
+                    if let Some((pre, predicate, shared)) =
+                        share_subexpressions(predicate, &exprs, f.input.schema().as_arrow())?
+                    {
+                        flow.operators.pop();
+                        flow.push(pre);
+                        flow.push(BatchOp::Filter { predicate });
+                        exprs = shared;
+                    }
+                }
             }
             flow.push(BatchOp::Project {
                 exprs,
