@@ -1881,6 +1881,56 @@ fn lower_aggregate_over_changes(
     Ok(reduce)
 }
 
+/// `predicate` with each `AND` and `OR` evaluating its cheaper side first:
+/// DataFusion evaluates the second side only on the rows the first leaves
+/// undecided when they are few (at most a fifth), so a regular expression
+/// second runs on those rows alone (Nexmark q21's `regexp_match(url, ...)
+/// IS NOT NULL OR lower(channel) IN (...)`). The result is the same: both
+/// are commutative in SQL's logic.
+fn cheap_side_first(predicate: Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>> {
+    use datafusion::common::tree_node::Transformed;
+    use datafusion::logical_expr::Operator as Op;
+    use datafusion::physical_expr::expressions::BinaryExpr;
+    use datafusion::physical_expr::ScalarFunctionExpr;
+    // Regular expressions are what costs: count the calls.
+    let cost = |e: &Arc<dyn PhysicalExpr>| {
+        let mut n = 0usize;
+        let _ = e.apply(|node| {
+            if let Some(call) = node.downcast_ref::<ScalarFunctionExpr>() {
+                if call.name().starts_with("regexp") {
+                    n += 1;
+                }
+            }
+            if let Some(b) = node.downcast_ref::<BinaryExpr>() {
+                if matches!(
+                    b.op(),
+                    Op::RegexMatch | Op::RegexIMatch | Op::RegexNotMatch | Op::RegexNotIMatch
+                ) {
+                    n += 1;
+                }
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        });
+        n
+    };
+    Ok(predicate
+        .transform_up(|node| {
+            let Some(b) = node.downcast_ref::<BinaryExpr>() else {
+                return Ok(Transformed::no(node));
+            };
+            if !matches!(b.op(), Op::And | Op::Or) || cost(b.left()) <= cost(b.right()) {
+                return Ok(Transformed::no(node));
+            }
+            let swapped: Arc<dyn PhysicalExpr> = Arc::new(BinaryExpr::new(
+                Arc::clone(b.right()),
+                *b.op(),
+                Arc::clone(b.left()),
+            ));
+            Ok(Transformed::yes(swapped))
+        })?
+        .data)
+}
+
 /// The function calls a filter's `predicate` and the projection after it
 /// (`exprs`) both compute (Nexmark q21's `regexp_match(url, ...)[2]` and
 /// `lower(channel)`): a projection computing each once, appended to the
@@ -2461,7 +2511,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
             }
             let mut flow = lower_node(&f.input, stages)?;
             session_free(&flow, &f.predicate, f.input.schema())?;
-            let predicate = physical(&f.predicate, f.input.schema(), &props)?;
+            let predicate = cheap_side_first(physical(&f.predicate, f.input.schema(), &props)?)?;
             flow.push(BatchOp::Filter { predicate });
             Ok(flow)
         }
