@@ -3147,7 +3147,7 @@ mod tests {
             .all(|s| matches!(s.input, StageInput::Source(_))));
         // An aggregation over a non-windowed aggregation: the inner one
         // emits changes, the outer one sums them, with an op column; max
-        // cannot take a row back.
+        // keeps a multiset; array_agg cannot take a row back.
         let over = continuous(
             "SELECT sum(n) AS total FROM (SELECT kind, count(*) AS n FROM events GROUP BY kind) AS k",
         );
@@ -3157,13 +3157,18 @@ mod tests {
             s.operators.first(),
             Some(Operator::AggregateFinal(a)) if a.changes
         )));
-        let err =
-            plan("SELECT max(n) FROM (SELECT kind, count(*) AS n FROM events GROUP BY kind) AS k")
-                .unwrap_err();
+        let max = continuous(
+            "SELECT max(n) FROM (SELECT kind, count(*) AS n FROM events GROUP BY kind) AS k",
+        );
+        assert!(max.op_column);
+        let err = plan(
+            "SELECT array_agg(n) FROM (SELECT kind, count(*) AS n FROM events GROUP BY kind) AS k",
+        )
+        .unwrap_err();
         assert!(matches!(err, PlanError::Unsupported { .. }), "{err}");
         assert!(
             err.to_string()
-                .contains("max() over a non-windowed aggregation"),
+                .contains("array_agg() over a non-windowed aggregation"),
             "{err}"
         );
     }
