@@ -1959,6 +1959,19 @@ fn share_subexpressions(
         });
         found
     };
+    // Each call of the predicate is looked for in every expression: bound
+    // the work for machine-written queries with thousands of terms.
+    let size = |e: &Arc<dyn PhysicalExpr>| {
+        let mut n = 0usize;
+        let _ = e.apply(|_| {
+            n += 1;
+            Ok(TreeNodeRecursion::Continue)
+        });
+        n
+    };
+    if size(predicate).saturating_mul(exprs.iter().map(size).sum::<usize>()) > 1 << 20 {
+        return Ok(None);
+    }
     let mut shared: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
     predicate.apply(|node| {
         let Some(call) = node.downcast_ref::<ScalarFunctionExpr>() else {
