@@ -570,6 +570,8 @@ struct OverWire {
     retain: OverRetain,
     schema: Schema,
     display: String,
+    #[serde(default)]
+    changes: bool,
 }
 
 fn encode_over(o: &OverAggregatePlan) -> Result<OverWire> {
@@ -595,6 +597,7 @@ fn encode_over(o: &OverAggregatePlan) -> Result<OverWire> {
         retain: o.retain,
         schema: o.schema.as_ref().clone(),
         display: o.display.clone(),
+        changes: o.changes,
     })
 }
 
@@ -613,6 +616,7 @@ fn decode_over(w: OverWire, ctx: &TaskContext) -> Result<OverAggregatePlan> {
         input: Arc::new(w.input),
         schema: Arc::new(w.schema),
         display: w.display,
+        changes: w.changes,
     })
 }
 
@@ -626,6 +630,8 @@ struct TopNWire {
     limit: u64,
     schema: Schema,
     display: String,
+    #[serde(default)]
+    changes: bool,
 }
 
 fn encode_top_n(t: &TopNPlan) -> Result<TopNWire> {
@@ -649,6 +655,7 @@ fn encode_top_n(t: &TopNPlan) -> Result<TopNWire> {
         limit: t.limit,
         schema: t.schema.as_ref().clone(),
         display: t.display.clone(),
+        changes: t.changes,
     })
 }
 
@@ -678,6 +685,7 @@ fn decode_top_n(w: TopNWire, ctx: &TaskContext) -> Result<TopNPlan> {
         input: Arc::new(w.input),
         schema: Arc::new(w.schema),
         display: w.display,
+        changes: w.changes,
     })
 }
 

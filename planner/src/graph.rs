@@ -444,6 +444,11 @@ fn describe_operator(op: &Operator) -> String {
             )
         }
         Operator::Union => "UnionExec: all rows of every input".to_string(),
+        Operator::OverAggregate(o) if o.changes => format!(
+            "OverAggregateExec: {}, over changes, state=every row per key; a change re-evaluates its row \
+             and the next {} in its partition, emitted as deletes and inserts",
+            o.display, o.retain.rows
+        ),
         Operator::OverAggregate(o) => format!(
             "OverAggregateExec: {}, state=rows until the watermark passes their time, then {}",
             o.display,
@@ -454,8 +459,15 @@ fn describe_operator(op: &Operator) -> String {
             }
         ),
         Operator::TopN(t) => format!(
-            "TopNExec: {}, keep={}, state=the best {} rows per key, emitted (upsert) when a key's rows change",
-            t.display, t.limit, t.limit
+            "TopNExec: {}, keep={}, state=the best {} rows per key, emitted ({}) when a key's rows change",
+            t.display,
+            t.limit,
+            t.limit,
+            if t.changes {
+                "changes: old rows -1, new rows +1"
+            } else {
+                "upsert"
+            }
         ),
         Operator::IntervalJoin(j) if j.regular => format!(
             "JoinExec: inner, on=[{}], state=every row of both sides (no time bound), emitted when both rows are there",

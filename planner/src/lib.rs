@@ -43,7 +43,7 @@ pub use error::{PlanError, Result};
 pub use graph::{Operator, Partitioning, Stage, StageGraph, StageInput, StageOutput};
 pub use lower::{
     plan_query, plan_view_query, sql_to_logical, sql_to_unoptimized, PlannedQuery, Relation,
-    RelationResolver,
+    RelationResolver, OP_COLUMN,
 };
 pub use plan::{
     AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec,

@@ -718,6 +718,10 @@ struct Flow {
     /// or `delete`): an aggregate over changes, whose groups can vanish.
     /// Projections carry it along.
     op_column: bool,
+    /// The rows are changes to a result without a key (`op` is `insert`
+    /// or `delete`): an `OVER` over changing rows. Implies `upsert` (no
+    /// stateful operator consumes them) and `op_column`.
+    changes: bool,
 }
 
 /// A stream's event-time column as a flow carries it.
@@ -748,6 +752,7 @@ impl Flow {
             event_time: Vec::new(),
             small: false,
             op_column: false,
+            changes: false,
         }
     }
 }
@@ -1067,6 +1072,7 @@ fn lower_window_join(
         event_time: Vec::new(),
         small: false,
         op_column: false,
+        changes: false,
     })
 }
 
@@ -1319,6 +1325,7 @@ fn lower_interval_join(
         event_time: Vec::new(),
         small: false,
         op_column: false,
+        changes: false,
     })
 }
 
@@ -1495,6 +1502,7 @@ fn lower_top_n(
         input: Arc::new(schema.as_arrow().clone()),
         schema: Arc::new(w.schema.as_arrow().clone()),
         display,
+        changes: false,
     });
     let mut flow = flow;
     if plan.partition_by.is_empty() {
@@ -1596,6 +1604,53 @@ pub(crate) fn deletes_for_filtered_rows(
     Ok(Some(operators))
 }
 
+/// Turns a flow of updating rows (a non-windowed aggregation's or a
+/// top-N's, its first operator, then filters and projections) into a change
+/// stream: the keyed operator emits each changed key's previous rows with
+/// weight -1 and its new ones with +1, and the kernels after it carry the
+/// weight, last. Returns how many columns come before the weight.
+fn into_weighted(flow: &mut Flow, what: &str, hint: &str) -> Result<usize> {
+    use datafusion::physical_expr::expressions::Column as PCol;
+    let (first, mut width) = match flow.operators.first() {
+        Some(Operator::AggregateFinal(inner)) if inner.window.is_none() && !inner.changes => {
+            let mut inner = inner.as_ref().clone();
+            inner.changes = true;
+            let width = inner.output_schema.fields().len();
+            (Operator::AggregateFinal(Arc::new(inner)), width)
+        }
+        Some(Operator::TopN(t)) if !t.changes => {
+            let mut t = t.as_ref().clone();
+            t.changes = true;
+            let width = t.schema.fields().len();
+            (Operator::TopN(Arc::new(t)), width)
+        }
+        _ => return Err(PlanError::unsupported_hint(what.to_string(), hint)),
+    };
+    let mut operators = vec![first];
+    let weight_field = Field::new(crate::plan::WEIGHT_COLUMN, DataType::Int64, false);
+    for op in flow.operators.iter().skip(1) {
+        match op {
+            Operator::Kernel(BatchOp::Filter { .. }) => operators.push(op.clone()),
+            Operator::Kernel(BatchOp::Project { exprs, schema }) => {
+                let mut exprs = exprs.clone();
+                let n = exprs.len();
+                exprs.push(Arc::new(PCol::new(crate::plan::WEIGHT_COLUMN, width)));
+                let mut fields: Vec<Field> =
+                    schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+                fields.push(weight_field.clone());
+                width = n;
+                operators.push(Operator::Kernel(BatchOp::Project {
+                    exprs,
+                    schema: Arc::new(Schema::new(fields)),
+                }));
+            }
+            _ => return Err(PlanError::unsupported(format!("{what} through a join"))),
+        }
+    }
+    flow.operators = operators;
+    Ok(width)
+}
+
 /// How an aggregate over changes finishes one of the user's aggregates from
 /// the sums it keeps (indices among the sums).
 enum Finish {
@@ -1633,57 +1688,24 @@ fn lower_aggregate_over_changes(
     use datafusion::physical_expr::expressions::{self as pe, Column as PCol};
     const HINT: &str = "count, sum, avg, min, max and count(DISTINCT) retract exactly; for the \
         others, aggregate windowed results (GROUP BY window_start in the inner query)";
+    if flow.changes {
+        return Err(PlanError::unsupported(
+            "an aggregation over an OVER over changing rows",
+        ));
+    }
     if flow.op_column {
         return Err(PlanError::unsupported(
             "an aggregation over an aggregation over a non-windowed aggregation",
         ));
     }
-    // The inner aggregation emits changes; the kernels after it carry the
-    // weight, last.
-    let inner = match flow.operators.first() {
-        Some(Operator::AggregateFinal(inner)) if inner.window.is_none() => inner.as_ref().clone(),
-        _ => {
-            return Err(PlanError::unsupported_hint(
-                "an aggregation over a top-N or other updating result",
-                HINT,
-            ))
-        }
-    };
-    let mut inner = inner;
-    inner.changes = true;
-    let mut width = inner.output_schema.fields().len();
-    let mut operators = vec![Operator::AggregateFinal(Arc::new(inner))];
-    let weight_field = Field::new(crate::plan::WEIGHT_COLUMN, DataType::Int64, false);
-    for op in flow.operators.iter().skip(1) {
-        match op {
-            Operator::Kernel(BatchOp::Filter { .. }) => operators.push(op.clone()),
-            Operator::Kernel(BatchOp::Project { exprs, schema }) => {
-                let mut exprs = exprs.clone();
-                let n = exprs.len();
-                exprs.push(Arc::new(PCol::new(crate::plan::WEIGHT_COLUMN, width)));
-                let mut fields: Vec<Field> =
-                    schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-                fields.push(weight_field.clone());
-                width = n;
-                operators.push(Operator::Kernel(BatchOp::Project {
-                    exprs,
-                    schema: Arc::new(Schema::new(fields)),
-                }));
-            }
-            _ => {
-                return Err(PlanError::unsupported(
-                    "an aggregation over a non-windowed aggregation through a join",
-                ))
-            }
-        }
-    }
+    let width = into_weighted(&mut flow, "an aggregation over this updating result", HINT)?;
     let input_schema = a.input.schema();
     if width != input_schema.fields().len() {
         return Err(PlanError::Internal {
             message: "an aggregation over changes lost track of its input columns".into(),
         });
     }
-    flow.operators = operators;
+    let weight_field = Field::new(crate::plan::WEIGHT_COLUMN, DataType::Int64, false);
     let extended = input_schema.join(&DFSchema::try_from(Schema::new(vec![weight_field]))?)?;
     let w = Expr::Column(datafusion::common::Column::new_unqualified(
         crate::plan::WEIGHT_COLUMN,
@@ -2070,6 +2092,7 @@ fn lower_over(
     let mut partition: Option<&Vec<Expr>> = None;
     let mut time: Option<usize> = None;
     let mut retain = crate::plan::OverRetain::default();
+    let mut range_frame = false;
     for e in &w.window_expr {
         let Expr::WindowFunction(wf) = unalias(e) else {
             return refuse(format!("the window expression {e} on a stream"));
@@ -2130,6 +2153,7 @@ fn lower_over(
                 retain.rows = retain.rows.max(n);
             }
             WindowFrameUnits::Range => {
+                range_frame = true;
                 let us = match start {
                     ScalarValue::UInt64(Some(0)) => 0,
                     v => match frame_interval_us(v) {
@@ -2151,13 +2175,31 @@ fn lower_over(
     };
     let mut flow = lower_node(&w.input, stages)?;
     no_open_sessions(&flow)?;
-    if flow.upsert {
-        return Err(PlanError::unsupported_hint(
-            "OVER over a non-windowed aggregation (its rows change; that needs retractions)",
-            "aggregate raw rows or windowed results",
-        ));
-    }
-    let time_lag_us = time_lag(&mut flow, time, "an OVER window ordered")?;
+    // Over changing rows (a top-N's, a non-windowed aggregation's): each
+    // change re-evaluates the frames it reaches; nothing waits for time.
+    let changes = flow.upsert;
+    let time_lag_us = if changes {
+        if flow.op_column {
+            return Err(PlanError::unsupported(
+                "OVER over an OVER or an aggregation over changing rows",
+            ));
+        }
+        if range_frame {
+            return refuse(
+                "a RANGE frame over changing rows (a top-N's or a non-windowed aggregation's)"
+                    .into(),
+            );
+        }
+        let width = into_weighted(&mut flow, "OVER over this updating result", HINT)?;
+        if width != schema.fields().len() {
+            return Err(PlanError::Internal {
+                message: "an OVER over changes lost track of its input columns".into(),
+            });
+        }
+        0
+    } else {
+        time_lag(&mut flow, time, "an OVER window ordered")?
+    };
     let partition_by = partition
         .iter()
         .map(|e| physical(e, schema, props))
@@ -2187,9 +2229,13 @@ fn lower_over(
         input: Arc::new(schema.as_arrow().clone()),
         schema: Arc::new(w.schema.as_arrow().clone()),
         display,
+        changes,
     });
     let from = stages.cut(flow, partition_by);
-    Ok(Flow::keyed(from, Operator::OverAggregate(plan), false))
+    let mut out = Flow::keyed(from, Operator::OverAggregate(plan), changes);
+    out.op_column = changes;
+    out.changes = changes;
+    Ok(out)
 }
 
 /// Lowers an optimised logical plan that reads a stream into its stage
@@ -2206,7 +2252,9 @@ pub fn lower(plan: &LogicalPlan) -> Result<StreamingPlan> {
     } else {
         Arc::new(body.schema().as_arrow().clone())
     };
-    let emit = if flow.upsert {
+    let emit = if flow.changes {
+        EmitMode::Changes
+    } else if flow.upsert {
         EmitMode::Upsert
     } else if flow.closes_windows {
         EmitMode::OnWindowClose
@@ -2441,6 +2489,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 event_time,
                 small: false,
                 op_column: false,
+                changes: false,
             };
             if let Some(projection) = &scan.projection {
                 let identity = projection.len() == full_schema.fields().len()
@@ -2752,6 +2801,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 event_time: Vec::new(),
                 small: per_window && !sessions,
                 op_column: false,
+                changes: false,
             })
         }
         LogicalPlan::Sort(_) => Err(PlanError::unsupported_hint(
@@ -2811,6 +2861,7 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 event_time: Vec::new(),
                 small: false,
                 op_column: false,
+                changes: false,
             })
         }
         LogicalPlan::Distinct(_) => Err(PlanError::unsupported("DISTINCT ON a stream")),
@@ -3174,6 +3225,36 @@ mod tests {
             "SELECT max(n) FROM (SELECT kind, count(*) AS n FROM events GROUP BY kind) AS k",
         );
         assert!(max.op_column);
+        // OVER over a top-N (Nexmark q6's shape): the top-N emits changes,
+        // the OVER re-evaluates what they reach and emits inserts and
+        // deletes with an op column; a RANGE frame there is refused.
+        let top = "(SELECT ad_id, kind, ts, ROW_NUMBER() OVER (PARTITION BY ad_id ORDER BY ts DESC) AS rn \
+                   FROM events) AS t WHERE rn = 1";
+        let q6 = continuous(&format!(
+            "SELECT kind, count(*) OVER (PARTITION BY kind ORDER BY ts \
+             ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS n FROM {top}"
+        ));
+        assert_eq!((q6.emit, q6.op_column), (EmitMode::Changes, true));
+        assert_eq!(q6.output_schema.fields().len(), 3);
+        assert!(q6.graph.stages.iter().any(|s| matches!(
+            s.operators.first(),
+            Some(Operator::TopN(t)) if t.changes
+        )));
+        assert!(q6.graph.stages.iter().any(|s| matches!(
+            s.operators.first(),
+            Some(Operator::OverAggregate(o)) if o.changes && o.retain.rows == 3
+        )));
+        let err = plan(&format!(
+            "SELECT kind, count(*) OVER (PARTITION BY kind ORDER BY ts \
+             RANGE BETWEEN INTERVAL '1' SECOND PRECEDING AND CURRENT ROW) FROM {top}"
+        ))
+        .unwrap_err();
+        assert!(matches!(err, PlanError::Unsupported { .. }), "{err}");
+        // Aggregates over a top-N take back its replaced rows.
+        let total = continuous(&format!(
+            "SELECT kind, count(*) AS n FROM {top} GROUP BY kind"
+        ));
+        assert_eq!((total.emit, total.op_column), (EmitMode::Upsert, true));
         let err = plan(
             "SELECT array_agg(n) FROM (SELECT kind, count(*) AS n FROM events GROUP BY kind) AS k",
         )

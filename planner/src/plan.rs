@@ -131,6 +131,12 @@ pub struct TopNPlan {
     pub schema: SchemaRef,
     /// The window as SQL, for EXPLAIN.
     pub display: String,
+    /// Its rows feed an operator that consumes changes (an `OVER` or an
+    /// aggregation): after each micro-batch it emits, for each key whose
+    /// rows changed, the key's previous ranks with weight -1 and its new
+    /// ones with +1 (unchanged ranks left out), in a last column
+    /// [`WEIGHT_COLUMN`].
+    pub changes: bool,
 }
 
 /// An `OVER` aggregation on event time: aggregates over a bounded frame of
@@ -159,6 +165,15 @@ pub struct OverAggregatePlan {
     pub schema: SchemaRef,
     /// The window as SQL, for EXPLAIN.
     pub display: String,
+    /// The input is a change stream (a top-N's or a non-windowed
+    /// aggregation's rows, each with a [`WEIGHT_COLUMN`] last): rows come
+    /// and go anywhere in a partition's order, so nothing waits for a
+    /// watermark. Each micro-batch re-evaluates the rows whose frames the
+    /// changes reach (a changed row and the `retain.rows` rows after it)
+    /// and emits their previous results as `delete`s and their new ones
+    /// as `insert`s in a last [`OP_COLUMN`](crate::OP_COLUMN) (`ROWS`
+    /// frames only; `time_column` is then any orderable column).
+    pub changes: bool,
 }
 
 /// The rows an `OVER` aggregation keeps per key for frames still to come:
@@ -295,6 +310,10 @@ pub enum EmitMode {
     OnWindowClose,
     /// After each micro-batch, the current row of every group that changed.
     Upsert,
+    /// After each micro-batch, the rows the result lost and gained, each
+    /// with an `op` column last: `delete` or `insert` (a result without a
+    /// key, such as an `OVER` over changing rows).
+    Changes,
 }
 
 impl fmt::Display for EmitMode {
@@ -303,6 +322,7 @@ impl fmt::Display for EmitMode {
             EmitMode::Append => "append",
             EmitMode::OnWindowClose => "on window close",
             EmitMode::Upsert => "upsert",
+            EmitMode::Changes => "changes",
         })
     }
 }

@@ -1681,6 +1681,9 @@ fn new_view_store(plan: &StreamingPlan) -> Result<ViewStore, PgError> {
             ViewStore::upsert(schema, keys, plan.op_column, plan.rank_column)
                 .map_err(|e| PgError::internal(e.to_string()))
         }
+        EmitMode::Changes => {
+            ViewStore::changes(schema).map_err(|e| PgError::internal(e.to_string()))
+        }
         _ => {
             let mut store = ViewStore::append(schema);
             store.event_time = plan

@@ -67,6 +67,16 @@ enum ViewRows {
     Append(Vec<RecordBatch>),
     /// The latest row per key.
     Upsert(UpsertRows),
+    /// A multiset: rows with how many times each is in the view (a result
+    /// without a key, fed `insert` and `delete` changes).
+    Multiset(MultisetRows),
+}
+
+struct MultisetRows {
+    /// Over the view's columns (without `op`).
+    converter: RowConverter,
+    /// Row → how many times it is in the view (never 0: such rows go).
+    counts: HashMap<OwnedRow, u64>,
 }
 
 struct UpsertRows {
@@ -206,6 +216,39 @@ impl ViewStore {
         })
     }
 
+    /// A view of a result without a key that changes (`EmitMode::Changes`):
+    /// the rows end with an `op` column, `insert` or `delete`, and the view
+    /// holds every row inserted and not deleted.
+    pub fn changes(schema: SchemaRef) -> Result<Self, arrow::error::ArrowError> {
+        let width = schema.fields().len();
+        if width < 2 {
+            return Err(arrow::error::ArrowError::SchemaError(
+                "a changing view without columns".into(),
+            ));
+        }
+        let visible = Arc::new(schema.project(&(0..width - 1).collect::<Vec<_>>())?);
+        let converter = RowConverter::new(
+            visible
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        Ok(Self {
+            rows_schema: Arc::clone(&schema),
+            op_column: Some(width - 1),
+            schema: visible,
+            rows: Mutex::new(ViewRows::Multiset(MultisetRows {
+                converter,
+                counts: HashMap::new(),
+            })),
+            last_batch: Mutex::new(None),
+            error: Mutex::new(None),
+            log: None,
+            event_time: None,
+        })
+    }
+
     /// The view's schema.
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
@@ -238,6 +281,29 @@ impl ViewStore {
         }
         let mut rows = self.rows.lock();
         match &mut *rows {
+            ViewRows::Multiset(m) => {
+                let width = self.schema.fields().len();
+                let values = m.converter.convert_columns(&batch.columns()[..width])?;
+                let ops = batch
+                    .column(width)
+                    .as_any()
+                    .downcast_ref::<arrow::array::StringArray>()
+                    .ok_or_else(|| drizzle_exec::ExecError::invalid("a view's op column"))?;
+                for (i, row) in values.iter().enumerate() {
+                    if ops.value(i) == "delete" {
+                        // A delete of a row the view does not hold is a
+                        // bug upstream; the view stays as it is.
+                        if let Some(c) = m.counts.get_mut(&row.owned()) {
+                            *c -= 1;
+                            if *c == 0 {
+                                m.counts.remove(&row.owned());
+                            }
+                        }
+                    } else {
+                        *m.counts.entry(row.owned()).or_default() += 1;
+                    }
+                }
+            }
             ViewRows::Append(v) => {
                 if batch.num_rows() > 0 {
                     v.push(batch);
@@ -286,6 +352,20 @@ impl ViewStore {
         let rows = self.rows.lock();
         match &*rows {
             ViewRows::Append(v) => Ok(v.clone()),
+            ViewRows::Multiset(m) => {
+                if m.counts.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let rows = m
+                    .counts
+                    .iter()
+                    .flat_map(|(r, c)| std::iter::repeat_n(r.row(), *c as usize));
+                let columns = m.converter.convert_rows(rows)?;
+                Ok(vec![RecordBatch::try_new(
+                    Arc::clone(&self.schema),
+                    columns,
+                )?])
+            }
             ViewRows::Upsert(u) => {
                 let latest = snapshot_upsert(u, &self.rows_schema)?;
                 let shown = self.schema.fields().len();

@@ -29,6 +29,9 @@
 //! * [`OverAggregateExec`]: aggregates over a bounded frame of each row's
 //!   predecessors in event-time order (`OVER (... ROWS/RANGE ... PRECEDING
 //!   AND CURRENT ROW)`), each row emitted once its frame is complete.
+//! * [`OverChangesExec`]: the same over changing rows (a top-N's): each
+//!   change re-evaluates the frames it reaches and emits the results that
+//!   went and came, as `delete`s and `insert`s.
 //!
 //! Stateful operators keep one contract, [`StatefulOperator`]: a
 //! micro-batch's rows per input and the input watermark in, batches out,
@@ -67,6 +70,7 @@ mod chain;
 mod interval_join;
 mod lookup_join;
 mod over;
+mod over_changes;
 mod session;
 mod top_n;
 mod window_assign;
@@ -81,6 +85,8 @@ pub use self::interval_join::*;
 pub use self::lookup_join::*;
 #[allow(unused_imports)]
 pub use self::over::*;
+#[allow(unused_imports)]
+pub use self::over_changes::*;
 #[allow(unused_imports)]
 pub use self::session::*;
 #[allow(unused_imports)]
@@ -278,6 +284,9 @@ pub fn stateful_operator(op: &Operator) -> Result<Option<Box<dyn StatefulOperato
         }
         Operator::Union => Some(Box::new(UnionExec)),
         Operator::TopN(plan) => Some(Box::new(TopNExec::new(plan.as_ref().clone())?)),
+        Operator::OverAggregate(plan) if plan.changes => {
+            Some(Box::new(OverChangesExec::new(plan.as_ref().clone())?))
+        }
         Operator::OverAggregate(plan) => {
             Some(Box::new(OverAggregateExec::new(plan.as_ref().clone())?))
         }

@@ -503,6 +503,7 @@ mod tests {
             input,
             schema: Arc::new(Schema::new(fields)),
             display: String::new(),
+            changes: false,
         }
     }
 

@@ -34,6 +34,9 @@ pub struct TopNExec {
     now: u64,
     /// `SET state_ttl` in micro-batches.
     ttl: Option<u64>,
+    /// For a plan that emits changes: the rows each key changed in this
+    /// micro-batch held before it (to retract them).
+    before: HashMap<Vec<u8>, Vec<OwnedRow>>,
 }
 
 /// Name of the column a top-N's checkpointed rows carry their key's last
@@ -80,6 +83,7 @@ impl TopNExec {
             bytes: 0,
             now: 0,
             ttl: None,
+            before: HashMap::new(),
         })
     }
 
@@ -128,6 +132,12 @@ impl TopNExec {
             if held.len() >= limit && held.last().is_some_and(|last| s >= last.sort.row()) {
                 continue;
             }
+            if self.plan.changes && !self.before.contains_key(key.as_ref()) {
+                self.before.insert(
+                    key.as_ref().to_vec(),
+                    held.iter().map(|h| h.row.clone()).collect(),
+                );
+            }
             let at = held.partition_point(|h| h.sort.row() <= s);
             let row = values.row(i).owned();
             self.bytes += (row.as_ref().len() + s.as_ref().len() + 48) as u64;
@@ -168,8 +178,56 @@ impl TopNExec {
                 }
             }
         }
+        self.output(rows, ranks, None)
+    }
+
+    /// The changes of `keys` (each held rows in `before`): each rank whose
+    /// row changed, its old row with weight -1 and its new one with +1.
+    fn changes(&mut self, keys: &[Vec<u8>]) -> Result<RecordBatch> {
+        let mut rows = Vec::new();
+        let mut ranks = Vec::new();
+        let mut weights = Vec::new();
+        let empty = Vec::new();
+        for key in keys {
+            let old = self.before.get(key.as_slice()).unwrap_or(&empty);
+            let new = self
+                .groups
+                .get(key.as_slice())
+                .map(|(_, held)| held.as_slice())
+                .unwrap_or_default();
+            for rank in 0..old.len().max(new.len()) {
+                let (o, n) = (old.get(rank), new.get(rank).map(|h| &h.row));
+                if o == n {
+                    continue;
+                }
+                if let Some(o) = o {
+                    rows.push(o.row());
+                    ranks.push(rank as u64 + 1);
+                    weights.push(-1);
+                }
+                if let Some(n) = n {
+                    rows.push(n.row());
+                    ranks.push(rank as u64 + 1);
+                    weights.push(1);
+                }
+            }
+        }
+        let out = self.output(rows, ranks, Some(weights));
+        self.before.clear();
+        out
+    }
+
+    /// Output rows: `rows` (input columns), their ranks, and their weights
+    /// when the plan emits changes.
+    fn output(
+        &self,
+        rows: Vec<arrow::row::Row<'_>>,
+        ranks: Vec<u64>,
+        weights: Option<Vec<i64>>,
+    ) -> Result<RecordBatch> {
+        let schema = self.output_schema();
         if rows.is_empty() {
-            return Ok(RecordBatch::new_empty(Arc::clone(&self.plan.schema)));
+            return Ok(RecordBatch::new_empty(schema));
         }
         let mut columns = self.values.convert_rows(rows)?;
         let rank: ArrayRef = Arc::new(UInt64Array::from(ranks));
@@ -185,10 +243,25 @@ impl TopNExec {
         } else {
             arrow::compute::cast(&rank, &rank_type)?
         });
-        Ok(RecordBatch::try_new(
-            Arc::clone(&self.plan.schema),
-            columns,
-        )?)
+        if let Some(w) = weights {
+            columns.push(Arc::new(Int64Array::from(w)));
+        }
+        Ok(RecordBatch::try_new(schema, columns)?)
+    }
+
+    /// The plan's schema, with a weight column last when it emits changes.
+    fn output_schema(&self) -> SchemaRef {
+        if !self.plan.changes {
+            return Arc::clone(&self.plan.schema);
+        }
+        let mut fields: Vec<arrow::datatypes::FieldRef> =
+            self.plan.schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            drizzle_planner::WEIGHT_COLUMN,
+            DataType::Int64,
+            false,
+        )));
+        Arc::new(arrow::datatypes::Schema::new(fields))
     }
 }
 
@@ -205,7 +278,10 @@ impl StatefulOperator for TopNExec {
     ) -> Result<OperatorOutput> {
         let input = one_input("TopNExec", inputs)?;
         self.now = batch;
-        if let Some(ttl) = self.ttl.filter(|&t| ttl_check(batch, t)) {
+        // A top-N emitting changes keeps every key: the operator after it
+        // holds the key's rows, which a forgotten key could not retract.
+        let ttl = self.ttl.filter(|_| !self.plan.changes);
+        if let Some(ttl) = ttl.filter(|&t| ttl_check(batch, t)) {
             // Keys no row reached for longer than the TTL start over.
             let before = batch.saturating_sub(ttl);
             let (mut rows, mut bytes) = (0u64, 0u64);
@@ -229,7 +305,11 @@ impl StatefulOperator for TopNExec {
         }
         changed.sort_unstable();
         changed.dedup();
-        let out = self.ranks(&changed)?;
+        let out = if self.plan.changes {
+            self.changes(&changed)?
+        } else {
+            self.ranks(&changed)?
+        };
         let chunks = if out.num_rows() > 0 {
             vec![(None, out)]
         } else {
@@ -317,6 +397,7 @@ impl StatefulOperator for TopNExec {
             }
         }
         self.now = batch;
+        self.before.clear();
         Ok(())
     }
 
@@ -351,6 +432,7 @@ mod tests {
             input,
             schema: Arc::new(Schema::new(fields)),
             display: String::new(),
+            changes: false,
         }
     }
 
@@ -411,6 +493,46 @@ mod tests {
                 "restored: {restore}"
             );
         }
+    }
+
+    /// A top-N feeding an operator that consumes changes emits, per changed
+    /// key, each rank whose row changed: the old row with weight -1 and the
+    /// new one with +1; ranks that kept their row are not emitted.
+    #[test]
+    fn emits_changed_ranks_as_retractions_and_additions() {
+        let mut p = plan(2);
+        p.changes = true;
+        let mut exec = TopNExec::new(p.clone()).unwrap();
+        let changes = |out: &OperatorOutput| {
+            let mut v = Vec::new();
+            for (_, b) in &out.chunks {
+                let x = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+                let r = b.column(2).as_primitive::<arrow::datatypes::UInt64Type>();
+                let w = b.column(3).as_primitive::<arrow::datatypes::Int64Type>();
+                for i in 0..b.num_rows() {
+                    v.push((x.value(i), r.value(i), w.value(i)));
+                }
+            }
+            v.sort_unstable();
+            v
+        };
+        let out = exec
+            .process(0, &[vec![batch(&p, &[(1, 5), (1, 3)])]], None)
+            .unwrap();
+        assert_eq!(changes(&out), vec![(3, 2, 1), (5, 1, 1)]);
+        // 4 goes between: rank 2 changes from 3 to 4, rank 1 stays 5.
+        let out = exec
+            .process(1, &[vec![batch(&p, &[(1, 4), (1, 1)])]], None)
+            .unwrap();
+        assert_eq!(changes(&out), vec![(3, 2, -1), (4, 2, 1)]);
+        // 9 goes first: both ranks change.
+        let out = exec
+            .process(2, &[vec![batch(&p, &[(1, 9)])]], None)
+            .unwrap();
+        assert_eq!(
+            changes(&out),
+            vec![(4, 2, -1), (5, 1, -1), (5, 2, 1), (9, 1, 1)]
+        );
     }
 
     /// Against a record-at-a-time model: after each batch, the changed keys'
