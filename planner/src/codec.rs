@@ -125,6 +125,9 @@ struct IntervalJoinWire {
     display: String,
     #[serde(default)]
     regular: bool,
+    /// `Inner`, `Left`, `Right` or `Full`.
+    #[serde(default)]
+    outer: Option<(bool, bool)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -460,6 +463,12 @@ fn encode_interval_join(j: &IntervalJoinPlan, left_input: SchemaRef) -> Result<I
         schema: j.schema.as_ref().clone(),
         display: j.display.clone(),
         regular: j.regular,
+        outer: match j.join_type {
+            JoinType::Left => Some((true, false)),
+            JoinType::Right => Some((false, true)),
+            JoinType::Full => Some((true, true)),
+            _ => None,
+        },
     })
 }
 
@@ -487,6 +496,12 @@ fn decode_interval_join(w: IntervalJoinWire, ctx: &TaskContext) -> Result<Interv
         schema: Arc::new(w.schema),
         display: w.display,
         regular: w.regular,
+        join_type: match w.outer {
+            Some((true, false)) => JoinType::Left,
+            Some((false, true)) => JoinType::Right,
+            Some((true, true)) => JoinType::Full,
+            _ => JoinType::Inner,
+        },
     })
 }
 

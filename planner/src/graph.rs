@@ -22,6 +22,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use datafusion::logical_expr::JoinType;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -469,6 +470,13 @@ fn describe_operator(op: &Operator) -> String {
                 "upsert"
             }
         ),
+        Operator::IntervalJoin(j) if j.regular && j.join_type != JoinType::Inner => format!(
+            "JoinExec: {}, on=[{}], state=every row of both sides (no time bound) with its match count, \
+             emitted when both rows are there; an unmatched row of an outer side is inserted padded \
+             with NULLs and deleted at its first match",
+            j.join_type.to_string().to_lowercase(),
+            j.display
+        ),
         Operator::IntervalJoin(j) if j.regular => format!(
             "JoinExec: inner, on=[{}], state=every row of both sides (no time bound), emitted when both rows are there",
             j.display
@@ -480,8 +488,8 @@ fn describe_operator(op: &Operator) -> String {
         Operator::WindowJoin(j) => format!(
             "WindowJoinExec: {}, on=[{}]{}, state=rows per open window, emitted when the watermark passes the window end",
             match j.join_type {
-                datafusion::logical_expr::JoinType::LeftSemi => "left semi",
-                datafusion::logical_expr::JoinType::LeftAnti => "left anti",
+                JoinType::LeftSemi => "left semi",
+                JoinType::LeftAnti => "left anti",
                 _ => "inner",
             },
             j.display,

@@ -929,10 +929,16 @@ fn lower_window_join(
     const HINT: &str = "join two streams by window (window both sides with the same TUMBLE or HOP \
         and join ON l.key = r.key AND l.window_start = r.window_start) or by interval \
         (ON l.key = r.key AND l.ts BETWEEN r.ts - INTERVAL '10' SECOND AND r.ts)";
-    if !matches!(
+    let outer = matches!(
         j.join_type,
-        JoinType::Inner | JoinType::LeftSemi | JoinType::LeftAnti
-    ) {
+        JoinType::Left | JoinType::Right | JoinType::Full
+    );
+    if !outer
+        && !matches!(
+            j.join_type,
+            JoinType::Inner | JoinType::LeftSemi | JoinType::LeftAnti
+        )
+    {
         return Err(PlanError::unsupported_hint(
             format!("a {} join of two streams", j.join_type),
             "use an inner window join, IN or EXISTS",
@@ -975,6 +981,36 @@ fn lower_window_join(
                 right_keys.push(physical(r, j.right.schema(), props)?);
             }
         }
+    }
+    if outer {
+        // A regular outer join: its NULL-padded rows are taken back when a
+        // match comes, so its output is a change stream.
+        const OUTER_HINT: &str = "join the streams ON keys alone (a regular outer join) or \
+            use an inner window or interval join";
+        if bound.is_some() || interval_bounds(j, &left, &right)?.is_some() {
+            return Err(PlanError::unsupported_hint(
+                format!("a {} window or interval join of two streams", j.join_type),
+                OUTER_HINT,
+            ));
+        }
+        if left_keys.is_empty() {
+            return Err(PlanError::unsupported_hint(
+                format!(
+                    "a {} join of two streams without an equality key",
+                    j.join_type
+                ),
+                OUTER_HINT,
+            ));
+        }
+        return lower_interval_join(
+            j,
+            (left, right),
+            (left_keys, right_keys),
+            None,
+            display,
+            stages,
+            props,
+        );
     }
     let Some((left_window, right_window, w)) = bound else {
         if j.join_type == JoinType::Inner {
@@ -1293,6 +1329,7 @@ fn lower_interval_join(
         schema: Arc::new(j.schema.as_arrow().clone()),
         display: String::new(),
         regular: interval.is_none(),
+        join_type: j.join_type,
     };
     if let Some(interval) = interval {
         plan.left_lag_us = time_lag(&mut left, interval.left, "an interval join")?;
@@ -1311,21 +1348,28 @@ fn lower_interval_join(
         ));
     }
     plan.display = display.join(", ");
-    let (l, r) = stages.cut_join(
-        (left, left_keys, j.left.schema().as_arrow()),
-        (right, right_keys, j.right.schema().as_arrow()),
-        JoinType::Inner,
-    );
+    let outer = plan.join_type != JoinType::Inner;
+    let (l, r) = if outer {
+        // Each row of an outer side in one partition (never broadcast), so
+        // its NULL-padded row is emitted once.
+        (stages.cut(left, left_keys), stages.cut(right, right_keys))
+    } else {
+        stages.cut_join(
+            (left, left_keys, j.left.schema().as_arrow()),
+            (right, right_keys, j.right.schema().as_arrow()),
+            JoinType::Inner,
+        )
+    };
     Ok(Flow {
         input: StageInput::Shuffle(vec![l, r]),
         operators: vec![Operator::IntervalJoin(Arc::new(plan))],
         windows: Vec::new(),
-        upsert: false,
+        upsert: outer,
         closes_windows: false,
         event_time: Vec::new(),
         small: false,
-        op_column: false,
-        changes: false,
+        op_column: outer,
+        changes: outer,
     })
 }
 
@@ -3350,7 +3394,7 @@ mod tests {
     fn unbounded_impossibilities_are_refused() {
         for sql in [
             "SELECT ad_id FROM events ORDER BY ad_id",
-            "SELECT a.ad_id FROM events a LEFT JOIN events b ON a.ad_id = b.ad_id",
+            "SELECT a.ad_id FROM events a LEFT JOIN events b ON a.kind > b.kind",
             "SELECT ad_id, row_number() OVER (ORDER BY ts) FROM events",
             "SELECT ad_id FROM events LIMIT 3 OFFSET 2",
         ] {
@@ -3359,6 +3403,9 @@ mod tests {
                 "{sql}"
             );
         }
+        // An outer regular join is a change stream.
+        let p = continuous("SELECT a.ad_id FROM events a LEFT JOIN events b ON a.ad_id = b.ad_id");
+        assert_eq!((p.emit, p.op_column), (EmitMode::Changes, true));
         assert!(matches!(
             plan("SELECT * FROM ads"),
             Ok(PlannedQuery::Finite(_))

@@ -223,8 +223,14 @@ pub struct IntervalJoinPlan {
     pub display: String,
     /// A regular join: no time bounds (the times, bounds and lags are not
     /// used), so no row is ever dropped by watermark. Both inputs are
-    /// append-only, so the join's output is too.
+    /// append-only, so an inner join's output is too.
     pub regular: bool,
+    /// `Inner`, or (regular joins only) `Left`, `Right` or `Full`: a row of
+    /// an outer side with no match yet is emitted padded with NULLs, and
+    /// that row is deleted when its first match arrives. The output of an
+    /// outer join is a change stream: its rows end with an `op` column,
+    /// `insert` or `delete`.
+    pub join_type: JoinType,
 }
 
 /// Event time on a stream read without a window: the watermark is tracked

@@ -8,6 +8,9 @@ type RowRef = (u64, u32);
 /// A matching pair: the left row and the right row.
 type Pair = (RowRef, RowRef);
 
+/// Batches just added to a side: their arrival numbers and encoded keys.
+type Added = Vec<(u64, arrow::row::Rows)>;
+
 /// Rows of one input held by an interval join, indexed by key.
 #[derive(Default)]
 struct HeldSide {
@@ -30,6 +33,9 @@ struct HeldBatch {
     times: Vec<i64>,
     /// The largest of `times`: the batch is dropped once it is too old.
     max_time: i64,
+    /// Per row, how many pairs it made (an outer side's rows: a row with
+    /// none was emitted padded with NULLs).
+    matches: Vec<u32>,
 }
 
 impl HeldSide {
@@ -49,6 +55,7 @@ impl HeldSide {
         self.batches.insert(
             seq,
             HeldBatch {
+                matches: vec![0; batch.num_rows()],
                 batch,
                 times,
                 max_time,
@@ -104,6 +111,34 @@ impl HeldSide {
     }
 }
 
+/// The columns of `side`'s held rows `refs`, in order.
+fn gather(side: &HeldSide, refs: impl Iterator<Item = (u64, u32)>) -> Result<Vec<ArrayRef>> {
+    let mut slot: HashMap<u64, usize> = HashMap::new();
+    let mut batches: Vec<&RecordBatch> = Vec::new();
+    let mut indices: Vec<(usize, usize)> = Vec::new();
+    for (seq, row) in refs {
+        let at = match slot.get(&seq) {
+            Some(at) => *at,
+            None => {
+                let b = side.batches.get(&seq).ok_or_else(|| {
+                    ExecError::invalid("an interval join pair refers to a dropped batch")
+                })?;
+                batches.push(&b.batch);
+                slot.insert(seq, batches.len() - 1);
+                batches.len() - 1
+            }
+        };
+        indices.push((at, row as usize));
+    }
+    let width = batches.first().map_or(0, |b| b.num_columns());
+    (0..width)
+        .map(|c| {
+            let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
+            Ok(arrow::compute::interleave(&arrays, &indices)?)
+        })
+        .collect()
+}
+
 /// A side's key expressions, cast to the types both sides' keys share.
 struct KeyEval {
     exprs: Vec<Arc<dyn PhysicalExpr>>,
@@ -145,11 +180,17 @@ pub struct IntervalJoinExec {
     /// The micro-batch being processed: a regular join's rows carry the one
     /// they arrived in as their time.
     now: u64,
+    /// An outer join's output: the plan's columns, then `op`.
+    changes_schema: SchemaRef,
 }
 
 /// Name of the column a regular join's checkpointed rows carry their
 /// arrival micro-batch in (for `SET state_ttl`).
 pub const STATE_ARRIVED: &str = "__drizzle_arrived";
+
+/// Name of the column an outer join's checkpointed rows carry their match
+/// counts in (after [`STATE_ARRIVED`]).
+pub const STATE_MATCHES: &str = "__drizzle_matches";
 
 impl IntervalJoinExec {
     /// Empty state for `plan`.
@@ -171,12 +212,81 @@ impl IntervalJoinExec {
                 types,
             },
             converter,
+            changes_schema: {
+                let mut fields: Vec<arrow::datatypes::FieldRef> =
+                    plan.schema.fields().iter().cloned().collect();
+                fields.push(Arc::new(arrow::datatypes::Field::new(
+                    drizzle_planner::OP_COLUMN,
+                    DataType::Utf8,
+                    false,
+                )));
+                Arc::new(arrow::datatypes::Schema::new(fields))
+            },
             plan,
             left: HeldSide::default(),
             right: HeldSide::default(),
             ttl: None,
             now: 0,
         })
+    }
+
+    /// Whether the left and the right side are outer sides.
+    fn outer(&self) -> (bool, bool) {
+        match self.plan.join_type {
+            JoinType::Left => (true, false),
+            JoinType::Right => (false, true),
+            JoinType::Full => (true, true),
+            _ => (false, false),
+        }
+    }
+
+    /// `rows` of one side padded with NULLs for the other, with `op`.
+    fn padded(&self, rows: &RecordBatch, left: bool, op: &str) -> Result<RecordBatch> {
+        let n = rows.num_rows();
+        let lw = self.left_width();
+        let fields = self.plan.schema.fields();
+        let nulls = |range: std::ops::Range<usize>| -> Vec<ArrayRef> {
+            range
+                .map(|i| arrow::array::new_null_array(fields[i].data_type(), n))
+                .collect()
+        };
+        let mut columns = if left {
+            let mut c = rows.columns().to_vec();
+            c.extend(nulls(lw..fields.len()));
+            c
+        } else {
+            let mut c = nulls(0..lw);
+            c.extend(rows.columns().iter().cloned());
+            c
+        };
+        columns.push(Arc::new(arrow::array::StringArray::from_iter_values(
+            std::iter::repeat_n(op, n),
+        )));
+        Ok(RecordBatch::try_new_with_options(
+            Arc::clone(&self.changes_schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(n)),
+        )?)
+    }
+
+    /// The held rows `refs` of one side.
+    fn rows_of(&self, left: bool, refs: &[RowRef]) -> Result<RecordBatch> {
+        let side = if left { &self.left } else { &self.right };
+        let schema = if left {
+            Arc::new(
+                self.plan
+                    .schema
+                    .project(&(0..self.left_width()).collect::<Vec<_>>())?,
+            )
+        } else {
+            Arc::clone(&self.plan.right_input)
+        };
+        let columns = gather(side, refs.iter().copied())?;
+        Ok(RecordBatch::try_new_with_options(
+            schema,
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(refs.len())),
+        )?)
     }
 
     /// Columns of the left input.
@@ -192,8 +302,9 @@ impl IntervalJoinExec {
     /// Keeps the rows of `batches` that can match (key and time not NULL),
     /// adds them to a side and returns the new arrival numbers with the
     /// batches' encoded keys.
-    fn add(&mut self, batches: &[RecordBatch], left: bool) -> Result<Vec<(u64, arrow::row::Rows)>> {
+    fn add(&mut self, batches: &[RecordBatch], left: bool) -> Result<(Added, Vec<RecordBatch>)> {
         let mut added = Vec::new();
+        let mut unusable = Vec::new();
         for batch in batches.iter().filter(|b| b.num_rows() > 0) {
             let (keys, column) = if left {
                 (&self.left_keys, self.plan.left_time)
@@ -220,6 +331,7 @@ impl IntervalJoinExec {
             let (batch, key_arrays, time) = if usable.true_count() == batch.num_rows() {
                 (batch.clone(), key_arrays, time)
             } else {
+                unusable.push(filter_record_batch(batch, &arrow::compute::not(&usable)?)?);
                 let keys = key_arrays
                     .iter()
                     .map(|k| arrow::compute::filter(k, &usable))
@@ -246,7 +358,7 @@ impl IntervalJoinExec {
             let seq = side.add(batch, &encoded, times);
             added.push((seq, encoded));
         }
-        Ok(added)
+        Ok((added, unusable))
     }
 
     /// The pairs (left (batch, row), right (batch, row)) that the new rows
@@ -302,41 +414,12 @@ impl IntervalJoinExec {
         Ok(())
     }
 
-    /// The joined rows of `pairs`, filtered by the join's condition.
-    fn materialize(&self, pairs: &[Pair]) -> Result<RecordBatch> {
+    /// The joined rows of `pairs`, filtered by the join's condition, and
+    /// the pairs that passed it.
+    fn materialize(&self, pairs: Vec<Pair>) -> Result<(RecordBatch, Vec<Pair>)> {
         let schema = &self.plan.schema;
         if pairs.is_empty() {
-            return Ok(RecordBatch::new_empty(Arc::clone(schema)));
-        }
-        fn gather(
-            side: &HeldSide,
-            refs: impl Iterator<Item = (u64, u32)>,
-        ) -> Result<Vec<ArrayRef>> {
-            let mut slot: HashMap<u64, usize> = HashMap::new();
-            let mut batches: Vec<&RecordBatch> = Vec::new();
-            let mut indices: Vec<(usize, usize)> = Vec::new();
-            for (seq, row) in refs {
-                let at = match slot.get(&seq) {
-                    Some(at) => *at,
-                    None => {
-                        let b = side.batches.get(&seq).ok_or_else(|| {
-                            ExecError::invalid("an interval join pair refers to a dropped batch")
-                        })?;
-                        batches.push(&b.batch);
-                        slot.insert(seq, batches.len() - 1);
-                        batches.len() - 1
-                    }
-                };
-                indices.push((at, row as usize));
-            }
-            let width = batches.first().map_or(0, |b| b.num_columns());
-            (0..width)
-                .map(|c| {
-                    let arrays: Vec<&dyn Array> =
-                        batches.iter().map(|b| b.column(c).as_ref()).collect();
-                    Ok(arrow::compute::interleave(&arrays, &indices)?)
-                })
-                .collect()
+            return Ok((RecordBatch::new_empty(Arc::clone(schema)), pairs));
         }
         let mut columns = gather(&self.left, pairs.iter().map(|p| p.0))?;
         columns.extend(gather(&self.right, pairs.iter().map(|p| p.1))?);
@@ -348,10 +431,96 @@ impl IntervalJoinExec {
         match &self.plan.filter {
             Some(f) => {
                 let mask = as_mask(&eval(f, &joined)?)?;
-                Ok(filter_record_batch(&joined, &mask)?)
+                let kept = pairs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| mask.is_valid(*i) && mask.value(*i))
+                    .map(|(_, p)| *p)
+                    .collect();
+                Ok((filter_record_batch(&joined, &mask)?, kept))
             }
-            None => Ok(joined),
+            None => Ok((joined, pairs)),
         }
+    }
+
+    /// An outer join's changes besides its pairs (`rows`): counts the
+    /// matches of `pairs`; a held row of an outer side that had none before
+    /// this micro-batch has its NULL-padded row deleted, a new one that has
+    /// none is inserted padded (so are rows whose key is NULL).
+    #[allow(clippy::too_many_arguments)]
+    fn outer_changes(
+        &mut self,
+        rows: RecordBatch,
+        pairs: &[Pair],
+        (left_before, right_before): (u64, u64),
+        (left_new, right_new): (&Added, &Added),
+        (left_unusable, right_unusable): (Vec<RecordBatch>, Vec<RecordBatch>),
+    ) -> Result<RecordBatch> {
+        let (left_outer, right_outer) = self.outer();
+        let mut deleted: [Vec<RowRef>; 2] = [Vec::new(), Vec::new()];
+        for &(l, r) in pairs {
+            for (outer, side, at, before, gone) in [
+                (left_outer, &mut self.left, l, left_before, 0usize),
+                (right_outer, &mut self.right, r, right_before, 1),
+            ] {
+                if !outer {
+                    continue;
+                }
+                if let Some(b) = side.batches.get_mut(&at.0) {
+                    if let Some(c) = b.matches.get_mut(at.1 as usize) {
+                        if *c == 0 && at.0 < before {
+                            deleted[gone].push(at);
+                        }
+                        *c = c.saturating_add(1);
+                    }
+                }
+            }
+        }
+        let mut parts = Vec::new();
+        for (left, refs) in [(true, &deleted[0]), (false, &deleted[1])] {
+            if !refs.is_empty() {
+                parts.push(self.padded(&self.rows_of(left, refs)?, left, "delete")?);
+            }
+        }
+        let mut columns = rows.columns().to_vec();
+        columns.push(Arc::new(arrow::array::StringArray::from_iter_values(
+            std::iter::repeat_n("insert", rows.num_rows()),
+        )));
+        parts.push(RecordBatch::try_new_with_options(
+            Arc::clone(&self.changes_schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(rows.num_rows())),
+        )?);
+        for (left, outer, new, unusable) in [
+            (true, left_outer, left_new, left_unusable),
+            (false, right_outer, right_new, right_unusable),
+        ] {
+            if !outer {
+                continue;
+            }
+            let side = if left { &self.left } else { &self.right };
+            let lonely: Vec<RowRef> = new
+                .iter()
+                .filter_map(|(seq, _)| side.batches.get(seq).map(|b| (*seq, b)))
+                .flat_map(|(seq, b)| {
+                    b.matches
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| **c == 0)
+                        .map(move |(i, _)| (seq, i as u32))
+                })
+                .collect();
+            if !lonely.is_empty() {
+                parts.push(self.padded(&self.rows_of(left, &lonely)?, left, "insert")?);
+            }
+            for rows in unusable {
+                parts.push(self.padded(&rows, left, "insert")?);
+            }
+        }
+        Ok(arrow::compute::concat_batches(
+            &self.changes_schema,
+            &parts,
+        )?)
     }
 
     /// Adds a micro-batch's rows of both inputs, emits the new pairs and
@@ -373,14 +542,26 @@ impl IntervalJoinExec {
             }
         }
         let left_before = self.left.next;
-        let right_new = self.add(right, false)?;
-        let left_new = self.add(left, true)?;
+        let right_before = self.right.next;
+        let (right_new, right_unusable) = self.add(right, false)?;
+        let (left_new, left_unusable) = self.add(left, true)?;
         let mut pairs = Vec::new();
         // New left rows against every right row held (new ones included),
         // new right rows against the left rows held before this batch.
         self.probe(true, &left_new, u64::MAX, &mut pairs)?;
         self.probe(false, &right_new, left_before, &mut pairs)?;
-        let rows = self.materialize(&pairs)?;
+        let (rows, pairs) = self.materialize(pairs)?;
+        let rows = if self.outer() == (false, false) {
+            rows
+        } else {
+            self.outer_changes(
+                rows,
+                &pairs,
+                (left_before, right_before),
+                (&left_new, &right_new),
+                (left_unusable, right_unusable),
+            )?
+        };
         if let Some(wm) = watermark_us.filter(|_| !self.plan.regular) {
             // Rows still to come: left at or after wm - left_lag, right at
             // or after wm - right_lag. A left row at l matches right rows in
@@ -443,6 +624,7 @@ impl StatefulOperator for IntervalJoinExec {
     /// with the micro-batch they arrived in, a last column).
     fn snapshot(&mut self, _delta_base: Option<u64>) -> Result<OperatorSnapshot> {
         let regular = self.plan.regular;
+        let outer = self.outer() != (false, false);
         let rows = |side: &HeldSide| -> Result<Vec<RecordBatch>> {
             side.batches
                 .values()
@@ -462,6 +644,16 @@ impl StatefulOperator for IntervalJoinExec {
                         b.max_time;
                         b.batch.num_rows()
                     ])));
+                    if outer {
+                        fields.push(Arc::new(arrow::datatypes::Field::new(
+                            STATE_MATCHES,
+                            DataType::Int64,
+                            false,
+                        )));
+                        columns.push(Arc::new(Int64Array::from_iter_values(
+                            b.matches.iter().map(|m| i64::from(*m)),
+                        )));
+                    }
                     Ok(RecordBatch::try_new(
                         Arc::new(arrow::datatypes::Schema::new(fields)),
                         columns,
@@ -486,19 +678,42 @@ impl StatefulOperator for IntervalJoinExec {
                     // batch (checkpoints from before it was kept: the
                     // checkpoint's).
                     self.now = batch;
-                    let rows = if self.plan.regular && rows.num_columns() == width + 1 {
-                        let arrived = rows
-                            .column(width)
-                            .as_primitive_opt::<arrow::datatypes::Int64Type>()
-                            .ok_or_else(|| ExecError::invalid("arrival batches are not Int64"))?;
-                        if let Some(&a) = arrived.values().first() {
+                    let mut matches = None;
+                    let rows = if self.plan.regular && rows.num_columns() > width {
+                        let int = |i: usize| {
+                            rows.column(i)
+                                .as_primitive_opt::<arrow::datatypes::Int64Type>()
+                                .ok_or_else(|| {
+                                    ExecError::invalid("join state counts are not Int64")
+                                })
+                        };
+                        if let Some(&a) = int(width)?.values().first() {
                             self.now = a.max(0) as u64;
+                        }
+                        if rows.num_columns() > width + 1 {
+                            matches = Some(int(width + 1)?.values().to_vec());
                         }
                         rows.project(&(0..width).collect::<Vec<_>>())?
                     } else {
                         rows
                     };
-                    self.add(std::slice::from_ref(&rows), left)?;
+                    let (added, _) = self.add(std::slice::from_ref(&rows), left)?;
+                    // Held rows were usable: they come back one for one.
+                    if let (Some(m), Some((seq, _))) = (matches, added.first()) {
+                        let side = if left {
+                            &mut self.left
+                        } else {
+                            &mut self.right
+                        };
+                        if let Some(b) = side.batches.get_mut(seq) {
+                            if b.matches.len() == m.len() {
+                                b.matches = m
+                                    .iter()
+                                    .map(|c| (*c).clamp(0, u32::MAX as i64) as u32)
+                                    .collect();
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -564,6 +779,7 @@ mod tests {
             schema: joined,
             display: String::new(),
             regular: false,
+            join_type: JoinType::Inner,
         }
     }
 
@@ -609,6 +825,78 @@ mod tests {
         assert_eq!(
             step(&mut again, 7, &[(Some(1), 300)], &[]),
             vec![(1, 300, 5), (1, 300, 9)]
+        );
+    }
+
+    /// A full outer join: unmatched rows of both sides come padded with
+    /// NULLs, and go (a delete) at their first match only, also when that
+    /// match comes after a checkpoint was restored.
+    #[test]
+    fn a_full_join_pads_unmatched_rows_and_takes_them_back_once() {
+        let (ls, rs) = (side("a"), side("b"));
+        let mut full = plan(i64::MIN, i64::MAX);
+        full.regular = true;
+        full.join_type = JoinType::Full;
+        // (a, b, op) of every output row.
+        let changes = |out: &OperatorOutput| {
+            let mut v = Vec::new();
+            for (_, b) in &out.chunks {
+                let a = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+                let r = b.column(2).as_primitive::<arrow::datatypes::Int64Type>();
+                let op = b.column(4).as_string::<i32>();
+                for i in 0..b.num_rows() {
+                    let get = |x: &Int64Array| x.is_valid(i).then(|| x.value(i));
+                    v.push((get(a), get(r), op.value(i).to_string()));
+                }
+            }
+            v.sort();
+            v
+        };
+        let step = |exec: &mut IntervalJoinExec,
+                    b: u64,
+                    l: &[(Option<i64>, i64)],
+                    r: &[(Option<i64>, i64)]| {
+            let out =
+                StatefulOperator::process(exec, b, &[vec![rows(&ls, l)], vec![rows(&rs, r)]], None)
+                    .unwrap();
+            changes(&out)
+        };
+        let ins = |a: Option<i64>, b: Option<i64>| (a, b, "insert".to_string());
+        let del = |a: Option<i64>, b: Option<i64>| (a, b, "delete".to_string());
+        let mut exec = IntervalJoinExec::new(full.clone()).unwrap();
+        assert_eq!(
+            step(
+                &mut exec,
+                0,
+                &[(Some(1), 0), (Some(2), 0), (None, 0)],
+                &[(Some(2), 0), (Some(3), 0)]
+            ),
+            vec![
+                ins(None, None),
+                ins(None, Some(3)),
+                ins(Some(1), None),
+                ins(Some(2), Some(2))
+            ]
+        );
+        let snap = exec.snapshot(None).unwrap();
+        let mut exec = IntervalJoinExec::new(full).unwrap();
+        exec.restore(vec![snap], 0).unwrap();
+        // Key 1's left row and key 3's right row meet their first match;
+        // key 2's left row had one already.
+        assert_eq!(
+            step(&mut exec, 1, &[(Some(3), 0)], &[(Some(1), 0), (Some(2), 0)]),
+            vec![
+                del(None, Some(3)),
+                del(Some(1), None),
+                ins(Some(1), Some(1)),
+                ins(Some(2), Some(2)),
+                ins(Some(3), Some(3)),
+            ]
+        );
+        // A second match of key 1 deletes nothing.
+        assert_eq!(
+            step(&mut exec, 2, &[], &[(Some(1), 0)]),
+            vec![ins(Some(1), Some(1))]
         );
     }
 

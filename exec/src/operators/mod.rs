@@ -23,7 +23,8 @@
 //! * [`IntervalJoinExec`]: the reduce side of an interval join: rows of both
 //!   inputs held until the watermark passes their interval, each matching
 //!   pair emitted once as soon as both rows are there (without an interval,
-//!   a regular join holding every row).
+//!   a regular join holding every row; an outer one also emits unmatched
+//!   rows padded with NULLs and deletes them at their first match).
 //! * [`TopNExec`]: the best N rows per key (`ROW_NUMBER() ... <= N`),
 //!   re-emitted as an upsert when a key's rows change.
 //! * [`OverAggregateExec`]: aggregates over a bounded frame of each row's
