@@ -383,6 +383,9 @@ impl FlightService for CoordinatorData {
         let mut bytes = 0usize;
         while let Some(msg) = decoder.next().await {
             let msg = msg.map_err(|e| Status::invalid_argument(e.to_string()))?;
+            // The bytes received (a decoded batch's memory size counts
+            // buffers it shares with others: it overstates a put).
+            let received = msg.inner.data_body.len() + msg.inner.data_header.len();
             if put.is_none() {
                 if let Some(d) = &msg.inner.flight_descriptor {
                     let named = pb::DataPut::decode(d.cmd.clone()).map_err(|e| {
@@ -414,7 +417,7 @@ impl FlightService for CoordinatorData {
                 } else {
                     crate::cluster::MAX_RESULT_PUT_BYTES
                 };
-                bytes = bytes.saturating_add(b.get_array_memory_size());
+                bytes = bytes.saturating_add(received);
                 if bytes > limit {
                     return Err(Status::resource_exhausted(format!(
                         "a data put larger than {limit} bytes"

@@ -25,6 +25,32 @@ struct HeldSide {
     rows: u64,
     /// Index entries that point at dropped batches.
     stale: u64,
+    /// What `index` holds, in bytes (kept as it changes: summing it per
+    /// micro-batch would cost as much as the join).
+    index_bytes: u64,
+}
+
+/// The bytes an index entry costs besides its rows: the key and the map's
+/// own overhead.
+fn index_entry_bytes(key: &[u8]) -> u64 {
+    key.len() as u64 + 48
+}
+
+/// The bytes an index row reference costs.
+const INDEX_REF_BYTES: u64 = size_of::<(u64, u32)>() as u64;
+
+impl HeldSide {
+    /// Indexes row `row` of batch `seq` under `key`.
+    fn index_row(&mut self, key: &[u8], seq: u64, row: u32) {
+        match self.index.get_mut(key) {
+            Some(rows) => rows.push((seq, row)),
+            None => {
+                self.index_bytes += index_entry_bytes(key);
+                self.index.insert(key.to_vec(), vec![(seq, row)]);
+            }
+        }
+        self.index_bytes += INDEX_REF_BYTES;
+    }
 }
 
 struct HeldBatch {
@@ -45,10 +71,7 @@ impl HeldSide {
         let seq = self.next;
         self.next += 1;
         for row in 0..batch.num_rows() {
-            self.index
-                .entry_ref(keys.row(row).as_ref())
-                .or_default()
-                .push((seq, row as u32));
+            self.index_row(keys.row(row).as_ref(), seq, row as u32);
         }
         self.rows += batch.num_rows() as u64;
         let max_time = times.iter().copied().max().unwrap_or(i64::MIN);
@@ -82,14 +105,21 @@ impl HeldSide {
         }
         if self.stale > self.rows.max(1024) {
             self.index.clear();
+            self.index_bytes = 0;
             self.stale = 0;
             for (seq, held) in &self.batches {
                 let encoded = converter.convert_columns(&keys.eval(&held.batch)?)?;
                 for row in 0..held.batch.num_rows() {
-                    self.index
-                        .entry_ref(encoded.row(row).as_ref())
-                        .or_default()
-                        .push((*seq, row as u32));
+                    let key = encoded.row(row);
+                    match self.index.get_mut(key.as_ref()) {
+                        Some(rows) => rows.push((*seq, row as u32)),
+                        None => {
+                            self.index_bytes += index_entry_bytes(key.as_ref());
+                            self.index
+                                .insert(key.as_ref().to_vec(), vec![(*seq, row as u32)]);
+                        }
+                    }
+                    self.index_bytes += INDEX_REF_BYTES;
                 }
             }
         }
@@ -97,15 +127,10 @@ impl HeldSide {
     }
 
     fn size(&self) -> StateSize {
-        let index_bytes: u64 = self
-            .index
-            .iter()
-            .map(|(k, v)| (k.len() + v.len() * size_of::<(u64, u32)>() + 48) as u64)
-            .sum();
         StateSize {
             bytes: batches_bytes(self.batches.values().map(|b| &b.batch))
-                + self.rows * 8
-                + index_bytes,
+                + self.rows * 12
+                + self.index_bytes,
             keys: self.rows,
         }
     }
