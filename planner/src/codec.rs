@@ -36,7 +36,7 @@ use crate::error::{PlanError, Result};
 use crate::graph::{Operator, Partitioning, Stage, StageGraph, StageId, StageInput, StageOutput};
 use crate::plan::{
     AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec,
-    OverAggregatePlan, OverRetain, StreamingPlan, TopNPlan, WindowGroup, WindowJoinPlan,
+    OverAggregatePlan, OverRetain, Ranking, StreamingPlan, TopNPlan, WindowGroup, WindowJoinPlan,
 };
 use crate::providers::{WindowProvider, WindowSpec};
 
@@ -647,6 +647,8 @@ struct TopNWire {
     display: String,
     #[serde(default)]
     changes: bool,
+    #[serde(default)]
+    ranking: Ranking,
 }
 
 fn encode_top_n(t: &TopNPlan) -> Result<TopNWire> {
@@ -671,6 +673,7 @@ fn encode_top_n(t: &TopNPlan) -> Result<TopNWire> {
         schema: t.schema.as_ref().clone(),
         display: t.display.clone(),
         changes: t.changes,
+        ranking: t.ranking,
     })
 }
 
@@ -701,6 +704,7 @@ fn decode_top_n(w: TopNWire, ctx: &TaskContext) -> Result<TopNPlan> {
         schema: Arc::new(w.schema),
         display: w.display,
         changes: w.changes,
+        ranking: w.ranking,
     })
 }
 

@@ -460,10 +460,15 @@ fn describe_operator(op: &Operator) -> String {
             }
         ),
         Operator::TopN(t) => format!(
-            "TopNExec: {}, keep={}, state=the best {} rows per key, emitted ({}) when a key's rows change",
+            "TopNExec: {}, keep={}, state={} per key, emitted ({}) when a key's rows change",
             t.display,
             t.limit,
-            t.limit,
+            match t.ranking {
+                crate::plan::Ranking::RowNumber => format!("the best {} rows", t.limit),
+                crate::plan::Ranking::Rank => format!("the rows ranked at most {}", t.limit),
+                crate::plan::Ranking::DenseRank =>
+                    format!("the rows of the best {} values", t.limit),
+            },
             if t.changes {
                 "changes: old rows -1, new rows +1"
             } else {

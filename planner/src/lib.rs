@@ -47,7 +47,7 @@ pub use lower::{
 };
 pub use plan::{
     AggregatePlan, BatchOp, EmitMode, EventTimeSpec, IntervalJoinPlan, LookupJoinSpec,
-    OverAggregatePlan, OverRetain, SessionBounds, StreamingPlan, TopNPlan, WindowGroup,
+    OverAggregatePlan, OverRetain, Ranking, SessionBounds, StreamingPlan, TopNPlan, WindowGroup,
     WindowJoinPlan, WEIGHT_COLUMN,
 };
 pub use providers::{StreamProvider, WindowKind, WindowProvider, WindowSpec};

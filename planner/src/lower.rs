@@ -1457,10 +1457,21 @@ fn row_number_window(plan: &LogicalPlan, col: usize) -> Option<&LogicalPlan> {
                 && col == width
                 && matches!(
                     unalias(&w.window_expr[0]),
-                    Expr::WindowFunction(wf) if wf.fun.name().eq_ignore_ascii_case("row_number")
+                    Expr::WindowFunction(wf) if ranking_of(wf.fun.name()).is_some()
                 );
             is_row_number.then_some(plan)
         }
+        _ => None,
+    }
+}
+
+/// The numbering a window function is, if it is one a top-N bounds.
+fn ranking_of(name: &str) -> Option<crate::plan::Ranking> {
+    use crate::plan::Ranking;
+    match name.to_ascii_lowercase().as_str() {
+        "row_number" => Some(Ranking::RowNumber),
+        "rank" => Some(Ranking::Rank),
+        "dense_rank" => Some(Ranking::DenseRank),
         _ => None,
     }
 }
@@ -1483,11 +1494,14 @@ fn lower_top_n(
     let Expr::WindowFunction(wf) = unalias(&w.window_expr[0]) else {
         return Err(PlanError::unsupported("a window that is not ROW_NUMBER()"));
     };
+    let ranking = ranking_of(wf.fun.name())
+        .ok_or_else(|| PlanError::unsupported("a window that is not ROW_NUMBER()"))?;
     let params = &wf.params;
     if params.order_by.is_empty() {
-        return Err(PlanError::unsupported(
-            "ROW_NUMBER() without ORDER BY on a stream (which rows are first is undefined)",
-        ));
+        return Err(PlanError::unsupported(format!(
+            "{}() without ORDER BY on a stream (which rows are first is undefined)",
+            wf.fun.name().to_uppercase()
+        )));
     }
     let flow = lower_node(&w.input, stages)?;
     no_open_sessions(&flow)?;
@@ -1531,7 +1545,8 @@ fn lower_top_n(
         )
     };
     let display = format!(
-        "ROW_NUMBER() OVER ({partitions}ORDER BY {})",
+        "{}() OVER ({partitions}ORDER BY {})",
+        wf.fun.name().to_uppercase(),
         params
             .order_by
             .iter()
@@ -1546,10 +1561,12 @@ fn lower_top_n(
         input: Arc::new(schema.as_arrow().clone()),
         schema: Arc::new(w.schema.as_arrow().clone()),
         display,
-        changes: false,
+        // Ranks that ties share are no key: such a top-N emits changes.
+        changes: ranking != crate::plan::Ranking::RowNumber,
+        ranking,
     });
     let mut flow = flow;
-    if plan.partition_by.is_empty() {
+    if plan.partition_by.is_empty() && !plan.changes {
         // One partition takes every row: send it only each batch's best.
         flow.push(BatchOp::TopK {
             order_by: plan.order_by.clone(),
@@ -1557,7 +1574,49 @@ fn lower_top_n(
         });
     }
     let from = stages.cut(flow, partition_by);
-    Ok(Flow::keyed(from, Operator::TopN(plan), true))
+    if !plan.changes {
+        return Ok(Flow::keyed(from, Operator::TopN(plan), true));
+    }
+    // RANK(), DENSE_RANK(): the rows added and taken back, as `op`.
+    use datafusion::physical_expr::expressions as pe;
+    let width = plan.schema.fields().len();
+    let mut exprs: Vec<Arc<dyn PhysicalExpr>> = leading_columns(&plan.schema, width);
+    let weight: Arc<dyn PhysicalExpr> =
+        Arc::new(pe::Column::new(crate::plan::WEIGHT_COLUMN, width));
+    let mut with_weight: Vec<Field> = plan
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    with_weight.push(Field::new(
+        crate::plan::WEIGHT_COLUMN,
+        DataType::Int64,
+        false,
+    ));
+    let with_weight = Schema::new(with_weight);
+    exprs.push(pe::case(
+        None,
+        vec![(
+            pe::binary(
+                weight,
+                datafusion::logical_expr::Operator::Gt,
+                pe::lit(ScalarValue::Int64(Some(0))),
+                &with_weight,
+            )?,
+            pe::lit(ScalarValue::from("insert")),
+        )],
+        Some(pe::lit(ScalarValue::from("delete"))),
+    )?);
+    let out_schema = Arc::new(with_op_column(&plan.schema));
+    let mut out = Flow::keyed(from, Operator::TopN(plan), true);
+    out.push(BatchOp::Project {
+        exprs,
+        schema: out_schema,
+    });
+    out.op_column = true;
+    out.changes = true;
+    Ok(out)
 }
 
 /// Name of the column an aggregate over changes ends its rows with:
@@ -1734,7 +1793,8 @@ fn lower_aggregate_over_changes(
         others, aggregate windowed results (GROUP BY window_start in the inner query)";
     if flow.changes {
         return Err(PlanError::unsupported(
-            "an aggregation over an OVER over changing rows",
+            "an aggregation over changes without a key (an OVER over changing rows, an outer \
+             join, a RANK() or DENSE_RANK() top-N)",
         ));
     }
     if flow.op_column {

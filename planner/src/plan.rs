@@ -111,6 +111,21 @@ pub struct WindowJoinPlan {
     pub display: String,
 }
 
+/// Which numbering a top-N bounds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Ranking {
+    /// `ROW_NUMBER()`: 1, 2, 3, ...; ties in arrival order.
+    #[default]
+    RowNumber,
+    /// `RANK()`: equal rows share a number and the next ones skip (1, 1,
+    /// 3); a key keeps every row ranked at most N, ties at the boundary
+    /// included.
+    Rank,
+    /// `DENSE_RANK()`: equal rows share a number, none skipped (1, 1, 2);
+    /// a key keeps every row among its N best distinct values.
+    DenseRank,
+}
+
 /// A top-N per key: `ROW_NUMBER() OVER (PARTITION BY k ORDER BY o)` with
 /// a filter `<= N` on it (top-N; N = 1 is a dedup). The input is shuffled
 /// by the partition keys; the reduce stage keeps each key's best N rows and,
@@ -137,6 +152,9 @@ pub struct TopNPlan {
     /// ones with +1 (unchanged ranks left out), in a last column
     /// [`WEIGHT_COLUMN`].
     pub changes: bool,
+    /// `ROW_NUMBER()`, `RANK()` or `DENSE_RANK()`. With the last two, ties
+    /// share a rank, so the rank is no key: the top-N emits changes.
+    pub ranking: Ranking,
 }
 
 /// An `OVER` aggregation on event time: aggregates over a bounded frame of

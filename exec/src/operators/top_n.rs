@@ -3,6 +3,7 @@
 
 use arrow::array::{BooleanArray, UInt64Array};
 use arrow::row::{OwnedRow, Rows};
+use drizzle_planner::Ranking;
 
 use super::*;
 
@@ -36,7 +37,7 @@ pub struct TopNExec {
     ttl: Option<u64>,
     /// For a plan that emits changes: the rows each key changed in this
     /// micro-batch held before it (to retract them).
-    before: HashMap<Vec<u8>, Vec<OwnedRow>>,
+    before: HashMap<Vec<u8>, Vec<(OwnedRow, OwnedRow)>>,
 }
 
 /// Name of the column a top-N's checkpointed rows carry their key's last
@@ -127,15 +128,27 @@ impl TopNExec {
             let group = self.groups.entry_ref(key.as_ref()).or_default();
             group.0 = group.0.max(self.now);
             let held = &mut group.1;
-            // A full key keeps its rows against an equal or worse one: ties
-            // keep arrival order.
-            if held.len() >= limit && held.last().is_some_and(|last| s >= last.sort.row()) {
+            // A full key keeps its rows against a worse one, and against an
+            // equal one for ROW_NUMBER() (ties keep arrival order); with
+            // RANK() and DENSE_RANK() an equal one shares the last rank.
+            let full = match self.plan.ranking {
+                Ranking::RowNumber => {
+                    held.len() >= limit && held.last().is_some_and(|last| s >= last.sort.row())
+                }
+                Ranking::Rank => held.len() >= limit && s > held[limit - 1].sort.row(),
+                Ranking::DenseRank => {
+                    distinct(held) >= limit && held.last().is_some_and(|last| s > last.sort.row())
+                }
+            };
+            if full {
                 continue;
             }
             if self.plan.changes && !self.before.contains_key(key.as_ref()) {
                 self.before.insert(
                     key.as_ref().to_vec(),
-                    held.iter().map(|h| h.row.clone()).collect(),
+                    held.iter()
+                        .map(|h| (h.sort.clone(), h.row.clone()))
+                        .collect(),
                 );
             }
             let at = held.partition_point(|h| h.sort.row() <= s);
@@ -151,7 +164,8 @@ impl TopNExec {
                 },
             );
             self.next_seq += 1;
-            if held.len() > limit {
+            let keep = kept(held, limit, self.plan.ranking);
+            while held.len() > keep {
                 if let Some(out) = held.pop() {
                     self.bytes = self.bytes.saturating_sub(
                         (out.row.as_ref().len() + out.sort.as_ref().len() + 48) as u64,
@@ -172,22 +186,24 @@ impl TopNExec {
         let mut ranks = Vec::new();
         for key in keys {
             if let Some((_, held)) = self.groups.get(key.as_slice()) {
-                for (i, h) in held.iter().enumerate() {
+                let numbers = numbering(held.iter().map(|h| &h.sort), self.plan.ranking);
+                for (h, n) in held.iter().zip(numbers) {
                     rows.push(h.row.row());
-                    ranks.push(i as u64 + 1);
+                    ranks.push(n);
                 }
             }
         }
         self.output(rows, ranks, None)
     }
 
-    /// The changes of `keys` (each held rows in `before`): each rank whose
-    /// row changed, its old row with weight -1 and its new one with +1.
+    /// The changes of `keys` (each held rows in `before`): each (rank, row)
+    /// that went, with weight -1, and each that came, with +1.
     fn changes(&mut self, keys: &[Vec<u8>]) -> Result<RecordBatch> {
         let mut rows = Vec::new();
         let mut ranks = Vec::new();
         let mut weights = Vec::new();
         let empty = Vec::new();
+        let ranking = self.plan.ranking;
         for key in keys {
             let old = self.before.get(key.as_slice()).unwrap_or(&empty);
             let new = self
@@ -195,19 +211,34 @@ impl TopNExec {
                 .get(key.as_slice())
                 .map(|(_, held)| held.as_slice())
                 .unwrap_or_default();
-            for rank in 0..old.len().max(new.len()) {
-                let (o, n) = (old.get(rank), new.get(rank).map(|h| &h.row));
-                if o == n {
-                    continue;
+            let old: Vec<(u64, &OwnedRow)> = numbering(old.iter().map(|(s, _)| s), ranking)
+                .into_iter()
+                .zip(old.iter().map(|(_, r)| r))
+                .collect();
+            let new: Vec<(u64, &OwnedRow)> = numbering(new.iter().map(|h| &h.sort), ranking)
+                .into_iter()
+                .zip(new.iter().map(|h| &h.row))
+                .collect();
+            // A few rows per key: what one side has and the other has not.
+            let mut unmatched = vec![true; new.len()];
+            for o in &old {
+                match new
+                    .iter()
+                    .enumerate()
+                    .position(|(j, n)| unmatched[j] && n == o)
+                {
+                    Some(j) => unmatched[j] = false,
+                    None => {
+                        rows.push(o.1.row());
+                        ranks.push(o.0);
+                        weights.push(-1);
+                    }
                 }
-                if let Some(o) = o {
-                    rows.push(o.row());
-                    ranks.push(rank as u64 + 1);
-                    weights.push(-1);
-                }
-                if let Some(n) = n {
-                    rows.push(n.row());
-                    ranks.push(rank as u64 + 1);
+            }
+            for (n, fresh) in new.iter().zip(unmatched) {
+                if fresh {
+                    rows.push(n.1.row());
+                    ranks.push(n.0);
                     weights.push(1);
                 }
             }
@@ -263,6 +294,59 @@ impl TopNExec {
         )));
         Arc::new(arrow::datatypes::Schema::new(fields))
     }
+}
+
+/// How many distinct sort keys `held` (best first) has.
+fn distinct(held: &[Held]) -> usize {
+    held.windows(2).filter(|w| w[0].sort != w[1].sort).count() + usize::from(!held.is_empty())
+}
+
+/// How many of `held` (best first) a key keeps: `limit` rows for
+/// `ROW_NUMBER()`, every row ranked at most `limit` otherwise.
+fn kept(held: &[Held], limit: usize, ranking: Ranking) -> usize {
+    if held.len() <= limit {
+        return held.len();
+    }
+    match ranking {
+        Ranking::RowNumber => limit,
+        Ranking::Rank => {
+            let boundary = &held[limit - 1].sort;
+            limit
+                + held[limit..]
+                    .iter()
+                    .take_while(|h| h.sort == *boundary)
+                    .count()
+        }
+        Ranking::DenseRank => {
+            let mut values = 1;
+            for (i, w) in held.windows(2).enumerate() {
+                if w[0].sort != w[1].sort {
+                    values += 1;
+                    if values > limit {
+                        return i + 1;
+                    }
+                }
+            }
+            held.len()
+        }
+    }
+}
+
+/// The numbers of rows with sort keys `sorts` (best first).
+fn numbering<'a>(sorts: impl Iterator<Item = &'a OwnedRow>, ranking: Ranking) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    let mut previous: Option<&OwnedRow> = None;
+    for (i, s) in sorts.enumerate() {
+        let n = match (ranking, previous, out.last()) {
+            (Ranking::RowNumber, _, _) => i as u64 + 1,
+            (_, Some(p), Some(&last)) if p == s => last,
+            (Ranking::Rank, _, _) => i as u64 + 1,
+            (Ranking::DenseRank, _, last) => last.copied().unwrap_or(0) + 1,
+        };
+        out.push(n);
+        previous = Some(s);
+    }
+    out
 }
 
 impl StatefulOperator for TopNExec {
@@ -433,6 +517,7 @@ mod tests {
             schema: Arc::new(Schema::new(fields)),
             display: String::new(),
             changes: false,
+            ranking: Ranking::RowNumber,
         }
     }
 
@@ -459,6 +544,21 @@ mod tests {
             let r = b.column(2).as_primitive::<arrow::datatypes::UInt64Type>();
             for i in 0..b.num_rows() {
                 v.push((k.value(i), x.value(i), r.value(i)));
+            }
+        }
+        v.sort_unstable();
+        v
+    }
+
+    /// (value, rank, weight) of every change emitted, sorted.
+    fn changes_of(out: &OperatorOutput) -> Vec<(i64, u64, i64)> {
+        let mut v = Vec::new();
+        for (_, b) in &out.chunks {
+            let x = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+            let r = b.column(2).as_primitive::<arrow::datatypes::UInt64Type>();
+            let w = b.column(3).as_primitive::<arrow::datatypes::Int64Type>();
+            for i in 0..b.num_rows() {
+                v.push((x.value(i), r.value(i), w.value(i)));
             }
         }
         v.sort_unstable();
@@ -503,35 +603,63 @@ mod tests {
         let mut p = plan(2);
         p.changes = true;
         let mut exec = TopNExec::new(p.clone()).unwrap();
-        let changes = |out: &OperatorOutput| {
-            let mut v = Vec::new();
-            for (_, b) in &out.chunks {
-                let x = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
-                let r = b.column(2).as_primitive::<arrow::datatypes::UInt64Type>();
-                let w = b.column(3).as_primitive::<arrow::datatypes::Int64Type>();
-                for i in 0..b.num_rows() {
-                    v.push((x.value(i), r.value(i), w.value(i)));
-                }
-            }
-            v.sort_unstable();
-            v
-        };
         let out = exec
             .process(0, &[vec![batch(&p, &[(1, 5), (1, 3)])]], None)
             .unwrap();
-        assert_eq!(changes(&out), vec![(3, 2, 1), (5, 1, 1)]);
+        assert_eq!(changes_of(&out), vec![(3, 2, 1), (5, 1, 1)]);
         // 4 goes between: rank 2 changes from 3 to 4, rank 1 stays 5.
         let out = exec
             .process(1, &[vec![batch(&p, &[(1, 4), (1, 1)])]], None)
             .unwrap();
-        assert_eq!(changes(&out), vec![(3, 2, -1), (4, 2, 1)]);
+        assert_eq!(changes_of(&out), vec![(3, 2, -1), (4, 2, 1)]);
         // 9 goes first: both ranks change.
         let out = exec
             .process(2, &[vec![batch(&p, &[(1, 9)])]], None)
             .unwrap();
         assert_eq!(
-            changes(&out),
+            changes_of(&out),
             vec![(4, 2, -1), (5, 1, -1), (5, 2, 1), (9, 1, 1)]
+        );
+    }
+
+    /// RANK() keeps ties at the boundary and numbers them alike, skipping
+    /// after; DENSE_RANK() keeps the rows of the N best values.
+    #[test]
+    fn rank_and_dense_rank_keep_ties() {
+        let run = |ranking: Ranking| {
+            let mut p = plan(2);
+            p.changes = true;
+            p.ranking = ranking;
+            let mut exec = TopNExec::new(p.clone()).unwrap();
+            let mut outs = Vec::new();
+            for rows in [&[(1, 10), (1, 10), (1, 7)][..], &[(1, 12)][..]] {
+                let out = exec.process(0, &[vec![batch(&p, rows)]], None).unwrap();
+                outs.push(changes_of(&out));
+            }
+            outs
+        };
+        assert_eq!(
+            run(Ranking::Rank),
+            vec![
+                // 7 is ranked 3: not kept.
+                vec![(10, 1, 1), (10, 1, 1)],
+                vec![(10, 1, -1), (10, 1, -1), (10, 2, 1), (10, 2, 1), (12, 1, 1)],
+            ]
+        );
+        assert_eq!(
+            run(Ranking::DenseRank),
+            vec![
+                vec![(7, 2, 1), (10, 1, 1), (10, 1, 1)],
+                // 7 is now the third value.
+                vec![
+                    (7, 2, -1),
+                    (10, 1, -1),
+                    (10, 1, -1),
+                    (10, 2, 1),
+                    (10, 2, 1),
+                    (12, 1, 1)
+                ],
+            ]
         );
     }
 
