@@ -736,7 +736,8 @@ impl Engine {
                     PlannedQuery::Continuous(p) => *p,
                     PlannedQuery::Finite(_) => {
                         return Err(PgError::unsupported(
-                            "a materialized view over tables only is not supported",
+                            "a materialized view whose query reads no stream (it reads tables \
+                             only, or can return no row, as with LIMIT 0) is not supported",
                         )
                         .with_hint(
                             "a materialized view maintains a query over a stream or over \
