@@ -1002,35 +1002,22 @@ fn lower_window_join(
                 OUTER_HINT,
             ));
         }
-        return lower_interval_join(
-            j,
-            (left, right),
-            (left_keys, right_keys),
-            None,
-            display,
-            stages,
-            props,
-        );
     }
     let Some((left_window, right_window, w)) = bound else {
-        if j.join_type == JoinType::Inner {
-            if let Some(interval) = interval_bounds(j, &left, &right)? {
+        if j.join_type == JoinType::Inner || outer {
+            // An interval join, or without one a regular join (an outer
+            // join has no interval: refused above).
+            let interval = if outer {
+                None
+            } else {
+                interval_bounds(j, &left, &right)?
+            };
+            if interval.is_some() || !left_keys.is_empty() {
                 return lower_interval_join(
                     j,
                     (left, right),
                     (left_keys, right_keys),
-                    Some(interval),
-                    display,
-                    stages,
-                    props,
-                );
-            }
-            if !left_keys.is_empty() {
-                return lower_interval_join(
-                    j,
-                    (left, right),
-                    (left_keys, right_keys),
-                    None,
+                    interval,
                     display,
                     stages,
                     props,

@@ -137,7 +137,7 @@ impl TopNExec {
                 }
                 Ranking::Rank => held.len() >= limit && s > held[limit - 1].sort.row(),
                 Ranking::DenseRank => {
-                    distinct(held) >= limit && held.last().is_some_and(|last| s > last.sort.row())
+                    held.last().is_some_and(|last| s > last.sort.row()) && has_values(held, limit)
                 }
             };
             if full {
@@ -219,27 +219,30 @@ impl TopNExec {
                 .into_iter()
                 .zip(new.iter().map(|h| &h.row))
                 .collect();
-            // A few rows per key: what one side has and the other has not.
-            let mut unmatched = vec![true; new.len()];
-            for o in &old {
-                match new
-                    .iter()
-                    .enumerate()
-                    .position(|(j, n)| unmatched[j] && n == o)
-                {
-                    Some(j) => unmatched[j] = false,
-                    None => {
-                        rows.push(o.1.row());
-                        ranks.push(o.0);
+            // What one side has and the other has not (ties can make a
+            // key's rows many: counted, not searched).
+            let mut left: HashMap<(u64, &[u8]), u64> = HashMap::new();
+            for (rank, row) in &new {
+                *left.entry((*rank, row.as_ref())).or_default() += 1;
+            }
+            for (rank, row) in &old {
+                match left.get_mut(&(*rank, row.as_ref())) {
+                    Some(c) if *c > 0 => *c -= 1,
+                    _ => {
+                        rows.push(row.row());
+                        ranks.push(*rank);
                         weights.push(-1);
                     }
                 }
             }
-            for (n, fresh) in new.iter().zip(unmatched) {
-                if fresh {
-                    rows.push(n.1.row());
-                    ranks.push(n.0);
-                    weights.push(1);
+            for (rank, row) in &new {
+                if let Some(c) = left.get_mut(&(*rank, row.as_ref())) {
+                    if *c > 0 {
+                        *c -= 1;
+                        rows.push(row.row());
+                        ranks.push(*rank);
+                        weights.push(1);
+                    }
                 }
             }
         }
@@ -296,9 +299,24 @@ impl TopNExec {
     }
 }
 
-/// How many distinct sort keys `held` (best first) has.
-fn distinct(held: &[Held]) -> usize {
-    held.windows(2).filter(|w| w[0].sort != w[1].sort).count() + usize::from(!held.is_empty())
+/// Where the value after `held[i]`'s starts (`held` best first): a binary
+/// search, so a key with many tied rows costs no more than one with few.
+fn next_value(held: &[Held], i: usize) -> usize {
+    let value = held[i].sort.row();
+    i + held[i..].partition_point(|h| h.sort.row() <= value)
+}
+
+/// Whether `held` (best first) has at least `n` distinct sort keys, in
+/// O(n log len).
+fn has_values(held: &[Held], n: usize) -> bool {
+    let mut at = 0;
+    for _ in 0..n {
+        if at >= held.len() {
+            return false;
+        }
+        at = next_value(held, at);
+    }
+    true
 }
 
 /// How many of `held` (best first) a key keeps: `limit` rows for
@@ -309,25 +327,18 @@ fn kept(held: &[Held], limit: usize, ranking: Ranking) -> usize {
     }
     match ranking {
         Ranking::RowNumber => limit,
-        Ranking::Rank => {
-            let boundary = &held[limit - 1].sort;
-            limit
-                + held[limit..]
-                    .iter()
-                    .take_while(|h| h.sort == *boundary)
-                    .count()
-        }
+        // The rows tied with the limit-th.
+        Ranking::Rank => next_value(held, limit - 1),
+        // The rows of the first `limit` values.
         Ranking::DenseRank => {
-            let mut values = 1;
-            for (i, w) in held.windows(2).enumerate() {
-                if w[0].sort != w[1].sort {
-                    values += 1;
-                    if values > limit {
-                        return i + 1;
-                    }
+            let mut at = 0;
+            for _ in 0..limit {
+                if at >= held.len() {
+                    break;
                 }
+                at = next_value(held, at);
             }
-            held.len()
+            at
         }
     }
 }
@@ -661,6 +672,31 @@ mod tests {
                 ],
             ]
         );
+    }
+
+    /// Many ties in one key: DENSE_RANK() keeps them all (one value), a
+    /// worse row is turned away by a binary search rather than a count of
+    /// the key's values, and a better one takes their place.
+    #[test]
+    fn dense_rank_with_many_ties() {
+        let mut p = plan(1);
+        p.changes = true;
+        p.ranking = Ranking::DenseRank;
+        let mut exec = TopNExec::new(p.clone()).unwrap();
+        let ties: Vec<(i64, i64)> = (0..20_000).map(|_| (1, 10)).collect();
+        let worse: Vec<(i64, i64)> = (0..20_000).map(|i| (1, i % 10)).collect();
+        let out = exec.process(0, &[vec![batch(&p, &ties)]], None).unwrap();
+        assert_eq!(changes_of(&out).len(), 20_000);
+        let out = exec.process(1, &[vec![batch(&p, &worse)]], None).unwrap();
+        assert!(out.chunks.is_empty());
+        assert_eq!(exec.state_size().keys, 1);
+        let out = exec
+            .process(2, &[vec![batch(&p, &[(1, 11)])]], None)
+            .unwrap();
+        let changes = changes_of(&out);
+        assert_eq!(changes.len(), 20_001);
+        assert_eq!(changes.iter().filter(|c| c.2 == -1).count(), 20_000);
+        assert!(changes.contains(&(11, 1, 1)));
     }
 
     /// Against a record-at-a-time model: after each batch, the changed keys'
