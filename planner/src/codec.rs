@@ -128,6 +128,8 @@ struct IntervalJoinWire {
     /// `Inner`, `Left`, `Right` or `Full`.
     #[serde(default)]
     outer: Option<(bool, bool)>,
+    #[serde(default)]
+    weighted: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -469,6 +471,7 @@ fn encode_interval_join(j: &IntervalJoinPlan, left_input: SchemaRef) -> Result<I
             JoinType::Full => Some((true, true)),
             _ => None,
         },
+        weighted: j.weighted,
     })
 }
 
@@ -502,6 +505,7 @@ fn decode_interval_join(w: IntervalJoinWire, ctx: &TaskContext) -> Result<Interv
             Some((true, true)) => JoinType::Full,
             _ => JoinType::Inner,
         },
+        weighted: w.weighted && w.regular && w.outer.is_none(),
     })
 }
 

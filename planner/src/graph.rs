@@ -454,6 +454,8 @@ fn describe_operator(op: &Operator) -> String {
             "OverAggregateExec: {}, state=rows until the watermark passes their time, then {}",
             o.display,
             match (o.retain.rows, o.retain.range_us) {
+                _ if o.retain.unbounded =>
+                    "one accumulator per key and aggregate (frames unbounded in the past)".to_string(),
                 (0, r) => format!("those within {}ms of it", r / 1000),
                 (n, 0) => format!("the last {n} rows per key"),
                 (n, r) => format!("the last {n} rows per key and those within {}ms", r / 1000),
@@ -480,6 +482,10 @@ fn describe_operator(op: &Operator) -> String {
              emitted when both rows are there; an unmatched row of an outer side is inserted padded \
              with NULLs and deleted at its first match",
             j.join_type.to_string().to_lowercase(),
+            j.display
+        ),
+        Operator::IntervalJoin(j) if j.weighted => format!(
+            "JoinExec: inner, on=[{}], state=every live row of both sides with its weight (a retraction takes back the row it names), emitted as changes: pair weight = product of the rows' weights",
             j.display
         ),
         Operator::IntervalJoin(j) if j.regular => format!(

@@ -949,10 +949,7 @@ fn lower_window_join(
     no_open_sessions(&left)?;
     no_open_sessions(&right)?;
     if left.upsert || right.upsert {
-        return Err(PlanError::unsupported_hint(
-            "a join of a non-windowed aggregation (its rows change; changelogs come with updating queries)",
-            HINT,
-        ));
+        return lower_join_of_changes(j, (left, right), stages, props);
     }
     let mut bound = None;
     let mut left_keys = Vec::new();
@@ -1096,6 +1093,102 @@ fn lower_window_join(
         small: false,
         op_column: false,
         changes: false,
+    })
+}
+
+/// A regular inner join where either input changes (a non-windowed
+/// aggregation, a top-N, an outer join, ...): both inputs become weighted
+/// change streams, shuffled by their keys into a `JoinExec` that holds
+/// each side's rows with their weights (a retraction cancels the row it
+/// takes back) and emits each pair's change, the product of the two
+/// weights, as `op`. The output is a change stream without a key.
+fn lower_join_of_changes(
+    j: &datafusion::logical_expr::logical_plan::Join,
+    (mut left, mut right): (Flow, Flow),
+    stages: &mut Stages,
+    props: &datafusion::execution::context::ExecutionProps,
+) -> Result<Flow> {
+    const HINT: &str = "an updating result (a non-windowed aggregation, a top-N, an outer \
+        join) joins other rows by an inner join ON equality keys";
+    if j.join_type != JoinType::Inner {
+        return Err(PlanError::unsupported_hint(
+            format!(
+                "a {} join of a result whose rows change",
+                j.join_type.to_string().to_uppercase()
+            ),
+            HINT,
+        ));
+    }
+    let mut left_keys = Vec::new();
+    let mut right_keys = Vec::new();
+    let mut display = Vec::new();
+    for (l, r) in &j.on {
+        display.push(format!("{l} = {r}"));
+        left_keys.push(physical(l, j.left.schema(), props)?);
+        right_keys.push(physical(r, j.right.schema(), props)?);
+    }
+    if left_keys.is_empty() {
+        return Err(PlanError::unsupported_hint(
+            "a join of a result whose rows change without an equality key",
+            HINT,
+        ));
+    }
+    no_open_sessions(&left)?;
+    no_open_sessions(&right)?;
+    const WHAT: &str = "a join of this updating result";
+    weighted(&mut left, j.left.schema().as_arrow(), WHAT, HINT)?;
+    weighted(&mut right, j.right.schema().as_arrow(), WHAT, HINT)?;
+    let plan = crate::plan::IntervalJoinPlan {
+        display: display.join(", "),
+        weighted: true,
+        ..regular_join_plan(j, (&left_keys, &right_keys), props)?
+    };
+    // Both sides by key: a row and its retraction meet in one partition.
+    let l = stages.cut(left, left_keys);
+    let r = stages.cut(right, right_keys);
+    Ok(Flow {
+        input: StageInput::Shuffle(vec![l, r]),
+        operators: vec![Operator::IntervalJoin(Arc::new(plan))],
+        windows: Vec::new(),
+        upsert: true,
+        closes_windows: false,
+        event_time: Vec::new(),
+        small: false,
+        op_column: true,
+        changes: true,
+    })
+}
+
+/// The plan of a regular join `j` on keys: no time bounds, the whole
+/// condition as its filter, unweighted, no display yet.
+fn regular_join_plan(
+    j: &datafusion::logical_expr::logical_plan::Join,
+    (left_keys, right_keys): (&Keys, &Keys),
+    props: &datafusion::execution::context::ExecutionProps,
+) -> Result<crate::plan::IntervalJoinPlan> {
+    // The filter is over left then right columns, whatever the join keeps.
+    let both = j.left.schema().join(j.right.schema())?;
+    let filter = j
+        .filter
+        .as_ref()
+        .map(|f| physical(f, &both, props))
+        .transpose()?;
+    Ok(crate::plan::IntervalJoinPlan {
+        left_keys: left_keys.clone(),
+        right_keys: right_keys.clone(),
+        left_time: 0,
+        right_time: 0,
+        lower_us: i64::MIN,
+        upper_us: i64::MAX,
+        left_lag_us: 0,
+        right_lag_us: 0,
+        filter,
+        right_input: Arc::new(j.right.schema().as_arrow().clone()),
+        schema: Arc::new(j.schema.as_arrow().clone()),
+        display: String::new(),
+        regular: true,
+        join_type: j.join_type,
+        weighted: false,
     })
 }
 
@@ -1296,27 +1389,9 @@ fn lower_interval_join(
             "join ON l.key = r.key AND l.ts BETWEEN r.ts - INTERVAL ... AND r.ts + INTERVAL ...",
         ));
     }
-    let both = j.left.schema().join(j.right.schema())?;
-    let filter = j
-        .filter
-        .as_ref()
-        .map(|f| physical(f, &both, props))
-        .transpose()?;
     let mut plan = crate::plan::IntervalJoinPlan {
-        left_keys: left_keys.clone(),
-        right_keys: right_keys.clone(),
-        left_time: 0,
-        right_time: 0,
-        lower_us: i64::MIN,
-        upper_us: i64::MAX,
-        left_lag_us: 0,
-        right_lag_us: 0,
-        filter,
-        right_input: Arc::new(j.right.schema().as_arrow().clone()),
-        schema: Arc::new(j.schema.as_arrow().clone()),
-        display: String::new(),
         regular: interval.is_none(),
-        join_type: j.join_type,
+        ..regular_join_plan(j, (&left_keys, &right_keys), props)?
     };
     if let Some(interval) = interval {
         plan.left_lag_us = time_lag(&mut left, interval.left, "an interval join")?;
@@ -1565,11 +1640,8 @@ fn lower_top_n(
         return Ok(Flow::keyed(from, Operator::TopN(plan), true));
     }
     // RANK(), DENSE_RANK(): the rows added and taken back, as `op`.
-    use datafusion::physical_expr::expressions as pe;
     let width = plan.schema.fields().len();
     let mut exprs: Vec<Arc<dyn PhysicalExpr>> = leading_columns(&plan.schema, width);
-    let weight: Arc<dyn PhysicalExpr> =
-        Arc::new(pe::Column::new(crate::plan::WEIGHT_COLUMN, width));
     let mut with_weight: Vec<Field> = plan
         .schema
         .fields()
@@ -1582,19 +1654,7 @@ fn lower_top_n(
         false,
     ));
     let with_weight = Schema::new(with_weight);
-    exprs.push(pe::case(
-        None,
-        vec![(
-            pe::binary(
-                weight,
-                datafusion::logical_expr::Operator::Gt,
-                pe::lit(ScalarValue::Int64(Some(0))),
-                &with_weight,
-            )?,
-            pe::lit(ScalarValue::from("insert")),
-        )],
-        Some(pe::lit(ScalarValue::from("delete"))),
-    )?);
+    exprs.push(weight_to_op(width, &with_weight)?);
     let out_schema = Arc::new(with_op_column(&plan.schema));
     let mut out = Flow::keyed(from, Operator::TopN(plan), true);
     out.push(BatchOp::Project {
@@ -1701,7 +1761,20 @@ pub(crate) fn deletes_for_filtered_rows(
 /// weight, last. Returns how many columns come before the weight.
 fn into_weighted(flow: &mut Flow, what: &str, hint: &str) -> Result<usize> {
     use datafusion::physical_expr::expressions::Column as PCol;
+    // An aggregation over changes ends its first projection with `op`
+    // (and the projections after it carry it): that column becomes the
+    // weight once the aggregation emits changes.
+    let had_op = flow.op_column;
     let (first, mut width) = match flow.operators.first() {
+        Some(Operator::AggregateFinal(inner))
+            if had_op && inner.over_changes && inner.window.is_none() && !inner.changes =>
+        {
+            let mut inner = inner.as_ref().clone();
+            inner.changes = true;
+            let width = inner.output_schema.fields().len();
+            (Operator::AggregateFinal(Arc::new(inner)), width)
+        }
+        _ if had_op => return Err(PlanError::unsupported_hint(what.to_string(), hint)),
         Some(Operator::AggregateFinal(inner)) if inner.window.is_none() && !inner.changes => {
             let mut inner = inner.as_ref().clone();
             inner.changes = true;
@@ -1723,10 +1796,16 @@ fn into_weighted(flow: &mut Flow, what: &str, hint: &str) -> Result<usize> {
             Operator::Kernel(BatchOp::Filter { .. }) => operators.push(op.clone()),
             Operator::Kernel(BatchOp::Project { exprs, schema }) => {
                 let mut exprs = exprs.clone();
-                let n = exprs.len();
-                exprs.push(Arc::new(PCol::new(crate::plan::WEIGHT_COLUMN, width)));
                 let mut fields: Vec<Field> =
                     schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+                if had_op {
+                    // `op`, last, is made or carried here: the weight
+                    // takes its place.
+                    exprs.pop();
+                    fields.pop();
+                }
+                let n = exprs.len();
+                exprs.push(Arc::new(PCol::new(crate::plan::WEIGHT_COLUMN, width)));
                 fields.push(weight_field.clone());
                 width = n;
                 operators.push(Operator::Kernel(BatchOp::Project {
@@ -1738,7 +1817,109 @@ fn into_weighted(flow: &mut Flow, what: &str, hint: &str) -> Result<usize> {
         }
     }
     flow.operators = operators;
+    flow.op_column = false;
     Ok(width)
+}
+
+/// Makes `flow`'s rows (of `schema`) end with a weight column
+/// ([`crate::plan::WEIGHT_COLUMN`]), for an operator that consumes changes:
+/// append-only rows weigh 1, a change stream's `insert` +1 and `delete` -1,
+/// and an updating result (a non-windowed aggregation's, a top-N's) is
+/// made to emit its changes ([`into_weighted`]).
+fn weighted(flow: &mut Flow, schema: &Schema, what: &str, hint: &str) -> Result<()> {
+    use datafusion::physical_expr::expressions as pe;
+    let width = schema.fields().len();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(
+        crate::plan::WEIGHT_COLUMN,
+        DataType::Int64,
+        false,
+    ));
+    let with_weight = Arc::new(Schema::new(fields));
+    if flow.changes || !flow.upsert {
+        let mut exprs = leading_columns(schema, width);
+        exprs.push(if flow.changes {
+            let with_op = with_op_column(schema);
+            pe::case(
+                None,
+                vec![(
+                    pe::binary(
+                        Arc::new(pe::Column::new(OP_COLUMN, width)),
+                        datafusion::logical_expr::Operator::Eq,
+                        pe::lit(ScalarValue::from("insert")),
+                        &with_op,
+                    )?,
+                    pe::lit(ScalarValue::Int64(Some(1))),
+                )],
+                Some(pe::lit(ScalarValue::Int64(Some(-1)))),
+            )?
+        } else {
+            pe::lit(ScalarValue::Int64(Some(1)))
+        });
+        flow.push(BatchOp::Project {
+            exprs,
+            schema: with_weight,
+        });
+        flow.op_column = false;
+        return Ok(());
+    }
+    if into_weighted(flow, what, hint)? != width {
+        return Err(PlanError::Internal {
+            message: format!("{what} lost track of its input columns"),
+        });
+    }
+    Ok(())
+}
+
+/// Makes `flow`'s rows (of `schema`) a change stream ending with `op`
+/// (`insert` or `delete`): what a consumer of rows that may change (a
+/// UNION ALL, the output) gets from any input.
+fn into_changes(flow: &mut Flow, schema: &Schema, what: &str, hint: &str) -> Result<()> {
+    use datafusion::physical_expr::expressions as pe;
+    if flow.changes {
+        return Ok(());
+    }
+    let width = schema.fields().len();
+    let mut exprs = leading_columns(schema, width);
+    if flow.upsert {
+        weighted(flow, schema, what, hint)?;
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(
+            crate::plan::WEIGHT_COLUMN,
+            DataType::Int64,
+            false,
+        ));
+        exprs.push(weight_to_op(width, &Schema::new(fields))?);
+    } else {
+        exprs.push(pe::lit(ScalarValue::from("insert")));
+    }
+    flow.push(BatchOp::Project {
+        exprs,
+        schema: Arc::new(with_op_column(schema)),
+    });
+    flow.upsert = true;
+    flow.op_column = true;
+    flow.changes = true;
+    Ok(())
+}
+
+/// `op` from the weight at column `at` of `schema`: `insert` when
+/// positive, else `delete`. (Weights upstream of it are ±1.)
+fn weight_to_op(at: usize, schema: &Schema) -> Result<Arc<dyn PhysicalExpr>> {
+    use datafusion::physical_expr::expressions as pe;
+    Ok(pe::case(
+        None,
+        vec![(
+            pe::binary(
+                Arc::new(pe::Column::new(crate::plan::WEIGHT_COLUMN, at)),
+                datafusion::logical_expr::Operator::Gt,
+                pe::lit(ScalarValue::Int64(Some(0))),
+                schema,
+            )?,
+            pe::lit(ScalarValue::from("insert")),
+        )],
+        Some(pe::lit(ScalarValue::from("delete"))),
+    )?)
 }
 
 /// How an aggregate over changes finishes one of the user's aggregates from
@@ -1778,24 +1959,13 @@ fn lower_aggregate_over_changes(
     use datafusion::physical_expr::expressions::{self as pe, Column as PCol};
     const HINT: &str = "count, sum, avg, min, max and count(DISTINCT) retract exactly; for the \
         others, aggregate windowed results (GROUP BY window_start in the inner query)";
-    if flow.changes {
-        return Err(PlanError::unsupported(
-            "an aggregation over changes without a key (an OVER over changing rows, an outer \
-             join, a RANK() or DENSE_RANK() top-N)",
-        ));
-    }
-    if flow.op_column {
-        return Err(PlanError::unsupported(
-            "an aggregation over an aggregation over a non-windowed aggregation",
-        ));
-    }
-    let width = into_weighted(&mut flow, "an aggregation over this updating result", HINT)?;
     let input_schema = a.input.schema();
-    if width != input_schema.fields().len() {
-        return Err(PlanError::Internal {
-            message: "an aggregation over changes lost track of its input columns".into(),
-        });
-    }
+    weighted(
+        &mut flow,
+        input_schema.as_arrow(),
+        "an aggregation over this updating result",
+        HINT,
+    )?;
     let weight_field = Field::new(crate::plan::WEIGHT_COLUMN, DataType::Int64, false);
     let extended = input_schema.join(&DFSchema::try_from(Schema::new(vec![weight_field]))?)?;
     let w = Expr::Column(datafusion::common::Column::new_unqualified(
@@ -2184,6 +2354,7 @@ fn lower_over(
     let mut time: Option<usize> = None;
     let mut retain = crate::plan::OverRetain::default();
     let mut range_frame = false;
+    let mut unbounded = 0usize;
     for e in &w.window_expr {
         let Expr::WindowFunction(wf) = unalias(e) else {
             return refuse(format!("the window expression {e} on a stream"));
@@ -2227,13 +2398,22 @@ fn lower_over(
         let start = match &frame.start_bound {
             WindowFrameBound::Preceding(v) if !v.is_null() => v,
             WindowFrameBound::CurrentRow => &ScalarValue::UInt64(Some(0)),
-            _ => {
-                return refuse(
-                    "an OVER frame unbounded in the past on a stream (it holds every row; \
-                     the default frame with ORDER BY is RANGE UNBOUNDED PRECEDING)"
-                        .into(),
-                )
+            WindowFrameBound::Preceding(_) => {
+                // UNBOUNDED PRECEDING (the default frame with ORDER BY): a
+                // running aggregate per key.
+                if matches!(frame.units, WindowFrameUnits::Groups) {
+                    return refuse("a GROUPS frame on a stream".into());
+                }
+                if wf.params.filter.is_some() || wf.params.distinct {
+                    return refuse(format!(
+                        "{}(DISTINCT ...) or FILTER in an OVER frame unbounded in the past",
+                        wf.fun.name()
+                    ));
+                }
+                unbounded += 1;
+                continue;
             }
+            _ => return refuse("an OVER frame that starts after the current row".into()),
         };
         match frame.units {
             WindowFrameUnits::Rows => {
@@ -2264,16 +2444,30 @@ fn lower_over(
     let (Some(partition), Some(time)) = (partition, time) else {
         return refuse("an empty window".into());
     };
+    if unbounded > 0 {
+        if unbounded < w.window_expr.len() {
+            return refuse(
+                "OVER frames unbounded in the past next to bounded ones in one query".into(),
+            );
+        }
+        retain = crate::plan::OverRetain {
+            rows: 0,
+            range_us: 0,
+            unbounded: true,
+        };
+    }
     let mut flow = lower_node(&w.input, stages)?;
     no_open_sessions(&flow)?;
     // Over changing rows (a top-N's, a non-windowed aggregation's): each
     // change re-evaluates the frames it reaches; nothing waits for time.
     let changes = flow.upsert;
     let time_lag_us = if changes {
-        if flow.op_column {
-            return Err(PlanError::unsupported(
-                "OVER over an OVER or an aggregation over changing rows",
-            ));
+        if retain.unbounded {
+            return refuse(
+                "an OVER frame unbounded in the past over changing rows (a top-N's or a \
+                 non-windowed aggregation's: a change would re-evaluate its whole partition)"
+                    .into(),
+            );
         }
         if range_frame {
             return refuse(
@@ -2281,12 +2475,12 @@ fn lower_over(
                     .into(),
             );
         }
-        let width = into_weighted(&mut flow, "OVER over this updating result", HINT)?;
-        if width != schema.fields().len() {
-            return Err(PlanError::Internal {
-                message: "an OVER over changes lost track of its input columns".into(),
-            });
-        }
+        weighted(
+            &mut flow,
+            schema.as_arrow(),
+            "OVER over this updating result",
+            HINT,
+        )?;
         0
     } else {
         time_lag(&mut flow, time, "an OVER window ordered")?
@@ -2921,14 +3115,22 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                     ));
                 }
                 let flow = lower_node(input, stages)?;
-                if flow.upsert {
-                    return Err(PlanError::unsupported_hint(
-                        "UNION ALL of a non-windowed aggregation (AggregateFinalExec's rows change; \
-                         changelogs come with updating queries)",
-                        "union windowed aggregates: GROUP BY window_start",
-                    ));
-                }
                 flows.push((flow, input.schema().as_arrow().clone()));
+            }
+            // Rows that change make the union a change stream: every input
+            // says what it adds and takes back (`op`).
+            let changes = flows.iter().any(|(f, _)| f.upsert);
+            if changes {
+                for (flow, schema) in &mut flows {
+                    into_changes(
+                        flow,
+                        schema,
+                        "UNION ALL of this updating result",
+                        "union windowed aggregates: GROUP BY window_start",
+                    )?;
+                    flow.windows.clear();
+                    flow.closes_windows = false;
+                }
             }
             let windows = match flows.first() {
                 Some((first, _)) if flows.iter().all(|(f, _)| f.windows == first.windows) => {
@@ -2947,12 +3149,12 @@ fn lower_node(plan: &LogicalPlan, stages: &mut Stages) -> Result<Flow> {
                 input: StageInput::Shuffle(inputs),
                 operators: vec![Operator::Union],
                 windows,
-                upsert: false,
+                upsert: changes,
                 closes_windows,
                 event_time: Vec::new(),
                 small: false,
-                op_column: false,
-                changes: false,
+                op_column: changes,
+                changes,
             })
         }
         LogicalPlan::Distinct(_) => Err(PlanError::unsupported("DISTINCT ON a stream")),

@@ -203,6 +203,10 @@ pub struct OverRetain {
     pub rows: u64,
     /// `RANGE INTERVAL ... PRECEDING`: that interval, in µs.
     pub range_us: i64,
+    /// Every frame is `UNBOUNDED PRECEDING` (a running aggregate): no row
+    /// is kept, only each key's accumulators (`rows` and `range_us` are 0).
+    #[serde(default)]
+    pub unbounded: bool,
 }
 
 /// An interval join of two streams (`l.ts BETWEEN r.ts - INTERVAL ... AND
@@ -249,6 +253,12 @@ pub struct IntervalJoinPlan {
     /// outer join is a change stream: its rows end with an `op` column,
     /// `insert` or `delete`.
     pub join_type: JoinType,
+    /// A regular inner join of rows that change: both inputs end with a
+    /// weight column ([`WEIGHT_COLUMN`], past `right_input`'s and the left
+    /// input's columns), a held row is taken back by a row equal to it
+    /// with the opposite weight, and the output is a change stream (`op`,
+    /// `insert` or `delete`, per unit of the pair's weight product).
+    pub weighted: bool,
 }
 
 /// Event time on a stream read without a window: the watermark is tracked

@@ -75,8 +75,10 @@ enum ViewRows {
 struct MultisetRows {
     /// Over the view's columns (without `op`).
     converter: RowConverter,
-    /// Row → how many times it is in the view (never 0: such rows go).
-    counts: HashMap<OwnedRow, u64>,
+    /// Row → how many times it is in the view (never 0: such rows go). A
+    /// count may be negative in between (a delete applied before the
+    /// insert it cancels); only positive counts are shown.
+    counts: HashMap<OwnedRow, i64>,
 }
 
 struct UpsertRows {
@@ -290,17 +292,12 @@ impl ViewStore {
                     .downcast_ref::<arrow::array::StringArray>()
                     .ok_or_else(|| drizzle_exec::ExecError::invalid("a view's op column"))?;
                 for (i, row) in values.iter().enumerate() {
-                    if ops.value(i) == "delete" {
-                        // A delete of a row the view does not hold is a
-                        // bug upstream; the view stays as it is.
-                        if let Some(c) = m.counts.get_mut(&row.owned()) {
-                            *c -= 1;
-                            if *c == 0 {
-                                m.counts.remove(&row.owned());
-                            }
-                        }
-                    } else {
-                        *m.counts.entry(row.owned()).or_default() += 1;
+                    let change = if ops.value(i) == "delete" { -1 } else { 1 };
+                    let key = row.owned();
+                    let c = m.counts.entry(key.clone()).or_default();
+                    *c += change;
+                    if *c == 0 {
+                        m.counts.remove(&key);
                     }
                 }
             }
@@ -353,13 +350,13 @@ impl ViewStore {
         match &*rows {
             ViewRows::Append(v) => Ok(v.clone()),
             ViewRows::Multiset(m) => {
-                if m.counts.is_empty() {
+                if !m.counts.values().any(|c| *c > 0) {
                     return Ok(Vec::new());
                 }
                 let rows = m
                     .counts
                     .iter()
-                    .flat_map(|(r, c)| std::iter::repeat_n(r.row(), *c as usize));
+                    .flat_map(|(r, c)| std::iter::repeat_n(r.row(), (*c).max(0) as usize));
                 let columns = m.converter.convert_rows(rows)?;
                 Ok(vec![RecordBatch::try_new(
                     Arc::clone(&self.schema),

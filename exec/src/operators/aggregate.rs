@@ -373,6 +373,16 @@ impl AggregateFinalExec {
     /// differs), then its new row with weight +1.
     fn as_changes(&mut self, order: &[usize], out: &RecordBatch) -> Result<RecordBatch> {
         let new = self.out_converter()?.convert_columns(out.columns())?;
+        // An aggregation over changes: a group whose rows all went (its
+        // first sum, of the weights, is 0) is only taken back.
+        let rows_left = if self.plan.over_changes {
+            out.columns()
+                .get(self.plan.group_exprs.len())
+                .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>())
+                .cloned()
+        } else {
+            None
+        };
         let mut retract: Vec<OwnedRow> = Vec::new();
         let mut add: Vec<u32> = Vec::new();
         for (i, &g) in order.iter().enumerate() {
@@ -380,12 +390,19 @@ impl AggregateFinalExec {
                 self.last.resize(g + 1, None);
             }
             let row = new.row(i);
+            let gone = rows_left
+                .as_ref()
+                .is_some_and(|n| n.is_valid(i) && n.value(i) == 0);
             if let Some(prev) = &self.last[g] {
-                if prev.row() == row {
+                if prev.row() == row && !gone {
                     continue;
                 }
                 self.last_bytes = self.last_bytes.saturating_sub(prev.as_ref().len() as u64);
                 retract.push(prev.clone());
+            }
+            if gone {
+                self.last[g] = None;
+                continue;
             }
             self.last_bytes += row.as_ref().len() as u64;
             self.last[g] = Some(row.owned());
@@ -432,13 +449,29 @@ impl AggregateFinalExec {
         let order: Vec<usize> = (0..n).collect();
         let out = table.emit_changed(&plan, &order, &keys)?;
         let rows = self.out_converter()?.convert_columns(out.columns())?;
+        // Over changes, a group with no row left was taken back.
+        let rows_left = if plan.over_changes {
+            out.columns()
+                .get(k)
+                .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>())
+                .cloned()
+        } else {
+            None
+        };
         self.last = (0..n)
             .map(|i| {
-                let row = rows.row(i);
-                Some(row.owned())
+                let gone = rows_left
+                    .as_ref()
+                    .is_some_and(|c| c.is_valid(i) && c.value(i) == 0);
+                (!gone).then(|| rows.row(i).owned())
             })
             .collect();
-        self.last_bytes = (0..n).map(|i| rows.row(i).as_ref().len() as u64).sum();
+        self.last_bytes = self
+            .last
+            .iter()
+            .flatten()
+            .map(|r| r.as_ref().len() as u64)
+            .sum();
         Ok(())
     }
 

@@ -38,7 +38,17 @@ pub struct OverAggregateExec {
     /// `SET state_ttl` in micro-batches: keys idle that long lose their
     /// history (a later row's frame starts over).
     ttl: Option<u64>,
+    /// Frames `UNBOUNDED PRECEDING`: per window expression, its aggregate
+    /// and whether peers (equal times, a `RANGE` frame) share a result.
+    running: Vec<(Arc<AggregateFunctionExpr>, bool)>,
+    /// Per key: the micro-batch a row of it was last released in, and one
+    /// accumulator per window expression (the aggregate of every row so
+    /// far).
+    accumulators: HashMap<Vec<u8>, (u64, Running)>,
 }
+
+/// The accumulators of a key, one per window expression.
+type Running = Vec<Box<dyn datafusion::logical_expr::Accumulator>>;
 
 /// Name of the column checkpointed `OVER` rows carry their key's last
 /// release micro-batch in (for `SET state_ttl`).
@@ -53,7 +63,31 @@ impl OverAggregateExec {
             .map(|e| e.data_type(&plan.input))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let keys = RowConverter::new(types.into_iter().map(SortField::new).collect())?;
+        let mut running = Vec::new();
+        if plan.retain.unbounded {
+            use datafusion::physical_expr::window::{
+                PlainAggregateWindowExpr, SlidingAggregateWindowExpr,
+            };
+            for w in &plan.window_exprs {
+                let any = w.as_any();
+                let agg = if let Some(p) = any.downcast_ref::<PlainAggregateWindowExpr>() {
+                    p.get_aggregate_expr()
+                } else if let Some(p) = any.downcast_ref::<SlidingAggregateWindowExpr>() {
+                    p.get_aggregate_expr()
+                } else {
+                    return Err(ExecError::invalid(format!(
+                        "{} is not an aggregate over a running frame",
+                        w.name()
+                    )));
+                };
+                let peers =
+                    w.get_window_frame().units == datafusion::logical_expr::WindowFrameUnits::Range;
+                running.push((Arc::new(agg.clone()), peers));
+            }
+        }
         Ok(Self {
+            running,
+            accumulators: HashMap::new(),
             plan,
             keys,
             pending: Vec::new(),
@@ -182,6 +216,9 @@ impl OverAggregateExec {
     /// Runs the window expressions over `due` (complete rows, any order),
     /// each key after its history, and keeps what later frames reach.
     fn evaluate(&mut self, due: &RecordBatch, bound: i64) -> Result<RecordBatch> {
+        if !self.running.is_empty() {
+            return self.evaluate_running(due);
+        }
         let mut outputs = Vec::new();
         for (key, rows) in self.runs(due)? {
             let fresh = take_record_batch(due, &UInt32Array::from(rows))?;
@@ -208,6 +245,155 @@ impl OverAggregateExec {
             self.keep(key, &all, bound)?;
         }
         Ok(concat_batches(&self.plan.schema, &outputs)?)
+    }
+
+    /// Frames `UNBOUNDED PRECEDING`: each key's released rows, in time
+    /// order, go into its accumulators; a row's result is their value
+    /// after it (after its last peer for a `RANGE` frame).
+    fn evaluate_running(&mut self, due: &RecordBatch) -> Result<RecordBatch> {
+        let mut outputs = Vec::new();
+        for (key, rows) in self.runs(due)? {
+            let fresh = take_record_batch(due, &UInt32Array::from(rows))?;
+            let n = fresh.num_rows();
+            let ts = self.times(&fresh)?.values().clone();
+            let now = self.now;
+            if !self.accumulators.contains_key(key.as_slice()) {
+                let accs = self
+                    .running
+                    .iter()
+                    .map(|(a, _)| a.create_accumulator())
+                    .collect::<std::result::Result<Running, _>>()?;
+                self.accumulators.insert(key.clone(), (now, accs));
+            }
+            let entry = self
+                .accumulators
+                .get_mut(key.as_slice())
+                .ok_or_else(|| ExecError::invalid("a running OVER key has no accumulators"))?;
+            entry.0 = now;
+            let mut columns: Vec<ArrayRef> = fresh.columns().to_vec();
+            for (j, ((agg, peers), acc)) in self.running.iter().zip(entry.1.iter_mut()).enumerate()
+            {
+                let args = agg
+                    .expressions()
+                    .iter()
+                    .map(|e| eval(e, &fresh))
+                    .collect::<Result<Vec<_>>>()?;
+                let mut values = Vec::with_capacity(n);
+                let mut at = 0;
+                while at < n {
+                    let mut end = at + 1;
+                    if *peers {
+                        while end < n && ts[end] == ts[at] {
+                            end += 1;
+                        }
+                    }
+                    let slice: Vec<ArrayRef> = args.iter().map(|a| a.slice(at, end - at)).collect();
+                    acc.update_batch(&slice)?;
+                    let v = acc.evaluate()?;
+                    values.extend(std::iter::repeat_n(v, end - at));
+                    at = end;
+                }
+                let field = self.plan.schema.field(self.plan.input.fields().len() + j);
+                let array = datafusion::common::ScalarValue::iter_to_array(values)?;
+                columns.push(if array.data_type() == field.data_type() {
+                    array
+                } else {
+                    arrow::compute::cast(&array, field.data_type())?
+                });
+            }
+            outputs.push(RecordBatch::try_new(
+                Arc::clone(&self.plan.schema),
+                columns,
+            )?);
+        }
+        Ok(concat_batches(&self.plan.schema, &outputs)?)
+    }
+
+    /// The running state as rows: each key (row format), the micro-batch
+    /// it was last released in, then each accumulator's state fields.
+    /// The accumulators are rebuilt from it (an accumulator may give its
+    /// state away).
+    fn running_state(&mut self) -> Result<Option<RecordBatch>> {
+        if self.accumulators.is_empty() {
+            return Ok(None);
+        }
+        let mut fields = vec![
+            arrow::datatypes::Field::new("__drizzle_key", DataType::Binary, false),
+            arrow::datatypes::Field::new(STATE_RELEASED, DataType::Int64, false),
+        ];
+        for (agg, _) in &self.running {
+            for f in agg.state_fields()? {
+                fields.push(f.as_ref().clone().with_nullable(true));
+            }
+        }
+        let entries: Vec<_> = self.accumulators.drain().collect();
+        let mut states: Vec<Vec<datafusion::common::ScalarValue>> =
+            vec![Vec::with_capacity(entries.len()); fields.len() - 2];
+        let mut keys = Vec::with_capacity(entries.len());
+        let mut seen = Vec::with_capacity(entries.len());
+        for (key, (s, mut accs)) in entries {
+            let mut c = 0;
+            for acc in accs.iter_mut() {
+                for v in acc.state()? {
+                    states[c].push(v);
+                    c += 1;
+                }
+            }
+            keys.push(key);
+            seen.push(s as i64);
+        }
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(arrow::array::BinaryArray::from_iter_values(keys.iter())),
+            Arc::new(Int64Array::from(seen)),
+        ];
+        for (values, field) in states.into_iter().zip(fields.iter().skip(2)) {
+            let array = datafusion::common::ScalarValue::iter_to_array(values)?;
+            columns.push(if array.data_type() == field.data_type() {
+                array
+            } else {
+                arrow::compute::cast(&array, field.data_type())?
+            });
+        }
+        let batch = RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)?;
+        self.restore_running(&batch)?;
+        Ok(Some(batch))
+    }
+
+    /// Accumulators back from [`Self::running_state`]'s rows.
+    fn restore_running(&mut self, state: &RecordBatch) -> Result<()> {
+        let bad = || ExecError::invalid("checkpointed running OVER state does not match the query");
+        let keys = state.column(0).as_binary_opt::<i32>().ok_or_else(bad)?;
+        let seen = state
+            .column(1)
+            .as_primitive_opt::<arrow::datatypes::Int64Type>()
+            .ok_or_else(bad)?;
+        let widths = self
+            .running
+            .iter()
+            .map(|(a, _)| Ok(a.state_fields()?.len()))
+            .collect::<Result<Vec<_>>>()?;
+        if state.num_columns() != 2 + widths.iter().sum::<usize>() {
+            return Err(bad());
+        }
+        for row in 0..state.num_rows() {
+            let mut accs: Running = Vec::with_capacity(self.running.len());
+            let mut c = 2;
+            for ((agg, _), w) in self.running.iter().zip(&widths) {
+                let mut acc = agg.create_accumulator()?;
+                let cols: Vec<ArrayRef> = state.columns()[c..c + w]
+                    .iter()
+                    .map(|a| a.slice(row, 1))
+                    .collect();
+                acc.merge_batch(&cols)?;
+                accs.push(acc);
+                c += w;
+            }
+            self.accumulators.insert(
+                keys.value(row).to_vec(),
+                (seen.value(row).max(0) as u64, accs),
+            );
+        }
+        Ok(())
     }
 
     /// Keeps the rows of `key` (`all`, in time order) that a frame of a row
@@ -292,6 +478,7 @@ impl StatefulOperator for OverAggregateExec {
                 keep
             });
             self.history_bytes = self.history_bytes.saturating_sub(freed);
+            self.accumulators.retain(|_, (seen, _)| *seen >= before);
         }
         let mut late = 0;
         for batch in rows {
@@ -315,9 +502,17 @@ impl StatefulOperator for OverAggregateExec {
                 .values()
                 .map(|(_, b)| b.num_rows())
                 .sum::<usize>();
+        let running: usize = self
+            .accumulators
+            .iter()
+            .map(|(k, (_, accs))| k.len() + 64 + accs.iter().map(|a| a.size()).sum::<usize>())
+            .sum();
         StateSize {
-            bytes: self.pending_bytes + self.history_bytes + self.history.len() as u64 * 64,
-            keys: rows as u64,
+            bytes: self.pending_bytes
+                + self.history_bytes
+                + self.history.len() as u64 * 64
+                + running as u64,
+            keys: (rows + self.accumulators.len()) as u64,
         }
     }
 
@@ -346,10 +541,15 @@ impl StatefulOperator for OverAggregateExec {
         for b in &self.pending {
             rows.push(stamped(b, 0)?);
         }
+        let mut sections = vec![rows];
+        if !self.running.is_empty() {
+            // A second section: each key's accumulators.
+            sections.push(self.running_state()?.into_iter().collect());
+        }
         Ok(OperatorSnapshot {
             closed_through: self.released,
             delta_base: None,
-            sections: vec![rows],
+            sections,
         })
     }
 
@@ -363,7 +563,13 @@ impl StatefulOperator for OverAggregateExec {
         let mut held = Vec::new();
         let mut seen: Vec<i64> = Vec::new();
         for layer in layers {
-            for section in layer.sections {
+            for (i, section) in layer.sections.into_iter().enumerate() {
+                if i == 1 {
+                    for state in &section {
+                        self.restore_running(state)?;
+                    }
+                    continue;
+                }
                 for rows in section {
                     if rows.num_rows() == 0 {
                         continue;
@@ -499,6 +705,7 @@ mod tests {
             retain: drizzle_planner::OverRetain {
                 rows: ROWS,
                 range_us: RANGE,
+                unbounded: false,
             },
             input,
             schema: Arc::new(Schema::new(fields)),
@@ -671,6 +878,147 @@ mod tests {
         assert!(
             exec.state_size().keys <= 3 * (ROWS + 1) + 20,
             "state is bounded"
+        );
+    }
+
+    /// Frames unbounded in the past: `sum(v)` (ROWS) and `avg(v)` (RANGE,
+    /// peers share) per key, against a model over all rows; state is one
+    /// accumulator per key, and a checkpoint restored midway changes
+    /// nothing.
+    #[test]
+    fn running_aggregates_against_a_model_through_a_checkpoint() {
+        let mut p = plan();
+        let k: Arc<dyn PhysicalExpr> = Arc::new(Column::new("k", 0));
+        let v: Arc<dyn PhysicalExpr> = Arc::new(Column::new("v", 1));
+        let order = vec![PhysicalSortExpr::new_default(Arc::new(Column::new(
+            "ts", 2,
+        )))];
+        let as_float = datafusion::physical_expr::expressions::cast(
+            Arc::clone(&v),
+            &p.input,
+            DataType::Float64,
+        )
+        .unwrap();
+        let expr = |fun, units, arg: &Arc<dyn PhysicalExpr>| {
+            datafusion::physical_plan::windows::create_window_expr(
+                &WindowFunctionDefinition::AggregateUDF(fun),
+                "w".into(),
+                std::slice::from_ref(arg),
+                std::slice::from_ref(&k),
+                &order,
+                Arc::new(WindowFrame::new_bounds(
+                    units,
+                    WindowFrameBound::Preceding(ScalarValue::UInt64(None)),
+                    WindowFrameBound::CurrentRow,
+                )),
+                Arc::clone(&p.input),
+                false,
+                false,
+                None,
+            )
+            .unwrap()
+        };
+        p.window_exprs = vec![
+            expr(
+                datafusion::functions_aggregate::sum::sum_udaf(),
+                WindowFrameUnits::Rows,
+                &v,
+            ),
+            expr(
+                datafusion::functions_aggregate::average::avg_udaf(),
+                WindowFrameUnits::Range,
+                &as_float,
+            ),
+        ];
+        let mut fields: Vec<Field> = p
+            .input
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new("s", DataType::Int64, true));
+        fields.push(Field::new("a", DataType::Float64, true));
+        p.schema = Arc::new(Schema::new(fields));
+        p.retain = drizzle_planner::OverRetain {
+            rows: 0,
+            range_us: 0,
+            unbounded: true,
+        };
+        // Each micro-batch: times t..t+3 for keys 0..3 (key 0 twice at
+        // each time: peers), released one micro-batch later.
+        let mut exec = OverAggregateExec::new(p.clone()).unwrap();
+        let mut model: std::collections::HashMap<i64, Vec<(i64, i64)>> = Default::default();
+        let mut got: Vec<(i64, i64, i64, f64)> = Vec::new();
+        let mut expected: Vec<(i64, i64, i64, f64)> = Vec::new();
+        for b in 0..40i64 {
+            let mut rows = Vec::new();
+            for t in b * 4..b * 4 + 4 {
+                for key in 0..3 {
+                    rows.push((key, (t * 7 + key) % 11, t));
+                }
+                rows.push((0, t % 5, t));
+            }
+            let out = exec
+                .process(b as u64, &[vec![input(&p, &rows)]], Some(b * 4))
+                .unwrap();
+            for (_, o) in &out.chunks {
+                let int = |i: usize| o.column(i).as_primitive::<arrow::datatypes::Int64Type>();
+                let ts = o.column(2).as_primitive::<TimestampMicrosecondType>();
+                let a = o.column(4).as_primitive::<arrow::datatypes::Float64Type>();
+                for i in 0..o.num_rows() {
+                    // ROWS sums of peers depend on their order: keep the
+                    // largest per (key, time), which is the same either way.
+                    got.push((int(0).value(i), ts.value(i), int(3).value(i), a.value(i)));
+                }
+            }
+            for r in &rows {
+                model.entry(r.0).or_default().push((r.2, r.1));
+            }
+            if b == 20 {
+                let snap = exec.snapshot(None).unwrap();
+                exec = OverAggregateExec::new(p.clone()).unwrap();
+                exec.restore(vec![snap], b as u64).unwrap();
+            }
+            assert_eq!(exec.history.len(), 0, "no row is kept");
+        }
+        let released = 39 * 4;
+        for (key, rows) in &model {
+            let mut sum = 0;
+            for (i, (t, v)) in rows.iter().enumerate() {
+                if *t >= released {
+                    break;
+                }
+                sum += v;
+                let peers: Vec<i64> = rows.iter().filter(|r| r.0 <= *t).map(|r| r.1).collect();
+                let avg = peers.iter().sum::<i64>() as f64 / peers.len() as f64;
+                let last_peer = rows.get(i + 1).is_none_or(|n| n.0 != *t);
+                if last_peer {
+                    expected.push((*key, *t, sum, avg));
+                }
+            }
+        }
+        // Per (key, time): the largest ROWS sum (the last peer's) and the
+        // RANGE average all peers share.
+        let mut best: BTreeMap<(i64, i64), (i64, f64)> = Default::default();
+        for (key, t, s, a) in got {
+            let e = best.entry((key, t)).or_insert((s, a));
+            assert!((e.1 - a).abs() < 1e-9, "peers share a RANGE result");
+            e.0 = e.0.max(s);
+        }
+        expected.sort_by_key(|x| (x.0, x.1));
+        let got: Vec<(i64, i64, i64, f64)> = best
+            .into_iter()
+            .map(|((k, t), (s, a))| (k, t, s, a))
+            .collect();
+        assert_eq!(got.len(), expected.len());
+        for (g, e) in got.iter().zip(&expected) {
+            assert_eq!((g.0, g.1, g.2), (e.0, e.1, e.2));
+            assert!((g.3 - e.3).abs() < 1e-9, "{g:?} vs {e:?}");
+        }
+        assert_eq!(
+            exec.state_size().keys,
+            3 + 16,
+            "3 keys' accumulators and the last micro-batch's 16 rows, not released yet"
         );
     }
 }

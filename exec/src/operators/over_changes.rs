@@ -490,6 +490,7 @@ mod tests {
             retain: drizzle_planner::OverRetain {
                 rows: ROWS,
                 range_us: 0,
+                unbounded: false,
             },
             input,
             schema: Arc::new(Schema::new(fields)),
