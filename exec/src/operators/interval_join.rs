@@ -1072,8 +1072,10 @@ impl StatefulOperator for IntervalJoinExec {
         Ok(())
     }
 
+    /// Regular joins only, and not a weighted join: a retraction of a row
+    /// the TTL dropped would take back pairs that row never made.
     fn set_state_ttl(&mut self, batches: u64) {
-        if self.plan.regular {
+        if self.plan.regular && !self.plan.weighted {
             self.ttl = Some(batches.max(1));
         }
     }
