@@ -505,7 +505,7 @@ fn decode_interval_join(w: IntervalJoinWire, ctx: &TaskContext) -> Result<Interv
             Some((true, true)) => JoinType::Full,
             _ => JoinType::Inner,
         },
-        weighted: w.weighted && w.regular && w.outer.is_none(),
+        weighted: w.weighted && w.regular,
     })
 }
 

@@ -477,15 +477,18 @@ fn describe_operator(op: &Operator) -> String {
                 "upsert"
             }
         ),
+        Operator::IntervalJoin(j) if j.weighted => format!(
+            "JoinExec: {}, on=[{}], state=every live row of both sides with its weight (a retraction takes back the row it names){}, emitted as changes: pair weight = product of the rows' weights{}",
+            j.join_type.to_string().to_lowercase(),
+            j.display,
+            if j.join_type == JoinType::Inner { "" } else { " and an outer row's matching weight" },
+            if j.join_type == JoinType::Inner { "" } else { "; an outer row is padded with NULLs while its matching weight is 0" }
+        ),
         Operator::IntervalJoin(j) if j.regular && j.join_type != JoinType::Inner => format!(
             "JoinExec: {}, on=[{}], state=every row of both sides (no time bound) with its match count, \
              emitted when both rows are there; an unmatched row of an outer side is inserted padded \
              with NULLs and deleted at its first match",
             j.join_type.to_string().to_lowercase(),
-            j.display
-        ),
-        Operator::IntervalJoin(j) if j.weighted => format!(
-            "JoinExec: inner, on=[{}], state=every live row of both sides with its weight (a retraction takes back the row it names), emitted as changes: pair weight = product of the rows' weights",
             j.display
         ),
         Operator::IntervalJoin(j) if j.regular => format!(

@@ -1096,12 +1096,14 @@ fn lower_window_join(
     })
 }
 
-/// A regular inner join where either input changes (a non-windowed
-/// aggregation, a top-N, an outer join, ...): both inputs become weighted
-/// change streams, shuffled by their keys into a `JoinExec` that holds
-/// each side's rows with their weights (a retraction cancels the row it
-/// takes back) and emits each pair's change, the product of the two
-/// weights, as `op`. The output is a change stream without a key.
+/// A regular join (inner, left, right or full) where either input changes
+/// (a non-windowed aggregation, a top-N, an outer join, ...): both inputs
+/// become weighted change streams, shuffled by their keys into a
+/// `JoinExec` that holds each side's rows with their weights (a retraction
+/// cancels the row it takes back) and emits each pair's change, the
+/// product of the two weights, as `op`; an outer side's row is present
+/// padded with NULLs while the weights it is matched by add up to 0. The
+/// output is a change stream without a key.
 fn lower_join_of_changes(
     j: &datafusion::logical_expr::logical_plan::Join,
     (mut left, mut right): (Flow, Flow),
@@ -1109,8 +1111,11 @@ fn lower_join_of_changes(
     props: &datafusion::execution::context::ExecutionProps,
 ) -> Result<Flow> {
     const HINT: &str = "an updating result (a non-windowed aggregation, a top-N, an outer \
-        join) joins other rows by an inner join ON equality keys";
-    if j.join_type != JoinType::Inner {
+        join) joins other rows by an inner or outer join ON equality keys";
+    if !matches!(
+        j.join_type,
+        JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full
+    ) {
         return Err(PlanError::unsupported_hint(
             format!(
                 "a {} join of a result whose rows change",

@@ -33,6 +33,8 @@ struct HeldSide {
     by_hash: HashMap<u64, Vec<RowRef>>,
     /// Rows of held batches whose weight went to 0 (a weighted join's).
     dead: u64,
+    /// The outer side of a weighted outer join: rows keep `matched`.
+    tracks_matches: bool,
 }
 
 /// The bytes an index entry costs besides its rows: the key and the map's
@@ -77,6 +79,10 @@ struct HeldBatch {
     hashes: Vec<u64>,
     /// Rows whose weight is not 0 (all rows of an unweighted join's).
     live: usize,
+    /// A weighted outer join's outer side: per row, the sum of the weights
+    /// of the other side's rows it pairs with (0: it is emitted padded
+    /// with NULLs); empty otherwise.
+    matched: Vec<i64>,
 }
 
 impl HeldSide {
@@ -103,6 +109,11 @@ impl HeldSide {
             seq,
             HeldBatch {
                 matches: vec![0; batch.num_rows()],
+                matched: if self.tracks_matches {
+                    vec![0; batch.num_rows()]
+                } else {
+                    Vec::new()
+                },
                 live: batch.num_rows(),
                 batch,
                 times,
@@ -224,6 +235,7 @@ impl HeldSide {
         let next = self.next;
         *self = HeldSide {
             next,
+            tracks_matches: self.tracks_matches,
             ..HeldSide::default()
         };
         for (_, b) in old {
@@ -237,6 +249,7 @@ impl HeldSide {
             };
             let times = pick(&b.times);
             let weights = pick(&b.weights);
+            let matched = pick(&b.matched);
             let hashes: Vec<u64> = b
                 .hashes
                 .iter()
@@ -246,7 +259,12 @@ impl HeldSide {
                 .collect();
             let batch = filter_record_batch(&b.batch, &live)?;
             let encoded = converter.convert_columns(&keys.eval(&batch)?)?;
-            self.add(batch, &encoded, times, (weights, hashes));
+            let seq = self.add(batch, &encoded, times, (weights, hashes));
+            if let Some(held) = self.batches.get_mut(&seq) {
+                if held.matched.len() == matched.len() {
+                    held.matched = matched;
+                }
+            }
         }
         Ok(())
     }
@@ -437,9 +455,17 @@ impl IntervalJoinExec {
                 )));
                 Arc::new(arrow::datatypes::Schema::new(fields))
             },
+            left: HeldSide {
+                tracks_matches: plan.weighted
+                    && matches!(plan.join_type, JoinType::Left | JoinType::Full),
+                ..HeldSide::default()
+            },
+            right: HeldSide {
+                tracks_matches: plan.weighted
+                    && matches!(plan.join_type, JoinType::Right | JoinType::Full),
+                ..HeldSide::default()
+            },
             plan,
-            left: HeldSide::default(),
-            right: HeldSide::default(),
             ttl: None,
             now: 0,
             out_rows: None,
@@ -564,9 +590,21 @@ impl IntervalJoinExec {
             let (batch, key_arrays, time) = if usable.true_count() == batch.num_rows() {
                 (batch.clone(), key_arrays, time)
             } else {
-                if !weighted {
-                    unusable.push(filter_record_batch(batch, &arrow::compute::not(&usable)?)?);
-                }
+                // Rows that can never match: an outer side emits them
+                // padded (a weighted join's with their weights).
+                let never = if weighted {
+                    let w = weights
+                        .as_ref()
+                        .ok_or_else(|| ExecError::invalid("no weights"))?;
+                    BooleanArray::from(
+                        (0..batch.num_rows())
+                            .map(|r| !usable.value(r) && w.value(r) != 0)
+                            .collect::<Vec<_>>(),
+                    )
+                } else {
+                    arrow::compute::not(&usable)?
+                };
+                unusable.push(filter_record_batch(batch, &never)?);
                 let keys = key_arrays
                     .iter()
                     .map(|k| arrow::compute::filter(k, &usable))
@@ -706,13 +744,28 @@ impl IntervalJoinExec {
     /// A weighted join's pairs `rows` as changes: each pair's weight is
     /// the product of its rows' weights; a pair of weight w is emitted |w|
     /// times, `insert` when w > 0, `delete` when w < 0.
-    fn weighted_changes(&mut self, rows: RecordBatch, pairs: &[Pair]) -> Result<RecordBatch> {
+    fn weighted_changes(
+        &mut self,
+        rows: RecordBatch,
+        pairs: &[Pair],
+        padded: Vec<(RecordBatch, Vec<i64>)>,
+    ) -> Result<RecordBatch> {
         // Consolidated: equal rows' weights add up (a pair taken back and
         // made again in one micro-batch emits nothing).
         let mut weights: Vec<i64> = pairs
             .iter()
             .map(|&(l, r)| self.left.weight(l).saturating_mul(self.right.weight(r)))
             .collect();
+        let rows = if padded.is_empty() {
+            rows
+        } else {
+            let mut parts = vec![rows];
+            for (b, w) in padded {
+                parts.push(b);
+                weights.extend(w);
+            }
+            arrow::compute::concat_batches(&self.plan.schema, &parts)?
+        };
         if rows.num_rows() > 1 {
             if self.out_rows.is_none() {
                 self.out_rows = Some(RowConverter::new(
@@ -745,7 +798,9 @@ impl IntervalJoinExec {
                 ops.push(if w > 0 { "insert" } else { "delete" });
             }
         }
-        let rows = if take_rows.len() == rows.num_rows() {
+        let identity = take_rows.len() == rows.num_rows()
+            && take_rows.iter().enumerate().all(|(i, t)| *t as usize == i);
+        let rows = if identity {
             rows
         } else {
             take_record_batch(&rows, &UInt32Array::from(take_rows))?
@@ -757,6 +812,111 @@ impl IntervalJoinExec {
             columns,
             &RecordBatchOptions::new().with_row_count(Some(rows.num_rows())),
         )?)
+    }
+
+    /// A weighted outer join's padded rows (the plan's columns, NULLs for
+    /// the other side) and their weights: adds the other side's weights to
+    /// each outer row's `matched` for the pairs it made; a row whose
+    /// padded presence changed (it is new, taken back, or its matches went
+    /// to or from 0) emits the difference. Rows that can never match
+    /// (`unusable`, a NULL key) are padded with their own weights.
+    fn weighted_outer_changes(
+        &mut self,
+        pairs: &[Pair],
+        (left_before, right_before): (u64, u64),
+        (left_new, right_new): (&Added, &Added),
+        (left_unusable, right_unusable): (Vec<RecordBatch>, Vec<RecordBatch>),
+    ) -> Result<Vec<(RecordBatch, Vec<i64>)>> {
+        let (left_outer, right_outer) = self.outer();
+        let mut out = Vec::new();
+        // Present padded: the row's weight while nothing matches it.
+        let padded_weight = |w: i64, m: i64| if m == 0 { w } else { 0 };
+        for (left, outer, before, new, unusable) in [
+            (true, left_outer, left_before, left_new, left_unusable),
+            (false, right_outer, right_before, right_new, right_unusable),
+        ] {
+            if !outer {
+                continue;
+            }
+            // Old rows touched by this micro-batch's pairs: their padded
+            // weight before.
+            let mut was: HashMap<RowRef, i64> = HashMap::new();
+            for &(l, r) in pairs {
+                let (me, other) = if left { (l, r) } else { (r, l) };
+                let ow = if left {
+                    self.right.weight(other)
+                } else {
+                    self.left.weight(other)
+                };
+                let side = if left {
+                    &mut self.left
+                } else {
+                    &mut self.right
+                };
+                let Some(b) = side.batches.get_mut(&me.0) else {
+                    continue;
+                };
+                let i = me.1 as usize;
+                let (Some(m), Some(&w)) = (b.matched.get_mut(i), b.weights.get(i)) else {
+                    continue;
+                };
+                if me.0 < before {
+                    was.entry(me).or_insert(padded_weight(w, *m));
+                }
+                *m = m.saturating_add(ow);
+            }
+            let side = if left { &self.left } else { &self.right };
+            let mut refs: Vec<RowRef> = Vec::new();
+            let mut deltas: Vec<i64> = Vec::new();
+            let now = |at: RowRef| -> i64 {
+                side.batches
+                    .get(&at.0)
+                    .and_then(|b| {
+                        Some(padded_weight(
+                            *b.weights.get(at.1 as usize)?,
+                            *b.matched.get(at.1 as usize)?,
+                        ))
+                    })
+                    .unwrap_or(0)
+            };
+            for (at, before_w) in was {
+                let d = now(at) - before_w;
+                if d != 0 {
+                    refs.push(at);
+                    deltas.push(d);
+                }
+            }
+            for (seq, _) in new.iter() {
+                let n = side.batches.get(seq).map_or(0, |b| b.batch.num_rows());
+                for row in 0..n {
+                    let d = now((*seq, row as u32));
+                    if d != 0 {
+                        refs.push((*seq, row as u32));
+                        deltas.push(d);
+                    }
+                }
+            }
+            if !refs.is_empty() {
+                let rows = self.padded(&self.rows_of(left, &refs)?, left, "insert")?;
+                let width = rows.num_columns() - 1;
+                out.push((rows.project(&(0..width).collect::<Vec<_>>())?, deltas));
+            }
+            for rows in unusable {
+                // The weight is the input's last column.
+                let width = rows.num_columns() - 1;
+                let w = rows
+                    .column(width)
+                    .as_primitive_opt::<arrow::datatypes::Int64Type>()
+                    .ok_or_else(|| ExecError::invalid("a weighted join's rows have no weight"))?
+                    .values()
+                    .to_vec();
+                let data = rows.project(&(0..width).collect::<Vec<_>>())?;
+                let padded = self.padded(&data, left, "insert")?;
+                let pw = padded.num_columns() - 1;
+                out.push((padded.project(&(0..pw).collect::<Vec<_>>())?, w));
+            }
+        }
+        Ok(out)
     }
 
     /// An outer join's changes besides its pairs (`rows`): counts the
@@ -868,7 +1028,13 @@ impl IntervalJoinExec {
         self.probe(false, &right_new, left_before, &mut pairs)?;
         let (rows, pairs) = self.materialize(pairs)?;
         let rows = if self.plan.weighted {
-            let rows = self.weighted_changes(rows, &pairs)?;
+            let padded = self.weighted_outer_changes(
+                &pairs,
+                (left_before, right_before),
+                (&left_new, &right_new),
+                (left_unusable, right_unusable),
+            )?;
+            let rows = self.weighted_changes(rows, &pairs, padded)?;
             // Then each new row takes back the held row it retracts.
             for (seq, _) in &right_new {
                 self.right.cancel(*seq)?;
@@ -982,14 +1148,24 @@ impl StatefulOperator for IntervalJoinExec {
                         columns.push(Arc::new(Int64Array::from(b.weights.clone())));
                     }
                     if outer {
+                        // A weighted join's outer rows: the weights they
+                        // are matched by; else match counts.
                         fields.push(Arc::new(arrow::datatypes::Field::new(
                             STATE_MATCHES,
                             DataType::Int64,
                             false,
                         )));
-                        columns.push(Arc::new(Int64Array::from_iter_values(
-                            b.matches.iter().map(|m| i64::from(*m)),
-                        )));
+                        columns.push(if weighted {
+                            Arc::new(Int64Array::from(if b.matched.is_empty() {
+                                vec![0; b.batch.num_rows()]
+                            } else {
+                                b.matched.clone()
+                            }))
+                        } else {
+                            Arc::new(Int64Array::from_iter_values(
+                                b.matches.iter().map(|m| i64::from(*m)),
+                            ))
+                        });
                     }
                     Ok(RecordBatch::try_new(
                         Arc::new(arrow::datatypes::Schema::new(fields)),
@@ -1016,6 +1192,7 @@ impl StatefulOperator for IntervalJoinExec {
                     // checkpoint's).
                     self.now = batch;
                     let mut matches = None;
+                    let mut weighted_matched: Option<Vec<i64>> = None;
                     let rows = if self.plan.regular && rows.num_columns() > width {
                         let int = |i: usize| {
                             rows.column(i)
@@ -1029,7 +1206,7 @@ impl StatefulOperator for IntervalJoinExec {
                         }
                         if self.plan.weighted {
                             // The rows with their weights last, as they
-                            // arrive (dead ones are skipped).
+                            // arrive; dead ones are left out.
                             let mut keep: Vec<usize> = (0..width).collect();
                             keep.push(width + 1);
                             if rows.num_columns() <= width + 1 {
@@ -1037,8 +1214,22 @@ impl StatefulOperator for IntervalJoinExec {
                                     "a weighted join's checkpoint has no weights",
                                 ));
                             }
-                            int(width + 1)?;
-                            rows.project(&keep)?
+                            let live = BooleanArray::from(
+                                int(width + 1)?
+                                    .values()
+                                    .iter()
+                                    .map(|w| *w != 0)
+                                    .collect::<Vec<_>>(),
+                            );
+                            if rows.num_columns() > width + 2 {
+                                let m = arrow::compute::filter(int(width + 2)?, &live)?;
+                                weighted_matched = Some(
+                                    m.as_primitive::<arrow::datatypes::Int64Type>()
+                                        .values()
+                                        .to_vec(),
+                                );
+                            }
+                            filter_record_batch(&rows.project(&keep)?, &live)?
                         } else {
                             if rows.num_columns() > width + 1 {
                                 matches = Some(int(width + 1)?.values().to_vec());
@@ -1049,6 +1240,18 @@ impl StatefulOperator for IntervalJoinExec {
                         rows
                     };
                     let (added, _) = self.add(std::slice::from_ref(&rows), left)?;
+                    if let (Some(m), Some((seq, _))) = (weighted_matched, added.first()) {
+                        let side = if left {
+                            &mut self.left
+                        } else {
+                            &mut self.right
+                        };
+                        if let Some(b) = side.batches.get_mut(seq) {
+                            if b.matched.len() == m.len() {
+                                b.matched = m;
+                            }
+                        }
+                    }
                     // Held rows were usable: they come back one for one.
                     if let (Some(m), Some((seq, _))) = (matches, added.first()) {
                         let side = if left {
@@ -1333,7 +1536,18 @@ mod tests {
     /// restored midway changes nothing.
     #[test]
     fn a_weighted_join_emits_the_changes_of_the_join_of_its_inputs() {
-        type Model = std::collections::HashMap<(i64, i64), i64>;
+        for join_type in [JoinType::Inner, JoinType::Left, JoinType::Full] {
+            for seed in 1..=8u64 {
+                weighted_join_against_a_model(join_type, seed);
+            }
+        }
+    }
+
+    /// NULL in the model's output rows.
+    const NULL: i64 = i64::MIN;
+
+    fn weighted_join_against_a_model(join_type: JoinType, seed: u64) {
+        type Model = BTreeMap<(i64, i64), i64>;
         let schema = |k: &str, v: &str, weighted: bool| {
             let mut fields = vec![
                 Field::new(k, DataType::Int64, true),
@@ -1371,7 +1585,7 @@ mod tests {
             schema: joined,
             display: String::new(),
             regular: true,
-            join_type: JoinType::Inner,
+            join_type,
             weighted: true,
         };
         let batch = |schema: &SchemaRef, rows: &[(i64, i64, i64)]| {
@@ -1385,7 +1599,7 @@ mod tests {
             )
             .unwrap()
         };
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut seed = 0x2545_f491_4f6c_dd1du64.wrapping_mul(seed);
         let mut next = move |n: u64| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
@@ -1422,15 +1636,17 @@ mod tests {
                 .process(&[batch(&ls, &l)], &[batch(&rs, &r)], None)
                 .unwrap();
             for (_, b) in &out.chunks {
-                let int = |i: usize| b.column(i).as_primitive::<arrow::datatypes::Int64Type>();
+                let int = |c: usize, i: usize| {
+                    let a = b.column(c).as_primitive::<arrow::datatypes::Int64Type>();
+                    if a.is_null(i) {
+                        NULL
+                    } else {
+                        a.value(i)
+                    }
+                };
                 let ops = b.column(4).as_string::<i32>();
                 for i in 0..b.num_rows() {
-                    let key = [
-                        int(0).value(i),
-                        int(1).value(i),
-                        int(2).value(i),
-                        int(3).value(i),
-                    ];
+                    let key = [int(0, i), int(1, i), int(2, i), int(3, i)];
                     *emitted.entry(key).or_default() +=
                         if ops.value(i) == "insert" { 1 } else { -1 };
                 }
@@ -1444,7 +1660,33 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(emitted, expected, "after micro-batch {step}");
+            // Outer rows the other side's weights do not match, padded.
+            let key_weight = |model: &Model, key: i64| -> i64 {
+                model
+                    .iter()
+                    .filter(|(r, _)| r.0 == key)
+                    .map(|(_, w)| *w)
+                    .sum()
+            };
+            if join_type != JoinType::Inner {
+                for (&(k, v), &wl) in &left {
+                    if wl != 0 && key_weight(&right, k) == 0 {
+                        *expected.entry([k, v, NULL, NULL]).or_default() += wl;
+                    }
+                }
+            }
+            if join_type == JoinType::Full {
+                for (&(j, u), &wr) in &right {
+                    if wr != 0 && key_weight(&left, j) == 0 {
+                        *expected.entry([NULL, NULL, j, u]).or_default() += wr;
+                    }
+                }
+            }
+            expected.retain(|_, w| *w != 0);
+            assert_eq!(
+                emitted, expected,
+                "{join_type}, seed {seed}, after micro-batch {step}"
+            );
             let held: i64 = left.values().chain(right.values()).map(|w| w.abs()).sum();
             assert_eq!(
                 exec.state_size().keys as i64,
