@@ -6,7 +6,8 @@
 //! Running on the cluster: a windowed aggregate, a window join of two
 //! streams, an upsert aggregate, a three-stage aggregate over windowed
 //! aggregates and a six-stage window join of per-key sums with their
-//! per-window maximum (broadcast to every partition) as materialized views,
+//! per-window maximum (broadcast to every partition), and an interval join
+//! (checkpointed as deltas) as materialized views,
 //! and in some cases a continuous `SELECT` and a `COPY ... TO STDOUT`
 //! client. Faults: `kill -9`
 //! of one worker (also while checkpoints are being written), two workers
@@ -65,7 +66,9 @@ const DDL: &str = "\
             SELECT window_start AS ws, k, sum(v) AS s \
             FROM TUMBLE(a, ts, INTERVAL '2' SECOND) GROUP BY window_start, k) AS p \
             GROUP BY ws) AS m \
-        ON c.ws = m.ws AND c.s = m.top";
+        ON c.ws = m.ws AND c.s = m.top; \
+    CREATE MATERIALIZED VIEW near AS SELECT x.k, x.v AS av, y.v AS bv FROM a x JOIN b y \
+        ON x.k = y.k AND x.ts BETWEEN y.ts - INTERVAL '1' SECOND AND y.ts";
 
 const WINDOWED: &str = "SELECT window_start, k, count(*) AS n, sum(v) AS s \
     FROM TUMBLE(a, ts, INTERVAL '2' SECOND) GROUP BY window_start, k";
@@ -114,6 +117,23 @@ fn expected_window_rows() -> usize {
 fn expected_join_rows() -> usize {
     let per_key = 2 * ROWS / KEYS;
     (STATEMENTS - 3) / 2 * KEYS * per_key * per_key
+}
+
+/// Pairs of the interval join (`near`) at the end, computed record at a
+/// time: every pair is emitted once both rows are in, whatever the
+/// watermark.
+fn expected_near_rows() -> usize {
+    // (key, time in ms) of statement i's rows, the same in both streams.
+    let rows: Vec<(usize, usize)> = (0..STATEMENTS)
+        .flat_map(|i| (0..ROWS).map(move |j| ((i * ROWS + j) % KEYS, i * 1000 + j * 10)))
+        .collect();
+    rows.iter()
+        .map(|(ka, ta)| {
+            rows.iter()
+                .filter(|(kb, tb)| ka == kb && *ta <= *tb && *ta + 1000 >= *tb)
+                .count()
+        })
+        .sum()
 }
 
 fn num(row: &HashMap<String, String>, col: &str) -> u64 {
@@ -409,7 +429,7 @@ async fn run(
                     // The views resumed from their checkpoints.
                     let q = eventually(Duration::from_secs(30), || async {
                         let q = show(&admin, "SHOW QUERIES").await?;
-                        Ok((q.len() == 5).then_some(q))
+                        Ok((q.len() == 6).then_some(q))
                     })
                     .await?;
                     for r in &q {
@@ -436,7 +456,7 @@ async fn run(
                     eprintln!("checkpoints repaired; lost-work recovery again");
                 }
                 Fault::Parallelism(n) => {
-                    for view in ["win", "joined", "totals", "busiest", "leaders"] {
+                    for view in ["win", "joined", "totals", "busiest", "leaders", "near"] {
                         admin
                             .batch_execute(&format!(
                                 "ALTER MATERIALIZED VIEW {view} SET parallelism = {n}"
@@ -464,12 +484,14 @@ async fn run(
         let j = contents(&oracle_admin, "joined").await?;
         let b = contents(&oracle_admin, "busiest").await?;
         let l = contents(&oracle_admin, "leaders").await?;
+        let n = contents(&oracle_admin, "near").await?;
         Ok((t == totals
             && w.len() == window_rows
             && j.len() == expected_join_rows()
             && b.len() == window_rows / KEYS
-            && l.len() == window_rows / KEYS)
-            .then_some((w, j, t, b, l)))
+            && l.len() == window_rows / KEYS
+            && n.len() == expected_near_rows())
+        .then_some((w, j, t, b, l, n)))
     })
     .await?;
     eprintln!("oracle final; waiting for the cluster");
@@ -482,12 +504,14 @@ async fn run(
         let t = contents(&admin, "totals").await?;
         let b = contents(&admin, "busiest").await?;
         let l = contents(&admin, "leaders").await?;
+        let n = contents(&admin, "near").await?;
         Ok((w.len() >= window_rows
             && t == totals
             && j.len() >= final_oracle.1.len()
             && b.len() >= final_oracle.3.len()
-            && l.len() >= final_oracle.4.len())
-        .then_some((w, j, t, b, l)))
+            && l.len() >= final_oracle.4.len()
+            && n.len() >= final_oracle.5.len())
+        .then_some((w, j, t, b, l, n)))
     })
     .await?;
     assert_eq!(got.0, final_oracle.0, "windowed aggregate view differs");
@@ -497,6 +521,10 @@ async fn run(
     assert_eq!(
         got.4, final_oracle.4,
         "six-stage view with a broadcast join differs"
+    );
+    assert_eq!(
+        got.5, final_oracle.5,
+        "interval join view (checkpointed as deltas) differs"
     );
     eprintln!("views equal; collecting continuous clients");
     // Continuous clients: exactly the oracle's rows, once each, in order.
@@ -686,7 +714,7 @@ fn kill9_of_the_server_resumes_views_from_checkpoints() {
     // (SHOW QUERIES right after the restart) and that the running SELECT
     // and COPY got an error, not a silent end.
     let (_cluster, seen) = scenario(2, &[], vec![(20, Fault::RestartServer)], true);
-    assert_eq!(seen.queries.len(), 5, "every view resumed");
+    assert_eq!(seen.queries.len(), 6, "every view resumed");
 }
 
 #[test]

@@ -52,7 +52,13 @@ impl CompiledQuery {
             .stages
             .iter()
             .flat_map(|s| &s.operators)
-            .any(|op| matches!(op, Operator::AggregateFinal(_)));
+            .any(|op| match op {
+                Operator::AggregateFinal(_) => true,
+                Operator::IntervalJoin(plan) => {
+                    crate::operators::IntervalJoinExec::writes_deltas(plan)
+                }
+                _ => false,
+            });
         if !keyed || self.full_checkpoint_next.load(Ordering::Acquire) {
             return None;
         }

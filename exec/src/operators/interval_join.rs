@@ -66,6 +66,9 @@ impl HeldSide {
 
 struct HeldBatch {
     batch: RecordBatch,
+    /// The micro-batch it was added in: a checkpoint delta holds the
+    /// batches added after its base.
+    arrived: u64,
     /// The time column, µs.
     times: Vec<i64>,
     /// The largest of `times`: the batch is dropped once it is too old.
@@ -91,6 +94,7 @@ impl HeldSide {
     fn add(
         &mut self,
         batch: RecordBatch,
+        arrived: u64,
         keys: &arrow::row::Rows,
         times: Vec<i64>,
         (weights, hashes): (Vec<i64>, Vec<u64>),
@@ -116,6 +120,7 @@ impl HeldSide {
                 },
                 live: batch.num_rows(),
                 batch,
+                arrived,
                 times,
                 max_time,
                 weights,
@@ -259,7 +264,7 @@ impl HeldSide {
                 .collect();
             let batch = filter_record_batch(&b.batch, &live)?;
             let encoded = converter.convert_columns(&keys.eval(&batch)?)?;
-            let seq = self.add(batch, &encoded, times, (weights, hashes));
+            let seq = self.add(batch, b.arrived, &encoded, times, (weights, hashes));
             if let Some(held) = self.batches.get_mut(&seq) {
                 if held.matched.len() == matched.len() {
                     held.matched = matched;
@@ -405,6 +410,11 @@ pub struct IntervalJoinExec {
     changes_schema: SchemaRef,
     /// A weighted join's output rows in row format (to consolidate them).
     out_rows: Option<RowConverter>,
+    /// What the held rows were last dropped by: the watermark (µs) of an
+    /// interval join, the `state_ttl` cut-off micro-batch of a regular
+    /// join. Checkpoints keep it, so a restore laying a delta over older
+    /// rows drops the ones dropped since.
+    horizon: Option<i64>,
 }
 
 /// Name of the column a regular join's checkpointed rows carry their
@@ -469,6 +479,7 @@ impl IntervalJoinExec {
             ttl: None,
             now: 0,
             out_rows: None,
+            horizon: None,
         })
     }
 
@@ -646,7 +657,7 @@ impl IntervalJoinExec {
             } else {
                 &mut self.right
             };
-            let seq = side.add(batch, &encoded, times, weighing);
+            let seq = side.add(batch, self.now, &encoded, times, weighing);
             added.push((seq, encoded));
         }
         Ok((added, unusable))
@@ -999,6 +1010,44 @@ impl IntervalJoinExec {
         )?)
     }
 
+    /// Drops the held rows that no row still to come can match:
+    /// `horizon` is the watermark (µs) of an interval join, the first
+    /// micro-batch a regular join's rows must have arrived in to stay
+    /// (`state_ttl`).
+    fn drop_to(&mut self, horizon: i64) -> Result<()> {
+        self.horizon = Some(self.horizon.map_or(horizon, |h| h.max(horizon)));
+        if self.plan.regular {
+            self.left
+                .drop_before(horizon, &self.converter, &self.left_keys)?;
+            return self
+                .right
+                .drop_before(horizon, &self.converter, &self.right_keys);
+        }
+        // Rows still to come: left at or after wm - left_lag, right at
+        // or after wm - right_lag. A left row at l matches right rows in
+        // [l - upper, l - lower]; a right row at r left rows in
+        // [r + lower, r + upper].
+        let right_from = horizon.saturating_sub(self.plan.right_lag_us);
+        let left_from = horizon.saturating_sub(self.plan.left_lag_us);
+        self.left.drop_before(
+            right_from.saturating_add(self.plan.lower_us),
+            &self.converter,
+            &self.left_keys,
+        )?;
+        self.right.drop_before(
+            left_from.saturating_sub(self.plan.upper_us),
+            &self.converter,
+            &self.right_keys,
+        )
+    }
+
+    /// Whether checkpoints of this join may be deltas: its held rows are
+    /// only ever added and dropped by [`Self::drop_to`], never changed (a
+    /// weighted join's weights and an outer join's match counts change).
+    pub fn writes_deltas(plan: &IntervalJoinPlan) -> bool {
+        !plan.weighted && matches!(plan.join_type, JoinType::Inner)
+    }
+
     /// Adds a micro-batch's rows of both inputs, emits the new pairs and
     /// drops the rows no future row can match.
     pub fn process(
@@ -1010,11 +1059,7 @@ impl IntervalJoinExec {
         if let (true, Some(ttl)) = (self.plan.regular, self.ttl) {
             if ttl_check(self.now, ttl) {
                 // Rows held longer than the TTL match nothing more.
-                let before = self.now.saturating_sub(ttl) as i64;
-                self.left
-                    .drop_before(before, &self.converter, &self.left_keys)?;
-                self.right
-                    .drop_before(before, &self.converter, &self.right_keys)?;
+                self.drop_to(self.now.saturating_sub(ttl) as i64)?;
             }
         }
         let left_before = self.left.next;
@@ -1057,22 +1102,7 @@ impl IntervalJoinExec {
             )?
         };
         if let Some(wm) = watermark_us.filter(|_| !self.plan.regular) {
-            // Rows still to come: left at or after wm - left_lag, right at
-            // or after wm - right_lag. A left row at l matches right rows in
-            // [l - upper, l - lower]; a right row at r left rows in
-            // [r + lower, r + upper].
-            let right_from = wm.saturating_sub(self.plan.right_lag_us);
-            let left_from = wm.saturating_sub(self.plan.left_lag_us);
-            self.left.drop_before(
-                right_from.saturating_add(self.plan.lower_us),
-                &self.converter,
-                &self.left_keys,
-            )?;
-            self.right.drop_before(
-                left_from.saturating_sub(self.plan.upper_us),
-                &self.converter,
-                &self.right_keys,
-            )?;
+            self.drop_to(wm)?;
         }
         let chunks = if rows.num_rows() > 0 {
             vec![(None, rows)]
@@ -1114,15 +1144,21 @@ impl StatefulOperator for IntervalJoinExec {
         size
     }
 
-    /// Always in full: the held rows of both inputs (a regular join's
-    /// with the micro-batch they arrived in, a last column).
-    fn snapshot(&mut self, _delta_base: Option<u64>) -> Result<OperatorSnapshot> {
+    /// The held rows of both inputs (a regular join's with the micro-batch
+    /// they arrived in, a last column) and the horizon they were last
+    /// dropped by. A delta of `delta_base` where [`Self::writes_deltas`]:
+    /// only the rows added after that micro-batch; a restore lays it over
+    /// the older rows and drops those the horizon has passed since.
+    fn snapshot(&mut self, delta_base: Option<u64>) -> Result<OperatorSnapshot> {
         let regular = self.plan.regular;
         let outer = self.outer() != (false, false);
         let weighted = self.plan.weighted;
+        let delta_base = delta_base.filter(|_| Self::writes_deltas(&self.plan));
+        let since = delta_base.unwrap_or(0);
         let rows = |side: &HeldSide| -> Result<Vec<RecordBatch>> {
             side.batches
                 .values()
+                .filter(|b| delta_base.is_none() || b.arrived > since)
                 .map(|b| {
                     if !regular {
                         return Ok(b.batch.clone());
@@ -1175,14 +1211,18 @@ impl StatefulOperator for IntervalJoinExec {
                 .collect()
         };
         Ok(OperatorSnapshot {
-            closed_through: None,
-            delta_base: None,
+            closed_through: self.horizon,
+            delta_base,
             sections: vec![rows(&self.left)?, rows(&self.right)?],
         })
     }
 
     fn restore(&mut self, layers: Vec<OperatorSnapshot>, batch: u64) -> Result<()> {
         let widths = [self.left_width(), self.plan.right_input.fields().len()];
+        // Rows of a delta chain's older layers that were dropped before
+        // its last one go again (every partition's horizon is the same: the
+        // watermark and the micro-batch are the query's).
+        let horizon = layers.iter().filter_map(|l| l.closed_through).max();
         for layer in layers {
             let mut sections = layer.sections.into_iter();
             for (left, width) in [(true, widths[0]), (false, widths[1])] {
@@ -1270,6 +1310,9 @@ impl StatefulOperator for IntervalJoinExec {
                     }
                 }
             }
+        }
+        if let Some(h) = horizon {
+            self.drop_to(h)?;
         }
         self.now = batch;
         Ok(())
@@ -1527,6 +1570,113 @@ mod tests {
         // The watermark passed the left row's interval: it is gone.
         back.process(&[], &[], Some(30)).unwrap();
         assert_eq!(back.held_rows(), 0);
+    }
+
+    /// Checkpoints as a full snapshot followed by deltas: a join restored
+    /// from the chain at any checkpoint holds exactly the rows the original
+    /// held then, and makes exactly the pairs it made afterwards (an
+    /// interval join dropping rows by watermark between the layers, and a
+    /// regular join dropping them by `state_ttl`).
+    #[test]
+    fn a_delta_chain_restores_exactly_the_held_rows() {
+        let (ls, rs) = (side("a"), side("b"));
+        let left: Vec<(Option<i64>, i64)> = (0..80)
+            .map(|i| (if i % 7 == 0 { None } else { Some(i % 3) }, i * 2))
+            .collect();
+        let right: Vec<(Option<i64>, i64)> = (0..55).map(|i| (Some(i % 4), i * 3)).collect();
+        let step = 4;
+        let batches = 170 / step + 1;
+        let input = |b: i64| {
+            let (t, until) = (b * step, (b + 1) * step);
+            let pick = |v: &[(Option<i64>, i64)]| -> Vec<(Option<i64>, i64)> {
+                v.iter()
+                    .filter(|r| r.1 >= t && r.1 < until)
+                    .copied()
+                    .collect()
+            };
+            (
+                vec![rows(&ls, &pick(&left)), rows(&rs, &pick(&right))],
+                Some(until),
+            )
+        };
+        for regular in [false, true] {
+            let make = || {
+                let mut p = plan(-3, 1);
+                p.regular = regular;
+                let mut exec = IntervalJoinExec::new(p).unwrap();
+                exec.set_state_ttl(6);
+                exec
+            };
+            // The original run, checkpointing every third batch: in full
+            // every fourth checkpoint, else a delta of the previous one.
+            let mut exec = make();
+            let mut outputs = Vec::new();
+            let mut held = Vec::new();
+            let mut chains: Vec<(u64, Vec<OperatorSnapshot>)> = Vec::new();
+            let mut chain: Vec<OperatorSnapshot> = Vec::new();
+            let mut deltas = 0;
+            for b in 0..batches {
+                let (inputs, wm) = input(b);
+                let out = StatefulOperator::process(
+                    &mut exec,
+                    b as u64,
+                    &[vec![inputs[0].clone()], vec![inputs[1].clone()]],
+                    wm,
+                )
+                .unwrap();
+                outputs.push(triples(&out));
+                held.push(exec.held_rows());
+                if b % 3 == 2 {
+                    let base =
+                        (chains.last().map(|c| c.0)).filter(|_| !chain.len().is_multiple_of(4));
+                    let snap = StatefulOperator::snapshot(&mut exec, base).unwrap();
+                    if snap.delta_base.is_some() {
+                        deltas += 1;
+                    } else {
+                        chain.clear();
+                    }
+                    chain.push(snap);
+                    chains.push((
+                        b as u64,
+                        chain
+                            .iter()
+                            .map(|s| OperatorSnapshot {
+                                closed_through: s.closed_through,
+                                delta_base: s.delta_base,
+                                sections: s.sections.clone(),
+                            })
+                            .collect(),
+                    ));
+                }
+            }
+            assert!(deltas > 5, "deltas written: {deltas}");
+            let pairs: usize = outputs.iter().map(Vec::len).sum();
+            assert!(pairs > 10, "pairs: {pairs}");
+            for (c, layers) in chains {
+                let mut back = make();
+                back.restore(layers, c).unwrap();
+                assert_eq!(
+                    back.held_rows(),
+                    held[c as usize],
+                    "regular {regular}: rows held after batch {c}"
+                );
+                for b in c + 1..batches as u64 {
+                    let (inputs, wm) = input(b as i64);
+                    let out = StatefulOperator::process(
+                        &mut back,
+                        b,
+                        &[vec![inputs[0].clone()], vec![inputs[1].clone()]],
+                        wm,
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        triples(&out),
+                        outputs[b as usize],
+                        "regular {regular}: batch {b} after a restore at {c}"
+                    );
+                }
+            }
+        }
     }
 
     /// A weighted join (of results that change) against a model of

@@ -125,8 +125,8 @@ pub(super) struct TaskOut {
     pub(super) watermark_us: Option<i64>,
     /// The partition's state after the task.
     pub(super) size: StateSize,
-    /// A checkpoint object of the partition's keyed state.
-    pub(super) snapshot: Option<Vec<u8>>,
+    /// A checkpoint of the partition's state, to encode off the slot.
+    pub(super) snapshot: Option<OperatorSnapshot>,
     pub(super) produced: Produced,
 }
 

@@ -204,9 +204,10 @@ impl Scheduler {
             let operator = format!("{operator} (partition {partition} of stage {stage})");
             wq.check_budget(&operator, self.shared.store.query_bytes(qid))?;
         }
-        if let Some(bytes) = out.snapshot {
-            // A checkpoint: the snapshot was taken on the slot; written
-            // asynchronously.
+        if let Some(snapshot) = out.snapshot {
+            // A checkpoint: the snapshot was taken on the slot; encoded on
+            // the blocking pool and written asynchronously (a missing piece
+            // leaves the checkpoint incomplete, never wrong).
             let req = pb::SaveStateRequest {
                 query: qid.0,
                 attempt: wq.attempt,
@@ -216,7 +217,22 @@ impl Scheduler {
                 state: Vec::new(),
             };
             let data = self.shared.data.clone();
+            let handle = self.shared.handle.clone();
             self.shared.handle.spawn(async move {
+                let bytes = match handle
+                    .spawn_blocking(move || encode_snapshot(&snapshot))
+                    .await
+                {
+                    Ok(Ok(bytes)) => bytes,
+                    Ok(Err(e)) => {
+                        tracing::warn!("encoding checkpoint state failed: {e}");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!("encoding checkpoint state failed: {e}");
+                        return;
+                    }
+                };
                 if let Err(e) = data.save_state(req, &bytes).await {
                     tracing::warn!("saving checkpoint state failed: {e}");
                 }
@@ -666,12 +682,21 @@ pub(super) fn decode_section(bytes: Vec<u8>) -> Result<Vec<RecordBatch>> {
     Ok(drizzle_shuffle::decode_block(&bytes::Bytes::from(bytes))?)
 }
 
-/// A reduce partition's keyed state as a checkpoint object.
-/// A reduce partition's checkpoint object: keyed state as a delta of
-/// `delta_base` when there is one (the keys changed since), else in full;
-/// a window join's held rows always in full.
-pub(super) fn snapshot_reduce(state: &mut ReduceWork, delta_base: Option<u64>) -> Result<Vec<u8>> {
-    let snapshot = state.operator.snapshot(delta_base)?;
+/// A reduce partition's checkpoint: a delta of `delta_base` when there is
+/// one and the operator writes deltas (keyed state: the keys changed since;
+/// an inner join: the rows taken in since), else in full. Taken on the
+/// slot; [`encode_snapshot`] makes it an object off the slot.
+pub(super) fn snapshot_reduce(
+    state: &mut ReduceWork,
+    delta_base: Option<u64>,
+) -> Result<OperatorSnapshot> {
+    state.operator.snapshot(delta_base)
+}
+
+/// A snapshot as its checkpoint object (Arrow IPC sections): a copy of
+/// every byte of the state, so it runs on the blocking pool, not on a
+/// task slot.
+pub(super) fn encode_snapshot(snapshot: &OperatorSnapshot) -> Result<Vec<u8>> {
     StateObject {
         closed_through: snapshot.closed_through,
         delta_base: snapshot.delta_base,
