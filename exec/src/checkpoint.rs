@@ -29,12 +29,12 @@
 //! them in order and the latest row of each key wins (windows closed by then
 //! are dropped). The coordinator compacts a chain, asking for a full
 //! snapshot, after 32 deltas or once the deltas add up to the full
-//! snapshot's size, and after a rescale. Inner interval and regular joins
-//! write deltas too: the rows they took in after the base, with the horizon
-//! (watermark or `state_ttl` cut-off) their held rows were last dropped by,
-//! so a restore drops the older layers' rows that went since. Window joins
-//! and joins whose held rows change (outer and weighted joins) are written
-//! in full.
+//! snapshot's size, and after a rescale. Window joins and inner interval
+//! and regular joins write deltas too: the rows they took in after the
+//! base, with the horizon (closed windows, the watermark or the
+//! `state_ttl` cut-off) their held rows were last dropped by, so a restore
+//! drops the older layers' rows that went since. Joins whose held rows
+//! change (outer and weighted joins) are written in full.
 
 use std::sync::Arc;
 

@@ -53,7 +53,7 @@ impl CompiledQuery {
             .iter()
             .flat_map(|s| &s.operators)
             .any(|op| match op {
-                Operator::AggregateFinal(_) => true,
+                Operator::AggregateFinal(_) | Operator::WindowJoin(_) => true,
                 Operator::IntervalJoin(plan) => {
                     crate::operators::IntervalJoinExec::writes_deltas(plan)
                 }

@@ -23,6 +23,9 @@ struct HeldSide {
     next: u64,
     /// Rows in `batches`.
     rows: u64,
+    /// Memory of the arrays of `batches` (kept as they come and go:
+    /// walking them per micro-batch cost a tenth of a join's time).
+    batch_bytes: u64,
     /// Index entries that point at dropped batches.
     stale: u64,
     /// What `index` holds, in bytes (kept as it changes: summing it per
@@ -108,6 +111,7 @@ impl HeldSide {
             self.by_hash.entry(*h).or_default().push((seq, row as u32));
         }
         self.rows += batch.num_rows() as u64;
+        self.batch_bytes += batch.get_array_memory_size() as u64;
         let max_time = times.iter().copied().max().unwrap_or(i64::MIN);
         self.batches.insert(
             seq,
@@ -221,6 +225,9 @@ impl HeldSide {
         if b.live == 0 {
             if let Some(gone) = self.batches.remove(&at.0) {
                 let n = gone.batch.num_rows() as u64;
+                self.batch_bytes = self
+                    .batch_bytes
+                    .saturating_sub(gone.batch.get_array_memory_size() as u64);
                 self.rows -= n;
                 self.stale += n;
                 self.dead -= n - 1;
@@ -286,6 +293,9 @@ impl HeldSide {
         for seq in old {
             if let Some(b) = self.batches.remove(&seq) {
                 let n = b.batch.num_rows() as u64;
+                self.batch_bytes = self
+                    .batch_bytes
+                    .saturating_sub(b.batch.get_array_memory_size() as u64);
                 self.rows -= n;
                 self.stale += n;
                 self.dead -= (b.batch.num_rows() - b.live) as u64;
@@ -329,7 +339,7 @@ impl HeldSide {
             .next()
             .is_some_and(|b| !b.weights.is_empty());
         StateSize {
-            bytes: batches_bytes(self.batches.values().map(|b| &b.batch))
+            bytes: self.batch_bytes
                 + self.rows * if weighted { 12 + 16 + 40 } else { 12 }
                 + self.index_bytes,
             keys: self.rows - self.dead,

@@ -787,7 +787,7 @@ mod tests {
             )
             .unwrap()
         };
-        let mut exec = WindowJoinExec::new(plan);
+        let mut exec = WindowJoinExec::new(plan.clone());
         // Window [0,10): keys 1, 1, NULL on the left; 1 and 2 on the right.
         let out = exec
             .process(
@@ -820,5 +820,43 @@ mod tests {
         assert_eq!(out.chunks.len(), 1);
         assert_eq!(out.chunks[0].1.num_rows(), 1);
         assert_eq!(exec.open_windows(), 0);
+
+        // Checkpoints as a full snapshot and deltas of the rows that came
+        // since: the chain restores exactly the open windows (the full
+        // snapshot's window [0,10) closed before the last delta).
+        let mut exec = WindowJoinExec::new(plan.clone());
+        let inputs = [
+            (vec![1, 1], vec![0, 10], vec![1, 2], vec![0, 10], 5),
+            (vec![1, 2], vec![10, 20], vec![2], vec![20], 15),
+            (vec![2], vec![20], vec![1, 2], vec![10, 30], 15),
+        ];
+        let mut chain = Vec::new();
+        for (b, (lk, lt, rk, rt, wm)) in inputs.into_iter().enumerate() {
+            let left = batch(&ls, lk.into_iter().map(Some).collect(), lt);
+            let right = batch(&rs, rk.into_iter().map(Some).collect(), rt);
+            StatefulOperator::process(&mut exec, b as u64, &[vec![left], vec![right]], Some(wm))
+                .unwrap();
+            let base = b.checked_sub(1).map(|p| p as u64);
+            let snap = StatefulOperator::snapshot(&mut exec, base).unwrap();
+            assert_eq!(snap.delta_base, base);
+            chain.push(snap);
+        }
+        let held = |s: &OperatorSnapshot| s.sections.iter().flatten().map(|b| b.num_rows()).sum();
+        let sizes: Vec<usize> = chain.iter().map(held).collect();
+        assert_eq!(
+            sizes,
+            vec![4, 3, 3],
+            "each delta holds only its batch's rows"
+        );
+        let mut back = WindowJoinExec::new(plan);
+        StatefulOperator::restore(&mut back, chain, 2).unwrap();
+        assert_eq!(back.open_windows(), exec.open_windows());
+        let rows = |e: &mut WindowJoinExec| -> Vec<(Option<i64>, usize)> {
+            let out = StatefulOperator::process(e, 3, &[vec![], vec![]], Some(100)).unwrap();
+            out.chunks.iter().map(|(w, b)| (*w, b.num_rows())).collect()
+        };
+        let want = rows(&mut exec);
+        assert_eq!(want, vec![(Some(20), 2), (Some(30), 2), (Some(40), 0)]);
+        assert_eq!(rows(&mut back), want);
     }
 }

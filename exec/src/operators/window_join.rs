@@ -9,8 +9,13 @@ pub struct WindowJoinExec {
     plan: WindowJoinPlan,
     /// Window end (µs) → (left rows, right rows).
     windows: BTreeMap<i64, (Vec<RecordBatch>, Vec<RecordBatch>)>,
+    /// Window end (µs) → the micro-batch each of its left and right
+    /// batches arrived in: a checkpoint delta holds those after its base.
+    arrived: BTreeMap<i64, (Vec<u64>, Vec<u64>)>,
     /// Every window ending at or before this has been emitted.
     closed_through: Option<i64>,
+    /// The micro-batch being processed.
+    now: u64,
 }
 
 impl WindowJoinExec {
@@ -19,7 +24,9 @@ impl WindowJoinExec {
         Self {
             plan,
             windows: BTreeMap::new(),
+            arrived: BTreeMap::new(),
             closed_through: None,
+            now: 0,
         }
     }
 
@@ -74,10 +81,13 @@ impl WindowJoinExec {
                 continue;
             }
             let entry = self.windows.entry(end).or_default();
+            let arrived = self.arrived.entry(end).or_default();
             if left {
                 entry.0.push(rows);
+                arrived.0.push(self.now);
             } else {
                 entry.1.push(rows);
+                arrived.1.push(self.now);
             }
         }
         Ok(late)
@@ -194,13 +204,31 @@ impl WindowJoinExec {
     }
 
     /// The held rows of both inputs (as shuffled to this partition) and the
-    /// closed-through bound; the state is unchanged.
-    pub fn snapshot(&self) -> (Option<i64>, Vec<RecordBatch>, Vec<RecordBatch>) {
+    /// closed-through bound; the state is unchanged. With `since`, only
+    /// the rows that arrived after that micro-batch (a delta).
+    pub fn snapshot(
+        &self,
+        since: Option<u64>,
+    ) -> (Option<i64>, Vec<RecordBatch>, Vec<RecordBatch>) {
         let mut left = Vec::new();
         let mut right = Vec::new();
-        for (l, r) in self.windows.values() {
-            left.extend(l.iter().cloned());
-            right.extend(r.iter().cloned());
+        let none = (Vec::new(), Vec::new());
+        for (end, (l, r)) in &self.windows {
+            let (la, ra) = self.arrived.get(end).unwrap_or(&none);
+            let new =
+                |i: usize, at: &Vec<u64>| since.is_none_or(|b| at.get(i).is_none_or(|a| *a > b));
+            left.extend(
+                l.iter()
+                    .enumerate()
+                    .filter(|(i, _)| new(*i, la))
+                    .map(|(_, b)| b.clone()),
+            );
+            right.extend(
+                r.iter()
+                    .enumerate()
+                    .filter(|(i, _)| new(*i, ra))
+                    .map(|(_, b)| b.clone()),
+            );
         }
         (self.closed_through, left, right)
     }
@@ -246,6 +274,7 @@ impl WindowJoinExec {
                     break;
                 }
                 let (end, (l, r)) = entry.remove_entry();
+                self.arrived.remove(&end);
                 let rows = self.join_window(&l, &r)?;
                 chunks.push((Some(end), rows));
             }
@@ -264,10 +293,11 @@ impl StatefulOperator for WindowJoinExec {
 
     fn process(
         &mut self,
-        _batch: u64,
+        batch: u64,
         inputs: &[Vec<RecordBatch>],
         watermark_us: Option<i64>,
     ) -> Result<OperatorOutput> {
+        self.now = batch;
         match inputs {
             [left, right] => WindowJoinExec::process(self, left, right, watermark_us),
             _ => Err(ExecError::invalid(format!(
@@ -281,22 +311,30 @@ impl StatefulOperator for WindowJoinExec {
         WindowJoinExec::state_size(self)
     }
 
-    /// Always in full: the held rows of both inputs.
-    fn snapshot(&mut self, _delta_base: Option<u64>) -> Result<OperatorSnapshot> {
-        let (closed_through, left, right) = WindowJoinExec::snapshot(self);
+    /// The held rows of both inputs; a delta of `delta_base`: the rows
+    /// that arrived after it (held rows never change, and the windows a
+    /// restore must drop are those the closed-through bound has passed).
+    fn snapshot(&mut self, delta_base: Option<u64>) -> Result<OperatorSnapshot> {
+        let (closed_through, left, right) = WindowJoinExec::snapshot(self, delta_base);
         Ok(OperatorSnapshot {
             closed_through,
-            delta_base: None,
+            delta_base,
             sections: vec![left, right],
         })
     }
 
-    fn restore(&mut self, layers: Vec<OperatorSnapshot>, _batch: u64) -> Result<()> {
+    fn restore(&mut self, layers: Vec<OperatorSnapshot>, batch: u64) -> Result<()> {
+        self.now = batch;
         for layer in layers {
             let mut sections = layer.sections.into_iter();
             let left = sections.next().unwrap_or_default();
             let right = sections.next().unwrap_or_default();
             WindowJoinExec::restore(self, layer.closed_through, &left, &right)?;
+        }
+        // A delta chain's older layers hold rows of windows closed since.
+        if let Some(c) = self.closed_through {
+            self.windows.retain(|end, _| *end > c);
+            self.arrived.retain(|end, _| *end > c);
         }
         Ok(())
     }

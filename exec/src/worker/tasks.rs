@@ -684,7 +684,7 @@ pub(super) fn decode_section(bytes: Vec<u8>) -> Result<Vec<RecordBatch>> {
 
 /// A reduce partition's checkpoint: a delta of `delta_base` when there is
 /// one and the operator writes deltas (keyed state: the keys changed since;
-/// an inner join: the rows taken in since), else in full. Taken on the
+/// a window or inner join: the rows taken in since), else in full. Taken on the
 /// slot; [`encode_snapshot`] makes it an object off the slot.
 pub(super) fn snapshot_reduce(
     state: &mut ReduceWork,
