@@ -485,13 +485,28 @@ async fn run(
         let b = contents(&oracle_admin, "busiest").await?;
         let l = contents(&oracle_admin, "leaders").await?;
         let n = contents(&oracle_admin, "near").await?;
-        Ok((t == totals
+        let done = t == totals
             && w.len() == window_rows
             && j.len() == expected_join_rows()
             && b.len() == window_rows / KEYS
             && l.len() == window_rows / KEYS
-            && n.len() == expected_near_rows())
-        .then_some((w, j, t, b, l, n)))
+            && n.len() == expected_near_rows();
+        // Not there yet: say how far each view is (the timeout's message).
+        anyhow::ensure!(
+            done,
+            "oracle views not final: totals {t:?} (want {totals:?}), win {}/{window_rows}, \
+             joined {}/{}, busiest {}/{}, leaders {}/{}, near {}/{}",
+            w.len(),
+            j.len(),
+            expected_join_rows(),
+            b.len(),
+            window_rows / KEYS,
+            l.len(),
+            window_rows / KEYS,
+            n.len(),
+            expected_near_rows()
+        );
+        Ok(Some((w, j, t, b, l, n)))
     })
     .await?;
     eprintln!("oracle final; waiting for the cluster");
@@ -505,13 +520,27 @@ async fn run(
         let b = contents(&admin, "busiest").await?;
         let l = contents(&admin, "leaders").await?;
         let n = contents(&admin, "near").await?;
-        Ok((w.len() >= window_rows
+        let done = w.len() >= window_rows
             && t == totals
             && j.len() >= final_oracle.1.len()
             && b.len() >= final_oracle.3.len()
             && l.len() >= final_oracle.4.len()
-            && n.len() >= final_oracle.5.len())
-        .then_some((w, j, t, b, l, n)))
+            && n.len() >= final_oracle.5.len();
+        anyhow::ensure!(
+            done,
+            "cluster views not final: totals {t:?} (want {totals:?}), win {}/{window_rows}, \
+             joined {}/{}, busiest {}/{}, leaders {}/{}, near {}/{}",
+            w.len(),
+            j.len(),
+            final_oracle.1.len(),
+            b.len(),
+            final_oracle.3.len(),
+            l.len(),
+            final_oracle.4.len(),
+            n.len(),
+            final_oracle.5.len()
+        );
+        Ok(Some((w, j, t, b, l, n)))
     })
     .await?;
     assert_eq!(got.0, final_oracle.0, "windowed aggregate view differs");
