@@ -385,6 +385,9 @@ fn encode_join(j: &WindowJoinPlan, left_input: SchemaRef) -> Result<JoinWire> {
         join_type: match j.join_type {
             JoinType::LeftSemi => "left_semi",
             JoinType::LeftAnti => "left_anti",
+            JoinType::Left => "left",
+            JoinType::Right => "right",
+            JoinType::Full => "full",
             _ => "inner",
         }
         .into(),
@@ -433,7 +436,11 @@ fn decode_join(w: JoinWire, ctx: &TaskContext) -> Result<WindowJoinPlan> {
         join_type: match w.join_type.as_str() {
             "left_semi" => JoinType::LeftSemi,
             "left_anti" => JoinType::LeftAnti,
-            _ => JoinType::Inner,
+            "left" => JoinType::Left,
+            "right" => JoinType::Right,
+            "full" => JoinType::Full,
+            "inner" => JoinType::Inner,
+            other => return Err(codec_err(format!("unknown window join type {other:?}"))),
         },
         left_keys: keys(&w.left_keys, &w.left_input)?,
         right_keys: keys(&w.right_keys, &w.right_input)?,

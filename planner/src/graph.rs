@@ -504,6 +504,9 @@ fn describe_operator(op: &Operator) -> String {
             match j.join_type {
                 JoinType::LeftSemi => "left semi",
                 JoinType::LeftAnti => "left anti",
+                JoinType::Left => "left (unmatched left rows padded with NULLs)",
+                JoinType::Right => "right (unmatched right rows padded with NULLs)",
+                JoinType::Full => "full (unmatched rows of both sides padded with NULLs)",
                 _ => "inner",
             },
             j.display,

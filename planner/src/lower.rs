@@ -811,12 +811,12 @@ impl Stages {
                 Partitioning::Hash(keys)
             }
         };
-        if right.small {
+        if right.small && !matches!(join_type, JoinType::Right | JoinType::Full) {
             let l = self.cut_to(left, spread(left_keys, left_schema));
             let r = self.cut_to(right, Partitioning::Broadcast);
             return (l, r);
         }
-        if left.small && join_type == JoinType::Inner {
+        if left.small && matches!(join_type, JoinType::Inner | JoinType::Right) {
             let l = self.cut_to(left, Partitioning::Broadcast);
             let r = self.cut_to(right, spread(right_keys, right_schema));
             return (l, r);
@@ -979,14 +979,19 @@ fn lower_window_join(
             }
         }
     }
-    if outer {
+    if outer && bound.is_none() {
         // A regular outer join: its NULL-padded rows are taken back when a
-        // match comes, so its output is a change stream.
-        const OUTER_HINT: &str = "join the streams ON keys alone (a regular outer join) or \
-            use an inner window or interval join";
-        if bound.is_some() || interval_bounds(j, &left, &right)?.is_some() {
+        // match comes, so its output is a change stream. (An outer window
+        // join pads a window's unmatched rows once, when it closes.)
+        const OUTER_HINT: &str = "join the streams ON keys alone (a regular outer join), \
+            by window (ON l.key = r.key AND l.window_start = r.window_start) or use an inner \
+            interval join";
+        if interval_bounds(j, &left, &right)?.is_some() {
             return Err(PlanError::unsupported_hint(
-                format!("a {} window or interval join of two streams", j.join_type),
+                format!(
+                    "a {} interval join of two streams",
+                    j.join_type.to_string().to_uppercase()
+                ),
                 OUTER_HINT,
             ));
         }
@@ -1068,11 +1073,41 @@ fn lower_window_join(
         schema: Arc::new(j.schema.as_arrow().clone()),
         display: display.join(", "),
     };
-    let mut windows = left.windows.clone();
-    if j.join_type == JoinType::Inner {
-        windows.extend(right.windows.iter().copied());
+    // Window columns keep their meaning where they are never NULL: an
+    // outer join's padded side loses them (a FULL join's both sides).
+    let (left_width, right_width) = (
+        j.left.schema().fields().len(),
+        j.right.schema().fields().len(),
+    );
+    let keep = |flow: &Flow, width: usize, kept: bool| -> Vec<Option<WindowCol>> {
+        if kept {
+            (0..width)
+                .map(|i| flow.windows.get(i).copied().flatten())
+                .collect()
+        } else {
+            vec![None; width]
+        }
+    };
+    let mut windows = keep(
+        &left,
+        left_width,
+        matches!(
+            j.join_type,
+            JoinType::Inner | JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti
+        ),
+    );
+    if !matches!(j.join_type, JoinType::LeftSemi | JoinType::LeftAnti) {
+        windows.extend(keep(
+            &right,
+            right_width,
+            matches!(j.join_type, JoinType::Inner | JoinType::Right),
+        ));
     }
-    let (l, r) = if left.small || right.small {
+    // A small side is broadcast to every partition unless its rows are
+    // kept unmatched (an outer side pads each row once, in one partition).
+    let broadcast = (right.small && !matches!(j.join_type, JoinType::Right | JoinType::Full))
+        || (left.small && matches!(j.join_type, JoinType::Inner | JoinType::Right));
+    let (l, r) = if broadcast {
         stages.cut_join(
             (left, left_keys, j.left.schema().as_arrow()),
             (right, right_keys, j.right.schema().as_arrow()),
@@ -3465,11 +3500,27 @@ mod tests {
             "SELECT * FROM events e JOIN clicks c ON e.ad_id > c.ad_id",
             "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
              JOIN TUMBLE(clicks, ts, INTERVAL '5' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
-            "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
-             LEFT JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
+            "SELECT * FROM events e LEFT JOIN clicks c \
+             ON e.ad_id = c.ad_id AND e.ts BETWEEN c.ts - INTERVAL '1' SECOND AND c.ts",
         ] {
             assert!(matches!(plan(bad), Err(PlanError::Unsupported { .. })), "{bad}");
         }
+        // An outer window join pads a window's unmatched rows when it
+        // closes: append-only, windows kept on the left side of a LEFT join.
+        let p = continuous(
+            "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+             LEFT JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c \
+             ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
+        );
+        assert_eq!(p.emit, EmitMode::OnWindowClose);
+        assert!(
+            p.stages(3).iter().any(|s| s
+                .operators
+                .iter()
+                .any(|o| o.starts_with("WindowJoinExec: left"))),
+            "{:?}",
+            p.stages(3)
+        );
     }
 
     #[test]

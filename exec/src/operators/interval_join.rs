@@ -1052,7 +1052,7 @@ impl IntervalJoinExec {
     }
 
     /// Whether checkpoints of this join may be deltas: its held rows are
-    /// only ever added and dropped by [`Self::drop_to`], never changed (a
+    /// only ever added and dropped by `drop_to`, never changed (a
     /// weighted join's weights and an outer join's match counts change).
     pub fn writes_deltas(plan: &IntervalJoinPlan) -> bool {
         !plan.weighted && matches!(plan.join_type, JoinType::Inner)

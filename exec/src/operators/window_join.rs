@@ -112,8 +112,24 @@ impl WindowJoinExec {
                 &RecordBatchOptions::new().with_row_count(Some(rows.num_rows())),
             )?);
         }
+        let outer = matches!(
+            self.plan.join_type,
+            JoinType::Left | JoinType::Right | JoinType::Full
+        );
         let (Some(l0), Some(r0)) = (left.first(), right.first()) else {
-            return Ok(RecordBatch::new_empty(Arc::clone(schema)));
+            if !outer {
+                return Ok(RecordBatch::new_empty(Arc::clone(schema)));
+            }
+            // One side only: its rows, padded if the join keeps them.
+            let l = left
+                .first()
+                .map(|l0| arrow::compute::concat_batches(&l0.schema(), left))
+                .transpose()?;
+            let r = right
+                .first()
+                .map(|r0| arrow::compute::concat_batches(&r0.schema(), right))
+                .transpose()?;
+            return self.with_unmatched(None, l.as_ref(), r.as_ref());
         };
         let left = arrow::compute::concat_batches(&l0.schema(), left)?;
         let right = arrow::compute::concat_batches(&r0.schema(), right)?;
@@ -172,14 +188,27 @@ impl WindowJoinExec {
             columns,
             &RecordBatchOptions::new().with_row_count(Some(li.len())),
         )?;
-        let (joined, li) = match &self.plan.filter {
+        let (joined, li, ri) = match &self.plan.filter {
             Some(f) if joined.num_rows() > 0 => {
                 let mask = as_mask(&eval(f, &joined)?)?;
                 let li = arrow::compute::filter(&li, &mask)?;
-                (filter_record_batch(&joined, &mask)?, li)
+                let ri = arrow::compute::filter(&ri, &mask)?;
+                (filter_record_batch(&joined, &mask)?, li, ri)
             }
-            _ => (joined, Arc::new(li) as ArrayRef),
+            _ => (joined, Arc::new(li) as ArrayRef, Arc::new(ri) as ArrayRef),
         };
+        if outer {
+            let (li, ri) = (
+                li.as_primitive::<arrow::datatypes::UInt32Type>(),
+                ri.as_primitive::<arrow::datatypes::UInt32Type>(),
+            );
+            let (left, right) = (
+                (self.plan.join_type != JoinType::Right).then(|| unmatched(&left, li)),
+                (self.plan.join_type != JoinType::Left).then(|| unmatched(&right, ri)),
+            );
+            let (left, right) = (left.transpose()?, right.transpose()?);
+            return self.with_unmatched(Some(joined), left.as_ref(), right.as_ref());
+        }
         match self.plan.join_type {
             JoinType::LeftSemi | JoinType::LeftAnti => {
                 // The left rows with a match (semi) or without (anti), each
@@ -201,6 +230,57 @@ impl WindowJoinExec {
             }
             _ => Ok(joined),
         }
+    }
+
+    /// An outer join's output for a window: its matched pairs, then the
+    /// unmatched rows of each side it keeps, padded with NULLs for the
+    /// other side's columns. `left` and `right` are the unmatched rows (a
+    /// side that is not kept is ignored).
+    fn with_unmatched(
+        &self,
+        pairs: Option<RecordBatch>,
+        left: Option<&RecordBatch>,
+        right: Option<&RecordBatch>,
+    ) -> Result<RecordBatch> {
+        let schema = &self.plan.schema;
+        let right_width = self.plan.right_input.fields().len();
+        let left_width = schema.fields().len().saturating_sub(right_width);
+        let nulls = |from: usize, to: usize, rows: usize| -> Vec<ArrayRef> {
+            schema.fields()[from..to]
+                .iter()
+                .map(|f| arrow::array::new_null_array(f.data_type(), rows))
+                .collect()
+        };
+        let options = |rows: usize| RecordBatchOptions::new().with_row_count(Some(rows));
+        let mut parts = Vec::with_capacity(3);
+        if let Some(p) = pairs.filter(|p| p.num_rows() > 0) {
+            parts.push(RecordBatch::try_new_with_options(
+                Arc::clone(schema),
+                p.columns().to_vec(),
+                &options(p.num_rows()),
+            )?);
+        }
+        let keep_left = matches!(self.plan.join_type, JoinType::Left | JoinType::Full);
+        let keep_right = matches!(self.plan.join_type, JoinType::Right | JoinType::Full);
+        if let Some(l) = left.filter(|l| keep_left && l.num_rows() > 0) {
+            let mut columns = l.columns().to_vec();
+            columns.extend(nulls(left_width, schema.fields().len(), l.num_rows()));
+            parts.push(RecordBatch::try_new_with_options(
+                Arc::clone(schema),
+                columns,
+                &options(l.num_rows()),
+            )?);
+        }
+        if let Some(r) = right.filter(|r| keep_right && r.num_rows() > 0) {
+            let mut columns = nulls(0, left_width, r.num_rows());
+            columns.extend(r.columns().iter().cloned());
+            parts.push(RecordBatch::try_new_with_options(
+                Arc::clone(schema),
+                columns,
+                &options(r.num_rows()),
+            )?);
+        }
+        Ok(arrow::compute::concat_batches(schema, &parts)?)
     }
 
     /// The held rows of both inputs (as shuffled to this partition) and the
@@ -284,6 +364,18 @@ impl WindowJoinExec {
         }
         Ok(OperatorOutput { chunks, late })
     }
+}
+
+/// The rows of `side` that no pair in `matched` (row indexes) uses.
+fn unmatched(side: &RecordBatch, matched: &UInt32Array) -> Result<RecordBatch> {
+    let mut used = vec![false; side.num_rows()];
+    for i in matched.values().iter() {
+        if let Some(u) = used.get_mut(*i as usize) {
+            *u = true;
+        }
+    }
+    let mask = BooleanArray::from(used.iter().map(|u| !u).collect::<Vec<_>>());
+    Ok(filter_record_batch(side, &mask)?)
 }
 
 impl StatefulOperator for WindowJoinExec {
