@@ -495,6 +495,12 @@ fn describe_operator(op: &Operator) -> String {
             "JoinExec: inner, on=[{}], state=every row of both sides (no time bound), emitted when both rows are there",
             j.display
         ),
+        Operator::IntervalJoin(j) if j.join_type != JoinType::Inner => format!(
+            "IntervalJoinExec: {}, on=[{}], state=rows of both sides until the watermark passes their interval, with match counts; \
+             pairs emitted when both rows are there, an unmatched row of an outer side padded with NULLs when the watermark passes its interval",
+            j.join_type.to_string().to_lowercase(),
+            j.display
+        ),
         Operator::IntervalJoin(j) => format!(
             "IntervalJoinExec: inner, on=[{}], state=rows of both sides until the watermark passes their interval, emitted when both rows are there",
             j.display

@@ -981,20 +981,12 @@ fn lower_window_join(
     }
     if outer && bound.is_none() {
         // A regular outer join: its NULL-padded rows are taken back when a
-        // match comes, so its output is a change stream. (An outer window
-        // join pads a window's unmatched rows once, when it closes.)
+        // match comes, so its output is a change stream. An outer window
+        // join pads a window's unmatched rows once, when it closes; an
+        // outer interval join once the watermark passes their interval.
         const OUTER_HINT: &str = "join the streams ON keys alone (a regular outer join), \
-            by window (ON l.key = r.key AND l.window_start = r.window_start) or use an inner \
-            interval join";
-        if interval_bounds(j, &left, &right)?.is_some() {
-            return Err(PlanError::unsupported_hint(
-                format!(
-                    "a {} interval join of two streams",
-                    j.join_type.to_string().to_uppercase()
-                ),
-                OUTER_HINT,
-            ));
-        }
+            by window (ON l.key = r.key AND l.window_start = r.window_start) or by interval \
+            (ON l.key = r.key AND l.ts BETWEEN r.ts - INTERVAL '10' SECOND AND r.ts)";
         if left_keys.is_empty() {
             return Err(PlanError::unsupported_hint(
                 format!(
@@ -1007,13 +999,8 @@ fn lower_window_join(
     }
     let Some((left_window, right_window, w)) = bound else {
         if j.join_type == JoinType::Inner || outer {
-            // An interval join, or without one a regular join (an outer
-            // join has no interval: refused above).
-            let interval = if outer {
-                None
-            } else {
-                interval_bounds(j, &left, &right)?
-            };
+            // An interval join, or without one a regular join.
+            let interval = interval_bounds(j, &left, &right)?;
             if interval.is_some() || !left_keys.is_empty() {
                 return lower_interval_join(
                     j,
@@ -1451,6 +1438,9 @@ fn lower_interval_join(
     }
     plan.display = display.join(", ");
     let outer = plan.join_type != JoinType::Inner;
+    // An outer regular join takes its padded rows back (a change stream);
+    // an outer interval join emits them once, when nothing can match them.
+    let changes = outer && plan.regular;
     let (l, r) = if outer {
         // Each row of an outer side in one partition (never broadcast), so
         // its NULL-padded row is emitted once.
@@ -1466,12 +1456,12 @@ fn lower_interval_join(
         input: StageInput::Shuffle(vec![l, r]),
         operators: vec![Operator::IntervalJoin(Arc::new(plan))],
         windows: Vec::new(),
-        upsert: outer,
+        upsert: changes,
         closes_windows: false,
         event_time: Vec::new(),
         small: false,
-        op_column: outer,
-        changes: outer,
+        op_column: changes,
+        changes,
     })
 }
 
@@ -2395,17 +2385,42 @@ fn lower_over(
     let mut retain = crate::plan::OverRetain::default();
     let mut range_frame = false;
     let mut unbounded = 0usize;
+    let mut lags = 0usize;
     for e in &w.window_expr {
         let Expr::WindowFunction(wf) = unalias(e) else {
             return refuse(format!("the window expression {e} on a stream"));
         };
-        if !matches!(wf.fun, WindowFunctionDefinition::AggregateUDF(_)) {
-            return refuse(format!(
-                "the window function {}() on a stream (only aggregates over a bounded frame, \
-                 and ROW_NUMBER() bounded as a top-N)",
-                wf.fun.name()
-            ));
-        }
+        // lag(x, n): the row n before in its partition, so the last n rows
+        // of each key are what it keeps (as a ROWS n PRECEDING frame).
+        let lag = match &wf.fun {
+            WindowFunctionDefinition::AggregateUDF(_) => None,
+            WindowFunctionDefinition::WindowUDF(f) if f.name() == "lag" => {
+                match wf.params.args.get(1).map(unalias) {
+                    None => Some(1),
+                    Some(Expr::Literal(v, _)) => match v.cast_to(&DataType::Int64) {
+                        Ok(ScalarValue::Int64(Some(n))) if n >= 0 => Some(n as u64),
+                        _ => return refuse(format!("lag() with the offset {v} on a stream")),
+                    },
+                    Some(other) => {
+                        return refuse(format!("lag() with the offset {other} on a stream"))
+                    }
+                }
+            }
+            WindowFunctionDefinition::WindowUDF(f) if f.name() == "lead" => {
+                return Err(PlanError::unsupported_hint(
+                    "lead() on a stream (it would wait for rows still to come)",
+                    "use lag() and compare with the row before: \
+                     lag(x) OVER (PARTITION BY k ORDER BY ts)",
+                ));
+            }
+            _ => {
+                return refuse(format!(
+                    "the window function {}() on a stream (only aggregates over a bounded frame, \
+                     lag(), and ROW_NUMBER() bounded as a top-N)",
+                    wf.fun.name()
+                ))
+            }
+        };
         let p = &wf.params;
         match partition {
             None => partition = Some(&p.partition_by),
@@ -2428,6 +2443,12 @@ fn lower_over(
             return refuse("OVER windows ordered by different columns in one query".into());
         }
         time = Some(order);
+        if let Some(n) = lag {
+            // Its frame (the default one) does not matter.
+            retain.rows = retain.rows.max(n);
+            lags += 1;
+            continue;
+        }
         let frame = &p.window_frame;
         if !matches!(frame.end_bound, WindowFrameBound::CurrentRow) {
             return refuse(
@@ -2502,6 +2523,11 @@ fn lower_over(
     // change re-evaluates the frames it reaches; nothing waits for time.
     let changes = flow.upsert;
     let time_lag_us = if changes {
+        if lags > 0 {
+            return refuse(
+                "lag() over changing rows (a top-N's or a non-windowed aggregation's)".into(),
+            );
+        }
         if retain.unbounded {
             return refuse(
                 "an OVER frame unbounded in the past over changing rows (a top-N's or a \
@@ -3501,26 +3527,38 @@ mod tests {
             "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
              JOIN TUMBLE(clicks, ts, INTERVAL '5' SECOND) c ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
             "SELECT * FROM events e LEFT JOIN clicks c \
-             ON e.ad_id = c.ad_id AND e.ts BETWEEN c.ts - INTERVAL '1' SECOND AND c.ts",
+             ON e.ts BETWEEN c.ts - INTERVAL '1' SECOND AND c.ts",
         ] {
             assert!(matches!(plan(bad), Err(PlanError::Unsupported { .. })), "{bad}");
         }
-        // An outer window join pads a window's unmatched rows when it
-        // closes: append-only, windows kept on the left side of a LEFT join.
-        let p = continuous(
-            "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
-             LEFT JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c \
-             ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
-        );
-        assert_eq!(p.emit, EmitMode::OnWindowClose);
-        assert!(
-            p.stages(3).iter().any(|s| s
-                .operators
-                .iter()
-                .any(|o| o.starts_with("WindowJoinExec: left"))),
-            "{:?}",
-            p.stages(3)
-        );
+        // Outer window and interval joins pad a row once nothing can match
+        // it (when its window closes, when the watermark passes its
+        // interval): append-only, no op column.
+        for (sql, emit, operator) in [
+            (
+                "SELECT * FROM TUMBLE(events, ts, INTERVAL '10' SECOND) e \
+                 LEFT JOIN TUMBLE(clicks, ts, INTERVAL '10' SECOND) c \
+                 ON e.ad_id = c.ad_id AND e.window_start = c.window_start",
+                EmitMode::OnWindowClose,
+                "WindowJoinExec: left",
+            ),
+            (
+                "SELECT * FROM events e FULL JOIN clicks c \
+                 ON e.ad_id = c.ad_id AND e.ts BETWEEN c.ts - INTERVAL '1' SECOND AND c.ts",
+                EmitMode::Append,
+                "IntervalJoinExec: full",
+            ),
+        ] {
+            let p = continuous(sql);
+            assert_eq!(p.emit, emit, "{sql}");
+            let stages = p.stages(3);
+            assert!(
+                stages
+                    .iter()
+                    .any(|s| s.operators.iter().any(|o| o.starts_with(operator))),
+                "{stages:?}"
+            );
+        }
     }
 
     #[test]

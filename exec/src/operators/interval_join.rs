@@ -282,16 +282,30 @@ impl HeldSide {
     }
 
     /// Drops the batches whose every row is older than `before` (µs), and
-    /// rebuilds the index once most of it points at dropped rows.
-    fn drop_before(&mut self, before: i64, converter: &RowConverter, keys: &KeyEval) -> Result<()> {
+    /// rebuilds the index once most of it points at dropped rows. With
+    /// `unmatched`, returns the dropped rows that made no pair (an outer
+    /// side's, to be padded).
+    fn drop_before(
+        &mut self,
+        before: i64,
+        converter: &RowConverter,
+        keys: &KeyEval,
+        unmatched: bool,
+    ) -> Result<Vec<RecordBatch>> {
         let old: Vec<u64> = self
             .batches
             .iter()
             .filter(|(_, b)| b.max_time < before)
             .map(|(seq, _)| *seq)
             .collect();
+        let mut lonely = Vec::new();
         for seq in old {
             if let Some(b) = self.batches.remove(&seq) {
+                if unmatched && b.matches.contains(&0) {
+                    let mask =
+                        BooleanArray::from(b.matches.iter().map(|m| *m == 0).collect::<Vec<_>>());
+                    lonely.push(filter_record_batch(&b.batch, &mask)?);
+                }
                 let n = b.batch.num_rows() as u64;
                 self.batch_bytes = self
                     .batch_bytes
@@ -329,7 +343,7 @@ impl HeldSide {
                 }
             }
         }
-        Ok(())
+        Ok(lonely)
     }
 
     fn size(&self) -> StateSize {
@@ -503,8 +517,10 @@ impl IntervalJoinExec {
         }
     }
 
-    /// `rows` of one side padded with NULLs for the other, with `op`.
-    fn padded(&self, rows: &RecordBatch, left: bool, op: &str) -> Result<RecordBatch> {
+    /// `rows` of one side padded with NULLs for the other, with `op` (a
+    /// change stream's) or without (an outer interval join's append-only
+    /// output).
+    fn padded(&self, rows: &RecordBatch, left: bool, op: Option<&str>) -> Result<RecordBatch> {
         let n = rows.num_rows();
         let lw = self.left_width();
         let fields = self.plan.schema.fields();
@@ -522,11 +538,17 @@ impl IntervalJoinExec {
             c.extend(rows.columns().iter().cloned());
             c
         };
-        columns.push(Arc::new(arrow::array::StringArray::from_iter_values(
-            std::iter::repeat_n(op, n),
-        )));
+        let schema = match op {
+            Some(op) => {
+                columns.push(Arc::new(arrow::array::StringArray::from_iter_values(
+                    std::iter::repeat_n(op, n),
+                )));
+                &self.changes_schema
+            }
+            None => &self.plan.schema,
+        };
         Ok(RecordBatch::try_new_with_options(
-            Arc::clone(&self.changes_schema),
+            Arc::clone(schema),
             columns,
             &RecordBatchOptions::new().with_row_count(Some(n)),
         )?)
@@ -918,7 +940,7 @@ impl IntervalJoinExec {
                 }
             }
             if !refs.is_empty() {
-                let rows = self.padded(&self.rows_of(left, &refs)?, left, "insert")?;
+                let rows = self.padded(&self.rows_of(left, &refs)?, left, Some("insert"))?;
                 let width = rows.num_columns() - 1;
                 out.push((rows.project(&(0..width).collect::<Vec<_>>())?, deltas));
             }
@@ -932,7 +954,7 @@ impl IntervalJoinExec {
                     .values()
                     .to_vec();
                 let data = rows.project(&(0..width).collect::<Vec<_>>())?;
-                let padded = self.padded(&data, left, "insert")?;
+                let padded = self.padded(&data, left, Some("insert"))?;
                 let pw = padded.num_columns() - 1;
                 out.push((padded.project(&(0..pw).collect::<Vec<_>>())?, w));
             }
@@ -976,7 +998,7 @@ impl IntervalJoinExec {
         let mut parts = Vec::new();
         for (left, refs) in [(true, &deleted[0]), (false, &deleted[1])] {
             if !refs.is_empty() {
-                parts.push(self.padded(&self.rows_of(left, refs)?, left, "delete")?);
+                parts.push(self.padded(&self.rows_of(left, refs)?, left, Some("delete"))?);
             }
         }
         let mut columns = rows.columns().to_vec();
@@ -1008,10 +1030,10 @@ impl IntervalJoinExec {
                 })
                 .collect();
             if !lonely.is_empty() {
-                parts.push(self.padded(&self.rows_of(left, &lonely)?, left, "insert")?);
+                parts.push(self.padded(&self.rows_of(left, &lonely)?, left, Some("insert"))?);
             }
             for rows in unusable {
-                parts.push(self.padded(&rows, left, "insert")?);
+                parts.push(self.padded(&rows, left, Some("insert"))?);
             }
         }
         Ok(arrow::compute::concat_batches(
@@ -1023,32 +1045,70 @@ impl IntervalJoinExec {
     /// Drops the held rows that no row still to come can match:
     /// `horizon` is the watermark (µs) of an interval join, the first
     /// micro-batch a regular join's rows must have arrived in to stay
-    /// (`state_ttl`).
-    fn drop_to(&mut self, horizon: i64) -> Result<()> {
+    /// (`state_ttl`). An outer interval join returns the dropped rows of
+    /// its outer sides that matched nothing, padded with NULLs: nothing can
+    /// match them any more.
+    fn drop_to(&mut self, horizon: i64) -> Result<Vec<RecordBatch>> {
         self.horizon = Some(self.horizon.map_or(horizon, |h| h.max(horizon)));
         if self.plan.regular {
             self.left
-                .drop_before(horizon, &self.converter, &self.left_keys)?;
-            return self
-                .right
-                .drop_before(horizon, &self.converter, &self.right_keys);
+                .drop_before(horizon, &self.converter, &self.left_keys, false)?;
+            self.right
+                .drop_before(horizon, &self.converter, &self.right_keys, false)?;
+            return Ok(Vec::new());
         }
+        let (left_outer, right_outer) = if self.plan.weighted {
+            (false, false)
+        } else {
+            self.outer()
+        };
         // Rows still to come: left at or after wm - left_lag, right at
         // or after wm - right_lag. A left row at l matches right rows in
         // [l - upper, l - lower]; a right row at r left rows in
         // [r + lower, r + upper].
         let right_from = horizon.saturating_sub(self.plan.right_lag_us);
         let left_from = horizon.saturating_sub(self.plan.left_lag_us);
-        self.left.drop_before(
+        let left = self.left.drop_before(
             right_from.saturating_add(self.plan.lower_us),
             &self.converter,
             &self.left_keys,
+            left_outer,
         )?;
-        self.right.drop_before(
+        let right = self.right.drop_before(
             left_from.saturating_sub(self.plan.upper_us),
             &self.converter,
             &self.right_keys,
-        )
+            right_outer,
+        )?;
+        let mut padded = Vec::with_capacity(left.len() + right.len());
+        for (is_left, rows) in left
+            .iter()
+            .map(|r| (true, r))
+            .chain(right.iter().map(|r| (false, r)))
+        {
+            padded.push(self.padded(rows, is_left, None)?);
+        }
+        Ok(padded)
+    }
+
+    /// An outer interval join's matches: counts them on the outer sides'
+    /// held rows (a row padded when dropped is one that made none).
+    fn count_matches(&mut self, pairs: &[Pair]) {
+        let (left_outer, right_outer) = self.outer();
+        for &(l, r) in pairs {
+            for (outer, side, at) in [
+                (left_outer, &mut self.left, l),
+                (right_outer, &mut self.right, r),
+            ] {
+                if let Some(c) = outer
+                    .then(|| side.batches.get_mut(&at.0))
+                    .flatten()
+                    .and_then(|b| b.matches.get_mut(at.1 as usize))
+                {
+                    *c = c.saturating_add(1);
+                }
+            }
+        }
     }
 
     /// Whether checkpoints of this join may be deltas: its held rows are
@@ -1102,6 +1162,21 @@ impl IntervalJoinExec {
             rows
         } else if self.outer() == (false, false) {
             rows
+        } else if !self.plan.regular {
+            // Append-only: the pairs now, a row whose key or time is NULL
+            // padded now, a row that matched nothing padded when dropped.
+            self.count_matches(&pairs);
+            let (left_outer, right_outer) = self.outer();
+            let mut parts = vec![rows];
+            for (left, outer, unusable) in [
+                (true, left_outer, left_unusable),
+                (false, right_outer, right_unusable),
+            ] {
+                for rows in unusable.iter().filter(|_| outer) {
+                    parts.push(self.padded(rows, left, None)?);
+                }
+            }
+            arrow::compute::concat_batches(&self.plan.schema, &parts)?
         } else {
             self.outer_changes(
                 rows,
@@ -1111,9 +1186,19 @@ impl IntervalJoinExec {
                 (left_unusable, right_unusable),
             )?
         };
-        if let Some(wm) = watermark_us.filter(|_| !self.plan.regular) {
-            self.drop_to(wm)?;
-        }
+        let rows = match watermark_us.filter(|_| !self.plan.regular) {
+            Some(wm) => {
+                let padded = self.drop_to(wm)?;
+                if padded.is_empty() {
+                    rows
+                } else {
+                    let mut parts = vec![rows];
+                    parts.extend(padded);
+                    arrow::compute::concat_batches(&self.plan.schema, &parts)?
+                }
+            }
+            None => rows,
+        };
         let chunks = if rows.num_rows() > 0 {
             vec![(None, rows)]
         } else {
@@ -1170,7 +1255,9 @@ impl StatefulOperator for IntervalJoinExec {
                 .values()
                 .filter(|b| delta_base.is_none() || b.arrived > since)
                 .map(|b| {
-                    if !regular {
+                    // An interval join's rows carry their times; an outer
+                    // one's also their match counts, as a regular join's.
+                    if !regular && !outer {
                         return Ok(b.batch.clone());
                     }
                     let mut fields: Vec<arrow::datatypes::FieldRef> =
@@ -1243,7 +1330,8 @@ impl StatefulOperator for IntervalJoinExec {
                     self.now = batch;
                     let mut matches = None;
                     let mut weighted_matched: Option<Vec<i64>> = None;
-                    let rows = if self.plan.regular && rows.num_columns() > width {
+                    let with_counts = self.plan.regular || self.outer() != (false, false);
+                    let rows = if with_counts && rows.num_columns() > width {
                         let int = |i: usize| {
                             rows.column(i)
                                 .as_primitive_opt::<arrow::datatypes::Int64Type>()
@@ -1251,7 +1339,8 @@ impl StatefulOperator for IntervalJoinExec {
                                     ExecError::invalid("join state counts are not Int64")
                                 })
                         };
-                        if let Some(&a) = int(width)?.values().first() {
+                        if let Some(&a) = int(width)?.values().first().filter(|_| self.plan.regular)
+                        {
                             self.now = a.max(0) as u64;
                         }
                         if self.plan.weighted {
@@ -1508,6 +1597,68 @@ mod tests {
             step(&mut exec, 2, &[], &[(Some(1), 0)]),
             vec![ins(Some(1), Some(1))]
         );
+    }
+
+    /// A left interval join: a pair at once; a left row whose key is NULL
+    /// padded at once; a left row that matched nothing padded once, when
+    /// the watermark has passed its interval (its match count survives a
+    /// checkpoint); the output has no op column.
+    #[test]
+    fn a_left_interval_join_pads_a_row_once_nothing_can_match_it() {
+        let (ls, rs) = (side("a"), side("b"));
+        // A right row at most 5 s after the left one.
+        let mut left = plan(-5_000_000, 0);
+        left.join_type = JoinType::Left;
+        let s = 1_000_000;
+        let step = |exec: &mut IntervalJoinExec,
+                    b: u64,
+                    l: &[(Option<i64>, i64)],
+                    r: &[(Option<i64>, i64)],
+                    wm: Option<i64>| {
+            let out =
+                StatefulOperator::process(exec, b, &[vec![rows(&ls, l)], vec![rows(&rs, r)]], wm)
+                    .unwrap();
+            let mut v = Vec::new();
+            for (_, b) in &out.chunks {
+                assert_eq!(b.num_columns(), 4, "no op column");
+                let a = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+                let r = b.column(2).as_primitive::<arrow::datatypes::Int64Type>();
+                for i in 0..b.num_rows() {
+                    let get = |x: &Int64Array| x.is_valid(i).then(|| x.value(i));
+                    v.push((get(a), get(r)));
+                }
+            }
+            v.sort();
+            v
+        };
+        let mut exec = IntervalJoinExec::new(left.clone()).unwrap();
+        assert_eq!(
+            step(
+                &mut exec,
+                0,
+                &[(Some(1), 0), (Some(2), s), (None, 2 * s)],
+                &[(Some(1), 3 * s)],
+                None
+            ),
+            vec![(None, None), (Some(1), Some(1))]
+        );
+        let snap = exec.snapshot(None).unwrap();
+        let mut exec = IntervalJoinExec::new(left).unwrap();
+        exec.restore(vec![snap], 0).unwrap();
+        // Key 2's payment comes 8 s late: no pair. The watermark (4 s)
+        // has not passed key 2's interval (1 s to 6 s).
+        assert_eq!(
+            step(&mut exec, 1, &[], &[(Some(2), 9 * s)], Some(4 * s)),
+            vec![]
+        );
+        // At 7 s it has: key 2 is padded; key 1 matched, so it is not.
+        assert_eq!(
+            step(&mut exec, 2, &[], &[], Some(7 * s)),
+            vec![(Some(2), None)]
+        );
+        // Once only, and right rows are never padded in a LEFT join.
+        assert_eq!(step(&mut exec, 3, &[], &[], Some(100 * s)), vec![]);
+        assert_eq!(exec.held_rows(), 0);
     }
 
     #[test]
