@@ -453,12 +453,22 @@ fn describe_operator(op: &Operator) -> String {
         Operator::OverAggregate(o) => format!(
             "OverAggregateExec: {}, state=rows until the watermark passes their time, then {}",
             o.display,
-            match (o.retain.rows, o.retain.range_us) {
-                _ if o.retain.unbounded =>
-                    "one accumulator per key and aggregate (frames unbounded in the past)".to_string(),
-                (0, r) => format!("those within {}ms of it", r / 1000),
-                (n, 0) => format!("the last {n} rows per key"),
-                (n, r) => format!("the last {n} rows per key and those within {}ms", r / 1000),
+            {
+                let running = "one accumulator per key and aggregate unbounded in the past";
+                let kept = match (o.retain.rows, o.retain.range_us) {
+                    (0, 0) if o.retain.unbounded => return format!(
+                        "OverAggregateExec: {}, state=rows until the watermark passes their time, then {running}",
+                        o.display
+                    ),
+                    (0, r) => format!("those within {}ms of it", r / 1000),
+                    (n, 0) => format!("the last {n} rows per key"),
+                    (n, r) => format!("the last {n} rows per key and those within {}ms", r / 1000),
+                };
+                if o.retain.unbounded {
+                    format!("{kept}, and {running}")
+                } else {
+                    kept
+                }
             }
         ),
         Operator::TopN(t) => format!(

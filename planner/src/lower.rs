@@ -2505,18 +2505,9 @@ fn lower_over(
     let (Some(partition), Some(time)) = (partition, time) else {
         return refuse("an empty window".into());
     };
-    if unbounded > 0 {
-        if unbounded < w.window_expr.len() {
-            return refuse(
-                "OVER frames unbounded in the past next to bounded ones in one query".into(),
-            );
-        }
-        retain = crate::plan::OverRetain {
-            rows: 0,
-            range_us: 0,
-            unbounded: true,
-        };
-    }
+    // Frames unbounded in the past are running aggregates per key; bounded
+    // ones (and lag) next to them keep the rows they reach.
+    retain.unbounded = unbounded > 0;
     let mut flow = lower_node(&w.input, stages)?;
     no_open_sessions(&flow)?;
     // Over changing rows (a top-N's, a non-windowed aggregation's): each

@@ -38,16 +38,20 @@ pub struct OverAggregateExec {
     /// `SET state_ttl` in micro-batches: keys idle that long lose their
     /// history (a later row's frame starts over).
     ttl: Option<u64>,
-    /// Frames `UNBOUNDED PRECEDING`: per window expression, its aggregate
-    /// and whether peers (equal times, a `RANGE` frame) share a result.
+    /// Frames `UNBOUNDED PRECEDING`: per such window expression, its
+    /// aggregate and whether peers (equal times, a `RANGE` frame) share a
+    /// result.
     running: Vec<(Arc<AggregateFunctionExpr>, bool)>,
+    /// Per window expression, its place in `running` (`None`: a bounded
+    /// frame or `lag`, evaluated over the key's kept rows).
+    running_of: Vec<Option<usize>>,
     /// Per key: the micro-batch a row of it was last released in, and one
-    /// accumulator per window expression (the aggregate of every row so
-    /// far).
+    /// accumulator per running window expression (the aggregate of every
+    /// row so far).
     accumulators: HashMap<Vec<u8>, (u64, Running)>,
 }
 
-/// The accumulators of a key, one per window expression.
+/// The accumulators of a key, one per running window expression.
 type Running = Vec<Box<dyn datafusion::logical_expr::Accumulator>>;
 
 /// Name of the column checkpointed `OVER` rows carry their key's last
@@ -64,29 +68,34 @@ impl OverAggregateExec {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let keys = RowConverter::new(types.into_iter().map(SortField::new).collect())?;
         let mut running = Vec::new();
+        let mut running_of = vec![None; plan.window_exprs.len()];
         if plan.retain.unbounded {
+            use datafusion::logical_expr::WindowFrameBound;
             use datafusion::physical_expr::window::{
                 PlainAggregateWindowExpr, SlidingAggregateWindowExpr,
             };
-            for w in &plan.window_exprs {
+            for (i, w) in plan.window_exprs.iter().enumerate() {
+                let frame = w.get_window_frame();
+                if !matches!(&frame.start_bound, WindowFrameBound::Preceding(v) if v.is_null()) {
+                    continue;
+                }
                 let any = w.as_any();
                 let agg = if let Some(p) = any.downcast_ref::<PlainAggregateWindowExpr>() {
                     p.get_aggregate_expr()
                 } else if let Some(p) = any.downcast_ref::<SlidingAggregateWindowExpr>() {
                     p.get_aggregate_expr()
                 } else {
-                    return Err(ExecError::invalid(format!(
-                        "{} is not an aggregate over a running frame",
-                        w.name()
-                    )));
+                    // Not an aggregate (lag): evaluated over kept rows.
+                    continue;
                 };
-                let peers =
-                    w.get_window_frame().units == datafusion::logical_expr::WindowFrameUnits::Range;
+                let peers = frame.units == datafusion::logical_expr::WindowFrameUnits::Range;
+                running_of[i] = Some(running.len());
                 running.push((Arc::new(agg.clone()), peers));
             }
         }
         Ok(Self {
             running,
+            running_of,
             accumulators: HashMap::new(),
             plan,
             keys,
@@ -214,99 +223,114 @@ impl OverAggregateExec {
     }
 
     /// Runs the window expressions over `due` (complete rows, any order),
-    /// each key after its history, and keeps what later frames reach.
+    /// each key after its history, and keeps what later frames reach. A
+    /// frame unbounded in the past is its key's accumulator, fed the rows
+    /// in time order; the others are evaluated over the key's kept rows.
     fn evaluate(&mut self, due: &RecordBatch, bound: i64) -> Result<RecordBatch> {
-        if !self.running.is_empty() {
-            return self.evaluate_running(due);
-        }
+        let bounded = self.running_of.iter().any(Option::is_none);
         let mut outputs = Vec::new();
         for (key, rows) in self.runs(due)? {
             let fresh = take_record_batch(due, &UInt32Array::from(rows))?;
-            let held = self.history.remove(key.as_slice()).map(|(_, h)| h);
-            if let Some(h) = &held {
-                self.history_bytes = self
-                    .history_bytes
-                    .saturating_sub(h.get_array_memory_size() as u64);
-            }
-            let all = match held {
-                Some(h) => concat_batches(&self.plan.input, &[h, fresh.clone()])?,
-                None => fresh.clone(),
-            };
-            let skip = all.num_rows() - fresh.num_rows();
-            let mut columns: Vec<ArrayRef> = fresh.columns().to_vec();
-            for expr in &self.plan.window_exprs {
-                let values = expr.evaluate(&all)?;
-                columns.push(values.slice(skip, fresh.num_rows()));
-            }
-            outputs.push(RecordBatch::try_new(
-                Arc::clone(&self.plan.schema),
-                columns,
-            )?);
-            self.keep(key, &all, bound)?;
-        }
-        Ok(concat_batches(&self.plan.schema, &outputs)?)
-    }
-
-    /// Frames `UNBOUNDED PRECEDING`: each key's released rows, in time
-    /// order, go into its accumulators; a row's result is their value
-    /// after it (after its last peer for a `RANGE` frame).
-    fn evaluate_running(&mut self, due: &RecordBatch) -> Result<RecordBatch> {
-        let mut outputs = Vec::new();
-        for (key, rows) in self.runs(due)? {
-            let fresh = take_record_batch(due, &UInt32Array::from(rows))?;
-            let n = fresh.num_rows();
-            let ts = self.times(&fresh)?.values().clone();
-            let now = self.now;
-            if !self.accumulators.contains_key(key.as_slice()) {
-                let accs = self
-                    .running
-                    .iter()
-                    .map(|(a, _)| a.create_accumulator())
-                    .collect::<std::result::Result<Running, _>>()?;
-                self.accumulators.insert(key.clone(), (now, accs));
-            }
-            let entry = self
-                .accumulators
-                .get_mut(key.as_slice())
-                .ok_or_else(|| ExecError::invalid("a running OVER key has no accumulators"))?;
-            entry.0 = now;
-            let mut columns: Vec<ArrayRef> = fresh.columns().to_vec();
-            for (j, ((agg, peers), acc)) in self.running.iter().zip(entry.1.iter_mut()).enumerate()
-            {
-                let args = agg
-                    .expressions()
-                    .iter()
-                    .map(|e| eval(e, &fresh))
-                    .collect::<Result<Vec<_>>>()?;
-                let mut values = Vec::with_capacity(n);
-                let mut at = 0;
-                while at < n {
-                    let mut end = at + 1;
-                    if *peers {
-                        while end < n && ts[end] == ts[at] {
-                            end += 1;
-                        }
-                    }
-                    let slice: Vec<ArrayRef> = args.iter().map(|a| a.slice(at, end - at)).collect();
-                    acc.update_batch(&slice)?;
-                    let v = acc.evaluate()?;
-                    values.extend(std::iter::repeat_n(v, end - at));
-                    at = end;
+            let (all, skip) = if bounded {
+                let held = self.history.remove(key.as_slice()).map(|(_, h)| h);
+                if let Some(h) = &held {
+                    self.history_bytes = self
+                        .history_bytes
+                        .saturating_sub(h.get_array_memory_size() as u64);
                 }
-                let field = self.plan.schema.field(self.plan.input.fields().len() + j);
-                let array = datafusion::common::ScalarValue::iter_to_array(values)?;
-                columns.push(if array.data_type() == field.data_type() {
-                    array
-                } else {
-                    arrow::compute::cast(&array, field.data_type())?
+                let all = match held {
+                    Some(h) => concat_batches(&self.plan.input, &[h, fresh.clone()])?,
+                    None => fresh.clone(),
+                };
+                let skip = all.num_rows() - fresh.num_rows();
+                (all, skip)
+            } else {
+                (fresh.clone(), 0)
+            };
+            let mut running = if self.running.is_empty() {
+                Vec::new()
+            } else {
+                self.running_values(&key, &fresh)?
+            }
+            .into_iter();
+            let mut columns: Vec<ArrayRef> = fresh.columns().to_vec();
+            for (expr, at) in self.plan.window_exprs.iter().zip(&self.running_of) {
+                columns.push(match at {
+                    Some(_) => running.next().ok_or_else(|| {
+                        ExecError::invalid("a running OVER expression has no values")
+                    })?,
+                    None => expr.evaluate(&all)?.slice(skip, fresh.num_rows()),
                 });
             }
             outputs.push(RecordBatch::try_new(
                 Arc::clone(&self.plan.schema),
                 columns,
             )?);
+            if bounded {
+                self.keep(key, &all, bound)?;
+            }
         }
         Ok(concat_batches(&self.plan.schema, &outputs)?)
+    }
+
+    /// Frames `UNBOUNDED PRECEDING`: a key's released rows (`fresh`, in
+    /// time order) go into its accumulators; a row's result is their value
+    /// after it (after its last peer for a `RANGE` frame). One array per
+    /// running expression.
+    fn running_values(&mut self, key: &[u8], fresh: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        let n = fresh.num_rows();
+        let ts = self.times(fresh)?.values().clone();
+        let now = self.now;
+        if !self.accumulators.contains_key(key) {
+            let accs = self
+                .running
+                .iter()
+                .map(|(a, _)| a.create_accumulator())
+                .collect::<std::result::Result<Running, _>>()?;
+            self.accumulators.insert(key.to_vec(), (now, accs));
+        }
+        let entry = self
+            .accumulators
+            .get_mut(key)
+            .ok_or_else(|| ExecError::invalid("a running OVER key has no accumulators"))?;
+        entry.0 = now;
+        let width = self.plan.input.fields().len();
+        let mut out = Vec::with_capacity(self.running.len());
+        for (i, ((agg, peers), acc)) in self.running.iter().zip(entry.1.iter_mut()).enumerate() {
+            let args = agg
+                .expressions()
+                .iter()
+                .map(|e| eval(e, fresh))
+                .collect::<Result<Vec<_>>>()?;
+            let mut values = Vec::with_capacity(n);
+            let mut at = 0;
+            while at < n {
+                let mut end = at + 1;
+                if *peers {
+                    while end < n && ts[end] == ts[at] {
+                        end += 1;
+                    }
+                }
+                let slice: Vec<ArrayRef> = args.iter().map(|a| a.slice(at, end - at)).collect();
+                acc.update_batch(&slice)?;
+                let v = acc.evaluate()?;
+                values.extend(std::iter::repeat_n(v, end - at));
+                at = end;
+            }
+            let column = self
+                .running_of
+                .iter()
+                .position(|r| *r == Some(i))
+                .ok_or_else(|| ExecError::invalid("a running OVER aggregate has no column"))?;
+            let field = self.plan.schema.field(width + column);
+            let array = datafusion::common::ScalarValue::iter_to_array(values)?;
+            out.push(if array.data_type() == field.data_type() {
+                array
+            } else {
+                arrow::compute::cast(&array, field.data_type())?
+            });
+        }
+        Ok(out)
     }
 
     /// The running state as rows: each key (row format), the micro-batch
@@ -881,6 +905,116 @@ mod tests {
         );
     }
 
+    /// `fun(arg)` per key `k`, ordered by `ts`, over a frame unbounded in
+    /// the past.
+    fn running(
+        p: &OverAggregatePlan,
+        fun: Arc<datafusion::logical_expr::AggregateUDF>,
+        units: WindowFrameUnits,
+        arg: &Arc<dyn PhysicalExpr>,
+    ) -> Arc<dyn datafusion::physical_expr::window::WindowExpr> {
+        let k: Arc<dyn PhysicalExpr> = Arc::new(Column::new("k", 0));
+        let order = vec![PhysicalSortExpr::new_default(Arc::new(Column::new(
+            "ts", 2,
+        )))];
+        datafusion::physical_plan::windows::create_window_expr(
+            &WindowFunctionDefinition::AggregateUDF(fun),
+            "w".into(),
+            std::slice::from_ref(arg),
+            std::slice::from_ref(&k),
+            &order,
+            Arc::new(WindowFrame::new_bounds(
+                units,
+                WindowFrameBound::Preceding(ScalarValue::UInt64(None)),
+                WindowFrameBound::CurrentRow,
+            )),
+            Arc::clone(&p.input),
+            false,
+            false,
+            None,
+        )
+        .unwrap()
+    }
+
+    /// A running `sum(v)` (ROWS UNBOUNDED PRECEDING) next to the bounded
+    /// frames of [`plan`]: every row once with all three, against a model
+    /// over all rows, through a checkpoint; the bounded frames keep their
+    /// rows, the running one its accumulator.
+    #[test]
+    fn running_and_bounded_frames_in_one_query_against_a_model() {
+        let mut p = plan();
+        let v: Arc<dyn PhysicalExpr> = Arc::new(Column::new("v", 1));
+        let total = running(
+            &p,
+            datafusion::functions_aggregate::sum::sum_udaf(),
+            WindowFrameUnits::Rows,
+            &v,
+        );
+        p.window_exprs.push(total);
+        let mut fields: Vec<Field> = p
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new("total", DataType::Int64, true));
+        p.schema = Arc::new(Schema::new(fields));
+        p.retain.unbounded = true;
+        let mut exec = OverAggregateExec::new(p.clone()).unwrap();
+        let mut all: Vec<(i64, i64, i64)> = Vec::new();
+        let mut got: Vec<(i64, i64, i64, i64, i64)> = Vec::new();
+        let mut collect = |out: &OperatorOutput| {
+            for (_, b) in &out.chunks {
+                let int = |i: usize| b.column(i).as_primitive::<arrow::datatypes::Int64Type>();
+                let t = b.column(2).as_primitive::<TimestampMicrosecondType>();
+                for i in 0..b.num_rows() {
+                    got.push((
+                        int(0).value(i),
+                        t.value(i),
+                        int(3).value(i),
+                        int(4).value(i),
+                        int(5).value(i),
+                    ));
+                }
+            }
+        };
+        for b in 0..40i64 {
+            let rows: Vec<(i64, i64, i64)> = (b * 4..b * 4 + 4)
+                .map(|t| ((t * 7) % 3, (t * 13) % 17, t))
+                .collect();
+            all.extend(&rows);
+            let out = exec
+                .process(b as u64, &[vec![input(&p, &rows)]], Some(b * 4))
+                .unwrap();
+            collect(&out);
+            if b == 20 {
+                let snap = exec.snapshot(None).unwrap();
+                exec = OverAggregateExec::new(p.clone()).unwrap();
+                exec.restore(vec![snap], b as u64).unwrap();
+            }
+        }
+        collect(&exec.process(40, &[vec![]], Some(i64::MAX / 4)).unwrap());
+        let mut want = Vec::new();
+        for &(key, _, t) in &all {
+            let mine: Vec<(i64, i64)> = all
+                .iter()
+                .filter(|r| r.0 == key && r.2 <= t)
+                .map(|r| (r.2, r.1))
+                .collect();
+            let n = mine.iter().filter(|r| r.0 >= t - RANGE).count() as i64;
+            let s: i64 = mine.iter().rev().take(ROWS as usize + 1).map(|r| r.1).sum();
+            let total: i64 = mine.iter().map(|r| r.1).sum();
+            want.push((key, t, n, s, total));
+        }
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert!(
+            exec.history.len() <= 3 && exec.accumulators.len() == 3,
+            "the bounded frames' rows and the running sums, per key"
+        );
+    }
+
     /// Frames unbounded in the past: `sum(v)` (ROWS) and `avg(v)` (RANGE,
     /// peers share) per key, against a model over all rows; state is one
     /// accumulator per key, and a checkpoint restored midway changes
@@ -888,36 +1022,14 @@ mod tests {
     #[test]
     fn running_aggregates_against_a_model_through_a_checkpoint() {
         let mut p = plan();
-        let k: Arc<dyn PhysicalExpr> = Arc::new(Column::new("k", 0));
         let v: Arc<dyn PhysicalExpr> = Arc::new(Column::new("v", 1));
-        let order = vec![PhysicalSortExpr::new_default(Arc::new(Column::new(
-            "ts", 2,
-        )))];
         let as_float = datafusion::physical_expr::expressions::cast(
             Arc::clone(&v),
             &p.input,
             DataType::Float64,
         )
         .unwrap();
-        let expr = |fun, units, arg: &Arc<dyn PhysicalExpr>| {
-            datafusion::physical_plan::windows::create_window_expr(
-                &WindowFunctionDefinition::AggregateUDF(fun),
-                "w".into(),
-                std::slice::from_ref(arg),
-                std::slice::from_ref(&k),
-                &order,
-                Arc::new(WindowFrame::new_bounds(
-                    units,
-                    WindowFrameBound::Preceding(ScalarValue::UInt64(None)),
-                    WindowFrameBound::CurrentRow,
-                )),
-                Arc::clone(&p.input),
-                false,
-                false,
-                None,
-            )
-            .unwrap()
-        };
+        let expr = |fun, units, arg: &Arc<dyn PhysicalExpr>| running(&p, fun, units, arg);
         p.window_exprs = vec![
             expr(
                 datafusion::functions_aggregate::sum::sum_udaf(),
