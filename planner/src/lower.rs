@@ -917,6 +917,22 @@ fn column_index(e: &Expr, schema: &DFSchema) -> Option<usize> {
     }
 }
 
+/// A join type as SQL spells it (for error messages).
+fn sql_join(join_type: JoinType) -> &'static str {
+    match join_type {
+        JoinType::Inner => "INNER",
+        JoinType::Left => "LEFT",
+        JoinType::Right => "RIGHT",
+        JoinType::Full => "FULL",
+        JoinType::LeftSemi => "LEFT SEMI",
+        JoinType::RightSemi => "RIGHT SEMI",
+        JoinType::LeftAnti => "LEFT ANTI",
+        JoinType::RightAnti => "RIGHT ANTI",
+        JoinType::LeftMark => "LEFT MARK",
+        JoinType::RightMark => "RIGHT MARK",
+    }
+}
+
 /// A join of two streams: a window join, both sides windowed alike and
 /// joined on their window bound. Either side may itself be windowed
 /// aggregates or a window join: their rows come out when windows close,
@@ -940,7 +956,7 @@ fn lower_window_join(
         )
     {
         return Err(PlanError::unsupported_hint(
-            format!("a {} join of two streams", j.join_type),
+            format!("a {} join of two streams", sql_join(j.join_type)),
             "use an inner window join, IN or EXISTS",
         ));
     }
@@ -991,7 +1007,7 @@ fn lower_window_join(
             return Err(PlanError::unsupported_hint(
                 format!(
                     "a {} join of two streams without an equality key",
-                    j.join_type
+                    sql_join(j.join_type)
                 ),
                 OUTER_HINT,
             ));
@@ -1141,7 +1157,7 @@ fn lower_join_of_changes(
         return Err(PlanError::unsupported_hint(
             format!(
                 "a {} join of a result whose rows change",
-                j.join_type.to_string().to_uppercase()
+                sql_join(j.join_type)
             ),
             HINT,
         ));
